@@ -1,0 +1,326 @@
+"""The agent's one libvirt connection: choosing it, keeping it alive, and calling it safely.
+
+* URI: ``qemu:///system`` when a libvirtd/virtqemud socket answers (production, systemd);
+  otherwise the embedded QEMU driver ``qemu:///embed?root=<state>/libvirt``, which runs guests
+  from inside the agent with no daemon (a zero-setup first run, and the tests).
+* libvirt-python is blocking: every call runs in a bounded thread pool with a deadline, so a
+  stuck libvirt call costs the caller a DEADLINE_EXCEEDED, not the agent its event loop.
+* Events: libvirt's default event loop runs in one dedicated thread (registered once per
+  process, as libvirt requires before the first connection); callbacks are handed to asyncio
+  with ``call_soon_threadsafe``.
+* Loss: a close callback plus a periodic cheap ping detect a restarted or dead libvirtd; the
+  agent reconnects with exponential back-off and runs the registered "on connect" hooks
+  (re-register events, reconcile). Meanwhile callers get UNAVAILABLE and the host reports
+  itself degraded - never "no VMs".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+from xml.etree import ElementTree
+
+import libvirt
+
+from cna_agent.errors import DeadlineExceeded, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SYSTEM_SOCKETS = (
+    "/run/libvirt/virtqemud-sock",  # modular daemons (openEuler 24.03, newer Debian)
+    "/run/libvirt/libvirt-sock",  # monolithic libvirtd
+    "/var/run/libvirt/libvirt-sock",
+)
+
+_event_loop_lock = threading.Lock()
+_event_loop_thread: threading.Thread | None = None
+
+
+def ensure_event_loop() -> None:
+    """Start libvirt's default event implementation in a daemon thread, once per process.
+
+    It must be registered before the first connection is opened, or that connection never
+    delivers events (nor keepalives).
+    """
+    global _event_loop_thread
+    with _event_loop_lock:
+        if _event_loop_thread is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                try:
+                    libvirt.virEventRunDefaultImpl()
+                except libvirt.libvirtError:
+                    log.exception("event=libvirt.event_loop_error")
+                    time.sleep(0.1)
+
+        _event_loop_thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _event_loop_thread.start()
+
+
+def _silence_default_error_handler() -> None:
+    # libvirt prints every error to stderr by default; errors reach us as exceptions anyway.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def choose_uri(configured: str, state_dir: str) -> str:
+    """The configured URI, or system when a daemon socket exists, else embedded."""
+    if configured:
+        return configured
+    for sock in SYSTEM_SOCKETS:
+        if os.path.exists(sock):
+            return "qemu:///system"
+    return f"qemu:///embed?root={os.path.join(state_dir, 'libvirt')}"
+
+
+@dataclass(frozen=True)
+class HypervisorFacts:
+    uri: str
+    mode: str  # "system", "embedded" or "remote/test"
+    libvirt_version: str
+    hypervisor_type: str
+    hypervisor_version: str
+    host_uuid: str
+    arch: str
+    emulator: str
+    kvm_in_domcaps: bool
+    machine_types: tuple[str, ...]
+    firmware: tuple[str, ...]
+
+
+def _version_str(v: int) -> str:
+    return f"{v // 1_000_000}.{(v // 1000) % 1000}.{v % 1000}"
+
+
+class Hypervisor:
+    """Owns the libvirt connection; everything else asks it to run calls."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        executor_threads: int = 16,
+        call_timeout_s: float = 60.0,
+        keepalive_interval_s: float = 5.0,
+        reconnect_max_backoff_s: float = 30.0,
+    ) -> None:
+        self.uri = uri
+        self.mode = "embedded" if uri.startswith("qemu:///embed") else "system" if uri.startswith("qemu:///system") else "other"
+        self._executor = ThreadPoolExecutor(max_workers=executor_threads, thread_name_prefix="cna-libvirt")
+        self._call_timeout = call_timeout_s
+        self._keepalive = keepalive_interval_s
+        self._max_backoff = reconnect_max_backoff_s
+        self._conn: libvirt.virConnect | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_connect: list[Callable[[libvirt.virConnect], Awaitable[None]]] = []
+        self._connected = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.facts: HypervisorFacts | None = None
+        self.reconnects = 0
+
+    # -- connection lifecycle ---------------------------------------------------------------
+
+    def add_on_connect(self, hook: Callable[[libvirt.virConnect], Awaitable[None]]) -> None:
+        """Run ``hook`` after every (re)connect: event registration, reconcile."""
+        self._on_connect.append(hook)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._connected.is_set()
+
+    async def start(self) -> None:
+        """Connect (failing loudly if the first attempt fails) and start the watchdog task."""
+        self._loop = asyncio.get_running_loop()
+        ensure_event_loop()
+        _silence_default_error_handler()
+        await self._connect_once()
+        self._watch_task = self._loop.create_task(self._watch(), name="libvirt-watch")
+
+    async def start_disconnected(self) -> None:
+        """Start the reconnect loop without a connection (libvirt was down at agent start)."""
+        self._loop = asyncio.get_running_loop()
+        ensure_event_loop()
+        self._connected.clear()
+        self._watch_task = self._loop.create_task(self._watch(), name="libvirt-watch")
+
+    async def _connect_once(self) -> None:
+        conn = await self._loop.run_in_executor(self._executor, libvirt.open, self.uri)  # type: ignore[union-attr]
+        if self.mode != "embedded":
+            try:
+                # Remote/daemon connections: libvirt pings the daemon and closes the connection
+                # (firing our close callback) when it stops answering.
+                conn.setKeepAlive(int(max(1, self._keepalive)), 3)
+            except libvirt.libvirtError:
+                pass
+        conn.registerCloseCallback(self._closed_cb, None)
+        self._conn = conn
+        self.facts = await self._loop.run_in_executor(self._executor, self._read_facts, conn)  # type: ignore[union-attr]
+        self._connected.set()
+        log.info("event=libvirt.connected uri=%s mode=%s libvirt=%s qemu=%s", self.uri, self.mode, self.facts.libvirt_version, self.facts.hypervisor_version)
+        for hook in self._on_connect:
+            try:
+                await hook(conn)
+            except Exception:
+                log.exception("event=libvirt.on_connect_failed hook=%r", hook)
+
+    def _closed_cb(self, conn: libvirt.virConnect, reason: int, _opaque: Any) -> None:
+        # Runs on the libvirt event thread.
+        if self._loop is not None and not self._closing:
+            self._loop.call_soon_threadsafe(self._mark_lost, f"close callback reason={reason}")
+
+    def _mark_lost(self, why: str) -> None:
+        if self._connected.is_set():
+            log.warning("event=libvirt.connection_lost uri=%s why=%s", self.uri, why)
+        self._connected.clear()
+
+    async def _watch(self) -> None:
+        """Ping while connected; reconnect with jittered exponential back-off when lost."""
+        backoff = 0.5
+        while not self._closing:
+            if self._connected.is_set():
+                await asyncio.sleep(self._keepalive)
+                try:
+                    alive = await asyncio.wait_for(
+                        self._loop.run_in_executor(self._executor, self._ping), timeout=max(5.0, self._keepalive * 2)  # type: ignore[union-attr]
+                    )
+                except asyncio.TimeoutError:
+                    alive = False
+                if not alive:
+                    self._mark_lost("ping failed")
+                continue
+            old, self._conn = self._conn, None
+            if old is not None:
+                try:
+                    await self._loop.run_in_executor(self._executor, self._close_quietly, old)  # type: ignore[union-attr]
+                except Exception:
+                    pass
+            try:
+                await self._connect_once()
+                self.reconnects += 1
+                backoff = 0.5
+            except libvirt.libvirtError as exc:
+                delay = min(self._max_backoff, backoff) * (0.5 + random.random() / 2)
+                log.warning("event=libvirt.reconnect_failed uri=%s retry_in_s=%.1f error=%r", self.uri, delay, str(exc))
+                backoff = min(self._max_backoff, backoff * 2)
+                await asyncio.sleep(delay)
+
+    def _ping(self) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            conn.getLibVersion()
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    @staticmethod
+    def _close_quietly(conn: libvirt.virConnect) -> None:
+        try:
+            conn.unregisterCloseCallback()
+        except libvirt.libvirtError:
+            pass
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            try:
+                await self._watch_task
+            except asyncio.CancelledError:
+                pass
+        conn, self._conn = self._conn, None
+        self._connected.clear()
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_quietly, conn)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- calls ------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[libvirt.virConnect], T], *, timeout: float | None = None) -> T:
+        """Run ``fn(conn)`` in the libvirt pool with a deadline.
+
+        UNAVAILABLE while disconnected (the caller should retry), DEADLINE_EXCEEDED when the
+        call does not return in time (the thread stays busy until libvirt returns; the pool
+        is bounded so a wedged daemon cannot make the agent spawn threads without end).
+        """
+        conn = self._conn
+        if conn is None or not self._connected.is_set():
+            raise Unavailable(f"libvirt ({self.uri}) is not connected; the agent is reconnecting")
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._executor, fn, conn)
+        try:
+            return await asyncio.wait_for(fut, timeout or self._call_timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"libvirt call did not return within {timeout or self._call_timeout:.0f}s") from None
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INTERNAL_ERROR) and not self._ping():
+                self._mark_lost(str(exc))
+                raise Unavailable(f"libvirt connection lost: {exc}") from None
+            raise
+
+    # -- facts -----------------------------------------------------------------------------
+
+    def _read_facts(self, conn: libvirt.virConnect) -> HypervisorFacts:
+        caps = ElementTree.fromstring(conn.getCapabilities())
+        host_uuid = caps.findtext("host/uuid") or ""
+        arch = caps.findtext("host/cpu/arch") or os.uname().machine
+        try:
+            hv_version = _version_str(conn.getVersion())
+        except libvirt.libvirtError:
+            hv_version = ""
+        emulator = ""
+        machines: list[str] = []
+        kvm = False
+        for guest in caps.findall("guest"):
+            if guest.findtext("arch") is None and guest.find("arch") is None:
+                continue
+            garch = guest.find("arch")
+            if garch is None or garch.get("name") != arch or guest.findtext("os_type") != "hvm":
+                continue
+            emulator = garch.findtext("emulator") or emulator
+            machines = sorted({m.text for m in garch.findall("machine") if m.text})
+            kvm = any(d.get("type") == "kvm" for d in garch.findall("domain"))
+        firmware: list[str] = []
+        try:
+            dcaps = ElementTree.fromstring(conn.getDomainCapabilities(emulator or None, arch, None, "qemu", 0))
+            firmware = sorted({v.text for v in dcaps.findall("os/enum[@name='firmware']/value") if v.text})
+        except libvirt.libvirtError:
+            pass
+        return HypervisorFacts(
+            uri=self.uri,
+            mode=self.mode,
+            libvirt_version=_version_str(conn.getLibVersion()),
+            hypervisor_type=conn.getType(),
+            hypervisor_version=hv_version,
+            host_uuid=host_uuid,
+            arch=arch,
+            emulator=emulator,
+            kvm_in_domcaps=kvm,
+            machine_types=tuple(machines),
+            firmware=tuple(firmware),
+        )
+
+    async def counts(self) -> tuple[int, int]:
+        """(running, total) domains."""
+
+        def count(conn: libvirt.virConnect) -> tuple[int, int]:
+            doms = conn.listAllDomains(0)
+            return sum(1 for d in doms if d.isActive()), len(doms)
+
+        return await self.call(count, timeout=10)

@@ -1,0 +1,400 @@
+"""The agent's configuration: one typed object, loaded and validated once at start-up.
+
+Sources, later ones winning (the CRI-O model admins know):
+
+1. defaults in the dataclasses below (every option has one, so an empty file is valid);
+2. ``/etc/cna-agent/agent.toml`` (or ``--config``);
+3. drop-ins ``<config>.d/*.toml`` in lexical order;
+4. environment variables ``CNA_AGENT_<SECTION>_<KEY>`` (e.g. ``CNA_AGENT_GRPC_LISTEN``), so a
+   systemd ``EnvironmentFile=`` can override one key without editing files.
+
+Unknown sections and keys are errors, not warnings: a typo such as ``listn`` silently
+ignored would leave the agent listening where the admin did not expect. Every error names the
+key and the file it came from, and the daemon exits non-zero on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_CONFIG_PATH = Path("/etc/cna-agent/agent.toml")
+ENV_PREFIX = "CNA_AGENT_"
+
+
+class ConfigError(Exception):
+    """A bad configuration; the message names the key and where it came from."""
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    #: TCP "host:port" for the VRM; empty disables TCP (unix socket only).
+    listen: str = "127.0.0.1:7443"
+    #: Root-only unix socket for cna-ctl and local tools.
+    unix_socket: str = "/run/cna-agent/cna-agent.sock"
+    #: Serve plaintext TCP on a non-loopback address. Off: the agent refuses to start so.
+    allow_insecure_tcp: bool = False
+    #: Server keepalive ping period; clients must not ping faster than min_ping_interval_s or
+    #: gRPC answers GOAWAY "too_many_pings".
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    min_ping_interval_s: float = 10.0
+    max_concurrent_streams: int = 256
+    #: Largest request or reply in MiB (VM specs and listings of a thousand VMs fit easily).
+    max_message_mib: int = 16
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    #: PEM server certificate chain and key; both set = TLS on the TCP listener.
+    cert: str = ""
+    key: str = ""
+    #: PEM CA bundle that signs VRM client certificates; set = mutual TLS (client cert required).
+    ca: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    #: Persistent state: the SQLite journal and, in embedded mode, libvirt's own tree.
+    dir: str = "/var/lib/cna-agent"
+    #: Volatile runtime files (QMP side-channel sockets, pid files).
+    run_dir: str = "/run/cna-agent"
+    #: Finished operations (and their request ids) are kept this long.
+    operation_retention_days: float = 7.0
+    #: The event log keeps at most this many events (oldest dropped first).
+    event_retention: int = 100_000
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    #: Empty = auto: qemu:///system when libvirtd/virtqemud answers, else the embedded driver.
+    uri: str = ""
+    #: "auto" (kvm only when it really works), "kvm" or "qemu" (TCG).
+    virt_type: str = "auto"
+    #: Threads running blocking libvirt calls.
+    executor_threads: int = 16
+    #: How often the connection is pinged, and the reconnect back-off ceiling.
+    keepalive_interval_s: float = 5.0
+    reconnect_max_backoff_s: float = 30.0
+    #: Seconds one libvirt call may take before the caller gets DEADLINE_EXCEEDED.
+    call_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    #: Threads for storage work (qemu-img, LUN scans); separate from libvirt's so a hung SAN
+    #: cannot starve VM calls.
+    executor_threads: int = 4
+    command_timeout_s: float = 3600.0
+    probe_interval_s: float = 30.0
+    probe_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    #: Host CPUs never given to guests, cpulist syntax ("0-1,48-49").
+    reserved_cpus: str = ""
+    #: Address VNC/SPICE consoles listen on; loopback unless an authenticated tunnel fronts it.
+    console_listen: str = "127.0.0.1"
+    #: Host identity reported to the VRM; empty = the libvirt host UUID / machine-id.
+    host_uuid: str = ""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    #: "text" (key=value per line) or "json" (one object per line).
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: Prometheus endpoint "host:port"; empty = off.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    #: Files that were read, in order (for check-config and the start-up log line).
+    sources: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("sources")
+        return data
+
+    def to_toml(self) -> str:
+        """The effective config as TOML (what ``check-config`` prints)."""
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "grpc": GrpcConfig,
+    "tls": TlsConfig,
+    "state": StateConfig,
+    "libvirt": LibvirtConfig,
+    "storage": StorageConfig,
+    "host": HostConfig,
+    "log": LogConfig,
+    "metrics": MetricsConfig,
+}
+
+
+def _coerce(section: str, key: str, want: type, value: Any, origin: str) -> Any:
+    """Check one value's type; environment strings are converted, file values must match."""
+    where = f"{section}.{key} (from {origin})"
+    if isinstance(value, str) and origin.startswith("env "):
+        try:
+            if want is bool:
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if want is int:
+                return int(value)
+            if want is float:
+                return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {want.__name__}, got {value!r}") from None
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if want is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if want is float and not isinstance(value, float):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if want is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: hints[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(cls)}
+
+
+def _merge(target: dict[str, dict[str, tuple[Any, str]]], data: Mapping[str, Any], origin: str) -> None:
+    for section, values in data.items():
+        if section not in _SECTION_TYPES:
+            known = ", ".join(sorted(_SECTION_TYPES))
+            raise ConfigError(f"unknown section [{section}] in {origin} (known: {known})")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{section}] in {origin} must be a table")
+        types = _field_types(_SECTION_TYPES[section])
+        for key, value in values.items():
+            if key not in types:
+                known = ", ".join(sorted(types))
+                raise ConfigError(f"unknown key {section}.{key} in {origin} (known: {known})")
+            target.setdefault(section, {})[key] = (_coerce(section, key, types[key], value, origin), origin)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section in _SECTION_TYPES and key:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    require_file: bool | None = None,
+) -> AgentConfig:
+    """Load, merge and validate the configuration.
+
+    ``require_file`` defaults to True when a path was given explicitly: an admin who passes
+    ``--config`` and mistypes it should hear so, while a missing default file just means
+    "all defaults".
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None
+    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    require = explicit if require_file is None else require_file
+    merged: dict[str, dict[str, tuple[Any, str]]] = {}
+    sources: list[str] = []
+    if cfg_path.exists():
+        _merge(merged, _read_toml(cfg_path), str(cfg_path))
+        sources.append(str(cfg_path))
+    elif require:
+        raise ConfigError(f"{cfg_path}: config file does not exist")
+    dropin_dir = Path(str(cfg_path) + ".d")
+    if dropin_dir.is_dir():
+        for dropin in sorted(dropin_dir.glob("*.toml")):
+            _merge(merged, _read_toml(dropin), str(dropin))
+            sources.append(str(dropin))
+    for section, values in _env_overrides(environ).items():
+        types = _field_types(_SECTION_TYPES[section])
+        for key, value in values.items():
+            origin = f"env {ENV_PREFIX}{section.upper()}_{key.upper()}"
+            if key not in types:
+                raise ConfigError(f"unknown key {section}.{key} in {origin}")
+            merged.setdefault(section, {})[key] = (_coerce(section, key, types[key], value, origin), origin)
+    sections = {
+        name: cls(**{k: v for k, (v, _) in merged.get(name, {}).items()}) for name, cls in _SECTION_TYPES.items()
+    }
+    config = AgentConfig(**sections, sources=tuple(sources))
+    origins = {(s, k): o for s, vals in merged.items() for k, (_, o) in vals.items()}
+    _validate(config, origins)
+    return config
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split "host:port" / "[v6]:port"; raises ValueError with a reason."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected [address]:port")
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+    if not host:
+        raise ValueError("missing host (use 0.0.0.0 or [::] to listen everywhere)")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} is not in 1..65535")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
+    def fail(section: str, key: str, why: str) -> None:
+        origin = origins.get((section, key), "defaults")
+        raise ConfigError(f"{section}.{key} (from {origin}): {why}")
+
+    if cfg.grpc.listen:
+        try:
+            host, _ = parse_host_port(cfg.grpc.listen)
+        except ValueError as exc:
+            fail("grpc", "listen", f"{cfg.grpc.listen!r}: {exc}")
+        if not cfg.tls.enabled and not is_loopback(host) and not cfg.grpc.allow_insecure_tcp:
+            fail(
+                "grpc",
+                "listen",
+                f"{cfg.grpc.listen!r} is not a loopback address and TLS is not configured; "
+                "set [tls] cert/key/ca, or grpc.allow_insecure_tcp = true to accept plaintext",
+            )
+    if not cfg.grpc.unix_socket and not cfg.grpc.listen:
+        fail("grpc", "unix_socket", "both grpc.listen and grpc.unix_socket are empty: nothing to serve")
+    for key in ("unix_socket",):
+        val = getattr(cfg.grpc, key)
+        if val and not os.path.isabs(val):
+            fail("grpc", key, f"{val!r} must be an absolute path")
+    if bool(cfg.tls.cert) != bool(cfg.tls.key):
+        present, missing = ("cert", "key") if cfg.tls.cert else ("key", "cert")
+        fail("tls", present, f"tls.{missing} is missing: tls.cert and tls.key must be set together")
+    if cfg.tls.ca and not cfg.tls.enabled:
+        fail("tls", "ca", "tls.ca needs tls.cert and tls.key")
+    for key in ("cert", "key", "ca"):
+        val = getattr(cfg.tls, key)
+        if val and not os.path.isabs(val):
+            fail("tls", key, f"{val!r} must be an absolute path")
+    for key in ("dir", "run_dir"):
+        val = getattr(cfg.state, key)
+        if not os.path.isabs(val):
+            fail("state", key, f"{val!r} must be an absolute path")
+    if cfg.libvirt.virt_type not in ("auto", "kvm", "qemu"):
+        fail("libvirt", "virt_type", f"{cfg.libvirt.virt_type!r} is not one of auto, kvm, qemu")
+    for section, key, minimum in (
+        ("grpc", "max_concurrent_streams", 1),
+        ("grpc", "max_message_mib", 1),
+        ("libvirt", "executor_threads", 1),
+        ("storage", "executor_threads", 1),
+        ("state", "event_retention", 100),
+    ):
+        val = getattr(getattr(cfg, section), key)
+        if val < minimum:
+            fail(section, key, f"{val} is below the minimum {minimum}")
+    for section, key in (
+        ("grpc", "keepalive_time_s"),
+        ("grpc", "keepalive_timeout_s"),
+        ("grpc", "min_ping_interval_s"),
+        ("libvirt", "keepalive_interval_s"),
+        ("libvirt", "reconnect_max_backoff_s"),
+        ("libvirt", "call_timeout_s"),
+        ("storage", "command_timeout_s"),
+        ("storage", "probe_interval_s"),
+        ("storage", "probe_timeout_s"),
+        ("state", "operation_retention_days"),
+    ):
+        if getattr(getattr(cfg, section), key) <= 0:
+            fail(section, key, "must be greater than 0")
+    if cfg.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        fail("log", "level", f"{cfg.log.level!r} is not one of debug, info, warning, error, critical")
+    if cfg.log.format not in ("text", "json"):
+        fail("log", "format", f"{cfg.log.format!r} is not one of text, json")
+    if cfg.metrics.listen:
+        try:
+            parse_host_port(cfg.metrics.listen)
+        except ValueError as exc:
+            fail("metrics", "listen", f"{cfg.metrics.listen!r}: {exc}")
+    if cfg.host.reserved_cpus:
+        from cna_agent.host.cpulist import parse_cpulist
+
+        try:
+            parse_cpulist(cfg.host.reserved_cpus)
+        except ValueError as exc:
+            fail("host", "reserved_cpus", str(exc))
+    try:
+        ipaddress.ip_address(cfg.host.console_listen)
+    except ValueError:
+        fail("host", "console_listen", f"{cfg.host.console_listen!r} is not an IP address")

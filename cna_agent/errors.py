@@ -1,0 +1,95 @@
+"""Errors services raise; the api layer maps them to gRPC status codes.
+
+Services never import grpc (DESIGN.md), so the code is carried as the gRPC status name and
+number here, and every error that is about a caller's input names the field at fault.
+"""
+
+from __future__ import annotations
+
+#: gRPC status code numbers (google.rpc.Code), so journalled errors survive without grpc.
+CODES: dict[str, int] = {
+    "OK": 0,
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
+CODE_NAMES: dict[int, str] = {v: k for k, v in CODES.items()}
+
+
+class AgentError(Exception):
+    """Base of every error meant for a caller."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str = "", fields: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields: tuple[tuple[str, str], ...] = fields or (((field, message),) if field else ())
+
+    @property
+    def code_number(self) -> int:
+        return CODES[self.code]
+
+    @property
+    def field(self) -> str:
+        return self.fields[0][0] if self.fields else ""
+
+
+class InvalidArgument(AgentError):
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", field=field)
+
+
+class NotFound(AgentError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(AgentError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(AgentError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceBusy(FailedPrecondition):
+    """Another operation holds the resource's lock."""
+
+
+class Unavailable(AgentError):
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(AgentError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class OutOfRange(AgentError):
+    code = "OUT_OF_RANGE"
+
+
+class Unimplemented(AgentError):
+    code = "UNIMPLEMENTED"
+
+
+class Aborted(AgentError):
+    code = "ABORTED"
+
+
+class Internal(AgentError):
+    code = "INTERNAL"

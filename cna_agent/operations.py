@@ -1,0 +1,260 @@
+"""Runs long operations: journalled, lock-serialised per resource, pollable and watchable.
+
+A service hands the runner a coroutine function; the runner opens a journal row (or finds
+the one an identical earlier request opened), takes the resource lock, runs the work as an
+asyncio task, records progress, and closes the row with the result or the error. Callers get
+the operation back at once or, for quick work, after waiting up to ``wait`` seconds so they
+see it already done.
+
+One lock per resource key ("vm/<uuid>") serialises operations on one VM while different VMs
+proceed in parallel (DESIGN.md). A caller that cannot wait gets a ResourceBusy naming the
+operation in the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
+
+from cna_agent.errors import CODES, AgentError, ResourceBusy
+from cna_agent.state.eventlog import EventHub
+from cna_agent.state.journal import OperationError, OperationJournal, OperationRecord, RUNNING
+from cna_agent.state.store import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class ResultMessage(Protocol):
+    """What an operation may return: any protobuf message (duck-typed; no grpc import here)."""
+
+    DESCRIPTOR: Any
+
+    def SerializeToString(self) -> bytes: ...
+
+
+@dataclass
+class OperationContext:
+    """Handed to the work so it can report progress."""
+
+    record: OperationRecord
+    _runner: "OperationRunner"
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    async def progress(
+        self, percent: int | None = None, stage: str | None = None, *, bytes_done: int | None = None, bytes_total: int | None = None
+    ) -> None:
+        await self._runner._update(self.record.id, percent=percent, stage=stage, bytes_done=bytes_done, bytes_total=bytes_total)
+
+
+Work = Callable[[OperationContext], Awaitable["ResultMessage | None"]]
+#: Called for each operation found unfinished at start-up; returns None when the effect was
+#: verified complete, or the error to close it with.
+RecoveryHandler = Callable[[OperationRecord], Awaitable["OperationError | None"]]
+
+
+class ResourceLocks:
+    """One asyncio lock per resource key, remembering which operation holds it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders: dict[str, OperationRecord] = {}
+
+    def holder(self, key: str) -> OperationRecord | None:
+        return self._holders.get(key)
+
+    async def acquire(self, key: str, record: OperationRecord, timeout: float) -> None:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            if timeout <= 0:
+                if lock.locked():
+                    raise asyncio.TimeoutError
+                await lock.acquire()
+            else:
+                await asyncio.wait_for(lock.acquire(), timeout)
+        except asyncio.TimeoutError:
+            holder = self._holders.get(key)
+            what = f"operation {holder.id} ({holder.kind})" if holder else "another operation"
+            raise ResourceBusy(f"{key} is busy with {what}; retry later or pass a lock_timeout") from None
+        self._holders[key] = record
+
+    def release(self, key: str) -> None:
+        self._holders.pop(key, None)
+        lock = self._locks.get(key)
+        if lock is not None and lock.locked():
+            lock.release()
+        if lock is not None and not lock.locked() and not getattr(lock, "_waiters", None):
+            self._locks.pop(key, None)
+
+
+class OperationRunner:
+    def __init__(self, store: StateStore, journal: OperationJournal, events: EventHub, *, retention_s: float = 7 * 86400) -> None:
+        self._store = store
+        self._journal = journal
+        self._events = events
+        self._retention_s = retention_s
+        self.locks = ResourceLocks()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._changed = asyncio.Condition()
+        self._prune_task: asyncio.Task[None] | None = None
+
+    async def submit(
+        self,
+        kind: str,
+        target: str,
+        work: Work,
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        lock_key: str | None = None,
+        lock_timeout: float = 0.0,
+        wait: float = 0.0,
+        metadata: Mapping[str, str] | None = None,
+    ) -> OperationRecord:
+        """Start ``work`` as an operation (or return the one a repeated request started)."""
+        record, created = await self._store.run(
+            lambda: self._journal.begin(kind, target, request_id=request_id or None, fingerprint=fingerprint, metadata=metadata)
+        )
+        if not created:
+            log.info("event=operation.duplicate op=%s kind=%s request_id=%s", record.id, kind, request_id)
+            return await self._maybe_wait(record, wait)
+        if lock_key is not None:
+            try:
+                await self.locks.acquire(lock_key, record, lock_timeout)
+            except ResourceBusy as exc:
+                # The request was refused, not run: close its row so the id can be retried.
+                await self._finish(record.id, error=_to_operation_error(exc))
+                raise
+        task = asyncio.get_running_loop().create_task(self._run(record, work, lock_key), name=f"op-{kind}-{record.id}")
+        self._tasks[record.id] = task
+        return await self._maybe_wait(record, wait)
+
+    async def _maybe_wait(self, record: OperationRecord, wait: float) -> OperationRecord:
+        if wait > 0 and not record.done:
+            task = self._tasks.get(record.id)
+            if task is not None:
+                await asyncio.wait({task}, timeout=wait)
+        return await self.get(record.id) or record
+
+    async def _run(self, record: OperationRecord, work: Work, lock_key: str | None) -> None:
+        started = time.monotonic()
+        try:
+            await self._update(record.id, state=RUNNING)
+            result = await work(OperationContext(record, self))
+            response_type = result.DESCRIPTOR.full_name if result is not None else None
+            response = result.SerializeToString() if result is not None else None
+            await self._finish(record.id, response_type=response_type, response=response)
+            log.info("event=operation.done op=%s kind=%s target=%s duration_ms=%.0f", record.id, record.kind, record.target, (time.monotonic() - started) * 1000)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._finish(record.id, cancelled=True))
+            log.info("event=operation.cancelled op=%s kind=%s", record.id, record.kind)
+        except AgentError as exc:
+            await self._finish(record.id, error=_to_operation_error(exc))
+            log.warning("event=operation.failed op=%s kind=%s target=%s code=%s error=%r", record.id, record.kind, record.target, exc.code, exc.message)
+        except Exception as exc:  # a bug or an unexpected library error: keep the agent alive
+            log.exception("event=operation.crashed op=%s kind=%s", record.id, record.kind)
+            await self._finish(record.id, error=OperationError(CODES["INTERNAL"], f"{type(exc).__name__}: {exc}"))
+        finally:
+            if lock_key is not None:
+                self.locks.release(lock_key)
+            self._tasks.pop(record.id, None)
+
+    async def _update(self, op_id: str, **changes: Any) -> None:
+        await self._store.run(lambda: self._journal.update(op_id, **changes))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _finish(self, op_id: str, **result: Any) -> OperationRecord:
+        record = await self._store.run(lambda: self._journal.finish(op_id, **result))
+        async with self._changed:
+            self._changed.notify_all()
+        severity = "info" if record.state == "succeeded" else "warning"
+        attrs = {"kind": record.kind, "state": record.state}
+        if record.error is not None:
+            attrs["error"] = record.error.message
+        await self._events.publish(
+            "operation.done", severity=severity, resource_kind="operation", resource_id=record.id,
+            resource_name=record.target, message=f"{record.kind} {record.state}", attributes=attrs, operation_id=record.id,
+        )
+        return record
+
+    async def get(self, op_id: str) -> OperationRecord | None:
+        return await self._store.run(self._journal.get, op_id)
+
+    async def list(self, **filters: Any) -> list[OperationRecord]:
+        return await self._store.run(lambda: self._journal.list(**filters))
+
+    async def watch(self, op_id: str) -> AsyncIterator[OperationRecord]:
+        """Yield the operation now and after each change, ending once it is done."""
+        last_update: float | None = None
+        while True:
+            async with self._changed:
+                record = await self.get(op_id)
+                if record is None:
+                    return
+                if record.update_time == last_update and not record.done:
+                    await self._changed.wait()
+                    continue
+            last_update = record.update_time
+            yield record
+            if record.done:
+                return
+
+    async def cancel(self, op_id: str) -> OperationRecord | None:
+        task = self._tasks.get(op_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=30)
+        return await self.get(op_id)
+
+    def is_running(self, op_id: str) -> bool:
+        return op_id in self._tasks
+
+    async def recover(self, handlers: Mapping[str, RecoveryHandler] | None = None) -> list[OperationRecord]:
+        """Close every operation a previous agent process left open; never re-run them."""
+        handlers = handlers or {}
+        closed: list[OperationRecord] = []
+        for record in await self._store.run(self._journal.unfinished):
+            handler = handlers.get(record.kind)
+            error: OperationError | None
+            if handler is None:
+                error = OperationError(
+                    CODES["ABORTED"],
+                    f"the agent stopped while {record.kind} ran; it was not redone and its effect was not verified",
+                )
+            else:
+                try:
+                    error = await handler(record)
+                except Exception as exc:  # recovery must not stop the agent from starting
+                    log.exception("event=operation.recovery_failed op=%s", record.id)
+                    error = OperationError(CODES["UNKNOWN"], f"recovery check failed: {exc}")
+            closed.append(await self._finish(record.id, error=error, metadata={"recovered": "true"}))
+            log.warning("event=operation.recovered op=%s kind=%s state=%s", record.id, record.kind, closed[-1].state)
+        return closed
+
+    async def prune(self) -> int:
+        return await self._store.run(self._journal.prune, self._retention_s)
+
+    async def count(self) -> int:
+        return await self._store.run(self._journal.count)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Give running operations a moment, then cancel the rest (they are journalled)."""
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+
+def _to_operation_error(exc: AgentError) -> OperationError:
+    return OperationError(exc.code_number, exc.message, exc.fields)
+
+

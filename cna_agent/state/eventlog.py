@@ -1,0 +1,197 @@
+"""The event log: every state change the VRM must hear about, with a sequence number.
+
+Sequence numbers come from SQLite's AUTOINCREMENT rowid, which is strictly increasing and
+never reused, not even after old events are pruned or the agent restarts. Watchers do not
+hold queues (a slow watcher would either grow one without bound or lose events); they read
+the log after the last sequence they saw and sleep on :class:`EventHub` until something new is
+appended. That makes "resume from sequence N" and "live" the same code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterable, Mapping
+
+from cna_agent.state.store import StateStore
+
+SEVERITIES = ("info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    sequence: int
+    time: float
+    type: str
+    severity: str
+    resource_kind: str = ""
+    resource_id: str = ""
+    resource_name: str = ""
+    message: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    operation_id: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "sequence": self.sequence,
+            "time": self.time,
+            "type": self.type,
+            "severity": self.severity,
+            "resource_kind": self.resource_kind,
+            "resource_id": self.resource_id,
+            "resource_name": self.resource_name,
+            "message": self.message,
+            "attributes": dict(self.attributes),
+            "operation_id": self.operation_id,
+        }
+
+
+class ResumePointTooOld(Exception):
+    """The caller asked to resume after events that were already pruned."""
+
+    def __init__(self, after: int, oldest: int) -> None:
+        super().__init__(
+            f"events after sequence {after} are no longer kept (oldest kept: {oldest}); resync from now"
+        )
+        self.after = after
+        self.oldest = oldest
+
+
+class EventLog:
+    """Synchronous access to the events table (call through StateStore.run from async code)."""
+
+    def __init__(self, store: StateStore, retention: int = 100_000) -> None:
+        self._store = store
+        self._retention = retention
+
+    def append(
+        self,
+        type: str,
+        *,
+        severity: str = "info",
+        resource_kind: str = "",
+        resource_id: str = "",
+        resource_name: str = "",
+        message: str = "",
+        attributes: Mapping[str, object] | None = None,
+        operation_id: str = "",
+        when: float | None = None,
+    ) -> EventRecord:
+        if severity not in SEVERITIES:
+            raise ValueError(f"severity {severity!r} is not one of {SEVERITIES}")
+        attrs = {str(k): str(v) for k, v in (attributes or {}).items()}
+        now = time.time() if when is None else when
+        cur = self._store.execute(
+            "INSERT INTO events(time, type, severity, resource_kind, resource_id, resource_name,"
+            " message, attributes, operation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (now, type, severity, resource_kind, resource_id, resource_name, message, json.dumps(attrs), operation_id),
+        )
+        seq = int(cur.lastrowid)
+        if seq % 1000 == 0:
+            self.prune()
+        return EventRecord(seq, now, type, severity, resource_kind, resource_id, resource_name, message, attrs, operation_id)
+
+    def list(
+        self,
+        after: int = 0,
+        *,
+        types: Iterable[str] = (),
+        resource_id: str = "",
+        limit: int = 100,
+    ) -> list[EventRecord]:
+        """Events after ``after`` in sequence order; ``types`` are prefixes ("vm." matches "vm.x")."""
+        oldest = self.oldest_sequence()
+        if after and oldest and after < oldest - 1:
+            raise ResumePointTooOld(after, oldest)
+        sql = "SELECT * FROM events WHERE sequence > ?"
+        params: list[object] = [after]
+        prefixes = [t for t in types if t]
+        if prefixes:
+            sql += " AND (" + " OR ".join("type = ? OR type LIKE ? ESCAPE '\\'" for _ in prefixes) + ")"
+            for p in prefixes:
+                escaped = p.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                params += [p, escaped + ("%" if p.endswith(".") else ".%")]
+        if resource_id:
+            sql += " AND resource_id = ?"
+            params.append(resource_id)
+        sql += " ORDER BY sequence LIMIT ?"
+        params.append(max(1, min(limit, 10_000)))
+        return [_row_to_event(r) for r in self._store.query(sql, tuple(params))]
+
+    def last_sequence(self) -> int:
+        row = self._store.query("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+        return int(row[0]["seq"]) if row else 0
+
+    def oldest_sequence(self) -> int:
+        row = self._store.query("SELECT MIN(sequence) AS s FROM events")
+        return int(row[0]["s"] or 0)
+
+    def prune(self) -> int:
+        """Drop the oldest events beyond the retention count; returns how many went."""
+        last = self.last_sequence()
+        cur = self._store.execute("DELETE FROM events WHERE sequence <= ?", (last - self._retention,))
+        return cur.rowcount
+
+
+def _row_to_event(row) -> EventRecord:
+    return EventRecord(
+        sequence=row["sequence"],
+        time=row["time"],
+        type=row["type"],
+        severity=row["severity"],
+        resource_kind=row["resource_kind"],
+        resource_id=row["resource_id"],
+        resource_name=row["resource_name"],
+        message=row["message"],
+        attributes=json.loads(row["attributes"]),
+        operation_id=row["operation_id"],
+    )
+
+
+class EventHub:
+    """Async front of the event log: append from anywhere on the loop, follow it from watchers."""
+
+    def __init__(self, store: StateStore, log: EventLog) -> None:
+        self._store = store
+        self.log = log
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    async def publish(self, type: str, **fields: object) -> EventRecord:
+        record = await self._store.run(lambda: self.log.append(type, **fields))  # type: ignore[arg-type]
+        async with self._changed:
+            self._changed.notify_all()
+        return record
+
+    async def list(self, after: int = 0, **filters: object) -> list[EventRecord]:
+        return await self._store.run(lambda: self.log.list(after, **filters))  # type: ignore[arg-type]
+
+    async def last_sequence(self) -> int:
+        return await self._store.run(self.log.last_sequence)
+
+    async def follow(
+        self, after: int = 0, *, types: Iterable[str] = (), resource_id: str = "", batch: int = 500
+    ) -> AsyncIterator[EventRecord]:
+        """Yield stored events after ``after``, then new ones as they are appended, forever."""
+        types = tuple(types)
+        last = after
+        while not self._closed:
+            async with self._changed:
+                # Re-read under the condition's lock so an append between the read and the
+                # wait cannot be missed (publish notifies only after taking the same lock).
+                events = await self._store.run(
+                    lambda: self.log.list(last, types=types, resource_id=resource_id, limit=batch)
+                )
+                if not events:
+                    await self._changed.wait()
+                    continue
+            for event in events:
+                last = event.sequence
+                yield event
+
+    async def close(self) -> None:
+        self._closed = True
+        async with self._changed:
+            self._changed.notify_all()

@@ -1,0 +1,189 @@
+"""The embedded state: journal idempotency, recovery, event sequences, on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from cna_agent.errors import CODES, InvalidArgument, ResourceBusy
+from cna_agent.operations import OperationRunner
+from cna_agent.state.eventlog import EventHub, EventLog, ResumePointTooOld
+from cna_agent.state.journal import OperationError, OperationJournal, RequestIdConflict
+from cna_agent.state.store import StateStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = StateStore(tmp_path / "agent.db")
+    yield s
+    s.close()
+
+
+def test_schema_created_private_and_versioned(tmp_path, store):
+    assert store.schema_version >= 1
+    assert (tmp_path / "agent.db").stat().st_mode & 0o777 == 0o600
+    assert store.query("PRAGMA journal_mode")[0][0] == "wal"
+
+
+def test_refuses_a_newer_schema(tmp_path):
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version=999")
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        StateStore(path)
+
+
+def test_request_id_returns_the_first_operation(store):
+    j = OperationJournal(store)
+    first, created = j.begin("vm.start", "vm-1", request_id="r-1", fingerprint="abc")
+    again, created_again = j.begin("vm.start", "vm-1", request_id="r-1", fingerprint="abc")
+    assert created and not created_again
+    assert again.id == first.id
+    with pytest.raises(RequestIdConflict, match="r-1"):
+        j.begin("vm.stop", "vm-1", request_id="r-1", fingerprint="abc")
+    with pytest.raises(RequestIdConflict):
+        j.begin("vm.start", "vm-1", request_id="r-1", fingerprint="different body")
+    no_id_a, _ = j.begin("vm.start", "vm-1")
+    no_id_b, _ = j.begin("vm.start", "vm-1")
+    assert no_id_a.id != no_id_b.id
+
+
+def test_journal_survives_reopen_and_lists_unfinished(tmp_path):
+    s = StateStore(tmp_path / "a.db")
+    j = OperationJournal(s)
+    done, _ = j.begin("vm.create", "a")
+    j.finish(done.id, response_type="cna.v1.Vm", response=b"\x0a\x01x")
+    open_op, _ = j.begin("vm.start", "b", request_id="r")
+    j.update(open_op.id, state="running", percent=40, stage="booting")
+    s.close()
+    s2 = StateStore(tmp_path / "a.db")
+    j2 = OperationJournal(s2)
+    unfinished = j2.unfinished()
+    assert [o.id for o in unfinished] == [open_op.id]
+    assert unfinished[0].percent == 40 and unfinished[0].stage == "booting"
+    finished = j2.get(done.id)
+    assert finished.done and finished.state == "succeeded" and finished.response == b"\x0a\x01x"
+    s2.close()
+
+
+def test_finish_is_final(store):
+    j = OperationJournal(store)
+    op, _ = j.begin("x")
+    failed = j.finish(op.id, error=OperationError(3, "bad", (("spec.name", "bad"),)))
+    assert failed.state == "failed" and failed.error.fields == (("spec.name", "bad"),)
+    assert j.finish(op.id).state == "failed"  # a late success does not overwrite the failure
+    assert j.update(op.id, percent=50).percent == failed.percent
+
+
+def test_event_sequences_increase_and_are_never_reused(tmp_path):
+    s = StateStore(tmp_path / "e.db")
+    log = EventLog(s, retention=100)
+    seqs = [log.append("vm.lifecycle", resource_id=f"vm{i % 3}").sequence for i in range(250)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 250
+    assert log.prune() > 0
+    assert log.oldest_sequence() == seqs[-1] - 99
+    with pytest.raises(ResumePointTooOld):
+        log.list(after=5)
+    s.close()
+    s2 = StateStore(tmp_path / "e.db")
+    assert EventLog(s2).append("agent.started").sequence == seqs[-1] + 1
+    s2.close()
+
+
+def test_event_filters(store):
+    log = EventLog(store)
+    log.append("vm.lifecycle", resource_id="a")
+    log.append("vm.io_error", resource_id="b", severity="error")
+    log.append("vmx.other", resource_id="a")
+    log.append("operation.done", resource_id="a")
+    assert [e.type for e in log.list(types=["vm."])] == ["vm.lifecycle", "vm.io_error"]
+    assert [e.type for e in log.list(types=["vm"])] == ["vm.lifecycle", "vm.io_error"]
+    assert [e.type for e in log.list(resource_id="a")] == ["vm.lifecycle", "vmx.other", "operation.done"]
+    with pytest.raises(ValueError):
+        log.append("x", severity="fatal")
+
+
+def test_follow_resumes_and_sees_live_events_without_loss(store):
+    async def scenario():
+        hub = EventHub(store, EventLog(store))
+        for i in range(3):
+            await hub.publish("t.stored", attributes={"i": i})
+        seen: list[int] = []
+
+        async def watcher():
+            async for e in hub.follow(after=1):
+                seen.append(e.sequence)
+                if len(seen) == 2 + 50:
+                    return
+
+        task = asyncio.create_task(watcher())
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*(hub.publish("t.live") for _ in range(50)))
+        await asyncio.wait_for(task, 5)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen == list(range(2, 54))
+
+
+def test_runner_idempotent_locked_and_recovering(tmp_path):
+    async def scenario():
+        store = StateStore(tmp_path / "r.db")
+        hub = EventHub(store, EventLog(store))
+        runner = OperationRunner(store, OperationJournal(store), hub)
+        calls = 0
+        gate = asyncio.Event()
+
+        async def slow(ctx):
+            nonlocal calls
+            calls += 1
+            await ctx.progress(50, "half way")
+            await gate.wait()
+            return None
+
+        first = await runner.submit("vm.start", "vm-1", slow, request_id="req-1", lock_key="vm/1")
+        dup = await runner.submit("vm.start", "vm-1", slow, request_id="req-1", lock_key="vm/1")
+        assert dup.id == first.id
+        with pytest.raises(ResourceBusy, match=first.id):
+            await runner.submit("vm.stop", "vm-1", slow, lock_key="vm/1")
+        other = await runner.submit("vm.start", "vm-2", slow, lock_key="vm/2")  # another VM: in parallel
+        await asyncio.sleep(0.05)
+        assert (await runner.get(first.id)).stage == "half way"
+        updates = []
+
+        async def watch():
+            async for rec in runner.watch(first.id):
+                updates.append(rec.state)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wait_for(watcher, 5)
+        assert updates[-1] == "succeeded"
+        assert calls == 2  # req-1 ran once, vm-2 once
+        done_again = await runner.submit("vm.start", "vm-1", slow, request_id="req-1", lock_key="vm/1")
+        assert done_again.id == first.id and done_again.done and calls == 2
+
+        async def bad(ctx):
+            raise InvalidArgument("spec.memory_mib", "must be at least 16")
+
+        failed = await runner.submit("vm.create", "x", bad, wait=5)
+        assert failed.state == "failed" and failed.error.code == CODES["INVALID_ARGUMENT"]
+        assert failed.error.fields == (("spec.memory_mib", "spec.memory_mib: must be at least 16"),)
+
+        # An operation left open by a "crashed" process is closed on recovery, not re-run.
+        orphan, _ = OperationJournal(store).begin("vm.migrate", "vm-3")
+        await runner.shutdown()
+        recovered = await runner.recover()
+        assert [r.id for r in recovered] == [orphan.id]
+        assert recovered[0].state == "failed" and recovered[0].metadata["recovered"] == "true"
+        assert recovered[0].error.code == CODES["ABORTED"]
+        kinds = [e.attributes.get("kind") for e in await hub.list(types=["operation."])]
+        assert kinds.count("vm.migrate") == 1
+        store.close()
+        return other
+
+    asyncio.run(scenario())
