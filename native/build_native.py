@@ -133,6 +133,11 @@ def build_inplace(verbose: bool = False) -> Path:
         shutil.copy2(built, tmp_target)
         # Atomic replace: a running interpreter that already mapped the old .so keeps it.
         os.replace(tmp_target, target)
+    # A stale build under another suffix (e.g. the .abi3.so of `pip install -e .`) could
+    # shadow or be shadowed by this one depending on import suffix order; keep exactly one.
+    for other in target.parent.glob("_native.*.so"):
+        if other != target:
+            other.unlink()
     return target
 
 

@@ -269,9 +269,11 @@ def _read(path: str) -> str | None:
         chunks = []
         while True:
             chunk = os.read(fd, 65536)
-            if not chunk:
-                break
             chunks.append(chunk)
+            # A short read is EOF for sysfs attributes (one show() buffer) and regular
+            # files; stopping there saves a syscall per file (same rule as the C reader).
+            if len(chunk) < 65536:
+                break
     except OSError:
         return None
     finally:
