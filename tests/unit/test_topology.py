@@ -408,3 +408,30 @@ def test_fixture_generator_is_deterministic(tmp_path: Path) -> None:
             cmp = pending.pop()
             assert not cmp.left_only and not cmp.right_only and not cmp.diff_files, cmp.left
             pending.extend(cmp.subdirs.values())
+
+
+def test_8192_cpu_ids_and_long_lists(native: None, tmp_path: Path) -> None:
+    """Bounds: the highest CPU id, an 8192-entry list and a ~20 KiB cpulist text."""
+    cpu = tmp_path / "sys/devices/system/cpu"
+    cpu.mkdir(parents=True)
+    (cpu / "possible").write_text("0-8191\n")
+    (cpu / "online").write_text("0-8191\n")
+    even = ",".join(str(i) for i in range(0, 8192, 2))
+    for cid in (0, 4095, 8191):
+        topo = cpu / f"cpu{cid}/topology"
+        topo.mkdir(parents=True)
+        (topo / "physical_package_id").write_text("0\n")
+        (topo / "core_id").write_text(f"{cid}\n")
+        (topo / "thread_siblings_list").write_text("0-8191\n")
+        idx = cpu / f"cpu{cid}/cache/index0"
+        idx.mkdir(parents=True)
+        (idx / "level").write_text("3\n")
+        (idx / "type").write_text("Unified\n")
+        (idx / "size").write_text("32M\n")
+        (idx / "shared_cpu_list").write_text((even if cid == 0 else "1-8191") + "\n")
+    t = both(tmp_path)
+    assert tuple(c.id for c in t.cpus) == (0, 4095, 8191)
+    assert all(len(c.thread_siblings) == 8192 for c in t.cpus)
+    # cpu0 reports the even half; cpu4095 (odd, not covered) reports 1-8191; cpu8191 is covered
+    assert [len(c.cpus) for c in t.caches] == [4096, 8191]
+    assert t.caches[0].size_kib == 32768
