@@ -244,9 +244,12 @@ def cmd_events_tail(client: Client, args: argparse.Namespace) -> None:
 # -- wiring -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    # --json is accepted before or after the command; the subcommands' copy must not reset a
+    # global --json to False, hence SUPPRESS there.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    p = argparse.ArgumentParser(prog="cna-ctl", description="Debug CLI for the local cna-agent.", parents=[common])
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
+    p = argparse.ArgumentParser(prog="cna-ctl", description="Debug CLI for the local cna-agent.")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
     p.add_argument("--socket", default=os.environ.get("CNA_CTL_SOCKET", DEFAULT_SOCKET),
                    help=f"agent unix socket (default {DEFAULT_SOCKET}, or $CNA_CTL_SOCKET)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")

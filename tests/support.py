@@ -1,0 +1,114 @@
+"""Helpers for tests that run the real agent process (imported by conftest and tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_command() -> list[str]:
+    """The installed console script next to this interpreter (what systemd would run)."""
+    script = Path(sys.executable).with_name("cna-agent")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cna_agent.daemon"]
+
+
+@dataclass
+class AgentProcess:
+    dir: Path
+    config: Path
+    socket: Path
+    tcp_port: int | None
+    proc: subprocess.Popen
+    log: Path
+    extra: dict = field(default_factory=dict)
+
+    def channel(self):
+        import grpc
+
+        return grpc.insecure_channel(f"unix:{self.socket}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+def write_config(base: Path, *, tcp_port: int | None, extra: str = "") -> tuple[Path, Path]:
+    state = base / "state"
+    run = base / "run"
+    sock = run / "cna-agent.sock"
+    cfg = base / "agent.toml"
+    listen = f"127.0.0.1:{tcp_port}" if tcp_port else ""
+    cfg.write_text(
+        f'[grpc]\nlisten = "{listen}"\nunix_socket = "{sock}"\n'
+        f'[state]\ndir = "{state}"\nrun_dir = "{run}"\n' + extra
+    )
+    return cfg, sock
+
+
+def start_agent(base: Path, caps_cache: Path | None, *, tcp: bool = True, extra_config: str = "",
+                config: Path | None = None, wait: bool = True, env: dict | None = None) -> AgentProcess:
+    base.mkdir(parents=True, exist_ok=True)
+    port = free_port() if tcp else None
+    if config is None:
+        config, sock = write_config(base, tcp_port=port, extra=extra_config)
+    else:
+        sock = base / "run" / "cna-agent.sock"
+    if caps_cache is not None:
+        dest = base / "state" / "libvirt" / "cache" / "qemu" / "capabilities"
+        if not dest.exists():
+            shutil.copytree(caps_cache, dest)
+    log = base / "agent.log"
+    logfh = log.open("wb")
+    proc = subprocess.Popen([*agent_command(), "serve", "--config", str(config)], stdout=logfh, stderr=subprocess.STDOUT,
+                            cwd=base, env={**os.environ, **(env or {})})
+    agent = AgentProcess(base, config, sock, port, proc, log)
+    if wait:
+        wait_ready(agent)
+    return agent
+
+
+def wait_ready(agent: AgentProcess, timeout: float = 90) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agent.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {agent.proc.returncode}:\n{agent.log_text()}")
+        if agent.socket.exists():
+            try:
+                with agent.channel() as ch:
+                    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError:
+                pass
+        time.sleep(0.2)
+    agent.stop(signal.SIGKILL)
+    raise AssertionError(f"agent not ready within {timeout}s:\n{agent.log_text()}")
+
+
