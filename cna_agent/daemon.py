@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import logging
 import os
 import platform
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cna_agent import __version__
+from cna_agent.component import COMPONENT_MODULES, AgentContext
 from cna_agent.config import AgentConfig, ConfigError, load_config
 
 log = logging.getLogger("cna_agent.daemon")
@@ -39,6 +42,7 @@ class Agent:
     hypervisor: object | None
     host: object
     server: object
+    context: object = None
 
 
 async def resolve_virt_type(config: AgentConfig, hypervisor, state_dir: Path):
@@ -99,22 +103,31 @@ async def build_agent(config: AgentConfig):
     log.info("event=virt_type chosen=%s kvm_usable=%s reason=%r", virt_type, kvm.usable, kvm.reason)
     host = HostService(hypervisor, kvm=kvm, virt_type=virt_type, host_uuid=config.host.host_uuid)
 
-    recovered = await runner.recover()
-    server = AgentServer(
-        config,
-        {
-            "cna.v1.HostService": HostServicer(host),
-            "cna.v1.OperationsService": OperationsServicer(runner),
-            "cna.v1.EventService": EventServicer(events),
-        },
-    )
+    ctx = AgentContext(config, store, events, runner, hypervisor, host, virt_type, kvm)
+    servicers: dict[str, object] = {
+        "cna.v1.HostService": HostServicer(host),
+        "cna.v1.OperationsService": OperationsServicer(runner),
+        "cna.v1.EventService": EventServicer(events),
+    }
+    recovery: dict[str, object] = {}
+    for module_name in COMPONENT_MODULES:
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        component = await importlib.import_module(module_name).start(ctx)
+        ctx.components[component.name] = component
+        servicers.update(component.servicers)
+        recovery.update(component.recovery_handlers)
+        log.info("event=component.started name=%s services=%s", component.name, ",".join(component.servicers) or "-")
+
+    recovered = await runner.recover(recovery)
+    server = AgentServer(config, servicers)
     await events.publish(
         "agent.started", resource_kind="agent", resource_name=platform.node(),
         message=f"cna-agent {__version__} started", attributes={
             "version": __version__, "libvirt_uri": uri, "virt_type": virt_type, "recovered_operations": len(recovered),
         },
     )
-    return Agent(config, store, events, runner, hypervisor, host, server)
+    return Agent(config, store, events, runner, hypervisor, host, server, ctx)
 
 
 async def serve(config: AgentConfig) -> int:
@@ -135,6 +148,9 @@ async def serve(config: AgentConfig) -> int:
     except OSError as exc:
         print(f"cna-agent: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    for component in agent.context.components.values():
+        if component.after_start is not None:
+            await component.after_start()
     await agent.server.set_serving(True)
     listen = ", ".join(filter(None, [config.grpc.listen and f"tcp {config.grpc.listen}", config.grpc.unix_socket and f"unix {config.grpc.unix_socket}"]))
     log.info("event=agent.ready version=%s listen=%r tls=%s", __version__, listen, config.tls.enabled)
@@ -158,6 +174,12 @@ async def serve(config: AgentConfig) -> int:
     await agent.server.set_serving(False)
     await agent.server.stop(grace=5)
     await agent.runner.shutdown(timeout=5)
+    for component in reversed(list(agent.context.components.values())):
+        if component.stop is not None:
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("event=component.stop_failed name=%s", component.name)
     if agent.hypervisor is not None:
         await agent.hypervisor.stop()
     await agent.events.close()

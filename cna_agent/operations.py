@@ -101,7 +101,7 @@ class OperationRunner:
         self.locks = ResourceLocks()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._changed = asyncio.Condition()
-        self._prune_task: asyncio.Task[None] | None = None
+        self._shutting_down = False
 
     async def submit(
         self,
@@ -151,6 +151,11 @@ class OperationRunner:
             await self._finish(record.id, response_type=response_type, response=response)
             log.info("event=operation.done op=%s kind=%s target=%s duration_ms=%.0f", record.id, record.kind, record.target, (time.monotonic() - started) * 1000)
         except asyncio.CancelledError:
+            if self._shutting_down:
+                # Cut short by the agent stopping: leave the row open so the next start
+                # verifies what really happened instead of recording a guess.
+                log.warning("event=operation.interrupted op=%s kind=%s", record.id, record.kind)
+                raise
             await asyncio.shield(self._finish(record.id, cancelled=True))
             log.info("event=operation.cancelled op=%s kind=%s", record.id, record.kind)
         except AgentError as exc:
@@ -244,14 +249,20 @@ class OperationRunner:
         return await self._store.run(self._journal.count)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Give running operations a moment, then cancel the rest (they are journalled)."""
+        """Give running operations a moment, then cancel the rest.
+
+        Cancelled ones stay open in the journal; recovery on the next start closes them after
+        checking the hypervisor.
+        """
         tasks = list(self._tasks.values())
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+            await asyncio.wait(tasks, timeout=timeout)
+        self._shutting_down = True
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
 
 def _to_operation_error(exc: AgentError) -> OperationError:

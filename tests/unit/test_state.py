@@ -187,3 +187,24 @@ def test_runner_idempotent_locked_and_recovering(tmp_path):
         return other
 
     asyncio.run(scenario())
+
+
+def test_shutdown_leaves_interrupted_operations_open_for_recovery(tmp_path):
+    async def scenario():
+        store = StateStore(tmp_path / "s.db")
+        hub = EventHub(store, EventLog(store))
+        runner = OperationRunner(store, OperationJournal(store), hub)
+
+        async def forever(ctx):
+            await asyncio.Event().wait()
+
+        op = await runner.submit("volume.copy", "ds/a", forever)
+        await asyncio.sleep(0.05)
+        await runner.shutdown(timeout=0.1)
+        left_open = OperationJournal(store).unfinished()
+        store.close()
+        return op, left_open
+
+    op, left_open = asyncio.run(scenario())
+    assert [o.id for o in left_open] == [op.id]
+    assert left_open[0].state == "running"
