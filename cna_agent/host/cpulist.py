@@ -1,38 +1,40 @@
-"""The kernel's cpulist syntax ("0-3,8,10-11"), used by sysfs, cgroups and libvirt alike."""
+"""The kernel's cpulist syntax ("0-3,8,10-11"), used by sysfs, cgroups and libvirt alike.
+
+One parser for the whole agent (sysfs trees, config, placement), with the same rules as the
+native reader in native/topology.c so both probe paths agree on every input.
+"""
 
 from __future__ import annotations
 
 from typing import Iterable
 
-#: Linux's NR_CPUS ceiling on the largest distributions; anything above is a typo, not a host.
-MAX_CPU_ID = 8191
+#: The largest CPU count the agent handles (Linux's NR_CPUS on the big distributions);
+#: the native reader sizes its buffers from the same number.
+MAX_CPUS = 8192
 
 
 def parse_cpulist(text: str) -> tuple[int, ...]:
-    """Parse a cpulist into sorted, unique CPU ids; raises ValueError naming the bad part."""
-    cpus: set[int] = set()
+    """Parse a cpulist ("" for none) to sorted, unique CPU ids.
+
+    Strict on purpose: a malformed list in sysfs means a tree we do not understand, and in
+    config a typo; guessing would mis-pin guests. Raises ValueError naming the bad part.
+    """
     text = text.strip()
     if not text:
         return ()
+    ids: set[int] = set()
     for part in text.split(","):
-        part = part.strip()
         lo_s, dash, hi_s = part.partition("-")
-        stride = 1
-        if ":" in hi_s:  # "0-15:2" (the kernel accepts a stride; libvirt and cgroups do not)
-            hi_s, _, stride_s = hi_s.partition(":")
-            if not stride_s.isdigit() or int(stride_s) == 0:
-                raise ValueError(f"bad stride in cpulist part {part!r}")
-            stride = int(stride_s)
-        if not lo_s.isdigit() or (dash and not hi_s.isdigit()):
-            raise ValueError(f"bad cpulist part {part!r} (expected N or N-M)")
+        if not (lo_s.isdigit() and lo_s.isascii()) or (dash and not (hi_s.isdigit() and hi_s.isascii())):
+            raise ValueError(f"bad cpulist {text!r}: {part!r} is not N or N-M")
         lo = int(lo_s)
         hi = int(hi_s) if dash else lo
         if hi < lo:
-            raise ValueError(f"bad cpulist range {part!r} (end before start)")
-        if hi > MAX_CPU_ID:
-            raise ValueError(f"CPU id {hi} in {part!r} is above {MAX_CPU_ID}")
-        cpus.update(range(lo, hi + 1, stride))
-    return tuple(sorted(cpus))
+            raise ValueError(f"bad cpulist {text!r}: descending range {part!r}")
+        if hi >= MAX_CPUS:
+            raise ValueError(f"bad cpulist {text!r}: cpu {hi} >= {MAX_CPUS}")
+        ids.update(range(lo, hi + 1))
+    return tuple(sorted(ids))
 
 
 def format_cpulist(cpus: Iterable[int]) -> str:

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from cna_agent.host import midr as _midr
+# MAX_CPUS mirrors CNA_TOPO_MAX_CPUS in native/topology.h; the parser is shared agent-wide.
+from cna_agent.host.cpulist import MAX_CPUS, parse_cpulist
 
 __all__ = [
     "MAX_CPUS",
@@ -64,8 +66,6 @@ __all__ = [
     "probe_topology",
 ]
 
-#: Largest accepted CPU id + 1; mirrors CNA_TOPO_MAX_CPUS in native/topology.h.
-MAX_CPUS = 8192
 _MAX_CACHE_INDEX = 16
 #: x86 kernels report this cluster_id when no cluster is known (BAD_APICID).
 _X86_NO_CLUSTER = 0xFFFF
@@ -233,30 +233,6 @@ class _RawCache:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def parse_cpulist(text: str) -> tuple[int, ...]:
-    """Parse the kernel's cpulist syntax ("0-3,8,10-11", "" for none) to sorted unique ids.
-
-    Strict on purpose (same rules as the C parser): a malformed list in sysfs means a tree we
-    do not understand, and guessing would mis-pin guests. Raises ValueError.
-    """
-    text = text.strip()
-    if not text:
-        return ()
-    ids: set[int] = set()
-    for part in text.split(","):
-        lo_s, dash, hi_s = part.partition("-")
-        if not lo_s.isdigit() or not lo_s.isascii() or (dash and not (hi_s.isdigit() and hi_s.isascii())):
-            raise ValueError(f"bad cpulist {text!r}: {part!r}")
-        lo = int(lo_s)
-        hi = int(hi_s) if dash else lo
-        if hi < lo:
-            raise ValueError(f"bad cpulist {text!r}: descending range {part!r}")
-        if hi >= MAX_CPUS:
-            raise ValueError(f"bad cpulist {text!r}: cpu {hi} >= {MAX_CPUS}")
-        ids.update(range(lo, hi + 1))
-    return tuple(sorted(ids))
 
 
 def _read(path: str) -> str | None:
