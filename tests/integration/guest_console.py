@@ -1,0 +1,247 @@
+"""Read and drive the serial console of a test guest built by tools/build-test-guest.py.
+
+Why: integration tests observe the guest instead of trusting libvirt's state. The guest prints
+``CNA-FACT key=value`` lines, a ``<MARKER> boot=<n>`` line per boot, ``CNA-HOTPLUG ...`` lines and
+``CNA-GUEST-POWEROFF``, then offers a root shell (prompt ``cna# ``) on the same serial port.
+
+Two ways in, usually both on one ``<serial>`` (see :func:`domain_xml`):
+
+* :class:`SerialLog` reads the chardev's log file (everything since the QEMU process started,
+  across guest reboots) and waits for a line with a timeout.
+* :class:`ConsoleSocket` connects to a ``<serial type='unix'>`` socket, collects what arrives from
+  then on and runs shell commands, returning their exit code and output.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+# ANSI/VT escapes the busybox line editor emits (e.g. ESC[6n cursor queries)
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+
+
+def clean(text: str) -> str:
+    """Console text without terminal escapes and carriage returns."""
+    return _ANSI.sub("", text)
+
+
+def facts(text: str) -> dict[str, str]:
+    """The CNA-FACT key=value pairs of the most recent boot in text."""
+    out: dict[str, str] = {}
+    for line in clean(text).splitlines():
+        m = re.match(r"^CNA-FACT ([^=\s]+)=(.*)$", line.strip())
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+class ConsoleTimeout(AssertionError):
+    """A line did not appear in time; the message carries the console tail for diagnosis."""
+
+
+class _Waiter:
+    def _text(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def text(self) -> str:
+        """Everything seen so far, cleaned of terminal escapes."""
+        return clean(self._text())
+
+    def count(self, pattern: str) -> int:
+        """How many lines match pattern (a regex searched within each line)."""
+        rx = re.compile(pattern)
+        return sum(1 for line in self.text().splitlines() if rx.search(line))
+
+    def wait_for(self, pattern: str, timeout: float = 60.0, count: int = 1) -> re.Match:
+        """Wait until at least count lines match pattern; return the match in the last one.
+
+        Only complete lines count, so a line still being written is not matched half-way.
+        """
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()
+            complete = text[: text.rfind("\n") + 1]
+            hits = [m for m in (rx.search(line) for line in complete.splitlines()) if m]
+            if len(hits) >= count:
+                return hits[count - 1]
+            if time.monotonic() > deadline:
+                raise ConsoleTimeout(f"{pattern!r} x{count} not seen within {timeout}s "
+                                     f"(seen {len(hits)}); console tail:\n{text[-3000:]}")
+            time.sleep(0.1)
+
+
+class SerialLog(_Waiter):
+    """A serial console log file (QEMU chardev ``logfile`` / libvirt ``<log file=...>``)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def _text(self) -> str:
+        try:
+            return self.path.read_bytes().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+
+class ConsoleSocket(_Waiter):
+    """An interactive connection to a unix-socket serial chardev (QEMU is the server).
+
+    A reader thread collects output so a slow test never makes QEMU block on a full socket.
+    """
+
+    def __init__(self, path: Path | str, connect_timeout: float = 30.0) -> None:
+        self.path = str(path)
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.path)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self._sock = s
+        self._closed = False
+        self._thread = threading.Thread(target=self._reader, name=f"console:{self.path}", daemon=True)
+        self._thread.start()
+
+    def _reader(self) -> None:
+        while not self._closed:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self._buf += data
+
+    def _text(self) -> str:
+        with self._lock:
+            return bytes(self._buf).decode("utf-8", "replace")
+
+    def send(self, data: str) -> None:
+        self._sock.sendall(data.encode())
+
+    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
+        """Run one shell command in the guest; return (exit code, output).
+
+        The command is wrapped with begin/end tags carrying a random token; the typed line is
+        echoed by the guest shell, but only the executed echo prints the tag *with* the exit
+        status digits, so the echo of the command line is never mistaken for its output.
+        """
+        tok = uuid.uuid4().hex[:10]
+        start = len(self.text())
+        self.send(f"echo B{tok}B; {command}; echo E{tok}E$?\n")
+        rx_end = re.compile(rf"E{tok}E(\d+)")
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()[start:]
+            m = rx_end.search(text)
+            if m:
+                b = text.find(f"B{tok}B\n")
+                body = text[b + len(tok) + 3: m.start()] if b >= 0 else text[: m.start()]
+                return int(m.group(1)), body
+            if time.monotonic() > deadline:
+                raise ConsoleTimeout(f"command {command!r} did not finish within {timeout}s; "
+                                     f"console tail:\n{text[-3000:]}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "ConsoleSocket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def domain_xml(
+    name: str,
+    guest: dict,
+    *,
+    serial_log: Path,
+    serial_socket: Path | None = None,
+    memory_mib: int = 256,
+    vcpus: int = 1,
+    numa_cells: int = 0,
+    cmdline_extra: str = "",
+    virt_type: str = "qemu",
+    devices_extra: str = "",
+) -> str:
+    """Domain XML that direct-boots a test guest (``guest`` = build-test-guest.py's JSON).
+
+    TCG by default: on these hosts /dev/kvm exists but a Linux guest hung under it. The serial
+    port logs to serial_log and, if serial_socket is given, is also a unix socket for the shell.
+    """
+    arch = guest["arch"]
+    if arch == "aarch64":
+        os_type = "<type arch='aarch64' machine='virt'>hvm</type>"
+        features = "<features><gic version='3'/></features>"
+        cpu_model = "<model fallback='forbid'>cortex-a57</model>"
+        cpu_mode = "custom"
+    else:
+        os_type = "<type arch='x86_64' machine='q35'>hvm</type>"
+        features = "<features><acpi/><apic/></features>"
+        cpu_model = "<model fallback='allow'>qemu64</model>"
+        cpu_mode = "custom"
+    numa = ""
+    if numa_cells:
+        per_cpu = vcpus // numa_cells
+        per_mem = memory_mib * 1024 // numa_cells
+        cells = "".join(
+            f"<cell id='{i}' cpus='{i * per_cpu}-{(i + 1) * per_cpu - 1}' memory='{per_mem}' unit='KiB'/>"
+            for i in range(numa_cells))
+        numa = f"<numa>{cells}</numa>"
+    cmdline = f"console={guest['console']} {cmdline_extra}".strip()
+    if serial_socket:
+        source = f"<source mode='bind' path={quoteattr(str(serial_socket))}/>"
+        serial_type = "unix"
+    else:
+        source = ""
+        serial_type = "null"
+    return f"""<domain type='{virt_type}'>
+  <name>{escape(name)}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os>
+    {os_type}
+    <kernel>{escape(guest['kernel'])}</kernel>
+    <initrd>{escape(guest['initrd'])}</initrd>
+    <cmdline>{escape(cmdline)}</cmdline>
+  </os>
+  {features}
+  <cpu mode='{cpu_mode}' match='exact' check='none'>{cpu_model}{numa}</cpu>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type='{serial_type}'>
+      {source}
+      <log file={quoteattr(str(serial_log))} append='on'/>
+      <target port='0'/>
+    </serial>
+    <console type='{serial_type}'>{source}<target type='serial' port='0'/></console>
+    <memballoon model='none'/>
+    {devices_extra}
+  </devices>
+</domain>
+"""
