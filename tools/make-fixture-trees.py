@@ -48,6 +48,14 @@ class Tree:
     def mkdir(self, rel: str) -> None:
         (self.root / rel).mkdir(parents=True, exist_ok=True)
 
+    def node_link(self, cpu_dir: str, node: int) -> None:
+        """cpuN/nodeM is a symlink to the node's directory in sysfs (and git keeps symlinks,
+        while it drops empty directories)."""
+        link = self.root / cpu_dir / f"node{node}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(f"../../node/node{node}")
+
 
 def node_meminfo(nid: int, total: int, free: int, huge_total: int, huge_free: int) -> str:
     used = total - free
@@ -143,7 +151,7 @@ def kunpeng920_2s(t: Tree) -> None:
             t.write(f"{idx}/shared_cpu_list", cpulist(shared))
         t.write(f"{base}/regs/identification/midr_el1", "0x00000000481fd010")
         t.write(f"{base}/regs/identification/revidr_el1", "0x0000000000000000")
-        t.mkdir(f"{base}/node{node}")
+        t.node_link(base, node)
 
     node = "sys/devices/system/node"
     for name in ("possible", "online", "has_cpu", "has_memory", "has_normal_memory"):
@@ -236,7 +244,7 @@ def fusionserver_2s(t: Tree) -> None:
             t.write(f"{idx}/shared_cpu_list", cpulist(shared))
         if c != 0:
             t.write(f"{base}/online", "1")
-        t.mkdir(f"{base}/node{socket}")
+        t.node_link(base, socket)
 
     node = "sys/devices/system/node"
     for name in ("possible", "online", "has_cpu", "has_memory", "has_normal_memory"):
