@@ -62,9 +62,12 @@ def write_config(base: Path, *, tcp_port: int | None, extra: str = "") -> tuple[
     sock = run / "cna-agent.sock"
     cfg = base / "agent.toml"
     listen = f"127.0.0.1:{tcp_port}" if tcp_port else ""
+    # Each test agent gets its own embedded libvirt (isolated guests and state), even when a
+    # libvirtd runs on the machine and "auto" would pick qemu:///system.
+    libvirt = "" if "[libvirt]" in extra else f'[libvirt]\nuri = "qemu:///embed?root={state / "libvirt"}"\n'
     cfg.write_text(
         f'[grpc]\nlisten = "{listen}"\nunix_socket = "{sock}"\n'
-        f'[state]\ndir = "{state}"\nrun_dir = "{run}"\n' + extra
+        f'[state]\ndir = "{state}"\nrun_dir = "{run}"\n' + libvirt + extra
     )
     return cfg, sock
 

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,12 +74,26 @@ def _silence_default_error_handler() -> None:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
+def _socket_answers(path: str) -> bool:
+    """True when something accepts connections on the unix socket (a file left by a stopped
+    daemon does not count)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
 def choose_uri(configured: str, state_dir: str) -> str:
-    """The configured URI, or system when a daemon socket exists, else embedded."""
+    """The configured URI, or system when a daemon answers on its socket, else embedded."""
     if configured:
         return configured
     for sock in SYSTEM_SOCKETS:
-        if os.path.exists(sock):
+        if _socket_answers(sock):
             return "qemu:///system"
     return f"qemu:///embed?root={os.path.join(state_dir, 'libvirt')}"
 
