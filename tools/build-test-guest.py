@@ -83,6 +83,8 @@ ARCH=$(uname -m)
 CONSOLE=$(sed 's/.* //' /sys/class/tty/console/active 2>/dev/null)
 [ -n "$CONSOLE" ] || CONSOLE=@CONSOLE@
 say() { echo "$*" > /dev/console; }
+# asynchronous lines start on a fresh line: the shell prompt may be pending on the console
+say_async() { printf '\n%s\n' "$*" > /dev/console; }
 
 for m in @MODULES@; do modprobe -q "$m" 2>/dev/null; done
 # module probing is synchronous; devtmpfs nodes follow immediately
@@ -150,16 +152,16 @@ say "$MARKER boot=$BOOT"
   old_n=" $(nics | tr '\n' ' ')"; old_b=" $(disks | tr '\n' ' ')"
   while sleep 1; do
     new_n=" $(nics | tr '\n' ' ')"; new_b=" $(disks | tr '\n' ' ')"
-    for x in $new_n; do case "$old_n" in *" $x "*) ;; *) ip link set "$x" up 2>/dev/null; say "CNA-HOTPLUG add net $x";; esac; done
-    for x in $old_n; do case "$new_n" in *" $x "*) ;; *) say "CNA-HOTPLUG remove net $x";; esac; done
-    for x in $new_b; do case "$old_b" in *" $x "*) ;; *) say "CNA-HOTPLUG add block $x";; esac; done
-    for x in $old_b; do case "$new_b" in *" $x "*) ;; *) say "CNA-HOTPLUG remove block $x";; esac; done
+    for x in $new_n; do case "$old_n" in *" $x "*) ;; *) ip link set "$x" up 2>/dev/null; say_async "CNA-HOTPLUG add net $x";; esac; done
+    for x in $old_n; do case "$new_n" in *" $x "*) ;; *) say_async "CNA-HOTPLUG remove net $x";; esac; done
+    for x in $new_b; do case "$old_b" in *" $x "*) ;; *) say_async "CNA-HOTPLUG add block $x";; esac; done
+    for x in $old_b; do case "$new_b" in *" $x "*) ;; *) say_async "CNA-HOTPLUG remove block $x";; esac; done
     old_n=$new_n; old_b=$new_b
   done
 ) &
 
 # --- power button ----------------------------------------------------------------------------
-power_off() { say "CNA-GUEST-POWEROFF"; sync; poweroff -f; }
+power_off() { say_async "CNA-GUEST-POWEROFF"; sync; poweroff -f; }
 for ev in /sys/class/input/event*; do
   [ -e "$ev" ] || continue
   case "$(cat $ev/device/name 2>/dev/null)" in

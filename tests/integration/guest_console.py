@@ -58,16 +58,17 @@ class _Waiter:
         rx = re.compile(pattern)
         return sum(1 for line in self.text().splitlines() if rx.search(line))
 
-    def wait_for(self, pattern: str, timeout: float = 60.0, count: int = 1) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 60.0, count: int = 1, partial: bool = False) -> re.Match:
         """Wait until at least count lines match pattern; return the match in the last one.
 
-        Only complete lines count, so a line still being written is not matched half-way.
+        Only complete lines count, so a line still being written is not matched half-way;
+        partial=True also matches the unfinished last line (for prompts such as ``cna# ``).
         """
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
             text = self.text()
-            complete = text[: text.rfind("\n") + 1]
+            complete = text if partial else text[: text.rfind("\n") + 1]
             hits = [m for m in (rx.search(line) for line in complete.splitlines()) if m]
             if len(hits) >= count:
                 return hits[count - 1]
