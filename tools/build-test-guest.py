@@ -145,7 +145,6 @@ for d in $(disks); do
   s=$(cat /sys/block/$d/serial 2>/dev/null) && [ -n "$s" ] && fact "block.$d.serial" "$s"
 done
 fact boot "$BOOT"
-say "$MARKER boot=$BOOT"
 
 # --- hot-plug watcher ------------------------------------------------------------------------
 (
@@ -188,6 +187,9 @@ if [ "$ARCH" = aarch64 ]; then
     esac
   done
 fi
+
+# the marker comes only now, so a power button pressed once it is seen is always handled
+say "$MARKER boot=$BOOT"
 
 # --- interactive shell on the console --------------------------------------------------------
 stty -F /dev/$CONSOLE cols 4096 rows 50 2>/dev/null
