@@ -9,6 +9,8 @@ start gets a copy: same code path, minus the repeated probe.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,18 +20,24 @@ from support import AgentProcess, start_agent
 
 @pytest.fixture(scope="session")
 def libvirt_caps_cache(tmp_path_factory) -> Path | None:
-    """A warmed embedded-libvirt capabilities cache (None when libvirt-python is missing)."""
-    try:
-        import libvirt
-    except ImportError:
-        return None
-    root = tmp_path_factory.mktemp("libvirt-warm")
-    from cna_agent.compute.hypervisor import ensure_event_loop
+    """A warmed embedded-libvirt capabilities cache (None when libvirt-python is missing).
 
-    ensure_event_loop()
-    conn = libvirt.open(f"qemu:///embed?root={root}")
-    conn.getCapabilities()
-    conn.close()
+    Warmed in a child process: libvirt lets one process open only one embedded root for its
+    lifetime, and the pytest process must stay free to open its own (tests/integration).
+    """
+    root = tmp_path_factory.mktemp("libvirt-warm")
+    code = (
+        "import libvirt, sys\n"
+        "libvirt.registerErrorHandler(lambda c, e: None, None)\n"
+        "libvirt.virEventRegisterDefaultImpl()  # the embedded driver refuses to open without one\n"
+        f"conn = libvirt.open('qemu:///embed?root={root}')\n"
+        "conn.getCapabilities(); conn.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        if "No module named 'libvirt'" in out.stderr:
+            return None
+        raise RuntimeError(f"warming libvirt's capabilities cache failed: {out.stderr[-2000:]}")
     cache = root / "cache" / "qemu" / "capabilities"
     return cache if cache.is_dir() else None
 
