@@ -88,6 +88,44 @@ def _socket_answers(path: str) -> bool:
         sock.close()
 
 
+#: qemu.conf for the agent's embedded root, written once if the admin has not provided one.
+EMBEDDED_QEMU_CONF = """\
+# Written by cna-agent for libvirt's embedded QEMU driver (no libvirtd, no virtlogd).
+# Edit freely: the agent never overwrites this file once it exists.
+#
+# QEMU runs as root and files keep their owner: guest images and kernels live in the
+# agent's 0700 state directory, and there is no daemon to relabel or chown them. Hosts that
+# need QEMU confined run libvirtd/virtqemud (qemu:///system), which the agent prefers.
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+# Without virtlogd, QEMU writes serial/console logs (<log file=...>) itself.
+stdio_handler = "file"
+"""
+
+
+def embedded_root(uri: str) -> str | None:
+    """The root directory of a qemu:///embed URI, or None for other URIs."""
+    if not uri.startswith("qemu:///embed"):
+        return None
+    from urllib.parse import parse_qs, urlparse
+
+    roots = parse_qs(urlparse(uri).query).get("root")
+    return roots[0] if roots else None
+
+
+def prepare_embedded_root(root: str) -> None:
+    """Create the embedded root (0700) and seed its qemu.conf unless one exists."""
+    etc = os.path.join(root, "etc")
+    os.makedirs(etc, mode=0o700, exist_ok=True)
+    conf = os.path.join(etc, "qemu.conf")
+    if not os.path.exists(conf):
+        with open(conf, "w", encoding="utf-8") as fh:
+            fh.write(EMBEDDED_QEMU_CONF)
+
+
 def choose_uri(configured: str, state_dir: str) -> str:
     """The configured URI, or system when a daemon answers on its socket, else embedded."""
     if configured:
@@ -170,6 +208,9 @@ class Hypervisor:
         self._watch_task = self._loop.create_task(self._watch(), name="libvirt-watch")
 
     async def _connect_once(self) -> None:
+        root = embedded_root(self.uri)
+        if root is not None:
+            prepare_embedded_root(root)
         conn = await self._loop.run_in_executor(self._executor, libvirt.open, self.uri)  # type: ignore[union-attr]
         if self.mode != "embedded":
             try:

@@ -39,3 +39,17 @@ def test_embedded_under_the_state_dir_otherwise(tmp_path, monkeypatch):
     assert uri == "qemu:///embed?root=/var/lib/cna-agent/libvirt"
     assert Hypervisor(uri).mode == "embedded"
     assert Hypervisor("qemu:///system").mode == "system"
+
+
+def test_embedded_root_gets_a_qemu_conf_once(tmp_path):
+    from cna_agent.compute.hypervisor import embedded_root, prepare_embedded_root
+
+    root = embedded_root(f"qemu:///embed?root={tmp_path}/lv")
+    assert root == f"{tmp_path}/lv"
+    assert embedded_root("qemu:///system") is None
+    prepare_embedded_root(root)
+    conf = tmp_path / "lv" / "etc" / "qemu.conf"
+    assert 'stdio_handler = "file"' in conf.read_text()
+    conf.write_text("# the admin's own\n")
+    prepare_embedded_root(root)
+    assert conf.read_text() == "# the admin's own\n"
