@@ -110,6 +110,14 @@ class HostConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    #: Comma-separated absolute directories whose files a VM spec may name by absolute path
+    #: (direct-boot kernels/initrds, disk images) while no storage subsystem resolves volumes.
+    #: Empty = none: every path is refused.
+    image_dirs: str = ""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     #: "text" (key=value per line) or "json" (one object per line).
@@ -130,6 +138,7 @@ class AgentConfig:
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     host: HostConfig = field(default_factory=HostConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Files that were read, in order (for check-config and the start-up log line).
@@ -167,6 +176,7 @@ _SECTION_TYPES: dict[str, type] = {
     "libvirt": LibvirtConfig,
     "storage": StorageConfig,
     "host": HostConfig,
+    "compute": ComputeConfig,
     "log": LogConfig,
     "metrics": MetricsConfig,
 }
@@ -394,6 +404,9 @@ def _validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
             parse_cpulist(cfg.host.reserved_cpus)
         except ValueError as exc:
             fail("host", "reserved_cpus", str(exc))
+    for image_dir in filter(None, (d.strip() for d in cfg.compute.image_dirs.split(","))):
+        if not os.path.isabs(image_dir):
+            fail("compute", "image_dirs", f"{image_dir!r} must be an absolute path")
     try:
         ipaddress.ip_address(cfg.host.console_listen)
     except ValueError:

@@ -1,0 +1,385 @@
+"""libvirt domain XML as typed objects (the parts the agent writes and reads).
+
+One class per element kind, each field declared once (see xmlobj.py); the builder in
+render.py fills these from a VM spec, and the service parses libvirt's live XML with the
+same classes (e.g. the VNC port libvirt picked, the QEMU-assigned aliases are ignored).
+Field order follows libvirt's domain schema so generated documents pass virt-xml-validate.
+"""
+
+from __future__ import annotations
+
+from xml.etree import ElementTree as ET
+
+from cna_agent.compute.xmlobj import Child, Children, Prop, Raw, XmlObject
+
+#: The agent's metadata namespace (a URI libvirt only uses as a key).
+CNA_NS = "https://cna-agent.org/xmlns/vm/1.0"
+ET.register_namespace("cna", CNA_NS)
+
+
+# -- os / firmware ----------------------------------------------------------------------------
+
+
+class BootDev(XmlObject):
+    dev = Prop("@dev")
+
+
+class OsFeature(XmlObject):
+    name = Prop("@name")
+    enabled = Prop("@enabled", "yesno")
+
+
+class Os(XmlObject):
+    TAG = "os"
+    firmware = Prop("@firmware")
+    arch = Prop("type/@arch")
+    machine = Prop("type/@machine")
+    type = Prop("type")
+    firmware_features = Children(OsFeature, "firmware/feature")
+    loader = Prop("loader")
+    loader_readonly = Prop("loader/@readonly", "yesno")
+    loader_secure = Prop("loader/@secure", "yesno")
+    loader_type = Prop("loader/@type")
+    nvram = Prop("nvram")
+    nvram_template = Prop("nvram/@template")
+    kernel = Prop("kernel")
+    initrd = Prop("initrd")
+    cmdline = Prop("cmdline")
+    boot = Children(BootDev, "boot")
+
+
+# -- features ---------------------------------------------------------------------------------
+
+
+class HyperV(XmlObject):
+    """Hyper-V enlightenments: Windows runs markedly faster and keeps time with them."""
+
+    mode = Prop("@mode")
+    relaxed = Prop("relaxed/@state", "onoff")
+    vapic = Prop("vapic/@state", "onoff")
+    spinlocks = Prop("spinlocks/@state", "onoff")
+    spinlock_retries = Prop("spinlocks/@retries", "int")
+    vpindex = Prop("vpindex/@state", "onoff")
+    runtime = Prop("runtime/@state", "onoff")
+    synic = Prop("synic/@state", "onoff")
+    stimer = Prop("stimer/@state", "onoff")
+    reset = Prop("reset/@state", "onoff")
+    frequencies = Prop("frequencies/@state", "onoff")
+    reenlightenment = Prop("reenlightenment/@state", "onoff")
+    tlbflush = Prop("tlbflush/@state", "onoff")
+    ipi = Prop("ipi/@state", "onoff")
+
+
+class Features(XmlObject):
+    TAG = "features"
+    acpi = Prop("acpi", "flag")
+    apic = Prop("apic", "flag")
+    hyperv = Child(HyperV, "hyperv")
+    kvm_hidden = Prop("kvm/hidden/@state", "onoff")
+    vmport = Prop("vmport/@state", "onoff")
+    gic_version = Prop("gic/@version")
+    smm = Prop("smm/@state", "onoff")
+
+
+# -- cpu / numa -------------------------------------------------------------------------------
+
+
+class NumaCell(XmlObject):
+    id = Prop("@id", "int")
+    cpus = Prop("@cpus")
+    memory_kib = Prop("@memory", "int")
+    unit = Prop("@unit")
+
+
+class Cpu(XmlObject):
+    TAG = "cpu"
+    mode = Prop("@mode")
+    match = Prop("@match")
+    check = Prop("@check")
+    model = Prop("model")
+    model_fallback = Prop("model/@fallback")
+    sockets = Prop("topology/@sockets", "int")
+    dies = Prop("topology/@dies", "int")
+    cores = Prop("topology/@cores", "int")
+    threads = Prop("topology/@threads", "int")
+    numa_cells = Children(NumaCell, "numa/cell")
+
+
+class VcpuPin(XmlObject):
+    vcpu = Prop("@vcpu", "int")
+    cpuset = Prop("@cpuset")
+
+
+class CpuTune(XmlObject):
+    TAG = "cputune"
+    shares = Prop("shares", "int")
+    global_period = Prop("global_period", "int")
+    global_quota = Prop("global_quota", "int")
+    vcpupins = Children(VcpuPin, "vcpupin")
+    emulatorpin = Prop("emulatorpin/@cpuset")
+
+
+class MemTune(XmlObject):
+    TAG = "memtune"
+    hard_limit_kib = Prop("hard_limit", "kib")
+    soft_limit_kib = Prop("soft_limit", "kib")
+
+
+class NumaTune(XmlObject):
+    TAG = "numatune"
+    mode = Prop("memory/@mode")
+    nodeset = Prop("memory/@nodeset")
+
+
+class Timer(XmlObject):
+    name = Prop("@name")
+    present = Prop("@present", "yesno")
+    tickpolicy = Prop("@tickpolicy")
+
+
+class Clock(XmlObject):
+    TAG = "clock"
+    offset = Prop("@offset")
+    timers = Children(Timer, "timer")
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+
+class DiskHost(XmlObject):
+    name = Prop("@name")
+    port = Prop("@port")
+
+
+class IoTune(XmlObject):
+    total_bytes_sec = Prop("total_bytes_sec", "int")
+    read_bytes_sec = Prop("read_bytes_sec", "int")
+    write_bytes_sec = Prop("write_bytes_sec", "int")
+    total_iops_sec = Prop("total_iops_sec", "int")
+    read_iops_sec = Prop("read_iops_sec", "int")
+    write_iops_sec = Prop("write_iops_sec", "int")
+
+
+class Disk(XmlObject):
+    TAG = "disk"
+    type = Prop("@type")
+    device = Prop("@device")
+    driver_name = Prop("driver/@name")
+    driver_type = Prop("driver/@type")
+    cache = Prop("driver/@cache")
+    error_policy = Prop("driver/@error_policy")
+    rerror_policy = Prop("driver/@rerror_policy")
+    io = Prop("driver/@io")
+    discard = Prop("driver/@discard")
+    auth_username = Prop("auth/@username")
+    auth_secret_type = Prop("auth/secret/@type")
+    auth_secret_uuid = Prop("auth/secret/@uuid")
+    source_file = Prop("source/@file")
+    source_dev = Prop("source/@dev")
+    source_protocol = Prop("source/@protocol")
+    source_name = Prop("source/@name")
+    source_hosts = Children(DiskHost, "source/host")
+    target_dev = Prop("target/@dev")
+    target_bus = Prop("target/@bus")
+    iotune = Child(IoTune, "iotune")
+    boot_order = Prop("boot/@order", "int")
+    readonly = Prop("readonly", "flag")
+    shareable = Prop("shareable", "flag")
+    serial = Prop("serial")
+
+
+class Controller(XmlObject):
+    TAG = "controller"
+    type = Prop("@type")
+    index = Prop("@index", "int")
+    model = Prop("@model")
+
+
+class Bandwidth(XmlObject):
+    average = Prop("@average", "int")
+    peak = Prop("@peak", "int")
+    burst = Prop("@burst", "int")
+
+
+class VlanTag(XmlObject):
+    id = Prop("@id", "int")
+
+
+class FilterParam(XmlObject):
+    name = Prop("@name")
+    value = Prop("@value")
+
+
+class Interface(XmlObject):
+    TAG = "interface"
+    type = Prop("@type")
+    mac = Prop("mac/@address")
+    source_bridge = Prop("source/@bridge")
+    vlan_trunk = Prop("vlan/@trunk", "yesno")
+    vlan_tags = Children(VlanTag, "vlan/tag")
+    virtualport_type = Prop("virtualport/@type")
+    interface_id = Prop("virtualport/parameters/@interfaceid")
+    target_dev = Prop("target/@dev")
+    model = Prop("model/@type")
+    driver_queues = Prop("driver/@queues", "int")
+    inbound = Child(Bandwidth, "bandwidth/inbound")
+    outbound = Child(Bandwidth, "bandwidth/outbound")
+    filter = Prop("filterref/@filter")
+    filter_params = Children(FilterParam, "filterref/parameter")
+    link_state = Prop("link/@state")
+    mtu = Prop("mtu/@size", "int")
+    boot_order = Prop("boot/@order", "int")
+
+
+class Serial(XmlObject):
+    TAG = "serial"
+    type = Prop("@type")
+    source_path = Prop("source/@path")
+    log_file = Prop("log/@file")
+    log_append = Prop("log/@append", "onoff")
+    target_port = Prop("target/@port", "int")
+
+
+class Console(XmlObject):
+    TAG = "console"
+    type = Prop("@type")
+    source_path = Prop("source/@path")
+    target_type = Prop("target/@type")
+    target_port = Prop("target/@port", "int")
+
+
+class Channel(XmlObject):
+    TAG = "channel"
+    type = Prop("@type")
+    source_path = Prop("source/@path")
+    target_type = Prop("target/@type")
+    target_name = Prop("target/@name")
+
+
+class Input(XmlObject):
+    TAG = "input"
+    type = Prop("@type")
+    bus = Prop("@bus")
+
+
+class GraphicsListen(XmlObject):
+    type = Prop("@type")
+    address = Prop("@address")
+
+
+class Graphics(XmlObject):
+    TAG = "graphics"
+    type = Prop("@type")
+    port = Prop("@port", "int")
+    autoport = Prop("@autoport", "yesno")
+    listen = Prop("@listen")
+    passwd = Prop("@passwd")
+    keymap = Prop("@keymap")
+    listens = Children(GraphicsListen, "listen")
+
+
+class Video(XmlObject):
+    TAG = "video"
+    model = Prop("model/@type")
+
+
+class Watchdog(XmlObject):
+    TAG = "watchdog"
+    model = Prop("@model")
+    action = Prop("@action")
+
+
+class MemBalloon(XmlObject):
+    TAG = "memballoon"
+    model = Prop("@model")
+    stats_period = Prop("stats/@period", "int")
+
+
+class Panic(XmlObject):
+    TAG = "panic"
+    model = Prop("@model")
+
+
+class MemoryDevice(XmlObject):
+    """A DIMM for memory hot-plug."""
+
+    TAG = "memory"
+    model = Prop("@model")
+    size_kib = Prop("target/size", "kib")
+    node = Prop("target/node", "int")
+
+
+class Devices(XmlObject):
+    TAG = "devices"
+    emulator = Prop("emulator")
+    disks = Children(Disk, "disk")
+    controllers = Children(Controller, "controller")
+    interfaces = Children(Interface, "interface")
+    serials = Children(Serial, "serial")
+    consoles = Children(Console, "console")
+    channels = Children(Channel, "channel")
+    inputs = Children(Input, "input")
+    graphics = Children(Graphics, "graphics")
+    videos = Children(Video, "video")
+    watchdogs = Children(Watchdog, "watchdog")
+    memballoon = Child(MemBalloon, "memballoon")
+    panics = Children(Panic, "panic")
+    memories = Children(MemoryDevice, "memory")
+
+
+# -- the domain -------------------------------------------------------------------------------
+
+
+class Domain(XmlObject):
+    TAG = "domain"
+    type = Prop("@type")
+    name = Prop("name")
+    uuid = Prop("uuid")
+    description = Prop("description")
+    metadata = Raw("metadata")
+    max_memory_kib = Prop("maxMemory", "kib")
+    max_memory_slots = Prop("maxMemory/@slots", "int")
+    memory_kib = Prop("memory", "kib")
+    current_memory_kib = Prop("currentMemory", "kib")
+    hugepages = Prop("memoryBacking/hugepages", "flag")
+    memtune = Child(MemTune, "memtune")
+    vcpu_placement = Prop("vcpu/@placement")
+    vcpu_current = Prop("vcpu/@current", "int")
+    vcpu = Prop("vcpu", "int")
+    cputune = Child(CpuTune, "cputune")
+    numatune = Child(NumaTune, "numatune")
+    os = Child(Os, "os")
+    features = Child(Features, "features")
+    cpu = Child(Cpu, "cpu")
+    clock = Child(Clock, "clock")
+    on_poweroff = Prop("on_poweroff")
+    on_reboot = Prop("on_reboot")
+    on_crash = Prop("on_crash")
+    pm_suspend_to_mem = Prop("pm/suspend-to-mem/@enabled", "yesno")
+    pm_suspend_to_disk = Prop("pm/suspend-to-disk/@enabled", "yesno")
+    devices = Child(Devices, "devices")
+
+    # -- the agent's metadata ------------------------------------------------------------------
+
+    def agent_metadata(self) -> ET.Element | None:
+        for el in self.metadata or ():
+            if el.tag == f"{{{CNA_NS}}}vm":
+                return el
+        return None
+
+
+def metadata_element(spec_json: str, *, agent_version: str, created: str = "") -> ET.Element:
+    """``<cna:vm>``: the VM's full spec as JSON plus who wrote it (what adoption reads)."""
+    root = ET.Element(f"{{{CNA_NS}}}vm")
+    root.set("agent-version", agent_version)
+    if created:
+        root.set("created", created)
+    spec = ET.SubElement(root, f"{{{CNA_NS}}}spec")
+    spec.set("format", "json")
+    spec.text = spec_json
+    return root
+
+
+def spec_json_from_metadata(el: ET.Element) -> str | None:
+    spec = el.find(f"{{{CNA_NS}}}spec")
+    return spec.text if spec is not None and spec.text else None

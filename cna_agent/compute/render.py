@@ -1,0 +1,424 @@
+"""VM spec (+ the bindings storage/network/placement resolved) -> libvirt domain model.
+
+All per-arch and per-OS-family defaults live here, so the rest of compute never guesses:
+
+* x86_64: q35 (pc allowed), SeaBIOS, or OVMF through ``<os firmware='efi'>`` with per-VM
+  NVRAM under the agent's state dir; aarch64: machine virt, GICv3, AAVMF (or plain direct
+  kernel boot when no firmware was asked for and a kernel is given), no x86-only devices.
+* Windows: Hyper-V enlightenments, RTC in local time with the hypervclock timer, SATA disks
+  and an e1000e NIC (bootable without drivers) unless ``virtio_drivers``; Linux/Euler:
+  virtio everything.
+* CPU: host-model under KVM (host-passthrough on aarch64), a named model under TCG
+  (qemu64 / cortex-a57), since TCG cannot offer the host's CPU.
+* Disks: cache=none (O_DIRECT) with io=native when the datastore supports direct I/O, else
+  writeback; error_policy=stop so a failing datastore pauses the guest instead of
+  corrupting it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from cna_agent.compute import domxml as dx
+from cna_agent.compute.bindings import DiskSourceBinding, NicBinding, PlacementPlan
+from cna_agent.compute.spec import VmSpec, default_target_prefix
+
+#: PCIe root ports added beyond what libvirt allocates itself, so disks/NICs can be hot-plugged.
+SPARE_ROOT_PORTS = 4
+HYPERV_SPINLOCK_RETRIES = 8191
+CFS_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    """Host facts the builder needs (no libvirt calls here: pure and unit-testable)."""
+
+    host_arch: str
+    virt_type: str  # "kvm" or "qemu" (TCG)
+    state_dir: str  # per-VM NVRAM lives under <state_dir>/nvram
+    run_dir: str  # serial logs under <run_dir>/vms/<uuid>/
+    console_listen: str = "127.0.0.1"
+    host_cpu_mhz: int = 2000
+    agent_version: str = ""
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class Bindings:
+    """What the resolvers returned for the spec's disks, NICs and boot files (same order)."""
+
+    disks: Sequence[DiskSourceBinding] = ()
+    nics: Sequence[NicBinding] = ()
+    kernel: str = ""
+    initrd: str = ""
+    placement: PlacementPlan | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The spec with every default filled in (what the domain really gets)."""
+
+    arch: str
+    machine: str
+    domain_type: str
+    firmware: str  # "bios", "uefi" or "" (aarch64 direct kernel boot without firmware)
+    os_family: str
+    cpu_mode: str
+    cpu_model: str
+    disk_targets: tuple[str, ...] = field(default_factory=tuple)
+
+
+def resolve_defaults(spec: VmSpec, ctx: RenderContext) -> Resolved:
+    arch = spec.arch or ctx.host_arch
+    machine = spec.machine_type or ("q35" if arch == "x86_64" else "virt")
+    domain_type = ctx.virt_type if arch == ctx.host_arch else "qemu"
+    if spec.firmware:
+        firmware = spec.firmware
+    elif arch == "aarch64":
+        firmware = "" if spec.boot.kernel else "uefi"
+    else:
+        firmware = "bios"
+    os_family = spec.os_family or "linux"
+    if spec.cpu_mode and spec.cpu_mode != "custom":
+        cpu_mode, cpu_model = spec.cpu_mode, ""
+    elif spec.cpu_mode == "custom":
+        cpu_mode, cpu_model = "custom", spec.cpu_model
+    elif domain_type == "kvm":
+        cpu_mode, cpu_model = ("host-passthrough" if arch == "aarch64" else "host-model"), ""
+    else:
+        cpu_mode, cpu_model = "custom", ("cortex-a57" if arch == "aarch64" else "qemu64")
+    targets = assign_disk_targets(spec, os_family)
+    return Resolved(arch, machine, domain_type, firmware, os_family, cpu_mode, cpu_model, targets)
+
+
+def _legacy_windows(spec: VmSpec) -> bool:
+    return spec.os_family == "windows" and not spec.virtio_drivers
+
+
+def disk_bus(spec: VmSpec, i: int) -> str:
+    return spec.disks[i].bus or ("sata" if _legacy_windows(spec) else "virtio")
+
+
+def assign_disk_targets(spec: VmSpec, os_family: str = "") -> tuple[str, ...]:
+    """Guest device names: the spec's where given, else the next free one for the bus."""
+    used = {d.target for d in spec.disks if d.target}
+    out: list[str] = []
+    for i, disk in enumerate(spec.disks):
+        if disk.target:
+            out.append(disk.target)
+            continue
+        prefix = default_target_prefix(disk_bus(spec, i))
+        n = 0
+        while True:
+            name = prefix + _letters(n)
+            if name not in used:
+                break
+            n += 1
+        used.add(name)
+        out.append(name)
+    return tuple(out)
+
+
+def _letters(n: int) -> str:
+    s = ""
+    n += 1
+    while n:
+        n, r = divmod(n - 1, 26)
+        s = chr(ord("a") + r) + s
+    return s
+
+
+def vm_run_dir(ctx: RenderContext, uuid: str) -> str:
+    return os.path.join(ctx.run_dir, "vms", uuid)
+
+
+def serial_log_path(ctx: RenderContext, uuid: str) -> str:
+    return os.path.join(vm_run_dir(ctx, uuid), "serial.log")
+
+
+def nvram_path(ctx: RenderContext, uuid: str) -> str:
+    return os.path.join(ctx.state_dir, "nvram", f"{uuid}_VARS.fd")
+
+
+def _cells(spec: VmSpec) -> list[dx.NumaCell]:
+    n = spec.numa_cells if spec.numa_cells > 1 else 1
+    vcpus = spec.effective_max_vcpus
+    mem = spec.memory_mib
+    cells = []
+    first = 0
+    for i in range(n):
+        count = vcpus // n + (1 if i < vcpus % n else 0)
+        cpus = f"{first}-{first + count - 1}" if count > 1 else str(first)
+        first += count
+        mib = mem // n + (mem % n if i == 0 else 0)
+        cells.append(dx.NumaCell(id=i, cpus=cpus, memory_kib=mib * 1024, unit="KiB"))
+    return cells
+
+
+def _cpuset(cpus: Sequence[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Domain:
+    """The complete domain for ``spec`` (uuid and NIC MACs must already be filled in)."""
+    r = resolve_defaults(spec, ctx)
+    windows = r.os_family == "windows"
+    legacy = _legacy_windows(spec)
+    dom = dx.Domain(type=r.domain_type, name=spec.name, uuid=spec.uuid)
+    if spec.description:
+        dom.description = spec.description
+    dom.metadata = [dx.metadata_element(spec.to_json(), agent_version=ctx.agent_version, created=ctx.created)]
+
+    # memory
+    if spec.max_memory_mib:
+        dom.max_memory_kib = spec.max_memory_mib * 1024
+        dom.max_memory_slots = 16
+    dom.memory_kib = spec.memory_mib * 1024
+    dom.current_memory_kib = spec.memory_mib * 1024
+    dom.hugepages = spec.hugepages
+    if spec.memory_qos.limit_mib:
+        dom.memtune = dx.MemTune(hard_limit_kib=spec.memory_qos.limit_mib * 1024)
+
+    # vCPUs and CPU QoS
+    dom.vcpu_placement = "static"
+    dom.vcpu = spec.effective_max_vcpus
+    if spec.effective_max_vcpus != spec.vcpus:
+        dom.vcpu_current = spec.vcpus
+    tune = dx.CpuTune()
+    if spec.cpu_qos.shares:
+        tune.shares = spec.cpu_qos.shares
+    if spec.cpu_qos.limit_mhz:
+        tune.global_period = CFS_PERIOD_US
+        tune.global_quota = max(1000, spec.cpu_qos.limit_mhz * CFS_PERIOD_US // max(1, ctx.host_cpu_mhz))
+    plan = bindings.placement
+    if plan is not None:
+        tune.vcpupins = [dx.VcpuPin(vcpu=v, cpuset=_cpuset(c)) for v, c in sorted(plan.vcpu_pins.items())]
+        if plan.emulator_cpus:
+            tune.emulatorpin = _cpuset(plan.emulator_cpus)
+        if plan.memory_nodes:
+            dom.numatune = dx.NumaTune(mode=plan.memory_mode, nodeset=_cpuset(plan.memory_nodes))
+    if tune.to_element().__len__():
+        dom.cputune = tune
+
+    # firmware and boot
+    os_ = dx.Os(type="hvm", arch=r.arch, machine=r.machine)
+    if r.firmware == "uefi":
+        os_.firmware = "efi"
+        if spec.secure_boot:
+            os_.firmware_features = [dx.OsFeature(name="enrolled-keys", enabled=True), dx.OsFeature(name="secure-boot", enabled=True)]
+        else:
+            os_.firmware_features = [dx.OsFeature(name="secure-boot", enabled=False)]
+        os_.nvram = nvram_path(ctx, spec.uuid)
+    if bindings.kernel:
+        os_.kernel = bindings.kernel
+        if bindings.initrd:
+            os_.initrd = bindings.initrd
+        if spec.boot.cmdline:
+            os_.cmdline = spec.boot.cmdline
+    dom.os = os_
+
+    # features
+    feats = dx.Features(acpi=True)
+    if r.arch == "x86_64":
+        feats.apic = True
+        if r.firmware == "uefi" and spec.secure_boot:
+            feats.smm = True
+        if windows:
+            feats.hyperv = dx.HyperV(
+                mode="custom", relaxed=True, vapic=True, spinlocks=True, spinlock_retries=HYPERV_SPINLOCK_RETRIES,
+                vpindex=True, runtime=True, synic=True, stimer=True, reset=True, frequencies=True,
+                tlbflush=True, ipi=True,
+            )
+            feats.vmport = False
+    else:
+        feats.gic_version = "3"
+    dom.features = feats
+
+    # CPU model, topology, guest NUMA
+    cpu = dx.Cpu(mode=r.cpu_mode)
+    if r.cpu_mode == "custom":
+        cpu.match = "exact"
+        cpu.check = "none"
+        cpu.model = r.cpu_model
+        cpu.model_fallback = "forbid"
+    topo = spec.cpu_topology
+    if topo.is_set():
+        cpu.sockets, cpu.cores, cpu.threads = topo.sockets, topo.cores, topo.threads
+        if topo.dies > 1:
+            cpu.dies = topo.dies
+        if topo.clusters > 1:
+            cpu.cores = topo.cores * topo.clusters  # libvirt 9.0 has no clusters attribute
+    else:
+        cpu.sockets, cpu.cores, cpu.threads = spec.effective_max_vcpus, 1, 1
+    if spec.numa_cells > 1 or spec.max_memory_mib:
+        cpu.numa_cells = _cells(spec)
+    dom.cpu = cpu
+
+    # clock
+    if windows:
+        dom.clock = dx.Clock(offset="localtime", timers=[
+            dx.Timer(name="rtc", tickpolicy="catchup"), dx.Timer(name="pit", tickpolicy="delay"),
+            dx.Timer(name="hpet", present=False), dx.Timer(name="hypervclock", present=True),
+        ])
+    elif r.arch == "x86_64":
+        dom.clock = dx.Clock(offset="utc", timers=[
+            dx.Timer(name="rtc", tickpolicy="catchup"), dx.Timer(name="pit", tickpolicy="delay"), dx.Timer(name="hpet", present=False),
+        ])
+    else:
+        dom.clock = dx.Clock(offset="utc")
+    dom.on_poweroff = "destroy"
+    dom.on_reboot = "restart"
+    dom.on_crash = "destroy"
+    if r.arch == "x86_64":
+        dom.pm_suspend_to_mem = False
+        dom.pm_suspend_to_disk = False
+
+    dom.devices = _devices(spec, bindings, ctx, r)
+    return dom
+
+
+def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) -> dx.Devices:
+    legacy = _legacy_windows(spec)
+    devs = dx.Devices()
+    pcie = r.machine == "q35" or r.machine.startswith("pc-q35") or r.arch == "aarch64"
+
+    for i, disk in enumerate(spec.disks):
+        devs.disks.append(_disk(spec, i, bindings.disks[i], r.disk_targets[i]))
+    if any(disk_bus(spec, i) == "scsi" for i in range(len(spec.disks))):
+        devs.controllers.append(dx.Controller(type="scsi", index=0, model="virtio-scsi"))
+    if pcie:
+        for _ in range(SPARE_ROOT_PORTS):
+            devs.controllers.append(dx.Controller(type="pci", model="pcie-root-port"))
+
+    for i, nic in enumerate(spec.nics):
+        devs.interfaces.append(_interface(spec, i, bindings.nics[i], legacy))
+
+    # Serial console: a pty for interactive use, also logged to a file admins and tests read.
+    if spec.serial_console:
+        devs.serials.append(dx.Serial(type="pty", log_file=serial_log_path(ctx, spec.uuid), log_append=True, target_port=0))
+        devs.consoles.append(dx.Console(type="pty", target_type="serial", target_port=0))
+    if spec.guest_agent:
+        devs.channels.append(dx.Channel(type="unix", target_type="virtio", target_name="org.qemu.guest_agent.0"))
+
+    ctype = spec.console.type or "vnc"
+    if ctype in ("vnc", "spice"):
+        listen = spec.console.listen or ctx.console_listen
+        g = dx.Graphics(type=ctype, autoport=True, listen=listen, listens=[dx.GraphicsListen(type="address", address=listen)])
+        if spec.console.password:
+            g.passwd = spec.console.password
+        if spec.console.keymap:
+            g.keymap = spec.console.keymap
+        devs.graphics.append(g)
+        if r.arch == "x86_64":
+            devs.inputs.append(dx.Input(type="tablet", bus="usb"))
+            devs.videos.append(dx.Video(model="vga"))
+        else:
+            devs.inputs.append(dx.Input(type="keyboard", bus="usb"))
+            devs.inputs.append(dx.Input(type="tablet", bus="usb"))
+            devs.videos.append(dx.Video(model="virtio"))
+    if spec.watchdog:
+        devs.watchdogs.append(dx.Watchdog(model="i6300esb", action="reset"))
+    if spec.balloon and not legacy:
+        devs.memballoon = dx.MemBalloon(model="virtio", stats_period=10)
+    else:
+        devs.memballoon = dx.MemBalloon(model="none")
+    if spec.panic_device:
+        model = "hyperv" if r.os_family == "windows" else "isa"
+        devs.panics.append(dx.Panic(model=model))
+    return devs
+
+
+def _disk(spec: VmSpec, i: int, b: DiskSourceBinding, target: str) -> dx.Disk:
+    d = spec.disks[i]
+    device = d.device or "disk"
+    disk = dx.Disk(type=b.kind, device=device, driver_name="qemu", driver_type=(d.format or b.format or "raw"))
+    if device == "cdrom":
+        disk.driver_type = "raw"
+    cache = d.cache or ("none" if b.supports_direct_io else "writeback")
+    disk.cache = cache
+    if device != "cdrom":
+        policy = d.error_policy or "stop"
+        disk.error_policy = policy
+        disk.rerror_policy = policy if policy in ("stop", "report", "ignore") else "stop"
+    io = d.io or ("native" if cache in ("none", "directsync") else "")
+    if io:
+        disk.io = io
+    if device == "disk" and not d.readonly:
+        disk.discard = "unmap"
+    if b.kind == "file":
+        disk.source_file = b.path
+    elif b.kind == "block":
+        disk.source_dev = b.path
+    else:
+        disk.source_protocol = b.protocol
+        disk.source_name = b.name
+        disk.source_hosts = [dx.DiskHost(name=h, port=str(p)) for h, p in b.hosts]
+        if b.auth_username:
+            disk.auth_username = b.auth_username
+            disk.auth_secret_type = b.protocol or "iscsi"
+            disk.auth_secret_uuid = b.auth_secret_uuid
+    disk.target_dev = target
+    disk.target_bus = disk_bus(spec, i)
+    if d.qos.is_set():
+        disk.iotune = dx.IoTune(**{k: v for k, v in vars(d.qos).items() if v})
+    if d.boot_order:
+        disk.boot_order = d.boot_order
+    disk.readonly = d.readonly or device == "cdrom"
+    disk.shareable = d.shareable
+    if d.serial:
+        disk.serial = d.serial
+    return disk
+
+
+def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interface:
+    n = spec.nics[i]
+    iface = dx.Interface(type="bridge", mac=n.mac, source_bridge=b.bridge)
+    if b.vlan is not None:
+        iface.vlan_tags = [dx.VlanTag(id=b.vlan)]
+    elif b.trunk:
+        iface.vlan_trunk = True
+        iface.vlan_tags = [dx.VlanTag(id=v) for v in b.trunk]
+    if b.kind == "ovs":
+        iface.virtualport_type = "openvswitch"
+        if n.interface_id:
+            iface.interface_id = n.interface_id
+    model = n.model or ("e1000e" if legacy else "virtio")
+    iface.model = model
+    if model == "virtio" and n.queues > 1:
+        iface.driver_queues = n.queues
+    inbound = n.inbound or (b.inbound and _bw_from_binding(b.inbound))
+    outbound = n.outbound or (b.outbound and _bw_from_binding(b.outbound))
+    if inbound and inbound.average_kbps:
+        iface.inbound = _bandwidth(inbound)
+    if outbound and outbound.average_kbps:
+        iface.outbound = _bandwidth(outbound)
+    if b.filter:
+        iface.filter = b.filter
+        iface.filter_params = [dx.FilterParam(name=k, value=v) for k, v in sorted(b.filter_params.items())]
+    if n.link_down:
+        iface.link_state = "down"
+    if b.mtu:
+        iface.mtu = b.mtu
+    if n.boot_order:
+        iface.boot_order = n.boot_order
+    return iface
+
+
+def _bw_from_binding(bw):  # bindings.Bandwidth -> same field names as spec.Bandwidth
+    return bw
+
+
+def _bandwidth(bw) -> dx.Bandwidth:
+    # libvirt: average/peak in KiB/s (kbytes), burst in KiB; the spec speaks kbit/s.
+    out = dx.Bandwidth(average=max(1, bw.average_kbps // 8))
+    if bw.peak_kbps:
+        out.peak = max(1, bw.peak_kbps // 8)
+    if bw.burst_kib:
+        out.burst = bw.burst_kib
+    return out
+
+
+def render_xml(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> str:
+    return build_domain(spec, bindings, ctx).to_xml()

@@ -1,0 +1,72 @@
+"""Spec validation: each bad field is refused with INVALID_ARGUMENT naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cna_agent.compute.spec import BootSpec, ConsoleSpec, CpuTopology, DiskSpec, NicSpec, ValidationContext, VmSpec, validate
+from cna_agent.errors import InvalidArgument
+
+CTX = ValidationContext(host_arch="x86_64", virt_type="qemu", host_cpus=2)
+
+
+def good(**kw) -> VmSpec:
+    spec = VmSpec(name="vm-1", vcpus=2, memory_mib=256)
+    for k, v in kw.items():
+        setattr(spec, k, v)
+    return spec
+
+
+def test_good_spec_passes() -> None:
+    validate(good(), CTX)
+    validate(good(arch="aarch64", numa_cells=2, boot=BootSpec(kernel="/k")), CTX)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"name": ""}, "spec.name"),
+    ({"name": "a/b"}, "spec.name"),
+    ({"name": "a<b"}, "spec.name"),
+    ({"name": ".hidden"}, "spec.name"),
+    ({"name": "-x"}, "spec.name"),
+    ({"name": "x" * 65}, "spec.name"),
+    ({"uuid": "not-a-uuid"}, "spec.uuid"),
+    ({"vcpus": 0}, "spec.vcpus"),
+    ({"vcpus": 10_000}, "spec.vcpus"),
+    ({"memory_mib": 0}, "spec.memory_mib"),
+    ({"memory_mib": 8}, "spec.memory_mib"),
+    ({"memory_mib": 1 << 40}, "spec.memory_mib"),
+    ({"os_family": "<unknown 99>"}, "spec.os_family"),
+    ({"firmware": "coreboot"}, "spec.firmware"),
+    ({"max_vcpus": 1}, "spec.max_vcpus"),
+    ({"cpu_topology": CpuTopology(sockets=1, cores=3, threads=1)}, "spec.cpu_topology"),
+    ({"cpu_mode": "host-passthrough"}, "spec.cpu_mode"),
+    ({"console": ConsoleSpec(password="123456789")}, "spec.console.password"),
+    ({"console": ConsoleSpec(listen="example.com")}, "spec.console.listen"),
+    ({"arch": "aarch64", "firmware": "bios"}, "spec.firmware"),
+    ({"arch": "aarch64", "machine_type": "q35"}, "spec.machine_type"),
+    ({"arch": "aarch64", "watchdog": True}, "spec.watchdog"),
+    ({"arch": "aarch64", "os_family": "windows"}, "spec.os_family"),
+    ({"machine_type": "virt"}, "spec.machine_type"),
+    ({"disks": [DiskSpec(volume="a/b", target="vda"), DiskSpec(volume="a/c", target="vda")]}, "spec.disks[1].target"),
+    ({"disks": [DiskSpec(volume="a/b", boot_order=1), DiskSpec(volume="a/c", boot_order=1)]}, "spec.disks[1].boot_order"),
+    ({"disks": [DiskSpec(volume="a/../../etc/shadow")]}, "spec.disks[0].volume"),
+    ({"disks": [DiskSpec()]}, "spec.disks[0].volume"),
+    ({"disks": [DiskSpec(volume="a/b", bus="ide")]}, "spec.disks[0].bus"),
+    ({"disks": [DiskSpec(volume="a/b", target="sda")]}, "spec.disks[0].target"),
+    ({"nics": [NicSpec(port_group="pg", mac="01:00:00:00:00:01")]}, "spec.nics[0].mac"),
+    ({"nics": [NicSpec(port_group="")]}, "spec.nics[0].port_group"),
+    ({"boot": BootSpec(initrd="/i")}, "spec.boot.kernel"),
+    ({"numa_cells": 3}, "spec.numa_cells"),
+    ({"labels": {"bad key!": "x"}}, "spec.labels['bad key!']"),
+])
+def test_bad_field_is_named(changes: dict, field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate(good(**changes), CTX)
+    assert err.value.field == field, err.value.message
+
+
+def test_spec_json_round_trip() -> None:
+    spec = good(disks=[DiskSpec(volume="a/b")], nics=[NicSpec(port_group="pg")], labels={"k": "v"})
+    assert VmSpec.from_json(spec.to_json()) == spec
+    # unknown keys written by a newer agent are ignored
+    assert VmSpec.from_dict({**spec.to_dict(), "future": 1}) == spec
