@@ -118,6 +118,25 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    """Host networks: the OVSDB remote and the bridges/port groups declared in this file.
+
+    ``[network.bridges.NAME]`` and ``[network.port_groups.NAME]`` tables are validated by
+    cna_agent.network.model (the same checks as the gRPC API) and re-applied on every start.
+    """
+
+    #: Open vSwitch database remote ("unix:PATH" or "tcp:HOST:PORT").
+    ovsdb: str = "unix:/run/openvswitch/db.sock"
+    #: Seconds one OVSDB connect or transaction may take.
+    ovsdb_timeout_s: float = 10.0
+    #: Periodic drift check and repair; 0 = only at start and on request.
+    reconcile_interval_s: float = 60.0
+    #: Declared bridges and port groups (cna_agent.network.model.BridgeDecl / PortGroupDecl).
+    bridges: tuple[Any, ...] = ()
+    port_groups: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     #: "text" (key=value per line) or "json" (one object per line).
@@ -139,6 +158,7 @@ class AgentConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     host: HostConfig = field(default_factory=HostConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Files that were read, in order (for check-config and the start-up log line).
@@ -147,6 +167,12 @@ class AgentConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("sources")
+        # Declared networks as TOML shows them: tables keyed by name.
+        for key in _TABLE_KEYS["network"]:
+            data["network"][key] = {
+                item["name"]: {k: (list(v) if isinstance(v, tuple) else v) for k, v in item.items() if k not in ("name", "source")}
+                for item in data["network"][key]
+            }
         return data
 
     def to_toml(self) -> str:
@@ -154,13 +180,24 @@ class AgentConfig:
         lines: list[str] = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
+            tables = {k: v for k, v in values.items() if isinstance(v, dict) and v}
             for key, value in values.items():
-                lines.append(f"{key} = {_toml_value(value)}")
+                if key not in tables:
+                    lines.append(f"{key} = {_toml_value(value)}")
             lines.append("")
+            for key, entries in tables.items():
+                for name, entry in entries.items():
+                    lines.append(f"[{section}.{key}.{_toml_value(name)}]")
+                    lines.extend(f"{k} = {_toml_value(v)}" for k, v in entry.items())
+                    lines.append("")
         return "\n".join(lines)
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -177,6 +214,7 @@ _SECTION_TYPES: dict[str, type] = {
     "storage": StorageConfig,
     "host": HostConfig,
     "compute": ComputeConfig,
+    "network": NetworkConfig,
     "log": LogConfig,
     "metrics": MetricsConfig,
 }
@@ -214,9 +252,13 @@ def _coerce(section: str, key: str, want: type, value: Any, origin: str) -> Any:
     return value
 
 
+#: Keys holding tables of named entries ([network.bridges.br0]); merged per entry, last wins.
+_TABLE_KEYS: dict[str, tuple[str, ...]] = {"network": ("bridges", "port_groups")}
+
+
 def _field_types(cls: type) -> dict[str, type]:
     hints = {"str": str, "int": int, "float": float, "bool": bool}
-    return {f.name: hints[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(cls)}
+    return {f.name: hints.get(f.type, dict) if isinstance(f.type, str) else f.type for f in dataclasses.fields(cls)}
 
 
 def _merge(target: dict[str, dict[str, tuple[Any, str]]], data: Mapping[str, Any], origin: str) -> None:
@@ -231,6 +273,16 @@ def _merge(target: dict[str, dict[str, tuple[Any, str]]], data: Mapping[str, Any
             if key not in types:
                 known = ", ".join(sorted(types))
                 raise ConfigError(f"unknown key {section}.{key} in {origin} (known: {known})")
+            if key in _TABLE_KEYS.get(section, ()):
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{section}.{key} in {origin} must be tables like [{section}.{key}.NAME]")
+                entries, _ = target.setdefault(section, {}).get(key, ({}, origin))
+                for name, entry in value.items():
+                    if not isinstance(entry, Mapping):
+                        raise ConfigError(f"{section}.{key}.{name} in {origin} must be a table")
+                    entries = {**entries, name: (dict(entry), origin)}
+                target[section][key] = (entries, origin)
+                continue
             target.setdefault(section, {})[key] = (_coerce(section, key, types[key], value, origin), origin)
 
 
@@ -290,14 +342,66 @@ def load_config(
             origin = f"env {ENV_PREFIX}{section.upper()}_{key.upper()}"
             if key not in types:
                 raise ConfigError(f"unknown key {section}.{key} in {origin}")
+            if key in _TABLE_KEYS.get(section, ()):
+                raise ConfigError(f"{section}.{key} in {origin}: declared networks are tables in agent.toml, not environment variables")
             merged.setdefault(section, {})[key] = (_coerce(section, key, types[key], value, origin), origin)
+    network_tables = {k: merged.get("network", {}).pop(k, ({}, ""))[0] for k in _TABLE_KEYS["network"]}
     sections = {
         name: cls(**{k: v for k, (v, _) in merged.get(name, {}).items()}) for name, cls in _SECTION_TYPES.items()
     }
+    sections["network"] = _network_declarations(sections["network"], network_tables)
     config = AgentConfig(**sections, sources=tuple(sources))
     origins = {(s, k): o for s, vals in merged.items() for k, (_, o) in vals.items()}
     _validate(config, origins)
     return config
+
+
+def _network_declarations(net: NetworkConfig, tables: Mapping[str, Mapping[str, tuple[dict[str, Any], str]]]) -> NetworkConfig:
+    """Turn [network.bridges.*] / [network.port_groups.*] into validated declarations.
+
+    The checks are cna_agent.network.model's, the same the gRPC API applies; an error names
+    the key (network.bridges.br0.mtu) and the file it came from.
+    """
+    from cna_agent.errors import InvalidArgument
+    from cna_agent.network import model
+
+    origins: dict[str, str] = {}
+
+    def fields_of(kind: str, name: str, entry: dict[str, Any], origin: str, allowed: dict[str, type]) -> dict[str, Any]:
+        origins[f"network.{kind}.{name}"] = origin
+        out: dict[str, Any] = {}
+        for key, value in entry.items():
+            where = f"network.{kind}.{name}.{key} (from {origin})"
+            if key not in allowed:
+                raise ConfigError(f"unknown key network.{kind}.{name}.{key} in {origin} (known: {', '.join(sorted(allowed))})")
+            want = allowed[key]
+            if want is model.BandwidthDecl:
+                if not isinstance(value, Mapping) or set(value) - {"average_kbps", "peak_kbps", "burst_kib"}:
+                    raise ConfigError(f"{where}: expected a table with average_kbps, peak_kbps, burst_kib")
+                value = model.BandwidthDecl(**dict(value))
+            elif want is tuple:
+                if not isinstance(value, list):
+                    raise ConfigError(f"{where}: expected a list, got {value!r}")
+                value = tuple(value)
+            else:
+                value = _coerce("network", f"{kind}.{name}.{key}", want, value, origin)
+            out[key] = value
+        return out
+
+    bridge_keys = {"type": str, "uplink": str, "mtu": int, "addresses": tuple, "datapath_type": str, "fail_mode": str}
+    pg_keys = {"bridge": str, "vlan": int, "trunk_vlans": tuple, "inbound": model.BandwidthDecl,
+               "outbound": model.BandwidthDecl, "mac_anti_spoofing": bool, "ip_anti_spoofing": bool}
+    bridges = [model.BridgeDecl(name=name, source="config", **fields_of("bridges", name, entry, origin, bridge_keys))
+               for name, (entry, origin) in tables.get("bridges", {}).items()]
+    port_groups = [model.PortGroupDecl(name=name, source="config", **fields_of("port_groups", name, entry, origin, pg_keys))
+                   for name, (entry, origin) in tables.get("port_groups", {}).items()]
+    try:
+        out_b, out_pg = model.validate_all(bridges, port_groups, "network")
+    except InvalidArgument as exc:
+        parts = exc.field.split(".")
+        origin = origins.get(".".join(parts[:3]), "defaults")
+        raise ConfigError(f"{exc.message} (from {origin})") from None
+    return dataclasses.replace(net, bridges=tuple(out_b.values()), port_groups=tuple(out_pg.values()))
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
@@ -407,6 +511,12 @@ def _validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
     for image_dir in filter(None, (d.strip() for d in cfg.compute.image_dirs.split(","))):
         if not os.path.isabs(image_dir):
             fail("compute", "image_dirs", f"{image_dir!r} must be an absolute path")
+    if not cfg.network.ovsdb.startswith(("unix:/", "tcp:", "ssl:")):
+        fail("network", "ovsdb", f"{cfg.network.ovsdb!r} is not an OVSDB remote (unix:/PATH, tcp:HOST:PORT or ssl:HOST:PORT)")
+    if cfg.network.ovsdb_timeout_s <= 0:
+        fail("network", "ovsdb_timeout_s", "must be greater than 0")
+    if cfg.network.reconcile_interval_s < 0:
+        fail("network", "reconcile_interval_s", "must be 0 (off) or greater")
     try:
         ipaddress.ip_address(cfg.host.console_listen)
     except ValueError:
