@@ -381,5 +381,9 @@ def metadata_element(spec_json: str, *, agent_version: str, created: str = "") -
 
 
 def spec_json_from_metadata(el: ET.Element) -> str | None:
+    # virDomainGetMetadata returns the element with the namespace stripped; the full domain
+    # XML keeps it.
     spec = el.find(f"{{{CNA_NS}}}spec")
+    if spec is None:
+        spec = el.find("spec")
     return spec.text if spec is not None and spec.text else None

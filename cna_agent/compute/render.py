@@ -289,6 +289,7 @@ def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) 
     if any(disk_bus(spec, i) == "scsi" for i in range(len(spec.disks))):
         devs.controllers.append(dx.Controller(type="scsi", index=0, model="virtio-scsi"))
     if pcie:
+        devs.controllers.append(dx.Controller(type="pci", index=0, model="pcie-root"))
         for _ in range(SPARE_ROOT_PORTS):
             devs.controllers.append(dx.Controller(type="pci", model="pcie-root-port"))
 

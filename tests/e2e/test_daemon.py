@@ -96,9 +96,9 @@ def test_reflection_lists_every_service_for_a_client_we_did_not_write(agent):
 def test_services_of_later_releases_answer_unimplemented_clearly(agent):
     with agent.channel() as ch:
         with pytest.raises(grpc.RpcError) as info:
-            pb.vm_pb2_grpc.VmServiceStub(ch).ListVms(pb.vm_pb2.ListVmsRequest(), timeout=10)
+            pb.vm_pb2_grpc.VmServiceStub(ch).ListSnapshots(pb.vm_pb2.ListSnapshotsRequest(vm="x"), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "cna.v1.VmService/ListVms" in info.value.details()
+        assert "cna.v1.VmService/ListSnapshots" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:
             list(pb.vm_pb2_grpc.VmServiceStub(ch).SerialConsole(iter([pb.vm_pb2.SerialConsoleInput(vm="x")]), timeout=10))
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

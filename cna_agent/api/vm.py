@@ -1,0 +1,149 @@
+"""VmService servicer: proto -> compute spec/arguments -> VmService -> proto (nothing else)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from cna_agent.api import pb
+from cna_agent.api.convert import operation_to_pb
+from cna_agent.api.status import abort_with
+from cna_agent.api.vm_convert import STATE_NAMES, console_to_pb, spec_from_pb, vm_to_pb
+from cna_agent.compute.service import VmService
+from cna_agent.errors import AgentError, InvalidArgument
+
+
+def fingerprint(request: Any) -> str:
+    """Hash of the request minus request_id: a reused id with a different body is detected."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _seconds(duration: Any, field: str, maximum: float = 86400.0) -> float:
+    value = duration.seconds + duration.nanos / 1e9
+    if value < 0 or value > maximum:
+        raise InvalidArgument(field, f"{value:g}s is not in 0..{maximum:g}s")
+    return value
+
+
+def _later(method: str) -> str:
+    from cna_agent import __version__
+
+    return (f"cna.v1.VmService/{method} is not implemented by cna-agent {__version__} on this host yet; "
+            "it is part of the published cna.v1 API and arrives in a later agent release")
+
+
+class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
+    """Serial console streaming and snapshots land later; until then they answer a clear
+    UNIMPLEMENTED naming the method."""
+
+    def __init__(self, service: VmService) -> None:
+        self._svc = service
+
+    async def _op(self, context: Any, coro: Any) -> Any:
+        try:
+            return operation_to_pb(await coro)
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+    async def CreateVm(self, request, context):
+        if not request.HasField("spec"):
+            await abort_with(context, InvalidArgument("spec", "is required"))
+        return await self._op(context, self._svc.create(spec_from_pb(request.spec), start=request.start,
+                                                        request_id=request.request_id, fingerprint=fingerprint(request)))
+
+    async def GetVm(self, request, context):
+        try:
+            return vm_to_pb(await self._svc.get(request.vm))
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+    async def ListVms(self, request, context):
+        states = []
+        for i, s in enumerate(request.states):
+            if s not in STATE_NAMES:
+                await abort_with(context, InvalidArgument(f"states[{i}]", f"unknown state {s}"))
+            states.append(STATE_NAMES[s])
+        try:
+            vms = await self._svc.list(states=states, include_unmanaged=request.include_unmanaged, status_only=request.status_only)
+        except AgentError as exc:
+            await abort_with(context, exc)
+        return pb.vm_pb2.ListVmsResponse(vms=[vm_to_pb(v) for v in vms])
+
+    async def UpdateVm(self, request, context):
+        return await self._op(context, self._svc.update(request.vm, spec_from_pb(request.spec), list(request.update_mask),
+                                                        request_id=request.request_id, fingerprint=fingerprint(request)))
+
+    async def DeleteVm(self, request, context):
+        return await self._op(context, self._svc.delete(request.vm, delete_disks=request.delete_disks, force=request.force,
+                                                        request_id=request.request_id, fingerprint=fingerprint(request)))
+
+    async def _action(self, request, context, method):
+        try:
+            lock_timeout = _seconds(request.lock_timeout, "lock_timeout", 3600)
+        except AgentError as exc:
+            await abort_with(context, exc)
+        return await self._op(context, method(request.vm, request_id=request.request_id, fingerprint=fingerprint(request),
+                                              lock_timeout=lock_timeout))
+
+    async def StartVm(self, request, context):
+        return await self._action(request, context, self._svc.start_vm)
+
+    async def PauseVm(self, request, context):
+        return await self._action(request, context, self._svc.pause)
+
+    async def ResumeVm(self, request, context):
+        return await self._action(request, context, self._svc.resume)
+
+    async def ShutdownVm(self, request, context):
+        try:
+            timeout = _seconds(request.timeout, "timeout")
+            lock_timeout = _seconds(request.lock_timeout, "lock_timeout", 3600)
+        except AgentError as exc:
+            await abort_with(context, exc)
+        return await self._op(context, self._svc.shutdown(request.vm, timeout=timeout, force=request.force, hard=request.hard,
+                                                          request_id=request.request_id, fingerprint=fingerprint(request),
+                                                          lock_timeout=lock_timeout))
+
+    async def RebootVm(self, request, context):
+        try:
+            lock_timeout = _seconds(request.lock_timeout, "lock_timeout", 3600)
+        except AgentError as exc:
+            await abort_with(context, exc)
+        return await self._op(context, self._svc.reboot(request.vm, hard=request.hard, request_id=request.request_id,
+                                                        fingerprint=fingerprint(request), lock_timeout=lock_timeout))
+
+    async def GetConsole(self, request, context):
+        try:
+            return console_to_pb(await self._svc.console(request.vm))
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+
+    async def SerialConsole(self, request_iterator, context):
+        import grpc
+
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("SerialConsole"))
+        yield  # pragma: no cover - makes this a stream handler
+
+    async def CreateSnapshot(self, request, context):
+        import grpc
+
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("CreateSnapshot"))
+
+    async def ListSnapshots(self, request, context):
+        import grpc
+
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("ListSnapshots"))
+
+    async def RevertSnapshot(self, request, context):
+        import grpc
+
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("RevertSnapshot"))
+
+    async def DeleteSnapshot(self, request, context):
+        import grpc
+
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("DeleteSnapshot"))

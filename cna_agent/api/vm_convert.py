@@ -1,0 +1,144 @@
+"""proto cna.v1 VM messages <-> compute's spec/info dataclasses (translation only).
+
+Enum numbers map to the spec's short strings; a number this agent does not know becomes
+"<unknown N>", which the spec validator refuses naming the field (validation stays in one
+place, compute/spec.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cna_agent.api import pb
+from cna_agent.api.convert import timestamp
+from cna_agent.compute import spec as sp
+from cna_agent.compute.service import ConsoleInfo, VmInfo
+
+v = pb.vm_pb2
+c = pb.common_pb2
+
+ARCH = {c.ARCH_UNSPECIFIED: "", c.ARCH_X86_64: "x86_64", c.ARCH_AARCH64: "aarch64"}
+FIRMWARE = {v.FIRMWARE_UNSPECIFIED: "", v.FIRMWARE_BIOS: "bios", v.FIRMWARE_UEFI: "uefi"}
+OS_FAMILY = {v.OS_FAMILY_UNSPECIFIED: "", v.OS_FAMILY_LINUX: "linux", v.OS_FAMILY_WINDOWS: "windows", v.OS_FAMILY_EULER: "euler"}
+CPU_MODE = {v.CPU_MODE_UNSPECIFIED: "", v.CPU_MODE_HOST_PASSTHROUGH: "host-passthrough", v.CPU_MODE_HOST_MODEL: "host-model",
+            v.CPU_MODE_CUSTOM: "custom"}
+DISK_BUS = {v.DISK_BUS_UNSPECIFIED: "", v.DISK_BUS_VIRTIO: "virtio", v.DISK_BUS_SCSI: "scsi", v.DISK_BUS_SATA: "sata", v.DISK_BUS_IDE: "ide"}
+DISK_DEVICE = {v.DISK_DEVICE_UNSPECIFIED: "", v.DISK_DEVICE_DISK: "disk", v.DISK_DEVICE_CDROM: "cdrom", v.DISK_DEVICE_LUN: "lun"}
+DISK_CACHE = {v.DISK_CACHE_UNSPECIFIED: "", v.DISK_CACHE_NONE: "none", v.DISK_CACHE_WRITETHROUGH: "writethrough",
+              v.DISK_CACHE_WRITEBACK: "writeback", v.DISK_CACHE_DIRECTSYNC: "directsync", v.DISK_CACHE_UNSAFE: "unsafe"}
+DISK_IO = {v.DISK_IO_MODE_UNSPECIFIED: "", v.DISK_IO_MODE_NATIVE: "native", v.DISK_IO_MODE_THREADS: "threads", v.DISK_IO_MODE_IO_URING: "io_uring"}
+DISK_ERROR = {v.DISK_ERROR_POLICY_UNSPECIFIED: "", v.DISK_ERROR_POLICY_STOP: "stop", v.DISK_ERROR_POLICY_REPORT: "report",
+              v.DISK_ERROR_POLICY_IGNORE: "ignore", v.DISK_ERROR_POLICY_ENOSPACE: "enospace", v.DISK_ERROR_POLICY_RETRY: "retry"}
+NIC_MODEL = {v.NIC_MODEL_UNSPECIFIED: "", v.NIC_MODEL_VIRTIO: "virtio", v.NIC_MODEL_E1000E: "e1000e", v.NIC_MODEL_E1000: "e1000",
+             v.NIC_MODEL_RTL8139: "rtl8139"}
+CONSOLE = {v.CONSOLE_TYPE_UNSPECIFIED: "", v.CONSOLE_TYPE_VNC: "vnc", v.CONSOLE_TYPE_SPICE: "spice", v.CONSOLE_TYPE_NONE: "none"}
+STATE = {
+    "stopped": v.VM_STATE_STOPPED, "running": v.VM_STATE_RUNNING, "paused": v.VM_STATE_PAUSED,
+    "shutting_down": v.VM_STATE_SHUTTING_DOWN, "crashed": v.VM_STATE_CRASHED, "migrating": v.VM_STATE_MIGRATING,
+    "suspended": v.VM_STATE_SUSPENDED, "starting": v.VM_STATE_STARTING, "unknown": v.VM_STATE_UNKNOWN,
+}
+STATE_NAMES = {num: name for name, num in STATE.items()}
+
+
+def _e(table: dict[int, str], value: int) -> str:
+    return table.get(value, f"<unknown {value}>")
+
+
+def _r(table: dict[int, str], value: str) -> int:
+    for num, name in table.items():
+        if name == value:
+            return num
+    return 0
+
+
+def spec_from_pb(m: Any) -> sp.VmSpec:
+    spec = sp.VmSpec(
+        name=m.name, uuid=m.uuid, description=m.description, arch=_e(ARCH, m.arch), machine_type=m.machine_type,
+        firmware=_e(FIRMWARE, m.firmware), secure_boot=m.secure_boot, os_family=_e(OS_FAMILY, m.os_family),
+        virtio_drivers=m.virtio_drivers, vcpus=m.vcpus, max_vcpus=m.max_vcpus,
+        cpu_topology=sp.CpuTopology(m.cpu_topology.sockets, m.cpu_topology.dies, m.cpu_topology.clusters, m.cpu_topology.cores,
+                                    m.cpu_topology.threads),
+        cpu_mode=_e(CPU_MODE, m.cpu_mode), cpu_model=m.cpu_model, memory_mib=m.memory_mib, max_memory_mib=m.max_memory_mib,
+        balloon=m.balloon, cpu_qos=sp.CpuQos(m.cpu_qos.shares, m.cpu_qos.limit_mhz, m.cpu_qos.reservation_mhz),
+        memory_qos=sp.MemoryQos(m.memory_qos.limit_mib, m.memory_qos.reservation_mib, m.memory_qos.shares),
+        console=sp.ConsoleSpec(_e(CONSOLE, m.console.type), m.console.password, m.console.listen, m.console.keymap),
+        serial_console=m.serial_console, guest_agent=m.guest_agent, watchdog=m.watchdog, panic_device=m.panic_device,
+        boot=sp.BootSpec(m.boot.kernel, m.boot.initrd, m.boot.cmdline), numa_cells=m.numa_cells, labels=dict(m.labels),
+        autostart=m.autostart, dedicated_cpus=m.dedicated_cpus, hugepages=m.hugepages,
+    )
+    for d in m.disks:
+        q = d.qos
+        spec.disks.append(sp.DiskSpec(
+            target=d.target, device=_e(DISK_DEVICE, d.device), bus=_e(DISK_BUS, d.bus),
+            volume=d.volume if d.WhichOneof("source") == "volume" else "",
+            lun=sp.LunSource(d.lun.datastore, d.lun.lun_id) if d.WhichOneof("source") == "lun" else None,
+            format=d.format, readonly=d.readonly, shareable=d.shareable, cache=_e(DISK_CACHE, d.cache), io=_e(DISK_IO, d.io),
+            error_policy=_e(DISK_ERROR, d.error_policy), boot_order=d.boot_order,
+            qos=sp.IoQos(q.read_bytes_sec, q.write_bytes_sec, q.total_bytes_sec, q.read_iops_sec, q.write_iops_sec, q.total_iops_sec),
+            serial=d.serial,
+        ))
+    for n in m.nics:
+        spec.nics.append(sp.NicSpec(
+            port_group=n.port_group, mac=n.mac, model=_e(NIC_MODEL, n.model), link_down=n.link_down, boot_order=n.boot_order,
+            inbound=sp.Bandwidth(n.inbound.average_kbps, n.inbound.peak_kbps, n.inbound.burst_kib) if n.HasField("inbound") else None,
+            outbound=sp.Bandwidth(n.outbound.average_kbps, n.outbound.peak_kbps, n.outbound.burst_kib) if n.HasField("outbound") else None,
+            interface_id=n.interface_id, queues=n.queues,
+        ))
+    return spec
+
+
+def spec_to_pb(s: sp.VmSpec) -> Any:
+    m = v.VmSpec(
+        name=s.name, uuid=s.uuid, description=s.description, arch=_r(ARCH, s.arch), machine_type=s.machine_type,
+        firmware=_r(FIRMWARE, s.firmware), secure_boot=s.secure_boot, os_family=_r(OS_FAMILY, s.os_family),
+        virtio_drivers=s.virtio_drivers, vcpus=s.vcpus, max_vcpus=s.max_vcpus,
+        cpu_topology=v.CpuTopologySpec(sockets=s.cpu_topology.sockets, dies=s.cpu_topology.dies, clusters=s.cpu_topology.clusters,
+                                       cores=s.cpu_topology.cores, threads=s.cpu_topology.threads),
+        cpu_mode=_r(CPU_MODE, s.cpu_mode), cpu_model=s.cpu_model, memory_mib=s.memory_mib, max_memory_mib=s.max_memory_mib,
+        balloon=s.balloon,
+        cpu_qos=v.CpuQos(shares=s.cpu_qos.shares, limit_mhz=s.cpu_qos.limit_mhz, reservation_mhz=s.cpu_qos.reservation_mhz),
+        memory_qos=v.MemoryQos(limit_mib=s.memory_qos.limit_mib, reservation_mib=s.memory_qos.reservation_mib, shares=s.memory_qos.shares),
+        console=v.ConsoleSpec(type=_r(CONSOLE, s.console.type), password=s.console.password, listen=s.console.listen, keymap=s.console.keymap),
+        serial_console=s.serial_console, guest_agent=s.guest_agent, watchdog=s.watchdog, panic_device=s.panic_device,
+        boot=v.BootSpec(kernel=s.boot.kernel, initrd=s.boot.initrd, cmdline=s.boot.cmdline), numa_cells=s.numa_cells,
+        labels=s.labels, autostart=s.autostart, dedicated_cpus=s.dedicated_cpus, hugepages=s.hugepages,
+    )
+    for d in s.disks:
+        disk = m.disks.add(target=d.target, device=_r(DISK_DEVICE, d.device), bus=_r(DISK_BUS, d.bus), format=d.format,
+                           readonly=d.readonly, shareable=d.shareable, cache=_r(DISK_CACHE, d.cache), io=_r(DISK_IO, d.io),
+                           error_policy=_r(DISK_ERROR, d.error_policy), boot_order=d.boot_order, serial=d.serial,
+                           qos=v.IoQos(**vars(d.qos)))
+        if d.volume:
+            disk.volume = d.volume
+        elif d.lun is not None:
+            disk.lun.CopyFrom(v.LunSource(datastore=d.lun.datastore, lun_id=d.lun.lun_id))
+    for n in s.nics:
+        nic = m.nics.add(port_group=n.port_group, mac=n.mac, model=_r(NIC_MODEL, n.model), link_down=n.link_down,
+                         boot_order=n.boot_order, interface_id=n.interface_id, queues=n.queues)
+        if n.inbound is not None:
+            nic.inbound.CopyFrom(v.BandwidthLimit(**vars(n.inbound)))
+        if n.outbound is not None:
+            nic.outbound.CopyFrom(v.BandwidthLimit(**vars(n.outbound)))
+    return m
+
+
+def console_to_pb(ci: ConsoleInfo | None) -> Any:
+    if ci is None:
+        return None
+    return v.ConsoleInfo(type=_r(CONSOLE, ci.type) or v.CONSOLE_TYPE_NONE, host=ci.host, port=ci.port, password=ci.password,
+                         unix_socket=ci.unix_socket)
+
+
+def vm_to_pb(info: VmInfo) -> Any:
+    vm = v.Vm(uuid=info.uuid, name=info.name, managed=info.managed)
+    if info.spec is not None:
+        vm.spec.CopyFrom(spec_to_pb(info.spec))
+    vm.status.CopyFrom(v.VmStatus(
+        state=STATE.get(info.state, v.VM_STATE_UNKNOWN), state_reason=info.reason, active_operation_id=info.active_operation_id,
+        cpu_time_ns=info.cpu_time_ns, memory_rss_kib=info.memory_rss_kib, qemu_pid=info.qemu_pid,
+    ))
+    if info.state_time is not None:
+        vm.status.state_time.CopyFrom(timestamp(info.state_time))
+    if info.console is not None:
+        vm.status.console.CopyFrom(console_to_pb(info.console))
+    return vm

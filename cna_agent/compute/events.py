@@ -1,0 +1,194 @@
+"""libvirt domain events -> agent events (vm.lifecycle, vm.reboot, vm.watchdog, vm.io_error,
+vm.panic, vm.device_removed), plus wake-ups for operations waiting on a state change.
+
+Callbacks run on libvirt's event thread; they copy the few facts they need (uuid, name,
+event ids) and hand them to asyncio with ``call_soon_threadsafe``. One consumer task then
+asks libvirt for the domain's *current* state and reason, so the published state is what
+libvirt says now, not a guess from the event (a reboot is STOPPED then STARTED). Callbacks
+are registered again after every reconnect (Hypervisor.add_on_connect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import libvirt
+
+from cna_agent.compute import state as st
+from cna_agent.compute.hypervisor import Hypervisor
+from cna_agent.state.eventlog import EventHub
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Raw:
+    kind: str
+    uuid: str
+    name: str
+    args: tuple[Any, ...] = ()
+    time: float = field(default_factory=time.time)
+
+
+class DomainEventMonitor:
+    def __init__(self, hypervisor: Hypervisor, events: EventHub, *, on_change: Callable[[str, str, str, float], None] | None = None,
+                 on_definition_change: Callable[[str], None] | None = None) -> None:
+        self._hv = hypervisor
+        self._events = events
+        self._queue: asyncio.Queue[_Raw] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._callback_ids: list[int] = []
+        self._conn: libvirt.virConnect | None = None
+        self._changed: dict[str, asyncio.Event] = {}
+        self._on_change = on_change
+        self._on_definition_change = on_definition_change
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._consume(), name="vm-events")
+        self._hv.add_on_connect(self._register)
+        if self._hv.connected:
+            await self._hv.call(lambda conn: self._register_sync(conn), timeout=10)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        conn, ids = self._conn, list(self._callback_ids)
+        self._callback_ids.clear()
+        if conn is not None and self._hv.connected:
+            def unregister(c: libvirt.virConnect) -> None:
+                for cid in ids:
+                    try:
+                        c.domainEventDeregisterAny(cid)
+                    except libvirt.libvirtError:
+                        pass
+            try:
+                await self._hv.call(unregister, timeout=5)
+            except Exception:
+                pass
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def changed_event(self, uuid: str) -> asyncio.Event:
+        """An asyncio.Event set whenever a lifecycle event for ``uuid`` arrives."""
+        return self._changed.setdefault(uuid, asyncio.Event())
+
+    # -- registration (libvirt thread / executor) -------------------------------------------
+
+    async def _register(self, conn: libvirt.virConnect) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._register_sync, conn)
+
+    def _register_sync(self, conn: libvirt.virConnect) -> None:
+        if self._conn is conn and self._callback_ids:
+            return
+        self._callback_ids.clear()
+        self._conn = conn
+        reg = [
+            (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._cb_lifecycle),
+            (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._cb_reboot),
+            (libvirt.VIR_DOMAIN_EVENT_ID_WATCHDOG, self._cb_watchdog),
+            (libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._cb_io_error),
+            (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._cb_device_removed),
+        ]
+        for event_id, cb in reg:
+            self._callback_ids.append(conn.domainEventRegisterAny(None, event_id, cb, None))
+        log.info("event=vm_events.registered callbacks=%d", len(self._callback_ids))
+
+    def _put(self, raw: _Raw) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, raw)
+
+    def _cb_lifecycle(self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any) -> None:
+        self._put(_Raw("lifecycle", dom.UUIDString(), dom.name(), (event, detail)))
+
+    def _cb_reboot(self, _conn: Any, dom: libvirt.virDomain, _opaque: Any) -> None:
+        self._put(_Raw("reboot", dom.UUIDString(), dom.name()))
+
+    def _cb_watchdog(self, _conn: Any, dom: libvirt.virDomain, action: int, _opaque: Any) -> None:
+        self._put(_Raw("watchdog", dom.UUIDString(), dom.name(), (action,)))
+
+    def _cb_io_error(self, _conn: Any, dom: libvirt.virDomain, src: str, alias: str, action: int, reason: str, _opaque: Any) -> None:
+        self._put(_Raw("io_error", dom.UUIDString(), dom.name(), (src, alias, action, reason)))
+
+    def _cb_device_removed(self, _conn: Any, dom: libvirt.virDomain, alias: str, _opaque: Any) -> None:
+        self._put(_Raw("device_removed", dom.UUIDString(), dom.name(), (alias,)))
+
+    # -- consumer (asyncio) -------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        while True:
+            raw = await self._queue.get()
+            try:
+                await self._handle(raw)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event=vm_events.handle_failed kind=%s uuid=%s", raw.kind, raw.uuid)
+
+    async def _current_state(self, uuid: str) -> tuple[str, str] | None:
+        def query(conn: libvirt.virConnect) -> tuple[int, int, int] | None:
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                s, r = dom.state()
+                job = 0
+                if s == libvirt.VIR_DOMAIN_PAUSED and r == libvirt.VIR_DOMAIN_PAUSED_UNKNOWN:
+                    try:
+                        job = dom.jobInfo()[0]
+                    except libvirt.libvirtError:
+                        pass
+                return s, r, job
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+        got = await self._hv.call(query, timeout=10)
+        return None if got is None else st.map_state(*got)
+
+    async def _handle(self, raw: _Raw) -> None:
+        common = dict(resource_kind="vm", resource_id=raw.uuid, resource_name=raw.name)
+        if raw.kind == "lifecycle":
+            event, detail = raw.args
+            event_name = st.LIFECYCLE_EVENTS.get(event, str(event))
+            if event in (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED) and self._on_definition_change:
+                self._on_definition_change(raw.uuid)
+            current = await self._current_state(raw.uuid)
+            if current is None:
+                state, reason = ("deleted", "undefined") if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED else (st.STOPPED, event_name)
+            else:
+                state, reason = current
+            if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and detail in (libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED):
+                state, reason = st.CRASHED, st.STOPPED_DETAILS.get(detail, "failed")
+            severity = "error" if state == st.CRASHED else "info"
+            attrs = {"state": state, "reason": reason, "event": event_name, "detail": str(detail)}
+            await self._events.publish("vm.lifecycle", severity=severity, message=f"{raw.name}: {event_name} -> {state} ({reason})",
+                                       attributes=attrs, **common)
+            if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
+                await self._events.publish("vm.panic", severity="error", message=f"{raw.name}: guest panicked",
+                                           attributes={"state": state, "detail": str(detail)}, **common)
+            if self._on_change is not None:
+                self._on_change(raw.uuid, state, reason, raw.time)
+            self.changed_event(raw.uuid).set()
+        elif raw.kind == "reboot":
+            await self._events.publish("vm.reboot", message=f"{raw.name}: guest rebooted", **common)
+        elif raw.kind == "watchdog":
+            (action,) = raw.args
+            await self._events.publish("vm.watchdog", severity="warning", message=f"{raw.name}: watchdog fired (action {action})",
+                                       attributes={"action": str(action)}, **common)
+        elif raw.kind == "io_error":
+            src, alias, action, reason = raw.args
+            await self._events.publish("vm.io_error", severity="error", message=f"{raw.name}: I/O error on {alias} ({src}): {reason}",
+                                       attributes={"source": src, "device": alias, "action": str(action), "reason": reason}, **common)
+            self.changed_event(raw.uuid).set()
+        elif raw.kind == "device_removed":
+            (alias,) = raw.args
+            await self._events.publish("vm.device_removed", message=f"{raw.name}: device {alias} removed",
+                                       attributes={"device": alias}, **common)

@@ -1,0 +1,63 @@
+"""Built-in resolvers used until the storage/network subsystems provide theirs.
+
+Local files: a disk ``volume`` or a direct-boot kernel/initrd given as an absolute path is
+accepted only when it resolves (symlinks followed) inside one of ``[compute] image_dirs``
+(CVE-2015-5313: caller paths stay confined). The format is never probed from the file
+(guest-writable data): it is what the spec says, else raw.
+
+NICs need the network subsystem: without it a NIC is refused with FAILED_PRECONDITION.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from cna_agent.compute.bindings import DiskSourceBinding, NicBinding
+from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+
+
+def parse_image_dirs(value: str) -> tuple[str, ...]:
+    return tuple(os.path.realpath(d.strip()) for d in value.split(",") if d.strip())
+
+
+class LocalFileResolver:
+    """Absolute paths under the configured image directories."""
+
+    def __init__(self, image_dirs: Sequence[str]) -> None:
+        self.image_dirs = tuple(image_dirs)
+
+    def confine(self, path: str, *, field: str) -> str:
+        if not path.startswith("/"):
+            raise InvalidArgument(field, f"{path!r}: without a storage subsystem only absolute paths under [compute] image_dirs are accepted")
+        if "\x00" in path or ".." in path.split("/"):
+            raise InvalidArgument(field, "must not contain '..' components or NUL")
+        real = os.path.realpath(path)
+        if not any(real == d or real.startswith(d.rstrip("/") + "/") for d in self.image_dirs):
+            where = ", ".join(self.image_dirs) or "none configured"
+            raise InvalidArgument(field, f"{path!r} is outside the allowed image directories ({where})")
+        if not os.path.isfile(real) and not os.path.exists(real):
+            raise NotFound(f"{field}: {path!r} does not exist", field=field)
+        return real
+
+    async def resolve_volume(self, volume_id: str, *, field: str) -> DiskSourceBinding:
+        real = self.confine(volume_id, field=field)
+        return DiskSourceBinding(kind="file", path=real, format="raw", supports_direct_io=_direct_io_ok(real), volume_id=volume_id)
+
+    async def resolve_lun(self, datastore: str, lun_id: str, *, field: str) -> DiskSourceBinding:
+        raise FailedPrecondition(f"{field}: SAN LUNs need the storage subsystem, which is not running on this agent", field=field)
+
+
+class NoNetworkResolver:
+    async def resolve_port_group(self, port_group: str, *, field: str) -> NicBinding:
+        raise FailedPrecondition(f"{field}: port group {port_group!r} cannot be bound: the network subsystem is not running on this agent", field=field)
+
+
+def _direct_io_ok(path: str) -> bool:
+    """Whether O_DIRECT opens work on the file's filesystem (tmpfs, some FUSE do not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        return False
+    os.close(fd)
+    return True

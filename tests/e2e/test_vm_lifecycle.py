@@ -1,0 +1,263 @@
+"""VM lifecycle end to end: the real daemon, over gRPC, booting the real test guest under TCG.
+
+Each test starts ``cna-agent serve`` (embedded libvirt in its own state dir) and calls it as
+the VRM would. "The VM runs" is observed on the guest's serial log (the agent logs the
+serial console to <run_dir>/vms/<uuid>/serial.log), not assumed from libvirt's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from cna_agent.api import pb
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from guest_console import SerialLog  # noqa: E402
+
+vm = pb.vm_pb2
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
+
+_GUESTS: dict[str, dict] = {}
+
+
+def guest(arch: str) -> dict:
+    if arch not in _GUESTS:
+        p = subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", arch, "--print-json"],
+                           capture_output=True, text=True, timeout=900)
+        if p.returncode != 0:
+            pytest.fail(f"build-test-guest.py --arch {arch} failed: {p.stderr[-2000:]}")
+        _GUESTS[arch] = json.loads(p.stdout)
+    return _GUESTS[arch]
+
+
+@pytest.fixture
+def vm_agent_factory(libvirt_caps_cache):
+    """Agents under a short /tmp path: QEMU's monitor socket lives under the embedded root and
+    a unix socket path must stay below 108 bytes (pytest's tmp_path names are too long)."""
+    from support import start_agent
+
+    started = []
+
+    def factory(image_dirs: tuple[str, ...] = ()):
+        base = Path(tempfile.mkdtemp(prefix="cv", dir="/tmp"))
+        dirs = ",".join(image_dirs or (str(REPO / ".cache" / "guests"),))
+        agent = start_agent(base / "a", libvirt_caps_cache, extra_config=f'[compute]\nimage_dirs = "{dirs}"\n')
+        started.append((agent, base))
+        return agent
+
+    yield factory
+    for agent, base in started:
+        agent.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def start_vm_agent(factory):
+    return factory()
+
+
+def wait_op(ch, op, timeout: float = 180):
+    ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
+    for cur in ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=timeout):
+        op = cur
+    assert op.done, op
+    return op
+
+
+def ok(ch, op, timeout: float = 180):
+    op = wait_op(ch, op, timeout)
+    assert op.state == pb.operations_pb2.OPERATION_STATE_SUCCEEDED, f"{op.kind} failed: {op.error}"
+    return op
+
+
+def guest_spec(arch: str, name: str, **kw) -> vm.VmSpec:
+    g = guest(arch)
+    spec = vm.VmSpec(
+        name=name, vcpus=1, memory_mib=192, serial_console=True,
+        arch=pb.common_pb2.ARCH_X86_64 if arch == "x86_64" else pb.common_pb2.ARCH_AARCH64,
+        console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_VNC, password="pw123"),
+        boot=vm.BootSpec(kernel=g["kernel"], initrd=g["initrd"], cmdline=f"console={g['console']} panic=-1"),
+    )
+    for k, v in kw.items():
+        if isinstance(v, (int, str, bool)):
+            setattr(spec, k, v)
+        else:
+            getattr(spec, k).CopyFrom(v)
+    return spec
+
+
+def serial(agent, uuid: str) -> SerialLog:
+    return SerialLog(agent.dir / "run" / "vms" / uuid / "serial.log")
+
+
+class EventStream:
+    """A WatchEvents stream collected in a thread (so tests can wait for an event)."""
+
+    def __init__(self, ch, **req) -> None:
+        self.q: "queue.Queue" = queue.Queue()
+        self.call = pb.events_pb2_grpc.EventServiceStub(ch).WatchEvents(pb.events_pb2.WatchEventsRequest(**req))
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for ev in self.call:
+                self.q.put(ev)
+        except grpc.RpcError:
+            pass
+
+    def wait(self, pred, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                ev = self.q.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            seen.append(ev)
+            if pred(ev):
+                return ev
+        raise AssertionError(f"event not seen within {timeout}s; saw {[(e.type, dict(e.attributes)) for e in seen]}")
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+@pytest.mark.slow
+def test_x86_64_guest_define_start_reboot_shutdown_delete(vm_agent_factory) -> None:
+    agent = start_vm_agent(vm_agent_factory)
+    with agent.channel() as ch:
+        stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+        op = ok(ch, stub.CreateVm(vm.CreateVmRequest(request_id="create-x86", spec=guest_spec("x86_64", "guest-x86")), timeout=60))
+        created = vm.Vm()
+        op.response.Unpack(created)
+        uuid = created.uuid
+        assert created.managed and created.status.state == vm.VM_STATE_STOPPED
+        # the same request id returns the first operation, not a second VM
+        again = stub.CreateVm(vm.CreateVmRequest(request_id="create-x86", spec=guest_spec("x86_64", "guest-x86")), timeout=60)
+        assert again.id == op.id
+
+        events = EventStream(ch, from_now=True, resource_id=uuid)
+        ok(ch, stub.StartVm(vm.VmActionRequest(vm="guest-x86"), timeout=60))
+        log = serial(agent, uuid)
+        log.wait_for(r"CNA-GUEST-READY boot=", timeout=120)
+        events.wait(lambda e: e.type == "vm.lifecycle" and e.attributes["state"] == "running")
+        got = stub.GetVm(vm.GetVmRequest(vm=uuid), timeout=10)
+        assert got.status.state == vm.VM_STATE_RUNNING and got.status.qemu_pid.isdigit()
+        assert got.spec.boot.kernel.endswith("vmlinuz") and got.spec.uuid == uuid
+        console = stub.GetConsole(vm.GetConsoleRequest(vm="guest-x86"), timeout=10)
+        assert console.type == vm.CONSOLE_TYPE_VNC and console.host == "127.0.0.1" and console.port >= 5900 and console.password == "pw123"
+        listed = stub.ListVms(vm.ListVmsRequest(states=[vm.VM_STATE_RUNNING]), timeout=10)
+        assert [v.name for v in listed.vms] == ["guest-x86"]
+        assert not stub.ListVms(vm.ListVmsRequest(states=[vm.VM_STATE_PAUSED]), timeout=10).vms
+
+        # pause / resume
+        ok(ch, stub.PauseVm(vm.VmActionRequest(vm=uuid), timeout=30))
+        assert stub.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.state == vm.VM_STATE_PAUSED
+        ok(ch, stub.ResumeVm(vm.VmActionRequest(vm=uuid), timeout=30))
+
+        # soft reboot (ACPI): the guest comes back and prints its marker again
+        ok(ch, stub.RebootVm(vm.RebootVmRequest(vm=uuid), timeout=30))
+        log.wait_for(r"CNA-GUEST-READY boot=", count=2, timeout=120)
+        events.wait(lambda e: e.type == "vm.reboot" or (e.type == "vm.lifecycle" and e.attributes["event"] == "started"), timeout=60)
+        # hard reboot (reset)
+        ok(ch, stub.RebootVm(vm.RebootVmRequest(vm=uuid, hard=True), timeout=30))
+        log.wait_for(r"CNA-GUEST-READY boot=", count=3, timeout=120)
+
+        # a running VM cannot be deleted without force
+        op = wait_op(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid), timeout=30))
+        assert op.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+        # graceful shutdown: the guest sees the power button
+        op = ok(ch, stub.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, timeout=duration_pb2.Duration(seconds=90)), timeout=30))
+        done = vm.Vm()
+        op.response.Unpack(done)
+        assert done.status.state == vm.VM_STATE_STOPPED and done.status.state_reason == "shutdown"
+        log.wait_for(r"CNA-GUEST-POWEROFF", timeout=5)
+        events.wait(lambda e: e.type == "vm.lifecycle" and e.attributes["state"] == "stopped")
+
+        ok(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid), timeout=30))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetVm(vm.GetVmRequest(vm=uuid), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        events.close()
+
+
+@pytest.mark.slow
+def test_killed_qemu_gives_a_crashed_event_on_the_stream(vm_agent_factory) -> None:
+    agent = start_vm_agent(vm_agent_factory)
+    with agent.channel() as ch:
+        stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+        op = ok(ch, stub.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "victim"), start=True), timeout=60))
+        created = vm.Vm()
+        op.response.Unpack(created)
+        serial(agent, created.uuid).wait_for(r"CNA-GUEST-READY", timeout=120)
+        pid = int(stub.GetVm(vm.GetVmRequest(vm="victim"), timeout=10).status.qemu_pid)
+        assert created.uuid in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        events = EventStream(ch, from_now=True, types=["vm.lifecycle"], resource_id=created.uuid)
+        time.sleep(0.5)  # the stream is registered before the kill
+        os.kill(pid, signal.SIGKILL)
+        ev = events.wait(lambda e: e.attributes["state"] in ("crashed", "stopped"), timeout=60)
+        assert ev.resource_kind == "vm" and ev.resource_name == "victim" and ev.sequence > 0
+        assert ev.attributes["state"] == "crashed"
+        # resumable without loss: replaying from before the kill yields the same event
+        replay = pb.events_pb2_grpc.EventServiceStub(ch).ListEvents(
+            pb.events_pb2.ListEventsRequest(after_sequence=ev.sequence - 1, limit=1), timeout=10)
+        assert replay.events[0].sequence == ev.sequence and replay.events[0].type == "vm.lifecycle"
+        assert stub.GetVm(vm.GetVmRequest(vm="victim"), timeout=10).status.state == vm.VM_STATE_CRASHED
+        events.close()
+
+
+BAD_SPECS = [
+    ("unknown enum", {"os_family": 99}, "spec.os_family"),
+    ("zero memory", {"memory_mib": 0}, "spec.memory_mib"),
+    ("10,000 vCPUs", {"vcpus": 10_000}, "spec.vcpus"),
+    ("name with /", {"name": "a/b"}, "spec.name"),
+    ("name with <", {"name": "a<b"}, "spec.name"),
+    ("kernel outside the image dirs", {"boot": vm.BootSpec(kernel="/etc/passwd")}, "spec.boot.kernel"),
+    ("disk outside the image dirs", {"disks": [vm.DiskSpec(volume="/etc/shadow")]}, "spec.disks[0].volume"),
+]
+
+
+def test_bad_specs_are_invalid_argument_naming_the_field_and_define_nothing(vm_agent_factory) -> None:
+    agent = start_vm_agent(vm_agent_factory)
+    with agent.channel() as ch:
+        stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+        for what, changes, field in BAD_SPECS:
+            spec = vm.VmSpec(name="bad", vcpus=1, memory_mib=128)
+            for k, v in changes.items():
+                if k == "disks":
+                    spec.disks.extend(v)
+                elif isinstance(v, (int, str)):
+                    setattr(spec, k, v)
+                else:
+                    getattr(spec, k).CopyFrom(v)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.CreateVm(vm.CreateVmRequest(spec=spec), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+            assert field in err.value.details(), (what, err.value.details())
+        assert not stub.ListVms(vm.ListVmsRequest(include_unmanaged=True), timeout=10).vms
+
+
+def _wait_until(fn, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError("condition not met")
