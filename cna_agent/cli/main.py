@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cna_agent.cli.host",
     "cna_agent.cli.ops",
     "cna_agent.cli.events",
+    "cna_agent.cli.vm",
 )
 
 

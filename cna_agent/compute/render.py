@@ -220,7 +220,9 @@ def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Dom
     dom.os = os_
 
     # features
-    feats = dx.Features(acpi=True)
+    # aarch64 without UEFI boots with a device tree; libvirt refuses ACPI there (the power
+    # button then reaches the guest as the PL061 GPIO power key).
+    feats = dx.Features(acpi=r.arch == "x86_64" or r.firmware == "uefi")
     if r.arch == "x86_64":
         feats.apic = True
         if r.firmware == "uefi" and spec.secure_boot:
@@ -316,6 +318,8 @@ def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) 
             devs.inputs.append(dx.Input(type="tablet", bus="usb"))
             devs.videos.append(dx.Video(model="vga"))
         else:
+            # libvirt adds no USB controller on aarch64 virt by default; the inputs need one.
+            devs.controllers.append(dx.Controller(type="usb", index=0, model="qemu-xhci"))
             devs.inputs.append(dx.Input(type="keyboard", bus="usb"))
             devs.inputs.append(dx.Input(type="tablet", bus="usb"))
             devs.videos.append(dx.Video(model="virtio"))

@@ -261,3 +261,124 @@ def _wait_until(fn, timeout: float = 30.0):
             return got
         time.sleep(0.2)
     raise AssertionError("condition not met")
+
+
+@pytest.mark.slow
+def test_aarch64_guest_taishan_layout_boot_reboot_shutdown_delete(vm_agent_factory) -> None:
+    """aarch64 under TCG on an emulated TaiShan-like layout: machine virt, GICv3, 2 NUMA nodes,
+    direct kernel boot (no firmware asked for)."""
+    agent = start_vm_agent(vm_agent_factory)
+    with agent.channel() as ch:
+        stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+        spec = guest_spec("aarch64", "guest-arm", vcpus=2, memory_mib=256, numa_cells=2)
+        op = ok(ch, stub.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60))
+        created = vm.Vm()
+        op.response.Unpack(created)
+        uuid = created.uuid
+        log = serial(agent, uuid)
+        log.wait_for(r"CNA-GUEST-READY boot=", timeout=180)
+        facts = {k: v for k, v in (l.split(" ", 1)[1].split("=", 1) for l in log.text().splitlines() if l.startswith("CNA-FACT "))}
+        assert facts["arch"] == "aarch64" and facts["numa_nodes"] == "2" and facts["cpus"] == "2"
+        conf = (agent.dir / "state" / "libvirt" / "etc" / "qemu" / "guest-arm.xml").read_text()
+        assert "<gic version='3'/>" in conf and "cortex-a57" in conf and "machine='virt" in conf
+        ok(ch, stub.RebootVm(vm.RebootVmRequest(vm=uuid), timeout=30))
+        log.wait_for(r"CNA-GUEST-READY boot=", count=2, timeout=180)
+        op = ok(ch, stub.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, timeout=duration_pb2.Duration(seconds=120)), timeout=30))
+        done = vm.Vm()
+        op.response.Unpack(done)
+        assert done.status.state == vm.VM_STATE_STOPPED
+        ok(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid), timeout=30))
+        assert not stub.ListVms(vm.ListVmsRequest(include_unmanaged=True), timeout=10).vms
+
+
+def test_windows_spec_is_accepted_by_libvirt_with_enlightenments_and_updates_while_stopped(vm_agent_factory) -> None:
+    agent = start_vm_agent(vm_agent_factory)
+    with agent.channel() as ch:
+        stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+        spec = vm.VmSpec(name="win", vcpus=2, memory_mib=512, os_family=vm.OS_FAMILY_WINDOWS, arch=pb.common_pb2.ARCH_X86_64,
+                         firmware=vm.FIRMWARE_UEFI, panic_device=True, console=vm.ConsoleSpec(password="12345678"))
+        op = ok(ch, stub.CreateVm(vm.CreateVmRequest(spec=spec), timeout=60))
+        created = vm.Vm()
+        op.response.Unpack(created)
+        conf = (agent.dir / "state" / "libvirt" / "etc" / "qemu" / "win.xml").read_text()
+        for feature in ("relaxed", "vapic", "spinlocks", "vpindex", "runtime", "synic", "stimer", "reset", "frequencies", "tlbflush"):
+            assert f"<{feature} state='on'" in conf, feature
+        assert "<clock offset='localtime'>" in conf and "hypervclock" in conf and "<panic model='hyperv'/>" in conf
+        assert "firmware='efi'" in conf and str(agent.dir / "state" / "nvram") in conf
+        # a second create with the same name is refused, nothing changes
+        op = wait_op(ch, stub.CreateVm(vm.CreateVmRequest(spec=spec), timeout=60))
+        assert op.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0] and "spec.name" in [f.field for f in op.error.field_violations]
+        # update CPU/memory/QoS of the stopped VM: redefined
+        new = vm.VmSpec(vcpus=4, memory_mib=1024, cpu_qos=vm.CpuQos(shares=512))
+        op = ok(ch, stub.UpdateVm(vm.UpdateVmRequest(vm="win", spec=new, update_mask=["vcpus", "memory_mib", "cpu_qos"]), timeout=30))
+        got = stub.GetVm(vm.GetVmRequest(vm="win"), timeout=10)
+        assert (got.spec.vcpus, got.spec.memory_mib, got.spec.cpu_qos.shares) == (4, 1024, 512)
+        conf = (agent.dir / "state" / "libvirt" / "etc" / "qemu" / "win.xml").read_text()
+        assert "<vcpu placement='static'>4</vcpu>" in conf and "<shares>512</shares>" in conf
+        with pytest.raises(grpc.RpcError) as err:
+            stub.UpdateVm(vm.UpdateVmRequest(vm="win", spec=vm.VmSpec(name="x"), update_mask=["name"]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "update_mask" in err.value.details()
+        ok(ch, stub.DeleteVm(vm.DeleteVmRequest(vm="win"), timeout=30))
+
+
+def test_busy_vm_fails_fast_or_waits_and_restart_adopts_without_touching(vm_agent_factory) -> None:
+    """Per-VM serialisation: a second lifecycle call on a busy VM gets FAILED_PRECONDITION at
+    once (lock_timeout 0) or waits (lock_timeout). An agent restart adopts the VM as it is."""
+    agent = start_vm_agent(vm_agent_factory)
+    with agent.channel() as ch:
+        stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+        # a VM with no OS ignores the ACPI power button: the shutdown holds the VM's lock for
+        # its whole timeout, then powers off (force)
+        spec = vm.VmSpec(name="busy", vcpus=1, memory_mib=64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE))
+        ok(ch, stub.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60))
+        slow = stub.ShutdownVm(vm.ShutdownVmRequest(vm="busy", timeout=duration_pb2.Duration(seconds=8), force=True), timeout=30)
+        assert not slow.done
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PauseVm(vm.VmActionRequest(vm="busy"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and slow.id in err.value.details()
+        waited = stub.StartVm(vm.VmActionRequest(vm="busy", lock_timeout=duration_pb2.Duration(seconds=120)), timeout=180)
+        ok(ch, slow)
+        ok(ch, waited)
+        uuid = stub.GetVm(vm.GetVmRequest(vm="busy"), timeout=10).uuid
+        pid = stub.GetVm(vm.GetVmRequest(vm="busy"), timeout=10).status.qemu_pid
+    agent.stop()
+    from support import start_agent
+
+    again = start_agent(agent.dir, None, config=agent.config)
+    try:
+        with again.channel() as ch:
+            got = pb.vm_pb2_grpc.VmServiceStub(ch).GetVm(vm.GetVmRequest(vm=uuid), timeout=10)
+            assert got.managed and got.status.state == vm.VM_STATE_RUNNING and got.status.qemu_pid == pid
+    finally:
+        again.stop()
+
+
+def _ctl(agent, *args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("cna-ctl")
+    return subprocess.run([str(exe), "--socket", str(agent.socket), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_cna_ctl_vm_define_from_yaml_list_show_lifecycle_delete(vm_agent_factory, tmp_path: Path) -> None:
+    agent = start_vm_agent(vm_agent_factory)
+    spec = tmp_path / "vm.yaml"
+    spec.write_text("name: cli-vm\nvcpus: 1\nmemory_mib: 64\nos_family: linux\nfirmware: bios\nconsole:\n  type: none\n")
+    out = _ctl(agent, "vm", "define", str(spec), "--start")
+    assert out.returncode == 0, out.stderr
+    assert "cli-vm is running" in out.stdout
+    listed = json.loads(_ctl(agent, "--json", "vm", "list").stdout)
+    assert [(x["name"], x["status"]["state"]) for x in listed["vms"]] == [("cli-vm", "VM_STATE_RUNNING")]
+    show = _ctl(agent, "vm", "show", "cli-vm")
+    assert show.returncode == 0 and "running" in show.stdout and "64 MiB" in show.stdout
+    assert _ctl(agent, "vm", "pause", "cli-vm").returncode == 0
+    assert "paused" in _ctl(agent, "vm", "list").stdout
+    assert _ctl(agent, "vm", "resume", "cli-vm").returncode == 0
+    assert _ctl(agent, "vm", "stop", "cli-vm", "--hard").returncode == 0
+    assert "stopped" in _ctl(agent, "vm", "list").stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x<y", "vcpus": 1, "memory_mib": 64}))
+    out = _ctl(agent, "vm", "define", str(bad))
+    assert out.returncode == 1 and "spec.name" in out.stderr
+    assert _ctl(agent, "vm", "delete", "cli-vm").returncode == 0
+    assert _ctl(agent, "vm", "list").stdout.strip() == "no VMs"
+    assert _ctl(agent, "vm", "show", "cli-vm").returncode == 1
