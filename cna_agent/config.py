@@ -97,6 +97,9 @@ class StorageConfig:
     command_timeout_s: float = 3600.0
     probe_interval_s: float = 30.0
     probe_timeout_s: float = 10.0
+    #: Declared datastores, ``[storage.datastores.NAME]`` tables validated by
+    #: cna_agent.storage.model (cna_agent.storage.model.DatastoreDecl).
+    datastores: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,11 +171,12 @@ class AgentConfig:
         data = dataclasses.asdict(self)
         data.pop("sources")
         # Declared networks as TOML shows them: tables keyed by name.
-        for key in _TABLE_KEYS["network"]:
-            data["network"][key] = {
-                item["name"]: {k: (list(v) if isinstance(v, tuple) else v) for k, v in item.items() if k not in ("name", "source")}
-                for item in data["network"][key]
-            }
+        for section, keys in _TABLE_KEYS.items():
+            for key in keys:
+                data[section][key] = {
+                    item["name"]: {k: (list(v) if isinstance(v, tuple) else v) for k, v in item.items() if k not in ("name", "source")}
+                    for item in data[section][key]
+                }
         return data
 
     def to_toml(self) -> str:
@@ -253,7 +257,7 @@ def _coerce(section: str, key: str, want: type, value: Any, origin: str) -> Any:
 
 
 #: Keys holding tables of named entries ([network.bridges.br0]); merged per entry, last wins.
-_TABLE_KEYS: dict[str, tuple[str, ...]] = {"network": ("bridges", "port_groups")}
+_TABLE_KEYS: dict[str, tuple[str, ...]] = {"network": ("bridges", "port_groups"), "storage": ("datastores",)}
 
 
 def _field_types(cls: type) -> dict[str, type]:
@@ -343,13 +347,15 @@ def load_config(
             if key not in types:
                 raise ConfigError(f"unknown key {section}.{key} in {origin}")
             if key in _TABLE_KEYS.get(section, ()):
-                raise ConfigError(f"{section}.{key} in {origin}: declared networks are tables in agent.toml, not environment variables")
+                raise ConfigError(f"{section}.{key} in {origin}: declared networks and datastores are tables in agent.toml, not environment variables")
             merged.setdefault(section, {})[key] = (_coerce(section, key, types[key], value, origin), origin)
     network_tables = {k: merged.get("network", {}).pop(k, ({}, ""))[0] for k in _TABLE_KEYS["network"]}
+    datastore_tables = merged.get("storage", {}).pop("datastores", ({}, ""))[0]
     sections = {
         name: cls(**{k: v for k, (v, _) in merged.get(name, {}).items()}) for name, cls in _SECTION_TYPES.items()
     }
     sections["network"] = _network_declarations(sections["network"], network_tables)
+    sections["storage"] = _datastore_declarations(sections["storage"], datastore_tables)
     config = AgentConfig(**sections, sources=tuple(sources))
     origins = {(s, k): o for s, vals in merged.items() for k, (_, o) in vals.items()}
     _validate(config, origins)
@@ -402,6 +408,40 @@ def _network_declarations(net: NetworkConfig, tables: Mapping[str, Mapping[str, 
         origin = origins.get(".".join(parts[:3]), "defaults")
         raise ConfigError(f"{exc.message} (from {origin})") from None
     return dataclasses.replace(net, bridges=tuple(out_b.values()), port_groups=tuple(out_pg.values()))
+
+
+def _datastore_declarations(cfg: StorageConfig, tables: Mapping[str, tuple[dict[str, Any], str]]) -> StorageConfig:
+    """Turn [storage.datastores.*] into validated declarations (cna_agent.storage.model's checks);
+    an error names the key (storage.datastores.san1.portals[0]) and the file it came from."""
+    from cna_agent.errors import InvalidArgument
+    from cna_agent.storage import model
+
+    allowed = {"type": str, "path": str, "portals": tuple, "target_iqn": str, "initiator": str, "chap_user": str,
+               "chap_secret_file": str, "target_wwpns": tuple, "lun_wwns": tuple, "scan_timeout_s": float}
+    decls = []
+    origins: dict[str, str] = {}
+    for name, (entry, origin) in tables.items():
+        origins[name] = origin
+        kwargs: dict[str, Any] = {}
+        for key, value in entry.items():
+            where = f"storage.datastores.{name}.{key} (from {origin})"
+            if key not in allowed:
+                raise ConfigError(f"unknown key storage.datastores.{name}.{key} in {origin} (known: {', '.join(sorted(allowed))})")
+            if allowed[key] is tuple:
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+                value = tuple(value)
+            else:
+                value = _coerce("storage", f"datastores.{name}.{key}", allowed[key], value, origin)
+            kwargs[key] = value
+        decls.append(model.DatastoreDecl(name=name, **kwargs))
+    try:
+        out = model.validate_all(decls, "storage.datastores")
+    except InvalidArgument as exc:
+        origin = next((o for n, o in origins.items() if exc.field == f"storage.datastores.{n}"
+                       or exc.field.startswith(f"storage.datastores.{n}.")), "defaults")
+        raise ConfigError(f"{exc.message} (from {origin})") from None
+    return dataclasses.replace(cfg, datastores=tuple(out.values()))
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
