@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cna_agent.cli.ops",
     "cna_agent.cli.events",
     "cna_agent.cli.vm",
+    "cna_agent.cli.net",
 )
 
 

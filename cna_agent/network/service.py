@@ -686,3 +686,109 @@ def _point_libvirt_at(remote: str) -> None:
     libvirtd keeps its own environment (it uses the system database)."""
     if remote.startswith("unix:") and remote != DEFAULT_OVSDB and remote.endswith("/db.sock"):
         os.environ["OVS_RUNDIR"] = os.path.dirname(remote[len("unix:"):])
+
+
+class NetworkOperations:
+    """The journalled face of NetworkService: each change runs as an operation (AIP-151),
+    idempotent by request id, after every check that can refuse it has passed (so a bad
+    request is answered at once and changes nothing)."""
+
+    def __init__(self, service: NetworkService, runner: Any, to_pb: Mapping[str, Callable[..., Any]]) -> None:
+        self.svc = service
+        self.runner = runner
+        self.to_pb = to_pb
+
+    async def _submit(self, kind: str, target: str, work: Callable[[], Awaitable[Any]], *, request_id: str,
+                      fingerprint: str, lock_key: str, wait: float = 30.0) -> Any:
+        async def run(_op: Any) -> Any:
+            return await work()
+
+        return await self.runner.submit(kind, target, run, request_id=request_id, fingerprint=fingerprint,
+                                        lock_key=lock_key, lock_timeout=30.0, wait=wait)
+
+    async def ensure_bridge(self, decl: BridgeDecl, *, request_id: str = "", fingerprint: str = "") -> Any:
+        decl = await self.svc.check_bridge(decl)
+
+        async def work() -> Any:
+            done, _changes = await self.svc.ensure_bridge(decl)
+            return await self.bridge_pb(done.name)
+
+        return await self._submit("network.bridge.ensure", decl.name, work, request_id=request_id,
+                                  fingerprint=fingerprint, lock_key=f"net/bridge/{decl.name}")
+
+    async def delete_bridge(self, name: str, *, request_id: str = "", fingerprint: str = "") -> Any:
+        if not name:
+            raise InvalidArgument("name", "is required")
+
+        async def work() -> Any:
+            await self.svc.delete_bridge(name)
+            return None
+
+        return await self._submit("network.bridge.delete", name, work, request_id=request_id,
+                                  fingerprint=fingerprint, lock_key=f"net/bridge/{name}")
+
+    async def ensure_port_group(self, pg: PortGroupDecl, *, request_id: str = "", fingerprint: str = "") -> Any:
+        pg = await self.svc.check_port_group(pg)
+
+        async def work() -> Any:
+            done, _changes = await self.svc.ensure_port_group(pg)
+            return await self.port_group_pb(done.name)
+
+        return await self._submit("network.port_group.ensure", pg.name, work, request_id=request_id,
+                                  fingerprint=fingerprint, lock_key=f"net/pg/{pg.name}")
+
+    async def delete_port_group(self, name: str, *, request_id: str = "", fingerprint: str = "") -> Any:
+        if not name:
+            raise InvalidArgument("name", "is required")
+
+        async def work() -> Any:
+            await self.svc.delete_port_group(name)
+            return None
+
+        return await self._submit("network.port_group.delete", name, work, request_id=request_id,
+                                  fingerprint=fingerprint, lock_key=f"net/pg/{name}")
+
+    async def attach_nic(self, vm: str, port_group: str, *, request_id: str = "", fingerprint: str = "", **nic: Any) -> Any:
+        await self.svc.resolve_port_group(port_group, field="nic.port_group")
+        if nic.get("mac"):
+            check_mac(nic["mac"], "nic.mac")
+        uuid, _ = await self.svc._lookup_vm(vm)
+
+        async def work() -> Any:
+            rec = await self.svc.attach_nic(uuid, port_group, **nic)
+            return self.to_pb["vif"](rec)
+
+        return await self._submit("network.nic.attach", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                  lock_key=f"vm/{uuid}", wait=60.0)
+
+    async def detach_nic(self, vm: str, mac: str, *, request_id: str = "", fingerprint: str = "") -> Any:
+        check_mac(mac, "mac")
+        uuid, _ = await self.svc._lookup_vm(vm)
+        await self.svc._interface_of(uuid, mac)
+
+        async def work() -> Any:
+            await self.svc.detach_nic(uuid, mac)
+            return None
+
+        return await self._submit("network.nic.detach", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                  lock_key=f"vm/{uuid}", wait=60.0)
+
+    async def set_nic_link(self, vm: str, mac: str, up: bool, *, request_id: str = "", fingerprint: str = "") -> Any:
+        check_mac(mac, "mac")
+        uuid, _ = await self.svc._lookup_vm(vm)
+        await self.svc._interface_of(uuid, mac)
+
+        async def work() -> Any:
+            rec = await self.svc.set_nic_link(uuid, mac, up)
+            return self.to_pb["vif"](rec) if rec is not None else None
+
+        return await self._submit("network.nic.link", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                  lock_key=f"vm/{uuid}")
+
+    async def bridge_pb(self, name: str) -> Any:
+        status = await self.svc.bridge_status()
+        return self.to_pb["bridge"](self.svc.bridges[name], status.get(name, ("ok", "")))
+
+    async def port_group_pb(self, name: str) -> Any:
+        vifs = [v for v in await self.svc.vifs() if v.port_group == name]
+        return self.to_pb["port_group"](self.svc.port_groups[name], vifs)
