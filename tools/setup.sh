@@ -17,6 +17,7 @@ python="${PYTHON:-python3}"
 
 debs=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+  libxml2-utils
   qemu-system-x86 qemu-system-arm qemu-utils qemu-block-extra ovmf qemu-efi-aarch64
   openvswitch-switch tgt open-iscsi libiscsi-bin
   gcc libc6-dev cpio gzip iproute2 openssl procps
