@@ -171,6 +171,14 @@ def test_ovs_vlan_port_groups_ping_hotplug_and_reconcile(ovs, embedded_libvirt, 
         a.console.wait_for(r"CNA-HOTPLUG remove net eth1", timeout=60)
         assert rec.device not in vsctl(ovs, "list-ports", br).split()
 
+        # Link down/up on a running NIC: the guest sees its carrier go and come back.
+        assert b.console is not None
+        await svc.set_nic_link(b.uuid, vifs[b.uuid].mac, False)
+        assert b.console.run("cat /sys/class/net/eth0/carrier")[1].strip() == "0"
+        assert not (await svc.vifs(vm_uuid=b.uuid))[0].link_up
+        await svc.set_nic_link(b.uuid, vifs[b.uuid].mac, True)
+        assert b.console.run("cat /sys/class/net/eth0/carrier")[1].strip() == "1"
+
         # Delete guest B's port by hand: reconcile finds it and puts it back with its VLAN.
         dev_b = vifs[b.uuid].device
         vsctl(ovs, "del-port", br, dev_b)
