@@ -18,7 +18,6 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
-from conftest import testbed_mod
 
 from cna_agent.api import pb
 
@@ -27,15 +26,10 @@ npb = pb.network_pb2
 
 
 @pytest.fixture(scope="module")
-def ovs(tmp_path_factory):
-    tb = testbed_mod.Testbed(tmp_path_factory.mktemp("ovsa", numbered=True))
-    try:
-        tb.up(["ovs"])
-    except testbed_mod.TestbedError as e:
-        tb.down()
-        pytest.fail(f"OVS testbed: {e}")
-    yield tb
-    tb.down()
+def ovs(testbed):
+    """The session's testbed OVS: one netdev-datapath ovs-vswitchd per network namespace
+    works (a second one cannot open its "ovs-netdev" device), so tests share it."""
+    return testbed
 
 
 def vsctl(tb, *args: str) -> subprocess.CompletedProcess:

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from conftest import testbed_mod
 from guest_console import ConsoleSocket, SerialLog, domain_xml
 
 from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -61,15 +60,10 @@ class ConnCaller:
 
 
 @pytest.fixture(scope="module")
-def ovs(tmp_path_factory):
-    tb = testbed_mod.Testbed(tmp_path_factory.mktemp("ovs", numbered=True))
-    try:
-        tb.up(["ovs"])
-    except testbed_mod.TestbedError as e:
-        tb.down()
-        pytest.fail(f"OVS testbed: {e}")
-    yield tb
-    tb.down()
+def ovs(testbed):
+    """The session's testbed OVS: one netdev-datapath ovs-vswitchd per network namespace
+    works (a second one cannot open its "ovs-netdev" device), so tests share it."""
+    return testbed
 
 
 def vsctl(tb: Any, *args: str) -> str:
