@@ -23,6 +23,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cna_agent.cli.ops",
     "cna_agent.cli.events",
     "cna_agent.cli.vm",
+    "cna_agent.cli.datastore",
+    "cna_agent.cli.volume",
     "cna_agent.cli.net",
 )
 

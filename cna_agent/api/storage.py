@@ -1,0 +1,157 @@
+"""StorageService servicer: proto -> StorageService arguments -> proto (nothing else).
+
+Disk attach/detach/resize/QoS on VMs (AttachDisk, DetachDisk, ResizeDisk, SetDiskQos) need
+compute's live device operations; they are forwarded to compute's VmService when it offers
+them (attach_disk, detach_disk, resize_disk, set_disk_qos) and answer a clear UNIMPLEMENTED
+naming the method otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cna_agent.api import pb
+from cna_agent.api.convert import operation_to_pb
+from cna_agent.api.status import abort_with
+from cna_agent.api.vm import fingerprint
+from cna_agent.errors import AgentError, InvalidArgument, Unimplemented
+from cna_agent.storage.service import DatastoreStatus, StorageService
+from cna_agent.storage.volumes import VolumeInfo
+
+S = pb.storage_pb2
+_TYPES = {"dir": S.DATASTORE_TYPE_LOCAL_DIR, "iscsi": S.DATASTORE_TYPE_ISCSI, "fc": S.DATASTORE_TYPE_FC}
+_HEALTH = {"ok": pb.common_pb2.HEALTH_OK, "slow": pb.common_pb2.HEALTH_DEGRADED, "unreachable": pb.common_pb2.HEALTH_UNREACHABLE}
+FORMATS = {S.VOLUME_FORMAT_QCOW2: "qcow2", S.VOLUME_FORMAT_RAW: "raw", S.VOLUME_FORMAT_VMDK: "vmdk",
+           S.VOLUME_FORMAT_VPC: "vpc", S.VOLUME_FORMAT_VHDX: "vhdx"}
+_FORMAT_PB = {v: k for k, v in FORMATS.items()}
+
+
+def volume_to_pb(v: VolumeInfo, used_by: tuple[str, ...] = ()) -> S.Volume:
+    msg = S.Volume(id=v.id, datastore=v.datastore, path=v.relpath, format=_FORMAT_PB.get(v.format, S.VOLUME_FORMAT_UNSPECIFIED),
+                   virtual_size_bytes=v.virtual_size, actual_size_bytes=v.actual_size, backing_volume=v.backing_volume,
+                   used_by=list(used_by), template=v.template)
+    if v.check is not None:
+        msg.check.CopyFrom(S.VolumeCheck(supported=v.check.supported, corruptions=v.check.corruptions, leaks=v.check.leaks,
+                                         check_errors=v.check.check_errors, summary=v.check.summary))
+    return msg
+
+
+def datastore_to_pb(d: DatastoreStatus) -> S.Datastore:
+    return S.Datastore(
+        name=d.name, type=_TYPES.get(d.type, S.DATASTORE_TYPE_UNSPECIFIED),
+        health=_HEALTH.get(d.health.state, pb.common_pb2.HEALTH_UNSPECIFIED), health_reason=d.health.reason,
+        capacity_bytes=max(d.capacity_bytes, 0), free_bytes=max(d.free_bytes, 0), allocated_bytes=max(d.allocated_bytes, 0),
+        location=d.location, probe_latency_ms=d.health.latency_ms, initiator=d.initiator, direct_io=d.health.direct_io,
+        luns=[S.Lun(id=lun.id, size_bytes=lun.size_bytes, vendor=lun.vendor, product=lun.product, device=lun.device,
+                    paths=lun.paths, used_by=list(lun.used_by)) for lun in d.luns],
+    )
+
+
+def _format(value: int, field: str, *, allow_unspecified: bool = True) -> str:
+    if value == S.VOLUME_FORMAT_UNSPECIFIED and allow_unspecified:
+        return ""
+    if value not in FORMATS:
+        raise InvalidArgument(field, f"unknown volume format {value}")
+    return FORMATS[value]
+
+
+class StorageServicer(pb.storage_pb2_grpc.StorageServiceServicer):
+    def __init__(self, service: StorageService, components: dict[str, Any] | None = None) -> None:
+        self._svc = service
+        self._components = components if components is not None else {}
+
+    async def _op(self, context: Any, make: Any) -> Any:
+        try:
+            return operation_to_pb(await make())
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+    async def ListDatastores(self, request, context):
+        try:
+            return S.ListDatastoresResponse(datastores=[datastore_to_pb(d) for d in await self._svc.list_datastores()])
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+    async def GetDatastore(self, request, context):
+        try:
+            return datastore_to_pb(await self._svc.get_datastore(request.name))
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+    async def RescanDatastore(self, request, context):
+        return await self._op(context, lambda: self._svc.rescan_datastore(request.name, request_id=request.request_id,
+                                                                          fingerprint=fingerprint(request)))
+
+    async def ListVolumes(self, request, context):
+        try:
+            return S.ListVolumesResponse(volumes=[volume_to_pb(v, u) for v, u in await self._svc.list_volumes(request.datastore)])
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+    async def GetVolume(self, request, context):
+        try:
+            return volume_to_pb(*await self._svc.get_volume(request.id))
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+    async def CreateVolume(self, request, context):
+        async def make():
+            fmt = _format(request.format, "format", allow_unspecified=False)
+            return await self._svc.create_volume(request.datastore, request.path, fmt, request.size_bytes,
+                                                 preallocate=request.preallocate, request_id=request.request_id,
+                                                 fingerprint=fingerprint(request))
+        return await self._op(context, make)
+
+    async def ResizeVolume(self, request, context):
+        return await self._op(context, lambda: self._svc.resize_volume(request.id, request.new_size_bytes, request_id=request.request_id,
+                                                                       fingerprint=fingerprint(request)))
+
+    async def DeleteVolume(self, request, context):
+        return await self._op(context, lambda: self._svc.delete_volume_op(request.id, request_id=request.request_id,
+                                                                          fingerprint=fingerprint(request)))
+
+    async def CloneVolume(self, request, context):
+        async def make():
+            return await self._svc.clone_volume(request.source, request.datastore, request.path, linked=request.linked,
+                                                fmt=_format(request.format, "format"), request_id=request.request_id,
+                                                fingerprint=fingerprint(request))
+        return await self._op(context, make)
+
+    async def ImportVolume(self, request, context):
+        async def make():
+            return await self._svc.import_volume(request.source, _format(request.source_format, "source_format"),
+                                                 request.datastore, request.path, _format(request.format, "format"),
+                                                 request_id=request.request_id, fingerprint=fingerprint(request))
+        return await self._op(context, make)
+
+    async def ExportVolume(self, request, context):
+        async def make():
+            return await self._svc.export_volume(request.id, request.datastore, request.path, _format(request.format, "format"),
+                                                 request_id=request.request_id, fingerprint=fingerprint(request))
+        return await self._op(context, make)
+
+    # -- disks on VMs: compute's live device operations ---------------------------------------------
+
+    async def _vm_disk(self, context: Any, method: str, attr: str, request: Any, *args: Any) -> Any:
+        compute = self._components.get("compute")
+        fn = getattr(getattr(compute, "service", None), attr, None)
+        if fn is None:
+            from cna_agent import __version__
+
+            await abort_with(context, Unimplemented(
+                f"cna.v1.StorageService/{method} is not implemented by cna-agent {__version__} on this host yet: it needs "
+                f"compute's live disk operations (VmService.{attr}), which this build does not have; change the VM's disks "
+                "with UpdateVm/CreateVm meanwhile"))
+        return await self._op(context, lambda: fn(request.vm, *args, request_id=request.request_id, fingerprint=fingerprint(request)))
+
+    async def AttachDisk(self, request, context):
+        return await self._vm_disk(context, "AttachDisk", "attach_disk", request, request.disk)
+
+    async def DetachDisk(self, request, context):
+        return await self._vm_disk(context, "DetachDisk", "detach_disk", request, request.target)
+
+    async def ResizeDisk(self, request, context):
+        return await self._vm_disk(context, "ResizeDisk", "resize_disk", request, request.target, request.new_size_bytes)
+
+    async def SetDiskQos(self, request, context):
+        return await self._vm_disk(context, "SetDiskQos", "set_disk_qos", request, request.target, request.qos)

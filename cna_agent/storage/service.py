@@ -1,0 +1,440 @@
+"""StorageService: datastores, volumes and LUNs; compute's DiskResolver.
+
+What it owns: the configured datastores (cna_agent.storage.model), the volume manager for
+directory datastores, the SAN back-ends (libiscsi, kernel iSCSI, FC), the datastore monitor
+and the storage executor. Every blocking step (qemu-img, iscsi-ls, sysfs scans) runs in the
+storage executor with a deadline, so a hung array never stalls VM calls. Long work (create,
+clone, import, export, resize, delete, rescan) runs as journalled operations with progress;
+a repeated request id returns the first operation.
+
+Services never import grpc: results are turned into protobuf messages by factories the
+component passes in (``to_volume``/``to_datastore``), as compute does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping
+
+from cna_agent.compute.bindings import DiskSourceBinding
+from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from cna_agent.operations import OperationContext, OperationRunner
+from cna_agent.state.eventlog import EventHub
+from cna_agent.state.journal import OperationRecord
+from cna_agent.storage import libiscsi, paths
+from cna_agent.storage.executor import StorageExecutor
+from cna_agent.storage.model import DatastoreDecl, check_secret_file
+from cna_agent.storage.monitor import DatastoreMonitor, Health, Probe, dir_probe
+from cna_agent.storage.runner import CommandRunner
+from cna_agent.storage.volumes import VolumeInfo, VolumeManager, check_size, format_of
+
+log = logging.getLogger(__name__)
+
+#: How long a quick operation is awaited before the caller gets it back still running.
+QUICK_WAIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class LunInfo:
+    id: str
+    size_bytes: int
+    vendor: str = ""
+    product: str = ""
+    device: str = ""
+    paths: int = 0
+    used_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatastoreStatus:
+    name: str
+    type: str
+    location: str
+    initiator: str
+    health: Health
+    capacity_bytes: int = 0
+    free_bytes: int = 0
+    allocated_bytes: int = 0
+    luns: tuple[LunInfo, ...] = ()
+
+
+@dataclass
+class ResultFactories:
+    volume: Callable[[VolumeInfo, tuple[str, ...]], Any] = lambda v, used: None
+    datastore: Callable[[DatastoreStatus], Any] = lambda d: None
+
+
+class SecretStore:
+    """Protocol-ish: defines the libvirt secret for a datastore's CHAP password."""
+
+    async def ensure(self, usage: str, value: bytes) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class StorageService:
+    def __init__(
+        self,
+        datastores: tuple[DatastoreDecl, ...],
+        runner: CommandRunner,
+        executor: StorageExecutor,
+        ops: OperationRunner,
+        events: EventHub,
+        *,
+        command_timeout: float,
+        probe_interval: float,
+        probe_timeout: float,
+        initiator_iqn: str = "",
+        secrets: SecretStore | None = None,
+        san_backends: Mapping[str, Any] | None = None,
+        components: dict[str, Any] | None = None,
+        results: ResultFactories | None = None,
+    ) -> None:
+        self.datastores = {d.name: d for d in datastores}
+        self.runner = runner
+        self.executor = executor
+        self.ops = ops
+        self.events = events
+        self.command_timeout = command_timeout
+        self.initiator_iqn = initiator_iqn
+        self.secrets = secrets
+        #: datastore name -> kernel iSCSI / FC back-end (cna_agent.storage.san).
+        self.san = dict(san_backends or {})
+        self._components = components if components is not None else {}
+        self.results = results or ResultFactories()
+        roots = {d.name: d.path for d in datastores if d.type == "dir"}
+        self.volumes = VolumeManager(roots, runner, timeout=command_timeout)
+        self._secret_uuids: dict[str, str] = {}
+        probes: dict[str, Probe] = {}
+        for d in datastores:
+            if d.type == "dir":
+                probes[d.name] = dir_probe(d.path)
+            elif d.type == "iscsi" and d.initiator == "libiscsi":
+                probes[d.name] = self._libiscsi_probe(d, probe_timeout)
+            elif d.name in self.san:
+                probes[d.name] = self.san[d.name].probe
+        self.monitor = DatastoreMonitor(probes, interval=probe_interval, timeout=probe_timeout, on_change=self._health_changed)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        removed = await self.executor.run(self.volumes.sweep_temp_files, timeout=60, what="temp file sweep")
+        for path in removed:
+            log.warning("event=storage.partial_removed path=%s", path)
+        await self.monitor.probe_all()
+        self.monitor.start()
+
+    async def stop(self) -> None:
+        await self.monitor.stop()
+        self.executor.shutdown()
+
+    async def _health_changed(self, name: str, new: Health, old: Health | None) -> None:
+        severity = {"ok": "info", "slow": "warning"}.get(new.state, "error")
+        if old is None and new.state == "ok":
+            return  # first probe fine: nothing to tell
+        await self.events.publish("datastore.health", severity=severity, resource_kind="datastore", resource_id=name,
+                                  resource_name=name, message=f"datastore {name} is {new.state}" + (f": {new.reason}" if new.reason else ""),
+                                  attributes={"health": new.state, "previous": old.state if old else "", "latency_ms": f"{new.latency_ms:.1f}"})
+
+    def _libiscsi_probe(self, d: DatastoreDecl, timeout: float) -> Probe:
+        def probe() -> tuple[bool, str]:
+            return libiscsi.probe(self.runner, d, initiator_iqn=self.initiator_iqn, secret=self._secret(d), timeout=timeout)
+        return probe
+
+    def _secret(self, d: DatastoreDecl) -> str:
+        return check_secret_file(d.chap_secret_file, f"storage.datastores.{d.name}.chap_secret_file") if d.chap_user else ""
+
+    # -- lookups --------------------------------------------------------------------------------------
+
+    def _datastore(self, name: str, field: str) -> DatastoreDecl:
+        d = self.datastores.get(name)
+        if d is None:
+            known = ", ".join(sorted(self.datastores)) or "none configured"
+            raise NotFound(f"{field}: datastore {name!r} is not configured on this host (known: {known})", field=field)
+        return d
+
+    async def _users(self) -> dict[str, list[str]]:
+        """volume id / "ds:lun" -> UUIDs of VMs using it (from compute, when it runs)."""
+        compute = self._components.get("compute")
+        svc = getattr(compute, "service", None)
+        if svc is None:
+            return {}
+        try:
+            vms = await asyncio.wait_for(svc.list(), 10)
+        except Exception:
+            return {}
+        users: dict[str, list[str]] = {}
+        for vm in vms:
+            for disk in getattr(vm.spec, "disks", None) or ():
+                key = disk.volume or (f"{disk.lun.datastore}:{disk.lun.lun_id}" if disk.lun else "")
+                if key:
+                    users.setdefault(key, []).append(vm.uuid)
+        return users
+
+    async def list_datastores(self, *, with_luns: bool = False) -> list[DatastoreStatus]:
+        return [await self.get_datastore(n, with_luns=with_luns) for n in self.datastores]
+
+    async def get_datastore(self, name: str, *, with_luns: bool = True, field: str = "name") -> DatastoreStatus:
+        d = self._datastore(name, field)
+        health = self.monitor.get(name)
+        cap = free = alloc = 0
+        luns: tuple[LunInfo, ...] = ()
+        location = ""
+        if d.type == "dir":
+            location = d.path
+            if health.state in ("ok", "slow"):
+                try:
+                    cap, free = await self.executor.run(lambda: _statvfs(d.path), timeout=5, what=f"statvfs {d.path}")
+                except Exception as exc:
+                    log.warning("event=datastore.statvfs_failed datastore=%s error=%s", name, exc)
+        else:
+            if d.type == "iscsi":
+                location = ",".join(f"iscsi://{libiscsi.portal_url(h, p)}/{d.target_iqn}" for h, p in d.portal_hosts())
+            else:
+                location = ",".join(d.target_wwpns) or ",".join(d.lun_wwns)
+            if with_luns and health.state != "unreachable":
+                try:
+                    luns = tuple(await self.list_luns(name))
+                except Exception as exc:
+                    log.warning("event=datastore.lun_list_failed datastore=%s error=%s", name, exc)
+            cap = sum(lun.size_bytes for lun in luns)
+            alloc = sum(lun.size_bytes for lun in luns if lun.used_by)
+            free = cap - alloc
+        return DatastoreStatus(name=name, type=d.type, location=location, initiator=d.initiator if d.type == "iscsi" else "",
+                               health=health, capacity_bytes=cap, free_bytes=free, allocated_bytes=alloc, luns=luns)
+
+    async def list_luns(self, name: str) -> list[LunInfo]:
+        d = self._datastore(name, "datastore")
+        users = await self._users()
+        if d.type == "iscsi" and d.initiator == "libiscsi":
+            found = await self.executor.run(
+                lambda: libiscsi.list_luns(self.runner, d, initiator_iqn=self.initiator_iqn, secret=self._secret(d),
+                                           timeout=d.scan_timeout_s),
+                timeout=d.scan_timeout_s * 4, what=f"LUN listing of {name}")
+            return [LunInfo(id=lun.id, size_bytes=lun.size_bytes, used_by=tuple(users.get(f"{name}:{lun.id}", ()) + tuple(users.get(f"{name}:{lun.lun}", ()))))
+                    for lun in found]
+        backend = self.san.get(name)
+        if backend is None:
+            raise FailedPrecondition(f"datastore {name!r} ({d.type}) has no SAN back-end on this host", field="datastore")
+        found = await self.executor.run(backend.list_luns, timeout=d.scan_timeout_s * 4, what=f"LUN listing of {name}")
+        return [LunInfo(id=lun.wwn, size_bytes=lun.size_bytes, vendor=lun.vendor, product=lun.product, device=lun.device,
+                        paths=lun.paths, used_by=tuple(users.get(f"{name}:{lun.wwn}", ()))) for lun in found]
+
+    async def list_volumes(self, datastore: str) -> list[tuple[VolumeInfo, tuple[str, ...]]]:
+        d = self._datastore(datastore, "datastore")
+        if d.type != "dir":
+            raise FailedPrecondition(f"datastore {datastore!r} is a {d.type} SAN datastore: it holds LUNs, not volumes "
+                                     "(see GetDatastore)", field="datastore")
+        vols = await self.executor.run(lambda: self.volumes.list(datastore), what=f"volume listing of {datastore}")
+        users = await self._users()
+        return [(v, tuple(users.get(v.id, ()))) for v in vols]
+
+    async def get_volume(self, volume_id: str, field: str = "id") -> tuple[VolumeInfo, tuple[str, ...]]:
+        ref = self._volume_ref(volume_id, field, must_exist=True)
+        info = await self.executor.run(lambda: self.volumes.info(ref), timeout=120, what=f"info of {volume_id}")
+        return info, tuple((await self._users()).get(ref.id, ()))
+
+    def _volume_ref(self, volume_id: str, field: str, *, must_exist: bool = False) -> paths.VolumeRef:
+        ds, _ = paths.split_volume_id(volume_id, field)
+        d = self._datastore(ds, field)
+        if d.type != "dir":
+            raise InvalidArgument(field, f"datastore {ds!r} is a {d.type} SAN datastore; attach its LUNs with a lun source")
+        return self.volumes.resolve(volume_id, field, must_exist=must_exist)
+
+    def _new_ref(self, datastore: str, path: str, ds_field: str = "datastore", path_field: str = "path") -> paths.VolumeRef:
+        d = self._datastore(datastore, ds_field)
+        if d.type != "dir":
+            raise InvalidArgument(ds_field, f"datastore {datastore!r} is a {d.type} SAN datastore; volumes live on dir datastores")
+        return self.volumes.ref(datastore, path, path_field, ds_field)
+
+    # -- DiskResolver (compute's seam) ----------------------------------------------------------------
+
+    async def resolve_volume(self, volume_id: str, *, field: str) -> DiskSourceBinding:
+        ref = self._volume_ref(volume_id, field, must_exist=True)
+        health = self.monitor.get(ref.datastore)
+        if health.state == "unreachable":
+            raise FailedPrecondition(f"{field}: datastore {ref.datastore!r} is unreachable ({health.reason})", field=field)
+        return DiskSourceBinding(kind="file", path=ref.path, format=format_of(ref.relpath),
+                                 supports_direct_io=health.direct_io, datastore=ref.datastore, volume_id=ref.id)
+
+    async def resolve_lun(self, datastore: str, lun_id: str, *, field: str) -> DiskSourceBinding:
+        d = self._datastore(datastore, f"{field}.datastore")
+        if d.type == "dir":
+            raise InvalidArgument(f"{field}.datastore", f"datastore {datastore!r} is a directory datastore; use a volume source")
+        if d.type == "iscsi" and d.initiator == "libiscsi":
+            lun = libiscsi.parse_lun_id(d, lun_id, f"{field}.lun_id")
+            size = await self.executor.run(
+                lambda: libiscsi.lun_size(self.runner, d, lun, secret=self._secret(d), timeout=d.scan_timeout_s),
+                timeout=d.scan_timeout_s + 5, what=f"opening LUN {lun} of {datastore}")
+            if size <= 0:
+                raise NotFound(f"{field}.lun_id: LUN {lun} of {d.target_iqn} has no capacity", field=f"{field}.lun_id")
+            user = secret_uuid = ""
+            if d.chap_user:
+                if self.secrets is None:
+                    raise FailedPrecondition(f"{field}: datastore {datastore!r} uses CHAP but no libvirt secret store is available")
+                secret_uuid = await self.secrets.ensure(f"cna-datastore-{d.name}", self._secret(d).encode())
+                user = d.chap_user
+            return DiskSourceBinding(kind="network", protocol="iscsi", hosts=d.portal_hosts(), name=f"{d.target_iqn}/{lun}",
+                                     format="raw", auth_username=user, auth_secret_uuid=secret_uuid,
+                                     datastore=datastore, volume_id=f"{d.target_iqn}/{lun}")
+        backend = self.san.get(datastore)
+        if backend is None:
+            raise FailedPrecondition(f"{field}: datastore {datastore!r} ({d.type}) has no SAN back-end on this host", field=field)
+        lun = await self.executor.run(lambda: backend.attach(lun_id, f"{field}.lun_id"), timeout=d.scan_timeout_s * 4,
+                                      what=f"attaching LUN {lun_id} of {datastore}")
+        return DiskSourceBinding(kind="block", path=lun.device, format="raw", datastore=datastore, volume_id=lun.wwn)
+
+    def resolve_boot_file(self, path: str, *, field: str) -> str:
+        """A direct-boot kernel/initrd named "datastore/rel/path"."""
+        return self._volume_ref(path, field, must_exist=True).path
+
+    async def delete_volume(self, volume_id: str, *, field: str) -> None:
+        ref = self._volume_ref(volume_id, field)
+        if not os.path.exists(ref.path):
+            return
+        await self.executor.run(lambda: self.volumes.delete(ref), what=f"deleting {volume_id}")
+        await self.events.publish("volume.deleted", resource_kind="volume", resource_id=ref.id, resource_name=ref.id,
+                                  message=f"volume {ref.id} deleted")
+
+    # -- operations -----------------------------------------------------------------------------------
+
+    def _progress(self, op: OperationContext, stage: str, total: int) -> Callable[[float], None]:
+        loop = asyncio.get_running_loop()
+        last = [-1]
+
+        def report(pct: float) -> None:
+            p = int(pct)
+            if p == last[0]:
+                return
+            last[0] = p
+            coro = op.progress(p, stage, bytes_done=total * p // 100 if total else None, bytes_total=total or None)
+            loop.call_soon_threadsafe(lambda: loop.create_task(coro))
+
+        return report
+
+    async def _submit(self, kind: str, target: str, work: Callable[[OperationContext], Awaitable[Any]], *, request_id: str,
+                      fingerprint: str, wait: float = QUICK_WAIT_S) -> OperationRecord:
+        return await self.ops.submit(kind, target, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_key=f"volume/{target}", wait=wait)
+
+    async def _volume_result(self, info: VolumeInfo) -> Any:
+        return self.results.volume(info, tuple((await self._users()).get(info.id, ())))
+
+    async def create_volume(self, datastore: str, path: str, fmt: str, size: int, *, preallocate: bool = False,
+                            request_id: str = "", fingerprint: str = "") -> OperationRecord:
+        ref = self._new_ref(datastore, path)
+        from cna_agent.storage.volumes import check_volume_format
+
+        check_volume_format(fmt, ref.relpath, "format", "path")
+        check_size(size, "size_bytes")
+
+        async def work(op: OperationContext) -> Any:
+            await op.progress(0, "creating")
+            info = await self.executor.run(lambda: self.volumes.create(ref, fmt, size, preallocate=preallocate),
+                                           timeout=self.command_timeout, what=f"creating {ref.id}")
+            await self.events.publish("volume.created", resource_kind="volume", resource_id=ref.id, resource_name=ref.id,
+                                      message=f"volume {ref.id} created ({fmt}, {size} bytes)", operation_id=op.id)
+            return await self._volume_result(info)
+
+        return await self._submit("volume.create", ref.id, work, request_id=request_id, fingerprint=fingerprint)
+
+    async def resize_volume(self, volume_id: str, new_size: int, *, request_id: str = "", fingerprint: str = "") -> OperationRecord:
+        ref = self._volume_ref(volume_id, "id", must_exist=True)
+        check_size(new_size, "new_size_bytes")
+        if (await self._users()).get(ref.id):
+            raise FailedPrecondition(f"volume {ref.id!r} is attached to a VM; grow it with ResizeDisk (blockResize) instead",
+                                     field="id")
+
+        async def work(op: OperationContext) -> Any:
+            info = await self.executor.run(lambda: self.volumes.resize(ref, new_size), timeout=self.command_timeout,
+                                           what=f"resizing {ref.id}")
+            return await self._volume_result(info)
+
+        return await self._submit("volume.resize", ref.id, work, request_id=request_id, fingerprint=fingerprint)
+
+    async def delete_volume_op(self, volume_id: str, *, request_id: str = "", fingerprint: str = "") -> OperationRecord:
+        ref = self._volume_ref(volume_id, "id", must_exist=True)
+
+        async def work(op: OperationContext) -> Any:
+            users = tuple((await self._users()).get(ref.id, ()))
+            await self.executor.run(lambda: self.volumes.delete(ref, in_use_by=users), what=f"deleting {ref.id}")
+            await self.events.publish("volume.deleted", resource_kind="volume", resource_id=ref.id, resource_name=ref.id,
+                                      message=f"volume {ref.id} deleted", operation_id=op.id)
+            return None
+
+        return await self._submit("volume.delete", ref.id, work, request_id=request_id, fingerprint=fingerprint)
+
+    async def clone_volume(self, source: str, datastore: str, path: str, *, linked: bool, fmt: str = "",
+                           request_id: str = "", fingerprint: str = "") -> OperationRecord:
+        src = self._volume_ref(source, "source", must_exist=True)
+        dst = self._new_ref(datastore, path)
+
+        async def work(op: OperationContext) -> Any:
+            src_info = await self.executor.run(lambda: self.volumes.info(src), timeout=120, what=f"info of {src.id}")
+            if not linked and (await self._users()).get(src.id):
+                log.info("event=volume.clone_in_use source=%s", src.id)  # qemu-img -U copies a crash-consistent view
+            report = self._progress(op, "linking" if linked else "copying", src_info.virtual_size)
+            info = await self.executor.run(lambda: self.volumes.clone(src, dst, linked=linked, fmt=fmt, on_progress=report),
+                                           timeout=self.command_timeout, what=f"cloning {src.id}")
+            await self.events.publish("volume.created", resource_kind="volume", resource_id=dst.id, resource_name=dst.id,
+                                      message=f"volume {dst.id} {'linked-cloned' if linked else 'copied'} from {src.id}",
+                                      attributes={"source": src.id, "linked": str(linked).lower()}, operation_id=op.id)
+            return await self._volume_result(info)
+
+        return await self._submit("volume.clone", dst.id, work, request_id=request_id, fingerprint=fingerprint)
+
+    async def import_volume(self, source: str, source_format: str, datastore: str, path: str, fmt: str = "", *,
+                            request_id: str = "", fingerprint: str = "") -> OperationRecord:
+        src = self._volume_ref(source, "source", must_exist=True)
+        dst = self._new_ref(datastore, path)
+
+        async def work(op: OperationContext) -> Any:
+            await op.progress(0, "checking source")
+            size = os.path.getsize(src.path)
+            report = self._progress(op, "converting", size)
+            info = await self.executor.run(lambda: self.volumes.import_(src, source_format, dst, fmt, on_progress=report),
+                                           timeout=self.command_timeout, what=f"importing {src.id}")
+            check = info.check
+            await self.events.publish(
+                "volume.imported", severity="warning" if check and check.leaks else "info", resource_kind="volume",
+                resource_id=dst.id, resource_name=dst.id, operation_id=op.id,
+                message=f"volume {dst.id} imported from {src.id}; qemu-img check: {check.summary if check else 'not run'}",
+                attributes={"source": src.id, "check": check.summary if check else "",
+                            "leaks": str(check.leaks if check else 0)})
+            return await self._volume_result(info)
+
+        return await self._submit("volume.import", dst.id, work, request_id=request_id, fingerprint=fingerprint)
+
+    async def export_volume(self, volume_id: str, datastore: str, path: str, fmt: str = "", *,
+                            request_id: str = "", fingerprint: str = "") -> OperationRecord:
+        src = self._volume_ref(volume_id, "id", must_exist=True)
+        dst = self._new_ref(datastore, path)
+
+        async def work(op: OperationContext) -> Any:
+            src_info = await self.executor.run(lambda: self.volumes.info(src), timeout=120, what=f"info of {src.id}")
+            report = self._progress(op, "exporting", src_info.virtual_size)
+            info = await self.executor.run(lambda: self.volumes.export(src, dst, fmt, on_progress=report),
+                                           timeout=self.command_timeout, what=f"exporting {src.id}")
+            return self.results.volume(info, ())
+
+        return await self._submit("volume.export", dst.id, work, request_id=request_id, fingerprint=fingerprint)
+
+    async def rescan_datastore(self, name: str, *, request_id: str = "", fingerprint: str = "") -> OperationRecord:
+        self._datastore(name, "name")
+
+        async def work(op: OperationContext) -> Any:
+            backend = self.san.get(name)
+            if backend is not None and hasattr(backend, "rescan"):
+                await self.executor.run(backend.rescan, timeout=self.datastores[name].scan_timeout_s * 4, what=f"rescan of {name}")
+            await self.monitor.probe(name)
+            return self.results.datastore(await self.get_datastore(name))
+
+        return await self.ops.submit("datastore.rescan", name, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_key=f"datastore/{name}", wait=QUICK_WAIT_S)
+
+
+def _statvfs(path: str) -> tuple[int, int]:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize

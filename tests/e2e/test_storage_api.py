@@ -1,0 +1,146 @@
+"""StorageService through the real daemon over gRPC, and cna-ctl volume/datastore against it.
+
+The agent runs as a process with two directory datastores; volumes are made by the real
+qemu-img. Hostile requests must fail with INVALID_ARGUMENT naming the field and leave no file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cna_agent.api import pb
+
+S = pb.storage_pb2
+MiB = 1024**2
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs if not f.startswith(".cna-probe"))
+
+
+@pytest.fixture()
+def stor(agent_factory, tmp_path):
+    ds, imp = tmp_path / "ds", tmp_path / "imp"
+    ds.mkdir()
+    imp.mkdir()
+    extra = (f'[storage]\nprobe_interval_s = 1.0\n[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n'
+             f'[storage.datastores.imp]\ntype = "dir"\npath = "{imp}"\n')
+    agent = agent_factory(extra_config=extra, tcp=False)
+    ch = agent.channel()
+    yield agent, S and pb.storage_pb2_grpc.StorageServiceStub(ch), pb.operations_pb2_grpc.OperationsServiceStub(ch), ds, imp
+    ch.close()
+
+
+def _wait(ops, op):
+    last = op
+    for last in ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=120):
+        pass
+    return last
+
+
+def _volume(op) -> S.Volume:
+    assert not op.HasField("error"), op.error
+    v = S.Volume()
+    op.response.Unpack(v)
+    return v
+
+
+def test_datastores_volumes_and_clones_over_grpc(stor):
+    agent, st, ops, ds, imp = stor
+    listed = {d.name: d for d in st.ListDatastores(S.ListDatastoresRequest(), timeout=10).datastores}
+    assert listed["ds"].type == S.DATASTORE_TYPE_LOCAL_DIR
+    assert listed["ds"].health == pb.common_pb2.HEALTH_OK and listed["ds"].capacity_bytes > 0
+    assert listed["ds"].location == str(ds)
+
+    op = st.CreateVolume(S.CreateVolumeRequest(request_id="c1", datastore="ds", path="tpl/base.qcow2",
+                                               format=S.VOLUME_FORMAT_QCOW2, size_bytes=32 * MiB), timeout=30)
+    base = _volume(_wait(ops, op))
+    assert base.id == "ds/tpl/base.qcow2" and base.virtual_size_bytes == 32 * MiB
+    # the same request id returns the same operation, nothing is created twice
+    again = st.CreateVolume(S.CreateVolumeRequest(request_id="c1", datastore="ds", path="tpl/base.qcow2",
+                                                  format=S.VOLUME_FORMAT_QCOW2, size_bytes=32 * MiB), timeout=30)
+    assert again.id == op.id
+
+    clone = _volume(_wait(ops, st.CloneVolume(S.CloneVolumeRequest(source=base.id, datastore="ds", path="vm1/root.qcow2",
+                                                                   linked=True), timeout=30)))
+    assert clone.backing_volume == base.id
+    assert st.GetVolume(S.GetVolumeRequest(id=base.id), timeout=10).template
+    copy = _volume(_wait(ops, st.CloneVolume(S.CloneVolumeRequest(source=base.id, datastore="ds", path="vm2/root.raw",
+                                                                  format=S.VOLUME_FORMAT_RAW), timeout=30)))
+    assert copy.format == S.VOLUME_FORMAT_RAW and not copy.backing_volume
+
+    grown = _volume(_wait(ops, st.ResizeVolume(S.ResizeVolumeRequest(id=copy.id, new_size_bytes=64 * MiB), timeout=30)))
+    assert grown.virtual_size_bytes == 64 * MiB
+    shrink = _wait(ops, st.ResizeVolume(S.ResizeVolumeRequest(id=copy.id, new_size_bytes=16 * MiB), timeout=30))
+    assert shrink.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert shrink.error.field_violations[0].field == "new_size_bytes"
+
+    refused = _wait(ops, st.DeleteVolume(S.DeleteVolumeRequest(id=base.id), timeout=30))
+    assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "linked clone" in refused.error.message
+    ids = {v.id for v in st.ListVolumes(S.ListVolumesRequest(datastore="ds"), timeout=10).volumes}
+    assert ids == {"ds/tpl/base.qcow2", "ds/vm1/root.qcow2", "ds/vm2/root.raw"}
+
+
+@pytest.mark.parametrize("req, field", [
+    (S.CreateVolumeRequest(datastore="ds", path="../imp/x.qcow2", format=S.VOLUME_FORMAT_QCOW2, size_bytes=MiB), "path"),
+    (S.CreateVolumeRequest(datastore="ds", path="/etc/x.qcow2", format=S.VOLUME_FORMAT_QCOW2, size_bytes=MiB), "path"),
+    (S.CreateVolumeRequest(datastore="ds", path="x.qcow2", format=S.VOLUME_FORMAT_QCOW2, size_bytes=0), "size_bytes"),
+    (S.CreateVolumeRequest(datastore="ds", path="x.qcow2", format=S.VOLUME_FORMAT_QCOW2, size_bytes=1024**6), "size_bytes"),
+    (S.CreateVolumeRequest(datastore="ds", path="x.qcow2", format=99, size_bytes=MiB), "format"),
+    (S.CreateVolumeRequest(datastore="ds", path="x.vmdk", format=S.VOLUME_FORMAT_VMDK, size_bytes=MiB), "format"),
+])
+def test_hostile_requests_are_refused_naming_the_field(stor, req, field):
+    agent, st, ops, ds, imp = stor
+    with pytest.raises(grpc.RpcError) as exc:
+        st.CreateVolume(req, timeout=10)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith(field + ":"), exc.value.details()
+    assert _files(ds) == [] and _files(imp) == []
+
+
+def test_vmdk_import_with_progress_and_corrupt_qcow2_refused(stor):
+    agent, st, ops, ds, imp = stor
+    raw = imp / "seed.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "48M"], check=True, timeout=30)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x42 0 40M", str(raw)], check=True, timeout=60, capture_output=True)
+    subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-f", "raw", str(raw), str(imp / "disk.vmdk")], check=True, timeout=60)
+    op = st.ImportVolume(S.ImportVolumeRequest(source="imp/disk.vmdk", datastore="ds", path="imported.qcow2"), timeout=30)
+    updates = list(ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=120))
+    v = _volume(updates[-1])
+    assert v.format == S.VOLUME_FORMAT_QCOW2 and v.virtual_size_bytes == 48 * MiB
+    assert v.check.supported and v.check.summary == "no errors"
+    assert updates[-1].progress.percent == 100
+
+    bad = imp / "bad.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(bad), "4M"], check=True, timeout=30)
+    data = bytearray(bad.read_bytes())
+    data[0x30:0x38] = (0x7FFFFFFF00000).to_bytes(8, "big")
+    bad.write_bytes(bytes(data))
+    failed = _wait(ops, st.ImportVolume(S.ImportVolumeRequest(source="imp/bad.qcow2", datastore="ds", path="bad.qcow2"), timeout=30))
+    assert failed.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert failed.error.field_violations[0].field == "source"
+    assert _files(ds) == ["imported.qcow2"]
+
+
+def test_cna_ctl_volume_and_datastore(stor):
+    agent, st, ops, ds, imp = stor
+    ctl = [sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket)]
+    p = subprocess.run([*ctl, "volume", "create", "ds/a.qcow2", "--size", "16M"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "ds/a.qcow2" in p.stdout and "16.0 MiB" in p.stdout
+    p = subprocess.run([*ctl, "--json", "volume", "clone", "ds/a.qcow2", "ds/b.qcow2"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    progress = [json.loads(line) for line in lines if line.startswith('{"operation"')]
+    assert progress and progress[-1]["percent"] == 100
+    p = subprocess.run([*ctl, "volume", "create", "ds/../x.qcow2", "--size", "1M"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "INVALID_ARGUMENT: path:" in p.stderr
+    p = subprocess.run([*ctl, "datastore", "list"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "ds" in p.stdout and " ok " in p.stdout, p.stdout
