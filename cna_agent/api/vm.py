@@ -121,6 +121,16 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
         except AgentError as exc:
             await abort_with(context, exc)
 
+    async def GetVmDiagnostics(self, request, context):
+        try:
+            d = await self._svc.diagnostics(request.vm, dirty_rate_seconds=request.dirty_rate_seconds)
+        except AgentError as exc:
+            await abort_with(context, exc)
+        return pb.vm_pb2.VmDiagnostics(
+            qemu_status=d.qemu_status, qemu_running=d.qemu_running, dirty_rate_measured=d.dirty_rate_measured,
+            dirty_rate_mib_s=d.dirty_rate_mib_s, panic_info=d.panic_info, side_channel_socket=d.socket,
+            qemu_version=d.qemu_version,
+            vcpu_threads=[pb.vm_pb2.VcpuThread(cpu_index=i, thread_id=t, qom_path=q) for i, t, q in d.vcpu_threads])
 
     async def SerialConsole(self, request_iterator, context):
         import grpc

@@ -10,11 +10,45 @@ from __future__ import annotations
 
 from xml.etree import ElementTree as ET
 
-from cna_agent.compute.xmlobj import Child, Children, Prop, Raw, XmlObject
+from typing import Any
+
+from cna_agent.compute.xmlobj import Child, Children, Field, Prop, Raw, XmlObject
 
 #: The agent's metadata namespace (a URI libvirt only uses as a key).
 CNA_NS = "https://cna-agent.org/xmlns/vm/1.0"
 ET.register_namespace("cna", CNA_NS)
+#: libvirt's namespace for extra QEMU arguments (the agent's QMP side channel).
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+ET.register_namespace("qemu", QEMU_NS)
+
+
+class QemuArgs(Field):
+    """``<qemu:commandline><qemu:arg value=.../>...`` as a list of strings.
+
+    A field of its own because the namespaced tags contain '/' (the URI), which the generic
+    path syntax of xmlobj splits on.
+    """
+
+    def default(self) -> Any:
+        return []
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.setdefault(self.name, [])
+
+    def build(self, obj: "XmlObject", root: ET.Element) -> None:
+        args = self.__get__(obj)
+        if not args:
+            return
+        cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+        for a in args:
+            ET.SubElement(cmd, f"{{{QEMU_NS}}}arg").set("value", a)
+
+    def parse(self, obj: "XmlObject", root: ET.Element) -> None:
+        cmd = root.find(f"{{{QEMU_NS}}}commandline")
+        if cmd is not None:
+            self.__set__(obj, [a.get("value", "") for a in cmd.findall(f"{{{QEMU_NS}}}arg")])
 
 
 # -- os / firmware ----------------------------------------------------------------------------
@@ -358,6 +392,7 @@ class Domain(XmlObject):
     pm_suspend_to_mem = Prop("pm/suspend-to-mem/@enabled", "yesno")
     pm_suspend_to_disk = Prop("pm/suspend-to-disk/@enabled", "yesno")
     devices = Child(Devices, "devices")
+    qemu_args = QemuArgs("qemu:commandline")
 
     # -- the agent's metadata ------------------------------------------------------------------
 

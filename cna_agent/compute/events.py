@@ -173,7 +173,7 @@ class DomainEventMonitor:
                                        attributes=attrs, **common)
             if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
                 await self._events.publish("vm.panic", severity="error", message=f"{raw.name}: guest panicked",
-                                           attributes={"state": state, "detail": str(detail)}, **common)
+                                           attributes={"state": state, "detail": str(detail), "source": "libvirt"}, **common)
             if self._on_change is not None:
                 self._on_change(raw.uuid, state, reason, raw.time)
             self.changed_event(raw.uuid).set()

@@ -28,6 +28,7 @@ documented price of the side channel and is reported, not hidden.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -65,9 +66,41 @@ ALLOWED_COMMANDS: frozenset[str] = frozenset({
 })
 
 
+#: sun_path is 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+#: Where sockets go when the run directory is too deep for sun_path.
+SHORT_SOCKET_ROOT = "/run/cna-qmp"
+
+
 def socket_path(run_dir: str | os.PathLike[str], vm_uuid: str) -> Path:
     """Where a guest's side-channel socket lives (under the agent's run directory)."""
     return Path(run_dir) / "qmp" / f"{vm_uuid}.sock"
+
+
+def monitor_socket_path(run_dir: str | os.PathLike[str], vm_uuid: str) -> tuple[Path, bool]:
+    """The socket path QEMU gets, and whether it is the short fallback.
+
+    A unix socket path longer than sun_path (107 bytes) makes QEMU fail to start, so a run
+    directory that deep gets ``/run/cna-qmp/<hash of run_dir>/<hash of uuid>.sock`` instead:
+    deterministic (the agent finds it again after a restart), distinct per agent and per VM.
+    Callers log the fallback (it is a configuration smell, not an error).
+    """
+    preferred = socket_path(run_dir, vm_uuid)
+    if len(os.fsencode(str(preferred))) <= UNIX_PATH_MAX:
+        return preferred, False
+    agent = hashlib.sha256(os.fsencode(str(run_dir))).hexdigest()[:12]
+    vm = hashlib.sha256(vm_uuid.encode()).hexdigest()[:16]
+    return Path(SHORT_SOCKET_ROOT) / agent / f"{vm}.sock", True
+
+
+def path_from_args(args: list[str]) -> str:
+    """The side-channel socket path inside a domain's <qemu:commandline> ("" when absent)."""
+    for i, arg in enumerate(args):
+        if arg == "-chardev" and i + 1 < len(args) and f"id={CHARDEV_ID}," in args[i + 1] + ",":
+            for part in args[i + 1].split(","):
+                if part.startswith("path="):
+                    return part[len("path="):]
+    return ""
 
 
 def commandline_args(path: str | os.PathLike[str]) -> list[str]:

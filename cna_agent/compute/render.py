@@ -17,13 +17,17 @@ All per-arch and per-OS-family defaults live here, so the rest of compute never 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from cna_agent.compute import domxml as dx
+from cna_agent.compute import qmp
 from cna_agent.compute.bindings import DiskSourceBinding, NicBinding, PlacementPlan
 from cna_agent.compute.spec import VmSpec, default_target_prefix
+
+log = logging.getLogger(__name__)
 
 #: PCIe root ports added beyond what libvirt allocates itself, so disks/NICs can be hot-plugged.
 SPARE_ROOT_PORTS = 4
@@ -43,6 +47,8 @@ class RenderContext:
     host_cpu_mhz: int = 2000
     agent_version: str = ""
     created: str = ""
+    #: Add the agent's own QMP monitor (qmp.py) to every domain it builds.
+    qmp_side_channel: bool = True
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,15 @@ def vm_run_dir(ctx: RenderContext, uuid: str) -> str:
 
 def serial_log_path(ctx: RenderContext, uuid: str) -> str:
     return os.path.join(vm_run_dir(ctx, uuid), "serial.log")
+
+
+def qmp_socket_path(ctx: RenderContext, uuid: str) -> str:
+    """The VM's side-channel monitor socket (short hashed fallback when run_dir is too deep)."""
+    path, short = qmp.monitor_socket_path(ctx.run_dir, uuid)
+    if short:
+        log.warning("event=qmp.socket_fallback vm=%s path=%s reason=run_dir too long for a unix socket path "
+                    "(sun_path is 108 bytes)", uuid, path)
+    return str(path)
 
 
 def nvram_path(ctx: RenderContext, uuid: str) -> str:
@@ -278,6 +293,8 @@ def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Dom
         dom.pm_suspend_to_disk = False
 
     dom.devices = _devices(spec, bindings, ctx, r)
+    if ctx.qmp_side_channel:
+        dom.qemu_args = qmp.commandline_args(qmp_socket_path(ctx, spec.uuid))
     return dom
 
 

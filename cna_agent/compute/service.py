@@ -34,7 +34,9 @@ from cna_agent.compute import state as st
 from cna_agent.compute.bindings import DiskResolver, NicResolver
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.hypervisor import Hypervisor
-from cna_agent.compute.render import Bindings, RenderContext, build_domain, serial_log_path, vm_run_dir
+from cna_agent.compute import qmp as qmpmod
+from cna_agent.compute.render import Bindings, RenderContext, build_domain, qmp_socket_path, serial_log_path, vm_run_dir
+from cna_agent.compute.sidechannel import Diagnostics, SideChannels
 from cna_agent.compute.resolvers import LocalFileResolver, NoNetworkResolver
 from cna_agent.compute.spec import UUID_RE, ValidationContext, VmSpec, new_uuid, validate, validate_name
 from cna_agent.errors import AgentError, AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound
@@ -115,6 +117,7 @@ class VmService:
         self._cache: dict[str, _Cached] = {}
         self._state_times: dict[str, float] = {}
         self.monitor = DomainEventMonitor(hypervisor, events, on_change=self._note_state, on_definition_change=self._forget)
+        self.sidechannels = SideChannels(events, self._qmp_lookup)
 
     # -- start / stop ---------------------------------------------------------------------------
 
@@ -125,18 +128,44 @@ class VmService:
 
     async def stop(self) -> None:
         await self.monitor.stop()
+        await self.sidechannels.close()
 
     async def adopt(self) -> list[VmInfo]:
         """List every domain; ours are adopted with their spec, others noted. Nothing is
         started, stopped or redefined (DESIGN.md "Restart adopts, never redoes")."""
         vms = await self.list(include_unmanaged=True)
         managed = [v for v in vms if v.managed]
+        for v in managed:
+            if v.state in (st.RUNNING, st.PAUSED):
+                self.sidechannels.state_changed(v.uuid, st.RUNNING)
         log.info("event=vm.adopted managed=%d unmanaged=%d running=%d", len(managed), len(vms) - len(managed),
                  sum(1 for v in managed if v.state == st.RUNNING))
         return vms
 
     def _note_state(self, uuid: str, state: str, reason: str, when: float) -> None:
         self._state_times[uuid] = when
+        if uuid in self._cache and self._cache[uuid].managed:
+            self.sidechannels.state_changed(uuid, state)
+
+    async def _qmp_lookup(self, uuid: str) -> tuple[str, str]:
+        """(side-channel socket path from the live domain's <qemu:commandline>, name)."""
+
+        def read(conn: libvirt.virConnect) -> tuple[str, str]:
+            dom = conn.lookupByUUIDString(uuid)
+            return dom.XMLDesc(0), dom.name()
+
+        xml, name = await self.hv.call(read, timeout=15)
+        return qmpmod.path_from_args(dx.Domain.from_xml(xml).qemu_args), name
+
+    async def diagnostics(self, ref: str, *, dirty_rate_seconds: int = 0) -> Diagnostics:
+        """QEMU-level facts over the side channel (query-status, vCPU threads, dirty rate,
+        the last GUEST_PANICKED details); the VM must be running or paused."""
+        if not 0 <= dirty_rate_seconds <= 60:
+            raise InvalidArgument("dirty_rate_seconds", f"{dirty_rate_seconds} is not in 0..60 (0 = do not measure)")
+        uuid, name = await self.lookup_uuid(ref)
+        if await self._state(uuid) not in (st.RUNNING, st.PAUSED):
+            raise FailedPrecondition(f"vm {name!r} is not running; QEMU diagnostics exist only while it runs", field="vm")
+        return await self.sidechannels.diagnostics(uuid, dirty_rate_seconds)
 
     def _forget(self, uuid: str) -> None:
         self._cache.pop(uuid, None)
@@ -395,6 +424,8 @@ class VmService:
 
     def _prepare_dirs(self, uuid: str) -> None:
         os.makedirs(vm_run_dir(self.render_ctx, uuid), mode=0o700, exist_ok=True)
+        if self.render_ctx.qmp_side_channel:
+            os.makedirs(os.path.dirname(qmp_socket_path(self.render_ctx, uuid)), mode=0o700, exist_ok=True)
         os.makedirs(os.path.join(self.render_ctx.state_dir, "nvram"), mode=0o700, exist_ok=True)
 
     async def _start_domain(self, uuid: str) -> None:

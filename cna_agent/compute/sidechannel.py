@@ -1,0 +1,145 @@
+"""One QMP side-channel connection per running managed VM (see qmp.py for what and why).
+
+A QEMU chardev socket server takes one client at a time, so the agent keeps exactly one
+connection per guest and shares it: the event follower (GUEST_PANICKED details become
+``vm.panic`` events with ``source=qmp``, beside libvirt's own crashed event) and the
+diagnostics queries (GetVmDiagnostics). Connections open when libvirt reports the guest
+running (and for running guests at adoption) and close when it stops; a broken connection is
+dropped and reopened on next use. Nothing here changes guest state (qmp.ALLOWED_COMMANDS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from cna_agent.compute.qmp import QmpSideChannel
+from cna_agent.errors import AgentError, Unavailable
+from cna_agent.state.eventlog import EventHub
+
+log = logging.getLogger(__name__)
+
+PathLookup = Callable[[str], Awaitable[tuple[str, str]]]  # uuid -> (socket path, vm name)
+
+
+@dataclass
+class Diagnostics:
+    qemu_status: str = ""
+    qemu_running: bool = False
+    dirty_rate_measured: bool = False
+    dirty_rate_mib_s: float = 0.0
+    panic_info: dict[str, str] = field(default_factory=dict)
+    vcpu_threads: list[tuple[int, int, str]] = field(default_factory=list)  # (cpu index, thread id, qom path)
+    socket: str = ""
+    qemu_version: str = ""
+
+
+def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    """Nested QMP data -> flat string attributes (event attributes are a string map)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            flatten(f"{prefix}.{i}", v, out)
+    else:
+        out[prefix] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out
+
+
+class SideChannels:
+    def __init__(self, events: EventHub, lookup: PathLookup) -> None:
+        self._events = events
+        self._lookup = lookup
+        self._conns: dict[str, QmpSideChannel] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._names: dict[str, str] = {}
+        self.panics: dict[str, dict[str, str]] = {}
+
+    async def attach(self, uuid: str) -> QmpSideChannel:
+        """The VM's connection, opened (and its event follower started) if needed."""
+        async with self._locks.setdefault(uuid, asyncio.Lock()):
+            conn = self._conns.get(uuid)
+            if conn is not None:
+                return conn
+            path, name = await self._lookup(uuid)
+            if not path:
+                raise Unavailable(f"vm {name!r} was defined without the agent's QMP side channel (restart it after a redefine)")
+            conn = QmpSideChannel(path, name=f"cna-{uuid[:8]}")
+            await conn.connect()
+            self._names[uuid] = name
+            conn.follow_events(lambda ev, data: self._on_event(uuid, ev, data))
+            self._conns[uuid] = conn
+            log.info("event=qmp.attached vm=%s path=%s", uuid, path)
+            return conn
+
+    async def detach(self, uuid: str) -> None:
+        conn = self._conns.pop(uuid, None)
+        if conn is not None:
+            await conn.close()
+
+    def state_changed(self, uuid: str, state: str) -> None:
+        """Lifecycle hook (called on the event loop): follow running guests, drop stopped ones."""
+        loop = asyncio.get_running_loop()
+        if state == "running":
+            if uuid not in self._conns:
+                loop.create_task(self._attach_quietly(uuid), name=f"qmp-attach-{uuid}")
+        elif state in ("stopped", "crashed", "deleted"):
+            loop.create_task(self.detach(uuid), name=f"qmp-detach-{uuid}")
+
+    async def _attach_quietly(self, uuid: str) -> None:
+        for delay in (0.0, 0.5, 1.0, 2.0):
+            await asyncio.sleep(delay)
+            try:
+                await self.attach(uuid)
+                return
+            except AgentError as exc:
+                last = exc
+            except Exception as exc:  # libvirt errors: the domain went away meanwhile
+                last = exc  # type: ignore[assignment]
+        log.warning("event=qmp.attach_failed vm=%s error=%r", uuid, last)
+
+    async def close(self) -> None:
+        for uuid in list(self._conns):
+            await self.detach(uuid)
+
+    async def _on_event(self, uuid: str, event: str, data: dict[str, Any]) -> None:
+        if event != "GUEST_PANICKED":
+            return
+        name = self._names.get(uuid, "")
+        attrs = flatten("", data, {"source": "qmp"})
+        attrs["time"] = str(time.time())
+        self.panics[uuid] = attrs
+        info = data.get("info") or {}
+        await self._events.publish(
+            "vm.panic", severity="error", resource_kind="vm", resource_id=uuid, resource_name=name,
+            message=f"{name}: guest panicked (QEMU action {data.get('action', '?')}, {info.get('type', 'no details from the guest')})",
+            attributes=attrs)
+
+    async def _execute(self, uuid: str, command: str, args: dict[str, Any] | None = None) -> Any:
+        conn = await self.attach(uuid)
+        try:
+            return await conn.execute(command, args)
+        except Unavailable:
+            await self.detach(uuid)  # broken: the next call reconnects
+            raise
+
+    async def diagnostics(self, uuid: str, dirty_rate_seconds: int = 0) -> Diagnostics:
+        status = await self._execute(uuid, "query-status")
+        out = Diagnostics(qemu_status=str(status.get("status", "")), qemu_running=bool(status.get("running")),
+                          socket=self._conns[uuid].path if uuid in self._conns else "")
+        ver = await self._execute(uuid, "query-version")
+        q = ver.get("qemu", {})
+        out.qemu_version = f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}{ver.get('package', '')}"
+        for cpu in await self._execute(uuid, "query-cpus-fast"):
+            out.vcpu_threads.append((int(cpu.get("cpu-index", 0)), int(cpu.get("thread-id", 0)), str(cpu.get("qom-path", ""))))
+        if dirty_rate_seconds:
+            conn = await self.attach(uuid)
+            rate = await conn.dirty_rate(dirty_rate_seconds)
+            out.dirty_rate_measured = True
+            out.dirty_rate_mib_s = float(rate.get("dirty-rate", 0))
+        out.panic_info = dict(self.panics.get(uuid, {}))
+        return out
