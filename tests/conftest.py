@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import support
 from support import AgentProcess, start_agent
 
 
@@ -61,3 +62,12 @@ def agent_factory(tmp_path, libvirt_caps_cache):
 @pytest.fixture
 def agent(agent_factory) -> AgentProcess:
     return agent_factory()
+
+
+@pytest.fixture(autouse=True)
+def _destroy_leftover_guests():
+    """After each test, kill the guests of agents that test started (they outlive agents)."""
+    first = len(support.STARTED)
+    yield
+    for agent in support.STARTED[first:]:
+        support.kill_guests_of(agent)

@@ -56,6 +56,36 @@ class AgentProcess:
         return self.proc.returncode
 
 
+#: Every agent started in this test process, so leftover guests can be cleaned up.
+STARTED: list["AgentProcess"] = []
+
+
+def kill_guests_of(agent: "AgentProcess") -> int:
+    """SIGKILL QEMU processes running from ``agent``'s state directory.
+
+    Guests outlive the agent by design (KillMode=process; adoption after restart), so a test
+    that starts VMs leaves them running unless someone destroys them; on a 2-core machine a
+    few idle TCG guests slow everything after them.
+    """
+    marker = str(agent.dir / "state").encode()
+    killed = 0
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"/usr/bin/qemu-system") or b"qemu-system-" in cmdline.split(b"\0", 1)[0]:
+            if marker in cmdline:
+                try:
+                    os.kill(int(proc_dir.name), signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+    return killed
+
+
 def write_config(base: Path, *, tcp_port: int | None, extra: str = "") -> tuple[Path, Path]:
     state = base / "state"
     run = base / "run"
@@ -89,6 +119,7 @@ def start_agent(base: Path, caps_cache: Path | None, *, tcp: bool = True, extra_
     proc = subprocess.Popen([*agent_command(), "serve", "--config", str(config)], stdout=logfh, stderr=subprocess.STDOUT,
                             cwd=base, env={**os.environ, **(env or {})})
     agent = AgentProcess(base, config, sock, port, proc, log)
+    STARTED.append(agent)
     if wait:
         wait_ready(agent)
     return agent
