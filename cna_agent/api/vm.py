@@ -133,10 +133,42 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
             vcpu_threads=[pb.vm_pb2.VcpuThread(cpu_index=i, thread_id=t, qom_path=q) for i, t, q in d.vcpu_threads])
 
     async def SerialConsole(self, request_iterator, context):
-        import grpc
+        """First input names the VM (and ``force``); then guest output streams out and input
+        bytes are typed in, until either side closes."""
+        import asyncio
 
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("SerialConsole"))
-        yield  # pragma: no cover - makes this a stream handler
+        first = None
+        async for msg in request_iterator:
+            first = msg
+            break
+        if first is None:
+            return
+        try:
+            session = await self._svc.open_console(first.vm, force=first.force)
+        except AgentError as exc:
+            await abort_with(context, exc)
+            return
+
+        async def pump_input() -> None:
+            try:
+                if first.data:
+                    await session.write(first.data)
+                async for msg in request_iterator:
+                    await session.write(msg.data)
+            finally:
+                await session.close()  # the client half-closed or went away: end the output too
+
+        writer = asyncio.get_running_loop().create_task(pump_input())
+        try:
+            async for data in session.output():
+                yield pb.vm_pb2.SerialConsoleOutput(data=data)
+        finally:
+            writer.cancel()
+            await session.close()
+            try:
+                await writer
+            except (asyncio.CancelledError, Exception):
+                pass
 
     async def CreateSnapshot(self, request, context):
         import grpc

@@ -194,3 +194,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     q = mutating("delete", "delete a VM (keeps its disks unless --delete-disks)", cmd_delete)
     q.add_argument("--delete-disks", action="store_true")
     q.add_argument("--force", action="store_true", help="power off a running VM first")
+    from cna_agent.cli.vm_console import register_console
+
+    register_console(vms, common)

@@ -157,6 +157,18 @@ class VmService:
         xml, name = await self.hv.call(read, timeout=15)
         return qmpmod.path_from_args(dx.Domain.from_xml(xml).qemu_args), name
 
+    async def open_console(self, ref: str, *, force: bool = False) -> "ConsoleSession":
+        """A serial console session on a running VM (close it when done)."""
+        from cna_agent.compute.console import ConsoleSession
+
+        uuid, name = await self.lookup_uuid(ref)
+        cached = await self._cached(uuid)
+        if cached.spec is not None and not cached.spec.serial_console:
+            raise FailedPrecondition(f"vm {name!r} has no serial console (spec.serial_console is off)", field="vm")
+        session = ConsoleSession(self.hv, uuid, name)
+        await session.open(force=force)
+        return session
+
     async def diagnostics(self, ref: str, *, dirty_rate_seconds: int = 0) -> Diagnostics:
         """QEMU-level facts over the side channel (query-status, vCPU threads, dirty rate,
         the last GUEST_PANICKED details); the VM must be running or paused."""

@@ -66,3 +66,102 @@ def test_diagnostics_over_the_side_channel_beside_libvirt(vm_agent_factory) -> N
         ok(ch, stub.StartVm(vm.VmActionRequest(vm=uuid), timeout=60))
         serial(agent, uuid).wait_for(r"CNA-GUEST-READY", count=2, timeout=120)
         assert stub.GetVmDiagnostics(vm.GetVmDiagnosticsRequest(vm=uuid), timeout=30).qemu_status == "running"
+
+
+class Console:
+    """A SerialConsole stream driven from a thread: send() types, wait_for() reads."""
+
+    def __init__(self, stub, vm_ref: str, force: bool = False) -> None:
+        import queue
+        import threading
+
+        self.inq: "queue.Queue" = queue.Queue()
+        self.buf = b""
+        self.error: grpc.RpcError | None = None
+        self.ended = threading.Event()
+
+        def inputs():
+            yield vm.SerialConsoleInput(vm=vm_ref, force=force)
+            while True:
+                item = self.inq.get()
+                if item is None:
+                    return
+                yield vm.SerialConsoleInput(data=item)
+
+        self.call = stub.SerialConsole(inputs(), timeout=300)
+
+        def pump():
+            try:
+                for msg in self.call:
+                    self.buf += msg.data
+            except grpc.RpcError as exc:
+                self.error = exc
+            self.ended.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def send(self, text: str) -> None:
+        self.inq.put(text.encode())
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern.encode(), self.buf, re.M)
+            if m:
+                return m.group(0).decode()
+            if self.ended.is_set():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} not seen on the console (ended={self.ended.is_set()}, error={self.error}); "
+                             f"got {self.buf[-500:]!r}")
+
+    def close(self) -> None:
+        self.inq.put(None)
+        self.call.cancel()
+
+
+@pytest.mark.slow
+def test_serial_console_types_into_the_guest_and_reads_back(vm_agent_factory) -> None:
+    import secrets
+    import subprocess
+
+    agent = vm_agent_factory()
+    token = secrets.token_hex(6)
+    with agent.channel() as ch:
+        stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+        uuid = _running_guest(agent, ch, "cons")
+        con = Console(stub, "cons")
+        con.send("\n")
+        con.wait_for(r"cna# ", timeout=60)
+        con.send(f"echo hello-{token}\n")
+        # the command's output on a line of its own (the echoed command line has "echo " before it)
+        assert con.wait_for(rf"^hello-{token}\r?$", timeout=60) .startswith(f"hello-{token}")
+
+        # one reader at a time: a second session is refused, naming force
+        second = Console(stub, uuid)
+        assert second.ended.wait(30) and second.error is not None
+        assert second.error.code() == grpc.StatusCode.FAILED_PRECONDITION and "force" in second.error.details()
+        # force takes it over: the first session ends, the new one works
+        third = Console(stub, uuid, force=True)
+        assert con.ended.wait(30)
+        third.send(f"echo again-{token}\n")
+        third.wait_for(rf"^again-{token}\r?$", timeout=60)
+        third.close()
+
+        # cna-ctl with a non-tty stdin (script use)
+        import time
+
+        time.sleep(1)  # libvirt releases the console after the cancelled stream is torn down
+        exe = Path(sys.executable).with_name("cna-ctl")
+        p = subprocess.run([str(exe), "--socket", str(agent.socket), "vm", "console", "cons", "--linger", "5"],
+                           input=f"echo ctl-{token}\n".encode(), capture_output=True, timeout=60)
+        assert p.returncode == 0, p.stderr.decode()
+        assert f"\nctl-{token}" in p.stdout.decode(errors="replace").replace("\r", ""), p.stdout[-500:]
+
+        # a stopped VM has no console
+        ok(ch, stub.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, hard=True), timeout=30))
+        stopped = Console(stub, uuid)
+        assert stopped.ended.wait(30) and stopped.error.code() == grpc.StatusCode.FAILED_PRECONDITION
