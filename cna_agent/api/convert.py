@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
 from google.protobuf import any_pb2, timestamp_pb2
 
 from cna_agent.api import pb
@@ -73,3 +76,12 @@ def event_to_pb(event: EventRecord) -> pb.events_pb2.Event:
         attributes=dict(event.attributes),
         operation_id=event.operation_id,
     )
+
+
+def request_fingerprint(request: Any) -> str:
+    """Hash of a mutating request minus its request_id, for the journal's idempotency check:
+    the same id with a different body is refused instead of answered with an unrelated result."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()

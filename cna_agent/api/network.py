@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
 from cna_agent.api.status import abort_with
+from cna_agent.api.convert import request_fingerprint as fingerprint
 from cna_agent.compute.bindings import Bandwidth
 from cna_agent.errors import AgentError, InvalidArgument
 from cna_agent.network.model import BandwidthDecl, BridgeDecl, PortGroupDecl
@@ -20,11 +20,6 @@ _MODELS = {pb.vm_pb2.NIC_MODEL_UNSPECIFIED: "virtio", pb.vm_pb2.NIC_MODEL_VIRTIO
            pb.vm_pb2.NIC_MODEL_E1000: "e1000", pb.vm_pb2.NIC_MODEL_RTL8139: "rtl8139"}
 
 
-def fingerprint(request: Any) -> str:
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 def bridge_from_pb(msg: Any) -> BridgeDecl:

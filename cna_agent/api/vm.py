@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
 from cna_agent.api.status import abort_with
 from cna_agent.api.vm_convert import STATE_NAMES, console_to_pb, spec_from_pb, vm_to_pb
+from cna_agent.api.convert import request_fingerprint as fingerprint
 from cna_agent.compute.service import VmService
 from cna_agent.errors import AgentError, InvalidArgument
 
 
-def fingerprint(request: Any) -> str:
-    """Hash of the request minus request_id: a reused id with a different body is detected."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _seconds(duration: Any, field: str, maximum: float = 86400.0) -> float:
