@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
-from cna_agent.errors import AgentError, DeadlineExceeded, FailedPrecondition
+from cna_agent.errors import DeadlineExceeded, FailedPrecondition
 
 #: qemu-img convert -p prints "    (12.34/100%)" followed by "\r".
 PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -33,7 +33,7 @@ class Result:
     stderr: str
 
 
-class CommandError(AgentError):
+class CommandError(FailedPrecondition):
     """A command exited non-zero; the message carries its argument list and stderr."""
 
     code = "FAILED_PRECONDITION"
