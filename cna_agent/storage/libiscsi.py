@@ -59,7 +59,7 @@ def parse_lun_id(decl: DatastoreDecl, lun_id: str, field: str) -> int:
 def list_luns(runner: CommandRunner, decl: DatastoreDecl, *, initiator_iqn: str, secret: str, timeout: float) -> list[LibiscsiLun]:
     """Disk LUNs of the datastore's target (controller LUN 0 and non-disk LUNs skipped)."""
     env = chap_env(decl, secret)
-    argv = ["iscsi-ls"]
+    argv = ["iscsi-ls", "-s"]  # -s: list the LUNs of each target
     if initiator_iqn:
         argv += ["-i", initiator_iqn]
     host, port = decl.portal_hosts()[0]

@@ -106,6 +106,8 @@ class DatastoreMonitor:
             return await self._set(name, Health(UNREACHABLE, f"an earlier probe has not returned for over {self.timeout:g}s",
                                                 self.timeout * 1000, time.time()))
         fut: asyncio.Future[tuple[bool, str, float]] = loop.create_future()
+        # A probe that answers after its deadline still delivers; nobody awaits it then.
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         probe = self.probes[name]
 
         def run() -> None:
