@@ -7,7 +7,7 @@ from typing import Any
 from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
 from cna_agent.api.status import abort_with
-from cna_agent.api.vm_convert import STATE_NAMES, console_to_pb, spec_from_pb, vm_to_pb
+from cna_agent.api.vm_convert import STATE_NAMES, console_to_pb, snapshot_to_pb, spec_from_pb, vm_to_pb
 from cna_agent.api.convert import request_fingerprint as fingerprint
 from cna_agent.compute.service import VmService
 from cna_agent.errors import AgentError, InvalidArgument
@@ -165,21 +165,21 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
                 pass
 
     async def CreateSnapshot(self, request, context):
-        import grpc
-
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("CreateSnapshot"))
+        return await self._op(context, self._svc.create_snapshot(request.vm, request.name, description=request.description,
+                                                                 quiesce=request.quiesce, request_id=request.request_id,
+                                                                 fingerprint=fingerprint(request)))
 
     async def ListSnapshots(self, request, context):
-        import grpc
-
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("ListSnapshots"))
+        try:
+            infos = await self._svc.list_snapshots(request.vm)
+        except AgentError as exc:
+            await abort_with(context, exc)
+        return pb.vm_pb2.ListSnapshotsResponse(snapshots=[snapshot_to_pb(i) for i in infos])
 
     async def RevertSnapshot(self, request, context):
-        import grpc
-
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("RevertSnapshot"))
+        return await self._op(context, self._svc.revert_snapshot(request.vm, request.snapshot, request_id=request.request_id,
+                                                                 fingerprint=fingerprint(request)))
 
     async def DeleteSnapshot(self, request, context):
-        import grpc
-
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _later("DeleteSnapshot"))
+        return await self._op(context, self._svc.delete_snapshot(request.vm, request.snapshot, request_id=request.request_id,
+                                                                 fingerprint=fingerprint(request)))

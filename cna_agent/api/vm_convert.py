@@ -142,3 +142,13 @@ def vm_to_pb(info: VmInfo) -> Any:
     if info.console is not None:
         vm.status.console.CopyFrom(console_to_pb(info.console))
     return vm
+
+
+def snapshot_to_pb(info: Any) -> Any:
+    """compute.snapshots.SnapshotInfo -> cna.v1.Snapshot."""
+    from google.protobuf import timestamp_pb2
+
+    state = {v: k for k, v in STATE_NAMES.items()}.get(info.vm_state, 0)
+    return pb.vm_pb2.Snapshot(name=info.name, parent=info.parent, create_time=timestamp_pb2.Timestamp(seconds=info.create_time),
+                              description=info.description, kind=info.kind, vm_state=state, current=info.current,
+                              children=list(info.children))

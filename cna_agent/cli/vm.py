@@ -197,3 +197,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     from cna_agent.cli.vm_console import register_console
 
     register_console(vms, common)
+    from cna_agent.cli.vm_snapshot import register_snapshot
+
+    register_snapshot(vms, common)

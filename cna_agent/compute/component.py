@@ -26,7 +26,7 @@ async def _host_cpu(ctx: AgentContext) -> tuple[int, int]:
 async def start(ctx: AgentContext) -> Component:
     from cna_agent import __version__
     from cna_agent.api.vm import VmServicer
-    from cna_agent.api.vm_convert import vm_to_pb
+    from cna_agent.api.vm_convert import snapshot_to_pb, vm_to_pb
 
     facts = ctx.hypervisor.facts
     cpus, mhz = await _host_cpu(ctx) if ctx.hypervisor.connected else (os.cpu_count() or 1, 2000)
@@ -43,6 +43,7 @@ async def start(ctx: AgentContext) -> Component:
         ctx.hypervisor, ctx.runner, ctx.events, render_ctx, virt_type=ctx.virt_type, host_cpus=cpus,
         image_dirs=parse_image_dirs(ctx.config.compute.image_dirs), to_result=vm_to_pb, components=ctx.components,
     )
+    service.snapshot_result = snapshot_to_pb
     await service.start()
     return Component(
         name="compute",

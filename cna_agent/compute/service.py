@@ -35,6 +35,7 @@ from cna_agent.compute.bindings import DiskResolver, NicResolver
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.hypervisor import Hypervisor
 from cna_agent.compute import qmp as qmpmod
+from cna_agent.compute import snapshots as snaps
 from cna_agent.compute.render import Bindings, RenderContext, build_domain, qmp_socket_path, serial_log_path, vm_run_dir
 from cna_agent.compute.sidechannel import Diagnostics, SideChannels
 from cna_agent.compute.resolvers import LocalFileResolver, NoNetworkResolver
@@ -118,6 +119,8 @@ class VmService:
         self._state_times: dict[str, float] = {}
         self.monitor = DomainEventMonitor(hypervisor, events, on_change=self._note_state, on_definition_change=self._forget)
         self.sidechannels = SideChannels(events, self._qmp_lookup)
+        #: SnapshotInfo -> the API's Snapshot message (set by the component; services never import the API).
+        self.snapshot_result: Callable[[snaps.SnapshotInfo], Any] = lambda info: None
 
     # -- start / stop ---------------------------------------------------------------------------
 
@@ -169,6 +172,57 @@ class VmService:
         await session.open(force=force)
         return session
 
+    # -- snapshots ------------------------------------------------------------------------------------
+
+    async def list_snapshots(self, ref: str) -> list["snaps.SnapshotInfo"]:
+        uuid, _ = await self.lookup_uuid(ref)
+        return await self.hv.call(lambda c: snaps.list_tree(c.lookupByUUIDString(uuid)), timeout=30)
+
+    async def create_snapshot(self, ref: str, name: str, *, description: str = "", quiesce: bool = False, request_id: str = "",
+                              fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+        validate_name(name, "name")
+        snaps.validate_description(description)
+        uuid, _ = await self.lookup_uuid(ref)
+
+        async def work(op: OperationContext) -> Any:
+            info = await self.hv.call(lambda c: snaps.create(c.lookupByUUIDString(uuid), name, description, quiesce), timeout=300)
+            self._cache.pop(uuid, None)  # an external snapshot changed the disk sources
+            await self.events.publish("vm.snapshot.created", resource_kind="vm", resource_id=uuid, message=f"snapshot {name} ({info.kind})",
+                                      attributes={"snapshot": name, "kind": info.kind}, operation_id=op.id)
+            return self.snapshot_result(info)
+
+        return await self._submit("vm.snapshot.create", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                  lock_timeout=lock_timeout, wait=QUICK_WAIT_S)
+
+    async def revert_snapshot(self, ref: str, name: str, *, request_id: str = "", fingerprint: str = "",
+                              lock_timeout: float = 0.0) -> OperationRecord:
+        validate_name(name, "snapshot")
+        uuid, _ = await self.lookup_uuid(ref)
+
+        async def work(op: OperationContext) -> Any:
+            await self.hv.call(lambda c: snaps.revert(c.lookupByUUIDString(uuid), name), timeout=300)
+            self._cache.pop(uuid, None)
+            await self.events.publish("vm.snapshot.reverted", resource_kind="vm", resource_id=uuid, message=f"reverted to {name}",
+                                      attributes={"snapshot": name}, operation_id=op.id)
+            return await self._result(uuid)
+
+        return await self._submit("vm.snapshot.revert", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                  lock_timeout=lock_timeout, wait=QUICK_WAIT_S)
+
+    async def delete_snapshot(self, ref: str, name: str, *, request_id: str = "", fingerprint: str = "",
+                              lock_timeout: float = 0.0) -> OperationRecord:
+        validate_name(name, "snapshot")
+        uuid, _ = await self.lookup_uuid(ref)
+
+        async def work(op: OperationContext) -> Any:
+            how = await self.hv.call(lambda c: snaps.delete(c.lookupByUUIDString(uuid), name), timeout=300)
+            await self.events.publish("vm.snapshot.deleted", resource_kind="vm", resource_id=uuid, message=f"snapshot {name} deleted ({how})",
+                                      attributes={"snapshot": name, "how": how}, operation_id=op.id)
+            return None
+
+        return await self._submit("vm.snapshot.delete", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                  lock_timeout=lock_timeout, wait=QUICK_WAIT_S)
+
     async def diagnostics(self, ref: str, *, dirty_rate_seconds: int = 0) -> Diagnostics:
         """QEMU-level facts over the side channel (query-status, vCPU threads, dirty rate,
         the last GUEST_PANICKED details); the VM must be running or paused."""
@@ -207,7 +261,10 @@ class VmService:
         disks = []
         for i, disk in enumerate(spec.disks):
             if disk.volume:
-                disks.append(await disks_r.resolve_volume(disk.volume, field=f"spec.disks[{i}].volume"))
+                # Absolute paths are local images under [compute] image_dirs; datastore ids
+                # ("datastore/relative/path") belong to the storage subsystem.
+                r = self.local_files if disk.volume.startswith("/") else disks_r
+                disks.append(await r.resolve_volume(disk.volume, field=f"spec.disks[{i}].volume"))
             else:
                 assert disk.lun is not None
                 disks.append(await disks_r.resolve_lun(disk.lun.datastore, disk.lun.lun_id, field=f"spec.disks[{i}].lun"))
@@ -637,6 +694,12 @@ class VmService:
                 raise FailedPrecondition("memory can only grow on a running VM defined with max_memory_mib (DIMM hot-plug)", field="spec.memory_mib")
             if merged.memory_mib > (old.max_memory_mib or old.memory_mib):
                 raise FailedPrecondition(f"memory_mib exceeds max_memory_mib {old.max_memory_mib}", field="spec.memory_mib")
+        if not running:
+            external = [x.name for x in await self.list_snapshots(uuid) if x.kind == "external"]
+            if external:
+                # Re-rendering would point the disks back at their base images and drop the overlays.
+                raise FailedPrecondition(f"vm has external snapshots ({', '.join(external)}); delete them before a stopped update",
+                                         field="vm")
         bindings = None if running else await self._bindings(merged)
 
         async def work(op: OperationContext) -> Any:

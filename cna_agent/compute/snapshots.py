@@ -1,0 +1,169 @@
+"""VM snapshots on libvirt, presented as a tree.
+
+* Stopped VM: an *internal* snapshot (qcow2 keeps it inside each disk image); revert and
+  delete are libvirt's own. Every disk must be qcow2 (raw images cannot hold one).
+* Running VM: an *external, disk-only* snapshot: each writable disk gets a new qcow2 overlay
+  next to it (``<disk>.<snapshot>.qcow2``, so it stays inside the disk's datastore), the old
+  image becomes its read-only backing file. ``quiesce`` freezes guest filesystems through the
+  guest agent first (libvirt's QUIESCE flag); asked without a guest agent channel it is
+  refused rather than silently skipped.
+* Revert to an external snapshot needs libvirt >= 9.9 (older ones refuse it); on older
+  libvirt the agent says so with FAILED_PRECONDITION instead of rewriting chains by hand.
+  Deleting an external snapshot that libvirt cannot merge keeps the overlay chain (the data
+  is in use) and removes only the snapshot's metadata; the result says which happened.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from xml.etree import ElementTree as ET
+from xml.sax.saxutils import escape
+
+import libvirt
+
+from cna_agent.compute import state as st
+from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+
+MAX_DESCRIPTION = 1024
+
+
+@dataclass
+class SnapshotInfo:
+    name: str
+    parent: str = ""
+    create_time: int = 0
+    description: str = ""
+    kind: str = "internal"
+    vm_state: str = st.STOPPED
+    current: bool = False
+    children: list[str] = field(default_factory=list)
+
+
+def validate_description(text: str) -> None:
+    if len(text) > MAX_DESCRIPTION:
+        raise InvalidArgument("description", f"at most {MAX_DESCRIPTION} characters")
+    if any(ord(c) < 32 and c not in "\t\n" for c in text):
+        raise InvalidArgument("description", "must not contain control characters")
+
+
+def _lookup(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot:
+    try:
+        return dom.snapshotLookupByName(name, 0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            raise NotFound(f"snapshot {name!r} not found", field="snapshot") from None
+        raise
+
+
+def _info(snap: libvirt.virDomainSnapshot) -> SnapshotInfo:
+    root = ET.fromstring(snap.getXMLDesc(0))
+    kind = "external" if any(d.get("snapshot") == "external" for d in root.iterfind("disks/disk")) else "internal"
+    state = root.findtext("state") or "shutoff"
+    vm_state = {"running": st.RUNNING, "paused": st.PAUSED, "disk-snapshot": st.RUNNING}.get(state, st.STOPPED)
+    return SnapshotInfo(name=snap.getName(), parent=root.findtext("parent/name") or "",
+                        create_time=int(root.findtext("creationTime") or 0), description=root.findtext("description") or "",
+                        kind=kind, vm_state=vm_state, current=bool(snap.isCurrent(0)))
+
+
+def list_tree(dom: libvirt.virDomain) -> list[SnapshotInfo]:
+    """All snapshots, parents before children (siblings by creation time)."""
+    infos = {s.name: s for s in (_info(x) for x in dom.listAllSnapshots(0))}
+    for s in infos.values():
+        if s.parent in infos:
+            infos[s.parent].children.append(s.name)
+    for s in infos.values():
+        s.children.sort(key=lambda n: (infos[n].create_time, n))
+    out: list[SnapshotInfo] = []
+    roots = sorted((s for s in infos.values() if s.parent not in infos), key=lambda s: (s.create_time, s.name))
+    stack = list(reversed(roots))
+    while stack:
+        s = stack.pop()
+        out.append(s)
+        stack.extend(reversed([infos[c] for c in s.children]))
+    return out
+
+
+def _disks(dom: libvirt.virDomain) -> list[tuple[str, str, str, bool]]:
+    """(target, source file, driver type, writable disk) for the domain's disks."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    out = []
+    for d in root.iterfind("devices/disk"):
+        target = d.find("target").get("dev")  # type: ignore[union-attr]
+        src = d.find("source")
+        path = (src.get("file") or src.get("dev") or "") if src is not None else ""
+        fmt = d.find("driver").get("type", "raw") if d.find("driver") is not None else "raw"  # type: ignore[union-attr]
+        writable = d.get("device", "disk") == "disk" and d.find("readonly") is None and d.find("shareable") is None
+        out.append((target, path, fmt, writable))
+    return out
+
+
+def create(dom: libvirt.virDomain, name: str, description: str, quiesce: bool) -> SnapshotInfo:
+    try:
+        dom.snapshotLookupByName(name, 0)
+        raise FailedPrecondition(f"snapshot {name!r} already exists", field="name")
+    except libvirt.libvirtError:
+        pass
+    disks = _disks(dom)
+    desc = f"<description>{escape(description)}</description>" if description else ""
+    if not dom.isActive():
+        if quiesce:
+            raise InvalidArgument("quiesce", "only applies to a running VM (a stopped VM's disks are already quiet)")
+        raw = [t for t, _p, fmt, w in disks if w and fmt != "qcow2"]
+        if raw:
+            raise FailedPrecondition(f"internal snapshots need qcow2 disks; {', '.join(raw)} are not qcow2", field="vm")
+        xml = f"<domainsnapshot><name>{escape(name)}</name>{desc}</domainsnapshot>"
+        flags = 0
+    else:
+        parts = []
+        for target, path, _fmt, writable in disks:
+            if not writable or not path:
+                parts.append(f"<disk name='{escape(target)}' snapshot='no'/>")
+                continue
+            base = os.path.splitext(path)[0]
+            overlay = f"{base}.{name}.qcow2"
+            if os.path.exists(overlay):
+                raise FailedPrecondition(f"{overlay} already exists; choose another snapshot name", field="name")
+            parts.append(f"<disk name='{escape(target)}' snapshot='external'><driver type='qcow2'/>"
+                         f"<source file='{escape(overlay)}'/></disk>")
+        if not any("external" in p for p in parts):
+            raise FailedPrecondition("the VM has no writable disk to snapshot", field="vm")
+        xml = f"<domainsnapshot><name>{escape(name)}</name>{desc}<disks>{''.join(parts)}</disks></domainsnapshot>"
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        if quiesce:
+            agent = ET.fromstring(dom.XMLDesc(0)).find("devices/channel/target[@name='org.qemu.guest_agent.0']")
+            if agent is None:
+                raise FailedPrecondition("quiesce needs the guest agent channel (spec.guest_agent)", field="quiesce")
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+    try:
+        snap = dom.snapshotCreateXML(xml, flags)
+    except libvirt.libvirtError as exc:
+        raise FailedPrecondition(f"libvirt could not take the snapshot: {exc}") from None
+    return _info(snap)
+
+
+def revert(dom: libvirt.virDomain, name: str) -> None:
+    snap = _lookup(dom, name)
+    if _info(snap).kind == "external":
+        if libvirt.getVersion() < 9_009_000:
+            raise FailedPrecondition("reverting to an external (live, disk-only) snapshot needs libvirt >= 9.9 on this host",
+                                     field="snapshot")
+        if dom.isActive():
+            raise FailedPrecondition("stop the VM before reverting to an external snapshot", field="vm")
+    try:
+        dom.revertToSnapshot(snap, 0)
+    except libvirt.libvirtError as exc:
+        raise FailedPrecondition(f"libvirt could not revert to {name!r}: {exc}") from None
+
+
+def delete(dom: libvirt.virDomain, name: str) -> str:
+    """Delete a snapshot; returns "deleted" or "metadata-only" (external data kept in use)."""
+    snap = _lookup(dom, name)
+    try:
+        snap.delete(0)
+        return "deleted"
+    except libvirt.libvirtError as exc:
+        if _info(snap).kind != "external":
+            raise FailedPrecondition(f"libvirt could not delete {name!r}: {exc}") from None
+    snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+    return "metadata-only"
