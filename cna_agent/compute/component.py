@@ -48,7 +48,8 @@ async def start(ctx: AgentContext) -> Component:
     return Component(
         name="compute",
         servicers={"cna.v1.VmService": VmServicer(service)},
-        recovery_handlers={"vm.create": service.recover_create},
+        recovery_handlers={"vm.create": service.recover_create, "vm.start": service.recover_start,
+                           "vm.shutdown": service.recover_shutdown, "vm.delete": service.recover_delete},
         service=service,
         stop=service.stop,
     )

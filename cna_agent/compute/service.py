@@ -763,3 +763,30 @@ class VmService:
             return None
         except libvirt.libvirtError:
             return OperationError(CODES["ABORTED"], "the agent stopped before the VM was defined; nothing was created")
+
+    async def _recover_by_state(self, record: OperationRecord, done: Callable[[bool, bool], bool], what: str) -> Any:
+        """Decide a cut-short operation from libvirt's state now (exists, active) instead of redoing it."""
+        from cna_agent.errors import CODES
+        from cna_agent.state.journal import OperationError
+
+        def read(conn: libvirt.virConnect) -> tuple[bool, bool]:
+            try:
+                return True, bool(conn.lookupByUUIDString(record.target).isActive())
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False, False
+                raise
+
+        exists, active = await self.hv.call(read, timeout=10)
+        if done(exists, active):
+            return None
+        return OperationError(CODES["ABORTED"], f"the agent stopped before {what}; libvirt shows it did not happen (nothing was redone)")
+
+    async def recover_start(self, record: OperationRecord) -> Any:
+        return await self._recover_by_state(record, lambda exists, active: exists and active, "the VM was started")
+
+    async def recover_shutdown(self, record: OperationRecord) -> Any:
+        return await self._recover_by_state(record, lambda exists, active: exists and not active, "the VM was shut down")
+
+    async def recover_delete(self, record: OperationRecord) -> Any:
+        return await self._recover_by_state(record, lambda exists, active: not exists, "the VM was deleted")
