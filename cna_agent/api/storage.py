@@ -145,7 +145,12 @@ class StorageServicer(pb.storage_pb2_grpc.StorageServiceServicer):
         return await self._op(context, lambda: fn(request.vm, *args, request_id=request.request_id, fingerprint=fingerprint(request)))
 
     async def AttachDisk(self, request, context):
-        return await self._vm_disk(context, "AttachDisk", "attach_disk", request, request.disk)
+        from cna_agent.api.vm_convert import spec_from_pb
+
+        # The one proto->spec conversion for disks lives in vm_convert (it converts whole
+        # VmSpecs); a spec holding only this disk reuses it.
+        disk = spec_from_pb(pb.vm_pb2.VmSpec(disks=[request.disk])).disks[0]
+        return await self._vm_disk(context, "AttachDisk", "attach_disk", request, disk)
 
     async def DetachDisk(self, request, context):
         return await self._vm_disk(context, "DetachDisk", "detach_disk", request, request.target)
@@ -154,4 +159,8 @@ class StorageServicer(pb.storage_pb2_grpc.StorageServiceServicer):
         return await self._vm_disk(context, "ResizeDisk", "resize_disk", request, request.target, request.new_size_bytes)
 
     async def SetDiskQos(self, request, context):
-        return await self._vm_disk(context, "SetDiskQos", "set_disk_qos", request, request.target, request.qos)
+        from cna_agent.compute.spec import IoQos
+
+        q = request.qos
+        qos = IoQos(q.read_bytes_sec, q.write_bytes_sec, q.total_bytes_sec, q.read_iops_sec, q.write_iops_sec, q.total_iops_sec)
+        return await self._vm_disk(context, "SetDiskQos", "set_disk_qos", request, request.target, qos)

@@ -18,6 +18,18 @@ from typing import Mapping, Protocol
 # -- disks (storage) --------------------------------------------------------------------------
 
 
+def format_from_name(path: str) -> str:
+    """A disk image's format, decided by its name: "*.qcow2" is qcow2, anything else raw.
+
+    Never probed from the file's content: the content is guest-writable, and a raw disk whose
+    guest wrote a qcow2 header would otherwise be opened as qcow2 with a backing file of the
+    guest's choosing (the classic format-probing hole). Storage and compute's local-file
+    resolver both use this one rule.
+    """
+    return "qcow2" if path.endswith(".qcow2") else "raw"
+
+
+
 @dataclass(frozen=True)
 class DiskSourceBinding:
     #: "file" (a volume on a directory datastore), "block" (a host block device: kernel

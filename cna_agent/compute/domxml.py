@@ -415,6 +415,18 @@ def metadata_element(spec_json: str, *, agent_version: str, created: str = "") -
     return root
 
 
+def metadata_for_set(spec_json: str, *, agent_version: str) -> str:
+    """The ``<vm>`` body for virDomainSetMetadata: libvirt adds the ``cna`` namespace itself
+    from the key and URI it is given, and refuses an element that already declares one
+    ("failed to create a new XML namespace")."""
+    root = ET.Element("vm")
+    root.set("agent-version", agent_version)
+    spec = ET.SubElement(root, "spec")
+    spec.set("format", "json")
+    spec.text = spec_json
+    return ET.tostring(root, encoding="unicode")
+
+
 def spec_json_from_metadata(el: ET.Element) -> str | None:
     # virDomainGetMetadata returns the element with the namespace stripped; the full domain
     # XML keeps it.

@@ -394,6 +394,11 @@ def _disk(spec: VmSpec, i: int, b: DiskSourceBinding, target: str) -> dx.Disk:
     return disk
 
 
+def disk_xml(spec: VmSpec, i: int, b: DiskSourceBinding, target: str) -> str:
+    """One <disk> element for hot-plug, rendered exactly as in a full domain."""
+    return _disk(spec, i, b, target).to_xml(pretty=False)
+
+
 def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interface:
     n = spec.nics[i]
     iface = dx.Interface(type="bridge", mac=n.mac, source_bridge=b.bridge)

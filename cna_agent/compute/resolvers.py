@@ -3,7 +3,7 @@
 Local files: a disk ``volume`` or a direct-boot kernel/initrd given as an absolute path is
 accepted only when it resolves (symlinks followed) inside one of ``[compute] image_dirs``
 (CVE-2015-5313: caller paths stay confined). The format is never probed from the file
-(guest-writable data): it is what the spec says, else raw.
+(guest-writable data): it is what the spec says, else decided by the name (bindings.format_from_name).
 
 NICs need the network subsystem: without it a NIC is refused with FAILED_PRECONDITION.
 """
@@ -15,6 +15,7 @@ from typing import Sequence
 
 from cna_agent.compute.bindings import DiskSourceBinding, NicBinding
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from cna_agent.compute.bindings import format_from_name
 
 
 def parse_image_dirs(value: str) -> tuple[str, ...]:
@@ -42,7 +43,7 @@ class LocalFileResolver:
 
     async def resolve_volume(self, volume_id: str, *, field: str) -> DiskSourceBinding:
         real = self.confine(volume_id, field=field)
-        return DiskSourceBinding(kind="file", path=real, format="raw", supports_direct_io=_direct_io_ok(real), volume_id=volume_id)
+        return DiskSourceBinding(kind="file", path=real, format=format_from_name(real), supports_direct_io=_direct_io_ok(real), volume_id=volume_id)
 
     async def resolve_lun(self, datastore: str, lun_id: str, *, field: str) -> DiskSourceBinding:
         raise FailedPrecondition(f"{field}: SAN LUNs need the storage subsystem, which is not running on this agent", field=field)

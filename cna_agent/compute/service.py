@@ -22,13 +22,14 @@ import random
 import shutil
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 from xml.etree import ElementTree as ET
 
 import libvirt
 
 from cna_agent import __version__
+from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import state as st
 from cna_agent.compute.bindings import DiskResolver, NicResolver
@@ -40,7 +41,7 @@ from cna_agent.compute.render import Bindings, RenderContext, build_domain, qmp_
 from cna_agent.compute.sidechannel import Diagnostics, SideChannels
 from cna_agent.compute.resolvers import LocalFileResolver, NoNetworkResolver
 from cna_agent.compute.spec import UUID_RE, ValidationContext, VmSpec, new_uuid, validate, validate_name
-from cna_agent.errors import AgentError, AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound
+from cna_agent.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound
 from cna_agent.operations import OperationContext, OperationRunner
 from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationRecord, RequestIdConflict
@@ -121,6 +122,7 @@ class VmService:
         self.sidechannels = SideChannels(events, self._qmp_lookup)
         #: SnapshotInfo -> the API's Snapshot message (set by the component; services never import the API).
         self.snapshot_result: Callable[[snaps.SnapshotInfo], Any] = lambda info: None
+        self.disks = DiskOperations(self)
 
     # -- start / stop ---------------------------------------------------------------------------
 
@@ -668,6 +670,20 @@ class VmService:
         return await self._submit("vm.delete", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                   lock_timeout=lock_timeout, wait=QUICK_WAIT_S)
 
+    # -- disks on a defined VM (StorageService's AttachDisk & co.; see compute/disks.py) ---------
+
+    async def attach_disk(self, ref: str, disk: Any, **kw: Any) -> OperationRecord:
+        return await self.disks.attach(ref, disk, **kw)
+
+    async def detach_disk(self, ref: str, target: str, **kw: Any) -> OperationRecord:
+        return await self.disks.detach(ref, target, **kw)
+
+    async def resize_disk(self, ref: str, target: str, new_size_bytes: int, **kw: Any) -> OperationRecord:
+        return await self.disks.resize(ref, target, new_size_bytes, **kw)
+
+    async def set_disk_qos(self, ref: str, target: str, qos: Any, **kw: Any) -> OperationRecord:
+        return await self.disks.set_qos(ref, target, qos, **kw)
+
     async def update(self, ref: str, new: VmSpec, mask: Sequence[str], *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:
         uuid, name = await self.lookup_uuid(ref)
@@ -743,8 +759,7 @@ class VmService:
                     dom.setMemoryParameters({"hard_limit": limit}, live)
                 if "autostart" in mask:
                     dom.setAutostart(1 if new.autostart else 0)
-                meta = dx.metadata_element(new.to_json(), agent_version=__version__)
-                body = ET.tostring(meta, encoding="unicode")
+                body = dx.metadata_for_set(new.to_json(), agent_version=__version__)
                 dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, "cna", dx.CNA_NS, live)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"live update failed (the guest may not support hot-plug): {exc}") from None

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Mapping
 from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.storage import paths, qemuimg
 from cna_agent.storage.runner import CommandError, CommandRunner
+from cna_agent.compute.bindings import format_from_name
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 #: Largest volume: 64 TiB (qcow2 with 64 KiB clusters handles far more, but a request beyond
@@ -59,7 +60,7 @@ class VolumeInfo:
 
 
 def format_of(relpath: str) -> str:
-    return "qcow2" if relpath.endswith(".qcow2") else "raw"
+    return format_from_name(relpath)
 
 
 def check_size(size: int, field: str) -> int:
