@@ -1,7 +1,7 @@
 """How a subsystem (compute, storage, network, ...) plugs into the daemon.
 
 Each subsystem package has a ``component`` module with ``async def start(ctx) -> Component``.
-The daemon starts them in COMPONENT_MODULES order, after the shared pieces exist and before
+The daemon starts them in COMPONENT_MODULES order (placement first: compute asks it), after the shared pieces exist and before
 operation recovery (so their recovery handlers are known) and before serving (so their
 servicers are registered). Later components can reach earlier ones through
 ``ctx.components`` (storage and network need compute's VMs). Stopping runs in reverse order.
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 #: Start order; a module that is not present in this build is skipped.
 COMPONENT_MODULES: tuple[str, ...] = (
+    "cna_agent.host.component",
     "cna_agent.compute.component",
     "cna_agent.storage.component",
     "cna_agent.network.component",

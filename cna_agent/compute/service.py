@@ -277,7 +277,23 @@ class VmService:
             kernel = self._boot_file(spec.boot.kernel, "spec.boot.kernel")
         if spec.boot.initrd:
             initrd = self._boot_file(spec.boot.initrd, "spec.boot.initrd")
-        return Bindings(disks=disks, nics=nics, kernel=kernel, initrd=initrd)
+        placement = None
+        placer = self._placer()
+        if placer is not None and (spec.dedicated_cpus or spec.hugepages):
+            # Reserved now, under the placer's lock and in the state database, so concurrent
+            # creations never share a dedicated CPU; released again if the create fails.
+            placement = await placer.plan(spec.uuid, spec.effective_max_vcpus, spec.memory_mib, dedicated=spec.dedicated_cpus,
+                                          hugepages=spec.hugepages, numa_cells=spec.numa_cells)
+        return Bindings(disks=disks, nics=nics, kernel=kernel, initrd=initrd, placement=placement)
+
+    def _placer(self) -> Any:
+        placement = self._components.get("placement")
+        return getattr(placement, "service", None) if placement is not None else None
+
+    async def _release_placement(self, uuid: str) -> None:
+        placer = self._placer()
+        if placer is not None:
+            await placer.release(uuid)
 
     def _boot_file(self, path: str, field: str) -> str:
         storage = self._components.get("storage")
@@ -457,6 +473,10 @@ class VmService:
             # same target and returns the first operation instead of creating a second VM.
             spec.uuid = str(uuidlib.uuid5(REQUEST_NS, request_id)) if request_id else new_uuid()
         spec.uuid = spec.uuid.lower()
+        placer = self._placer()
+        # Only a reservation this call makes is released on failure (a create naming an
+        # existing VM's uuid must not free that VM's CPUs).
+        reserved_here = placer is not None and placer.get(spec.uuid) is None
         bindings = await self._bindings(spec)
         self._fill_macs(spec)
         xml = self._render(spec, bindings)
@@ -481,7 +501,12 @@ class VmService:
                     dom.setAutostart(1)
 
             self._prepare_dirs(spec.uuid)
-            await self.hv.call(define, timeout=30)
+            try:
+                await self.hv.call(define, timeout=30)
+            except Exception:
+                if reserved_here:
+                    await self._release_placement(spec.uuid)
+                raise
             self._cache[spec.uuid] = _Cached(spec.name, True, spec)
             await self.events.publish("vm.defined", resource_kind="vm", resource_id=spec.uuid, resource_name=spec.name,
                                       message=f"{spec.name} defined", operation_id=op.id)
@@ -490,8 +515,13 @@ class VmService:
                 await self._start_domain(spec.uuid)
             return await self._result(spec.uuid)
 
-        return await self._submit("vm.create", spec.uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                  lock_timeout=lock_timeout, wait=30.0 if start else QUICK_WAIT_S)
+        try:
+            return await self._submit("vm.create", spec.uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                      lock_timeout=lock_timeout, wait=30.0 if start else QUICK_WAIT_S)
+        except Exception:
+            if reserved_here:
+                await self._release_placement(spec.uuid)  # refused before it ran (busy, request id reuse)
+            raise
 
     def _prepare_dirs(self, uuid: str) -> None:
         os.makedirs(vm_run_dir(self.render_ctx, uuid), mode=0o700, exist_ok=True)
@@ -662,6 +692,7 @@ class VmService:
                 for i, disk in enumerate(cached.spec.disks):
                     if disk.volume and not disk.shareable and disk.device != "cdrom":
                         await deleter(disk.volume, field=f"spec.disks[{i}].volume")
+            await self._release_placement(uuid)
             await self.events.publish("vm.deleted", resource_kind="vm", resource_id=uuid, resource_name=name,
                                       message=f"{name} deleted", attributes={"delete_disks": str(delete_disks).lower()},
                                       operation_id=op.id)

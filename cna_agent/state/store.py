@@ -63,6 +63,10 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_resource ON events(resource_id, sequence);
     CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: CPU/NUMA placements of VMs (host/placement.py), restored on start
+    """
+    CREATE TABLE placements (vm_uuid TEXT PRIMARY KEY, placement TEXT NOT NULL, update_time REAL NOT NULL);
+    """,
 )
 
 
