@@ -270,6 +270,9 @@ class Planner:
         # Emulator threads: shared CPUs of the VM's nodes, counting the CPUs this VM just took.
         scratch = list(placements) + [Placement(req.uuid, True, tuple(owned), {})]
         emulator = self.shared_pool(scratch, nodes) or self.shared_pool(scratch) or self.reserved
+        if not emulator:
+            # Unpinned emulator threads would run on dedicated CPUs, breaking every guarantee.
+            raise _NoFit("no CPU would be left for emulator threads (all dedicated; reserve host CPUs with [host] reserved_cpus)")
         plan = PlacementPlan(
             vcpu_pins=pins,
             emulator_cpus=emulator,

@@ -187,8 +187,10 @@ def test_properties_no_double_booking_memory_within_nodes(topo, reqs, reserve):
     for p in placed:
         pinned = [c for cpus in p.plan.vcpu_pins.values() for c in cpus]
         now = current[p.uuid]
-        # Floating threads never sit on anyone's dedicated CPU once re-derived.
+        # Floating threads never sit on anyone's dedicated CPU once re-derived, and always
+        # have somewhere to run.
         assert not set(now.emulator_cpus) & set(owned)
+        assert now.emulator_cpus
         if not p.dedicated:
             assert not {c for cpus in now.vcpu_pins.values() for c in cpus} & set(owned)
         if p.dedicated:
@@ -210,8 +212,8 @@ def test_property_a_small_dedicated_vm_stays_in_one_cluster_when_one_has_room(to
     planner = Planner(topo)
     tpc = topo.threads_per_core
     need_cores = -(-vcpus // tpc)
-    if need_cores > topo.cores_per_cluster:
-        return
+    if need_cores > topo.cores_per_cluster or need_cores * tpc >= len(topo.online_cpus):
+        return  # too big for a cluster, or it would leave no CPU for its emulator threads
     vm = planner.plan(VmRequest("s", vcpus, 128, dedicated=True), [])
     assert len({_cluster(topo, c) for c in vm.owned_cpus}) == 1
     assert len(vm.plan.memory_nodes) == 1
