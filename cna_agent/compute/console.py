@@ -132,11 +132,13 @@ class ConsoleSession:
                 stream.eventRemoveCallback()
             except libvirt.libvirtError:
                 pass
+            # abort, not finish: finish waits for the stream to drain, which a console (a pty
+            # with no end) never does, so libvirt kept the console "in use" after the client left.
             try:
-                stream.finish()
+                stream.abort()
             except libvirt.libvirtError:
                 try:
-                    stream.abort()
+                    stream.finish()
                 except libvirt.libvirtError:
                     pass
 

@@ -152,11 +152,11 @@ def test_serial_console_types_into_the_guest_and_reads_back(vm_agent_factory) ->
         third.close()
 
         # cna-ctl with a non-tty stdin (script use)
-        import time
-
-        time.sleep(1)  # libvirt releases the console after the cancelled stream is torn down
+        # KNOWN ISSUE (see the issue notes): after a client cancels its SerialConsole stream,
+        # libvirt can keep reporting an active console session, so the CLI takes over with
+        # --force here instead of relying on the release.
         exe = Path(sys.executable).with_name("cna-ctl")
-        p = subprocess.run([str(exe), "--socket", str(agent.socket), "vm", "console", "cons", "--linger", "5"],
+        p = subprocess.run([str(exe), "--socket", str(agent.socket), "vm", "console", "cons", "--force", "--linger", "5"],
                            input=f"echo ctl-{token}\n".encode(), capture_output=True, timeout=60)
         assert p.returncode == 0, p.stderr.decode()
         assert f"\nctl-{token}" in p.stdout.decode(errors="replace").replace("\r", ""), p.stdout[-500:]
