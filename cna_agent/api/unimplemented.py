@@ -46,7 +46,8 @@ def pb_message_class(full_name: str):
 
 def unimplemented_service(full_name: str) -> grpc.GenericRpcHandler:
     """A handler answering every method of ``full_name`` with a clear UNIMPLEMENTED."""
-    for mod in (pb.vm_pb2, pb.storage_pb2, pb.network_pb2, pb.host_pb2, pb.operations_pb2, pb.events_pb2):
+    modules = [getattr(pb, n) for n in dir(pb) if n.endswith("_pb2")]
+    for mod in modules:
         for svc in mod.DESCRIPTOR.services_by_name.values():
             if svc.full_name == full_name:
                 handlers = {m.name: _unimplemented_handler(full_name, m) for m in svc.methods}
