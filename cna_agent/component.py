@@ -30,6 +30,7 @@ COMPONENT_MODULES: tuple[str, ...] = (
     "cna_agent.compute.component",
     "cna_agent.storage.component",
     "cna_agent.network.component",
+    "cna_agent.vrm.component",
 )
 
 

@@ -150,6 +150,46 @@ class LogConfig:
 class MetricsConfig:
     #: Prometheus endpoint "host:port"; empty = off.
     listen: str = ""
+    #: Serve metrics on a non-loopback address (they name VMs). Off: refused at start.
+    allow_remote: bool = False
+
+
+#: Stats groups of libvirt's bulk call (virConnectGetAllDomainStats) the agent may ask for.
+VM_STATS_GROUPS: tuple[str, ...] = ("state", "cpu-total", "vcpu", "balloon", "block", "interface")
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    #: Seconds between samples (one bulk libvirt call for all VMs, plus psutil for the host);
+    #: rates are deltas between consecutive samples. Used by the VRM heartbeat and metrics.
+    interval_s: float = 10.0
+    #: Comma-separated bulk stats groups (libvirt's names, as in ``virsh domstats --<group>``).
+    vm_stats: str = ",".join(VM_STATS_GROUPS)
+
+
+@dataclass(frozen=True)
+class VrmConfig:
+    """The link to the central manager (cna_agent.vrm.link)."""
+
+    #: VRM gRPC address "host:port"; empty = no link (the agent only serves its node API).
+    address: str = ""
+    #: Client certificate and key presented to the VRM, and the CA that signs the VRM's
+    #: server certificate (mutual TLS). All empty = plaintext.
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    #: Talk plaintext to a VRM that is not on loopback. Off: refused at start.
+    allow_insecure: bool = False
+    #: Host identity sent to the VRM; empty = the host's (host.host_uuid, machine-id, libvirt).
+    host_uuid: str = ""
+    #: The node API address the VRM calls back ("host:port"); empty = grpc.listen.
+    endpoint: str = ""
+    heartbeat_interval_s: float = 10.0
+    #: Reconnect back-off: exponential from min to max seconds, with full jitter.
+    backoff_min_s: float = 1.0
+    backoff_max_s: float = 60.0
+    #: Most events in one batch on the stream.
+    batch_size: int = 500
 
 
 @dataclass(frozen=True)
@@ -164,6 +204,8 @@ class AgentConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    vrm: VrmConfig = field(default_factory=VrmConfig)
     #: Files that were read, in order (for check-config and the start-up log line).
     sources: tuple[str, ...] = ()
 
@@ -221,6 +263,8 @@ _SECTION_TYPES: dict[str, type] = {
     "network": NetworkConfig,
     "log": LogConfig,
     "metrics": MetricsConfig,
+    "stats": StatsConfig,
+    "vrm": VrmConfig,
 }
 
 
@@ -470,6 +514,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _validate_vrm(vrm: VrmConfig, fail) -> None:
+    for key in ("address", "endpoint"):
+        value = getattr(vrm, key)
+        if value:
+            try:
+                host, _ = parse_host_port(value)
+            except ValueError as exc:
+                fail("vrm", key, f"{value!r}: {exc}")
+            if key == "address" and not (vrm.cert or vrm.ca) and not is_loopback(host) and not vrm.allow_insecure:
+                fail("vrm", "address", f"{value!r} is not a loopback address and TLS is not configured; "
+                     "set vrm.ca (and vrm.cert/vrm.key for mutual TLS), or vrm.allow_insecure = true")
+    if bool(vrm.cert) != bool(vrm.key):
+        present, missing = ("cert", "key") if vrm.cert else ("key", "cert")
+        fail("vrm", present, f"vrm.{missing} is missing: vrm.cert and vrm.key must be set together")
+    for key in ("cert", "key", "ca"):
+        value = getattr(vrm, key)
+        if value and not os.path.isabs(value):
+            fail("vrm", key, f"{value!r} must be an absolute path")
+    if vrm.host_uuid:
+        import uuid as _uuid
+
+        try:
+            _uuid.UUID(vrm.host_uuid)
+        except ValueError:
+            fail("vrm", "host_uuid", f"{vrm.host_uuid!r} is not a UUID")
+    for key in ("heartbeat_interval_s", "backoff_min_s", "backoff_max_s"):
+        if getattr(vrm, key) <= 0:
+            fail("vrm", key, "must be greater than 0")
+    if vrm.backoff_max_s < vrm.backoff_min_s:
+        fail("vrm", "backoff_max_s", f"{vrm.backoff_max_s} is below vrm.backoff_min_s ({vrm.backoff_min_s})")
+    if not 1 <= vrm.batch_size <= 10_000:
+        fail("vrm", "batch_size", f"{vrm.batch_size} is not in 1..10000")
+
+
 def _validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
     def fail(section: str, key: str, why: str) -> None:
         origin = origins.get((section, key), "defaults")
@@ -538,9 +616,19 @@ def _validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
         fail("log", "format", f"{cfg.log.format!r} is not one of text, json")
     if cfg.metrics.listen:
         try:
-            parse_host_port(cfg.metrics.listen)
+            host, _ = parse_host_port(cfg.metrics.listen)
         except ValueError as exc:
             fail("metrics", "listen", f"{cfg.metrics.listen!r}: {exc}")
+        if not is_loopback(host) and not cfg.metrics.allow_remote:
+            fail("metrics", "listen", f"{cfg.metrics.listen!r} is not a loopback address; metrics name VMs, "
+                 "set metrics.allow_remote = true to serve them beyond this host")
+    if cfg.stats.interval_s < 1:
+        fail("stats", "interval_s", f"{cfg.stats.interval_s} is below the minimum 1")
+    groups = [g.strip() for g in cfg.stats.vm_stats.split(",") if g.strip()]
+    for group in groups:
+        if group not in VM_STATS_GROUPS:
+            fail("stats", "vm_stats", f"{group!r} is not one of {', '.join(VM_STATS_GROUPS)}")
+    _validate_vrm(cfg.vrm, fail)
     if cfg.host.reserved_cpus:
         from cna_agent.host.cpulist import parse_cpulist
 
