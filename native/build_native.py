@@ -28,9 +28,9 @@ REPO_ROOT = NATIVE_DIR.parent
 MODULE_NAME = "cna_agent._native"
 
 # C translation units compiled into the module, relative to this directory.
-C_SOURCES: list[str] = ["topology.c"]
+C_SOURCES: list[str] = ["topology.c", "affinity.c"]
 # Headers the generated wrapper includes (they carry the prototypes and struct layouts).
-HEADERS: list[str] = ["topology.h"]
+HEADERS: list[str] = ["topology.h", "affinity.h"]
 
 # What Python sees. Struct layouts must match the headers exactly (cffi checks field offsets
 # at compile time in API mode, so a drift fails the build instead of corrupting memory).
@@ -80,6 +80,28 @@ int cna_topo_scan(const char *root, struct cna_topo_buf *buf);
 int cna_parse_cpulist(const char *text, int32_t *out, int32_t cap, int32_t *n_out);
 int cna_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t *out4);
 int cna_read_midr_self(uint64_t *out);
+
+/* affinity.h */
+#define CNA_AFF_MAX_NODES 1024
+
+struct cna_thread_stat {
+    int32_t tid;
+    int32_t last_cpu;
+    uint64_t utime;
+    uint64_t stime;
+    char state;
+    char comm[16];
+    char pad[7];
+};
+
+int cna_aff_list_tasks(const int32_t *pids, int32_t n_pids, int32_t *tids, int32_t *owner,
+                       int32_t cap, int32_t *n_out, int32_t *errs);
+int cna_aff_set(const int32_t *tids, int32_t n, const uint8_t *masks, int32_t n_masks,
+                int32_t mask_bytes, const int32_t *mask_idx, int32_t *errs);
+int cna_aff_get(const int32_t *tids, int32_t n, uint8_t *out, int32_t mask_bytes, int32_t *errs);
+int cna_aff_thread_stats(int32_t pid, const int32_t *tids, int32_t n, struct cna_thread_stat *out,
+                         int32_t *errs);
+int cna_aff_numa_maps(int32_t pid, int64_t *kib, int32_t n_nodes, int64_t *overflow_kib);
 """
 
 EXTRA_COMPILE_ARGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
