@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cna_agent.cli.datastore",
     "cna_agent.cli.volume",
     "cna_agent.cli.net",
+    "cna_agent.cli.vrm",
 )
 
 
