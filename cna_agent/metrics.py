@@ -242,9 +242,9 @@ class MetricsEndpoint:
     """prometheus_client's HTTP server on ``host:port`` in a thread."""
 
     def __init__(self, listen: str, registry: CollectorRegistry) -> None:
-        from cna_agent.config import parse_host_port
-
-        self.host, self.port = parse_host_port(listen)
+        """``listen`` is "host:port" as validated by config (port 0 = any free port, for tests)."""
+        host, _, port = listen.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
         self._registry = registry
         self._server: Any = None
         self._thread: Any = None
