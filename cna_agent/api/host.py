@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 
 from cna_agent.api import pb
 from cna_agent.api.convert import timestamp
+from cna_agent.api.status import abort_with
+from cna_agent.errors import AgentError, Unimplemented
 from cna_agent.host.service import Capabilities, HostService, Stats
+
+if TYPE_CHECKING:
+    from cna_agent.host.drift import HostPlacementReport, PlacementMonitor
 
 _ARCH = {"x86_64": pb.common_pb2.ARCH_X86_64, "aarch64": pb.common_pb2.ARCH_AARCH64}
 _HEALTH = {"ok": pb.common_pb2.HEALTH_OK, "degraded": pb.common_pb2.HEALTH_DEGRADED, "unreachable": pb.common_pb2.HEALTH_UNREACHABLE}
@@ -111,9 +118,45 @@ def stats_to_pb(stats: Stats) -> pb.host_pb2.HostStats:
     )
 
 
+def placement_to_pb(report: "HostPlacementReport") -> pb.host_pb2.PlacementReport:
+    vms = []
+    for v in report.vms:
+        plan = v.plan
+        vms.append(pb.host_pb2.VmPlacement(
+            vm_uuid=v.uuid, vm_name=v.name, state=v.state, qemu_pid=v.pid, dedicated=plan.dedicated,
+            memory_nodes=list(plan.memory_nodes), memory_mode=plan.memory_mode, hugepage_kib=plan.hugepage_kib or 0,
+            emulator_cpus=list(plan.emulator_cpus),
+            memory=[pb.host_pb2.NodeMemory(node=n, resident_bytes=k * 1024, planned=n in plan.memory_nodes)
+                    for n, k in sorted(v.memory_kib.items())],
+            threads=[pb.host_pb2.ThreadPlacement(
+                tid=t.tid, name=t.name, role=t.role, index=t.index, planned_cpus=list(t.planned),
+                allowed_cpus=list(t.allowed), last_cpu=t.last_cpu, cpu_seconds=t.cpu_seconds, drifted=t.drifted)
+                for t in v.threads],
+            drift=list(v.drift),
+        ))
+    return pb.host_pb2.PlacementReport(time=timestamp(report.time), reserved_cpus=list(report.reserved_cpus),
+                                       shared_cpus=list(report.shared_cpus), vms=vms, native=report.native)
+
+
 class HostServicer(pb.host_pb2_grpc.HostServiceServicer):
-    def __init__(self, service: HostService) -> None:
+    """``placement``: the placement component's drift monitor; that component registers this
+    servicer with it (replacing the daemon's plain one), so GetPlacement answers only where a
+    planner runs."""
+
+    def __init__(self, service: HostService, placement: "PlacementMonitor | None" = None) -> None:
         self._service = service
+        self._placement = placement
+
+    async def GetPlacement(self, request: pb.host_pb2.GetPlacementRequest, context: grpc.aio.ServicerContext) -> pb.host_pb2.PlacementReport:
+        from cna_agent.host.drift import host_report
+
+        try:
+            if self._placement is None:
+                raise Unimplemented("this agent runs no placement planner")
+            return placement_to_pb(await host_report(self._placement, request.vm))
+        except AgentError as exc:
+            await abort_with(context, exc)
+            raise  # unreachable: abort raises
 
     async def GetCapabilities(self, request: pb.host_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext) -> pb.host_pb2.HostCapabilities:
         return capabilities_to_pb(await self._service.capabilities(refresh=request.refresh))

@@ -95,3 +95,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     hs = host.add_parser("stats", parents=[common], help="CPU, memory, load, NIC and disk counters")
     hs.add_argument("--per-cpu", action="store_true", help="include per-CPU utilisation")
     hs.set_defaults(func=cmd_host_stats)
+    from cna_agent.cli import placement
+
+    placement.register(host, common)
