@@ -21,12 +21,19 @@ def running_agent(extra_config: str = "", *, tcp: bool = False) -> Iterator[Path
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     base = Path(tempfile.mkdtemp(prefix="cna-bench-"))
+    base.chmod(0o711)  # an unprivileged QEMU (qemu:///system) must be able to traverse it
     sock = base / "run" / "agent.sock"
     cfg = base / "agent.toml"
     cfg.write_text(
         f'[grpc]\nlisten = ""\nunix_socket = "{sock}"\n[state]\ndir = "{base / "state"}"\nrun_dir = "{base / "run"}"\n'
         f'[log]\nlevel = "warning"\n{extra_config}'
     )
+    if "uri" not in extra_config:
+        # Measure the agent's own embedded driver, not whatever libvirtd happens to run.
+        uri = f'uri = "qemu:///embed?root={base / "state" / "libvirt"}"\n'
+        text = cfg.read_text()
+        text = text.replace("[libvirt]\n", "[libvirt]\n" + uri, 1) if "[libvirt]\n" in text else text + "[libvirt]\n" + uri
+        cfg.write_text(text)
     script = Path(sys.executable).with_name("cna-agent")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "cna_agent.daemon"]
     log = (base / "agent.log").open("wb")

@@ -52,6 +52,9 @@ def open_raw_libvirt(root: str):
 
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     ensure_event_loop()
+    from cna_agent.compute.hypervisor import prepare_embedded_root
+
+    prepare_embedded_root(root)  # the same qemu.conf as the agent's embedded root: like for like
     return libvirt.open(f"qemu:///embed?root={root}")
 
 
@@ -64,6 +67,8 @@ def main() -> None:
     os.chmod(raw_root, 0o755)  # like a libvirt-created root: QEMU (dropped privileges) must traverse it
     conn = open_raw_libvirt(raw_root)
     ctx = RenderContext(host_arch="x86_64", virt_type="qemu", state_dir=raw_root, run_dir=os.path.join(raw_root, "run"))
+    # The same XML as the agent's includes its QMP side-channel socket; its directory must exist.
+    os.makedirs(os.path.join(raw_root, "run", "qmp"), exist_ok=True)
     agent_ms: list[float] = []
     libvirt_ms: list[float] = []
     try:

@@ -149,6 +149,10 @@ class HypervisorFacts:
     kvm_in_domcaps: bool
     machine_types: tuple[str, ...]
     firmware: tuple[str, ...]
+    #: uid/gid QEMU runs as (libvirt's DAC base label; None when unknown). Non-root under
+    #: libvirtd/virqemud: files QEMU itself creates must be in directories it may write.
+    qemu_uid: int | None = None
+    qemu_gid: int | None = None
 
 
 def _version_str(v: int) -> str:
@@ -358,6 +362,16 @@ class Hypervisor:
             firmware = sorted({v.text for v in dcaps.findall("os/enum[@name='firmware']/value") if v.text})
         except libvirt.libvirtError:
             pass
+        qemu_uid = qemu_gid = None
+        for secmodel in caps.findall("host/secmodel"):
+            if secmodel.findtext("model") != "dac":
+                continue
+            for label in secmodel.findall("baselabel"):
+                if label.get("type") in ("kvm", "qemu") and label.text and ":" in label.text:
+                    u, g = label.text.replace("+", "").split(":", 1)
+                    if u.isdigit() and g.isdigit():
+                        qemu_uid, qemu_gid = int(u), int(g)
+                        break
         return HypervisorFacts(
             uri=self.uri,
             mode=self.mode,
@@ -370,6 +384,8 @@ class Hypervisor:
             kvm_in_domcaps=kvm,
             machine_types=tuple(machines),
             firmware=tuple(firmware),
+            qemu_uid=qemu_uid,
+            qemu_gid=qemu_gid,
         )
 
     async def counts(self) -> tuple[int, int]:

@@ -526,7 +526,28 @@ class VmService:
     def _prepare_dirs(self, uuid: str) -> None:
         os.makedirs(vm_run_dir(self.render_ctx, uuid), mode=0o700, exist_ok=True)
         if self.render_ctx.qmp_side_channel:
-            os.makedirs(os.path.dirname(qmp_socket_path(self.render_ctx, uuid)), mode=0o700, exist_ok=True)
+            qmp_dir = os.path.dirname(qmp_socket_path(self.render_ctx, uuid))
+            os.makedirs(qmp_dir, mode=0o700, exist_ok=True)
+            facts = self.hv.facts
+            if facts is not None and facts.qemu_uid not in (None, 0):
+                # QEMU under libvirtd/virtqemud runs unprivileged and creates the side-channel
+                # socket itself: the socket directory is its own, and the directories above it
+                # are traversable (0711: no listing) so it can reach it.
+                os.chown(qmp_dir, facts.qemu_uid, facts.qemu_gid if facts.qemu_gid is not None else -1)
+                run_dir = os.path.realpath(self.render_ctx.run_dir)
+                path = os.path.dirname(os.path.realpath(qmp_dir))
+                while True:
+                    mode = os.stat(path).st_mode
+                    if not mode & 0o001:
+                        if path == run_dir or path.startswith(run_dir + os.sep):
+                            os.chmod(path, (mode & 0o7777) | 0o011)  # the agent's own directories
+                        else:
+                            raise FailedPrecondition(
+                                f"QEMU runs as uid {facts.qemu_uid} and cannot reach {qmp_dir}: {path} is not "
+                                "traversable (chmod o+x), or move [state] run_dir", field="vm")
+                    if path == "/":
+                        break
+                    path = os.path.dirname(path)
         os.makedirs(os.path.join(self.render_ctx.state_dir, "nvram"), mode=0o700, exist_ok=True)
 
     async def _start_domain(self, uuid: str) -> None:
