@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from cna_agent.host.cpulist import MAX_CPUS
+from cna_agent.host.cpulist import MAX_CPUS, format_cpulist, parse_cpulist
 
 __all__ = [
     "MAX_NODES",
@@ -40,6 +40,7 @@ __all__ = [
     "native_available",
     "numa_memory_kib",
     "pin_processes",
+    "repin_threads",
     "set_affinity",
     "thread_stats",
 ]
@@ -236,6 +237,98 @@ def pin_processes(pins: Mapping[int, Iterable[int]], *, use_native: bool | None 
     assignments = {tid: cpus_of[pid] for pid, tids in threads.items() for tid in tids}
     failed = set_affinity(assignments, use_native=use_native)
     return len(assignments) - len(failed), failed
+
+
+# --------------------------------------------------------------------------- cgroup cpusets
+
+
+def _cgroup_mounts() -> tuple[str | None, str | None]:
+    """(cgroup v1 cpuset mount point, cgroup2 mount point) from /proc/self/mountinfo."""
+    v1 = v2 = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, rfields = left.split(), right.split()
+                if len(fields) < 5 or len(rfields) < 3:
+                    continue
+                if rfields[0] == "cgroup" and "cpuset" in rfields[2].split(","):
+                    v1 = v1 or fields[4]
+                elif rfields[0] == "cgroup2":
+                    v2 = v2 or fields[4]
+    except OSError:
+        pass
+    return v1, v2
+
+
+def cpuset_dir(pid: int, tid: int) -> str | None:
+    """The cpuset cgroup directory a thread is in, or None (no cpuset controller / root)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/cgroup", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v1, v2 = _cgroup_mounts()
+    for line in lines:
+        _hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if v1 and "cpuset" in controllers.split(","):
+            return os.path.join(v1, path.lstrip("/")) if path not in ("", "/") else None
+    for line in lines:
+        if line.startswith("0::") and v2:
+            path = line[3:]
+            d = os.path.join(v2, path.lstrip("/"))
+            if path not in ("", "/") and os.path.exists(os.path.join(d, "cpuset.cpus")):
+                return d
+    return None
+
+
+def _read_cpuset(d: str) -> tuple[int, ...]:
+    with open(os.path.join(d, "cpuset.cpus"), encoding="ascii") as f:
+        return parse_cpulist(f.read())
+
+
+def _widen_cpuset(d: str, cpus: tuple[int, ...], root: str) -> None:
+    """Make cgroup ``d`` allow exactly ``cpus``, widening ancestors below ``root`` first
+    (a v1 child's cpus must be a subset of its parent's). Ancestors only ever grow."""
+    parent = os.path.dirname(d)
+    if parent != root and parent.startswith(root + "/"):
+        have = _read_cpuset(parent)
+        if not set(cpus) <= set(have):
+            _widen_cpuset(parent, tuple(sorted(set(have) | set(cpus))), root)
+    with open(os.path.join(d, "cpuset.cpus"), "w", encoding="ascii") as f:
+        f.write(format_cpulist(cpus))
+
+
+def repin_threads(pid: int, assignments: Mapping[int, Iterable[int]], *, use_native: bool | None = None) -> dict[int, int]:
+    """Live re-pin of a (QEMU) process's threads, also where cgroups confine them.
+
+    The fast path is one native batch. libvirt puts each vCPU, I/O thread and the emulator
+    threads of a guest in their own cpuset cgroup (…/vcpu0, …/emulator), and the kernel
+    refuses (EINVAL) an affinity outside a thread's cpuset. For those threads the cgroup's
+    cpuset.cpus is rewritten to the union of its threads' targets (as libvirt does for
+    ``virsh vcpupin --live``; the cgroup's other tasks follow it, which is right because
+    libvirt groups threads by role) and the batch is retried. Returns {tid: errno} failures.
+    """
+    wanted = {tid: _check_cpus(cpus, f"thread {tid}") for tid, cpus in assignments.items()}
+    failed = set_affinity(wanted, use_native=use_native)
+    confined = [tid for tid, err in failed.items() if err == errno.EINVAL]
+    if not confined:
+        return failed
+    by_dir: dict[str, set[int]] = {}
+    for tid in confined:
+        d = cpuset_dir(pid, tid)
+        if d is not None:
+            by_dir.setdefault(d, set()).update(wanted[tid])
+    v1, v2 = _cgroup_mounts()
+    for d, cpus in by_dir.items():
+        root = v1 if v1 and d.startswith(v1 + "/") else v2 or "/"
+        try:
+            _widen_cpuset(d, tuple(sorted(cpus)), root)
+        except OSError:
+            continue  # the retry below reports the thread's errno
+    retried = set_affinity({tid: wanted[tid] for tid in confined}, use_native=use_native)
+    return {tid: err for tid, err in failed.items() if tid not in confined} | retried
 
 
 # --------------------------------------------------------------------------- /proc stats

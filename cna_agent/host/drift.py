@@ -140,7 +140,7 @@ def inspect(uuid: str, name: str, state: str, pid: int, plan: PlacementPlan, *,
 def repair(view: VmView, *, use_native: bool | None = None) -> dict[int, int]:
     """Re-pin the drifted threads of one VM in one batch; {tid: errno} of those that failed."""
     wanted = {t.tid: t.planned for t in view.threads if t.drifted}
-    return affinity.set_affinity(wanted, use_native=use_native) if wanted else {}
+    return affinity.repin_threads(view.pid, wanted, use_native=use_native) if wanted else {}
 
 
 #: Finds a placed VM's (name, state, qemu pid); raises when libvirt has no such VM.

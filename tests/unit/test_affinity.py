@@ -284,3 +284,35 @@ def test_numa_memory_of_a_gone_process_raises():
     for native in (True, False):
         with pytest.raises(OSError):
             aff.numa_memory_kib(dead.pid, use_native=native)
+
+
+def _scratch_cpuset() -> Path | None:
+    v1, _ = aff._cgroup_mounts()
+    if os.geteuid() != 0 or not v1 or len(CPUS) < 2:
+        return None
+    d = Path(v1) / f"cna-test-{os.getpid()}"
+    d.mkdir()
+    (d / "cpuset.mems").write_text((Path(v1) / "cpuset.mems").read_text())
+    (d / "cpuset.cpus").write_text(str(CPUS[0]))
+    return d
+
+
+def test_repin_threads_widens_a_confining_cpuset_cgroup_as_libvirt_sets_them_up(child):
+    """A thread in its own cpuset cgroup (as libvirt puts each vCPU thread): a bare
+    sched_setaffinity outside it fails with EINVAL; repin_threads rewrites the cgroup first."""
+    d = _scratch_cpuset()
+    if d is None:
+        pytest.skip("needs root, a cgroup v1 cpuset hierarchy and 2 CPUs")
+    tid = child.workers[0]
+    try:
+        (d / "tasks").write_text(str(tid))
+        assert proc_allowed(child.pid, tid) == (CPUS[0],)
+        assert aff.cpuset_dir(child.pid, tid) == str(d)
+        assert aff.set_affinity({tid: (CPUS[1],)}) == {tid: errno.EINVAL}
+        assert aff.repin_threads(child.pid, {tid: (CPUS[1],), child.workers[1]: (CPUS[0],)}) == {}
+        assert proc_allowed(child.pid, tid) == (CPUS[1],)
+        assert proc_allowed(child.pid, child.workers[1]) == (CPUS[0],)
+        assert parse_cpulist((d / "cpuset.cpus").read_text()) == (CPUS[1],)
+    finally:
+        (d.parent / "tasks").write_text(str(tid))
+        d.rmdir()
