@@ -13,7 +13,8 @@ Policies (what an admin of a bank or telecom cloud expects, and why):
   busy neighbour on the same core would steal the pinned vCPU's execution units.
 * **Pack into clusters**: on Kunpeng 920, 4 cores share an L3 tag (a cluster). A VM's cores
   come from as few clusters as possible, a small VM from a single cluster whenever one has
-  room (best fit, so big free clusters stay whole for big VMs).
+  room (best fit, so big free clusters stay whole for big VMs); a node where the VM fits in
+  one cluster is preferred over a fragmented best-fit node.
 * **One NUMA node when it fits**, else the fewest nodes closest to each other (by the SLIT
   distances), with guest NUMA cells mirroring the host nodes so the guest kernel knows.
   Dedicated VMs best-fit nodes (less fragmentation); shared VMs go to the node with the most
@@ -21,7 +22,8 @@ Policies (what an admin of a bank or telecom cloud expects, and why):
 * **Shared VMs float** on the shared pool of their node(s): online CPUs minus the host's
   reserved CPUs minus every dedicated CPU. When a dedicated VM shrinks the pool, the shared
   VMs' pins (and every VM's emulator threads) are re-derived (:meth:`Planner.current_plans`)
-  and the agent re-pins them live.
+  and the agent re-pins them live (host/drift.py). A dedicated VM never takes the last shared
+  CPU of a node where shared VMs live (their vCPUs would leave their memory's node).
 * **Emulator and I/O threads** run on the shared pool of the VM's node(s) (never on a
   dedicated CPU); with no shared CPUs left there, on the host's reserved CPUs.
 * **Memory** is accounted per node against its size minus a host reserve; with hugepages, the
@@ -214,7 +216,18 @@ class Planner:
         free_mem = {n: self.node_capacity_mib(n) - used_mem.get(n, 0) for n in ids}
         free_cores = {n: sum(1 for c in self.cores if c.node == n and not set(c.threads) & taken) for n in ids}
         if req.dedicated:
-            order = sorted(ids, key=lambda n: (free_cores[n], free_mem[n], n))  # best fit
+            # Best fit, but a node where the VM fits inside one cluster comes first: a small
+            # VM is never split across clusters while some node has a cluster with room.
+            tpc = max((len(c.threads) for c in self.cores), default=1)
+            need = -(-req.vcpus // tpc)
+            in_cluster: dict[int, bool] = {}
+            for n in ids:
+                groups: dict[tuple[int, ...], int] = {}
+                for c in self.cores:
+                    if c.node == n and not set(c.threads) & taken:
+                        groups[c.group] = groups.get(c.group, 0) + 1
+                in_cluster[n] = any(k >= need for k in groups.values())
+            order = sorted(ids, key=lambda n: (not in_cluster[n], free_cores[n], free_mem[n], n))
         else:
             order = sorted(ids, key=lambda n: (-free_mem[n], n))  # spread
         sizes = [req.numa_cells] if req.numa_cells else list(range(1, len(ids) + 1))
@@ -269,6 +282,13 @@ class Planner:
             cells.append(GuestNumaCell(cell_id, tuple(range(vcpu - count, vcpu)), mib, node))
         # Emulator threads: shared CPUs of the VM's nodes, counting the CPUs this VM just took.
         scratch = list(placements) + [Placement(req.uuid, True, tuple(owned), {})]
+        if req.dedicated:
+            # Shared VMs float on their node's shared pool: taking its last CPU would push their
+            # vCPUs onto another node, away from their memory.
+            for node in nodes:
+                if not self.shared_pool(scratch, [node]) and any(
+                        not p.dedicated and node in p.plan.memory_nodes for p in placements):
+                    raise _NoFit(f"NUMA node {node} would have no shared CPU left for the shared VMs placed there")
         emulator = self.shared_pool(scratch, nodes) or self.shared_pool(scratch) or self.reserved
         if not emulator:
             # Unpinned emulator threads would run on dedicated CPUs, breaking every guarantee.
