@@ -5,7 +5,9 @@ It implements cna.v1.VrmService: agents register (several at once), stream heart
 event batches, and get cumulative acks. Everything lands in one SQLite file, so the simulator
 can be killed and restarted on the same store (it then tells each agent the last sequence it
 holds, and the agent resumes after it), or started on a fresh store (it reports 0 and receives
-the whole log again). Events are stored once per (host, sequence); duplicates are counted.
+the whole log again). Events are stored once per (host, event log, sequence); duplicates are
+counted. A host whose agent comes back with a new event log (state directory wiped) starts a
+new resume point instead of inheriting the old log's acks.
 
     vrm-sim serve --listen 127.0.0.1:7800 --db /tmp/vrm.db [--cert --key --ca] [--no-resume-point]
     vrm-sim hosts  --db /tmp/vrm.db [--json]        hosts, their last heartbeat and backlog
@@ -41,12 +43,12 @@ CREATE TABLE IF NOT EXISTS hosts (
     host_uuid TEXT PRIMARY KEY, hostname TEXT, agent_version TEXT, endpoint TEXT, session_id TEXT,
     registered_at REAL, connected INTEGER DEFAULT 0, last_heartbeat REAL, heartbeat TEXT,
     duplicates INTEGER DEFAULT 0, pruned_through INTEGER DEFAULT 0, registrations INTEGER DEFAULT 0,
-    capabilities TEXT
+    capabilities TEXT, event_log_id TEXT DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     host_uuid TEXT NOT NULL, sequence INTEGER NOT NULL, time REAL, type TEXT, severity INTEGER,
     resource_kind TEXT, resource_id TEXT, resource_name TEXT, message TEXT, attributes TEXT,
-    received_at REAL, PRIMARY KEY (host_uuid, sequence)
+    received_at REAL, event_log_id TEXT NOT NULL DEFAULT '', PRIMARY KEY (host_uuid, event_log_id, sequence)
 );
 """
 
@@ -69,31 +71,41 @@ class Store:
     def __init__(self, path: str) -> None:
         self.db = open_db(path)
 
+    def log_id(self, host: str) -> str:
+        row = self.db.execute("SELECT event_log_id FROM hosts WHERE host_uuid = ?", (host,)).fetchone()
+        return row["event_log_id"] if row else ""
+
     def last_acked(self, host: str) -> int:
-        row = self.db.execute("SELECT MAX(sequence) AS s FROM events WHERE host_uuid = ?", (host,)).fetchone()
+        log_id = self.log_id(host)
+        row = self.db.execute("SELECT MAX(sequence) AS s FROM events WHERE host_uuid = ? AND event_log_id = ?", (host, log_id)).fetchone()
         pruned = self.db.execute("SELECT pruned_through FROM hosts WHERE host_uuid = ?", (host,)).fetchone()
         return max(int(row["s"] or 0), int(pruned["pruned_through"] or 0) if pruned else 0)
 
     def register(self, req: Any, session: str) -> None:
         caps = _json(req.capabilities) if req.HasField("capabilities") else "{}"
+        if self.log_id(req.host_uuid) not in ("", req.event_log_id):
+            print(f"new-event-log host={req.host_uuid} old={self.log_id(req.host_uuid)} new={req.event_log_id}", flush=True)
+            self.db.execute("UPDATE hosts SET pruned_through = 0 WHERE host_uuid = ?", (req.host_uuid,))
         self.db.execute(
-            "INSERT INTO hosts(host_uuid, hostname, agent_version, endpoint, session_id, registered_at, registrations, capabilities)"
-            " VALUES (?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT(host_uuid) DO UPDATE SET hostname = excluded.hostname,"
+            "INSERT INTO hosts(host_uuid, hostname, agent_version, endpoint, session_id, registered_at, registrations, capabilities,"
+            " event_log_id) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT(host_uuid) DO UPDATE SET hostname = excluded.hostname,"
             " agent_version = excluded.agent_version, endpoint = excluded.endpoint, session_id = excluded.session_id,"
-            " registered_at = excluded.registered_at, registrations = registrations + 1, capabilities = excluded.capabilities",
-            (req.host_uuid, req.hostname, req.agent_version, req.endpoint, session, time.time(), caps),
+            " registered_at = excluded.registered_at, registrations = registrations + 1, capabilities = excluded.capabilities,"
+            " event_log_id = excluded.event_log_id",
+            (req.host_uuid, req.hostname, req.agent_version, req.endpoint, session, time.time(), caps, req.event_log_id),
         )
 
     def store_events(self, host: str, batch: Any) -> tuple[int, int]:
         """Insert a batch; returns (new, duplicates)."""
         new = dup = 0
+        log_id = self.log_id(host)
         self.db.execute("BEGIN")
         try:
             for ev in batch.events:
                 cur = self.db.execute(
-                    "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (host, ev.sequence, ev.time.seconds + ev.time.nanos / 1e9, ev.type, ev.severity, ev.resource_kind,
-                     ev.resource_id, ev.resource_name, ev.message, json.dumps(dict(ev.attributes)), time.time()),
+                     ev.resource_id, ev.resource_name, ev.message, json.dumps(dict(ev.attributes)), time.time(), log_id),
                 )
                 if cur.rowcount:
                     new += 1

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: kv key holding the last sequence the VRM acknowledged.
 ACK_KEY = "vrm.acked_sequence"
+#: kv key holding this event log's identity (made once, with the database).
+LOG_ID_KEY = "vrm.event_log_id"
 SESSION_METADATA = "x-cna-session"
 
 DISABLED, DISCONNECTED, CONNECTING, CONNECTED = "disabled", "disconnected", "connecting", "connected"
@@ -112,6 +115,7 @@ class VrmLink:
         self._sent_through = 0
         self._last_heard = 0.0
         self._heard = False
+        self._log_id = ""
         self._interval = config.heartbeat_interval_s
 
     # -- public -------------------------------------------------------------------------
@@ -129,6 +133,7 @@ class VrmLink:
         if not self.enabled or self._task is not None:
             return
         self._acked = int(await self._store.run(self._store.get_value, ACK_KEY, "0") or 0)
+        self._log_id = await self._store.run(self._event_log_id)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="vrm-link")
 
     async def stop(self) -> None:
@@ -141,6 +146,13 @@ class VrmLink:
             pass
         self._task = None
         self._set(state=DISCONNECTED)
+
+    def _event_log_id(self) -> str:
+        log_id = self._store.get_value(LOG_ID_KEY)
+        if not log_id:
+            log_id = str(uuid.uuid4())
+            self._store.set_value(LOG_ID_KEY, log_id)
+        return log_id
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -192,12 +204,20 @@ class VrmLink:
             request = await self._register_request()
             last, oldest = await self._store.run(lambda: (self._events.log.last_sequence(), self._events.log.oldest_sequence()))
             request.last_sequence, request.oldest_sequence, request.agent_acked_sequence = last, oldest, self._acked
+            request.event_log_id = self._log_id
             self._set(host_uuid=request.host_uuid)
             reply = await stub.Register(request, timeout=30)
             if reply.HasField("last_acked_sequence"):
-                # The VRM's word wins both ways: lower = it lost events (send them again),
-                # higher = it got them through another session.
-                await self._persist_ack(reply.last_acked_sequence, force=True)
+                if reply.last_acked_sequence > last:
+                    # Acks for events this log never wrote: a VRM mixing up logs. Skipping
+                    # to its number would lose events; keep our own resume point.
+                    log.warning("event=vrm.ack_beyond_log vrm_acked=%d last_sequence=%d using=%d",
+                                reply.last_acked_sequence, last, min(self._acked, last))
+                    await self._persist_ack(min(self._acked, last), force=True)
+                else:
+                    # The VRM's word wins otherwise: lower = it lost events (send them
+                    # again), higher = it got them in a session whose acks we missed.
+                    await self._persist_ack(reply.last_acked_sequence, force=True)
             if reply.heartbeat_interval_seconds > 0:
                 self._interval = reply.heartbeat_interval_seconds
             after = self._acked

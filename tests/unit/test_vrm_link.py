@@ -20,7 +20,7 @@ from cna_agent.api import pb
 from cna_agent.config import VrmConfig
 from cna_agent.state.eventlog import EventHub, EventLog
 from cna_agent.state.store import StateStore
-from cna_agent.vrm.link import ACK_KEY, CONNECTED, DISCONNECTED, VrmLink, backoff_delay
+from cna_agent.vrm.link import ACK_KEY, CONNECTED, LOG_ID_KEY, DISCONNECTED, VrmLink, backoff_delay
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import vrm_sim  # noqa: E402
@@ -191,8 +191,9 @@ def test_pruned_events_are_announced_not_skipped_silently(tmp_path):
         # The VRM acked sequence 5 long ago; since then 1200 events came and the log kept 100+.
         await publish(hub, 5, "old")
         store.set_value(ACK_KEY, "5")
-        sim.store.db.execute("INSERT INTO hosts(host_uuid, hostname) VALUES (?, 'h1')", (HOST,))
-        sim.store.db.execute("INSERT INTO events(host_uuid, sequence, type) VALUES (?, 5, 'x')", (HOST,))
+        store.set_value(LOG_ID_KEY, "log-1")
+        sim.store.db.execute("INSERT INTO hosts(host_uuid, hostname, event_log_id) VALUES (?, 'h1', 'log-1')", (HOST,))
+        sim.store.db.execute("INSERT INTO events(host_uuid, sequence, type, event_log_id) VALUES (?, 5, 'x', 'log-1')", (HOST,))
         await publish(hub, 1200, "new")
         oldest = hub.log.oldest_sequence()
         last = hub.log.last_sequence()
@@ -314,3 +315,65 @@ def test_vrm_config_accepts_tls_and_remote_with_ca(tmp_path):
     cfg.write_text('[vrm]\naddress = "vrm.example:7800"\nca = "/etc/ca.pem"\ncert = "/etc/c.pem"\nkey = "/etc/k.pem"\n')
     c = load_config(cfg, environ={})
     assert c.vrm.address == "vrm.example:7800" and c.vrm.ca == "/etc/ca.pem"
+
+
+def test_wiped_agent_state_is_a_new_event_log_not_duplicates_of_the_old_one(tmp_path):
+    async def scenario():
+        sim = Sim(tmp_path / "vrm.db")
+        await sim.start()
+        store, hub = open_state(tmp_path / "old")
+        await publish(hub, 5, "old")
+        link = make_link(store, hub, sim.port)
+        await link.start()
+        await wait_for(lambda: link.status().acked_sequence == 5)
+        await link.stop()
+        store.close()
+        store, hub = open_state(tmp_path / "reinstalled")  # same host, empty state directory
+        await publish(hub, 3, "new")
+        link = make_link(store, hub, sim.port)
+        await link.start()
+        await wait_for(lambda: link.status().acked_sequence == 3, what="the new log acked")
+        await link.stop()
+        await sim.stop()
+        return sim._query("SELECT event_log_id, sequence FROM events WHERE host_uuid = ? ORDER BY rowid"), sim.duplicates()
+
+    rows, dups = asyncio.run(scenario())
+    logs = list(dict.fromkeys(r[0] for r in rows))
+    assert len(logs) == 2 and all(logs)
+    assert [s for lid, s in rows if lid == logs[0]] == [1, 2, 3, 4, 5]
+    assert [s for lid, s in rows if lid == logs[1]] == [1, 2, 3]
+    assert dups == 0
+
+
+class ConfusedVrm(pb.vrm_pb2_grpc.VrmServiceServicer):
+    """Claims to hold events far beyond anything this agent's log ever wrote."""
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+
+    async def Register(self, request, context):
+        return pb.vrm_pb2.RegisterResponse(session_id="s", last_acked_sequence=request.last_sequence + 1000)
+
+    async def Connect(self, request_iterator, context):
+        async for msg in request_iterator:
+            self.got.extend(e.sequence for e in msg.events.events)
+            yield pb.vrm_pb2.VrmMessage(ack=pb.vrm_pb2.Ack(sequence=max(self.got, default=0)))
+
+
+def test_ack_beyond_the_log_is_not_trusted(tmp_path):
+    async def scenario():
+        store, hub = open_state(tmp_path)
+        vrm = ConfusedVrm()
+        server = grpc.aio.server()
+        pb.vrm_pb2_grpc.add_VrmServiceServicer_to_server(vrm, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await publish(hub, 4, "x")
+        link = make_link(store, hub, port)
+        await link.start()
+        await wait_for(lambda: link.status().acked_sequence == 4)
+        await link.stop()
+        await server.stop(None)
+        return vrm.got
+
+    assert asyncio.run(scenario()) == [1, 2, 3, 4]
