@@ -56,10 +56,22 @@ def test_property_a_small_dedicated_vm_takes_one_cluster_whenever_a_cluster_has_
     tpc = topo.threads_per_core
     need = -(-vcpus // tpc)
     free_by_cluster: dict[tuple, int] = {}
+    node_of_group: dict[tuple, int] = {}
     for core in planner.cores:
         if not set(core.threads) & taken:
             free_by_cluster[core.group] = free_by_cluster.get(core.group, 0) + 1
-    if not any(n >= need for n in free_by_cluster.values()):
+            node_of_group[core.group] = core.node
+
+    def room(group: tuple) -> bool:
+        # Room = enough free whole cores, memory on that node, and taking the cores leaves
+        # the node's shared VMs a CPU.
+        node = node_of_group[group]
+        shared_vms = any(not p.dedicated and node in p.plan.memory_nodes for p in placed)
+        free_mem = planner.node_capacity_mib(node) - sum(p.memory_mib.get(node, 0) for p in placed)
+        return (free_by_cluster[group] >= need and free_mem >= 64
+                and (not shared_vms or len(planner.shared_pool(placed, [node])) > need * tpc))
+
+    if not any(room(g) for g in free_by_cluster):
         return  # no cluster has room: splitting is allowed
     try:
         vm = planner.plan(VmRequest("new", vcpus, 64, dedicated=True), placed)
