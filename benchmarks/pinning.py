@@ -7,8 +7,9 @@ against libvirt's per-vCPU API, and how long the planner takes to place a full h
 
 * native_ms / python_ms: re-pin every thread of N multi-threaded child processes (default
   20 x 8 worker threads, plus each process's main thread) — list /proc/<pid>/task and
-  sched_setaffinity each thread: ``affinity.pin_processes`` with use_native=True (one call to
-  list, one to pin) vs use_native=False (os.listdir + os.sched_setaffinity per thread).
+  sched_setaffinity each thread: ``affinity.pin_processes`` with use_native=True (one C call
+  lists and pins every thread) vs use_native=False (os.listdir + os.sched_setaffinity per
+  thread). The syscalls themselves (a thread migration each) are most of the cost on both.
   Every run moves all threads to the other CPU set, so each call really changes affinity.
 * libvirt_ms: ``virDomain.pinVcpu`` for every vCPU of G real QEMU TCG guests (default 4 x 2
   vCPUs; diskless, no OS, started on this process's own embedded libvirt QEMU driver).

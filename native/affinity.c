@@ -96,6 +96,51 @@ int cna_aff_set(const int32_t *tids, int32_t n, const uint8_t *masks, int32_t n_
     return done;
 }
 
+int cna_aff_pin_tasks(const int32_t *pids, int32_t n_pids, const uint8_t *masks, int32_t n_masks,
+                      int32_t mask_bytes, const int32_t *mask_idx, int32_t *done, int32_t *pid_errs,
+                      int32_t *failed_tids, int32_t *failed_errs, int32_t failed_cap, int32_t *n_failed)
+{
+    char path[64];
+    int total = 0;
+    int32_t nf = 0;
+    if (n_pids < 0 || n_masks < 0 || failed_cap < 0 || !n_failed || !mask_bytes_ok(mask_bytes))
+        return -EINVAL;
+    for (int32_t i = 0; i < n_pids; i++)
+        if (mask_idx[i] < 0 || mask_idx[i] >= n_masks || pids[i] <= 0)
+            return -ERANGE;
+    for (int32_t i = 0; i < n_pids; i++) {
+        const cpu_set_t *set = (const cpu_set_t *)(masks + (size_t)mask_idx[i] * (size_t)mask_bytes);
+        done[i] = 0;
+        pid_errs[i] = 0;
+        snprintf(path, sizeof(path), "/proc/%d/task", (int)pids[i]);
+        DIR *dir = opendir(path);
+        if (!dir) {
+            pid_errs[i] = errno;
+            continue;
+        }
+        struct dirent *de;
+        while ((de = readdir(dir)) != NULL) {
+            int64_t tid = parse_u(de->d_name, strlen(de->d_name));
+            if (tid <= 0 || tid > INT32_MAX)
+                continue;
+            if (syscall(SYS_sched_setaffinity, (pid_t)tid, (size_t)mask_bytes, set) == 0) {
+                done[i]++;
+                total++;
+            } else {
+                if (nf < failed_cap) {
+                    failed_tids[nf] = (int32_t)tid;
+                    failed_errs[nf] = errno;
+                }
+                if (nf < INT32_MAX)
+                    nf++;
+            }
+        }
+        closedir(dir);
+    }
+    *n_failed = nf;
+    return total;
+}
+
 int cna_aff_get(const int32_t *tids, int32_t n, uint8_t *out, int32_t mask_bytes, int32_t *errs)
 {
     int done = 0;

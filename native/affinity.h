@@ -50,6 +50,18 @@ int cna_aff_set(const int32_t *tids, int32_t n, const uint8_t *masks, int32_t n_
                 int32_t mask_bytes, const int32_t *mask_idx, int32_t *errs);
 
 /*
+ * Re-pin every thread of many processes in one call: for each pids[i], every entry of
+ * /proc/<pid>/task gets masks[mask_idx[i] * mask_bytes ...]. done[i] counts its threads pinned;
+ * pid_errs[i] is the errno when the process could not be listed (gone). Threads that failed
+ * are stored as (failed_tids[k], failed_errs[k]) up to failed_cap; *n_failed counts them all
+ * (more than failed_cap: the caller re-checks). Returns the total pinned, or a negative errno
+ * for bad arguments (checked before anything changes).
+ */
+int cna_aff_pin_tasks(const int32_t *pids, int32_t n_pids, const uint8_t *masks, int32_t n_masks,
+                      int32_t mask_bytes, const int32_t *mask_idx, int32_t *done, int32_t *pid_errs,
+                      int32_t *failed_tids, int32_t *failed_errs, int32_t failed_cap, int32_t *n_failed);
+
+/*
  * sched_getaffinity for n tids into out[k * mask_bytes ...] (mask_bytes a multiple of 8 and
  * large enough for the kernel's nr_cpu_ids). errs[k] is 0 or the errno. Returns the number read.
  */

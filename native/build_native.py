@@ -98,6 +98,9 @@ int cna_aff_list_tasks(const int32_t *pids, int32_t n_pids, int32_t *tids, int32
                        int32_t cap, int32_t *n_out, int32_t *errs);
 int cna_aff_set(const int32_t *tids, int32_t n, const uint8_t *masks, int32_t n_masks,
                 int32_t mask_bytes, const int32_t *mask_idx, int32_t *errs);
+int cna_aff_pin_tasks(const int32_t *pids, int32_t n_pids, const uint8_t *masks, int32_t n_masks,
+                      int32_t mask_bytes, const int32_t *mask_idx, int32_t *done, int32_t *pid_errs,
+                      int32_t *failed_tids, int32_t *failed_errs, int32_t failed_cap, int32_t *n_failed);
 int cna_aff_get(const int32_t *tids, int32_t n, uint8_t *out, int32_t mask_bytes, int32_t *errs);
 int cna_aff_thread_stats(int32_t pid, const int32_t *tids, int32_t n, struct cna_thread_stat *out,
                          int32_t *errs);

@@ -228,15 +228,45 @@ def get_affinity(tids: Iterable[int], *, use_native: bool | None = None) -> dict
 
 
 def pin_processes(pins: Mapping[int, Iterable[int]], *, use_native: bool | None = None) -> tuple[int, dict[int, int]]:
-    """Pin every thread of each pid to that pid's CPU set: one listing, one affinity batch.
+    """Pin every thread of each pid to that pid's CPU set.
 
+    Native: ONE call lists /proc/<pid>/task of every process and pins each thread as it is
+    listed (no per-thread Python at all). Python: os.listdir + os.sched_setaffinity per thread.
     Returns (threads pinned, {tid: errno} of threads that failed, e.g. exited meanwhile).
+    Processes that are gone are skipped.
     """
     cpus_of = {pid: _check_cpus(cpus, f"process {pid}") for pid, cpus in pins.items()}
-    threads = list_threads(cpus_of, use_native=use_native)
-    assignments = {tid: cpus_of[pid] for pid, tids in threads.items() for tid in tids}
-    failed = set_affinity(assignments, use_native=use_native)
-    return len(assignments) - len(failed), failed
+    _check_ids(cpus_of, "pids")
+    if not cpus_of:
+        return 0, {}
+    if not _use_native(use_native):
+        threads = list_threads(cpus_of, use_native=False)
+        assignments = {tid: cpus_of[pid] for pid, tids in threads.items() for tid in tids}
+        failed = set_affinity(assignments, use_native=False)
+        return len(assignments) - len(failed), failed
+    from cna_agent._native import ffi, lib
+
+    pids = list(cpus_of)
+    nbytes = _mask_bytes(max(c[-1] for c in cpus_of.values()))
+    index: dict[tuple[int, ...], int] = {}
+    for cpus in cpus_of.values():
+        index.setdefault(cpus, len(index))
+    masks = b"".join(_to_mask(cpus, nbytes) for cpus in index)
+    n = len(pids)
+    cap = 64 * n + 64
+    done = ffi.new("int32_t[]", n)
+    pid_errs = ffi.new("int32_t[]", n)
+    failed_tids = ffi.new("int32_t[]", cap)
+    failed_errs = ffi.new("int32_t[]", cap)
+    n_failed = ffi.new("int32_t *")
+    rc = lib.cna_aff_pin_tasks(ffi.new("int32_t[]", pids), n, ffi.from_buffer("uint8_t[]", masks), len(index), nbytes,
+                               ffi.new("int32_t[]", [index[cpus_of[p]] for p in pids]), done, pid_errs,
+                               failed_tids, failed_errs, cap, n_failed)
+    if rc < 0:
+        raise OSError(-rc, f"batch re-pin refused: {os.strerror(-rc)}")
+    if n_failed[0] > cap:  # too many failures to list: the per-thread path names each one
+        return pin_processes(pins, use_native=False)
+    return rc, {failed_tids[k]: failed_errs[k] for k in range(n_failed[0])}
 
 
 # --------------------------------------------------------------------------- cgroup cpusets
