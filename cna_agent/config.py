@@ -110,6 +110,11 @@ class HostConfig:
     console_listen: str = "127.0.0.1"
     #: Host identity reported to the VRM; empty = the libvirt host UUID / machine-id.
     host_uuid: str = ""
+    #: How often real vCPU/emulator affinity and memory nodes are compared with the placement
+    #: plan (seconds; 0 = no periodic check), and whether drift is repaired (re-pinned) or only
+    #: reported as placement.drift events.
+    placement_check_interval_s: float = 60.0
+    placement_repair: bool = False
 
 
 @dataclass(frozen=True)
@@ -645,6 +650,8 @@ def _validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
         fail("network", "ovsdb_timeout_s", "must be greater than 0")
     if cfg.network.reconcile_interval_s < 0:
         fail("network", "reconcile_interval_s", "must be 0 (off) or greater")
+    if cfg.host.placement_check_interval_s < 0:
+        fail("host", "placement_check_interval_s", "must be 0 (off) or a positive number of seconds")
     try:
         ipaddress.ip_address(cfg.host.console_listen)
     except ValueError:
