@@ -141,9 +141,12 @@ def test_vrm_sim_gets_every_event_once_across_vrm_kill_and_agent_kill9(libvirt_c
         def vm_in_heartbeat():
             rows = sim.query("SELECT heartbeat FROM hosts WHERE host_uuid = ?", (host,))
             beat = json.loads(rows[0][0] or "{}") if rows else {}
-            return next((v for v in beat.get("vms", []) if v.get("uuid") == vm_uuid and v.get("cpu_time_ns")), None)
+            # A heartbeat sampled while QEMU was still starting says STARTING: wait for one
+            # taken once the VM runs.
+            return next((v for v in beat.get("vms", []) if v.get("uuid") == vm_uuid and v.get("cpu_time_ns")
+                         and v.get("state") == "VM_STATE_RUNNING"), None)
 
-        vm_stats = wait_until(vm_in_heartbeat, 30, "VM stats in a heartbeat")
+        vm_stats = wait_until(vm_in_heartbeat, 60, "VM stats of the running VM in a heartbeat")
         assert vm_stats["state"] == "VM_STATE_RUNNING" and vm_stats["vcpus_current"] == 1
         wait_until(lambda: vrm_events(sim, host) == agent_sequences(agent), 30, "events before the VRM kill")
         assert any(t == "vm.lifecycle" for _, t in vrm_events(sim, host))
