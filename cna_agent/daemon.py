@@ -120,7 +120,9 @@ async def build_agent(config: AgentConfig):
         log.info("event=component.started name=%s services=%s", component.name, ",".join(component.servicers) or "-")
 
     recovered = await runner.recover(recovery)
-    server = AgentServer(config, servicers)
+    from cna_agent.metrics import rpc_on_call
+
+    server = AgentServer(config, servicers, on_call=rpc_on_call)
     await events.publish(
         "agent.started", resource_kind="agent", resource_name=platform.node(),
         message=f"cna-agent {__version__} started", attributes={
