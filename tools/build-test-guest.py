@@ -7,10 +7,14 @@ boots in a few seconds, prints machine-readable lines on the serial console and 
 
 Usage::
 
-    tools/build-test-guest.py [--arch x86_64|aarch64] [--out DIR] [--refresh] [--print-json]
+    tools/build-test-guest.py [--arch x86_64|aarch64] [--out DIR] [--refresh] [--print-json] [--boot-disk]
 
 Output (default ``<repo>/.cache/guests/<arch>/``, or ``$CNA_GUEST_CACHE/<arch>/``, or ``--out``):
-``vmlinuz``, ``initrd.gz``, ``manifest.json``. The guest is rebuilt only when a file is missing or
+``vmlinuz``, ``initrd.gz``, ``manifest.json``; with ``--boot-disk`` (x86_64) also ``disk.raw``: a
+64 MiB MBR disk whose first partition (FAT16, 40 MiB) holds the same kernel and initramfs behind
+SYSLINUX, so SeaBIOS boots the guest *from the disk* (root-disk tests: a LUN, an imported vmdk, a
+linked clone) with ``cna.bootsrc=disk`` on its command line; the last 23 MiB are unpartitioned
+scratch space a test may write to. The guest is rebuilt only when a file is missing or
 the recipe (this script + arch) changed; ``--refresh`` also re-resolves the newest kernel package
 and rebuilds when its version changed. Only the Python standard library, ``apt-get``/``apt-cache``
 and ``dpkg-deb`` are used; foreign-architecture packages are fetched with private apt lists so the
@@ -19,7 +23,7 @@ host's dpkg architectures are never changed.
 Guest console protocol (console: ttyS0 on x86_64, ttyAMA0 on aarch64; pass ``console=<tty>``):
 
 * ``CNA-FACT key=value`` lines (arch, kernel, cpus, numa_nodes, mem_kb, net, block, per-device
-  details, boot) are printed first, then the marker ``CNA-GUEST-READY boot=<n>``
+  details, boot, bootsrc = ``kernel`` or the ``cna.bootsrc=`` value) are printed first, then the marker ``CNA-GUEST-READY boot=<n>``
   (``cna.marker=WORD`` on the kernel command line replaces ``CNA-GUEST-READY``). ``n`` is a boot
   counter kept in the first 16 bytes of a disk whose serial is ``cna-state`` (attach a small raw
   file to count boots); without that disk it is always 1 (x86 CMOS NVRAM was tried: Linux's
@@ -145,6 +149,7 @@ for d in $(disks); do
   s=$(cat /sys/block/$d/serial 2>/dev/null) && [ -n "$s" ] && fact "block.$d.serial" "$s"
 done
 fact boot "$BOOT"
+fact bootsrc "$(arg cna.bootsrc || echo kernel)"
 
 # --- hot-plug watcher ------------------------------------------------------------------------
 (
@@ -529,6 +534,64 @@ def build(arch: str, out: Path, refresh: bool = False, log=print) -> dict:
         return manifest
 
 
+# The BIOS boot disk: MBR (syslinux mbr.bin) + one bootable FAT16 partition at 1 MiB.
+DISK_SIZE = 64 * 1024 * 1024
+BOOT_PART_START = 2048  # sectors
+BOOT_PART_SECTORS = 81920  # 40 MiB
+SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
+SYSLINUX_CFG = """DEFAULT cna
+PROMPT 0
+TIMEOUT 0
+LABEL cna
+  KERNEL vmlinuz
+  INITRD initrd.gz
+  APPEND console={console} cna.bootsrc=disk
+"""
+
+
+def build_boot_disk(arch: str, out: Path, manifest: dict, log=print) -> Path:
+    """A raw disk SeaBIOS boots through SYSLINUX; rebuilt when the kernel/initramfs change.
+
+    No loop devices or mounts (containers and CI hosts often have neither): sfdisk writes the
+    partition table into the file, mkfs.vfat/mcopy/syslinux work at a byte offset inside it.
+    """
+    if arch != "x86_64":
+        raise RuntimeError("the boot disk uses SYSLINUX (BIOS); only x86_64 is supported")
+    disk = out / "disk.raw"
+    stamp = out / "disk.raw.inputs"
+    want = hashlib.sha256((manifest["inputs_hash"] + sha256_file(Path(manifest["initrd"]))
+                           + SYSLINUX_CFG).encode()).hexdigest()
+    with (out / ".lock").open("w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        if disk.exists() and stamp.exists() and stamp.read_text().strip() == want:
+            return disk
+        for tool in ("sfdisk", "mkfs.vfat", "mcopy", "syslinux"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} not found (tools/setup.sh installs syslinux mtools dosfstools fdisk)")
+        tmp = out / "disk.raw.new"
+        tmp.unlink(missing_ok=True)
+        with tmp.open("wb") as f:
+            f.truncate(DISK_SIZE)
+        table = f"label: dos\nstart={BOOT_PART_START}, size={BOOT_PART_SECTORS}, type=6, bootable\n"
+        p = subprocess.run(["sfdisk", "-q", str(tmp)], input=table, capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError(f"sfdisk failed: {p.stderr.strip()}")
+        with tmp.open("r+b") as f:  # boot code only: the partition table after byte 440 stays
+            f.write(SYSLINUX_MBR.read_bytes()[:440])
+        off = BOOT_PART_START * 512
+        run(["mkfs.vfat", "--offset", str(BOOT_PART_START), "-h", str(BOOT_PART_START), "-n", "CNABOOT",
+             str(tmp), str(BOOT_PART_SECTORS // 2)], timeout=60)
+        with tempfile.TemporaryDirectory(prefix="cna-disk-", dir=out) as t:
+            cfg = Path(t) / "syslinux.cfg"
+            cfg.write_text(SYSLINUX_CFG.format(console=CONSOLES[arch]))
+            run(["mcopy", "-i", f"{tmp}@@{off}", manifest["kernel"], manifest["initrd"], str(cfg), "::/"], timeout=60)
+        run(["syslinux", "--offset", str(off), "--install", str(tmp)], timeout=60)
+        os.replace(tmp, disk)
+        stamp.write_text(want + "\n")
+        log(f"built {arch} boot disk {disk}")
+        return disk
+
+
 def default_out(arch: str) -> Path:
     base = os.environ.get("CNA_GUEST_CACHE")
     return (Path(base) if base else REPO / ".cache" / "guests") / arch
@@ -541,17 +604,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="output dir (default $CNA_GUEST_CACHE/<arch> or .cache/guests/<arch>)")
     ap.add_argument("--refresh", action="store_true", help="re-resolve the newest kernel and rebuild if it changed")
     ap.add_argument("--print-json", action="store_true", help="print kernel/initrd/arch/marker/console as JSON")
+    ap.add_argument("--boot-disk", action="store_true", help="also build disk.raw, a BIOS-bootable disk (x86_64)")
     a = ap.parse_args(argv)
     out = (a.out or default_out(a.arch)).resolve()
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     try:
-        m = build(a.arch, out, refresh=a.refresh, log=lambda s: print(s, file=sys.stderr))
+        m = build(a.arch, out, refresh=a.refresh, log=log)
+        info = {k: m[k] for k in ("kernel", "initrd", "arch", "marker", "console")}
+        if a.boot_disk:
+            info["boot_disk"] = str(build_boot_disk(a.arch, out, m, log=log))
     except RuntimeError as e:
         print(f"build-test-guest: {e}", file=sys.stderr)
         return 1
     if a.print_json:
-        print(json.dumps({k: m[k] for k in ("kernel", "initrd", "arch", "marker", "console")}))
+        print(json.dumps(info))
     else:
-        print(f"kernel={m['kernel']}\ninitrd={m['initrd']}")
+        print("\n".join(f"{k}={v}" for k, v in info.items() if k in ("kernel", "initrd", "boot_disk")))
     return 0
 
 

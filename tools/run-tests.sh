@@ -14,7 +14,9 @@ py="$repo/.venv/bin/python"
 # (netdev) Open vSwitch instances on one host break each other.
 if [ -x "$repo/tools/build-test-guest.py" ]; then
   for arch in x86_64 aarch64; do
-    "$py" "$repo/tools/build-test-guest.py" --arch "$arch" || echo "run-tests: building the $arch test guest failed" >&2
+    extra=()
+    [ "$arch" = x86_64 ] && extra=(--boot-disk)  # root-disk tests (iSCSI LUN, vmdk import, linked clone)
+    "$py" "$repo/tools/build-test-guest.py" --arch "$arch" "${extra[@]}" || echo "run-tests: building the $arch test guest failed" >&2
   done
 fi
 

@@ -8,7 +8,8 @@
 # for x86_64 and aarch64 guests with their UEFI firmware, qemu-img, libvirt headers to build
 # libvirt-python against THIS host's libvirt (a PyPI binding newer than the host library has
 # hung other agents: DESIGN.md), Open vSwitch, tgt (iSCSI target for tests), open-iscsi and
-# libiscsi tools, and what the test-guest builder uses (cpio, apt's download).
+# libiscsi tools, and what the test-guest builder uses (cpio, apt's download; syslinux, mtools,
+# dosfstools and fdisk for the BIOS-bootable disk image).
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,6 +22,7 @@ debs=(
   qemu-system-x86 qemu-system-arm qemu-utils qemu-block-extra ovmf qemu-efi-aarch64
   openvswitch-switch tgt open-iscsi libiscsi-bin
   gcc libc6-dev cpio gzip iproute2 openssl procps
+  syslinux syslinux-common mtools dosfstools fdisk
 )
 
 if [ "$(id -u)" -ne 0 ]; then
