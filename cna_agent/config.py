@@ -123,6 +123,12 @@ class ComputeConfig:
     #: (direct-boot kernels/initrds, disk images) while no storage subsystem resolves volumes.
     #: Empty = none: every path is refused.
     image_dirs: str = ""
+    #: A VM paused by an I/O error (disks use error_policy=stop) is resumed by the agent once
+    #: every failed disk's storage answers again ("auto", VDSM's auto_resume), or stays paused
+    #: for the VRM/admin ("manual").
+    io_error_resume: str = "auto"
+    #: Seconds between checks of VMs paused by I/O errors (also checked at each I/O error event).
+    io_error_check_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -644,6 +650,10 @@ def _validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
     for image_dir in filter(None, (d.strip() for d in cfg.compute.image_dirs.split(","))):
         if not os.path.isabs(image_dir):
             fail("compute", "image_dirs", f"{image_dir!r} must be an absolute path")
+    if cfg.compute.io_error_resume not in ("auto", "manual"):
+        fail("compute", "io_error_resume", f"{cfg.compute.io_error_resume!r} is not one of auto, manual")
+    if cfg.compute.io_error_check_interval_s <= 0:
+        fail("compute", "io_error_check_interval_s", "must be greater than 0")
     if not cfg.network.ovsdb.startswith(("unix:/", "tcp:", "ssl:")):
         fail("network", "ovsdb", f"{cfg.network.ovsdb!r} is not an OVSDB remote (unix:/PATH, tcp:HOST:PORT or ssl:HOST:PORT)")
     if cfg.network.ovsdb_timeout_s <= 0:

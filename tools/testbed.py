@@ -393,6 +393,24 @@ class Testbed:
             raise
         return tid
 
+    def iscsi_remove_lun(self, iqn: str, lun: int) -> None:
+        """Withdraw one LUN while initiators stay logged in (an array unmapping it or taking it
+        offline): their commands to it fail with LOGICAL UNIT NOT SUPPORTED."""
+        self._tgtadm("--mode", "logicalunit", "--op", "delete", "--tid", str(self._tid(iqn)), "--lun", str(lun))
+
+    def iscsi_add_lun(self, iqn: str, lun: int, backing: Path | str) -> None:
+        """(Re-)map a file as LUN ``lun`` of target iqn."""
+        f = Path(backing).resolve()
+        if not f.is_file():
+            raise TestbedError(f"LUN backing file {f} does not exist")
+        self._tgtadm("--mode", "logicalunit", "--op", "new", "--tid", str(self._tid(iqn)), "--lun", str(lun), "-b", str(f))
+
+    def _tid(self, iqn: str) -> int:
+        tid = self.iscsi_targets().get(iqn)
+        if tid is None:
+            raise TestbedError(f"no iSCSI target {iqn}")
+        return tid
+
     def iscsi_delete_target(self, iqn: str) -> None:
         """Delete target iqn (forcing off connected initiators); no error if absent."""
         tid = self.iscsi_targets().get(iqn)

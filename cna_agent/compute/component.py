@@ -7,6 +7,7 @@ import os
 import platform
 
 from cna_agent.component import AgentContext, Component
+from cna_agent.compute.io_resume import IoErrorResumer
 from cna_agent.compute.render import RenderContext
 from cna_agent.compute.resolvers import parse_image_dirs
 from cna_agent.compute.service import VmService
@@ -45,11 +46,19 @@ async def start(ctx: AgentContext) -> Component:
     )
     service.snapshot_result = snapshot_to_pb
     await service.start()
+    resumer = IoErrorResumer(service, interval_s=ctx.config.compute.io_error_check_interval_s,
+                             enabled=ctx.config.compute.io_error_resume == "auto")
+    service.monitor.on_io_error = resumer.kick
+    await resumer.start()
+
+    async def stop() -> None:
+        await resumer.stop()
+        await service.stop()
     return Component(
         name="compute",
         servicers={"cna.v1.VmService": VmServicer(service)},
         recovery_handlers={"vm.create": service.recover_create, "vm.start": service.recover_start,
                            "vm.shutdown": service.recover_shutdown, "vm.delete": service.recover_delete},
         service=service,
-        stop=service.stop,
+        stop=stop,
     )

@@ -37,7 +37,7 @@ from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.hypervisor import Hypervisor
 from cna_agent.compute import qmp as qmpmod
 from cna_agent.compute import snapshots as snaps
-from cna_agent.compute.render import Bindings, RenderContext, build_domain, qmp_socket_path, serial_log_path, vm_run_dir
+from cna_agent.compute.render import Bindings, assign_disk_targets, RenderContext, build_domain, qmp_socket_path, serial_log_path, vm_run_dir
 from cna_agent.compute.sidechannel import Diagnostics, SideChannels
 from cna_agent.compute.resolvers import LocalFileResolver, NoNetworkResolver
 from cna_agent.compute.spec import UUID_RE, ValidationContext, VmSpec, new_uuid, validate, validate_name
@@ -479,6 +479,10 @@ class VmService:
         reserved_here = placer is not None and placer.get(spec.uuid) is None
         bindings = await self._bindings(spec)
         self._fill_macs(spec)
+        # The guest device names are decided now and kept in the spec: GetVm reports them, and
+        # per-disk calls (detach, resize, I/O-error resume) name disks by target.
+        for disk, target in zip(spec.disks, assign_disk_targets(spec, spec.os_family or "linux")):
+            disk.target = target
         xml = self._render(spec, bindings)
 
         async def work(op: OperationContext) -> Any:

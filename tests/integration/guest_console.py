@@ -78,6 +78,37 @@ class _Waiter:
             time.sleep(0.1)
 
 
+class _Shell(_Waiter):
+    """A console the test can type into: subclasses provide send()."""
+
+    def send(self, data: str) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
+        """Run one shell command in the guest; return (exit code, output).
+
+        The command is wrapped with begin/end tags carrying a random token; the typed line is
+        echoed by the guest shell, but only the executed echo prints the tag *with* the exit
+        status digits, so the echo of the command line is never mistaken for its output.
+        """
+        tok = uuid.uuid4().hex[:10]
+        start = len(self.text())
+        self.send(f"echo B{tok}B; {command}; echo E{tok}E$?\n")
+        rx_end = re.compile(rf"E{tok}E(\d+)")
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()[start:]
+            m = rx_end.search(text)
+            if m:
+                b = text.find(f"B{tok}B\n")
+                body = text[b + len(tok) + 3: m.start()] if b >= 0 else text[: m.start()]
+                return int(m.group(1)), body
+            if time.monotonic() > deadline:
+                raise ConsoleTimeout(f"command {command!r} did not finish within {timeout}s; "
+                                     f"console tail:\n{text[-3000:]}")
+            time.sleep(0.05)
+
+
 class SerialLog(_Waiter):
     """A serial console log file (QEMU chardev ``logfile`` / libvirt ``<log file=...>``)."""
 
@@ -91,7 +122,7 @@ class SerialLog(_Waiter):
             return ""
 
 
-class ConsoleSocket(_Waiter):
+class ConsoleSocket(_Shell):
     """An interactive connection to a unix-socket serial chardev (QEMU is the server).
 
     A reader thread collects output so a slow test never makes QEMU block on a full socket.
@@ -134,30 +165,6 @@ class ConsoleSocket(_Waiter):
 
     def send(self, data: str) -> None:
         self._sock.sendall(data.encode())
-
-    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
-        """Run one shell command in the guest; return (exit code, output).
-
-        The command is wrapped with begin/end tags carrying a random token; the typed line is
-        echoed by the guest shell, but only the executed echo prints the tag *with* the exit
-        status digits, so the echo of the command line is never mistaken for its output.
-        """
-        tok = uuid.uuid4().hex[:10]
-        start = len(self.text())
-        self.send(f"echo B{tok}B; {command}; echo E{tok}E$?\n")
-        rx_end = re.compile(rf"E{tok}E(\d+)")
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.text()[start:]
-            m = rx_end.search(text)
-            if m:
-                b = text.find(f"B{tok}B\n")
-                body = text[b + len(tok) + 3: m.start()] if b >= 0 else text[: m.start()]
-                return int(m.group(1)), body
-            if time.monotonic() > deadline:
-                raise ConsoleTimeout(f"command {command!r} did not finish within {timeout}s; "
-                                     f"console tail:\n{text[-3000:]}")
-            time.sleep(0.05)
 
     def close(self) -> None:
         self._closed = True
@@ -246,3 +253,59 @@ def domain_xml(
   </devices>
 </domain>
 """
+
+
+class AgentConsole(_Shell):
+    """The guest's serial console through the agent's SerialConsole gRPC stream (what the VRM and
+    ``cna-ctl vm console`` use), for VMs whose console is a libvirt pty.
+
+    ``force`` takes the console over from an earlier session (libvirt can report a cancelled
+    stream's session as still active for a while).
+    """
+
+    def __init__(self, channel: object, vm_ref: str, force: bool = True) -> None:
+        import queue
+
+        from cna_agent.api import pb
+
+        vm = pb.vm_pb2
+        self._q: "queue.Queue[bytes | None]" = queue.Queue()
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self.error: Exception | None = None
+
+        def inputs():
+            yield vm.SerialConsoleInput(vm=vm_ref, force=force)
+            while (item := self._q.get()) is not None:
+                yield vm.SerialConsoleInput(data=item)
+
+        self._call = pb.vm_pb2_grpc.VmServiceStub(channel).SerialConsole(inputs(), timeout=3600)
+
+        def pump() -> None:
+            try:
+                for msg in self._call:
+                    with self._lock:
+                        self._buf += msg.data
+            except Exception as exc:  # grpc.RpcError when cancelled or the VM stops
+                self.error = exc
+
+        self._thread = threading.Thread(target=pump, name=f"agent-console:{vm_ref}", daemon=True)
+        self._thread.start()
+
+    def _text(self) -> str:
+        with self._lock:
+            return bytes(self._buf).decode("utf-8", "replace")
+
+    def send(self, data: str) -> None:
+        self._q.put(data.encode())
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._call.cancel()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "AgentConsole":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

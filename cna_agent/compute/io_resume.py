@@ -1,0 +1,240 @@
+"""Resume VMs that QEMU paused on an I/O error once their storage answers again.
+
+Why: every agent-built disk has ``error_policy=stop`` (render.py), so when a datastore or LUN
+fails QEMU pauses the guest instead of handing it EIO, and the failed requests are retried when
+the guest continues: nothing is lost. Without someone resuming it the VM stays paused forever;
+oVirt's VDSM learned to resume such VMs itself when their storage domain comes back
+("resume_behavior = auto_resume"). This module does the same, level-triggered like KubeVirt's
+virt-handler: every ``[compute] io_error_check_interval_s`` it lists the VMs paused with reason
+``ioerror``, asks libvirt which disks failed (``virDomainGetDiskErrors``) and checks each of those
+disks' storage through the same resolver that bound it at create time (datastore health, file
+present and readable, LUN present with a capacity). Only when every failed disk answers is the VM
+resumed, through the normal per-VM-locked ``vm.resume`` operation. A VM that pauses again soon
+after a resume is retried with an exponential back-off so a flapping array does not make it
+bounce. ``io_error_resume = "manual"`` turns this off (the VRM or an admin resumes).
+
+The probes run in a bounded executor of their own with a deadline: a hung SAN makes a probe time
+out (the VM simply stays paused), never blocks the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+from xml.etree import ElementTree as ET
+
+import libvirt
+
+from cna_agent.errors import AgentError
+from cna_agent.storage.executor import StorageExecutor
+
+if TYPE_CHECKING:
+    from cna_agent.compute.service import VmService
+
+log = logging.getLogger(__name__)
+
+#: A disk that failed with ENOSPC is resumed only with at least this much free space again.
+MIN_FREE_BYTES = 64 * 1024 * 1024
+#: Re-paused within this many seconds of an automatic resume counts as a failed resume.
+FLAP_WINDOW_S = 120.0
+MAX_BACKOFF_S = 600.0
+PROBE_TIMEOUT_S = 15.0
+
+
+@dataclass
+class _Attempts:
+    """Per-VM back-off state for automatic resumes."""
+
+    failures: int = 0
+    not_before: float = 0.0
+    last_resume: float = 0.0
+    #: What blocked the last check (reported once per change, not every interval).
+    last_reason: str = field(default="")
+
+
+@dataclass(frozen=True)
+class PausedVm:
+    uuid: str
+    name: str
+    #: target dev ("vdb") -> libvirt disk error code (VIR_DOMAIN_DISK_ERROR_*).
+    errors: dict[str, int]
+    #: target dev -> the host path libvirt opened ("" for network disks).
+    sources: dict[str, str]
+
+
+def _disk_sources(xml: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for disk in ET.fromstring(xml).findall("./devices/disk"):
+        target = disk.find("target")
+        src = disk.find("source")
+        if target is None:
+            continue
+        path = ""
+        if src is not None:
+            path = src.get("file") or src.get("dev") or ""
+        out[target.get("dev", "")] = path
+    return out
+
+
+def list_io_paused(conn: libvirt.virConnect) -> list[PausedVm]:
+    """The running domains libvirt reports as paused by an I/O error, with their failed disks."""
+    out = []
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED):
+        try:
+            state, reason = dom.state()
+            if state != libvirt.VIR_DOMAIN_PAUSED or reason != libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+                continue
+            errors = {k: int(v) for k, v in (dom.diskErrors(0) or {}).items() if int(v) != libvirt.VIR_DOMAIN_DISK_ERROR_NONE}
+            out.append(PausedVm(dom.UUIDString(), dom.name(), errors, _disk_sources(dom.XMLDesc(0))))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+    return out
+
+
+def probe_path(path: str, need_free: bool) -> None:
+    """Read the first block of a disk's file or device; raise OSError when storage does not answer.
+
+    The read goes through the page cache on purpose: O_DIRECT on a file needs aligned buffers
+    and some datastores (tmpfs, FUSE) refuse it, while the point is only that the path opens
+    and the filesystem answers. ENOSPC failures also need free space again.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    if need_free:
+        st = os.statvfs(os.path.dirname(path) or "/")
+        free = st.f_bavail * st.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise OSError(28, f"only {free // (1024 * 1024)} MiB free on the datastore of {path}")
+
+
+class IoErrorResumer:
+    def __init__(self, vms: "VmService", *, interval_s: float, enabled: bool = True,
+                 executor: StorageExecutor | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.vms = vms
+        self.interval_s = interval_s
+        self.enabled = enabled
+        self.executor = executor or StorageExecutor(2, PROBE_TIMEOUT_S)
+        self._clock = clock
+        self._attempts: dict[str, _Attempts] = {}
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        if self.enabled and self.interval_s > 0 and self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="cna-io-error-resume")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self.executor.shutdown()
+
+    def kick(self) -> None:
+        """Check now (an I/O error was just reported, or a datastore became healthy)."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive any single failure
+                log.exception("I/O-error resume check failed")
+
+    async def blocked_by(self, vm: PausedVm) -> str:
+        """Why the VM must stay paused ("" = every failed disk answers again)."""
+        if not vm.errors:
+            # libvirt lost the per-disk detail (e.g. after an agent restart the error was
+            # already cleared by a manual 'cont' attempt); check every disk then.
+            failed = dict.fromkeys(vm.sources, libvirt.VIR_DOMAIN_DISK_ERROR_UNSPEC)
+        else:
+            failed = vm.errors
+        cached = await self.vms._cached(vm.uuid)
+        spec = cached.spec
+        by_target = {d.target: d for d in (spec.disks if spec else [])}
+        resolver = self.vms._disk_resolver()
+        for target, code in sorted(failed.items()):
+            disk = by_target.get(target)
+            field_name = f"disk {target}"
+            try:
+                if disk is not None and disk.lun is not None and (disk.lun.datastore or disk.lun.lun_id):
+                    await resolver.resolve_lun(disk.lun.datastore, disk.lun.lun_id, field=field_name)
+                elif disk is not None and disk.volume:
+                    await resolver.resolve_volume(disk.volume, field=field_name)
+                path = vm.sources.get(target, "")
+                if path:
+                    await self.executor.run(lambda p=path, c=code: probe_path(p, c == libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE),
+                                            timeout=PROBE_TIMEOUT_S, what=f"probing {path}")
+            except (AgentError, OSError) as exc:
+                return f"{target}: {exc}"
+        return ""
+
+    async def check_once(self) -> list[str]:
+        """One pass; returns the UUIDs of the VMs resumed."""
+        if not self.vms.hv.connected:
+            return []
+        paused = await self.vms.hv.call(list_io_paused, timeout=30)
+        now = self._clock()
+        seen = {vm.uuid for vm in paused}
+        for uuid in list(self._attempts):
+            a = self._attempts[uuid]
+            if uuid not in seen and now - a.last_resume > FLAP_WINDOW_S:
+                del self._attempts[uuid]  # stayed up: a later I/O error starts afresh
+        resumed = []
+        for vm in paused:
+            a = self._attempts.setdefault(vm.uuid, _Attempts())
+            if a.last_resume and now - a.last_resume < FLAP_WINDOW_S and a.not_before <= a.last_resume:
+                # paused again soon after our resume: back off before the next try
+                a.failures += 1
+                a.not_before = now + min(MAX_BACKOFF_S, self.interval_s * 2 ** a.failures)
+            if now < a.not_before:
+                continue
+            if (cached := await self.vms._cached(vm.uuid)) and not cached.managed:
+                continue  # not ours: leave it alone
+            reason = await self.blocked_by(vm)
+            if reason:
+                if reason != a.last_reason:
+                    a.last_reason = reason
+                    log.info("vm %s stays paused after an I/O error: %s", vm.name, reason)
+                continue
+            try:
+                op = await self.vms.resume(vm.uuid)
+            except AgentError as exc:  # busy (another operation holds the VM), gone, ...
+                log.warning("resuming vm %s after an I/O error failed: %s", vm.name, exc)
+                continue
+            if op.error is not None:
+                log.warning("resuming vm %s after an I/O error failed: %s", vm.name, op.error.message)
+                continue
+            a.last_resume = self._clock()
+            a.last_reason = ""
+            resumed.append(vm.uuid)
+            disks = ", ".join(sorted(vm.errors)) or "all disks"
+            await self.vms.events.publish(
+                "vm.io_error_resumed", severity="info",
+                message=f"{vm.name}: storage answers again ({disks}); resumed after the I/O error",
+                resource_kind="vm", resource_id=vm.uuid, resource_name=vm.name,
+                attributes={"disks": disks, "attempt": str(a.failures + 1)})
+        return resumed
+
+    def state_of(self, uuid: str) -> dict[str, Any]:
+        """Back-off state (for diagnostics and tests)."""
+        a = self._attempts.get(uuid)
+        return {} if a is None else {"failures": a.failures, "not_before": a.not_before, "last_reason": a.last_reason}
