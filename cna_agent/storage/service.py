@@ -116,6 +116,9 @@ class StorageService:
             elif d.name in self.san:
                 probes[d.name] = self.san[d.name].probe
         self.monitor = DatastoreMonitor(probes, interval=probe_interval, timeout=probe_timeout, on_change=self._health_changed)
+        self.probe_timeout = probe_timeout
+        #: The last LUN listing per SAN datastore, reported while a fresh one is slow.
+        self._last_luns: dict[str, tuple[LunInfo, ...]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -194,9 +197,18 @@ class StorageService:
                 location = ",".join(f"iscsi://{libiscsi.portal_url(h, p)}/{d.target_iqn}" for h, p in d.portal_hosts())
             else:
                 location = ",".join(d.target_wwpns) or ",".join(d.lun_wwns)
+            luns = self._last_luns.get(name, ())
             if with_luns and health.state != "unreachable":
+                # A hung array must not hang GetDatastore: the listing gets the probe's deadline
+                # and the last known LUNs are reported meanwhile (it keeps running in the storage
+                # executor and refreshes the cache if it ever returns).
+                listing = asyncio.ensure_future(self.list_luns(name))
+                listing.add_done_callback(lambda t: t.cancelled() or t.exception() is not None
+                                          or self._last_luns.__setitem__(name, tuple(t.result())))
                 try:
-                    luns = tuple(await self.list_luns(name))
+                    luns = tuple(await asyncio.wait_for(asyncio.shield(listing), timeout=self.probe_timeout))
+                except asyncio.TimeoutError:
+                    log.warning("event=datastore.lun_list_slow datastore=%s timeout_s=%s", name, self.probe_timeout)
                 except Exception as exc:
                     log.warning("event=datastore.lun_list_failed datastore=%s error=%s", name, exc)
             cap = sum(lun.size_bytes for lun in luns)
