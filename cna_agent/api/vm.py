@@ -143,6 +143,16 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
             await abort_with(context, exc)
             return
 
+        # A client that cancels or disconnects does not end this generator: grpc aio leaves it
+        # suspended in session.output(), so libvirt kept the console "in use" and the next
+        # `cna-ctl vm console` needed --force. Close the session when the RPC terminates.
+        loop = asyncio.get_running_loop()
+
+        def rpc_done(_context: object) -> None:
+            loop.call_soon_threadsafe(lambda: loop.create_task(session.close()))
+
+        context.add_done_callback(rpc_done)
+
         async def pump_input() -> None:
             try:
                 if first.data:

@@ -38,6 +38,7 @@ class ConsoleSession:
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._stream: libvirt.virStream | None = None
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     async def open(self, *, force: bool = False) -> None:
         def do(conn: libvirt.virConnect) -> libvirt.virStream:
@@ -122,11 +123,20 @@ class ConsoleSession:
             raise Unavailable(f"the serial console of vm {self.name!r} closed: {exc}") from None
 
     async def close(self) -> None:
-        if self._closed or self._stream is None:
+        """Release the console; safe to call from several places and from cancelled tasks.
+
+        The release runs as a task of its own and callers wait on it shielded: the RPC handler
+        closes from a task that is itself being cancelled (the client went away), and a
+        cancelled await must not skip the abort, or libvirt keeps the console "in use".
+        """
+        if self._stream is None:
             return
         self._closed = True
-        stream = self._stream
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._release(self._stream))
+        await asyncio.shield(self._closing)
 
+    async def _release(self, stream: libvirt.virStream) -> None:
         def close(_conn: libvirt.virConnect) -> None:
             try:
                 stream.eventRemoveCallback()

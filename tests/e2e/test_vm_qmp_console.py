@@ -151,12 +151,15 @@ def test_serial_console_types_into_the_guest_and_reads_back(vm_agent_factory) ->
         third.wait_for(rf"^again-{token}\r?$", timeout=60)
         third.close()
 
-        # cna-ctl with a non-tty stdin (script use)
-        # KNOWN ISSUE (see the issue notes): after a client cancels its SerialConsole stream,
-        # libvirt can keep reporting an active console session, so the CLI takes over with
-        # --force here instead of relying on the release.
+        # a cancelled session releases the console: the next one needs no force
+        fourth = Console(stub, uuid)
+        fourth.send(f"echo fourth-{token}\n")
+        fourth.wait_for(rf"^fourth-{token}\r?$", timeout=60)
+        fourth.close()
+
+        # cna-ctl with a non-tty stdin (script use), again without --force
         exe = Path(sys.executable).with_name("cna-ctl")
-        p = subprocess.run([str(exe), "--socket", str(agent.socket), "vm", "console", "cons", "--force", "--linger", "5"],
+        p = subprocess.run([str(exe), "--socket", str(agent.socket), "vm", "console", "cons", "--linger", "5"],
                            input=f"echo ctl-{token}\n".encode(), capture_output=True, timeout=60)
         assert p.returncode == 0, p.stderr.decode()
         assert f"\nctl-{token}" in p.stdout.decode(errors="replace").replace("\r", ""), p.stdout[-500:]
