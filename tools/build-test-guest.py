@@ -66,6 +66,8 @@ WANTED_MODULES = [
     "virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_scsi", "sd_mod",
     "virtio_console", "virtio_balloon", "virtio_rng", "failover", "net_failover",
     "e1000e", "e1000", "evdev", "button",
+    # pvpanic: a guest panic reaches QEMU (GUEST_PANICKED) through the ISA/MMIO or PCI device
+    "pvpanic_mmio", "pvpanic_pci",
 ]
 
 INIT_SCRIPT = r"""#!/bin/sh

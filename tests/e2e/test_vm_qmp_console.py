@@ -2,14 +2,15 @@
 
 GetVmDiagnostics answers from the agent's own QMP monitor (qmp.py) while libvirt keeps its
 own: QEMU's run state follows libvirt's pause, the vCPU thread ids are QEMU's real threads,
-the dirty rate is measured. GUEST_PANICKED is not provoked here: the test guest's initramfs
-carries no pvpanic driver (see tests/unit/test_domxml_qmp.py for the event attributes).
+the dirty rate is measured. A guest with a panic device panics for real (sysrq 'c'); the
+pvpanic driver in the test guest's initramfs tells QEMU, and the agent reports it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -66,6 +67,39 @@ def test_diagnostics_over_the_side_channel_beside_libvirt(vm_agent_factory) -> N
         ok(ch, stub.StartVm(vm.VmActionRequest(vm=uuid), timeout=60))
         serial(agent, uuid).wait_for(r"CNA-GUEST-READY", count=2, timeout=120)
         assert stub.GetVmDiagnostics(vm.GetVmDiagnosticsRequest(vm=uuid), timeout=30).qemu_status == "running"
+
+
+@pytest.mark.slow
+def test_a_guest_panic_is_reported_from_libvirt_and_the_side_channel(vm_agent_factory) -> None:
+    agent = vm_agent_factory()
+    with agent.channel() as ch:
+        stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+        op = ok(ch, stub.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "panicky", panic_device=True), start=True), timeout=60))
+        created = vm.Vm()
+        op.response.Unpack(created)
+        uuid = created.uuid
+        log = serial(agent, uuid)
+        log.wait_for(r"CNA-GUEST-READY", timeout=120)
+        con = Console(stub, uuid, force=True)
+        con.send("\n")
+        con.wait_for(r"cna# ", timeout=60)
+        con.send("echo c > /proc/sysrq-trigger\n")
+        events = pb.events_pb2_grpc.EventServiceStub(ch)
+        deadline = time.monotonic() + 60
+        while True:
+            got = events.ListEvents(pb.events_pb2.ListEventsRequest(types=["vm.panic"], resource_id=uuid), timeout=10).events
+            sources = {e.attributes.get("source") for e in got}
+            if {"libvirt", "qmp"} <= sources or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        con.close()
+        assert {"libvirt", "qmp"} <= sources, [(e.message, dict(e.attributes)) for e in got]
+        assert "Kernel panic" in log.text() or "sysrq" in log.text().lower()
+        # on_crash=destroy: the VM is stopped and reported crashed, not left half-alive
+        deadline = time.monotonic() + 60
+        while stub.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.state != vm.VM_STATE_CRASHED:
+            assert time.monotonic() < deadline, stub.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status
+            time.sleep(0.5)
 
 
 class Console:
