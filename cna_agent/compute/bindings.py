@@ -12,7 +12,7 @@ the real subsystems plug in through the daemon's components.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Literal, Mapping, Protocol
 
 
 # -- disks (storage) --------------------------------------------------------------------------
@@ -59,6 +59,25 @@ class DiskResolver(Protocol):
 
     async def resolve_lun(self, datastore: str, lun_id: str, *, field: str) -> DiskSourceBinding:
         """Bind a SAN LUN (log in / scan as needed)."""
+
+    async def release_lun(self, datastore: str, lun_id: str, *, field: str, vm: str = "") -> "LunRelease":
+        """Undo resolve_lun's host-side attach once a LUN disk left a VM (VM undefined, disk
+        detached), unless another defined VM still uses the LUN.
+
+        Called after the VM change is done in libvirt, so SAN trouble never raises: the
+        resolver reports it (event, log), keeps the release owed and retries it later. Only
+        bad input (unknown datastore, malformed lun_id) raises, naming ``field``.
+        """
+
+
+#: What release_lun did with the host's devices for a LUN:
+#: "released"   multipath map, SCSI paths and, for a target's last LUN, the iSCSI session removed;
+#: "in-use"     another defined VM uses the same LUN (multi-attach): kept;
+#: "absent"     nothing of it is attached on this host;
+#: "not-needed" QEMU's own initiator (libiscsi) holds the session: no host state to remove;
+#: "deferred"   resolve_lun attached it moments ago for a VM being defined: retried later;
+#: "failed"     the release failed or ran past its deadline: reported, retried later.
+LunRelease = Literal["released", "in-use", "absent", "not-needed", "deferred", "failed"]
 
 
 # -- NICs (network) ---------------------------------------------------------------------------

@@ -10,9 +10,10 @@ a restart adopts the VM with the disks it really has.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import libvirt
 
@@ -27,6 +28,8 @@ from cna_agent.state.journal import OperationRecord
 
 if TYPE_CHECKING:
     from cna_agent.compute.service import VmService
+
+log = logging.getLogger(__name__)
 
 #: Grow steps: virtio and SCSI report sizes in 512-byte sectors.
 SECTOR = 512
@@ -134,6 +137,10 @@ class DiskOperations:
                     await asyncio.sleep(0.3)
             await self.vms.hv.call(lambda c: self._save_spec(c.lookupByUUIDString(uuid), new, running), timeout=30)
             self.vms._forget(uuid)
+            if spec.disks[index].lun is not None:
+                # The disk is gone from the VM (and its spec), so storage may now see no user left.
+                await op.progress(90, "releasing the LUN on the host")
+                await release_lun_disks(self.vms, uuid, [(index, spec.disks[index])])
             return await self.vms._result(uuid)
 
         return await self.vms._submit("vm.disk.detach", uuid, work, request_id=request_id, fingerprint=fingerprint,
@@ -204,6 +211,28 @@ class DiskOperations:
 
         return await self.vms._submit("vm.disk.qos", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                       lock_timeout=lock_timeout, wait=30.0)
+
+
+async def release_lun_disks(vms: "VmService", uuid: str, disks: Iterable[tuple[int, DiskSpec]]) -> None:
+    """Hand each SAN LUN disk that just left VM ``uuid`` back to storage for its host cleanup.
+
+    Called once the VM change (undefine, detach) is done in libvirt, so it never raises: a
+    hung or failing SAN must not turn a finished deletion into an error. Storage reports such
+    releases itself (``lun.release_failed``) and retries them; here they are only logged.
+    """
+    resolver = vms._disk_resolver()
+    seen: set[tuple[str, str]] = set()
+    for i, disk in disks:
+        if disk.lun is None or (disk.lun.datastore, disk.lun.lun_id) in seen:
+            continue
+        seen.add((disk.lun.datastore, disk.lun.lun_id))
+        try:
+            outcome = await resolver.release_lun(disk.lun.datastore, disk.lun.lun_id, field=f"spec.disks[{i}].lun", vm=uuid)
+        except Exception as exc:  # the VM change stands whatever storage says
+            log.warning("event=vm.lun_release_error vm=%s datastore=%s lun=%s error=%r", uuid, disk.lun.datastore,
+                        disk.lun.lun_id, getattr(exc, "message", None) or str(exc))
+            continue
+        log.info("event=vm.lun_release vm=%s datastore=%s lun=%s outcome=%s", uuid, disk.lun.datastore, disk.lun.lun_id, outcome)
 
 
 def _find(spec: VmSpec, target: str) -> int:

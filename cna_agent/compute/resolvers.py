@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from cna_agent.compute.bindings import DiskSourceBinding, NicBinding
+from cna_agent.compute.bindings import DiskSourceBinding, LunRelease, NicBinding
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.compute.bindings import format_from_name
 
@@ -47,6 +47,12 @@ class LocalFileResolver:
 
     async def resolve_lun(self, datastore: str, lun_id: str, *, field: str) -> DiskSourceBinding:
         raise FailedPrecondition(f"{field}: SAN LUNs need the storage subsystem, which is not running on this agent", field=field)
+
+    async def release_lun(self, datastore: str, lun_id: str, *, field: str, vm: str = "") -> LunRelease:
+        # A LUN disk was bound by a storage subsystem in an earlier run; without it nobody here
+        # knows the LUN's host devices, so say so instead of pretending it was released.
+        raise FailedPrecondition(f"{field}: releasing SAN LUN {lun_id!r} of datastore {datastore!r} needs the storage "
+                                 "subsystem, which is not running on this agent", field=field)
 
 
 class NoNetworkResolver:

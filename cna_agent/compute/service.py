@@ -699,10 +699,16 @@ class VmService:
                                      "delete the VM keeping its disks", field="delete_disks")
 
         async def work(op: OperationContext) -> Any:
+            from cna_agent.compute.disks import release_lun_disks
+
             if await self._state(uuid) not in (st.STOPPED, st.CRASHED):
                 if not force:
                     raise FailedPrecondition(f"vm {name!r} is running; shut it down first or pass force", field="vm")
                 await self._destroy(uuid)
+            # Which SAN LUNs the VM holds, read from its definition under the VM lock (a disk
+            # attached since the request was checked counts): after the undefine nothing says.
+            current = (await self._cached(uuid)).spec
+            lun_disks = [(i, d) for i, d in enumerate(current.disks if current else ()) if d.lun is not None]
 
             def undefine(conn: libvirt.virConnect) -> None:
                 dom = conn.lookupByUUIDString(uuid)
@@ -721,6 +727,10 @@ class VmService:
             await self.events.publish("vm.deleted", resource_kind="vm", resource_id=uuid, resource_name=name,
                                       message=f"{name} deleted", attributes={"delete_disks": str(delete_disks).lower()},
                                       operation_id=op.id)
+            if lun_disks:
+                # Kernel iSCSI/FC LUNs leave the host unless another VM uses them; never fails the delete.
+                await op.progress(90, "releasing SAN LUNs on the host")
+                await release_lun_disks(self, uuid, lun_disks)
             return None
 
         return await self._submit("vm.delete", uuid, work, request_id=request_id, fingerprint=fingerprint,

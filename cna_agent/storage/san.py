@@ -309,6 +309,21 @@ class BlockSan:
     def _after_detach(self) -> None:
         pass
 
+    def wwn_of(self, lun_id: str, field: str) -> str:
+        """The WWN of the LUN a VM spec names (number, "<iqn>/<n>" or WWN) as attached on this
+        host now, or "" when it is not attached here. Never scans: releasing a LUN, and telling
+        whether another VM's disk is the same LUN under another spelling, must not map LUNs."""
+        number, wwn = self._parse_lun(lun_id, field)
+        if wwn:
+            return wwn if self.lun_info(wwn) is not None else ""
+        disk = self._disk_at_lun(number)  # type: ignore[arg-type]
+        return self.tree.disk_wwn(disk) if disk else ""
+
+    def close_idle(self) -> bool:
+        """Drop host state left without any LUN (iSCSI: a session whose LUNs are all gone, e.g.
+        after a logout that failed); True when something was closed. FC has nothing of the kind."""
+        return False
+
     def probe(self) -> tuple[bool, str]:
         """Direct-I/O read of the first LUN present (raises when none is)."""
         from cna_agent.storage.monitor import direct_read_probe
@@ -409,6 +424,12 @@ class KernelIscsi(BlockSan):
     def _after_detach(self) -> None:
         if not self._target_disks():
             self.logout()
+
+    def close_idle(self) -> bool:
+        if self.tree.iscsi_sessions(self.decl.target_iqn) and not self._target_disks():
+            self.logout()
+            return True
+        return False
 
     def rescan(self) -> None:
         self._scan(None)
