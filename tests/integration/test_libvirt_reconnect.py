@@ -90,6 +90,38 @@ def test_agent_reports_degraded_then_reconnects_after_libvirtd_restart(system_li
         _start_libvirtd()
         _wait_for(lambda: hv().connected, 60, "the agent to reconnect")
         assert health() == pb.common_pb2.HEALTH_OK
+
+        # libvirt's domain events were registered again on the new connection: a VM started
+        # and paused now is reported on the event log (a BIOS guest with nothing to boot is
+        # enough to run).
+        vms = pb.vm_pb2_grpc.VmServiceStub(ch)
+        events = pb.events_pb2_grpc.EventServiceStub(ch)
+        ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
+        name = f"reconn-{os.getpid()}"
+
+        def done(op):
+            deadline = time.monotonic() + 60
+            while not op.done:
+                assert time.monotonic() < deadline, op
+                time.sleep(0.2)
+                op = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=10)
+            assert not op.HasField("error"), op.error
+            return op
+
+        def lifecycle_states(uuid: str) -> list[str]:
+            got = events.ListEvents(pb.events_pb2.ListEventsRequest(types=["vm.lifecycle"], resource_id=uuid, limit=1000), timeout=10)
+            return [e.attributes["state"] for e in got.events]
+
+        spec = pb.vm_pb2.VmSpec(name=name, vcpus=1, memory_mib=64, arch=pb.common_pb2.ARCH_X86_64)
+        op = done(vms.CreateVm(pb.vm_pb2.CreateVmRequest(spec=spec, start=True), timeout=60))
+        created = pb.vm_pb2.Vm()
+        op.response.Unpack(created)
+        try:
+            _wait_for(lambda: "running" in lifecycle_states(created.uuid), 30, "a started event after the reconnect")
+            done(vms.PauseVm(pb.vm_pb2.VmActionRequest(vm=created.uuid), timeout=30))
+            _wait_for(lambda: "paused" in lifecycle_states(created.uuid), 30, "a paused event after the reconnect")
+        finally:
+            done(vms.DeleteVm(pb.vm_pb2.DeleteVmRequest(vm=created.uuid, force=True), timeout=60))
     log = agent.log_text()
     assert "event=libvirt.connection_lost" in log
     assert log.count("event=libvirt.connected") >= 2
