@@ -472,7 +472,8 @@ def _datastore_declarations(cfg: StorageConfig, tables: Mapping[str, tuple[dict[
     from cna_agent.storage import model
 
     allowed = {"type": str, "path": str, "portals": tuple, "target_iqn": str, "initiator": str, "chap_user": str,
-               "chap_secret_file": str, "target_wwpns": tuple, "lun_wwns": tuple, "scan_timeout_s": float}
+               "chap_secret_file": str, "target_wwpns": tuple, "lun_wwns": tuple, "scan_timeout_s": float,
+               "replacement_timeout_s": int}
     decls = []
     origins: dict[str, str] = {}
     for name, (entry, origin) in tables.items():

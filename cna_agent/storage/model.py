@@ -53,6 +53,11 @@ class DatastoreDecl:
     lun_wwns: tuple[str, ...] = ()
     #: Seconds a login / scan may take before the LUN is reported missing.
     scan_timeout_s: float = 30.0
+    #: kernel iSCSI: seconds a lost session may take to come back before the kernel fails its
+    #: I/O (node.session.timeo.replacement_timeout; iscsid's default is 120). With multipath
+    #: this is how fast a dead path is given up; without it, how long a guest waits before
+    #: QEMU sees EIO and pauses it (error_policy=stop) instead of hanging.
+    replacement_timeout_s: int = 15
 
     def portal_hosts(self) -> tuple[tuple[str, int], ...]:
         return tuple(parse_portal(p, "portals") for p in self.portals)
@@ -108,6 +113,8 @@ def validate_datastore(d: DatastoreDecl, prefix: str) -> DatastoreDecl:
         raise InvalidArgument(f("type"), f"{d.type!r} is not one of {', '.join(TYPES)}")
     if not 0 < d.scan_timeout_s <= 3600:
         raise InvalidArgument(f("scan_timeout_s"), f"{d.scan_timeout_s} is not in (0, 3600]")
+    if not 1 <= d.replacement_timeout_s <= 3600:
+        raise InvalidArgument(f("replacement_timeout_s"), f"{d.replacement_timeout_s} is not in [1, 3600]")
     if d.type == "dir":
         if not d.path or not os.path.isabs(d.path):
             raise InvalidArgument(f("path"), f"{d.path!r} must be an absolute directory")

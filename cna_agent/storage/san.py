@@ -365,7 +365,8 @@ class KernelIscsi(BlockSan):
         for portal in self._portals():
             node = ["-m", "node", "-T", self.decl.target_iqn, "-p", portal]
             self._iscsiadm(*node, "-o", "new")
-            settings = [("node.session.scan", "manual"), ("node.startup", "manual")]
+            settings = [("node.session.scan", "manual"), ("node.startup", "manual"),
+                        ("node.session.timeo.replacement_timeout", str(self.decl.replacement_timeout_s))]
             if self.decl.chap_user:
                 settings += [("node.session.auth.authmethod", "CHAP"), ("node.session.auth.username", self.decl.chap_user),
                              ("node.session.auth.password", secret)]

@@ -121,6 +121,8 @@ def test_recorded_kernel_iscsi_login_targeted_scan_and_multipath(tmp_path):
         assert node + ("-o", "new") in adm
         assert node + ("-o", "update", "-n", "node.session.scan", "-v", "manual") in adm
         assert node + ("-o", "update", "-n", "node.startup", "-v", "manual") in adm
+        # a lost session fails I/O after 15 s (the default), so QEMU pauses the guest instead of hanging
+        assert node + ("-o", "update", "-n", "node.session.timeo.replacement_timeout", "-v", "15") in adm
         assert node + ("--login",) in adm
         # scan mode is set before the login, so the kernel never maps all LUNs by itself
         assert adm.index(node + ("-o", "update", "-n", "node.session.scan", "-v", "manual")) < adm.index(node + ("--login",))
