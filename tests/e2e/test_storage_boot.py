@@ -13,15 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-import uuid as uuidlib
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +27,7 @@ from cna_agent.api import pb
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from guest_console import SerialLog, clean  # noqa: E402
+from guest_console import AgentConsole, SerialLog  # noqa: E402
 
 from support import AgentProcess, start_agent  # noqa: E402
 
@@ -116,67 +111,6 @@ def _create_and_boot(agent: AgentProcess, ch: grpc.Channel, spec: vm.VmSpec) -> 
     text = log.text()
     assert text.index("CNA-FACT bootsrc=disk") < text.index("CNA-GUEST-READY")
     return created.uuid, log
-
-
-class _Shell:
-    """The guest's shell, typed through the agent's SerialConsole stream (as the VRM would).
-
-    Output is read from the stream itself; each command is wrapped in tags carrying a random
-    token so the echo of the typed line is never mistaken for the command's output.
-    """
-
-    def __init__(self, ch: grpc.Channel, vm_ref: str) -> None:
-        self._q: "queue.Queue[bytes | None]" = queue.Queue()
-        self._buf = bytearray()
-        self._lock = threading.Lock()
-        self.error: Exception | None = None
-
-        def inputs() -> Iterator[vm.SerialConsoleInput]:
-            # force: a console session cancelled earlier can still look active to libvirt.
-            yield vm.SerialConsoleInput(vm=vm_ref, force=True)
-            while (item := self._q.get()) is not None:
-                yield vm.SerialConsoleInput(data=item)
-
-        self._call = pb.vm_pb2_grpc.VmServiceStub(ch).SerialConsole(inputs(), timeout=600)
-        self._thread = threading.Thread(target=self._pump, name=f"console:{vm_ref}", daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        try:
-            for msg in self._call:
-                with self._lock:
-                    self._buf += msg.data
-        except grpc.RpcError as exc:
-            self.error = exc
-
-    def text(self) -> str:
-        with self._lock:
-            return clean(bytes(self._buf).decode("utf-8", "replace"))
-
-    def send(self, text: str) -> None:
-        self._q.put(text.encode())
-
-    def run(self, command: str, timeout: float = 60) -> tuple[int, str]:
-        """Run one shell command in the guest; return (exit status, output)."""
-        tok = uuidlib.uuid4().hex[:10]
-        start = len(self.text())
-        self.send(f"echo B{tok}B; {command}; echo E{tok}E$?\n")
-        rx = re.compile(rf"E{tok}E(\d+)")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.text()[start:]
-            m = rx.search(text)
-            if m:
-                b = text.find(f"B{tok}B\n")
-                return int(m.group(1)), text[b + len(tok) + 3: m.start()] if b >= 0 else text[: m.start()]
-            time.sleep(0.1)
-        raise AssertionError(f"{command!r} did not finish within {timeout}s (stream error: {self.error}); "
-                             f"console tail:\n{self.text()[-2000:]}")
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._call.cancel()
-        self._thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -273,7 +207,7 @@ def test_linked_clone_boots_and_guest_writes_leave_the_template_untouched(boot_e
         allocated_before = storage.GetVolume(st.GetVolumeRequest(id=clone.id), timeout=30).actual_size_bytes
 
         uuid, log = _create_and_boot(agent, ch, _boot_spec("clone-boot", clone.id))
-        shell = _Shell(ch, uuid)
+        shell = AgentConsole(ch, uuid)
         try:
             shell.send("\n")
             rc, out = shell.run(f"dd if=/dev/urandom of=/dev/vda bs=1M seek={SCRATCH_MIB} count={SCRATCH_COUNT} "
