@@ -146,3 +146,18 @@ def wait_ready(agent: AgentProcess, timeout: float = 90) -> None:
     raise AssertionError(f"agent not ready within {timeout}s:\n{agent.log_text()}")
 
 
+
+
+def wait_operation(channel, op, timeout: float = 120.0, *, ok: bool = True):
+    """Poll an Operation until it is done; with ok, assert it ended without an error."""
+    from cna_agent.api import pb
+
+    stub = pb.operations_pb2_grpc.OperationsServiceStub(channel)
+    deadline = time.monotonic() + timeout
+    while not op.done:
+        assert time.monotonic() < deadline, f"operation {op.id} ({op.kind}) not done after {timeout}s: {op}"
+        time.sleep(0.2)
+        op = stub.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=30)
+    if ok:
+        assert not op.HasField("error"), op.error
+    return op

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cna_agent.api import pb
-from support import start_agent
+from support import start_agent, wait_operation
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
@@ -93,14 +93,7 @@ def test_full_datastore_pauses_the_guest_and_the_agent_resumes_it_when_there_is_
         spec = vm.VmSpec(name="fullds", vcpus=1, memory_mib=192, serial_console=True, arch=pb.common_pb2.ARCH_X86_64,
                          boot=vm.BootSpec(kernel=g["kernel"], initrd=g["initrd"], cmdline=f"console={g['console']}"),
                          disks=[vm.DiskSpec(volume="small/data.qcow2")])
-        op = vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id="create-fullds"), timeout=60)
-        ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
-        deadline = time.monotonic() + 120
-        while not op.done:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-            op = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=30)
-        assert not op.HasField("error"), op.error
+        op = wait_operation(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id="create-fullds"), timeout=60))
         created = vm.Vm()
         op.response.Unpack(created)
         uuid = created.uuid

@@ -12,10 +12,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from cna_agent.api import pb
+from support import wait_operation
 
 SOCK = Path("/run/libvirt/libvirt-sock")
 PIDFILE = Path("/run/libvirtd.pid")
@@ -96,17 +96,10 @@ def test_agent_reports_degraded_then_reconnects_after_libvirtd_restart(system_li
         # enough to run).
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
         events = pb.events_pb2_grpc.EventServiceStub(ch)
-        ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
         name = f"reconn-{os.getpid()}"
 
         def done(op):
-            deadline = time.monotonic() + 60
-            while not op.done:
-                assert time.monotonic() < deadline, op
-                time.sleep(0.2)
-                op = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=10)
-            assert not op.HasField("error"), op.error
-            return op
+            return wait_operation(ch, op, 60)
 
         def lifecycle_states(uuid: str) -> list[str]:
             got = events.ListEvents(pb.events_pb2.ListEventsRequest(types=["vm.lifecycle"], resource_id=uuid, limit=1000), timeout=10)

@@ -30,6 +30,7 @@ import pytest
 
 from cna_agent.api import pb
 from guest_console import AgentConsole, SerialLog
+from support import start_agent, wait_operation
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -45,17 +46,6 @@ def _boot_disk() -> Path:
                         "--print-json"], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     return Path(json.loads(p.stdout)["boot_disk"])
-
-
-def _wait_op(ch, op, timeout: float = 120) -> ops_pb.Operation:
-    stub = pb.operations_pb2_grpc.OperationsServiceStub(ch)
-    deadline = time.monotonic() + timeout
-    while not op.done:
-        assert time.monotonic() < deadline, f"operation {op.id} ({op.kind}) not done: {op}"
-        time.sleep(0.2)
-        op = stub.GetOperation(ops_pb.GetOperationRequest(id=op.id), timeout=30)
-    assert not op.HasField("error"), op.error
-    return op
 
 
 def _status(ch, uuid: str) -> vm.VmStatus:
@@ -112,8 +102,6 @@ def san(testbed):
 def san_agent(san, libvirt_caps_cache):
     tb, boot, data = san
     base = Path(tempfile.mkdtemp(prefix="ci", dir="/tmp"))  # short: QEMU socket paths < 108 bytes
-    from support import start_agent
-
     extra = (f'[compute]\nio_error_check_interval_s = 2.0\n'
              f'[storage]\nprobe_interval_s = 2.0\nprobe_timeout_s = 3.0\n'
              f'[storage.datastores.san]\ntype = "iscsi"\nportals = ["{tb.iscsi_portal}"]\n'
@@ -129,7 +117,7 @@ def _boot_from_lun(ch, agent, name: str) -> tuple[str, SerialLog]:
     spec = vm.VmSpec(name=name, vcpus=1, memory_mib=192, serial_console=True, arch=pb.common_pb2.ARCH_X86_64,
                      firmware=vm.FIRMWARE_BIOS,
                      disks=[vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/1"), boot_order=1)])
-    op = _wait_op(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id=f"create-{name}"), timeout=60))
+    op = wait_operation(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id=f"create-{name}"), timeout=60))
     created = vm.Vm()
     op.response.Unpack(created)
     log = SerialLog(agent.dir / "run" / "vms" / created.uuid / "serial.log")
@@ -149,19 +137,19 @@ def test_guest_boots_from_a_lun_and_a_hotplugged_lun_keeps_what_it_wrote(san_age
         facts = log.text()
         assert "CNA-FACT block=vda\n" in facts  # the LUN is the guest's only disk
 
-        _wait_op(ch, storage.AttachDisk(st.AttachDiskRequest(
+        wait_operation(ch, storage.AttachDisk(st.AttachDiskRequest(
             vm=uuid, request_id="att-lun2", disk=vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/2"))), timeout=60))
         log.wait_for(r"CNA-HOTPLUG add block vdb", timeout=60)
         with AgentConsole(ch, uuid) as con:
             con.send("\n")
             con.wait_for(r"cna# ", timeout=60, partial=True)
             sha = _write_pattern(con, "vdb")
-        _wait_op(ch, storage.DetachDisk(st.DetachDiskRequest(vm=uuid, target="vdb", request_id="det-lun2"), timeout=60))
+        wait_operation(ch, storage.DetachDisk(st.DetachDiskRequest(vm=uuid, target="vdb", request_id="det-lun2"), timeout=60))
         log.wait_for(r"CNA-HOTPLUG remove block vdb", timeout=60)
         # after the detach the bytes are on the array ...
         assert _sha_at(data, DATA_OFFSET, DATA_LEN) == sha
         # ... and the guest reads the same bytes back when the LUN comes back
-        _wait_op(ch, storage.AttachDisk(st.AttachDiskRequest(
+        wait_operation(ch, storage.AttachDisk(st.AttachDiskRequest(
             vm=uuid, request_id="att-lun2-again", disk=vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/2"))), timeout=60))
         log.wait_for(r"CNA-HOTPLUG add block vdb", count=2, timeout=60)
         with AgentConsole(ch, uuid) as con:
@@ -181,7 +169,7 @@ def test_target_failures_pause_or_stall_the_guest_and_lose_no_write(san_agent):
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
         storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
         uuid, log = _boot_from_lun(ch, agent, "lunfail")
-        _wait_op(ch, storage.AttachDisk(st.AttachDiskRequest(
+        wait_operation(ch, storage.AttachDisk(st.AttachDiskRequest(
             vm=uuid, request_id="att-data", disk=vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/2"))), timeout=60))
         log.wait_for(r"CNA-HOTPLUG add block vdb", timeout=60)
         con = AgentConsole(ch, uuid)
