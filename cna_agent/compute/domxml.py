@@ -12,7 +12,7 @@ from xml.etree import ElementTree as ET
 
 from typing import Any
 
-from cna_agent.compute.xmlobj import Child, Children, Field, Prop, Raw, XmlObject
+from cna_agent.compute.xmlobj import _KIB, Child, Children, Field, Prop, Raw, XmlObject
 
 #: The agent's metadata namespace (a URI libvirt only uses as a key).
 CNA_NS = "https://cna-agent.org/xmlns/vm/1.0"
@@ -144,6 +144,13 @@ class VcpuPin(XmlObject):
     cpuset = Prop("@cpuset")
 
 
+class IoThreadPin(XmlObject):
+    """Host CPUs of one I/O thread (libvirt refuses a pin for an id the domain does not define)."""
+
+    iothread = Prop("@iothread", "int")
+    cpuset = Prop("@cpuset")
+
+
 class CpuTune(XmlObject):
     TAG = "cputune"
     shares = Prop("shares", "int")
@@ -151,6 +158,7 @@ class CpuTune(XmlObject):
     global_quota = Prop("global_quota", "int")
     vcpupins = Children(VcpuPin, "vcpupin")
     emulatorpin = Prop("emulatorpin/@cpuset")
+    iothreadpins = Children(IoThreadPin, "iothreadpin")
 
 
 class MemTune(XmlObject):
@@ -159,10 +167,37 @@ class MemTune(XmlObject):
     soft_limit_kib = Prop("soft_limit", "kib")
 
 
+class MemNode(XmlObject):
+    """One guest NUMA cell's memory bound to host node(s) (``cellid`` must name a guest cell)."""
+
+    cellid = Prop("@cellid", "int")
+    mode = Prop("@mode")
+    nodeset = Prop("@nodeset")
+
+
 class NumaTune(XmlObject):
     TAG = "numatune"
     mode = Prop("memory/@mode")
     nodeset = Prop("memory/@nodeset")
+    memnodes = Children(MemNode, "memnode")
+
+
+class HugePage(XmlObject):
+    """``<memoryBacking><hugepages><page size= unit=>``: the page size backing guest memory.
+
+    The agent writes KiB, but the element allows any unit (``2`` ``M``, ``1`` ``G``), so
+    :attr:`size_kib` normalises it for comparisons.
+    """
+
+    size = Prop("@size", "int")
+    unit = Prop("@unit")
+    nodeset = Prop("@nodeset")
+
+    @property
+    def size_kib(self) -> int | None:
+        if self.size is None:
+            return None
+        return int(self.size * _KIB.get((self.unit or "KiB").lower(), 1))
 
 
 class Timer(XmlObject):
@@ -376,10 +411,13 @@ class Domain(XmlObject):
     memory_kib = Prop("memory", "kib")
     current_memory_kib = Prop("currentMemory", "kib")
     hugepages = Prop("memoryBacking/hugepages", "flag")
+    hugepage_pages = Children(HugePage, "memoryBacking/hugepages/page")
     memtune = Child(MemTune, "memtune")
     vcpu_placement = Prop("vcpu/@placement")
     vcpu_current = Prop("vcpu/@current", "int")
     vcpu = Prop("vcpu", "int")
+    #: How many I/O threads QEMU creates (ids 1..n); iothreadpin may name only these.
+    iothreads = Prop("iothreads", "int")
     cputune = Child(CpuTune, "cputune")
     numatune = Child(NumaTune, "numatune")
     os = Child(Os, "os")

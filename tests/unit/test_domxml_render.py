@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cna_agent.compute import domxml as dx
-from cna_agent.compute.bindings import Bandwidth, DiskSourceBinding, NicBinding, PlacementPlan
+from cna_agent.compute.bindings import Bandwidth, DiskSourceBinding, GuestNumaCell, NicBinding, PlacementPlan
 from cna_agent.compute.render import Bindings, RenderContext, build_domain, render_xml
 from cna_agent.compute.spec import (
     BootSpec, ConsoleSpec, CpuQos, CpuTopology, DiskSpec, IoQos, MemoryQos, NicSpec, ValidationContext, VmSpec, validate,
@@ -75,6 +75,25 @@ PROFILES: dict[str, tuple[VmSpec, Bindings, RenderContext]] = {
               memory_qos=MemoryQos(limit_mib=3072, reservation_mib=1024), hugepages=True,
               disks=[DiskSpec(volume="ds/euler.qcow2", boot_order=1, serial="sys-disk")]),
         Bindings(disks=[FILE_DISK], placement=PlacementPlan(vcpu_pins={0: (2,), 1: (3,), 2: (4,), 3: (5,)}, emulator_cpus=(0, 1), memory_nodes=(0,))),
+        X86_KVM),
+    # A Kunpeng dedicated VM spanning two host nodes: guest cells mirror them (memnode per
+    # cell), 512 MiB pages; the plan's I/O thread gets no pin (the domain defines none).
+    "aarch64_dedicated_spanning_hugepages": (
+        _base(arch="aarch64", vcpus=4, memory_mib=2048, dedicated_cpus=True, hugepages=True, console=ConsoleSpec(type="none"),
+              disks=[DiskSpec(volume="ds/euler-arm.qcow2", boot_order=1)]),
+        Bindings(disks=[FILE_DISK], placement=PlacementPlan(
+            vcpu_pins={0: (0,), 1: (1,), 2: (24,), 3: (25,)}, emulator_cpus=(4, 5, 28, 29), iothread_cpus={1: (4, 5, 28, 29)},
+            memory_nodes=(0, 1), guest_cells=(GuestNumaCell(0, (0, 1), 1024, 0), GuestNumaCell(1, (2, 3), 1024, 1)),
+            hugepage_kib=524288, dedicated=True)),
+        ARM_KVM),
+    # Memory hot-plug needs a guest NUMA cell; a single-node plan makes none, so the spec's own
+    # cell stays and only the hugepage size and pins come from the plan.
+    "x86_dedicated_hotplug_1g_pages": (
+        _base(vcpus=2, max_vcpus=4, memory_mib=2048, max_memory_mib=8192, dedicated_cpus=True, hugepages=True,
+              disks=[DiskSpec(volume="ds/root.qcow2", boot_order=1)]),
+        Bindings(disks=[FILE_DISK], placement=PlacementPlan(
+            vcpu_pins={0: (2,), 1: (42,), 2: (3,), 3: (43,)}, emulator_cpus=(4, 44), iothread_cpus={1: (4, 44)},
+            memory_nodes=(0,), hugepage_kib=1048576, dedicated=True)),
         X86_KVM),
     "x86_direct_boot_tcg": (
         _base(vcpus=1, memory_mib=256, console=ConsoleSpec(type="none"), boot=BootSpec(kernel="/img/vmlinuz", initrd="/img/initrd.gz", cmdline="console=ttyS0")),
