@@ -37,8 +37,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU dri
 class SimProcess:
     """tools/vrm-sim serve as a child process on a fixed port and store."""
 
-    def __init__(self, base: Path, port: int, db: Path) -> None:
+    def __init__(self, base: Path, port: int, db: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.base, self.port, self.db = base, port, db
+        self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -47,7 +48,7 @@ class SimProcess:
         log = self.base / f"vrm-sim.{self.starts}.log"
         self.log = log
         self.proc = subprocess.Popen([sys.executable, str(VRM_SIM), "serve", "--listen", f"127.0.0.1:{self.port}",
-                                      "--db", str(self.db), "--verbose"],
+                                      "--db", str(self.db), "--verbose", *self.extra_args],
                                      stdout=log.open("wb"), stderr=subprocess.STDOUT)
         wait_until(lambda: "listening" in log.read_text(), 30, f"vrm-sim listening ({log})")
 
