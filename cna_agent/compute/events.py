@@ -21,6 +21,7 @@ import libvirt
 from cna_agent.compute import state as st
 from cna_agent.compute.hypervisor import Hypervisor
 from cna_agent.state.eventlog import EventHub
+from cna_agent.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,7 @@ class DomainEventMonitor:
             await self._hv.call(lambda conn: self._register_sync(conn), timeout=10)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         conn, ids = self._conn, list(self._callback_ids)
         self._callback_ids.clear()
         if conn is not None and self._hv.connected:

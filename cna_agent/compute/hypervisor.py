@@ -31,6 +31,7 @@ from xml.etree import ElementTree
 import libvirt
 
 from cna_agent.errors import DeadlineExceeded, Unavailable
+from cna_agent.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -298,12 +299,7 @@ class Hypervisor:
 
     async def stop(self) -> None:
         self._closing = True
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            try:
-                await self._watch_task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._watch_task)
         conn, self._conn = self._conn, None
         self._connected.clear()
         if conn is not None:

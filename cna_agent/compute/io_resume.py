@@ -31,6 +31,7 @@ import libvirt
 
 from cna_agent.errors import AgentError
 from cna_agent.storage.executor import StorageExecutor
+from cna_agent.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from cna_agent.compute.service import VmService
@@ -132,13 +133,8 @@ class IoErrorResumer:
             self._task = asyncio.create_task(self._loop(), name="cna-io-error-resume")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self.executor.shutdown()
 
     def kick(self) -> None:

@@ -32,12 +32,13 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping
 
 from cna_agent.compute.bindings import PlacementPlan
 from cna_agent.errors import InvalidArgument, NotFound
 from cna_agent.host import affinity
 from cna_agent.host.cpulist import format_cpulist
+from cna_agent.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +258,8 @@ class PlacementMonitor:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="placement-drift")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 @dataclass(frozen=True)
