@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 from xml.etree import ElementTree as ET
 
@@ -52,9 +52,11 @@ class _Attempts:
 
     failures: int = 0
     not_before: float = 0.0
+    #: When the agent last resumed the VM; cleared once a re-pause within FLAP_WINDOW_S has
+    #: been counted as a failure, so each re-pause counts once.
     last_resume: float = 0.0
     #: What blocked the last check (reported once per change, not every interval).
-    last_reason: str = field(default="")
+    last_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,16 +157,15 @@ class IoErrorResumer:
             except Exception:  # the loop must outlive any single failure
                 log.exception("I/O-error resume check failed")
 
-    async def blocked_by(self, vm: PausedVm) -> str:
-        """Why the VM must stay paused ("" = every failed disk answers again)."""
+    async def blocked_by(self, vm: PausedVm, spec: Any) -> str:
+        """Why the VM must stay paused ("" = every failed disk answers again); ``spec`` is the
+        VM's VmSpec, whose disks say which datastore volume or LUN each target is."""
         if not vm.errors:
             # libvirt lost the per-disk detail (e.g. after an agent restart the error was
             # already cleared by a manual 'cont' attempt); check every disk then.
             failed = dict.fromkeys(vm.sources, libvirt.VIR_DOMAIN_DISK_ERROR_UNSPEC)
         else:
             failed = vm.errors
-        cached = await self.vms._cached(vm.uuid)
-        spec = cached.spec
         by_target = {d.target: d for d in (spec.disks if spec else [])}
         resolver = self.vms._disk_resolver()
         for target, code in sorted(failed.items()):
@@ -196,16 +197,18 @@ class IoErrorResumer:
                 del self._attempts[uuid]  # stayed up: a later I/O error starts afresh
         resumed = []
         for vm in paused:
+            cached = await self.vms._cached(vm.uuid)
+            if not cached.managed:
+                continue  # not ours: leave it alone
             a = self._attempts.setdefault(vm.uuid, _Attempts())
-            if a.last_resume and now - a.last_resume < FLAP_WINDOW_S and a.not_before <= a.last_resume:
+            if a.last_resume and now - a.last_resume < FLAP_WINDOW_S:
                 # paused again soon after our resume: back off before the next try
                 a.failures += 1
                 a.not_before = now + min(MAX_BACKOFF_S, self.interval_s * 2 ** a.failures)
+                a.last_resume = 0.0
             if now < a.not_before:
                 continue
-            if (cached := await self.vms._cached(vm.uuid)) and not cached.managed:
-                continue  # not ours: leave it alone
-            reason = await self.blocked_by(vm)
+            reason = await self.blocked_by(vm, cached.spec)
             if reason:
                 if reason != a.last_reason:
                     a.last_reason = reason
