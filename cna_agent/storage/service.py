@@ -265,7 +265,6 @@ class StorageService:
                 location = ",".join(f"iscsi://{libiscsi.portal_url(h, p)}/{d.target_iqn}" for h, p in d.portal_hosts())
             else:
                 location = ",".join(d.target_wwpns) or ",".join(d.lun_wwns)
-            luns = self._last_luns.get(name, ())
             if with_luns and health.state != "unreachable":
                 # A hung array must not hang GetDatastore: the listing gets the probe's deadline
                 # and the last known LUNs are reported meanwhile (it keeps running in the storage
@@ -276,6 +275,7 @@ class StorageService:
                 try:
                     luns = tuple(await asyncio.wait_for(asyncio.shield(listing), timeout=self.probe_timeout))
                 except asyncio.TimeoutError:
+                    luns = self._last_luns.get(name, ())
                     log.warning("event=datastore.lun_list_slow datastore=%s timeout_s=%s", name, self.probe_timeout)
                 except Exception as exc:
                     log.warning("event=datastore.lun_list_failed datastore=%s error=%s", name, exc)
