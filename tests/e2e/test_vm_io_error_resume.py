@@ -107,8 +107,6 @@ def test_full_datastore_pauses_the_guest_and_the_agent_resumes_it_when_there_is_
             sha = out.split()[0]
             # leave ~2 MiB: the 8 MiB write needs new qcow2 clusters and runs out of space
             filler = small / "filler"
-            with filler.open("wb") as f:
-                f.truncate(0)
             subprocess.run(["fallocate", "-l", str(_free(small) - 2 * MiB), str(filler)], check=True, timeout=30)
             con.send("dd if=/tmp/pat of=/dev/vda bs=1M oflag=direct conv=fsync 2>&1; echo WROTE-$?\n")
             _wait_state(ch, uuid, vm.VM_STATE_PAUSED, "ioerror", timeout=60)

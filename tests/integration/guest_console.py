@@ -79,7 +79,20 @@ class _Waiter:
 
 
 class _Shell(_Waiter):
-    """A console the test can type into: subclasses provide send()."""
+    """A console the test can type into: subclasses provide send() and feed what arrives
+    (from their own reader thread) to _received()."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+
+    def _received(self, data: bytes) -> None:
+        with self._lock:
+            self._buf += data
+
+    def _text(self) -> str:
+        with self._lock:
+            return bytes(self._buf).decode("utf-8", "replace")
 
     def send(self, data: str) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -129,9 +142,8 @@ class ConsoleSocket(_Shell):
     """
 
     def __init__(self, path: Path | str, connect_timeout: float = 30.0) -> None:
+        super().__init__()
         self.path = str(path)
-        self._buf = bytearray()
-        self._lock = threading.Lock()
         deadline = time.monotonic() + connect_timeout
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -156,12 +168,7 @@ class ConsoleSocket(_Shell):
                 return
             if not data:
                 return
-            with self._lock:
-                self._buf += data
-
-    def _text(self) -> str:
-        with self._lock:
-            return bytes(self._buf).decode("utf-8", "replace")
+            self._received(data)
 
     def send(self, data: str) -> None:
         self._sock.sendall(data.encode())
@@ -268,10 +275,9 @@ class AgentConsole(_Shell):
 
         from cna_agent.api import pb
 
+        super().__init__()
         vm = pb.vm_pb2
         self._q: "queue.Queue[bytes | None]" = queue.Queue()
-        self._buf = bytearray()
-        self._lock = threading.Lock()
         self.error: Exception | None = None
 
         def inputs():
@@ -284,17 +290,12 @@ class AgentConsole(_Shell):
         def pump() -> None:
             try:
                 for msg in self._call:
-                    with self._lock:
-                        self._buf += msg.data
+                    self._received(msg.data)
             except Exception as exc:  # grpc.RpcError when cancelled or the VM stops
                 self.error = exc
 
         self._thread = threading.Thread(target=pump, name=f"agent-console:{vm_ref}", daemon=True)
         self._thread.start()
-
-    def _text(self) -> str:
-        with self._lock:
-            return bytes(self._buf).decode("utf-8", "replace")
 
     def send(self, data: str) -> None:
         self._q.put(data.encode())
