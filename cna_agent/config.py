@@ -68,6 +68,8 @@ class StateConfig:
     dir: str = "/var/lib/cna-agent"
     #: Volatile runtime files (QMP side-channel sockets, pid files).
     run_dir: str = "/run/cna-agent"
+    #: Side-channel sockets go here when run_dir is too deep for a unix socket path (108 bytes).
+    qmp_fallback_dir: str = "/run/cna-qmp"
     #: Finished operations (and their request ids) are kept this long.
     operation_retention_days: float = 7.0
     #: The event log keeps at most this many events (oldest dropped first).
@@ -592,7 +594,7 @@ def _validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
         val = getattr(cfg.tls, key)
         if val and not os.path.isabs(val):
             fail("tls", key, f"{val!r} must be an absolute path")
-    for key in ("dir", "run_dir"):
+    for key in ("dir", "run_dir", "qmp_fallback_dir"):
         val = getattr(cfg.state, key)
         if not os.path.isabs(val):
             fail("state", key, f"{val!r} must be an absolute path")

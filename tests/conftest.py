@@ -71,3 +71,20 @@ def _destroy_leftover_guests():
     yield
     for agent in support.STARTED[first:]:
         support.kill_guests_of(agent)
+
+
+@pytest.fixture
+def system_libvirtd():
+    """The host's libvirtd (qemu:///system: QEMU runs as its own unprivileged user), started if
+    it was not running and left as it was found."""
+    if not Path("/usr/sbin/libvirtd").exists():
+        pytest.fail("libvirtd is not installed: run tools/setup.sh")
+    was_running = support.libvirtd_answers()
+    if not was_running:
+        support.start_libvirtd()
+    yield
+    if was_running and not support.libvirtd_answers():
+        support.start_libvirtd()
+    elif not was_running and support.libvirtd_answers():
+        support.stop_libvirtd()
+

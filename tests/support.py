@@ -161,3 +161,38 @@ def wait_operation(channel, op, timeout: float = 120.0, *, ok: bool = True):
     if ok:
         assert not op.HasField("error"), op.error
     return op
+
+
+# -- the host's own libvirtd (qemu:///system), for tests of production mode -----------------------
+
+LIBVIRTD_SOCK = Path("/run/libvirt/libvirt-sock")
+LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def libvirtd_answers() -> bool:
+    if not LIBVIRTD_SOCK.exists():
+        return False
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, timeout=30)
+    return out.returncode == 0
+
+
+def start_libvirtd() -> None:
+    subprocess.run(["virtlogd", "-d"], capture_output=True, timeout=30)
+    out = subprocess.run(["libvirtd", "-d"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(libvirtd_answers, 30, "libvirtd to come up")
+
+
+def stop_libvirtd() -> None:
+    pid = int(LIBVIRTD_PIDFILE.read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to stop", 0.2)
+

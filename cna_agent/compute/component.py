@@ -36,6 +36,7 @@ async def start(ctx: AgentContext) -> Component:
         virt_type=ctx.virt_type,
         state_dir=ctx.config.state.dir,
         run_dir=ctx.config.state.run_dir,
+        qmp_fallback_dir=ctx.config.state.qmp_fallback_dir,
         console_listen=ctx.config.host.console_listen,
         host_cpu_mhz=mhz,
         agent_version=__version__,

@@ -77,11 +77,13 @@ def socket_path(run_dir: str | os.PathLike[str], vm_uuid: str) -> Path:
     return Path(run_dir) / "qmp" / f"{vm_uuid}.sock"
 
 
-def monitor_socket_path(run_dir: str | os.PathLike[str], vm_uuid: str) -> tuple[Path, bool]:
+def monitor_socket_path(run_dir: str | os.PathLike[str], vm_uuid: str, *,
+                        short_root: str | os.PathLike[str] = SHORT_SOCKET_ROOT) -> tuple[Path, bool]:
     """The socket path QEMU gets, and whether it is the short fallback.
 
     A unix socket path longer than sun_path (107 bytes) makes QEMU fail to start, so a run
-    directory that deep gets ``/run/cna-qmp/<hash of run_dir>/<hash of uuid>.sock`` instead:
+    directory that deep gets ``<short_root>/<hash of run_dir>/<hash of uuid>.sock`` instead
+    (``/run/cna-qmp`` by default, ``[state] qmp_fallback_dir``):
     deterministic (the agent finds it again after a restart), distinct per agent and per VM.
     Callers log the fallback (it is a configuration smell, not an error).
     """
@@ -90,7 +92,7 @@ def monitor_socket_path(run_dir: str | os.PathLike[str], vm_uuid: str) -> tuple[
         return preferred, False
     agent = hashlib.sha256(os.fsencode(str(run_dir))).hexdigest()[:12]
     vm = hashlib.sha256(vm_uuid.encode()).hexdigest()[:16]
-    return Path(SHORT_SOCKET_ROOT) / agent / f"{vm}.sock", True
+    return Path(short_root) / agent / f"{vm}.sock", True
 
 
 def path_from_args(args: list[str]) -> str:

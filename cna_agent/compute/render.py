@@ -54,6 +54,8 @@ class RenderContext:
     created: str = ""
     #: Add the agent's own QMP monitor (qmp.py) to every domain it builds.
     qmp_side_channel: bool = True
+    #: Where side-channel sockets go when run_dir is too deep for a unix socket path.
+    qmp_fallback_dir: str = qmp.SHORT_SOCKET_ROOT
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ def serial_log_path(ctx: RenderContext, uuid: str) -> str:
 
 def qmp_socket_path(ctx: RenderContext, uuid: str) -> str:
     """The VM's side-channel monitor socket (short hashed fallback when run_dir is too deep)."""
-    path, short = qmp.monitor_socket_path(ctx.run_dir, uuid)
+    path, short = qmp.monitor_socket_path(ctx.run_dir, uuid, short_root=ctx.qmp_fallback_dir)
     if short:
         log.warning("event=qmp.socket_fallback vm=%s path=%s reason=run_dir too long for a unix socket path "
                     "(sun_path is 108 bytes)", uuid, path)

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import os
 import random
-import shutil
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, replace
@@ -37,7 +36,8 @@ from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.hypervisor import Hypervisor
 from cna_agent.compute import qmp as qmpmod
 from cna_agent.compute import snapshots as snaps
-from cna_agent.compute.render import Bindings, assign_disk_targets, RenderContext, build_domain, qmp_socket_path, serial_log_path, vm_run_dir
+from cna_agent.compute.render import Bindings, assign_disk_targets, RenderContext, build_domain, serial_log_path
+from cna_agent.compute.rundirs import QemuRunDirs, QemuUser
 from cna_agent.compute.sidechannel import Diagnostics, SideChannels
 from cna_agent.compute.resolvers import LocalFileResolver, NoNetworkResolver
 from cna_agent.compute.spec import UUID_RE, ValidationContext, VmSpec, new_uuid, validate, validate_name
@@ -111,6 +111,7 @@ class VmService:
         self.runner = runner
         self.events = events
         self.render_ctx = render_ctx
+        self.run_dirs = QemuRunDirs(render_ctx)
         self.virt_type = virt_type
         self.host_cpus = host_cpus
         self.local_files = LocalFileResolver(image_dirs)
@@ -528,30 +529,9 @@ class VmService:
             raise
 
     def _prepare_dirs(self, uuid: str) -> None:
-        os.makedirs(vm_run_dir(self.render_ctx, uuid), mode=0o700, exist_ok=True)
-        if self.render_ctx.qmp_side_channel:
-            qmp_dir = os.path.dirname(qmp_socket_path(self.render_ctx, uuid))
-            os.makedirs(qmp_dir, mode=0o700, exist_ok=True)
-            facts = self.hv.facts
-            if facts is not None and facts.qemu_uid not in (None, 0):
-                # QEMU under libvirtd/virtqemud runs unprivileged and creates the side-channel
-                # socket itself: the socket directory is its own, and the directories above it
-                # are traversable (0711: no listing) so it can reach it.
-                os.chown(qmp_dir, facts.qemu_uid, facts.qemu_gid if facts.qemu_gid is not None else -1)
-                run_dir = os.path.realpath(self.render_ctx.run_dir)
-                path = os.path.dirname(os.path.realpath(qmp_dir))
-                while True:
-                    mode = os.stat(path).st_mode
-                    if not mode & 0o001:
-                        if path == run_dir or path.startswith(run_dir + os.sep):
-                            os.chmod(path, (mode & 0o7777) | 0o011)  # the agent's own directories
-                        else:
-                            raise FailedPrecondition(
-                                f"QEMU runs as uid {facts.qemu_uid} and cannot reach {qmp_dir}: {path} is not "
-                                "traversable (chmod o+x), or move [state] run_dir", field="vm")
-                    if path == "/":
-                        break
-                    path = os.path.dirname(path)
+        facts = self.hv.facts
+        qemu = QemuUser(facts.qemu_uid, facts.qemu_gid) if facts is not None and facts.qemu_uid is not None else None
+        self.run_dirs.prepare(uuid, qemu)
         os.makedirs(os.path.join(self.render_ctx.state_dir, "nvram"), mode=0o700, exist_ok=True)
 
     async def _start_domain(self, uuid: str) -> None:
@@ -718,7 +698,7 @@ class VmService:
 
             await self.hv.call(undefine, timeout=30)
             self._cache.pop(uuid, None)
-            shutil.rmtree(vm_run_dir(self.render_ctx, uuid), ignore_errors=True)
+            self.run_dirs.remove(uuid)
             if delete_disks and deleter is not None and cached.spec:
                 for i, disk in enumerate(cached.spec.disks):
                     if disk.volume and not disk.shareable and disk.device != "cdrom":

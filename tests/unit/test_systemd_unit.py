@@ -149,10 +149,11 @@ def test_notify_and_watchdog(unit: dict[str, list[tuple[str, str]]]) -> None:
 
 def test_guests_survive_agent_restart(unit: dict[str, list[tuple[str, str]]]) -> None:
     assert single(unit, "Service", "KillMode") == "process"
-    assert single(unit, "Service", "RuntimeDirectory") == "cna-agent"
+    assert words(unit, "Service", "RuntimeDirectory") == {"cna-agent", "cna-qmp"}
     # The QMP side-channel sockets of running guests live there: never deleted on stop.
     assert single(unit, "Service", "RuntimeDirectoryPreserve") == "yes"
-    assert single(unit, "Service", "RuntimeDirectoryMode") == "0700"
+    # Traversable, not listable: unprivileged QEMU (libvirtd) reaches its own socket directory.
+    assert single(unit, "Service", "RuntimeDirectoryMode") == "0711"
     assert single(unit, "Service", "StateDirectory") == "cna-agent"
 
 
@@ -201,7 +202,8 @@ def test_no_hardening_that_breaks_vm_management(unit: dict[str, list[tuple[str, 
 # ---- tmpfiles.d ---------------------------------------------------------------------------
 
 EXPECTED_DIRS = {
-    "/run/cna-agent": "0700",
+    "/run/cna-agent": "0711",
+    "/run/cna-qmp": "0711",
     "/var/lib/cna-agent": "0700",
     "/etc/cna-agent": "0700",
     "/etc/cna-agent/agent.toml.d": "0700",
