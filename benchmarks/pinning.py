@@ -40,7 +40,7 @@ import time
 import uuid as uuidlib
 
 import cna_agent  # noqa: F401  (first: gRPC fork support off; libvirt forks QEMU here)
-from cna_agent.compute.bindings import PlacementPlan  # noqa: F401  (import cost outside timings)
+from cna_agent.contracts import PlacementPlan  # noqa: F401  (import cost outside timings)
 from cna_agent.host import affinity
 from cna_agent.host.cpulist import format_cpulist
 from cna_agent.host.placement import Placement, Planner, VmRequest

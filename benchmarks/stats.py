@@ -48,7 +48,7 @@ libvirt.registerErrorHandler(lambda c, e: None, None)
 libvirt.virEventRegisterDefaultImpl()
 import threading
 threading.Thread(target=lambda: [libvirt.virEventRunDefaultImpl() for _ in iter(int, 1)], daemon=True).start()
-from cna_agent.compute.hypervisor import prepare_embedded_root
+from cna_agent.hypervisor import prepare_embedded_root
 from cna_agent.vrm.stats import bulk_call, parse_records, stats_flags, parse_groups
 mode, uri, n, rounds, images, prefix = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
 if uri.startswith("qemu:///embed"):
@@ -212,7 +212,7 @@ def agent_phase(base: Path, uri: str, n: int, interval: float, intervals: int) -
 
 def system_uri_answers() -> bool:
     """qemu:///system is usable when libvirtd/virtqemud answers (tools/testbed.py up libvirtd)."""
-    from cna_agent.compute.hypervisor import choose_uri
+    from cna_agent.hypervisor import choose_uri
 
     return choose_uri("", "/nonexistent") == "qemu:///system"
 

@@ -48,11 +48,11 @@ def tiny_pb(name: str):
 def open_raw_libvirt(root: str):
     import libvirt
 
-    from cna_agent.compute.hypervisor import ensure_event_loop
+    from cna_agent.hypervisor import ensure_event_loop
 
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     ensure_event_loop()
-    from cna_agent.compute.hypervisor import prepare_embedded_root
+    from cna_agent.hypervisor import prepare_embedded_root
 
     prepare_embedded_root(root)  # the same qemu.conf as the agent's embedded root: like for like
     return libvirt.open(f"qemu:///embed?root={root}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 if TYPE_CHECKING:
-    from cna_agent.compute.hypervisor import Hypervisor
+    from cna_agent.hypervisor import Hypervisor
     from cna_agent.config import AgentConfig
     from cna_agent.host.kvmprobe import KvmVerdict
     from cna_agent.host.service import HostService

@@ -70,7 +70,7 @@ async def build_agent(config: AgentConfig):
     from cna_agent.api.host import HostServicer
     from cna_agent.api.operations import OperationsServicer
     from cna_agent.api.server import AgentServer
-    from cna_agent.compute.hypervisor import Hypervisor, choose_uri
+    from cna_agent.hypervisor import Hypervisor, choose_uri
     from cna_agent.host.service import HostService
     from cna_agent.operations import OperationRunner
     from cna_agent.state.eventlog import EventHub, EventLog

@@ -32,7 +32,7 @@ def libvirt_caps_cache(tmp_path_factory) -> Path | None:
         "libvirt.registerErrorHandler(lambda c, e: None, None)\n"
         "libvirt.virEventRegisterDefaultImpl()  # the embedded driver refuses to open without one\n"
         # Same qemu.conf as the agent's roots: the cache is only valid for the same QEMU uid.
-        f"from cna_agent.compute.hypervisor import prepare_embedded_root; prepare_embedded_root({str(root)!r})\n"
+        f"from cna_agent.hypervisor import prepare_embedded_root; prepare_embedded_root({str(root)!r})\n"
         f"conn = libvirt.open('qemu:///embed?root={root}')\n"
         "conn.getCapabilities(); conn.close()\n"
     )

@@ -8,7 +8,7 @@ from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
 from cna_agent.api.status import abort_with
 from cna_agent.api.convert import request_fingerprint as fingerprint
-from cna_agent.compute.bindings import Bandwidth
+from cna_agent.contracts import Bandwidth
 from cna_agent.errors import AgentError, InvalidArgument
 from cna_agent.network.model import BandwidthDecl, BridgeDecl, PortGroupDecl
 from cna_agent.network.service import NetworkOperations, NetworkService, VifRecord

@@ -18,7 +18,7 @@ from typing import AsyncIterator
 
 import libvirt
 
-from cna_agent.compute.hypervisor import Hypervisor
+from cna_agent.hypervisor import Hypervisor
 from cna_agent.errors import FailedPrecondition, Unavailable
 
 log = logging.getLogger(__name__)

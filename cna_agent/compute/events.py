@@ -19,7 +19,7 @@ from typing import Any, Callable
 import libvirt
 
 from cna_agent.compute import state as st
-from cna_agent.compute.hypervisor import Hypervisor
+from cna_agent.hypervisor import Hypervisor
 from cna_agent.state.eventlog import EventHub
 from cna_agent.tasks import cancel_and_wait
 

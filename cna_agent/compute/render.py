@@ -27,7 +27,7 @@ from typing import Sequence
 
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import qmp
-from cna_agent.compute.bindings import DiskSourceBinding, NicBinding, PlacementPlan
+from cna_agent.contracts import DiskSourceBinding, NicBinding, PlacementPlan
 from cna_agent.compute.spec import VmSpec, default_target_prefix
 from cna_agent.errors import InvalidArgument
 from cna_agent.host.cpulist import format_cpulist

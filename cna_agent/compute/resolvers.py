@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from cna_agent.compute.bindings import DiskSourceBinding, LunRelease, NicBinding
+from cna_agent.contracts import DiskSourceBinding, LunRelease, NicBinding
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
-from cna_agent.compute.bindings import format_from_name
+from cna_agent.contracts import format_from_name
 
 
 def parse_image_dirs(value: str) -> tuple[str, ...]:

@@ -31,9 +31,9 @@ from cna_agent import __version__
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import state as st
-from cna_agent.compute.bindings import DiskResolver, NicResolver
+from cna_agent.contracts import DiskResolver, NicResolver
 from cna_agent.compute.events import DomainEventMonitor
-from cna_agent.compute.hypervisor import Hypervisor
+from cna_agent.hypervisor import Hypervisor
 from cna_agent.compute import qmp as qmpmod
 from cna_agent.compute import snapshots as snaps
 from cna_agent.compute.render import Bindings, assign_disk_targets, RenderContext, build_domain, serial_log_path

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
-from cna_agent.compute.bindings import PlacementPlan
+from cna_agent.contracts import PlacementPlan
 from cna_agent.errors import InvalidArgument, NotFound
 from cna_agent.host import affinity
 from cna_agent.host.cpulist import format_cpulist

@@ -1,7 +1,7 @@
 """Where a VM's vCPUs and memory go on this host's NUMA / SMT / cluster topology.
 
 A pure planner (no I/O): given the host topology, the CPUs reserved for the host, and the
-VMs already placed, it decides a new VM's :class:`~cna_agent.compute.bindings.PlacementPlan`
+VMs already placed, it decides a new VM's :class:`~cna_agent.contracts.PlacementPlan`
 or refuses with the resource that ran out. Compute renders the plan into cputune / numatune /
 memoryBacking; :class:`HostPlacer` keeps the placements in the state database so they survive
 agent restarts.
@@ -36,7 +36,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from cna_agent.compute.bindings import GuestNumaCell, PlacementPlan
+from cna_agent.contracts import GuestNumaCell, PlacementPlan
 from cna_agent.errors import FailedPrecondition, InvalidArgument
 from cna_agent.host.topology import HostTopology
 

@@ -3,7 +3,7 @@
 Wraps the pure :class:`~cna_agent.host.placement.Planner` with the state database, so two
 concurrent VM creations never get the same dedicated CPU and an agent restart (kill -9
 included) comes back with the same reservations. Implements compute's ``Placer`` protocol
-(cna_agent/compute/bindings.py).
+(cna_agent/contracts.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from cna_agent.compute.bindings import PlacementPlan
+from cna_agent.contracts import PlacementPlan
 from cna_agent.host.placement import Placement, Planner, VmRequest
 from cna_agent.state.store import StateStore
 

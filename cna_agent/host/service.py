@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from cna_agent import __version__
-from cna_agent.compute.hypervisor import Hypervisor, HypervisorFacts
+from cna_agent.hypervisor import Hypervisor, HypervisorFacts
 from cna_agent.host.kvmprobe import KvmVerdict
 from cna_agent.host.topology import HostTopology, probe_topology
 

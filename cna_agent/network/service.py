@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
-from cna_agent.compute.bindings import Bandwidth, NicBinding
+from cna_agent.contracts import Bandwidth, NicBinding
 from cna_agent.errors import AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cna_agent.network import vif
 from cna_agent.network.linuxbridge import LinuxBridgeDriver, probe_vlan_support

@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from cna_agent.compute.bindings import Bandwidth, NicBinding
+from cna_agent.contracts import Bandwidth, NicBinding
 from cna_agent.errors import InvalidArgument, ResourceBusy
 
 MAC_PREFIX = "52:54:00"

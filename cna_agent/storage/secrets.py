@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from xml.sax.saxutils import escape
 
-from cna_agent.compute.hypervisor import Hypervisor
+from cna_agent.hypervisor import Hypervisor
 
 
 class LibvirtSecrets:

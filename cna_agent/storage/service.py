@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
-from cna_agent.compute.bindings import DiskSourceBinding, LunRelease
+from cna_agent.contracts import DiskSourceBinding, LunRelease
 from cna_agent.errors import AgentError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.operations import OperationContext, OperationRunner
 from cna_agent.state.eventlog import EventHub

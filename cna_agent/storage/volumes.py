@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Mapping
 from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.storage import paths, qemuimg
 from cna_agent.storage.runner import CommandError, CommandRunner
-from cna_agent.compute.bindings import format_from_name
+from cna_agent.contracts import format_from_name
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 #: Largest volume: 64 TiB (qcow2 with 64 KiB clusters handles far more, but a request beyond

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cna_agent.compute import domxml as dx
-from cna_agent.compute.bindings import Bandwidth, DiskSourceBinding, GuestNumaCell, NicBinding, PlacementPlan
+from cna_agent.contracts import Bandwidth, DiskSourceBinding, GuestNumaCell, NicBinding, PlacementPlan
 from cna_agent.compute.render import Bindings, RenderContext, build_domain, render_xml
 from cna_agent.compute.spec import (
     BootSpec, ConsoleSpec, CpuQos, CpuTopology, DiskSpec, IoQos, MemoryQos, NicSpec, ValidationContext, VmSpec, validate,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from cna_agent.compute import hypervisor
-from cna_agent.compute.hypervisor import Hypervisor, choose_uri
+from cna_agent import hypervisor
+from cna_agent.hypervisor import Hypervisor, choose_uri
 
 
 def test_configured_uri_wins(tmp_path):
@@ -42,7 +42,7 @@ def test_embedded_under_the_state_dir_otherwise(tmp_path, monkeypatch):
 
 
 def test_embedded_root_gets_a_qemu_conf_once(tmp_path):
-    from cna_agent.compute.hypervisor import embedded_root, prepare_embedded_root
+    from cna_agent.hypervisor import embedded_root, prepare_embedded_root
 
     root = embedded_root(f"qemu:///embed?root={tmp_path}/lv")
     assert root == f"{tmp_path}/lv"

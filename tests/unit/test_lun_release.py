@@ -124,7 +124,7 @@ class Env:
         return Host(self.hv, self.tmp, decls, runner, tree, clock or FakeClock(), **kw)
 
     def run(self, scenario) -> None:
-        from cna_agent.compute.hypervisor import Hypervisor
+        from cna_agent.hypervisor import Hypervisor
 
         async def main() -> None:
             self.hv = Hypervisor(f"qemu:///embed?root={self.root}")

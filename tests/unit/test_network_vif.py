@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from cna_agent.compute.bindings import Bandwidth, NicBinding
+from cna_agent.contracts import Bandwidth, NicBinding
 from cna_agent.errors import InvalidArgument, ResourceBusy
 from cna_agent.network import vif
 from cna_agent.network.model import BridgeDecl, PortGroupDecl, check_mac, validate_bridge, validate_port_group

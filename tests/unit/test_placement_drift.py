@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cna_agent.compute.bindings import PlacementPlan
+from cna_agent.contracts import PlacementPlan
 from cna_agent.errors import InvalidArgument, NotFound
 from cna_agent.host import affinity
 from cna_agent.host.drift import PlacementMonitor, classify, host_report, inspect, planned_cpus

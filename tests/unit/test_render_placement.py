@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cna_agent.compute import domxml as dx
-from cna_agent.compute.bindings import GuestNumaCell, PlacementPlan
+from cna_agent.contracts import GuestNumaCell, PlacementPlan
 from cna_agent.compute.render import Bindings, RenderContext, apply_placement, build_domain
 from cna_agent.compute.spec import BootSpec, ConsoleSpec, ValidationContext, VmSpec, validate
 from cna_agent.errors import InvalidArgument
@@ -212,7 +212,7 @@ _EMBEDDED_DEFINE = """
 import libvirt, sys
 libvirt.registerErrorHandler(lambda c, e: None, None)
 libvirt.virEventRegisterDefaultImpl()
-from cna_agent.compute.hypervisor import prepare_embedded_root
+from cna_agent.hypervisor import prepare_embedded_root
 root = sys.argv[1]
 prepare_embedded_root(root)
 conn = libvirt.open('qemu:///embed?root=' + root)
