@@ -6,7 +6,7 @@
  * open/read/close loop here instead of through Python's io stack is the whole gain. The
  * other reason is cpuid/MIDR, which Python cannot read at all.
  *
- * Contract (shared with the pure-Python twin in cna_agent/host/topology.py, which must give
+ * Contract (shared with the pure-Python twin in cna_agent/host/topology/pyscan.py, which must give
  * identical results on the same tree):
  *   - every path is under `root` (a recorded tree in tests, "/" on a live host);
  *   - output is plain data written into caller-owned buffers; nothing is allocated for the

@@ -9,7 +9,7 @@ admin's host and probe the copy: ``cna_agent.host.topology.probe_topology(root=O
     python3 tools/record-sysfs-tree.py --root /mnt/img --out /tmp/x  # another tree
 
 Standalone on purpose (stdlib only, no cna_agent import) so it can be copied onto a host
-that has no agent installed. Keep PATTERNS in step with cna_agent/host/topology.py; the
+that has no agent installed. Keep PATTERNS in step with cna_agent/host/topology/; the
 unit tests check that probing a recording of this machine equals probing the machine.
 Nothing secret is recorded: CPU, cache, NUMA and memory counters only, plus the kernel
 release and machine type in recorded.json.

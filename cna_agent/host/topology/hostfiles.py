@@ -1,0 +1,146 @@
+"""The per-node and host-wide files: NUMA nodes, meminfo, hugepage pools, /proc/cpuinfo.
+
+Separate from the per-CPU readers because these are a handful of files read in Python on
+both probe paths (the C reader only walks ``cpuN`` directories), and they produce public
+model records (NumaNode, HugePagePool) directly rather than raw records.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from cna_agent.host import midr as _midr
+from cna_agent.host.cpulist import parse_cpulist
+from cna_agent.host.topology.model import HugePagePool, NumaNode
+from cna_agent.host.topology.sysfs_io import read_file, read_head, read_int
+
+__all__ = [
+    "HUGEPAGES_DIR",
+    "cpuinfo_first_record",
+    "hugepage_pools",
+    "meminfo",
+    "midr_from_cpuinfo",
+    "numa_nodes",
+]
+
+NODE_DIR = "sys/devices/system/node"
+#: Host-wide hugepage pools (each node has its own under node/nodeN/hugepages).
+HUGEPAGES_DIR = "sys/kernel/mm/hugepages"
+
+_HUGE_RE = re.compile(r"hugepages-(\d+)kB")
+
+
+def cpuinfo_first_record(root: str) -> dict[str, str]:
+    """Key/value pairs of the first processor record (plus any header before it)."""
+    text = read_head(os.path.join(root, "proc/cpuinfo"), 32768)
+    fields: dict[str, str] = {}
+    if not text:
+        return fields
+    seen_processor = False
+    for line in text.splitlines():
+        if not line.strip():
+            if seen_processor:
+                break
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip()
+        if key == "processor":
+            seen_processor = True
+        fields.setdefault(key, value.strip())
+    return fields
+
+
+def meminfo(path: str, prefix: str = "") -> dict[str, int]:
+    """"MemTotal: 123 kB" (or "Node 0 MemTotal: 123 kB") lines -> {"MemTotal": 123}."""
+    text = read_file(path)
+    out: dict[str, int] = {}
+    if text is None:
+        return out
+    for line in text.splitlines():
+        if prefix:
+            if not line.startswith(prefix):
+                continue
+            line = line[len(prefix) :]
+        key, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        words = rest.split()
+        if words and words[0].isdigit():
+            out[key.strip()] = int(words[0])
+    return out
+
+
+def hugepage_pools(directory: str) -> tuple[HugePagePool, ...]:
+    """The ``hugepages-<size>kB`` pools under ``directory``, smallest size first."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return ()
+    pools = []
+    for name in names:
+        match = _HUGE_RE.fullmatch(name)
+        if not match:
+            continue
+        base = os.path.join(directory, name)
+        pools.append(
+            HugePagePool(
+                size_kib=int(match.group(1)),
+                total=read_int(base + "/nr_hugepages") or 0,
+                free=read_int(base + "/free_hugepages") or 0,
+            )
+        )
+    return tuple(sorted(pools, key=lambda p: p.size_kib))
+
+
+def numa_nodes(root: str) -> list[NumaNode] | None:
+    """Nodes from sysfs, or None when the kernel has no NUMA sysfs at all."""
+    node_dir = os.path.join(root, NODE_DIR)
+    try:
+        names = os.listdir(node_dir)
+    except OSError:
+        return None
+    ids = sorted(int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit() and n[4:].isascii())
+    if not ids:
+        return None
+    nodes = []
+    for nid in ids:
+        base = f"{node_dir}/node{nid}"
+        cpulist = read_file(base + "/cpulist")
+        try:
+            cpus = parse_cpulist(cpulist) if cpulist is not None else ()
+        except ValueError:
+            cpus = ()
+        mem = meminfo(base + "/meminfo", prefix=f"Node {nid} ")
+        dist_text = read_file(base + "/distance") or ""
+        try:
+            distances = tuple(int(d) for d in dist_text.split())
+        except ValueError:
+            distances = ()
+        nodes.append(
+            NumaNode(
+                id=nid,
+                cpus=cpus,
+                memory_total_kib=mem.get("MemTotal", 0),
+                memory_free_kib=mem.get("MemFree", 0),
+                distances=distances,
+                hugepages=hugepage_pools(base + "/hugepages"),
+            )
+        )
+    return nodes
+
+
+def midr_from_cpuinfo(cpuinfo: dict[str, str]) -> int | None:
+    """Rebuild a MIDR from cpuinfo's fields for trees/kernels without regs/identification."""
+    try:
+        return _midr.join_midr(
+            int(cpuinfo["CPU implementer"], 16),
+            int(cpuinfo["CPU variant"], 16),
+            0xF,  # cpuinfo always prints "8"; ARMv8+ cores put 0xF (see ID regs) in MIDR
+            int(cpuinfo["CPU part"], 16),
+            int(cpuinfo["CPU revision"], 0),
+        )
+    except (KeyError, ValueError):
+        return None
