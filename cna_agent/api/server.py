@@ -1,7 +1,7 @@
 """Builds the gRPC server: the cna.v1 services, health, reflection, and the two listeners.
 
 * TCP for the VRM: mutual TLS when [tls] is configured; plaintext only on loopback unless
-  grpc.allow_insecure_tcp says otherwise (config.py enforces that).
+  grpc.allow_insecure_tcp says otherwise (cna_agent/config/validation.py enforces that).
 * A unix socket for cna-ctl: created under umask 077 and chmod 0600, root-only.
 * grpc.health.v1 (so grpc_health_probe and load balancers work) and server reflection as
   both grpc.reflection.v1 and v1alpha (grpcurl asks v1 first; older clients only know
