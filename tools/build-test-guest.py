@@ -14,8 +14,9 @@ Output (default ``<repo>/.cache/guests/<arch>/``, or ``$CNA_GUEST_CACHE/<arch>/`
 64 MiB MBR disk whose first partition (FAT16, 40 MiB) holds the same kernel and initramfs behind
 SYSLINUX, so SeaBIOS boots the guest *from the disk* (root-disk tests: a LUN, an imported vmdk, a
 linked clone) with ``cna.bootsrc=disk`` on its command line; the last 23 MiB are unpartitioned
-scratch space a test may write to. The guest is rebuilt only when a file is missing or
-the recipe (this script + arch) changed; ``--refresh`` also re-resolves the newest kernel package
+scratch space a test may write to (tools/guest_boot_disk.py builds it). The guest is rebuilt only
+when a file is missing or the recipe (this script, its sibling modules guest_boot_disk.py and
+guest_build_util.py, + arch) changed; ``--refresh`` also re-resolves the newest kernel package
 and rebuilds when its version changed. Only the Python standard library, ``apt-get``/``apt-cache``
 and ``dpkg-deb`` are used; foreign-architecture packages are fetched with private apt lists so the
 host's dpkg architectures are never changed.
@@ -49,16 +50,33 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+# The sibling modules live next to this file. Python puts tools/ on sys.path when this runs as
+# a script, but not when it is loaded by path (importlib.util.spec_from_file_location), so
+# make sure either way.
+_TOOLS_DIR = str(Path(__file__).resolve().parent)
+if _TOOLS_DIR not in sys.path:
+    sys.path.insert(0, _TOOLS_DIR)
+
+import guest_boot_disk
+import guest_build_util
+from guest_boot_disk import (  # noqa: F401  (re-exported: the script keeps its names)
+    BOOT_PART_SECTORS,
+    BOOT_PART_START,
+    DISK_SIZE,
+    SYSLINUX_CFG,
+    SYSLINUX_MBR,
+    build_boot_disk,
+)
+from guest_build_util import TIMEOUT_APT, run, sha256_file  # noqa: F401  (TIMEOUT_APT: re-exported)
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 CONSOLES = {"x86_64": "ttyS0", "aarch64": "ttyAMA0"}
 MARKER = "CNA-GUEST-READY"
-TIMEOUT_APT = 600
 
 # Modules loaded at boot when the kernel has them as modules (built-ins and absent ones are
 # skipped). Kept short so the initramfs stays small; their dependencies are added automatically.
@@ -207,17 +225,6 @@ while :; do
   sleep 0.2
 done
 """
-
-
-def run(cmd: list[str], *, timeout: float = TIMEOUT_APT, cwd: Path | None = None) -> str:
-    """Run a command (argument list, timeout); raise with its stderr so failures are diagnosable."""
-    try:
-        p = subprocess.run(cmd, cwd=cwd, timeout=timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"timed out after {timeout}s: {cmd}") from e
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
-    return p.stdout
 
 
 def host_deb_arch() -> str:
@@ -426,18 +433,17 @@ class Cpio:
 # ------------------------------------------------------------------------------------------------
 
 
+#: The builder's code: this script and the sibling modules it imports. A change to any of
+#: them rebuilds the guest (and so the boot disk), as a change to this one file always did.
+RECIPE_FILES = (Path(__file__), Path(guest_build_util.__file__), Path(guest_boot_disk.__file__))
+
+
 def recipe_hash(arch: str) -> str:
     """What the cached guest depends on besides the .debs: this builder's code and the arch."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(arch.encode())
-    return h.hexdigest()
-
-
-def sha256_file(p: Path) -> str:
     h = hashlib.sha256()
-    with p.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for p in RECIPE_FILES:
+        h.update(p.read_bytes())
+    h.update(arch.encode())
     return h.hexdigest()
 
 
@@ -534,64 +540,6 @@ def build(arch: str, out: Path, refresh: bool = False, log=print) -> dict:
         log(f"built {arch} guest: {kernel_release}, initrd {len(initrd) // 1024} KiB, "
             f"{len(chosen)} modules")
         return manifest
-
-
-# The BIOS boot disk: MBR (syslinux mbr.bin) + one bootable FAT16 partition at 1 MiB.
-DISK_SIZE = 64 * 1024 * 1024
-BOOT_PART_START = 2048  # sectors
-BOOT_PART_SECTORS = 81920  # 40 MiB
-SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
-SYSLINUX_CFG = """DEFAULT cna
-PROMPT 0
-TIMEOUT 0
-LABEL cna
-  KERNEL vmlinuz
-  INITRD initrd.gz
-  APPEND console={console} cna.bootsrc=disk
-"""
-
-
-def build_boot_disk(arch: str, out: Path, manifest: dict, log=print) -> Path:
-    """A raw disk SeaBIOS boots through SYSLINUX; rebuilt when the kernel/initramfs change.
-
-    No loop devices or mounts (containers and CI hosts often have neither): sfdisk writes the
-    partition table into the file, mkfs.vfat/mcopy/syslinux work at a byte offset inside it.
-    """
-    if arch != "x86_64":
-        raise RuntimeError("the boot disk uses SYSLINUX (BIOS); only x86_64 is supported")
-    disk = out / "disk.raw"
-    stamp = out / "disk.raw.inputs"
-    want = hashlib.sha256((manifest["inputs_hash"] + sha256_file(Path(manifest["initrd"]))
-                           + SYSLINUX_CFG).encode()).hexdigest()
-    with (out / ".lock").open("w") as lockf:
-        fcntl.flock(lockf, fcntl.LOCK_EX)
-        if disk.exists() and stamp.exists() and stamp.read_text().strip() == want:
-            return disk
-        for tool in ("sfdisk", "mkfs.vfat", "mcopy", "syslinux"):
-            if shutil.which(tool) is None:
-                raise RuntimeError(f"{tool} not found (tools/setup.sh installs syslinux mtools dosfstools fdisk)")
-        tmp = out / "disk.raw.new"
-        tmp.unlink(missing_ok=True)
-        with tmp.open("wb") as f:
-            f.truncate(DISK_SIZE)
-        table = f"label: dos\nstart={BOOT_PART_START}, size={BOOT_PART_SECTORS}, type=6, bootable\n"
-        p = subprocess.run(["sfdisk", "-q", str(tmp)], input=table, capture_output=True, text=True, timeout=60)
-        if p.returncode != 0:
-            raise RuntimeError(f"sfdisk failed: {p.stderr.strip()}")
-        with tmp.open("r+b") as f:  # boot code only: the partition table after byte 440 stays
-            f.write(SYSLINUX_MBR.read_bytes()[:440])
-        off = BOOT_PART_START * 512
-        run(["mkfs.vfat", "--offset", str(BOOT_PART_START), "-h", str(BOOT_PART_START), "-n", "CNABOOT",
-             str(tmp), str(BOOT_PART_SECTORS // 2)], timeout=60)
-        with tempfile.TemporaryDirectory(prefix="cna-disk-", dir=out) as t:
-            cfg = Path(t) / "syslinux.cfg"
-            cfg.write_text(SYSLINUX_CFG.format(console=CONSOLES[arch]))
-            run(["mcopy", "-i", f"{tmp}@@{off}", manifest["kernel"], manifest["initrd"], str(cfg), "::/"], timeout=60)
-        run(["syslinux", "--offset", str(off), "--install", str(tmp)], timeout=60)
-        os.replace(tmp, disk)
-        stamp.write_text(want + "\n")
-        log(f"built {arch} boot disk {disk}")
-        return disk
 
 
 def default_out(arch: str) -> Path:
