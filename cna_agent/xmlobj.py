@@ -13,6 +13,7 @@ in field declaration order, which therefore fixes the element order libvirt's sc
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, ClassVar, Generic, TypeVar
 from xml.etree import ElementTree as ET
 
@@ -210,6 +211,30 @@ class Raw(Field):
         node = _find(root, self.parts)
         if node is not None:
             self.__set__(obj, list(node))
+
+
+class Opaque(Field):
+    """One whole element kept as-is, attributes included (e.g. the full ``<domain>`` libvirt
+    embeds in a snapshot document): carried through parse and build so the document
+    round-trips, never interpreted here. Whoever needs its content parses it with that
+    element's own typed model (for a domain, ``domxml.Domain.from_element``)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.parts, _ = _split(path)
+
+    def build(self, obj: "XmlObject", root: ET.Element) -> None:
+        value = self.__get__(obj)
+        if value is None:
+            return
+        parent = _find_or_make(root, self.parts[:-1])
+        # a copy: to_xml() re-indents the tree it builds, which must not change the stored element
+        parent.append(copy.deepcopy(value))
+
+    def parse(self, obj: "XmlObject", root: ET.Element) -> None:
+        node = _find(root, self.parts)
+        if node is not None:
+            self.__set__(obj, node)
 
 
 class XmlObject:
