@@ -6,6 +6,10 @@ whose fields declare where they live in the XML (an attribute, a text node, a ch
 a list of child objects). The same field table drives :meth:`XmlObject.to_element` and
 :meth:`XmlObject.from_element`, so ``build(parse(xml))`` round-trips the XML we generate.
 
+Shared by every typed libvirt document the agent writes or reads: domains
+(compute/domxml.py), domain snapshots (compute/snapshotxml.py) and secrets
+(storage/secretxml.py).
+
 Field paths are relative to the object's own element: ``"@type"``, ``"source/@file"``,
 ``"name"`` (text), ``"features/acpi"`` (presence flag). Elements along a path are created
 in field declaration order, which therefore fixes the element order libvirt's schema wants.
