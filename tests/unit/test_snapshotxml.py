@@ -1,9 +1,11 @@
 """Domain snapshot XML (compute/snapshotxml.py) and the snapshot operations that build and read it.
 
-Round trips: the documents the agent sends, hand-written documents shaped like the QEMU driver's
-``virsh snapshot-dumpxml`` output (tests/fixtures/snapshotxml, element names from libvirt's
-domainsnapshot.rng), and documents libvirt itself returns here (the test driver, test:///default,
-which takes internal snapshots of its in-memory domains). Every document, given and rebuilt, is
+Round trips: the documents the agent sends; in tests/fixtures/snapshotxml, hand-written documents
+shaped like the QEMU driver's ``virsh snapshot-dumpxml`` output (element names from libvirt's
+domainsnapshot.rng) and ``captured-*`` ones libvirt 9.0's embedded QEMU driver returned for
+snapshots.create() on a TCG guest (internal while shut off, external disk-only while running);
+and documents libvirt returns here at test time (the test driver, test:///default, which takes
+internal snapshots of its in-memory domains). Every document, given and rebuilt, is
 checked with ``virt-xml-validate FILE domainsnapshot``.
 """
 
@@ -67,6 +69,16 @@ def test_external_disk_only_snapshot_fields() -> None:
     assert domain.name == "vm1" and [d.target_dev for d in domain.devices.disks] == ["vda", "vdb", "sda"]
     assert dx.spec_json_from_metadata(domain.agent_metadata()).startswith('{"name": "vm1"')
     assert doc.inactive_domain.tag == "inactiveDomain" and doc.cookie.find("cpu/model").text == "qemu64"
+
+
+def test_captured_qemu_snapshots_read_as_the_agent_needs() -> None:
+    live = DomainSnapshot.from_xml((FIXTURES / "captured-libvirt-9.0-qemu-external-disk-only.xml").read_text())
+    assert (live.state, live.parent, live.external, live.memory.snapshot) == ("disk-snapshot", "s1", True, "no")
+    assert [(d.name, d.snapshot, d.source_file) for d in live.disks] == [
+        ("vda", "external", "/tmp/wtxml-probe/root.live1.qcow2"), ("vdb", "no", None)]
+    assert live.domain is not None and live.inactive_domain is not None and live.cookie is None
+    stopped = DomainSnapshot.from_xml((FIXTURES / "captured-libvirt-9.0-qemu-internal-shutoff.xml").read_text())
+    assert (stopped.state, stopped.parent, stopped.external, stopped.description) == ("shutoff", None, False, "stopped & internal")
 
 
 def test_memory_and_block_overlay_fields() -> None:
