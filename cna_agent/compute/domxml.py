@@ -1,6 +1,6 @@
 """libvirt domain XML as typed objects (the parts the agent writes and reads).
 
-One class per element kind, each field declared once (see xmlobj.py); the builder in
+One class per element kind, each field declared once (see cna_agent/xmlobj.py); the builder in
 render.py fills these from a VM spec, and the service parses libvirt's live XML with the
 same classes (e.g. the VNC port libvirt picked, the QEMU-assigned aliases are ignored).
 Field order follows libvirt's domain schema so generated documents pass virt-xml-validate.
@@ -12,7 +12,7 @@ from xml.etree import ElementTree as ET
 
 from typing import Any
 
-from cna_agent.compute.xmlobj import _KIB, Child, Children, Field, Prop, Raw, XmlObject
+from cna_agent.xmlobj import _KIB, Child, Children, Field, Prop, Raw, XmlObject
 
 #: The agent's metadata namespace (a URI libvirt only uses as a key).
 CNA_NS = "https://cna-agent.org/xmlns/vm/1.0"

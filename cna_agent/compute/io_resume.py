@@ -25,10 +25,10 @@ import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
-from xml.etree import ElementTree as ET
 
 import libvirt
 
+from cna_agent.compute import domxml as dx
 from cna_agent.errors import AgentError
 from cna_agent.storage.executor import StorageExecutor
 from cna_agent.tasks import cancel_and_wait
@@ -70,16 +70,12 @@ class PausedVm:
 
 
 def _disk_sources(xml: str) -> dict[str, str]:
+    domain = dx.Domain.from_xml(xml)
     out: dict[str, str] = {}
-    for disk in ET.fromstring(xml).findall("./devices/disk"):
-        target = disk.find("target")
-        src = disk.find("source")
-        if target is None:
+    for disk in domain.devices.disks if domain.devices else []:
+        if disk.target_dev is None:
             continue
-        path = ""
-        if src is not None:
-            path = src.get("file") or src.get("dev") or ""
-        out[target.get("dev", "")] = path
+        out[disk.target_dev] = disk.source_file or disk.source_dev or ""
     return out
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from xml.etree import ElementTree as ET
-from xml.sax.saxutils import escape
 
 import libvirt
 
+from cna_agent.compute import domxml as dx
 from cna_agent.compute import state as st
+from cna_agent.compute.snapshotxml import DomainSnapshot, SnapshotDisk
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 
 MAX_DESCRIPTION = 1024
@@ -57,13 +57,12 @@ def _lookup(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot:
 
 
 def _info(snap: libvirt.virDomainSnapshot) -> SnapshotInfo:
-    root = ET.fromstring(snap.getXMLDesc(0))
-    kind = "external" if any(d.get("snapshot") == "external" for d in root.iterfind("disks/disk")) else "internal"
-    state = root.findtext("state") or "shutoff"
+    doc = DomainSnapshot.from_xml(snap.getXMLDesc(0))
+    kind = "external" if doc.external else "internal"
+    state = doc.state or "shutoff"
     vm_state = {"running": st.RUNNING, "paused": st.PAUSED, "disk-snapshot": st.RUNNING}.get(state, st.STOPPED)
-    return SnapshotInfo(name=snap.getName(), parent=root.findtext("parent/name") or "",
-                        create_time=int(root.findtext("creationTime") or 0), description=root.findtext("description") or "",
-                        kind=kind, vm_state=vm_state, current=bool(snap.isCurrent(0)))
+    return SnapshotInfo(name=snap.getName(), parent=doc.parent or "", create_time=doc.creation_time or 0,
+                        description=doc.description or "", kind=kind, vm_state=vm_state, current=bool(snap.isCurrent(0)))
 
 
 def list_tree(dom: libvirt.virDomain) -> list[SnapshotInfo]:
@@ -84,18 +83,46 @@ def list_tree(dom: libvirt.virDomain) -> list[SnapshotInfo]:
     return out
 
 
-def _disks(dom: libvirt.virDomain) -> list[tuple[str, str, str, bool]]:
+def _disks(domain: dx.Domain) -> list[tuple[str, str, str, bool]]:
     """(target, source file, driver type, writable disk) for the domain's disks."""
-    root = ET.fromstring(dom.XMLDesc(0))
     out = []
-    for d in root.iterfind("devices/disk"):
-        target = d.find("target").get("dev")  # type: ignore[union-attr]
-        src = d.find("source")
-        path = (src.get("file") or src.get("dev") or "") if src is not None else ""
-        fmt = d.find("driver").get("type", "raw") if d.find("driver") is not None else "raw"  # type: ignore[union-attr]
-        writable = d.get("device", "disk") == "disk" and d.find("readonly") is None and d.find("shareable") is None
-        out.append((target, path, fmt, writable))
+    for d in domain.devices.disks if domain.devices else []:
+        path = d.source_file or d.source_dev or ""
+        writable = (d.device or "disk") == "disk" and not d.readonly and not d.shareable
+        out.append((d.target_dev, path, d.driver_type or "raw", writable))
     return out
+
+
+def _has_guest_agent(domain: dx.Domain) -> bool:
+    return any(c.target_name == "org.qemu.guest_agent.0" for c in (domain.devices.channels if domain.devices else []))
+
+
+def request(domain: dx.Domain, name: str, description: str, *, running: bool) -> DomainSnapshot:
+    """The ``<domainsnapshot>`` :func:`create` asks libvirt for, from the domain's definition.
+
+    Stopped: internal (name and description only; every writable disk must be qcow2).
+    Running: external disk-only, each writable disk with a file or device to a new qcow2
+    overlay next to it, every other disk ``snapshot='no'``.
+    """
+    disks = _disks(domain)
+    doc = DomainSnapshot(name=name, description=description or None)
+    if not running:
+        raw = [t for t, _p, fmt, w in disks if w and fmt != "qcow2"]
+        if raw:
+            raise FailedPrecondition(f"internal snapshots need qcow2 disks; {', '.join(raw)} are not qcow2", field="vm")
+        return doc
+    for target, path, _fmt, writable in disks:
+        if not writable or not path:
+            doc.disks.append(SnapshotDisk(name=target, snapshot="no"))
+            continue
+        base = os.path.splitext(path)[0]
+        overlay = f"{base}.{name}.qcow2"
+        if os.path.exists(overlay):
+            raise FailedPrecondition(f"{overlay} already exists; choose another snapshot name", field="name")
+        doc.disks.append(SnapshotDisk(name=target, snapshot="external", driver_type="qcow2", source_file=overlay))
+    if not doc.external:
+        raise FailedPrecondition("the VM has no writable disk to snapshot", field="vm")
+    return doc
 
 
 def create(dom: libvirt.virDomain, name: str, description: str, quiesce: bool) -> SnapshotInfo:
@@ -104,39 +131,20 @@ def create(dom: libvirt.virDomain, name: str, description: str, quiesce: bool) -
         raise FailedPrecondition(f"snapshot {name!r} already exists", field="name")
     except libvirt.libvirtError:
         pass
-    disks = _disks(dom)
-    desc = f"<description>{escape(description)}</description>" if description else ""
-    if not dom.isActive():
-        if quiesce:
-            raise InvalidArgument("quiesce", "only applies to a running VM (a stopped VM's disks are already quiet)")
-        raw = [t for t, _p, fmt, w in disks if w and fmt != "qcow2"]
-        if raw:
-            raise FailedPrecondition(f"internal snapshots need qcow2 disks; {', '.join(raw)} are not qcow2", field="vm")
-        xml = f"<domainsnapshot><name>{escape(name)}</name>{desc}</domainsnapshot>"
-        flags = 0
-    else:
-        parts = []
-        for target, path, _fmt, writable in disks:
-            if not writable or not path:
-                parts.append(f"<disk name='{escape(target)}' snapshot='no'/>")
-                continue
-            base = os.path.splitext(path)[0]
-            overlay = f"{base}.{name}.qcow2"
-            if os.path.exists(overlay):
-                raise FailedPrecondition(f"{overlay} already exists; choose another snapshot name", field="name")
-            parts.append(f"<disk name='{escape(target)}' snapshot='external'><driver type='qcow2'/>"
-                         f"<source file='{escape(overlay)}'/></disk>")
-        if not any("external" in p for p in parts):
-            raise FailedPrecondition("the VM has no writable disk to snapshot", field="vm")
-        xml = f"<domainsnapshot><name>{escape(name)}</name>{desc}<disks>{''.join(parts)}</disks></domainsnapshot>"
+    domain = dx.Domain.from_xml(dom.XMLDesc(0))
+    running = bool(dom.isActive())
+    if not running and quiesce:
+        raise InvalidArgument("quiesce", "only applies to a running VM (a stopped VM's disks are already quiet)")
+    doc = request(domain, name, description, running=running)
+    flags = 0
+    if running:
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         if quiesce:
-            agent = ET.fromstring(dom.XMLDesc(0)).find("devices/channel/target[@name='org.qemu.guest_agent.0']")
-            if agent is None:
+            if not _has_guest_agent(domain):
                 raise FailedPrecondition("quiesce needs the guest agent channel (spec.guest_agent)", field="quiesce")
             flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
     try:
-        snap = dom.snapshotCreateXML(xml, flags)
+        snap = dom.snapshotCreateXML(doc.to_xml(pretty=False), flags)
     except libvirt.libvirtError as exc:
         raise FailedPrecondition(f"libvirt could not take the snapshot: {exc}") from None
     return _info(snap)

@@ -8,9 +8,8 @@ are keyed by usage "cna-datastore-NAME"; an existing one is reused and its value
 
 from __future__ import annotations
 
-from xml.sax.saxutils import escape
-
 from cna_agent.hypervisor import Hypervisor
+from cna_agent.storage.secretxml import iscsi_secret
 
 
 class LibvirtSecrets:
@@ -24,9 +23,7 @@ class LibvirtSecrets:
             try:
                 sec = conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, usage)
             except libvirt.libvirtError:
-                xml = (f"<secret ephemeral='no' private='yes'><description>cna-agent CHAP secret</description>"
-                       f"<usage type='iscsi'><target>{escape(usage)}</target></usage></secret>")
-                sec = conn.secretDefineXML(xml, 0)
+                sec = conn.secretDefineXML(iscsi_secret(usage, "cna-agent CHAP secret").to_xml(pretty=False), 0)
             sec.setValue(value, 0)
             return sec.UUIDString()
 

@@ -6,6 +6,10 @@ whose fields declare where they live in the XML (an attribute, a text node, a ch
 a list of child objects). The same field table drives :meth:`XmlObject.to_element` and
 :meth:`XmlObject.from_element`, so ``build(parse(xml))`` round-trips the XML we generate.
 
+Shared by every typed libvirt document the agent writes or reads: domains
+(compute/domxml.py), domain snapshots (compute/snapshotxml.py) and secrets
+(storage/secretxml.py).
+
 Field paths are relative to the object's own element: ``"@type"``, ``"source/@file"``,
 ``"name"`` (text), ``"features/acpi"`` (presence flag). Elements along a path are created
 in field declaration order, which therefore fixes the element order libvirt's schema wants.
@@ -13,6 +17,7 @@ in field declaration order, which therefore fixes the element order libvirt's sc
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, ClassVar, Generic, TypeVar
 from xml.etree import ElementTree as ET
 
@@ -210,6 +215,30 @@ class Raw(Field):
         node = _find(root, self.parts)
         if node is not None:
             self.__set__(obj, list(node))
+
+
+class Opaque(Field):
+    """One whole element kept as-is, attributes included (e.g. the full ``<domain>`` libvirt
+    embeds in a snapshot document): carried through parse and build so the document
+    round-trips, never interpreted here. Whoever needs its content parses it with that
+    element's own typed model (for a domain, ``domxml.Domain.from_element``)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.parts, _ = _split(path)
+
+    def build(self, obj: "XmlObject", root: ET.Element) -> None:
+        value = self.__get__(obj)
+        if value is None:
+            return
+        parent = _find_or_make(root, self.parts[:-1])
+        # a copy: to_xml() re-indents the tree it builds, which must not change the stored element
+        parent.append(copy.deepcopy(value))
+
+    def parse(self, obj: "XmlObject", root: ET.Element) -> None:
+        node = _find(root, self.parts)
+        if node is not None:
+            self.__set__(obj, node)
 
 
 class XmlObject:
