@@ -1,18 +1,26 @@
-"""What a VM's devices bind to on this host: the seams between compute and the other subsystems.
+"""The typed seams between subsystems: what each one offers the others, and the plain data
+that crosses.
 
-The VM spec names host resources abstractly (a volume "ds1/vm1/root.qcow2", a SAN LUN, a
-port group "pg-web", "dedicated CPUs"). Storage, network and placement each turn those names
-into a *binding*: plain data saying exactly what libvirt must be told (a file path or an iSCSI
-target, a bridge and VLAN, a vCPU-to-pCPU map). Compute's domain XML builder renders bindings
-and knows nothing about datastores, OVSDB or NUMA planning; the other subsystems never build
-XML. Each resolver is a Protocol so compute can be tested with the simple local resolvers and
-the real subsystems plug in through the daemon's components.
+Providers (compute asks them): the VM spec names host resources abstractly (a volume
+"ds1/vm1/root.qcow2", a SAN LUN, a port group "pg-web", "dedicated CPUs"). Storage, network and
+placement each turn those names into a *binding*: plain data saying exactly what libvirt must
+be told (a file path or an iSCSI target, a bridge and VLAN, a vCPU-to-pCPU map). Compute's
+domain XML builder renders bindings and knows nothing about datastores, OVSDB or NUMA planning;
+the other subsystems never build XML.
+
+Views of the VMs (the others ask compute): which VM disks use which volume or LUN (storage's
+in-use checks and LUN releases), which NICs every VM has (network's port repair and listings),
+where a VM's QEMU runs (placement's drift check). Compute owns VMs and every device of theirs,
+so these answers come from it, not from each subsystem reading libvirt on its own.
+
+Each side is a Protocol; the composition root (cna_agent/wiring) hands every service the
+objects it needs as constructor arguments, so nothing is found by name at run time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Protocol
+from typing import Any, Literal, Mapping, Protocol
 
 
 # -- disks (storage) --------------------------------------------------------------------------
@@ -53,21 +61,32 @@ class DiskSourceBinding:
     volume_id: str = ""
 
 
-class DiskResolver(Protocol):
+class DiskProvider(Protocol):
+    """What compute needs from storage (implemented by StorageService; compute/resolvers.py
+    has the local-file stand-in for an agent without datastores)."""
+
     async def resolve_volume(self, volume_id: str, *, field: str) -> DiskSourceBinding:
         """Bind "datastore/relative/path"; raise InvalidArgument(field, ...) / NotFound."""
 
-    async def resolve_lun(self, datastore: str, lun_id: str, *, field: str) -> DiskSourceBinding:
-        """Bind a SAN LUN (log in / scan as needed)."""
+    async def resolve_lun(self, datastore: str, lun_id: str, *, field: str, vm: str) -> DiskSourceBinding:
+        """Bind a SAN LUN for VM ``vm`` (log in / scan as needed) and record that ``vm`` claims
+        it: from now on a release by another VM keeps it, even before ``vm`` is defined."""
 
-    async def release_lun(self, datastore: str, lun_id: str, *, field: str, vm: str = "") -> "LunRelease":
-        """Undo resolve_lun's host-side attach once a LUN disk left a VM (VM undefined, disk
-        detached), unless another defined VM still uses the LUN.
+    async def release_lun(self, datastore: str, lun_id: str, *, field: str, vm: str) -> "LunRelease":
+        """``vm`` no longer uses the LUN (VM undefined, disk detached, or the define it was
+        bound for failed): drop its claim and undo resolve_lun's host-side attach unless
+        another VM still claims or uses the LUN.
 
         Called after the VM change is done in libvirt, so SAN trouble never raises: the
-        resolver reports it (event, log), keeps the release owed and retries it later. Only
+        provider reports it (event, log), keeps the release owed and retries it later. Only
         bad input (unknown datastore, malformed lun_id) raises, naming ``field``.
         """
+
+    def resolve_boot_file(self, path: str, *, field: str) -> str:
+        """A direct-boot kernel/initrd: an absolute host path for "datastore/rel/path"."""
+
+    async def delete_volume(self, volume_id: str, *, field: str) -> None:
+        """Delete a VM's volume (DeleteVm with delete_disks)."""
 
 
 #: What release_lun did with the host's devices for a LUN:
@@ -75,9 +94,9 @@ class DiskResolver(Protocol):
 #: "in-use"     another defined VM uses the same LUN (multi-attach): kept;
 #: "absent"     nothing of it is attached on this host;
 #: "not-needed" QEMU's own initiator (libiscsi) holds the session: no host state to remove;
-#: "deferred"   resolve_lun attached it moments ago for a VM being defined: retried later;
+#: "claimed"    a VM that is being defined or hot-plugged on it claims it: kept;
 #: "failed"     the release failed or ran past its deadline: reported, retried later.
-LunRelease = Literal["released", "in-use", "absent", "not-needed", "deferred", "failed"]
+LunRelease = Literal["released", "in-use", "absent", "not-needed", "claimed", "failed"]
 
 
 # -- NICs (network) ---------------------------------------------------------------------------
@@ -85,9 +104,15 @@ LunRelease = Literal["released", "in-use", "absent", "not-needed", "deferred", "
 
 @dataclass(frozen=True)
 class Bandwidth:
+    """A NIC's or port group's traffic limit, in the API's units (kbit/s, KiB)."""
+
     average_kbps: int = 0
     peak_kbps: int = 0
     burst_kib: int = 0
+
+    @property
+    def is_set(self) -> bool:
+        return self.average_kbps > 0
 
 
 @dataclass(frozen=True)
@@ -108,9 +133,17 @@ class NicBinding:
     mtu: int = 0
 
 
-class NicResolver(Protocol):
+class PortProvider(Protocol):
+    """What compute needs from network (implemented by NetworkService; compute/resolvers.py
+    has the stand-in that refuses NICs on an agent without networking)."""
+
     async def resolve_port_group(self, port_group: str, *, field: str) -> NicBinding:
         """Bind a port group name; raise InvalidArgument(field, ...) when unknown."""
+
+    async def port_plugged(self, binding: NicBinding, nic: "VmNic") -> None:
+        """A NIC was plugged into ``binding``'s bridge (VM start or hot-plug): label its port
+        (OVS external_ids) so listings and repair know its VM and port group. Never raises:
+        the periodic port repair catches up on what fails here."""
 
 
 # -- CPU and memory placement (host/placement) --------------------------------------------------
@@ -141,8 +174,66 @@ class PlacementPlan:
 
 
 class Placer(Protocol):
+    """What compute needs from placement (implemented by host/placer.py's HostPlacer)."""
+
+    def get(self, vm_uuid: str) -> Any:
+        """The VM's current reservation, or None."""
+
     async def plan(self, vm_uuid: str, vcpus: int, memory_mib: int, *, dedicated: bool,
                    hugepages: bool, numa_cells: int) -> PlacementPlan:
         """Reserve host CPUs/memory for a VM; raise FailedPrecondition with the reason it does not fit."""
 
     async def release(self, vm_uuid: str) -> None: ...
+
+
+# -- views of the VMs (compute answers; storage, network and placement ask) --------------------
+
+
+@dataclass(frozen=True)
+class DiskUse:
+    """One VM disk and what it uses: a volume id, or a SAN LUN as the VM's spec spells it."""
+
+    vm_uuid: str
+    volume: str = ""
+    lun_datastore: str = ""
+    lun_id: str = ""
+
+
+@dataclass(frozen=True)
+class VmNic:
+    """One NIC of one VM, as the VM's definition (live XML when it runs) and spec say."""
+
+    vm_uuid: str
+    vm_name: str
+    mac: str
+    active: bool
+    #: "bridge" for NICs on a Linux or OVS bridge; other libvirt interface types are listed too.
+    type: str = "bridge"
+    bridge: str = ""
+    #: Host tap device ("" while the VM is stopped).
+    device: str = ""
+    #: The port group the spec put it in ("" for NICs the agent did not define).
+    port_group: str = ""
+    virtualport: str = ""
+    interface_id: str = ""
+    vlan: int | None = None
+    trunk: tuple[int, ...] = ()
+    link_up: bool = True
+    inbound_kbps: int = 0
+    outbound_kbps: int = 0
+
+
+class VmDisks(Protocol):
+    async def disk_users(self) -> list[DiskUse]:
+        """Every disk of every defined managed VM; raises when the VMs cannot be listed (a
+        caller deciding "nobody uses it" must never conclude it from "nobody could be asked")."""
+
+
+class VmNics(Protocol):
+    async def vm_nics(self, vm_uuid: str = "") -> list[VmNic]:
+        """Every NIC of every domain (or of one), live definitions for running VMs."""
+
+
+class VmLocator(Protocol):
+    async def locate(self, vm_uuid: str) -> tuple[str, str, int]:
+        """(name, state, QEMU pid or 0) of a VM; LookupError / NotFound when it is gone."""

@@ -27,12 +27,16 @@ from cna_agent.state.store import StateStore
 log = logging.getLogger(__name__)
 
 
-class ResultMessage(Protocol):
-    """What an operation may return: any protobuf message (duck-typed; no grpc import here)."""
+class ResultEncoder(Protocol):
+    """Turns what an operation's work returned (a service's plain dataclass) into the stored
+    response: (type name, bytes). The api layer provides it (api/results.py), so services and
+    this runner never see protobuf; the wiring hands it in."""
 
-    DESCRIPTOR: Any
+    def __call__(self, result: Any) -> tuple[str, bytes]: ...
 
-    def SerializeToString(self) -> bytes: ...
+
+def _no_results(result: Any) -> tuple[str, bytes]:
+    raise TypeError(f"operation returned {type(result).__name__} but this runner has no result encoder")
 
 
 @dataclass
@@ -52,7 +56,7 @@ class OperationContext:
         await self._runner._update(self.record.id, percent=percent, stage=stage, bytes_done=bytes_done, bytes_total=bytes_total)
 
 
-Work = Callable[[OperationContext], Awaitable["ResultMessage | None"]]
+Work = Callable[[OperationContext], Awaitable[Any]]
 #: Called for each operation found unfinished at start-up; returns None when the effect was
 #: verified complete, or the error to close it with.
 RecoveryHandler = Callable[[OperationRecord], Awaitable["OperationError | None"]]
@@ -93,8 +97,10 @@ class ResourceLocks:
 
 
 class OperationRunner:
-    def __init__(self, store: StateStore, journal: OperationJournal, events: EventHub, *, retention_s: float = 7 * 86400) -> None:
+    def __init__(self, store: StateStore, journal: OperationJournal, events: EventHub, *, retention_s: float = 7 * 86400,
+                 encode: ResultEncoder = _no_results) -> None:
         self._store = store
+        self._encode = encode
         self._journal = journal
         self._events = events
         self._retention_s = retention_s
@@ -146,8 +152,7 @@ class OperationRunner:
         try:
             await self._update(record.id, state=RUNNING)
             result = await work(OperationContext(record, self))
-            response_type = result.DESCRIPTOR.full_name if result is not None else None
-            response = result.SerializeToString() if result is not None else None
+            response_type, response = self._encode(result) if result is not None else (None, None)
             await self._finish(record.id, response_type=response_type, response=response)
             log.info("event=operation.done op=%s kind=%s target=%s duration_ms=%.0f", record.id, record.kind, record.target, (time.monotonic() - started) * 1000)
         except asyncio.CancelledError:

@@ -6,7 +6,6 @@ from typing import AsyncIterator
 
 from cna_agent.api import pb
 from cna_agent.api.convert import event_to_pb
-from cna_agent.api.status import abort_with
 from cna_agent.errors import InvalidArgument, OutOfRange
 from cna_agent.state.eventlog import EventHub, ResumePointTooOld
 
@@ -18,11 +17,11 @@ class EventServicer(pb.events_pb2_grpc.EventServiceServicer):
     async def ListEvents(self, request, context):
         limit = request.limit or 100
         if not 0 < limit <= 1000:
-            await abort_with(context, InvalidArgument("limit", f"{request.limit} is not in 1..1000"))
+            raise InvalidArgument("limit", f"{request.limit} is not in 1..1000")
         try:
             events = await self._hub.list(request.after_sequence, types=tuple(request.types), resource_id=request.resource_id, limit=limit)
         except ResumePointTooOld as exc:
-            await abort_with(context, OutOfRange(str(exc), field="after_sequence"))
+            raise OutOfRange(str(exc), field="after_sequence") from None
         return pb.events_pb2.ListEventsResponse(
             events=[event_to_pb(e) for e in events], last_sequence=await self._hub.last_sequence()
         )
@@ -33,4 +32,4 @@ class EventServicer(pb.events_pb2_grpc.EventServiceServicer):
             async for event in self._hub.follow(after, types=tuple(request.types), resource_id=request.resource_id):
                 yield event_to_pb(event)
         except ResumePointTooOld as exc:
-            await abort_with(context, OutOfRange(str(exc), field="after_sequence"))
+            raise OutOfRange(str(exc), field="after_sequence") from None

@@ -8,8 +8,7 @@ import grpc
 
 from cna_agent.api import pb
 from cna_agent.api.convert import timestamp
-from cna_agent.api.status import abort_with
-from cna_agent.errors import AgentError, Unimplemented
+from cna_agent.errors import Unimplemented
 from cna_agent.host.service import Capabilities, HostService, Stats
 
 if TYPE_CHECKING:
@@ -150,13 +149,9 @@ class HostServicer(pb.host_pb2_grpc.HostServiceServicer):
     async def GetPlacement(self, request: pb.host_pb2.GetPlacementRequest, context: grpc.aio.ServicerContext) -> pb.host_pb2.PlacementReport:
         from cna_agent.host.drift import host_report
 
-        try:
-            if self._placement is None:
-                raise Unimplemented("this agent runs no placement planner")
-            return placement_to_pb(await host_report(self._placement, request.vm))
-        except AgentError as exc:
-            await abort_with(context, exc)
-            raise  # unreachable: abort raises
+        if self._placement is None:
+            raise Unimplemented("this agent runs no placement planner")
+        return placement_to_pb(await host_report(self._placement, request.vm))
 
     async def GetCapabilities(self, request: pb.host_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext) -> pb.host_pb2.HostCapabilities:
         return capabilities_to_pb(await self._service.capabilities(refresh=request.refresh))

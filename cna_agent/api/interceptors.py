@@ -1,4 +1,5 @@
-"""Cross-cutting RPC concerns: an access log line per call with the caller's identity.
+"""Cross-cutting RPC concerns: an access log line per call with the caller's identity, and
+the one place service errors become gRPC statuses.
 
 Identity: on the TCP listener with mutual TLS it is the client certificate's common name
 (the VRM); on the unix socket the caller is local root (the socket is 0600 root in a 0700
@@ -12,6 +13,9 @@ import time
 from typing import Any, Awaitable, Callable
 
 import grpc
+
+from cna_agent.api.status import abort_with
+from cna_agent.errors import AgentError
 
 log = logging.getLogger("cna_agent.rpc")
 
@@ -67,3 +71,50 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             logged, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns an AgentError raised anywhere under a servicer method into the RPC's status
+    (code, message naming the field, BadRequest details: api/status.py), for all four call
+    shapes. Servicers just raise; nothing else in the api layer catches AgentError.
+
+    Installed after the access log, so the log sees the mapped code.
+    """
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(_mapped_unary(handler.unary_unary), **kw)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(_mapped_unary(handler.stream_unary), **kw)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(_mapped_stream(handler.unary_stream), **kw)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(_mapped_stream(handler.stream_stream), **kw)
+        return handler
+
+
+def _mapped_unary(inner: Callable[..., Any]) -> Callable[..., Any]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await inner(request, context)
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+    return call
+
+
+def _mapped_stream(inner: Callable[..., Any]) -> Callable[..., Any]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for item in inner(request, context):
+                yield item
+        except AgentError as exc:
+            await abort_with(context, exc)
+
+    return call

@@ -8,7 +8,6 @@ import grpc
 
 from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
-from cna_agent.api.status import abort_with
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.operations import OperationRunner
 
@@ -19,10 +18,10 @@ class OperationsServicer(pb.operations_pb2_grpc.OperationsServiceServicer):
 
     async def _get(self, op_id: str, context: grpc.aio.ServicerContext):
         if not op_id:
-            await abort_with(context, InvalidArgument("id", "is required"))
+            raise InvalidArgument("id", "is required")
         record = await self._runner.get(op_id)
         if record is None:
-            await abort_with(context, NotFound(f"operation {op_id!r} not found (finished operations are kept for the retention period)", field="id"))
+            raise NotFound(f"operation {op_id!r} not found (finished operations are kept for the retention period)", field="id")
         return record
 
     async def GetOperation(self, request, context):
@@ -31,13 +30,13 @@ class OperationsServicer(pb.operations_pb2_grpc.OperationsServiceServicer):
     async def ListOperations(self, request, context):
         page_size = request.page_size or 100
         if not 0 < page_size <= 1000:
-            await abort_with(context, InvalidArgument("page_size", f"{request.page_size} is not in 1..1000"))
+            raise InvalidArgument("page_size", f"{request.page_size} is not in 1..1000")
         before = None
         if request.page_token:
             try:
                 before = float(request.page_token)
             except ValueError:
-                await abort_with(context, InvalidArgument("page_token", "is not a token this server issued"))
+                raise InvalidArgument("page_token", "is not a token this server issued")
         records = await self._runner.list(
             kinds=tuple(request.kinds), target=request.target, active_only=request.active_only, limit=page_size + 1, before=before
         )
@@ -56,7 +55,7 @@ class OperationsServicer(pb.operations_pb2_grpc.OperationsServiceServicer):
     async def CancelOperation(self, request, context):
         record = await self._get(request.id, context)
         if record.done:
-            await abort_with(context, FailedPrecondition(f"operation {record.id} is already {record.state}", field="id"))
+            raise FailedPrecondition(f"operation {record.id} is already {record.state}", field="id")
         if not self._runner.is_running(record.id):
-            await abort_with(context, FailedPrecondition(f"operation {record.id} is not running in this agent process", field="id"))
+            raise FailedPrecondition(f"operation {record.id} is not running in this agent process", field="id")
         return operation_to_pb(await self._runner.cancel(record.id))

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cna_agent.api import pb
-from cna_agent.api.interceptors import AccessLogInterceptor
+from cna_agent.api.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
 from cna_agent.api.unimplemented import unimplemented_service
 from cna_agent.config import AgentConfig, parse_host_port
 
@@ -120,7 +120,7 @@ class AgentServer:
 
     def __init__(self, config: AgentConfig, servicers: dict[str, object], *, on_call=None) -> None:
         self.config = config
-        self.server = grpc.aio.server(interceptors=[AccessLogInterceptor(on_call)], options=server_options(config))
+        self.server = grpc.aio.server(interceptors=[AccessLogInterceptor(on_call), ErrorMappingInterceptor()], options=server_options(config))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.tcp_port: int | None = None
         registrars = {

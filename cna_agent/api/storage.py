@@ -1,9 +1,7 @@
 """StorageService servicer: proto -> StorageService arguments -> proto (nothing else).
 
-Disk attach/detach/resize/QoS on VMs (AttachDisk, DetachDisk, ResizeDisk, SetDiskQos) need
-compute's live device operations; they are forwarded to compute's VmService when it offers
-them (attach_disk, detach_disk, resize_disk, set_disk_qos) and answer a clear UNIMPLEMENTED
-naming the method otherwise.
+Disk attach/detach/resize/QoS on VMs (AttachDisk, DetachDisk, ResizeDisk, SetDiskQos) are
+devices of VMs, which compute owns: they go to compute's DiskOperations (compute/disks.py).
 """
 
 from __future__ import annotations
@@ -12,9 +10,11 @@ from typing import Any
 
 from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
-from cna_agent.api.status import abort_with
 from cna_agent.api.vm import fingerprint
-from cna_agent.errors import AgentError, InvalidArgument, Unimplemented
+from cna_agent.api.vm_convert import spec_from_pb
+from cna_agent.compute.disks import DiskOperations
+from cna_agent.compute.spec import IoQos
+from cna_agent.errors import InvalidArgument
 from cna_agent.storage.service import DatastoreStatus, StorageService
 from cna_agent.storage.volumes import VolumeInfo
 
@@ -26,10 +26,10 @@ FORMATS = {S.VOLUME_FORMAT_QCOW2: "qcow2", S.VOLUME_FORMAT_RAW: "raw", S.VOLUME_
 _FORMAT_PB = {v: k for k, v in FORMATS.items()}
 
 
-def volume_to_pb(v: VolumeInfo, used_by: tuple[str, ...] = ()) -> S.Volume:
+def volume_to_pb(v: VolumeInfo) -> S.Volume:
     msg = S.Volume(id=v.id, datastore=v.datastore, path=v.relpath, format=_FORMAT_PB.get(v.format, S.VOLUME_FORMAT_UNSPECIFIED),
                    virtual_size_bytes=v.virtual_size, actual_size_bytes=v.actual_size, backing_volume=v.backing_volume,
-                   used_by=list(used_by), template=v.template)
+                   used_by=list(v.used_by), template=v.template)
     if v.check is not None:
         msg.check.CopyFrom(S.VolumeCheck(supported=v.check.supported, corruptions=v.check.corruptions, leaks=v.check.leaks,
                                          check_errors=v.check.check_errors, summary=v.check.summary))
@@ -56,43 +56,28 @@ def _format(value: int, field: str, *, allow_unspecified: bool = True) -> str:
 
 
 class StorageServicer(pb.storage_pb2_grpc.StorageServiceServicer):
-    def __init__(self, service: StorageService, components: dict[str, Any] | None = None) -> None:
+    def __init__(self, service: StorageService, disks: DiskOperations) -> None:
         self._svc = service
-        self._components = components if components is not None else {}
+        self._disks = disks
 
     async def _op(self, context: Any, make: Any) -> Any:
-        try:
-            return operation_to_pb(await make())
-        except AgentError as exc:
-            await abort_with(context, exc)
+        return operation_to_pb(await make())
 
     async def ListDatastores(self, request, context):
-        try:
-            return S.ListDatastoresResponse(datastores=[datastore_to_pb(d) for d in await self._svc.list_datastores()])
-        except AgentError as exc:
-            await abort_with(context, exc)
+        return S.ListDatastoresResponse(datastores=[datastore_to_pb(d) for d in await self._svc.list_datastores()])
 
     async def GetDatastore(self, request, context):
-        try:
-            return datastore_to_pb(await self._svc.get_datastore(request.name))
-        except AgentError as exc:
-            await abort_with(context, exc)
+        return datastore_to_pb(await self._svc.get_datastore(request.name))
 
     async def RescanDatastore(self, request, context):
         return await self._op(context, lambda: self._svc.rescan_datastore(request.name, request_id=request.request_id,
                                                                           fingerprint=fingerprint(request)))
 
     async def ListVolumes(self, request, context):
-        try:
-            return S.ListVolumesResponse(volumes=[volume_to_pb(v, u) for v, u in await self._svc.list_volumes(request.datastore)])
-        except AgentError as exc:
-            await abort_with(context, exc)
+        return S.ListVolumesResponse(volumes=[volume_to_pb(v) for v in await self._svc.list_volumes(request.datastore)])
 
     async def GetVolume(self, request, context):
-        try:
-            return volume_to_pb(*await self._svc.get_volume(request.id))
-        except AgentError as exc:
-            await abort_with(context, exc)
+        return volume_to_pb(await self._svc.get_volume(request.id))
 
     async def CreateVolume(self, request, context):
         async def make():
@@ -130,37 +115,25 @@ class StorageServicer(pb.storage_pb2_grpc.StorageServiceServicer):
                                                  request_id=request.request_id, fingerprint=fingerprint(request))
         return await self._op(context, make)
 
-    # -- disks on VMs: compute's live device operations ---------------------------------------------
-
-    async def _vm_disk(self, context: Any, method: str, attr: str, request: Any, *args: Any) -> Any:
-        compute = self._components.get("compute")
-        fn = getattr(getattr(compute, "service", None), attr, None)
-        if fn is None:
-            from cna_agent import __version__
-
-            await abort_with(context, Unimplemented(
-                f"cna.v1.StorageService/{method} is not implemented by cna-agent {__version__} on this host yet: it needs "
-                f"compute's live disk operations (VmService.{attr}), which this build does not have; change the VM's disks "
-                "with UpdateVm/CreateVm meanwhile"))
-        return await self._op(context, lambda: fn(request.vm, *args, request_id=request.request_id, fingerprint=fingerprint(request)))
+    # -- disks on VMs: compute's device operations ---------------------------------------------------
 
     async def AttachDisk(self, request, context):
-        from cna_agent.api.vm_convert import spec_from_pb
-
         # The one proto->spec conversion for disks lives in vm_convert (it converts whole
         # VmSpecs); a spec holding only this disk reuses it.
         disk = spec_from_pb(pb.vm_pb2.VmSpec(disks=[request.disk])).disks[0]
-        return await self._vm_disk(context, "AttachDisk", "attach_disk", request, disk)
+        return await self._op(context, lambda: self._disks.attach(request.vm, disk, request_id=request.request_id,
+                                                                  fingerprint=fingerprint(request)))
 
     async def DetachDisk(self, request, context):
-        return await self._vm_disk(context, "DetachDisk", "detach_disk", request, request.target)
+        return await self._op(context, lambda: self._disks.detach(request.vm, request.target, request_id=request.request_id,
+                                                                  fingerprint=fingerprint(request)))
 
     async def ResizeDisk(self, request, context):
-        return await self._vm_disk(context, "ResizeDisk", "resize_disk", request, request.target, request.new_size_bytes)
+        return await self._op(context, lambda: self._disks.resize(request.vm, request.target, request.new_size_bytes,
+                                                                  request_id=request.request_id, fingerprint=fingerprint(request)))
 
     async def SetDiskQos(self, request, context):
-        from cna_agent.compute.spec import IoQos
-
         q = request.qos
         qos = IoQos(q.read_bytes_sec, q.write_bytes_sec, q.total_bytes_sec, q.read_iops_sec, q.write_iops_sec, q.total_iops_sec)
-        return await self._vm_disk(context, "SetDiskQos", "set_disk_qos", request, request.target, qos)
+        return await self._op(context, lambda: self._disks.set_qos(request.vm, request.target, qos, request_id=request.request_id,
+                                                                   fingerprint=fingerprint(request)))

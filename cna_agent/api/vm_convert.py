@@ -12,7 +12,7 @@ from typing import Any
 from cna_agent.api import pb
 from cna_agent.api.convert import timestamp
 from cna_agent.compute import spec as sp
-from cna_agent.compute.service import ConsoleInfo, VmInfo
+from cna_agent.compute.inventory import ConsoleInfo, VmInfo
 
 v = pb.vm_pb2
 c = pb.common_pb2

@@ -1,10 +1,10 @@
 """Disks on existing VMs: hot-plug, unplug, live grow and I/O QoS.
 
-The StorageService's AttachDisk/DetachDisk/ResizeDisk/SetDiskQos RPCs land here (through
-compute's VmService), because only compute renders domain XML and owns the VM's lock and
-stored spec. Every change is applied to the live domain (when it runs) and to its persistent
-definition, and the agent's spec in the domain metadata is updated in the same operation, so
-a restart adopts the VM with the disks it really has.
+The StorageService's AttachDisk/DetachDisk/ResizeDisk/SetDiskQos RPCs land here (the api
+layer hands them to compute), because only compute renders domain XML and owns the VM's lock
+and stored spec. Every change is applied to the live domain (when it runs) and to its
+persistent definition, and the agent's spec in the domain metadata is updated in the same
+operation, so a restart adopts the VM with the disks it really has.
 """
 
 from __future__ import annotations
@@ -12,22 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any
 
 import libvirt
 
-from cna_agent import __version__
 from cna_agent.compute import domxml as dx
-from cna_agent.compute import state as st
+from cna_agent.compute.binder import Binder
+from cna_agent.compute.lifecycle import VmLifecycle, release_lun_disks
 from cna_agent.compute.render import assign_disk_targets, disk_xml
 from cna_agent.compute.spec import DiskSpec, IoQos, VmSpec, validate
+from cna_agent.compute.vmops import VmOps, affect, save_spec
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationRecord
-
-if TYPE_CHECKING:
-    from cna_agent.compute.service import VmService
 
 log = logging.getLogger(__name__)
 
@@ -38,31 +35,26 @@ DETACH_TIMEOUT_S = 30.0
 _DISK_FIELD = re.compile(r"^spec\.disks\[\d+\]")
 
 
-def _affect(running: bool) -> int:
-    return libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if running else 0)
+def disk_element(xml: str, target: str) -> str | None:
+    """The ``<disk>`` with ``target`` in a domain document, as XML (typed model), or None."""
+    dom = dx.Domain.from_xml(xml)
+    for d in dom.devices.disks if dom.devices else []:
+        if d.target_dev == target:
+            return d.to_xml(pretty=False)
+    return None
 
 
 class DiskOperations:
-    """Disk changes on one host's VMs; used by VmService, which owns the lock and the spec."""
+    """Disk changes on one host's VMs (the VM's lock and spec: VmOps)."""
 
-    def __init__(self, vms: "VmService") -> None:
-        self.vms = vms
-
-    async def _current(self, ref: str) -> tuple[str, VmSpec, bool]:
-        uuid, _ = await self.vms.lookup_uuid(ref)
-        cached = await self.vms._cached(uuid)
-        if cached.spec is None:
-            raise FailedPrecondition("the VM has no agent spec (not managed by this agent)", field="vm")
-        running = await self.vms._state(uuid) not in (st.STOPPED, st.CRASHED)
-        return uuid, cached.spec, running
-
-    def _save_spec(self, dom: libvirt.virDomain, spec: VmSpec, running: bool) -> None:
-        body = dx.metadata_for_set(spec.to_json(), agent_version=__version__)
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, "cna", dx.CNA_NS, _affect(running))
+    def __init__(self, ops: VmOps, binder: Binder, lifecycle: VmLifecycle) -> None:
+        self.ops = ops
+        self.binder = binder
+        self.lifecycle = lifecycle
 
     async def attach(self, ref: str, disk: DiskSpec, *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:
-        uuid, spec, running = await self._current(ref)
+        uuid, spec, running = await self.ops.current(ref)
         new = spec.copy()
         new.disks.append(disk)
         index = len(new.disks) - 1
@@ -71,8 +63,8 @@ class DiskOperations:
         if disk.boot_order and running:
             raise FailedPrecondition("a hot-plugged disk cannot change the boot order of a running VM", field="disk.boot_order")
         try:
-            validate(new, self.vms.validation_context())
-            binding = (await self.vms._bindings(_only_disk(new, index))).disks[0]
+            validate(new, self.lifecycle.validation_context())
+            binding = await self.binder.disk(new, index, field=f"spec.disks[{index}]")
         except InvalidArgument as exc:
             # Errors name the request's field ("disk.volume"), not the merged spec's.
             field = _DISK_FIELD.sub("disk", exc.field)
@@ -82,35 +74,36 @@ class DiskOperations:
         async def work(op: OperationContext) -> Any:
             def apply(conn: libvirt.virConnect) -> None:
                 dom = conn.lookupByUUIDString(uuid)
-                dom.attachDeviceFlags(xml, _affect(running))
-                self._save_spec(dom, new, running)
+                dom.attachDeviceFlags(xml, affect(running))
+                save_spec(dom, new, running)
 
             try:
-                await self.vms.hv.call(apply, timeout=60)
-            except libvirt.libvirtError as exc:
-                raise FailedPrecondition(f"attaching {disk.target} failed: {exc.get_error_message()}") from None
-            self.vms._forget(uuid)
-            return await self.vms._result(uuid)
+                await self.ops.hv.call(apply, timeout=60)
+            except BaseException as exc:
+                await self.binder.release_luns(new, [index])  # the LUN claim made for this disk
+                if isinstance(exc, libvirt.libvirtError):
+                    raise FailedPrecondition(f"attaching {disk.target} failed: {exc.get_error_message()}") from None
+                raise
+            self.ops.inventory.remember(uuid, new)
+            return await self.ops.result(uuid)
 
-        return await self.vms._submit("vm.disk.attach", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                      lock_timeout=lock_timeout, wait=30.0)
+        try:
+            return await self.ops.submit("vm.disk.attach", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                         lock_timeout=lock_timeout, wait=30.0)
+        except Exception:
+            await self.binder.release_luns(new, [index])  # refused before it ran
+            raise
 
     async def detach(self, ref: str, target: str, *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:
-        uuid, spec, running = await self._current(ref)
+        uuid, spec, running = await self.ops.current(ref)
         index = _find(spec, target)
         new = spec.copy()
         del new.disks[index]
 
         async def work(op: OperationContext) -> Any:
             def element(conn: libvirt.virConnect, flags: int) -> str | None:
-                dom = conn.lookupByUUIDString(uuid)
-                root = ET.fromstring(dom.XMLDesc(flags))
-                for d in root.findall("devices/disk"):
-                    t = d.find("target")
-                    if t is not None and t.get("dev") == target:
-                        return ET.tostring(d, encoding="unicode")
-                return None
+                return disk_element(conn.lookupByUUIDString(uuid).XMLDesc(flags), target)
 
             def detach(conn: libvirt.virConnect) -> None:
                 dom = conn.lookupByUUIDString(uuid)
@@ -122,7 +115,7 @@ class DiskOperations:
                     dom.detachDeviceFlags(config, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
             try:
-                await self.vms.hv.call(detach, timeout=60)
+                await self.ops.hv.call(detach, timeout=60)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"detaching {target} failed: {exc.get_error_message()}") from None
             if running:
@@ -130,25 +123,24 @@ class DiskOperations:
                 # the disk is still in use and reporting success would be a lie.
                 await op.progress(50, "waiting for the guest to release the disk")
                 deadline = asyncio.get_running_loop().time() + DETACH_TIMEOUT_S
-                while await self.vms.hv.call(lambda c: element(c, 0), timeout=30) is not None:
+                while await self.ops.hv.call(lambda c: element(c, 0), timeout=30) is not None:
                     if asyncio.get_running_loop().time() > deadline:
                         raise FailedPrecondition(f"the guest did not release {target} within {DETACH_TIMEOUT_S:.0f}s; "
                                                  "it stays attached to the running VM (retry, or stop the VM)")
                     await asyncio.sleep(0.3)
-            await self.vms.hv.call(lambda c: self._save_spec(c.lookupByUUIDString(uuid), new, running), timeout=30)
-            self.vms._forget(uuid)
+            await self.ops.write_spec(uuid, new, running)
             if spec.disks[index].lun is not None:
                 # The disk is gone from the VM (and its spec), so storage may now see no user left.
                 await op.progress(90, "releasing the LUN on the host")
-                await release_lun_disks(self.vms, uuid, [(index, spec.disks[index])])
-            return await self.vms._result(uuid)
+                await release_lun_disks(self.binder, spec, [index])
+            return await self.ops.result(uuid)
 
-        return await self.vms._submit("vm.disk.detach", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                      lock_timeout=lock_timeout, wait=DETACH_TIMEOUT_S + 5)
+        return await self.ops.submit("vm.disk.detach", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout, wait=DETACH_TIMEOUT_S + 5)
 
     async def resize(self, ref: str, target: str, new_size_bytes: int, *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:
-        uuid, spec, running = await self._current(ref)
+        uuid, spec, running = await self.ops.current(ref)
         _find(spec, target)
         if new_size_bytes <= 0 or new_size_bytes % SECTOR:
             raise InvalidArgument("new_size_bytes", f"{new_size_bytes} must be a positive multiple of {SECTOR}")
@@ -166,20 +158,20 @@ class DiskOperations:
                 return capacity, dom.blockInfo(target)[0]
 
             try:
-                before, after = await self.vms.hv.call(grow, timeout=120)
+                before, after = await self.ops.hv.call(grow, timeout=120)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"growing {target} failed: {exc.get_error_message()}") from None
             if after < new_size_bytes:
                 raise FailedPrecondition(f"{target} reports {after} bytes after growing to {new_size_bytes}")
             await op.progress(100, f"{target} grown from {before} to {after} bytes")
-            return await self.vms._result(uuid)
+            return await self.ops.result(uuid)
 
-        return await self.vms._submit("vm.disk.resize", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                      lock_timeout=lock_timeout, wait=30.0)
+        return await self.ops.submit("vm.disk.resize", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout, wait=30.0)
 
     async def set_qos(self, ref: str, target: str, qos: IoQos, *, request_id: str = "", fingerprint: str = "",
                       lock_timeout: float = 0.0) -> OperationRecord:
-        uuid, spec, running = await self._current(ref)
+        uuid, spec, running = await self.ops.current(ref)
         index = _find(spec, target)
         for name, value in vars(qos).items():
             if value < 0:
@@ -200,39 +192,17 @@ class DiskOperations:
                 if running:
                     dom.setBlockIoTune(target, params, libvirt.VIR_DOMAIN_AFFECT_LIVE)
                 dom.setBlockIoTune(target, params, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-                self._save_spec(dom, new, running)
+                save_spec(dom, new, running)
 
             try:
-                await self.vms.hv.call(apply, timeout=60)
+                await self.ops.hv.call(apply, timeout=60)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"setting I/O limits on {target} failed: {exc.get_error_message()}") from None
-            self.vms._forget(uuid)
-            return await self.vms._result(uuid)
+            self.ops.inventory.remember(uuid, new)
+            return await self.ops.result(uuid)
 
-        return await self.vms._submit("vm.disk.qos", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                      lock_timeout=lock_timeout, wait=30.0)
-
-
-async def release_lun_disks(vms: "VmService", uuid: str, disks: Iterable[tuple[int, DiskSpec]]) -> None:
-    """Hand each SAN LUN disk that just left VM ``uuid`` back to storage for its host cleanup.
-
-    Called once the VM change (undefine, detach) is done in libvirt, so it never raises: a
-    hung or failing SAN must not turn a finished deletion into an error. Storage reports such
-    releases itself (``lun.release_failed``) and retries them; here they are only logged.
-    """
-    resolver = vms._disk_resolver()
-    seen: set[tuple[str, str]] = set()
-    for i, disk in disks:
-        if disk.lun is None or (disk.lun.datastore, disk.lun.lun_id) in seen:
-            continue
-        seen.add((disk.lun.datastore, disk.lun.lun_id))
-        try:
-            outcome = await resolver.release_lun(disk.lun.datastore, disk.lun.lun_id, field=f"spec.disks[{i}].lun", vm=uuid)
-        except Exception as exc:  # the VM change stands whatever storage says
-            log.warning("event=vm.lun_release_error vm=%s datastore=%s lun=%s error=%r", uuid, disk.lun.datastore,
-                        disk.lun.lun_id, getattr(exc, "message", None) or str(exc))
-            continue
-        log.info("event=vm.lun_release vm=%s datastore=%s lun=%s outcome=%s", uuid, disk.lun.datastore, disk.lun.lun_id, outcome)
+        return await self.ops.submit("vm.disk.qos", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout, wait=30.0)
 
 
 def _find(spec: VmSpec, target: str) -> int:
@@ -243,11 +213,3 @@ def _find(spec: VmSpec, target: str) -> int:
             return i
     known = ", ".join(d.target for d in spec.disks if d.target) or "none"
     raise NotFound(f"the VM has no disk {target!r} (disks: {known})", field="target")
-
-
-def _only_disk(spec: VmSpec, index: int) -> VmSpec:
-    """A copy of the spec whose only disk is disks[index] (to resolve just that binding)."""
-    one = spec.copy()
-    one.disks = [spec.disks[index]]
-    one.nics = []
-    return one

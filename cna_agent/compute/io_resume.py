@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import libvirt
 
@@ -34,7 +34,10 @@ from cna_agent.storage.executor import StorageExecutor
 from cna_agent.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
-    from cna_agent.compute.service import VmService
+    from cna_agent.compute.inventory import VmInventory
+    from cna_agent.contracts import DiskProvider
+    from cna_agent.hypervisor import Hypervisor
+    from cna_agent.state.eventlog import EventHub
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +118,22 @@ def probe_path(path: str, need_free: bool) -> None:
 
 
 class IoErrorResumer:
-    def __init__(self, vms: "VmService", *, interval_s: float, enabled: bool = True,
-                 executor: StorageExecutor | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.vms = vms
+    """Resumes VMs paused on an I/O error once their failed disks answer again.
+
+    Collaborators: the hypervisor (which VMs are paused, and why), the VM inventory (which are
+    ours, with which spec), the disk provider (does the failed volume or LUN resolve again),
+    the lifecycle's resume (an ordinary journalled VM operation) and the event hub.
+    """
+
+    def __init__(self, hypervisor: "Hypervisor", inventory: "VmInventory", volumes: "DiskProvider",
+                 resume: Callable[[str], Awaitable[Any]], events: "EventHub", *,
+                 interval_s: float, enabled: bool = True, executor: StorageExecutor | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.hv = hypervisor
+        self.inventory = inventory
+        self.volumes = volumes
+        self.resume = resume
+        self.events = events
         self.interval_s = interval_s
         self.enabled = enabled
         self.executor = executor or StorageExecutor(2, PROBE_TIMEOUT_S)
@@ -163,15 +179,14 @@ class IoErrorResumer:
         else:
             failed = vm.errors
         by_target = {d.target: d for d in (spec.disks if spec else [])}
-        resolver = self.vms._disk_resolver()
         for target, code in sorted(failed.items()):
             disk = by_target.get(target)
             field_name = f"disk {target}"
             try:
                 if disk is not None and disk.lun is not None and (disk.lun.datastore or disk.lun.lun_id):
-                    await resolver.resolve_lun(disk.lun.datastore, disk.lun.lun_id, field=field_name)
+                    await self.volumes.resolve_lun(disk.lun.datastore, disk.lun.lun_id, field=field_name, vm=vm.uuid)
                 elif disk is not None and disk.volume:
-                    await resolver.resolve_volume(disk.volume, field=field_name)
+                    await self.volumes.resolve_volume(disk.volume, field=field_name)
                 path = vm.sources.get(target, "")
                 if path:
                     await self.executor.run(lambda p=path, c=code: probe_path(p, c == libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE),
@@ -182,9 +197,9 @@ class IoErrorResumer:
 
     async def check_once(self) -> list[str]:
         """One pass; returns the UUIDs of the VMs resumed."""
-        if not self.vms.hv.connected:
+        if not self.hv.connected:
             return []
-        paused = await self.vms.hv.call(list_io_paused, timeout=30)
+        paused = await self.hv.call(list_io_paused, timeout=30)
         now = self._clock()
         seen = {vm.uuid for vm in paused}
         for uuid in list(self._attempts):
@@ -193,7 +208,7 @@ class IoErrorResumer:
                 del self._attempts[uuid]  # stayed up: a later I/O error starts afresh
         resumed = []
         for vm in paused:
-            cached = await self.vms._cached(vm.uuid)
+            cached = await self.inventory.definition(vm.uuid)
             if not cached.managed:
                 continue  # not ours: leave it alone
             a = self._attempts.setdefault(vm.uuid, _Attempts())
@@ -211,7 +226,7 @@ class IoErrorResumer:
                     log.info("vm %s stays paused after an I/O error: %s", vm.name, reason)
                 continue
             try:
-                op = await self.vms.resume(vm.uuid)
+                op = await self.resume(vm.uuid)
             except AgentError as exc:  # busy (another operation holds the VM), gone, ...
                 log.warning("resuming vm %s after an I/O error failed: %s", vm.name, exc)
                 continue
@@ -222,7 +237,7 @@ class IoErrorResumer:
             a.last_reason = ""
             resumed.append(vm.uuid)
             disks = ", ".join(sorted(vm.errors)) or "all disks"
-            await self.vms.events.publish(
+            await self.events.publish(
                 "vm.io_error_resumed", severity="info",
                 message=f"{vm.name}: storage answers again ({disks}); resumed after the I/O error",
                 resource_kind="vm", resource_id=vm.uuid, resource_name=vm.name,

@@ -27,7 +27,7 @@ from typing import Sequence
 
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import qmp
-from cna_agent.contracts import DiskSourceBinding, NicBinding, PlacementPlan
+from cna_agent.contracts import Bandwidth, DiskSourceBinding, NicBinding, PlacementPlan
 from cna_agent.compute.spec import VmSpec, default_target_prefix
 from cna_agent.errors import InvalidArgument
 from cna_agent.host.cpulist import format_cpulist
@@ -288,7 +288,6 @@ def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Dom
     """The complete domain for ``spec`` (uuid and NIC MACs must already be filled in)."""
     r = resolve_defaults(spec, ctx)
     windows = r.os_family == "windows"
-    legacy = _legacy_windows(spec)
     dom = dx.Domain(type=r.domain_type, name=spec.name, uuid=spec.uuid)
     if spec.description:
         dom.description = spec.description
@@ -502,6 +501,11 @@ def disk_xml(spec: VmSpec, i: int, b: DiskSourceBinding, target: str) -> str:
     return _disk(spec, i, b, target).to_xml(pretty=False)
 
 
+def interface_xml(spec: VmSpec, i: int, b: NicBinding) -> str:
+    """One <interface> element for hot-plug, rendered exactly as in a full domain."""
+    return _interface(spec, i, b, _legacy_windows(spec)).to_xml(pretty=False)
+
+
 def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interface:
     n = spec.nics[i]
     iface = dx.Interface(type="bridge", mac=n.mac, source_bridge=b.bridge)
@@ -518,8 +522,9 @@ def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interfac
     iface.model = model
     if model == "virtio" and n.queues > 1:
         iface.driver_queues = n.queues
-    inbound = n.inbound or (b.inbound and _bw_from_binding(b.inbound))
-    outbound = n.outbound or (b.outbound and _bw_from_binding(b.outbound))
+    # The NIC's own limit wins over its port group's.
+    inbound = n.inbound or b.inbound
+    outbound = n.outbound or b.outbound
     if inbound and inbound.average_kbps:
         iface.inbound = _bandwidth(inbound)
     if outbound and outbound.average_kbps:
@@ -536,11 +541,7 @@ def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interfac
     return iface
 
 
-def _bw_from_binding(bw):  # bindings.Bandwidth -> same field names as spec.Bandwidth
-    return bw
-
-
-def _bandwidth(bw) -> dx.Bandwidth:
+def _bandwidth(bw: Bandwidth) -> dx.Bandwidth:
     # libvirt: average/peak in KiB/s (kbytes), burst in KiB; the spec speaks kbit/s.
     out = dx.Bandwidth(average=max(1, bw.average_kbps // 8))
     if bw.peak_kbps:

@@ -19,6 +19,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from cna_agent.contracts import Bandwidth
 from cna_agent.errors import InvalidArgument
 
 ARCHES = ("x86_64", "aarch64")
@@ -126,13 +127,6 @@ class DiskSpec:
     boot_order: int = 0
     qos: IoQos = field(default_factory=IoQos)
     serial: str = ""
-
-
-@dataclass
-class Bandwidth:
-    average_kbps: int = 0
-    peak_kbps: int = 0
-    burst_kib: int = 0
 
 
 @dataclass
@@ -256,6 +250,18 @@ def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 
 
 # -- validation ----------------------------------------------------------------------------
+
+
+def check_mac(mac: str, field: str) -> str:
+    """A unicast MAC address, lower-cased; InvalidArgument naming ``field`` otherwise."""
+    low = mac.lower()
+    if not MAC_RE.match(low):
+        raise InvalidArgument(field, f"{mac!r} is not a MAC address like 52:54:00:12:34:56")
+    if int(low[:2], 16) & 1:
+        raise InvalidArgument(field, f"{mac!r} is a multicast address")
+    if low == "00:00:00:00:00:00":
+        raise InvalidArgument(field, "the all-zero MAC address is not usable")
+    return low
 
 
 @dataclass(frozen=True)
@@ -452,11 +458,7 @@ def validate(spec: VmSpec, ctx: ValidationContext) -> None:
             raise InvalidArgument(f"{p}.port_group", "must name a port group")
         _text(nic.port_group, f"{p}.port_group", max_len=64, pattern=NAME_RE, what="a port group name")
         if nic.mac:
-            mac = nic.mac.lower()
-            if not MAC_RE.match(mac):
-                raise InvalidArgument(f"{p}.mac", f"{nic.mac!r} is not a MAC address like 52:54:00:12:34:56")
-            if int(mac[:2], 16) & 1:
-                raise InvalidArgument(f"{p}.mac", f"{nic.mac!r} is a multicast address")
+            mac = check_mac(nic.mac, f"{p}.mac")
             if mac in macs:
                 raise InvalidArgument(f"{p}.mac", f"{nic.mac!r} is also used by spec.nics[{macs[mac]}]")
             macs[mac] = i

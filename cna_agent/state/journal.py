@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
+from cna_agent.errors import InvalidArgument
 from cna_agent.state.store import StateStore
 
 PENDING = "pending"
@@ -80,14 +81,13 @@ class OperationRecord:
         }
 
 
-class RequestIdConflict(Exception):
-    """A request id was reused for a different request."""
+class RequestIdConflict(InvalidArgument):
+    """A request id was reused for a different request: the caller's error (INVALID_ARGUMENT
+    naming request_id), whichever service submitted the operation."""
 
     def __init__(self, request_id: str, existing: OperationRecord) -> None:
-        super().__init__(
-            f"request_id {request_id!r} was already used for a different request "
-            f"(operation {existing.id}, {existing.kind} on {existing.target or '-'})"
-        )
+        super().__init__("request_id", f"{request_id!r} was already used for a different request "
+                                       f"(operation {existing.id}, {existing.kind} on {existing.target or '-'})")
         self.existing = existing
 
 

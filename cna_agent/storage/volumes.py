@@ -58,6 +58,8 @@ class VolumeInfo:
     backing_volume: str = ""
     template: bool = False
     check: qemuimg.CheckReport | None = None
+    #: UUIDs of the VMs whose disks use it (filled by StorageService from compute's view).
+    used_by: tuple[str, ...] = ()
 
 
 def format_of(relpath: str) -> str:

@@ -70,7 +70,7 @@ class FakeResolver:
     missing_luns: set[str] = field(default_factory=set)
     calls: list[str] = field(default_factory=list)
 
-    async def resolve_lun(self, datastore: str, lun_id: str, *, field: str):
+    async def resolve_lun(self, datastore: str, lun_id: str, *, field: str, vm: str):
         self.calls.append(f"lun {datastore} {lun_id}")
         if lun_id in self.missing_luns:
             raise NotFound(f"{field}.lun_id: LUN {lun_id} not found", field=f"{field}.lun_id")
@@ -96,12 +96,9 @@ class FakeVms:
         self.resumed: list[str] = []
         self.conn = conn
 
-    async def _cached(self, uuid: str):
+    async def definition(self, uuid: str):
         spec = self.specs.get(uuid)
         return SimpleNamespace(managed=spec is not None, spec=spec)
-
-    def _disk_resolver(self) -> FakeResolver:
-        return self.resolver
 
     async def resume(self, uuid: str):
         self.resumed.append(uuid)
@@ -131,7 +128,7 @@ def world(tmp_path):
     resolver = FakeResolver()
     vms = FakeVms(conn, {"u1": spec, "u3": VmSpec(name="vm3", uuid="u3")}, resolver)
     clock = [1000.0]
-    resumer = IoErrorResumer(vms, interval_s=5, clock=lambda: clock[0])  # type: ignore[arg-type]
+    resumer = IoErrorResumer(vms.hv, vms, resolver, vms.resume, vms.events, interval_s=5, clock=lambda: clock[0])  # type: ignore[arg-type]
     yield SimpleNamespace(vms=vms, dom=dom, resolver=resolver, resumer=resumer, clock=clock, data=data)
     resumer.executor.shutdown()
 
@@ -187,7 +184,7 @@ def test_a_vm_that_pauses_again_right_after_a_resume_is_backed_off(world):
 
 
 def test_manual_policy_starts_no_loop(world):
-    r = IoErrorResumer(world.vms, interval_s=5, enabled=False)  # type: ignore[arg-type]
+    r = IoErrorResumer(world.vms.hv, world.vms, world.resolver, world.vms.resume, world.vms.events, interval_s=5, enabled=False)  # type: ignore[arg-type]
 
     async def go():
         await r.start()

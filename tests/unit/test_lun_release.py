@@ -5,8 +5,9 @@ tests/fixtures/scsi (tools/make-scsi-fixtures.py) with the RecordingRunner, whos
 the tree follow what the kernel does (device/delete removes the sdX, multipath -f the map,
 iscsiadm --logout the sessions), as in test_storage_san_recorded.py.
 
-The compute side is the real VmService and the real StorageService wired to each other as the
-daemon wires them (each finds the other through the components dict), with a real
+The compute side is compute's real parts and the real StorageService wired to each other as the
+daemon wires them (cna_agent.wiring.parts: storage sees compute's inventory as its VmDisks, compute
+gets storage as its DiskProvider), with a real
 OperationRunner and event log on SQLite, and the real Hypervisor on libvirt's embedded QEMU
 driver (guests are defined, never started). libvirt's test driver cannot serve here: it refuses
 the undefine flags a delete uses (NVRAM, checkpoint metadata) and device detach. One process
@@ -31,9 +32,11 @@ from typing import Any
 import libvirt
 import pytest
 
+from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.render import RenderContext
-from cna_agent.compute.service import VmService
+from cna_agent.compute.resolvers import NoNetworkResolver
 from cna_agent.compute.spec import DiskSpec, LunSource, VmSpec
+from cna_agent.config import AgentConfig, ComputeConfig
 from cna_agent.operations import OperationRunner
 from cna_agent.state.eventlog import EventHub, EventLog
 from cna_agent.state.journal import OperationJournal
@@ -42,8 +45,9 @@ from cna_agent.storage.executor import StorageExecutor
 from cna_agent.storage.model import DatastoreDecl, validate_datastore
 from cna_agent.storage.runner import RecordingRunner
 from cna_agent.storage.san import backends_for
-from cna_agent.storage.service import LUN_ATTACH_GRACE_S, StorageService
-from test_storage_san_recorded import FC_WWN, IQN, ISCSI_WWN, FakeClock, Tree, _fc_decl, _iscsi_decl
+from cna_agent.storage.service import StorageService
+from cna_agent.wiring.parts import build_compute
+from test_storage_san_recorded import FC_WWN, IQN, ISCSI_WWN, Tree, _fc_decl, _iscsi_decl
 
 UNIT = Path(__file__).resolve().parent
 REPO = UNIT.parents[1]
@@ -64,23 +68,23 @@ CHILD_ENV = "CNA_TEST_LUN_RELEASE_CHILD"
 
 
 class Host:
-    """A VmService and a StorageService on one recorded tree, wired as the daemon wires them."""
+    """Compute's parts and a StorageService on one recorded tree, wired as the daemon wires them."""
 
-    def __init__(self, hv: Any, tmp: Path, decls: tuple[DatastoreDecl, ...], runner: RecordingRunner, tree: Tree,
-                 clock: FakeClock, *, store: StateStore | None = None, image_dirs: tuple[str, ...] = (), **storage_kw: Any) -> None:
-        self.hv, self.tmp, self.runner, self.tree, self.clock = hv, tmp, runner, tree, clock
+    def __init__(self, hv: Any, tmp: Path, decls: tuple[DatastoreDecl, ...], runner: RecordingRunner, tree: Tree, *,
+                 store: StateStore | None = None, image_dirs: tuple[str, ...] = (), **storage_kw: Any) -> None:
+        self.hv, self.tmp, self.runner, self.tree = hv, tmp, runner, tree
         self.store = store or StateStore(tmp / "agent.db")
         self.events = EventHub(self.store, EventLog(self.store))
-        self.ops = OperationRunner(self.store, OperationJournal(self.store), self.events)
-        components: dict[str, Any] = {}
-        ctx = RenderContext(host_arch=hv.facts.arch, virt_type="qemu", state_dir=str(tmp / "state"), run_dir=str(tmp / "run"))
-        self.vms = VmService(hv, self.ops, self.events, ctx, virt_type="qemu", host_cpus=1, image_dirs=image_dirs,
-                             components=components)
+        self.ops = OperationRunner(self.store, OperationJournal(self.store), self.events, encode=lambda r: ("", b""))
+        inventory = VmInventory(hv, self.ops.locks)
         self.storage = StorageService(decls, runner, StorageExecutor(2, 30), self.ops, self.events, command_timeout=30,
-                                      probe_interval=3600, probe_timeout=5, components=components, clock=clock,
+                                      probe_interval=3600, probe_timeout=5, users=inventory,
                                       san_backends=backends_for(decls, runner, str(tree.root)), **storage_kw)
-        components["compute"] = SimpleNamespace(service=self.vms)
-        components["storage"] = SimpleNamespace(service=self.storage)
+        ctx = RenderContext(host_arch=hv.facts.arch, virt_type="qemu", state_dir=str(tmp / "state"), run_dir=str(tmp / "run"))
+        config = AgentConfig(compute=ComputeConfig(image_dirs=",".join(image_dirs), io_error_resume="manual"))
+        self.compute = build_compute(config, hv, self.ops, self.events, inventory, ctx, virt_type="qemu", host_cpus=1,
+                                     disks=self.storage, ports=NoNetworkResolver(), placer=None)
+        self.vms = self.compute.inventory
 
     async def done(self, record) -> Any:
         for _ in range(600):
@@ -91,12 +95,12 @@ class Host:
         raise AssertionError(f"operation {record.kind} still {record.state}")
 
     async def create(self, name: str, *disks: DiskSpec) -> str:
-        rec = await self.done(await self.vms.create(VmSpec(name=name, vcpus=1, memory_mib=128, disks=list(disks))))
+        rec = await self.done(await self.compute.lifecycle.create(VmSpec(name=name, vcpus=1, memory_mib=128, disks=list(disks))))
         assert rec.state == "succeeded", rec.error
         return rec.target
 
     async def delete(self, name: str) -> Any:
-        return await self.done(await self.vms.delete(name))
+        return await self.done(await self.compute.lifecycle.delete(name))
 
     async def domains(self) -> list[str]:
         return await self.hv.call(lambda c: sorted(d.name() for d in c.listAllDomains()), timeout=30)
@@ -119,9 +123,8 @@ class Env:
             shutil.copytree(caps_cache, self.root / "cache" / "qemu" / "capabilities")
         self.hv: Any = None
 
-    def host(self, decls: tuple[DatastoreDecl, ...], runner: RecordingRunner, tree: Tree, clock: FakeClock | None = None,
-             **kw: Any) -> Host:
-        return Host(self.hv, self.tmp, decls, runner, tree, clock or FakeClock(), **kw)
+    def host(self, decls: tuple[DatastoreDecl, ...], runner: RecordingRunner, tree: Tree, **kw: Any) -> Host:
+        return Host(self.hv, self.tmp, decls, runner, tree, **kw)
 
     def run(self, scenario) -> None:
         from cna_agent.hypervisor import Hypervisor
@@ -191,7 +194,6 @@ def test_recorded_tree_deleting_the_last_vm_removes_map_paths_and_session(embedd
         host = _iscsi_host(env)
         try:
             uuid = await host.create("vm-a", _lun("san1", f"{IQN}/1"))
-            host.clock.now += LUN_ATTACH_GRACE_S + 60  # defined long ago
             mark, wmark = len(host.runner.calls), len(host.runner.writes)
 
             rec = await host.delete("vm-a")
@@ -205,7 +207,7 @@ def test_recorded_tree_deleting_the_last_vm_removes_map_paths_and_session(embedd
             (released,) = await host.events_of("lun.released")
             assert released.severity == "info" and released.resource_id == f"san1:{ISCSI_WWN}"
             assert dict(released.attributes) == {"datastore": "san1", "lun": ISCSI_WWN, "lun_id": f"{IQN}/1", "vm": uuid, "forced": ""}
-            assert host.storage.pending_releases == {}
+            assert host.storage.luns.pending_releases == {}
         finally:
             await host.close()
 
@@ -219,14 +221,13 @@ def test_recorded_tree_lun_shared_by_two_vms_is_kept_until_the_second_goes(embed
             # The same LUN, spelled "<iqn>/<n>" by one VM and by its WWN by the other.
             await host.create("vm-a", _lun("san1", f"{IQN}/1", shareable=True))
             await host.create("vm-b", _lun("san1", "3" + ISCSI_WWN.upper(), shareable=True))
-            host.clock.now += LUN_ATTACH_GRACE_S + 60
             mark = len(host.runner.calls)
 
             assert (await host.delete("vm-a")).state == "succeeded"
             assert host.runner.calls[mark:] == []  # vm-b still uses it: nothing ran
             assert _present(host.tree) == HERE
             assert await host.events_of("lun.released", "lun.release_failed") == []
-            assert await host.storage.release_lun("san1", f"{IQN}/1", field="lun") == "in-use"
+            assert await host.storage.release_lun("san1", f"{IQN}/1", field="lun", vm="") == "in-use"
 
             assert (await host.delete("vm-b")).state == "succeeded"
             assert host.runner.calls[mark:] == ISCSI_RELEASE
@@ -249,7 +250,7 @@ def test_recorded_tree_libiscsi_lun_release_does_nothing_on_the_host(embedded):
             assert runner.calls and all(c[:2] == ("qemu-img", "info") for c in runner.calls)  # QEMU's own initiator
             mark = len(runner.calls)
             assert (await host.delete("vm-q")).state == "succeeded"
-            assert await host.storage.release_lun("qsan", "1", field="lun") == "not-needed"
+            assert await host.storage.release_lun("qsan", "1", field="lun", vm="") == "not-needed"
             assert runner.calls[mark:] == [] and runner.writes == []
             assert await host.events_of("lun.") == []
         finally:
@@ -271,7 +272,6 @@ def test_recorded_tree_release_that_times_out_lets_the_delete_succeed_and_is_ret
         tree_box.append(host.tree)
         try:
             uuid = await host.create("vm-a", _lun("san1", f"{IQN}/1"))
-            host.clock.now += LUN_ATTACH_GRACE_S + 60
 
             rec = await host.delete("vm-a")
 
@@ -281,12 +281,12 @@ def test_recorded_tree_release_that_times_out_lets_the_delete_succeed_and_is_ret
             assert failed.attributes["lun"] == f"{IQN}/1" and failed.attributes["vm"] == uuid
             assert "did not finish within 0.5s" in failed.attributes["reason"]
             assert f"{IQN}/1" in failed.message and "san1" in failed.message
-            assert list(host.storage.pending_releases) == [("san1", f"{IQN}/1")]
+            assert list(host.storage.luns.pending_releases) == [("san1", f"{IQN}/1")]
 
             gate.set()  # the SAN answers again; the stuck release finishes, holding the datastore lock
-            assert await host.storage.retry_releases("san1") == {("san1", f"{IQN}/1"): "absent"}
+            assert await host.storage.luns.retry_releases("san1") == {("san1", f"{IQN}/1"): "absent"}
             assert host.runner.commands("iscsiadm")[-4:] == ISCSI_RELEASE[-4:]  # the stuck thread went on to log out
-            assert _present(host.tree) == GONE and host.storage.pending_releases == {}
+            assert _present(host.tree) == GONE and host.storage.luns.pending_releases == {}
         finally:
             gate.set()
             await host.close()
@@ -307,7 +307,6 @@ def test_recorded_tree_failed_release_is_reported_then_retried_by_the_rescan(emb
         host = _iscsi_host(env, _failing_logout(RecordingRunner()))
         try:
             await host.create("vm-a", _lun("san1", f"{IQN}/1"))
-            host.clock.now += LUN_ATTACH_GRACE_S + 60
 
             assert (await host.delete("vm-a")).state == "succeeded"
             (failed,) = await host.events_of("lun.release_failed")
@@ -321,7 +320,7 @@ def test_recorded_tree_failed_release_is_reported_then_retried_by_the_rescan(emb
             r = str(host.tree.root)
             assert (f"{r}/sys/class/scsi_host/host3/scan", "0 0 -") in host.runner.writes  # the rescan ran first
             assert host.runner.calls[mark:] == LOGOUT  # then the owed release: the idle sessions go
-            assert _present(host.tree) == GONE and host.storage.pending_releases == {}
+            assert _present(host.tree) == GONE and host.storage.luns.pending_releases == {}
             assert [e.attributes["lun_id"] for e in await host.events_of("lun.released")] == [f"{IQN}/1"]
         finally:
             await host.close()
@@ -334,7 +333,6 @@ def test_recorded_tree_owed_release_survives_an_agent_restart(embedded):
         host = _iscsi_host(env, _failing_logout(RecordingRunner()))
         try:
             await host.create("vm-a", _lun("san1", f"{IQN}/1"))
-            host.clock.now += LUN_ATTACH_GRACE_S + 60
             assert (await host.delete("vm-a")).state == "succeeded"
             assert len(await host.events_of("lun.release_failed")) == 1
         finally:
@@ -346,41 +344,65 @@ def test_recorded_tree_owed_release_survives_an_agent_restart(embedded):
             mark = len(host.runner.calls)
             await again.storage.start()
             for _ in range(400):
-                if again.storage.pending_releases == {} and await again.events_of("lun.released"):
+                if again.storage.luns.pending_releases == {} and await again.events_of("lun.released"):
                     break
                 await asyncio.sleep(0.025)
             assert host.runner.calls[mark:] == LOGOUT
-            assert _present(host.tree) == GONE and again.storage.pending_releases == {}
+            assert _present(host.tree) == GONE and again.storage.luns.pending_releases == {}
         finally:
             await again.close()
 
     embedded(scenario)
 
 
-def test_recorded_tree_lun_attached_for_a_vm_being_defined_is_kept_until_the_window_ends(embedded):
-    """compute resolves a LUN, then defines the VM: in between no domain names the LUN, so a
-    release by another VM must not take it away (a running VM would lose its disk by force)."""
+def test_recorded_tree_lun_bound_for_a_vm_being_defined_is_kept_until_that_vm_lets_go(embedded):
+    """compute binds a LUN, then defines the VM: in between no domain names the LUN, so a
+    release by another VM must not take it away (a running VM would lose its disk by force).
+    The binding VM claims it; its own release (here: its define failed) takes it away."""
 
     async def scenario(env: Env) -> None:
         host = _iscsi_host(env)
+        vm_b = "0c4f6a2e-0000-4000-8000-0000000000b2"
         try:
             await host.create("vm-a", _lun("san1", f"{IQN}/1"))
-            host.clock.now += LUN_ATTACH_GRACE_S + 60
-            # vm-b's create has resolved the same LUN and is about to define vm-b.
-            await host.storage.resolve_lun("san1", ISCSI_WWN, field="spec.disks[0].lun")
-            host.clock.now += 5
+            # vm-b's create has bound the same LUN and is about to define vm-b.
+            await host.storage.resolve_lun("san1", ISCSI_WWN, field="spec.disks[0].lun", vm=vm_b)
             mark = len(host.runner.calls)
 
             assert (await host.delete("vm-a")).state == "succeeded"
 
             assert host.runner.calls[mark:] == [] and _present(host.tree) == HERE
-            (deferred,) = await host.events_of("lun.release_deferred")
-            assert deferred.attributes["lun"] == ISCSI_WWN
-            assert list(host.storage.pending_releases) == [("san1", ISCSI_WWN)]
+            assert await host.events_of("lun.released", "lun.release_failed") == []
+            assert host.storage.luns.claims == {("san1", ISCSI_WWN): {vm_b}}
+            assert host.storage.luns.pending_releases == {}  # nothing owed: vm-b's own release decides
 
-            host.clock.now += LUN_ATTACH_GRACE_S  # vm-b never came: the owed release goes ahead
-            assert await host.storage.retry_releases() == {("san1", ISCSI_WWN): "released"}
+            # vm-b's define failed: compute drops its claim, and now nobody holds the LUN.
+            assert await host.storage.release_lun("san1", ISCSI_WWN, field="spec.disks[0].lun", vm=vm_b) == "released"
             assert host.runner.calls[mark:] == ISCSI_RELEASE and _present(host.tree) == GONE
+            assert host.storage.luns.claims == {}
+        finally:
+            await host.close()
+
+    embedded(scenario)
+
+
+def test_recorded_tree_a_create_whose_define_fails_releases_the_lun_it_bound(embedded):
+    async def scenario(env: Env) -> None:
+        host = _iscsi_host(env)
+        try:
+            await host.create("vm-x")  # takes the name
+            mark = len(host.runner.calls)
+
+            rec = await host.done(await host.compute.lifecycle.create(
+                VmSpec(name="vm-x", vcpus=1, memory_mib=128, disks=[_lun("san1", f"{IQN}/1")])))
+
+            assert rec.state == "failed" and rec.error.code == 6, rec.error  # ALREADY_EXISTS
+            assert await host.domains() == ["vm-x"]
+            # The LUN was logged in and mapped for the failed VM; nobody holds it now: it goes.
+            assert host.runner.calls[mark:][-len(ISCSI_RELEASE):] == ISCSI_RELEASE
+            assert _present(host.tree) == GONE and host.storage.luns.claims == {}
+            (released,) = await host.events_of("lun.released")
+            assert released.attributes["vm"] == rec.target
         finally:
             await host.close()
 
@@ -398,11 +420,10 @@ def test_recorded_tree_detaching_a_fc_lun_disk_releases_the_lun(embedded):
         host = env.host((_fc_decl(),), runner, tree, image_dirs=(str(image.parent),))
         try:
             uuid = await host.create("vm-fc", DiskSpec(volume=str(image), boot_order=1), _lun("fc1", FC_WWN))
-            host.clock.now += LUN_ATTACH_GRACE_S + 60
             target = (await host.vms.get("vm-fc")).spec.disks[1].target
             mark, wmark = len(runner.calls), len(runner.writes)
 
-            rec = await host.done(await host.vms.detach_disk("vm-fc", target))
+            rec = await host.done(await host.compute.disks.detach("vm-fc", target))
 
             assert rec.state == "succeeded", rec.error
             xml = await host.hv.call(lambda c: c.lookupByName("vm-fc").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), timeout=30)
@@ -412,7 +433,7 @@ def test_recorded_tree_detaching_a_fc_lun_disk_releases_the_lun(embedded):
                                            ("blockdev", "--flushbufs", "/dev/sde")]  # FC: no session to log out
             r = str(tree.root)
             assert runner.writes[wmark:] == [(f"{r}/sys/block/sdd/device/delete", "1"), (f"{r}/sys/block/sde/device/delete", "1")]
-            assert host.storage.san["fc1"].lun_info(FC_WWN) is None
+            assert host.storage.luns.san["fc1"].lun_info(FC_WWN) is None
             (released,) = await host.events_of("lun.released")
             assert (released.attributes["datastore"], released.attributes["lun"], released.attributes["vm"]) == ("fc1", FC_WWN, uuid)
 

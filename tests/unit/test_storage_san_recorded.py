@@ -265,11 +265,14 @@ def test_recorded_fc_lun_bound_for_compute_through_the_service(tmp_path):
         svc = StorageService((decl,), runner, StorageExecutor(2, 30), ops=None, events=None,  # type: ignore[arg-type]
                              command_timeout=30, probe_interval=60, probe_timeout=5,
                              san_backends=backends_for((decl,), runner, str(tree.root)))
-        binding = await svc.resolve_lun("fc1", FC_WWN, field="spec.disks[0].lun")
+        binding = await svc.resolve_lun("fc1", FC_WWN, field="spec.disks[0].lun", vm=VM)
         luns = await svc.list_luns("fc1")
         svc.executor.shutdown()
-        return binding, luns
+        return binding, luns, svc.luns.claims
 
-    binding, luns = asyncio.run(go())
+    VM = "5b0e8a1c-0000-4000-8000-00000000f001"
+    binding, luns, claims = asyncio.run(go())
     assert binding.kind == "block" and binding.path == str(tree.root / "dev/mapper/mpathb") and binding.volume_id == FC_WWN
+    # The VM being defined on it claims the LUN from the moment it was bound.
+    assert claims == {("fc1", FC_WWN): {VM}}
     assert [(lun.id, lun.paths, lun.vendor) for lun in luns] == [(FC_WWN, 2, "HUAWEI")]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import libvirt
 
-from cna_agent.compute.service import VmService
+from cna_agent.compute.recovery import VmRecovery
 
 
 class _Hv:
@@ -19,10 +19,8 @@ class _Hv:
         return fn(self.conn)
 
 
-def _service(conn) -> VmService:
-    svc = VmService.__new__(VmService)
-    svc.hv = _Hv(conn)  # type: ignore[assignment]
-    return svc
+def _service(conn) -> VmRecovery:
+    return VmRecovery(_Hv(conn))  # type: ignore[arg-type]
 
 
 def test_recovery_follows_libvirt_state() -> None:

@@ -1,4 +1,5 @@
-"""NIC XML (rendered, schema-valid, parsed back), MAC generation, and the declaration checks."""
+"""NIC XML as compute renders it for hot-plug (schema-valid, parsed back by the inventory's
+reader of the typed model), MAC generation, and the declaration checks of network/model.py."""
 
 from __future__ import annotations
 
@@ -9,48 +10,77 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from cna_agent.compute.binder import generate_mac
+from cna_agent.compute.inventory import interfaces_of
+from cna_agent.compute.nics import _spec_field
+from cna_agent.compute.render import interface_xml
+from cna_agent.compute.spec import NicSpec, ValidationContext, VmSpec, check_mac, validate
 from cna_agent.contracts import Bandwidth, NicBinding
 from cna_agent.errors import InvalidArgument, ResourceBusy
-from cna_agent.network import vif
-from cna_agent.network.model import BridgeDecl, PortGroupDecl, check_mac, validate_bridge, validate_port_group
+from cna_agent.network.model import BridgeDecl, PortGroupDecl, validate_bridge, validate_port_group
 
 OVS = NicBinding(kind="ovs", bridge="br-int", port_group="pg-web", vlan=100, inbound=Bandwidth(8000, 16000, 512))
 TRUNK = NicBinding(kind="ovs", bridge="br-int", port_group="pg-trunk", trunk=(200, 300))
 LINUX = NicBinding(kind="linux-bridge", bridge="br0", port_group="pg-lan", filter="clean-traffic", mtu=1400)
+IFACE_ID = "7f1c0f0e-0000-4000-8000-000000000001"
+
+
+def _xml(binding: NicBinding, **nic) -> str:
+    spec = VmSpec(name="vm", uuid="u", nics=[NicSpec(port_group=binding.port_group, **nic)])
+    return interface_xml(spec, 0, binding)
+
+
+def _parsed(xml: str):
+    (nic,) = interfaces_of("u", "vm", True, f"<domain><devices>{xml}</devices></domain>", {})
+    return nic
 
 
 def test_ovs_access_nic_renders_virtualport_vlan_and_bandwidth():
-    nic = vif.NicRequest(mac="52:54:00:aa:bb:cc", interface_id="7f1c0f0e-0000-4000-8000-000000000001",
-                         outbound=Bandwidth(4000))
-    el = ET.fromstring(vif.interface_xml(nic, OVS))
+    xml = _xml(OVS, mac="52:54:00:aa:bb:cc", interface_id=IFACE_ID, outbound=Bandwidth(4000))
+    el = ET.fromstring(xml)
     assert el.get("type") == "bridge" and el.find("source").get("bridge") == "br-int"
     assert el.find("virtualport").get("type") == "openvswitch"
-    assert el.find("virtualport/parameters").get("interfaceid") == nic.interface_id
+    assert el.find("virtualport/parameters").get("interfaceid") == IFACE_ID
     assert [t.get("id") for t in el.findall("vlan/tag")] == ["100"] and el.find("vlan").get("trunk") is None
     # kbit/s in the API -> KiB/s in libvirt; the NIC's own limit wins over the port group's.
     assert el.find("bandwidth/inbound").attrib == {"average": "1000", "peak": "2000", "burst": "512"}
     assert el.find("bandwidth/outbound").attrib == {"average": "500"}
-    back = vif.parse_interface(el)
-    assert (back.mac, back.bridge, back.vlan, back.virtualport, back.interface_id) == (nic.mac, "br-int", 100, "openvswitch", nic.interface_id)
+    back = _parsed(xml)
+    assert (back.mac, back.bridge, back.vlan, back.virtualport, back.interface_id) == ("52:54:00:aa:bb:cc", "br-int", 100, "openvswitch", IFACE_ID)
     assert (back.inbound_kbps, back.outbound_kbps, back.link_up) == (8000, 4000, True)
 
 
 def test_trunk_and_linux_bridge_nics():
-    el = ET.fromstring(vif.interface_xml(vif.NicRequest(mac="52:54:00:00:00:01", link_down=True), TRUNK))
+    xml = _xml(TRUNK, mac="52:54:00:00:00:01", link_down=True)
+    el = ET.fromstring(xml)
     assert el.find("vlan").get("trunk") == "yes" and [t.get("id") for t in el.findall("vlan/tag")] == ["200", "300"]
-    assert vif.parse_interface(el).trunk == (200, 300) and not vif.parse_interface(el).link_up
-    el = ET.fromstring(vif.interface_xml(vif.NicRequest(mac="52:54:00:00:00:02", model="e1000e"), LINUX))
+    assert _parsed(xml).trunk == (200, 300) and not _parsed(xml).link_up
+    el = ET.fromstring(_xml(LINUX, mac="52:54:00:00:00:02", model="e1000e"))
     assert el.find("virtualport") is None and el.find("vlan") is None
     assert el.find("filterref").get("filter") == "clean-traffic" and el.find("mtu").get("size") == "1400"
     assert el.find("model").get("type") == "e1000e"
-    with pytest.raises(InvalidArgument, match="nic.model"):
-        vif.interface_xml(vif.NicRequest(mac="52:54:00:00:00:03", model="ne2k"), LINUX)
+
+
+def test_an_unknown_nic_model_is_refused_naming_the_requests_field():
+    spec = VmSpec(name="vm", vcpus=1, memory_mib=128, nics=[NicSpec(port_group="pg", mac="52:54:00:00:00:03", model="ne2k")])
+    with pytest.raises(InvalidArgument) as err:
+        validate(spec, ValidationContext(host_arch="x86_64", virt_type="qemu", host_cpus=2))
+    assert err.value.field == "spec.nics[0].model"
+    # AttachNic reports it against its own request field.
+    mapped = _spec_field(err.value, 0)
+    assert mapped.field == "nic.model" and mapped.message.startswith("nic.model: ")
+
+
+def test_the_default_model_is_virtio_and_legacy_windows_gets_e1000e():
+    assert ET.fromstring(_xml(LINUX, mac="52:54:00:00:00:04")).find("model").get("type") == "virtio"
+    spec = VmSpec(name="w", uuid="u", os_family="windows", virtio_drivers=False,
+                  nics=[NicSpec(port_group="pg-lan", mac="52:54:00:00:00:05")])
+    assert ET.fromstring(interface_xml(spec, 0, LINUX)).find("model").get("type") == "e1000e"
 
 
 @pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="virt-xml-validate (libvirt-clients) not installed")
 def test_rendered_nics_validate_against_libvirts_schema(tmp_path):
-    nics = "".join(vif.interface_xml(vif.NicRequest(mac=f"52:54:00:00:00:1{i}", interface_id="7f1c0f0e-0000-4000-8000-000000000001"), b)
-                   for i, b in enumerate((OVS, TRUNK, LINUX)))
+    nics = "".join(_xml(b, mac=f"52:54:00:00:00:1{i}", interface_id=IFACE_ID) for i, b in enumerate((OVS, TRUNK, LINUX)))
     doc = tmp_path / "d.xml"
     doc.write_text(f"<domain type='qemu'><name>n</name><memory>131072</memory><os><type arch='x86_64'>hvm</type></os>"
                    f"<devices>{nics}</devices></domain>")
@@ -60,29 +90,31 @@ def test_rendered_nics_validate_against_libvirts_schema(tmp_path):
 
 def test_generated_macs_avoid_every_taken_one():
     rng = random.Random(7)
-    first = vif.generate_mac((), rng=random.Random(7))
+    first = generate_mac((), rng=random.Random(7))
     assert first.startswith("52:54:00:")
     # Reserve exactly what the same random stream would produce first: the generator moves on.
-    again = vif.generate_mac({first}, rng=rng)
+    again = generate_mac({first}, rng=rng)
     assert again != first and check_mac(again, "m") == again
     macs: set[str] = set()
     for _ in range(200):
-        macs.add(vif.generate_mac(macs))
+        macs.add(generate_mac(macs))
     assert len(macs) == 200
 
 
-def test_mac_space_exhaustion_is_reported(monkeypatch):
+def test_mac_space_exhaustion_is_reported():
     class Same(random.Random):
         def getrandbits(self, k: int) -> int:
             return 0
     with pytest.raises(ResourceBusy):
-        vif.generate_mac({"52:54:00:00:00:00"}, rng=Same())
+        generate_mac({"52:54:00:00:00:00"}, rng=Same())
 
 
 def test_domain_interfaces_and_macs():
-    xml = (f"<domain><devices>{vif.interface_xml(vif.NicRequest(mac='52:54:00:00:00:0a'), OVS)}"
+    xml = (f"<domain><devices>{_xml(OVS, mac='52:54:00:00:00:0a')}"
            "<interface type='network'><mac address='52:54:00:00:00:0B'/><source network='default'/></interface></devices></domain>")
-    assert vif.domain_macs(xml) == {"52:54:00:00:00:0a", "52:54:00:00:00:0b"}
+    nics = interfaces_of("u", "vm", False, xml, {"52:54:00:00:00:0a": "pg-web"})
+    assert {n.mac for n in nics} == {"52:54:00:00:00:0a", "52:54:00:00:00:0b"}
+    assert [(n.type, n.port_group) for n in nics] == [("bridge", "pg-web"), ("network", "")]
 
 
 @pytest.mark.parametrize("mac, words", [("52:54:00:aa:bb", "not a MAC"), ("01:00:5e:00:00:01", "multicast"),

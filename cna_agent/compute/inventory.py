@@ -1,0 +1,328 @@
+"""The host's VMs as compute knows them: lookup, listing, state, and the views other
+subsystems read (which disks use what, which NICs exist, where QEMU runs).
+
+* The VM spec lives in the domain's ``<metadata>`` (domxml.CNA_NS); it is read once per
+  definition and cached, invalidated by libvirt's DEFINED/UNDEFINED events (events.py) and
+  by every operation that changes a definition (``forget``/``remember``).
+* Domains without our metadata are reported as unmanaged on request and never touched.
+* Storage, network and placement never read libvirt themselves to learn about VMs: they get
+  this inventory as their VmDisks / VmNics / VmLocator (contracts.py), so compute stays the one
+  owner of VMs and their devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable
+from xml.etree import ElementTree as ET
+
+import libvirt
+
+from cna_agent.compute import domxml as dx
+from cna_agent.compute import qmp
+from cna_agent.compute import state as st
+from cna_agent.compute.spec import UUID_RE, VmSpec, validate_name
+from cna_agent.contracts import DiskUse, VmNic
+from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from cna_agent.hypervisor import Hypervisor, embedded_root
+from cna_agent.operations import ResourceLocks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConsoleInfo:
+    type: str = "none"
+    host: str = ""
+    port: int = 0
+    password: str = ""
+    unix_socket: str = ""
+
+
+@dataclass
+class VmInfo:
+    uuid: str
+    name: str
+    managed: bool
+    spec: VmSpec | None
+    state: str = st.UNKNOWN
+    reason: str = ""
+    state_time: float | None = None
+    active_operation_id: str = ""
+    cpu_time_ns: int = 0
+    memory_rss_kib: int = 0
+    qemu_pid: str = ""
+    console: ConsoleInfo | None = None
+
+
+@dataclass
+class VmDefinition:
+    """What a domain's persistent definition says about it (cached per uuid)."""
+
+    name: str
+    managed: bool
+    spec: VmSpec | None
+
+
+def vm_lock(uuid: str) -> str:
+    """The resource-lock key that serialises operations on one VM."""
+    return f"vm/{uuid}"
+
+
+class VmInventory:
+    def __init__(self, hypervisor: Hypervisor, locks: ResourceLocks, *, console_listen: str = "127.0.0.1") -> None:
+        self.hv = hypervisor
+        self.locks = locks
+        self.console_listen = console_listen
+        self._cache: dict[str, VmDefinition] = {}
+        self._state_times: dict[str, float] = {}
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    def forget(self, uuid: str) -> None:
+        """The definition changed (or went): read it again next time."""
+        self._cache.pop(uuid, None)
+
+    def remember(self, uuid: str, spec: VmSpec) -> None:
+        """An operation just wrote this spec into the definition."""
+        self._cache[uuid] = VmDefinition(spec.name, True, spec)
+
+    def note_state(self, uuid: str, when: float) -> None:
+        self._state_times[uuid] = when
+
+    def is_managed_cached(self, uuid: str) -> bool:
+        c = self._cache.get(uuid)
+        return c is not None and c.managed
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    @staticmethod
+    def lookup(conn: libvirt.virConnect, ref: str) -> libvirt.virDomain:
+        try:
+            if UUID_RE.match(ref):
+                return conn.lookupByUUIDString(ref)
+            return conn.lookupByName(ref)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFound(f"vm {ref!r} not found", field="vm") from None
+            raise
+
+    @staticmethod
+    def check_ref(ref: str) -> None:
+        if not ref:
+            raise InvalidArgument("vm", "must name a VM (UUID or name)")
+        if "\x00" in ref:
+            raise InvalidArgument("vm", "must not contain NUL")
+        if not UUID_RE.match(ref):
+            validate_name(ref, "vm")
+
+    async def lookup_uuid(self, ref: str, *, require_managed: bool = True) -> tuple[str, str]:
+        """(uuid, name) of the VM named by UUID or name; NotFound / FailedPrecondition."""
+        self.check_ref(ref)
+        uuid, name = await self.hv.call(lambda c: (lambda d: (d.UUIDString(), d.name()))(self.lookup(c, ref)), timeout=10)
+        if require_managed:
+            if not (await self.definition(uuid)).managed:
+                raise FailedPrecondition(f"vm {name!r} was not created by cna-agent; the agent leaves it alone", field="vm")
+        return uuid, name
+
+    async def definition(self, uuid: str) -> VmDefinition:
+        c = self._cache.get(uuid)
+        if c is None:
+            c = await self.hv.call(lambda conn: self.read_definition(conn.lookupByUUIDString(uuid)), timeout=15)
+            self._cache[uuid] = c
+        return c
+
+    async def spec(self, uuid: str) -> VmSpec:
+        """The managed VM's spec (FailedPrecondition for a domain the agent did not define)."""
+        d = await self.definition(uuid)
+        if d.spec is None:
+            raise FailedPrecondition("the VM has no agent spec (not managed by this agent)", field="vm")
+        return d.spec
+
+    @staticmethod
+    def read_definition(dom: libvirt.virDomain) -> VmDefinition:
+        try:
+            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, dx.CNA_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0)
+        except libvirt.libvirtError:
+            return VmDefinition(dom.name(), False, None)
+        try:
+            text = dx.spec_json_from_metadata(ET.fromstring(meta))
+            spec = VmSpec.from_json(text) if text else None
+        except (ET.ParseError, ValueError):
+            spec = None
+        return VmDefinition(dom.name(), spec is not None, spec)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def state(self, uuid: str) -> str:
+        s, r = await self.hv.call(lambda c: c.lookupByUUIDString(uuid).state(), timeout=10)
+        return st.map_state(s, r)[0]
+
+    async def running(self, uuid: str) -> bool:
+        return await self.state(uuid) not in (st.STOPPED, st.CRASHED)
+
+    async def get(self, ref: str) -> VmInfo:
+        self.check_ref(ref)
+
+        def read(conn: libvirt.virConnect) -> tuple[str, str, tuple[int, int], list[int], str]:
+            dom = self.lookup(conn, ref)
+            s = dom.state()
+            info = dom.info()
+            xml = dom.XMLDesc(0) if dom.isActive() else ""
+            return dom.UUIDString(), dom.name(), (s[0], s[1]), info, xml
+
+        uuid, name, (s, r), info, live_xml = await self.hv.call(read, timeout=15)
+        cached = await self.definition(uuid)
+        state, reason = st.map_state(s, r)
+        vm = VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=cached.spec, state=state, reason=reason,
+                    state_time=self._state_times.get(uuid), cpu_time_ns=int(info[4]))
+        if live_xml:
+            vm.console = self._console_from_xml(live_xml, cached.spec)
+            vm.qemu_pid = self._qemu_pid(name)
+        holder = self.locks.holder(vm_lock(uuid))
+        vm.active_operation_id = holder.id if holder else ""
+        return vm
+
+    async def list(self, *, states: Iterable[str] = (), include_unmanaged: bool = False, status_only: bool = False) -> list[VmInfo]:
+        wanted = set(states)
+        flags = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL | libvirt.VIR_DOMAIN_STATS_BALLOON
+
+        def read(conn: libvirt.virConnect) -> list[tuple[str, str, int, int, int, int, VmDefinition]]:
+            out = []
+            for dom, stats in conn.getAllDomainStats(flags, 0):
+                uuid = dom.UUIDString()
+                cached = self._cache.get(uuid) or self.read_definition(dom)
+                out.append((uuid, dom.name(), stats.get("state.state", 0), stats.get("state.reason", 0),
+                            stats.get("cpu.time", 0), stats.get("balloon.rss", 0), cached))
+            return out
+
+        vms: list[VmInfo] = []
+        for uuid, name, s, r, cpu, rss, cached in await self.hv.call(read, timeout=30):
+            self._cache[uuid] = cached
+            if not cached.managed and not include_unmanaged:
+                continue
+            state, reason = st.map_state(s, r)
+            if wanted and state not in wanted:
+                continue
+            holder = self.locks.holder(vm_lock(uuid))
+            vms.append(VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=None if status_only else cached.spec,
+                              state=state, reason=reason, state_time=self._state_times.get(uuid), cpu_time_ns=int(cpu),
+                              memory_rss_kib=int(rss), active_operation_id=holder.id if holder else ""))
+        vms.sort(key=lambda v: v.name)
+        return vms
+
+    def _console_from_xml(self, xml: str, spec: VmSpec | None) -> ConsoleInfo:
+        dom = dx.Domain.from_xml(xml)
+        for g in (dom.devices.graphics if dom.devices else []):
+            if g.type in ("vnc", "spice"):
+                host = g.listen or (g.listens[0].address if g.listens else "") or self.console_listen
+                return ConsoleInfo(type=g.type, host=host or "", port=g.port or 0, password=spec.console.password if spec else "")
+        return ConsoleInfo(type="none")
+
+    def _qemu_pid(self, name: str) -> str:
+        for d in self.qemu_run_dirs():
+            try:
+                with open(os.path.join(d, f"{name}.pid")) as fh:
+                    return fh.read().strip()
+            except OSError:
+                continue
+        return ""
+
+    def qemu_run_dirs(self) -> list[str]:
+        """Where libvirt keeps its QEMU pid files for this connection."""
+        root = embedded_root(self.hv.uri)
+        if root is not None:
+            return [os.path.join(root, "run", "qemu")]
+        return ["/run/libvirt/qemu", "/var/run/libvirt/qemu"]
+
+    async def qmp_socket(self, uuid: str) -> tuple[str, str]:
+        """(side-channel socket path from the live domain's <qemu:commandline>, name)."""
+
+        def read(conn: libvirt.virConnect) -> tuple[str, str]:
+            dom = conn.lookupByUUIDString(uuid)
+            return dom.XMLDesc(0), dom.name()
+
+        xml, name = await self.hv.call(read, timeout=15)
+        return qmp.path_from_args(dx.Domain.from_xml(xml).qemu_args), name
+
+    async def console(self, ref: str) -> ConsoleInfo:
+        vm = await self.get(ref)
+        if vm.state not in (st.RUNNING, st.PAUSED):
+            raise FailedPrecondition(f"vm {vm.name!r} is {vm.state}; its console exists only while it runs", field="vm")
+        return vm.console or ConsoleInfo()
+
+    # -- views for storage, network and placement (contracts.VmDisks / VmNics / VmLocator) ---------
+
+    async def disk_users(self) -> list[DiskUse]:
+        out: list[DiskUse] = []
+        for vm in await self.list():
+            for disk in vm.spec.disks if vm.spec else ():
+                if disk.volume:
+                    out.append(DiskUse(vm.uuid, volume=disk.volume))
+                elif disk.lun is not None:
+                    out.append(DiskUse(vm.uuid, lun_datastore=disk.lun.datastore, lun_id=disk.lun.lun_id))
+        return out
+
+    async def vm_nics(self, vm_uuid: str = "") -> list[VmNic]:
+        def read(conn: libvirt.virConnect) -> list[tuple[str, str, bool, str, VmDefinition]]:
+            doms = [conn.lookupByUUIDString(vm_uuid)] if vm_uuid else conn.listAllDomains()
+            out = []
+            for dom in doms:
+                try:
+                    uuid = dom.UUIDString()
+                    cached = self._cache.get(uuid) or self.read_definition(dom)
+                    out.append((uuid, dom.name(), bool(dom.isActive()), dom.XMLDesc(0), cached))
+                except libvirt.libvirtError:  # vanished while listing
+                    continue
+            return out
+
+        nics: list[VmNic] = []
+        for uuid, name, active, xml, cached in await self.hv.call(read, timeout=30):
+            self._cache[uuid] = cached
+            groups = {n.mac.lower(): n.port_group for n in cached.spec.nics} if cached.spec else {}
+            nics.extend(interfaces_of(uuid, name, active, xml, groups))
+        return nics
+
+    async def all_macs(self) -> set[str]:
+        """Every MAC of every domain on this host, live and persistent definitions."""
+
+        def read(conn: libvirt.virConnect) -> set[str]:
+            macs: set[str] = set()
+            for dom in conn.listAllDomains():
+                try:
+                    docs = [dom.XMLDesc(0)]
+                    if dom.isPersistent() and dom.isActive():
+                        docs.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                except libvirt.libvirtError:
+                    continue
+                for doc in docs:
+                    d = dx.Domain.from_xml(doc)
+                    macs |= {i.mac.lower() for i in (d.devices.interfaces if d.devices else []) if i.mac}
+            return macs
+
+        return await self.hv.call(read, timeout=30)
+
+    async def locate(self, vm_uuid: str) -> tuple[str, str, int]:
+        info = await self.get(vm_uuid)
+        pid = int(info.qemu_pid) if str(info.qemu_pid).isdigit() else 0
+        return info.name, info.state, pid
+
+
+def interfaces_of(uuid: str, name: str, active: bool, xml: str, port_groups: dict[str, str]) -> list[VmNic]:
+    """The NICs in one domain document (typed model), with the spec's port group per MAC."""
+    dom = dx.Domain.from_xml(xml)
+    out = []
+    for i in dom.devices.interfaces if dom.devices else []:
+        mac = (i.mac or "").lower()
+        tags = tuple(t.id for t in i.vlan_tags if t.id is not None)
+        out.append(VmNic(
+            vm_uuid=uuid, vm_name=name, mac=mac, active=active, type=i.type or "", bridge=i.source_bridge or "",
+            device=i.target_dev or "", port_group=port_groups.get(mac, ""), virtualport=i.virtualport_type or "",
+            interface_id=i.interface_id or "", vlan=None if i.vlan_trunk or not tags else tags[0],
+            trunk=tags if i.vlan_trunk else (), link_up=(i.link_state or "up") != "down",
+            inbound_kbps=(i.inbound.average or 0) * 8 if i.inbound else 0,
+            outbound_kbps=(i.outbound.average or 0) * 8 if i.outbound else 0,
+        ))
+    return out

@@ -1,0 +1,342 @@
+"""VM lifecycle on libvirt: create, start, shutdown, reboot, pause, resume, delete.
+
+Each call checks what it can before it submits (VmOps: validated input, resolved bindings),
+then runs as one journalled operation holding the VM's lock. Safe stop is ACPI with a
+deadline, then a graceful destroy (QEMU gets SIGTERM and can flush), then a forced one
+(DESIGN.md "Stop gracefully first").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid as uuidlib
+from dataclasses import replace
+from typing import Any, Callable
+
+import libvirt
+
+from cna_agent import __version__
+from cna_agent.compute import state as st
+from cna_agent.compute.binder import Binder
+from cna_agent.compute.events import DomainEventMonitor
+from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain
+from cna_agent.compute.rundirs import QemuRunDirs, QemuUser
+from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
+from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
+from cna_agent.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, NotFound
+from cna_agent.operations import OperationContext
+from cna_agent.state.journal import OperationRecord
+
+log = logging.getLogger(__name__)
+
+REQUEST_NS = uuidlib.UUID("0b6f3f0e-4a51-4c7e-9a53-6b1f1c2d3e4f")
+DEFAULT_SHUTDOWN_TIMEOUT_S = 120.0
+
+
+class DomainRenderer:
+    """The domain builder with this host's facts, and the directories a definition needs."""
+
+    def __init__(self, ctx: RenderContext, run_dirs: QemuRunDirs, *, virt_type: str, host_cpus: int) -> None:
+        self.ctx = ctx
+        self.run_dirs = run_dirs
+        self.virt_type = virt_type
+        self.host_cpus = host_cpus
+
+    def validation(self, have_placer: bool) -> ValidationContext:
+        return ValidationContext(host_arch=self.ctx.host_arch, virt_type=self.virt_type, host_cpus=self.host_cpus,
+                                 have_placer=have_placer)
+
+    def render(self, spec: VmSpec, bindings: Bindings) -> str:
+        ctx = replace(self.ctx, agent_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        return build_domain(spec, bindings, ctx).to_xml()
+
+    def prepare_dirs(self, uuid: str, qemu: QemuUser | None) -> None:
+        self.run_dirs.prepare(uuid, qemu)
+        os.makedirs(os.path.join(self.ctx.state_dir, "nvram"), mode=0o700, exist_ok=True)
+
+
+class VmLifecycle:
+    def __init__(self, ops: VmOps, binder: Binder, renderer: DomainRenderer, monitor: DomainEventMonitor) -> None:
+        self.ops = ops
+        self.hv = ops.hv
+        self.inventory = ops.inventory
+        self.binder = binder
+        self.renderer = renderer
+        self.monitor = monitor
+
+    def validation_context(self) -> ValidationContext:
+        return self.renderer.validation(self.binder.placer is not None)
+
+    def _prepare_dirs(self, uuid: str) -> None:
+        facts = self.hv.facts
+        qemu = QemuUser(facts.qemu_uid, facts.qemu_gid) if facts is not None and facts.qemu_uid is not None else None
+        self.renderer.prepare_dirs(uuid, qemu)
+
+    # -- create ------------------------------------------------------------------------------------
+
+    async def create(self, spec: VmSpec, *, start: bool = False, request_id: str = "", fingerprint: str = "",
+                     lock_timeout: float = 0.0) -> OperationRecord:
+        spec = spec.copy()
+        validate(spec, self.validation_context())
+        if not spec.uuid:
+            # A retried request (same request_id) must name the same VM, so the runner sees the
+            # same target and returns the first operation instead of creating a second VM.
+            spec.uuid = str(uuidlib.uuid5(REQUEST_NS, request_id)) if request_id else new_uuid()
+        spec.uuid = spec.uuid.lower()
+        placer = self.binder.placer
+        # Only a reservation this call makes is released on failure (a create naming an
+        # existing VM's uuid must not free that VM's CPUs).
+        reserved_here = placer is not None and placer.get(spec.uuid) is None
+        bindings = await self.binder.bindings(spec)
+
+        async def undo() -> None:
+            if reserved_here:
+                await self.binder.release_placement(spec.uuid)
+            await self.binder.release_luns(spec, range(len(spec.disks)))
+
+        try:
+            await self.binder.fill_macs(spec.nics)
+            # The guest device names are decided now and kept in the spec: GetVm reports them, and
+            # per-disk calls (detach, resize, I/O-error resume) name disks by target.
+            for disk, target in zip(spec.disks, assign_disk_targets(spec, spec.os_family or "linux")):
+                disk.target = target
+            xml = self.renderer.render(spec, bindings)
+        except BaseException:
+            await undo()
+            raise
+
+        async def work(op: OperationContext) -> Any:
+            await op.progress(10, "defining")
+
+            def define(conn: libvirt.virConnect) -> None:
+                for ref, field in ((spec.uuid, "spec.uuid"), (spec.name, "spec.name")):
+                    try:
+                        existing = self.inventory.lookup(conn, ref)
+                    except NotFound:
+                        continue
+                    raise AlreadyExists(f"a VM with {field.split('.')[1]} {ref!r} already exists ({existing.name()})", field=field)
+                try:
+                    dom = conn.defineXML(xml)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED and "already exists" in str(exc):
+                        raise AlreadyExists(str(exc), field="spec.name") from None
+                    raise Internal(f"libvirt refused the domain definition: {exc}") from None
+                if spec.autostart:
+                    dom.setAutostart(1)
+
+            try:
+                self._prepare_dirs(spec.uuid)
+                await self.hv.call(define, timeout=30)
+            except BaseException:
+                await undo()
+                raise
+            self.inventory.remember(spec.uuid, spec)
+            await self.ops.events.publish("vm.defined", resource_kind="vm", resource_id=spec.uuid, resource_name=spec.name,
+                                          message=f"{spec.name} defined", operation_id=op.id)
+            if start:
+                await op.progress(50, "starting")
+                await self.start_domain(spec.uuid)
+            return await self.ops.result(spec.uuid)
+
+        try:
+            return await self.ops.submit("vm.create", spec.uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                         lock_timeout=lock_timeout, wait=30.0 if start else QUICK_WAIT_S)
+        except Exception:
+            await undo()  # refused before it ran (busy, request id reuse)
+            raise
+
+    # -- start / stop ------------------------------------------------------------------------------
+
+    async def start_domain(self, uuid: str) -> None:
+        self._prepare_dirs(uuid)  # the run dir is volatile (tmpfs after a host reboot)
+
+        def start(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByUUIDString(uuid)
+            if dom.isActive():
+                return
+            try:
+                dom.create()
+            except libvirt.libvirtError as exc:
+                raise FailedPrecondition(f"QEMU did not start: {exc}") from None
+
+        await self.hv.call(start, timeout=120)
+
+    async def start_vm(self, ref: str, *, request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+        uuid, _ = await self.inventory.lookup_uuid(ref)
+
+        async def work(op: OperationContext) -> Any:
+            await self.start_domain(uuid)
+            return await self.ops.result(uuid)
+
+        return await self.ops.submit("vm.start", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout, wait=30.0)
+
+    async def wait_state(self, uuid: str, want: set[str], timeout: float) -> bool:
+        """Wait for libvirt to report one of ``want``; woken by events, re-checked every 2 s."""
+        deadline = time.monotonic() + timeout
+        changed = self.monitor.changed_event(uuid)
+        while True:
+            changed.clear()
+            if await self.inventory.state(uuid) in want:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=min(left, 2.0))
+            except asyncio.TimeoutError:
+                pass
+
+    async def destroy(self, uuid: str) -> None:
+        """Power off: graceful destroy first (QEMU gets SIGTERM and can flush), then forced."""
+
+        def destroy(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByUUIDString(uuid)
+            if not dom.isActive():
+                return
+            try:
+                dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+            except libvirt.libvirtError:
+                if dom.isActive():
+                    dom.destroy()
+
+        await self.hv.call(destroy, timeout=90)
+
+    async def shutdown(self, ref: str, *, timeout: float = 0.0, force: bool = False, hard: bool = False,
+                       request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+        uuid, name = await self.inventory.lookup_uuid(ref)
+        timeout = timeout or DEFAULT_SHUTDOWN_TIMEOUT_S
+
+        async def work(op: OperationContext) -> Any:
+            if await self.inventory.state(uuid) in (st.STOPPED, st.CRASHED):
+                return await self.ops.result(uuid)
+            if not hard:
+                await op.progress(10, "acpi-shutdown")
+
+                def acpi(conn: libvirt.virConnect) -> None:
+                    dom = conn.lookupByUUIDString(uuid)
+                    if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                        dom.resume()  # a paused guest cannot see the power button
+                    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+
+                await self.hv.call(acpi, timeout=30)
+                if await self.wait_state(uuid, {st.STOPPED, st.CRASHED}, timeout):
+                    return await self.ops.result(uuid)
+                if not force:
+                    raise DeadlineExceeded(f"vm {name!r} did not shut down within {timeout:.0f}s; retry with force to power it off")
+            await op.progress(80, "power-off")
+            await self.destroy(uuid)
+            return await self.ops.result(uuid)
+
+        return await self.ops.submit("vm.shutdown", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout, wait=2.0 if not hard else QUICK_WAIT_S)
+
+    async def reboot(self, ref: str, *, hard: bool = False, request_id: str = "", fingerprint: str = "",
+                     lock_timeout: float = 0.0) -> OperationRecord:
+        def do(dom: libvirt.virDomain) -> None:
+            if hard:
+                dom.reset(0)
+            else:
+                # ACPI power button; libvirt restarts the guest once it powers off (fake reboot),
+                # so guests without a reboot handler still come back.
+                dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+
+        return await self._simple(ref, "vm.reboot", do, request_id, fingerprint, lock_timeout)
+
+    async def pause(self, ref: str, *, request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+        return await self._simple(ref, "vm.pause", lambda d: d.suspend() if d.state()[0] == libvirt.VIR_DOMAIN_RUNNING else None,
+                                  request_id, fingerprint, lock_timeout)
+
+    async def resume(self, ref: str, *, request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+        return await self._simple(ref, "vm.resume", lambda d: d.resume() if d.state()[0] == libvirt.VIR_DOMAIN_PAUSED else None,
+                                  request_id, fingerprint, lock_timeout)
+
+    async def _simple(self, ref: str, kind: str, fn: Callable[[libvirt.virDomain], Any], request_id: str, fingerprint: str,
+                      lock_timeout: float) -> OperationRecord:
+        """One libvirt call on a running VM, as an operation."""
+        uuid, name = await self.inventory.lookup_uuid(ref)
+
+        async def work(op: OperationContext) -> Any:
+            def do(conn: libvirt.virConnect) -> None:
+                dom = conn.lookupByUUIDString(uuid)
+                if not dom.isActive():
+                    raise FailedPrecondition(f"vm {name!r} is not running", field="vm")
+                fn(dom)
+
+            await self.hv.call(do, timeout=30)
+            return await self.ops.result(uuid)
+
+        return await self.ops.submit(kind, uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout, wait=QUICK_WAIT_S)
+
+    # -- delete ------------------------------------------------------------------------------------
+
+    async def delete(self, ref: str, *, delete_disks: bool = False, force: bool = False, request_id: str = "",
+                     fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+        uuid, name = await self.inventory.lookup_uuid(ref)
+        spec = await self.inventory.spec(uuid)
+        storage = self.binder.disks
+        if delete_disks and storage is None and any(d.volume for d in spec.disks):
+            raise FailedPrecondition("delete_disks needs the storage subsystem, which is not running on this agent; "
+                                     "delete the VM keeping its disks", field="delete_disks")
+
+        async def work(op: OperationContext) -> Any:
+            if await self.inventory.state(uuid) not in (st.STOPPED, st.CRASHED):
+                if not force:
+                    raise FailedPrecondition(f"vm {name!r} is running; shut it down first or pass force", field="vm")
+                await self.destroy(uuid)
+            # Which disks the VM holds, read from its definition under the VM lock (a disk
+            # attached since the request was checked counts): after the undefine nothing says.
+            current = await self.inventory.spec(uuid)
+
+            def undefine(conn: libvirt.virConnect) -> None:
+                dom = conn.lookupByUUIDString(uuid)
+                flags = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                         | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+                dom.undefineFlags(flags)
+
+            await self.hv.call(undefine, timeout=30)
+            self.inventory.forget(uuid)
+            self.renderer.run_dirs.remove(uuid)
+            if delete_disks and storage is not None:
+                for i, disk in enumerate(current.disks):
+                    if disk.volume and not disk.shareable and disk.device != "cdrom":
+                        await storage.delete_volume(disk.volume, field=f"spec.disks[{i}].volume")
+            await self.binder.release_placement(uuid)
+            await self.ops.events.publish("vm.deleted", resource_kind="vm", resource_id=uuid, resource_name=name,
+                                          message=f"{name} deleted", attributes={"delete_disks": str(delete_disks).lower()},
+                                          operation_id=op.id)
+            luns = [i for i, d in enumerate(current.disks) if d.lun is not None]
+            if luns:
+                # Kernel iSCSI/FC LUNs leave the host unless another VM uses them; never fails the delete.
+                await op.progress(90, "releasing SAN LUNs on the host")
+                await release_lun_disks(self.binder, current, luns)
+            return None
+
+        return await self.ops.submit("vm.delete", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout, wait=QUICK_WAIT_S)
+
+
+async def release_lun_disks(binder: Binder, spec: VmSpec, indexes: list[int]) -> None:
+    """Hand each SAN LUN disk that just left VM ``spec.uuid`` back to storage for its host cleanup.
+
+    Called once the VM change (undefine, detach) is done in libvirt, so it never raises: a
+    hung or failing SAN must not turn a finished deletion into an error. Storage reports such
+    releases itself (``lun.release_failed``) and retries them; here they are only logged.
+    """
+    seen: set[tuple[str, str]] = set()
+    for i in indexes:
+        lun = spec.disks[i].lun
+        if lun is None or (lun.datastore, lun.lun_id) in seen:
+            continue
+        seen.add((lun.datastore, lun.lun_id))
+        try:
+            outcome = await binder.volumes.release_lun(lun.datastore, lun.lun_id, field=f"spec.disks[{i}].lun", vm=spec.uuid)
+        except Exception as exc:  # the VM change stands whatever storage says
+            log.warning("event=vm.lun_release_error vm=%s datastore=%s lun=%s error=%r", spec.uuid, lun.datastore,
+                        lun.lun_id, getattr(exc, "message", None) or str(exc))
+            continue
+        log.info("event=vm.lun_release vm=%s datastore=%s lun=%s outcome=%s", spec.uuid, lun.datastore, lun.lun_id, outcome)

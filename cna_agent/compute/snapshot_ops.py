@@ -1,0 +1,69 @@
+"""Snapshots of a VM as journalled operations (the libvirt side is snapshots.py).
+
+Every snapshot change holds the VM's lock, like any other VM operation, and forgets the
+cached definition afterwards: an external snapshot or a revert changes the disk sources.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cna_agent.compute import snapshots as snaps
+from cna_agent.compute.spec import validate_name
+from cna_agent.compute.vmops import VmOps
+from cna_agent.operations import OperationContext
+from cna_agent.state.journal import OperationRecord
+
+
+class VmSnapshots:
+    def __init__(self, ops: VmOps) -> None:
+        self.ops = ops
+
+    async def list(self, ref: str) -> list[snaps.SnapshotInfo]:
+        uuid, _ = await self.ops.inventory.lookup_uuid(ref)
+        return await self.ops.hv.call(lambda c: snaps.list_tree(c.lookupByUUIDString(uuid)), timeout=30)
+
+    async def create(self, ref: str, name: str, *, description: str = "", quiesce: bool = False, request_id: str = "",
+                     fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+        validate_name(name, "name")
+        snaps.validate_description(description)
+        uuid, _ = await self.ops.inventory.lookup_uuid(ref)
+
+        async def work(op: OperationContext) -> Any:
+            info = await self.ops.hv.call(lambda c: snaps.create(c.lookupByUUIDString(uuid), name, description, quiesce), timeout=300)
+            self.ops.inventory.forget(uuid)  # an external snapshot changed the disk sources
+            await self.ops.events.publish("vm.snapshot.created", resource_kind="vm", resource_id=uuid, message=f"snapshot {name} ({info.kind})",
+                                          attributes={"snapshot": name, "kind": info.kind}, operation_id=op.id)
+            return info
+
+        return await self.ops.submit("vm.snapshot.create", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout)
+
+    async def revert(self, ref: str, name: str, *, request_id: str = "", fingerprint: str = "",
+                     lock_timeout: float = 0.0) -> OperationRecord:
+        validate_name(name, "snapshot")
+        uuid, _ = await self.ops.inventory.lookup_uuid(ref)
+
+        async def work(op: OperationContext) -> Any:
+            await self.ops.hv.call(lambda c: snaps.revert(c.lookupByUUIDString(uuid), name), timeout=300)
+            self.ops.inventory.forget(uuid)
+            await self.ops.events.publish("vm.snapshot.reverted", resource_kind="vm", resource_id=uuid, message=f"reverted to {name}",
+                                          attributes={"snapshot": name}, operation_id=op.id)
+            return await self.ops.result(uuid)
+
+        return await self.ops.submit("vm.snapshot.revert", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout)
+
+    async def delete(self, ref: str, name: str, *, request_id: str = "", fingerprint: str = "",
+                     lock_timeout: float = 0.0) -> OperationRecord:
+        validate_name(name, "snapshot")
+        uuid, _ = await self.ops.inventory.lookup_uuid(ref)
+
+        async def work(op: OperationContext) -> Any:
+            how = await self.ops.hv.call(lambda c: snaps.delete(c.lookupByUUIDString(uuid), name), timeout=300)
+            await self.ops.events.publish("vm.snapshot.deleted", resource_kind="vm", resource_id=uuid, message=f"snapshot {name} deleted ({how})",
+                                          attributes={"snapshot": name, "how": how}, operation_id=op.id)
+            return None
+
+        return await self.ops.submit("vm.snapshot.delete", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout)

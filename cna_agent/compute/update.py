@@ -1,0 +1,118 @@
+"""UpdateVm: change a VM's spec, live where the hypervisor can (vCPU and memory hot-plug,
+QoS, labels) and by re-rendering the whole definition from the spec while it is stopped.
+
+The stopped path renders every device from the spec, which is why every device change
+(disks, NICs) keeps the spec in the domain metadata current: what the spec omits, a stopped
+update drops.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import libvirt
+
+from cna_agent.compute import domxml as dx
+from cna_agent.compute import snapshots as snaps
+from cna_agent.compute.binder import Binder
+from cna_agent.compute.lifecycle import DomainRenderer, VmLifecycle
+from cna_agent.compute.spec import VmSpec, validate
+from cna_agent.compute.vmops import VmOps, save_spec
+from cna_agent.errors import FailedPrecondition, InvalidArgument
+from cna_agent.operations import OperationContext
+from cna_agent.state.journal import OperationRecord
+
+#: Fields UpdateVm may change, and those it can change on a running VM (hot-plug / live tune).
+UPDATABLE = {"vcpus", "max_vcpus", "memory_mib", "max_memory_mib", "cpu_qos", "memory_qos", "description", "labels",
+             "cpu_topology", "cpu_mode", "cpu_model", "balloon", "autostart", "console", "watchdog", "panic_device",
+             "guest_agent", "serial_console", "numa_cells", "boot"}
+LIVE_UPDATABLE = {"vcpus", "memory_mib", "cpu_qos", "memory_qos", "description", "labels", "autostart"}
+
+
+class VmUpdates:
+    def __init__(self, ops: VmOps, binder: Binder, renderer: DomainRenderer, lifecycle: VmLifecycle) -> None:
+        self.ops = ops
+        self.binder = binder
+        self.renderer = renderer
+        self.lifecycle = lifecycle
+
+    async def update(self, ref: str, new: VmSpec, mask: Sequence[str], *, request_id: str = "", fingerprint: str = "",
+                     lock_timeout: float = 0.0) -> OperationRecord:
+        inventory = self.ops.inventory
+        uuid, name = await inventory.lookup_uuid(ref)
+        if not mask:
+            raise InvalidArgument("update_mask", "name the fields to change, e.g. vcpus, memory_mib, cpu_qos")
+        for path in mask:
+            if path not in UPDATABLE:
+                raise InvalidArgument("update_mask", f"{path!r} cannot be updated (updatable: {', '.join(sorted(UPDATABLE))})")
+        old = await inventory.spec(uuid)
+        merged = old.copy()
+        for path in mask:
+            setattr(merged, path, getattr(new.copy(), path))
+        validate(merged, self.lifecycle.validation_context())
+        running = await inventory.running(uuid)
+        if running:
+            offline = [p for p in mask if p not in LIVE_UPDATABLE]
+            if offline:
+                raise FailedPrecondition(f"{', '.join(offline)} can only change while the VM is stopped", field="update_mask")
+            if merged.vcpus > merged.effective_max_vcpus or merged.vcpus != old.vcpus and merged.vcpus > old.effective_max_vcpus:
+                raise FailedPrecondition(f"vcpus {merged.vcpus} exceeds max_vcpus {old.effective_max_vcpus}; raise it while stopped", field="spec.vcpus")
+            if merged.memory_mib > old.memory_mib and not old.max_memory_mib:
+                raise FailedPrecondition("memory can only grow on a running VM defined with max_memory_mib (DIMM hot-plug)", field="spec.memory_mib")
+            if merged.memory_mib > (old.max_memory_mib or old.memory_mib):
+                raise FailedPrecondition(f"memory_mib exceeds max_memory_mib {old.max_memory_mib}", field="spec.memory_mib")
+        else:
+            tree = await self.ops.hv.call(lambda c: snaps.list_tree(c.lookupByUUIDString(uuid)), timeout=30)
+            external = [x.name for x in tree if x.kind == "external"]
+            if external:
+                # Re-rendering would point the disks back at their base images and drop the overlays.
+                raise FailedPrecondition(f"vm has external snapshots ({', '.join(external)}); delete them before a stopped update",
+                                         field="vm")
+        bindings = None if running else await self.binder.bindings(merged)
+
+        async def work(op: OperationContext) -> Any:
+            if bindings is not None:
+                xml = self.renderer.render(merged, bindings)
+                await self.ops.hv.call(lambda c: c.defineXML(xml), timeout=30)
+            else:
+                await self._live_update(uuid, old, merged, mask)
+            inventory.remember(uuid, merged)
+            return await self.ops.result(uuid)
+
+        return await self.ops.submit("vm.update", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     lock_timeout=lock_timeout)
+
+    async def _live_update(self, uuid: str, old: VmSpec, new: VmSpec, mask: Sequence[str]) -> None:
+        live = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        host_mhz = self.renderer.ctx.host_cpu_mhz
+
+        def apply(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByUUIDString(uuid)
+            try:
+                if "vcpus" in mask and new.vcpus != old.vcpus:
+                    dom.setVcpusFlags(new.vcpus, live)
+                if "memory_mib" in mask and new.memory_mib != old.memory_mib:
+                    if new.memory_mib > old.memory_mib:
+                        size = (new.memory_mib - old.memory_mib) * 1024
+                        dimm = dx.MemoryDevice(model="dimm", size_kib=size, node=0).to_xml(pretty=False)
+                        dom.attachDeviceFlags(dimm, live)
+                    else:
+                        dom.setMemoryFlags(new.memory_mib * 1024, live)
+                if "cpu_qos" in mask:
+                    params: dict[str, int] = {"cpu_shares": new.cpu_qos.shares or 1024}
+                    if new.cpu_qos.limit_mhz:
+                        params["global_period"] = 100_000
+                        params["global_quota"] = max(1000, new.cpu_qos.limit_mhz * 100_000 // max(1, host_mhz))
+                    else:
+                        params["global_quota"] = -1
+                    dom.setSchedulerParametersFlags(params, live)
+                if "memory_qos" in mask:
+                    limit = new.memory_qos.limit_mib * 1024 if new.memory_qos.limit_mib else libvirt.VIR_DOMAIN_MEMORY_PARAM_UNLIMITED
+                    dom.setMemoryParameters({"hard_limit": limit}, live)
+                if "autostart" in mask:
+                    dom.setAutostart(1 if new.autostart else 0)
+                save_spec(dom, new, True)
+            except libvirt.libvirtError as exc:
+                raise FailedPrecondition(f"live update failed (the guest may not support hot-plug): {exc}") from None
+
+        await self.ops.hv.call(apply, timeout=60)

@@ -1,0 +1,66 @@
+"""What every VM operation shares: the journalled, per-VM-serialised submission, the
+definition write of the agent's spec, and the result (a fresh VmInfo).
+
+* Every mutating call validates its input and resolves its bindings *before* submitting, so
+  bad input is refused with INVALID_ARGUMENT and nothing on the host changes.
+* Operations take the lock "vm/<uuid>": one operation per VM at a time, different VMs in
+  parallel; ``lock_timeout`` says how long to wait for a busy VM (0 = FAILED_PRECONDITION at
+  once). Duplicate request ids return the first operation (the runner's journal).
+* The lifecycle, device, snapshot and update modules each take one VmOps; none of them
+  reaches into another's internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import libvirt
+
+from cna_agent import __version__
+from cna_agent.compute import domxml as dx
+from cna_agent.compute.inventory import VmInfo, VmInventory, vm_lock
+from cna_agent.compute.spec import VmSpec
+from cna_agent.hypervisor import Hypervisor
+from cna_agent.operations import OperationContext, OperationRunner
+from cna_agent.state.eventlog import EventHub
+from cna_agent.state.journal import OperationRecord
+
+#: How long a quick VM operation is awaited before the caller gets it back still running.
+QUICK_WAIT_S = 10.0
+
+
+def affect(running: bool) -> int:
+    """libvirt flags for a change to the persistent definition and, when it runs, the live VM."""
+    return libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if running else 0)
+
+
+def save_spec(dom: libvirt.virDomain, spec: VmSpec, running: bool) -> None:
+    """Write the agent's spec into the domain metadata (live too when it runs), so a restart
+    adopts the VM with the devices it really has. Runs in the libvirt executor."""
+    body = dx.metadata_for_set(spec.to_json(), agent_version=__version__)
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, "cna", dx.CNA_NS, affect(running))
+
+
+class VmOps:
+    def __init__(self, hypervisor: Hypervisor, runner: OperationRunner, events: EventHub, inventory: VmInventory) -> None:
+        self.hv = hypervisor
+        self.runner = runner
+        self.events = events
+        self.inventory = inventory
+
+    async def submit(self, kind: str, uuid: str, work: Callable[[OperationContext], Awaitable[Any]], *, request_id: str = "",
+                     fingerprint: str = "", lock_timeout: float = 0.0, wait: float = QUICK_WAIT_S) -> OperationRecord:
+        return await self.runner.submit(kind, uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                        lock_key=vm_lock(uuid), lock_timeout=lock_timeout, wait=wait)
+
+    async def result(self, uuid: str) -> VmInfo:
+        return await self.inventory.get(uuid)
+
+    async def current(self, ref: str) -> tuple[str, VmSpec, bool]:
+        """(uuid, spec, running) of a managed VM, for a device change."""
+        uuid, _ = await self.inventory.lookup_uuid(ref)
+        return uuid, await self.inventory.spec(uuid), await self.inventory.running(uuid)
+
+    async def write_spec(self, uuid: str, spec: VmSpec, running: bool) -> None:
+        await self.hv.call(lambda c: save_spec(c.lookupByUUIDString(uuid), spec, running), timeout=30)
+        self.inventory.remember(uuid, spec)

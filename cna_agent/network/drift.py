@@ -1,0 +1,208 @@
+"""Port repair, level-triggered (KubeVirt's virt-handler): compare what is declared and what
+every running VM's NICs say (compute's VmNics view) with the host, and repair.
+
+Every problem is a ``network.drift`` event, every repair a ``network.repaired`` event. No step
+depends on having seen an earlier event: a pass reads the declarations, OVSDB, netlink and the
+VMs' interfaces afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from cna_agent.errors import AgentError
+from cna_agent.network.ovsdb import PortWant
+
+if TYPE_CHECKING:
+    from cna_agent.network.service import NetworkService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DriftItem:
+    resource: str
+    problem: str
+    repaired: bool = False
+    action: str = ""
+
+
+class NetworkReconciler:
+    def __init__(self, network: "NetworkService") -> None:
+        self.net = network
+
+    async def bridge_drift(self, decls: Any) -> list[DriftItem]:
+        drift: list[DriftItem] = []
+        decls = list(decls)
+        ovs_state = None
+        if any(d.type == "ovs" for d in decls):
+            try:
+                ovs_state = await self.net.ovs.call(lambda c: c.bridges())
+            except AgentError as exc:
+                for d in decls:
+                    if d.type == "ovs":
+                        drift.append(DriftItem(f"bridge/{d.name}", f"OVSDB unreachable: {exc.message}"))
+        for d in decls:
+            res = f"bridge/{d.name}"
+            if d.type == "ovs":
+                if ovs_state is None:
+                    continue
+                br = ovs_state.get(d.name)
+                if br is None:
+                    drift.append(DriftItem(res, "OVS bridge missing"))
+                    continue
+                if br.datapath_type != d.effective_datapath:
+                    drift.append(DriftItem(res, f"datapath_type is {br.datapath_type or 'system'}, declared {d.effective_datapath}"))
+                if (br.fail_mode or "standalone") != d.effective_fail_mode:
+                    drift.append(DriftItem(res, f"fail_mode is {br.fail_mode or 'standalone'}, declared {d.effective_fail_mode}"))
+                if d.uplink and d.uplink not in br.ports:
+                    drift.append(DriftItem(res, f"uplink {d.uplink} is not a port"))
+                st = await self.net._blocking(lambda: self.net.linux.state(d.name))
+                if st.exists and not st.up:
+                    drift.append(DriftItem(res, "bridge interface is down"))
+            else:
+                st = await self.net._blocking(lambda: self.net.linux.state(d.name))
+                if not st.exists:
+                    drift.append(DriftItem(res, "Linux bridge missing"))
+                    continue
+                if not st.up:
+                    drift.append(DriftItem(res, "bridge interface is down"))
+                if d.mtu and st.mtu != d.mtu:
+                    drift.append(DriftItem(res, f"mtu is {st.mtu}, declared {d.mtu}"))
+                if d.uplink and d.uplink not in st.ports:
+                    drift.append(DriftItem(res, f"uplink {d.uplink} is not enslaved"))
+                for a in d.addresses:
+                    if a not in st.addresses:
+                        drift.append(DriftItem(res, f"address {a} missing"))
+        return drift
+
+    async def _vif_drift(self, only_port_group: str = "") -> list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]]:
+        """Problems with running VMs' NICs, each with the coroutine that repairs it."""
+        found: list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]] = []
+        try:
+            ovs_state = await self.net.ovs.call(lambda c: c.bridges())
+        except AgentError:
+            ovs_state = None
+        for v in await self.net.vms.vm_nics():
+            if not v.active:
+                continue
+            uuid, name = v.vm_uuid, v.vm_name
+            if v.type != "bridge" or not v.device or v.bridge not in self.net.bridges:
+                continue
+            decl = self.net.bridges[v.bridge]
+            res = f"port/{v.device}"
+            if decl.type == "ovs" and v.virtualport == "openvswitch":
+                if ovs_state is None or v.bridge not in ovs_state:
+                    continue  # the bridge's own drift covers it
+                port = ovs_state[v.bridge].ports.get(v.device)
+                pg_name = v.port_group or (port.external_ids.get("port-group", "") if port is not None else "") or self.net.decls.guess_port_group(v)
+                if only_port_group and pg_name != only_port_group:
+                    continue
+                pg = self.net.port_groups.get(pg_name)
+                tag = (pg.vlan or None) if pg is not None else v.vlan
+                trunks = tuple(pg.trunk_vlans) if pg is not None else tuple(v.trunk)
+                want = PortWant(
+                    name=v.device, tag=tag, trunks=trunks,
+                    external_ids=(("port-group", pg_name),) if pg_name else (),
+                    iface_external_ids=(("attached-mac", v.mac), ("iface-id", v.interface_id or uuid), ("iface-status", "active"),
+                                        ("vm-id", uuid), ("vm-uuid", uuid)) + ((("port-group", pg_name),) if pg_name else ()),
+                    ingress_rate_kbps=v.outbound_kbps if port is None else (port.ingress_policing_rate),
+                    egress_max_rate_bps=v.inbound_kbps * 1000 if port is None else port.qos_max_rate,
+                )
+                if port is None:
+                    problem = f"OVS port of VM {name} NIC {v.mac} missing from {v.bridge}"
+                elif port.tag != tag or tuple(port.trunks) != trunks:
+                    problem = f"VLAN is tag={port.tag} trunks={list(port.trunks)}, port group {pg_name or '?'} says tag={tag} trunks={list(trunks)}"
+                elif pg_name and port.external_ids.get("port-group") != pg_name:
+                    problem = f"port lacks its external_ids (port-group {pg_name})"
+                else:
+                    continue
+                bridge_name = v.bridge
+
+                async def fix(bridge_name: str = bridge_name, want: PortWant = want) -> list[str]:
+                    return await self.net.ovs.call(lambda c: c.ensure_ports(bridge_name, [want]))
+
+                found.append((DriftItem(res, problem), fix))
+            elif decl.type == "linux":
+                st = await self.net._blocking(lambda: self.net.linux.state(v.bridge))
+                if st.exists and v.device not in st.ports and await self.net._blocking(lambda: self.net.linux.link_exists(v.device)):
+                    dev, br = v.device, v.bridge
+
+                    async def fix_lb(dev: str = dev, br: str = br) -> list[str]:
+                        return await self.net._blocking(lambda: _enslave(dev, br))
+
+                    found.append((DriftItem(res, f"tap of VM {name} NIC {v.mac} is not on bridge {br}"), fix_lb))
+        return found
+
+    async def reconcile(self, repair: bool = True, *, only_port_group: str = "") -> list[DriftItem]:
+        """Compare declared networks and running VMs' NICs with the host; repair when asked."""
+        results: list[DriftItem] = []
+        async with self.net._lock:
+            if not only_port_group:
+                for item in await self.bridge_drift(self.net.bridges.values()):
+                    results.append(item)
+                    if repair and "unreachable" not in item.problem:
+                        name = item.resource.split("/", 1)[1]
+                        try:
+                            changes = await self.net.apply_bridge(self.net.bridges[name])
+                            item.repaired, item.action = True, "; ".join(changes) or "re-applied"
+                        except AgentError as exc:
+                            item.action = f"repair failed: {exc.message}"
+            for item, fix in await self._vif_drift(only_port_group):
+                results.append(item)
+                if repair:
+                    try:
+                        item.action = "; ".join(await fix()) or "re-applied"
+                        item.repaired = True
+                    except AgentError as exc:
+                        item.action = f"repair failed: {exc.message}"
+        # One bridge repair covers several problems of that bridge: report each once.
+        for item in results:
+            if not only_port_group:
+                await self.net.events.publish(
+                    "network.repaired" if item.repaired else "network.drift",
+                    severity="info" if item.repaired else "warning",
+                    resource_kind="network", resource_id=item.resource, resource_name=item.resource,
+                    message=f"{item.problem}" + (f"; repaired: {item.action}" if item.repaired else ""),
+                    attributes={"problem": item.problem, "action": item.action},
+                )
+        return results
+
+    async def apply_declared(self) -> None:
+        """Agent start: (re)apply every declaration, then repair VM NIC drift."""
+        for decl in self.net.bridges.values():
+            try:
+                decl = await self.check_bridge(decl, f"network.bridges.{decl.name}")
+                changes = await self.net.apply_bridge(decl)
+                if changes:
+                    await self._publish("network.bridge.ensured", "bridge", decl.name, changes)
+            except AgentError as exc:
+                log.error("event=network.apply_failed bridge=%s error=%r", decl.name, exc.message)
+                await self.net.events.publish("network.drift", severity="error", resource_kind="network",
+                                           resource_id=f"bridge/{decl.name}", resource_name=decl.name,
+                                           message=f"declared bridge could not be applied: {exc.message}")
+        for pg in list(self.net.port_groups.values()):
+            try:
+                await self.check_port_group(pg, f"network.port_groups.{pg.name}")
+            except AgentError as exc:
+                log.error("event=network.port_group_refused port_group=%s error=%r", pg.name, exc.message)
+                await self.net.events.publish("network.drift", severity="error", resource_kind="network",
+                                           resource_id=f"port_group/{pg.name}", resource_name=pg.name,
+                                           message=f"declared port group is unusable: {exc.message}")
+        try:
+            await self.reconcile(repair=True)
+        except AgentError as exc:
+            log.warning("event=network.reconcile_failed error=%r", exc.message)
+
+
+def _enslave(dev: str, bridge: str) -> list[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        d, b = ipr.link_lookup(ifname=dev), ipr.link_lookup(ifname=bridge)
+        if not d or not b:
+            return []
+        ipr.link("set", index=d[0], master=b[0], state="up")
+        return [f"enslaved {dev} to {bridge}"]

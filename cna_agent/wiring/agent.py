@@ -1,0 +1,201 @@
+"""Build the whole agent, in dependency order, and start and stop it in that order.
+
+Who gets what (the arrows are constructor arguments):
+
+    state store -> event hub -> operation runner (result encoder from api/)
+    hypervisor -> host facts, KVM verdict
+    hypervisor -> VM inventory (compute) -> storage (VmDisks), network (VmNics), placement (VmLocator)
+    storage (DiskProvider), network (PortProvider), placement (Placer) -> compute's other parts
+    everything -> servicers -> gRPC server
+
+Start-up order matters for restarts (DESIGN.md "Restart adopts, never redoes"): the state
+database opens first, subsystems start (compute adopts what libvirt has), operations a previous
+process left open are closed by recovery (never re-run), then the server starts; background
+loops (network apply and repair, placement drift, the VRM link) start once it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from cna_agent import __version__
+from cna_agent.config import AgentConfig
+from cna_agent.host.kvmprobe import KvmVerdict
+from cna_agent.host.service import HostService
+from cna_agent.hypervisor import Hypervisor, choose_uri
+from cna_agent.network.service import NetworkService
+from cna_agent.operations import OperationRunner
+from cna_agent.state.eventlog import EventHub, EventLog
+from cna_agent.state.journal import OperationJournal
+from cna_agent.state.store import StateStore
+from cna_agent.tasks import cancel_and_wait
+
+log = logging.getLogger("cna_agent.wiring")
+
+Hook = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Agent:
+    """Everything the running agent holds; built by :func:`build_agent`, torn down in reverse."""
+
+    config: AgentConfig
+    store: StateStore
+    events: EventHub
+    runner: OperationRunner
+    hypervisor: Hypervisor
+    host: HostService
+    server: object
+    #: Run once serving (background loops), in order.
+    after_start: list[tuple[str, Hook]] = field(default_factory=list)
+    #: Run at stop, in order (the reverse of start).
+    stops: list[tuple[str, Hook]] = field(default_factory=list)
+
+    async def start_background(self) -> None:
+        for name, hook in self.after_start:
+            await hook()
+            log.info("event=component.started name=%s", name)
+
+    async def stop(self) -> None:
+        for name, hook in self.stops:
+            try:
+                await hook()
+            except Exception:
+                log.exception("event=component.stop_failed name=%s", name)
+        await self.hypervisor.stop()
+        await self.events.close()
+        self.store.close()
+
+
+async def resolve_virt_type(config: AgentConfig, hypervisor: Hypervisor, state_dir: Path) -> tuple[KvmVerdict, str]:
+    from cna_agent.host.kvmprobe import probe_kvm
+
+    facts = hypervisor.facts
+    emulator = facts.emulator if facts else ""
+    arch = facts.arch if facts else platform.machine()
+    if config.libvirt.virt_type == "qemu":
+        return KvmVerdict(False, "virt_type = qemu in the configuration", method="config"), "qemu"
+    verdict = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: probe_kvm(emulator, arch, cache_file=state_dir / "kvm-probe.json")
+    )
+    if facts is not None and not facts.kvm_in_domcaps and verdict.usable:
+        verdict = KvmVerdict(False, "libvirt's capabilities offer no kvm domain type for this arch", method="domcaps")
+    if config.libvirt.virt_type == "kvm":
+        if not verdict.usable:
+            log.warning("event=kvm.forced reason=%r", verdict.reason)
+        return verdict, "kvm"
+    return verdict, "kvm" if verdict.usable else "qemu"
+
+
+async def build_agent(config: AgentConfig) -> Agent:
+    from cna_agent.api.agent import AgentServicer
+    from cna_agent.api.events import EventServicer
+    from cna_agent.api.host import HostServicer
+    from cna_agent.api.network import NetworkServicer
+    from cna_agent.api.operations import OperationsServicer
+    from cna_agent.api.results import encode_result
+    from cna_agent.api.server import AgentServer
+    from cna_agent.api.storage import StorageServicer
+    from cna_agent.api.vm import VmServicer
+    from cna_agent.compute.inventory import VmInventory
+    from cna_agent.metrics import rpc_on_call
+    from cna_agent.wiring import parts
+    from cna_agent.wiring.telemetry import build_telemetry
+
+    state_dir = Path(config.state.dir)
+    for d in (state_dir, Path(config.state.run_dir)):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = StateStore(state_dir / "agent.db")
+    events = EventHub(store, EventLog(store, retention=config.state.event_retention))
+    runner = OperationRunner(store, OperationJournal(store), events, retention_s=config.state.operation_retention_days * 86400,
+                             encode=encode_result)
+
+    uri = choose_uri(config.libvirt.uri, str(state_dir))
+    hypervisor = Hypervisor(
+        uri,
+        executor_threads=config.libvirt.executor_threads,
+        call_timeout_s=config.libvirt.call_timeout_s,
+        keepalive_interval_s=config.libvirt.keepalive_interval_s,
+        reconnect_max_backoff_s=config.libvirt.reconnect_max_backoff_s,
+    )
+    try:
+        await hypervisor.start()
+    except Exception as exc:
+        # Keep serving (host facts, operations, events) and keep trying: the VRM must see a
+        # degraded host, not a dead agent, while libvirtd is down.
+        log.error("event=libvirt.unavailable uri=%s error=%r", uri, str(exc))
+        await hypervisor.start_disconnected()
+    kvm, virt_type = await resolve_virt_type(config, hypervisor, state_dir)
+    log.info("event=virt_type chosen=%s kvm_usable=%s reason=%r", virt_type, kvm.usable, kvm.reason)
+    host = HostService(hypervisor, kvm=kvm, virt_type=virt_type, host_uuid=config.host.host_uuid)
+
+    inventory = VmInventory(hypervisor, runner.locks, console_listen=config.host.console_listen)
+    placement = await parts.build_placement(config, host, store, events, inventory)
+    storage = parts.build_storage(config, hypervisor, runner, events, inventory)
+    network = parts.build_network(config, runner, events, inventory)
+    render_ctx, host_cpus = await parts.render_context(config, hypervisor, virt_type)
+    compute = parts.build_compute(config, hypervisor, runner, events, inventory, render_ctx, virt_type=virt_type,
+                                  host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer)
+    telemetry = build_telemetry(config, hypervisor, host, store, events)
+
+    await storage.start()
+    log.info("event=storage.started datastores=%d threads=%d", len(config.storage.datastores), config.storage.executor_threads)
+    await compute.start()
+    recovered = await runner.recover(compute.recovery.handlers())
+
+    servicers: dict[str, object] = {
+        "cna.v1.HostService": HostServicer(host, placement=placement.monitor),
+        "cna.v1.OperationsService": OperationsServicer(runner),
+        "cna.v1.EventService": EventServicer(events),
+        "cna.v1.VmService": VmServicer(compute),
+        "cna.v1.StorageService": StorageServicer(storage, compute.disks),
+        "cna.v1.NetworkService": NetworkServicer(network.service, network.ops, compute.nics),
+        "cna.v1.AgentService": AgentServicer(telemetry.link, store),
+    }
+    server = AgentServer(config, servicers, on_call=rpc_on_call)
+
+    agent = Agent(config, store, events, runner, hypervisor, host, server)
+    network_loop: list[asyncio.Task[None]] = []
+
+    async def start_network() -> None:
+        # Applying at after_start keeps a slow or absent OVSDB from delaying the gRPC server:
+        # the VRM can see the host and read the drift while OVS is being fixed.
+        network_loop.append(asyncio.get_running_loop().create_task(
+            _network_loop(network.service, config.network.reconcile_interval_s), name="network-reconcile"))
+
+    async def stop_network() -> None:
+        await cancel_and_wait(network_loop[0] if network_loop else None)
+        await network.service.close()
+
+    async def start_placement() -> None:
+        placement.monitor.start()
+
+    agent.after_start = [("placement", start_placement), ("network", start_network), ("vrm", telemetry.start)]
+    agent.stops = [("vrm", telemetry.stop), ("network", stop_network), ("storage", storage.stop),
+                   ("compute", compute.stop), ("placement", placement.monitor.stop)]
+    await events.publish(
+        "agent.started", resource_kind="agent", resource_name=platform.node(),
+        message=f"cna-agent {__version__} started", attributes={
+            "version": __version__, "libvirt_uri": uri, "virt_type": virt_type, "recovered_operations": len(recovered),
+        },
+    )
+    return agent
+
+
+async def _network_loop(network: NetworkService, interval_s: float) -> None:
+    """Apply the declared networks once, then repair drift every ``interval_s`` (0 = once)."""
+    try:
+        await network.apply_declared()
+    except Exception:
+        log.exception("event=network.apply_crashed")
+    while interval_s > 0:
+        await asyncio.sleep(interval_s)
+        try:
+            await network.reconcile(repair=True)
+        except Exception:  # keep the loop alive; the next pass retries
+            log.exception("event=network.reconcile_crashed")

@@ -1,0 +1,165 @@
+"""Builders for each subsystem, called by agent.py in dependency order. Each takes exactly
+the collaborators its subsystem needs and returns the built objects; tests build a subset the
+same way (so a test wires services as the daemon does)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+from cna_agent.compute.binder import Binder
+from cna_agent.compute.disks import DiskOperations
+from cna_agent.compute.events import DomainEventMonitor
+from cna_agent.compute.inventory import VmInventory
+from cna_agent.compute.io_resume import IoErrorResumer
+from cna_agent.compute.lifecycle import DomainRenderer, VmLifecycle
+from cna_agent.compute.nics import NicOperations
+from cna_agent.compute.recovery import VmRecovery
+from cna_agent.compute.render import RenderContext
+from cna_agent.compute.resolvers import LocalFileResolver, parse_image_dirs
+from cna_agent.compute.rundirs import QemuRunDirs
+from cna_agent.compute.service import Compute, state_follower
+from cna_agent.compute.sidechannel import SideChannels
+from cna_agent.compute.snapshot_ops import VmSnapshots
+from cna_agent.compute.update import VmUpdates
+from cna_agent.compute.vmops import VmOps
+from cna_agent.config import AgentConfig
+from cna_agent.contracts import DiskProvider, Placer, PortProvider, VmLocator
+from cna_agent.host.cpulist import parse_cpulist
+from cna_agent.host.drift import PlacementMonitor
+from cna_agent.host.placement import Planner
+from cna_agent.host.placer import HostPlacer
+from cna_agent.host.service import HostService
+from cna_agent.hypervisor import Hypervisor
+from cna_agent.network.operations import NetworkOperations
+from cna_agent.network.service import NetworkService
+from cna_agent.operations import OperationRunner
+from cna_agent.state.eventlog import EventHub
+from cna_agent.state.store import StateStore
+from cna_agent.storage.executor import StorageExecutor
+from cna_agent.storage.runner import SubprocessRunner
+from cna_agent.storage.secrets import LibvirtSecrets
+from cna_agent.storage.service import StorageService
+
+log = logging.getLogger(__name__)
+
+
+# -- placement ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Placement:
+    placer: HostPlacer
+    monitor: PlacementMonitor
+
+
+async def build_placement(config: AgentConfig, host: HostService, store: StateStore, events: EventHub,
+                          vms: VmLocator) -> Placement:
+    """A HostPlacer over the probed topology (reservations restored from the state database),
+    and the drift monitor comparing placed VMs' real threads/memory with their plans."""
+    caps = await host.capabilities()
+    planner = Planner(caps.topology, reserved_cpus=parse_cpulist(config.host.reserved_cpus))
+    placer = HostPlacer(planner, store)
+    restored = await placer.load()
+    log.info("event=placement.ready restored=%d reserved_cpus=%s", restored, config.host.reserved_cpus or "-")
+    monitor = PlacementMonitor(placer, events, vms.locate, interval_s=config.host.placement_check_interval_s,
+                               repair=config.host.placement_repair)
+    return Placement(placer, monitor)
+
+
+# -- compute -------------------------------------------------------------------------------------
+
+
+async def _host_cpu(hypervisor: Hypervisor) -> tuple[int, int]:
+    """(logical CPUs, MHz) from libvirt's node info; fallbacks when it is unreachable."""
+    if not hypervisor.connected:
+        return os.cpu_count() or 1, 2000
+    try:
+        info = await hypervisor.call(lambda c: c.getInfo(), timeout=10)
+        return int(info[2]), int(info[3]) or 2000
+    except Exception:
+        return os.cpu_count() or 1, 2000
+
+
+async def render_context(config: AgentConfig, hypervisor: Hypervisor, virt_type: str) -> tuple[RenderContext, int]:
+    """This host's facts for the domain builder, and its logical CPU count."""
+    from cna_agent import __version__
+
+    facts = hypervisor.facts
+    cpus, mhz = await _host_cpu(hypervisor)
+    ctx = RenderContext(
+        host_arch=facts.arch if facts else platform.machine(),
+        virt_type=virt_type,
+        state_dir=config.state.dir,
+        run_dir=config.state.run_dir,
+        qmp_fallback_dir=config.state.qmp_fallback_dir,
+        console_listen=config.host.console_listen,
+        host_cpu_mhz=mhz,
+        agent_version=__version__,
+    )
+    return ctx, cpus
+
+
+def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: OperationRunner, events: EventHub,
+                  inventory: VmInventory, ctx: RenderContext, *, virt_type: str, host_cpus: int,
+                  disks: DiskProvider | None, ports: PortProvider, placer: Placer | None) -> Compute:
+    """Compute's parts around one inventory; ``disks``/``ports``/``placer`` are the other
+    subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins)."""
+    ops = VmOps(hypervisor, runner, events, inventory)
+    binder = Binder(inventory, LocalFileResolver(parse_image_dirs(config.compute.image_dirs)), disks, ports, placer)
+    renderer = DomainRenderer(ctx, QemuRunDirs(ctx), virt_type=virt_type, host_cpus=host_cpus)
+    sidechannels = SideChannels(events, inventory.qmp_socket)
+    monitor = DomainEventMonitor(hypervisor, events, on_change=state_follower(inventory, sidechannels),
+                                 on_definition_change=inventory.forget)
+    lifecycle = VmLifecycle(ops, binder, renderer, monitor)
+    compute = Compute(
+        ops=ops, inventory=inventory, binder=binder, monitor=monitor, lifecycle=lifecycle, sidechannels=sidechannels,
+        updates=VmUpdates(ops, binder, renderer, lifecycle),
+        disks=DiskOperations(ops, binder, lifecycle),
+        nics=NicOperations(ops, binder, lifecycle),
+        snapshots=VmSnapshots(ops),
+        recovery=VmRecovery(hypervisor),
+        resumer=IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
+                               interval_s=config.compute.io_error_check_interval_s,
+                               enabled=config.compute.io_error_resume == "auto"),
+    )
+    monitor.on_io_error = compute.resumer.kick
+    return compute
+
+
+# -- storage and network -------------------------------------------------------------------------
+
+
+def build_storage(config: AgentConfig, hypervisor: Hypervisor, runner: OperationRunner, events: EventHub,
+                  inventory: VmInventory) -> StorageService:
+    from cna_agent.host.service import read_iscsi_iqn
+    from cna_agent.storage.san import backends_for
+
+    cfg = config.storage
+    commands = SubprocessRunner()
+    return StorageService(
+        cfg.datastores, commands, StorageExecutor(cfg.executor_threads, cfg.command_timeout_s), runner, events,
+        command_timeout=cfg.command_timeout_s, probe_interval=cfg.probe_interval_s, probe_timeout=cfg.probe_timeout_s,
+        users=inventory, initiator_iqn=read_iscsi_iqn(), secrets=LibvirtSecrets(hypervisor),
+        san_backends=backends_for(cfg.datastores, commands),
+    )
+
+
+@dataclass
+class Network:
+    service: NetworkService
+    ops: NetworkOperations
+
+
+def build_network(config: AgentConfig, runner: OperationRunner, events: EventHub, inventory: VmInventory) -> Network:
+    cfg = config.network
+    service = NetworkService(ovsdb=cfg.ovsdb, ovsdb_timeout_s=cfg.ovsdb_timeout_s, state_dir=config.state.dir, events=events,
+                             vms=inventory, config_bridges=cfg.bridges, config_port_groups=cfg.port_groups)
+    return Network(service, NetworkOperations(service, runner))
+
+
+__all__: list[Any] = ["Placement", "Network", "build_placement", "build_compute", "build_storage", "build_network",
+                      "render_context"]
