@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from guest_console import AgentConsole, SerialLog  # noqa: E402
 
-from support import AgentProcess, start_agent  # noqa: E402
+from support.agent import AgentProcess, start_agent  # noqa: E402
 
 vm, st, ops_pb = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from cna_agent.api import pb
-from support import start_agent
+from support.agent import start_agent
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from cna_agent.api import pb
-from support import start_agent, wait_operation
+from support.agent import start_agent
+from support.operations import ok
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
@@ -93,7 +94,7 @@ def test_full_datastore_pauses_the_guest_and_the_agent_resumes_it_when_there_is_
         spec = vm.VmSpec(name="fullds", vcpus=1, memory_mib=192, serial_console=True, arch=pb.common_pb2.ARCH_X86_64,
                          boot=vm.BootSpec(kernel=g["kernel"], initrd=g["initrd"], cmdline=f"console={g['console']}"),
                          disks=[vm.DiskSpec(volume="small/data.qcow2")])
-        op = wait_operation(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id="create-fullds"), timeout=60))
+        op = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id="create-fullds"), timeout=60), poll=True)
         created = vm.Vm()
         op.response.Unpack(created)
         uuid = created.uuid

@@ -24,6 +24,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from cna_agent.api import pb
+from support.agent import start_agent
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
@@ -49,8 +50,6 @@ def guest(arch: str) -> dict:
 def vm_agent_factory(libvirt_caps_cache):
     """Agents under a short /tmp path: QEMU's monitor socket lives under the embedded root and
     a unix socket path must stay below 108 bytes (pytest's tmp_path names are too long)."""
-    from support import start_agent
-
     started = []
 
     def factory(image_dirs: tuple[str, ...] = ()):
@@ -342,8 +341,6 @@ def test_busy_vm_fails_fast_or_waits_and_restart_adopts_without_touching(vm_agen
         uuid = stub.GetVm(vm.GetVmRequest(vm="busy"), timeout=10).uuid
         pid = stub.GetVm(vm.GetVmRequest(vm="busy"), timeout=10).status.qemu_pid
     agent.stop()
-    from support import start_agent
-
     again = start_agent(agent.dir, None, config=agent.config)
     try:
         with again.channel() as ch:

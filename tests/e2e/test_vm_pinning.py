@@ -20,7 +20,7 @@ import pytest
 
 from cna_agent.api import pb
 from cna_agent.host.cpulist import parse_cpulist
-from support import start_agent
+from support.agent import start_agent
 
 REPO = Path(__file__).resolve().parents[2]
 vm = pb.vm_pb2

@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cna_agent.api import pb
-from support import free_port, start_agent
+from support.agent import free_port, start_agent
 
 REPO = Path(__file__).resolve().parents[2]
 VRM_SIM = REPO / "tools" / "vrm-sim"

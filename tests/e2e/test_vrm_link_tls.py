@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cna_agent.api import pb
-from support import free_port, start_agent
+from support.agent import free_port, start_agent
 from test_tls import openssl
 from test_vrm_link_e2e import SimProcess, vrm_status, wait_until
 

@@ -20,7 +20,7 @@ import pytest
 from cna_agent.api import pb
 from cna_agent.host import affinity
 from cna_agent.host.cpulist import parse_cpulist
-from support import start_agent
+from support.agent import start_agent
 
 vm = pb.vm_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or len(os.sched_getaffinity(0)) < 2 or not affinity.native_available(),
