@@ -1,4 +1,5 @@
-"""Fixtures every tier shares: a warm libvirt capabilities cache, and the real agent process.
+"""Fixtures every tier shares: a warm libvirt capabilities cache, the real agent process, and
+the test guests.
 
 The embedded libvirt driver probes every installed QEMU binary the first time a state
 directory is used (about 12 s on the test machines, x86_64 and aarch64 emulators both). The
@@ -13,11 +14,13 @@ The helpers behind these fixtures are in tests/support (on sys.path through pypr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from support import agent as agent_proc
 from support.agent import AgentProcess, start_agent
+from support.guests import build_guest
 from support.libvirt import warm_capabilities_cache
 
 
@@ -57,3 +60,14 @@ def _destroy_leftover_guests():
     yield
     for agent in agent_proc.STARTED[first:]:
         agent_proc.kill_guests_of(agent)
+
+
+@pytest.fixture(scope="session")
+def test_guest() -> Callable[..., dict]:
+    """arch -> {kernel, initrd, arch, marker, console}; built once and cached across sessions
+    (support.guests.build_guest)."""
+
+    def get(arch: str = "x86_64") -> dict:
+        return build_guest(arch)
+
+    return get

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -25,11 +24,9 @@ import pytest
 
 from cna_agent.api import pb
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from guest_console import AgentConsole, SerialLog  # noqa: E402
-
-from support.agent import AgentProcess, start_agent  # noqa: E402
+from support.agent import AgentProcess, start_agent
+from support.console import AgentConsole, SerialLog
+from support.guests import build_guest
 
 vm, st, ops_pb = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
@@ -43,10 +40,7 @@ SCRATCH_COUNT = 2
 
 def _boot_disk() -> Path:
     """The cached boot disk (read only here: tests convert or copy it, never write it)."""
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", "x86_64", "--boot-disk",
-                        "--print-json"], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    disk = Path(json.loads(p.stdout)["boot_disk"])
+    disk = Path(build_guest("x86_64", boot_disk=True)["boot_disk"])
     assert disk.stat().st_size == DISK_BYTES
     return disk
 

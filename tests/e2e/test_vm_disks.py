@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,20 +19,11 @@ import pytest
 
 from cna_agent.api import pb
 from support.agent import start_agent
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from guest_console import SerialLog  # noqa: E402
+from support.console import SerialLog
+from support.guests import build_guest
 
 vm, st, ops_pb = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
-
-
-def _guest() -> dict:
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", "x86_64", "--print-json"],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(p.stdout)
 
 
 def _wait(ch, op, timeout: float = 120) -> ops_pb.Operation:
@@ -63,7 +53,7 @@ def disk_agent(libvirt_caps_cache):
     base = Path(tempfile.mkdtemp(prefix="cd", dir="/tmp"))
     images = base / "img"
     images.mkdir()
-    guest_dir = str(Path(_guest()["kernel"]).parent)
+    guest_dir = str(Path(build_guest("x86_64")["kernel"]).parent)
     agent = start_agent(base / "a", libvirt_caps_cache, extra_config=f'[compute]\nimage_dirs = "{guest_dir},{images}"\n')
     yield agent, images
     agent.stop()
@@ -73,7 +63,7 @@ def disk_agent(libvirt_caps_cache):
 @pytest.mark.slow
 def test_hotplug_grow_qos_and_unplug_a_disk_on_a_running_guest(disk_agent):
     agent, images = disk_agent
-    g = _guest()
+    g = build_guest("x86_64")
     data = images / "data.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(data), "64M"], check=True, capture_output=True, timeout=60)
     outside = Path(tempfile.mkdtemp(prefix="co", dir="/tmp")) / "x.qcow2"

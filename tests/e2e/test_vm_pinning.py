@@ -7,11 +7,8 @@ libvirt starts QEMU with debug-threads=on) and of its main (emulator) thread.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +18,8 @@ import pytest
 from cna_agent.api import pb
 from cna_agent.host.cpulist import parse_cpulist
 from support.agent import start_agent
+from support.guests import build_guest
 
-REPO = Path(__file__).resolve().parents[2]
 vm = pb.vm_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or (os.cpu_count() or 1) < 2,
                                 reason="needs root and at least 2 CPUs (one dedicated, one for the emulator)")
@@ -44,8 +41,7 @@ def _threads(pid: int) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_dedicated_vcpu_thread_is_pinned_and_the_emulator_kept_off_it(libvirt_caps_cache):
-    g = json.loads(subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", "x86_64", "--print-json"],
-                                  capture_output=True, text=True, timeout=900, check=True).stdout)
+    g = build_guest("x86_64")
     base = Path(tempfile.mkdtemp(prefix="cp", dir="/tmp"))
     agent = start_agent(base / "a", libvirt_caps_cache, extra_config=f'[compute]\nimage_dirs = "{Path(g["kernel"]).parent}"\n')
     try:

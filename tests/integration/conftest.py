@@ -1,25 +1,22 @@
-"""Fixtures for integration tests: cached test guests, the daemon testbed, an embedded libvirt,
-the host's libvirtd.
+"""Fixtures for integration tests: the daemon testbed, an embedded libvirt, the host's libvirtd.
 
 Why here: every integration test needs the same expensive things (a bootable guest, real
-daemons); building/starting them once per session keeps the suite fast, and tearing them down
+daemons); building/starting them once per session keeps the suite fast (the guests come from
+the cross-tier ``test_guest`` fixture in tests/conftest.py), and tearing them down
 here guarantees no QEMU process or daemon is left behind. The helpers behind them are in
 tests/support (libvirt.py, tools.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from support import libvirt as test_libvirt
-from support.tools import TOOLS, load_tool
+from support.tools import load_tool
 
 testbed_mod = load_tool("cna_testbed", "testbed.py")
 
@@ -35,23 +32,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "needs_root" in item.keywords:
                 item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def test_guest() -> Callable[[str], dict]:
-    """arch -> {kernel, initrd, arch, marker, console}; built once and cached across sessions."""
-    cache: dict[str, dict] = {}
-
-    def get(arch: str = "x86_64") -> dict:
-        if arch not in cache:
-            p = subprocess.run([sys.executable, str(TOOLS / "build-test-guest.py"), "--arch", arch,
-                                "--print-json"], capture_output=True, text=True, timeout=900)
-            if p.returncode != 0:
-                pytest.fail(f"build-test-guest.py --arch {arch} failed: {p.stderr[-2000:]}")
-            cache[arch] = json.loads(p.stdout)
-        return cache[arch]
-
-    return get
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,9 @@ answers again (``[compute] io_error_resume = "auto"``). Both paths must lose no 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from cna_agent.api import pb
-from guest_console import AgentConsole, SerialLog
 from support.agent import start_agent
+from support.console import AgentConsole, SerialLog
+from support.guests import build_guest
 from support.operations import ok
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 vm, st, ops_pb, ev = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2, pb.events_pb2
 IQN = "iqn.2024-01.test.cna:guest-luns"
 MiB = 1024**2
@@ -43,10 +40,7 @@ DATA_OFFSET, DATA_LEN = 1 * MiB, 1 * MiB
 
 
 def _boot_disk() -> Path:
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", "x86_64", "--boot-disk",
-                        "--print-json"], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return Path(json.loads(p.stdout)["boot_disk"])
+    return Path(build_guest("x86_64", boot_disk=True)["boot_disk"])
 
 
 def _status(ch, uuid: str) -> vm.VmStatus:
