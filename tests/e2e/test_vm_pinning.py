@@ -19,6 +19,7 @@ from cna_agent.api import pb
 from cna_agent.host.cpulist import parse_cpulist
 from support.agent import start_agent
 from support.guests import build_guest
+from support.operations import ok
 
 vm = pb.vm_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or (os.cpu_count() or 1) < 2,
@@ -47,19 +48,10 @@ def test_dedicated_vcpu_thread_is_pinned_and_the_emulator_kept_off_it(libvirt_ca
     try:
         with agent.channel() as ch:
             vms = pb.vm_pb2_grpc.VmServiceStub(ch)
-            ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
             spec = vm.VmSpec(name="pinned", vcpus=1, memory_mib=160, dedicated_cpus=True, serial_console=True,
                              arch=pb.common_pb2.ARCH_X86_64,
                              boot=vm.BootSpec(kernel=g["kernel"], initrd=g["initrd"], cmdline=f"console={g['console']}"))
-            op = vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60)
-            deadline = time.monotonic() + 120
-            while not op.done:
-                assert time.monotonic() < deadline
-                time.sleep(0.3)
-                op = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=30)
-            assert not op.HasField("error"), op.error
-            created = vm.Vm()
-            op.response.Unpack(created)
+            created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), 120, poll=True, into=vm.Vm())
             got = vms.GetVm(vm.GetVmRequest(vm=created.uuid), timeout=30)
             pid = int(got.status.qemu_pid)
             deadline = time.monotonic() + 60

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cna_agent.api import pb
 from support.agent import free_port, start_agent
+from support.operations import ok
 
 REPO = Path(__file__).resolve().parents[2]
 VRM_SIM = REPO / "tools" / "vrm-sim"
@@ -98,11 +99,7 @@ def vrm_status(agent) -> pb.agent_pb2.VrmLinkStatus:
 def vm_action(agent, method: str, vm: str) -> None:
     with agent.channel() as ch:
         stub = pb.vm_pb2_grpc.VmServiceStub(ch)
-        op = getattr(stub, method)(pb.vm_pb2.VmActionRequest(vm=vm), timeout=30)
-        ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
-        for op in ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=120):
-            pass
-    assert op.state == pb.operations_pb2.OPERATION_STATE_SUCCEEDED, op
+        ok(ch, getattr(stub, method)(pb.vm_pb2.VmActionRequest(vm=vm), timeout=30), 120)
 
 
 def create_vm(agent, name: str) -> str:
@@ -110,13 +107,7 @@ def create_vm(agent, name: str) -> str:
     spec = pb.vm_pb2.VmSpec(name=name, vcpus=1, memory_mib=128)
     with agent.channel() as ch:
         op = pb.vm_pb2_grpc.VmServiceStub(ch).CreateVm(pb.vm_pb2.CreateVmRequest(spec=spec, start=True), timeout=60)
-        for op in pb.operations_pb2_grpc.OperationsServiceStub(ch).WatchOperation(
-                pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=180):
-            pass
-    assert op.state == pb.operations_pb2.OPERATION_STATE_SUCCEEDED, op
-    vm = pb.vm_pb2.Vm()
-    op.response.Unpack(vm)
-    return vm.uuid
+        return ok(ch, op, 180, into=pb.vm_pb2.Vm()).uuid
 
 
 def vrm_events(sim: SimProcess, host: str) -> list[tuple[int, str]]:

@@ -1,12 +1,14 @@
 """Waiting for the agent's long-running Operations (AIP-151) to finish, for every test tier.
 
-Why one module: tests had four waiters of their own (watching, polling, with and without an
-error check). This one follows an operation either way a VRM can: the WatchOperation stream
+Why one module: tests had a waiter each (tests/support.py's wait_operation, test_vm_lifecycle's
+wait_op/ok and private copies in six more modules), watching or polling, with or without an
+error check, with their own timeouts and messages. This one follows an operation either way a VRM can: the WatchOperation stream
 (the default) or GetOperation polled every 0.2 s (``poll=True``). Both are public API, so the
 suite keeps using both: callers that polled before still poll.
 
-``ok`` is the success check: the operation finished, SUCCEEDED and carries no error; with
-``into`` it returns the response unpacked into that message.
+``ok`` waits and is the success check: the operation finished, SUCCEEDED and carries no error;
+with ``into`` it returns the response unpacked into that message. ``check_ok`` is that check on
+an operation already finished (the last of ``history``).
 
 ``target`` is a channel or an OperationsServiceStub already made on one.
 """
@@ -58,8 +60,12 @@ def unpack(op: ops_pb.Operation, into):
     return into
 
 
-def ok(target, op: ops_pb.Operation, timeout: float = TIMEOUT, *, poll: bool = False, into=None):
-    """Wait for the operation and assert it succeeded; return it, or with ``into`` its response."""
-    op = wait(target, op, timeout, poll=poll)
+def check_ok(op: ops_pb.Operation, into=None):
+    """Assert the finished ``op`` succeeded; return it, or with ``into`` its response."""
     assert op.state == ops_pb.OPERATION_STATE_SUCCEEDED and not op.HasField("error"), f"{op.kind} failed: {op.error}"
     return op if into is None else unpack(op, into)
+
+
+def ok(target, op: ops_pb.Operation, timeout: float = TIMEOUT, *, poll: bool = False, into=None):
+    """Wait for the operation and assert it succeeded; return it, or with ``into`` its response."""
+    return check_ok(wait(target, op, timeout, poll=poll), into)
