@@ -103,4 +103,4 @@ def start_libvirtd() -> None:
 def stop_libvirtd() -> None:
     pid = int(LIBVIRTD_PIDFILE.read_text().strip())
     os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to stop", 0.2)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to stop")

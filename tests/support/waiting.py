@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.3) -> T:
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
     """Call ``predicate`` until it returns something true and return that; fail naming ``what``
     after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

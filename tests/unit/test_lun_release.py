@@ -3,7 +3,7 @@
 The host side is the real cna_agent.storage.san code on the recorded trees of
 tests/fixtures/scsi (tools/make-scsi-fixtures.py) with the RecordingRunner, whose effects make
 the tree follow what the kernel does (device/delete removes the sdX, multipath -f the map,
-iscsiadm --logout the sessions), as in test_storage_san_recorded.py.
+iscsiadm --logout the sessions), as in test_storage_san_recorded.py (support/san.py).
 
 The compute side is the real VmService and the real StorageService wired to each other as the
 daemon wires them (each finds the other through the components dict), with a real
@@ -43,7 +43,7 @@ from cna_agent.storage.model import DatastoreDecl, validate_datastore
 from cna_agent.storage.runner import RecordingRunner
 from cna_agent.storage.san import backends_for
 from cna_agent.storage.service import LUN_ATTACH_GRACE_S, StorageService
-from test_storage_san_recorded import FC_WWN, IQN, ISCSI_WWN, FakeClock, Tree, _fc_decl, _iscsi_decl
+from support.san import FC_WWN, IQN, ISCSI_WWN, FakeClock, Tree, fc_decl, iscsi_decl
 
 UNIT = Path(__file__).resolve().parent
 REPO = UNIT.parents[1]
@@ -173,7 +173,7 @@ def _iscsi_host(env: Env, runner: RecordingRunner | None = None, **kw: Any) -> H
     runner.on_write = tree.remove_disk_on_delete
     runner.add("multipath", "-f", "mpatha", effect=tree.remove_map("dm-0", "mpatha"))
     runner.add(*node(P1, "--logout"), effect=lambda: shutil.rmtree(tree.root / "sys/class/iscsi_session"))
-    return env.host((_iscsi_decl(),), runner, tree, **kw)
+    return env.host((iscsi_decl(),), runner, tree, **kw)
 
 
 def _present(tree: Tree) -> dict[str, bool]:
@@ -341,7 +341,7 @@ def test_recorded_tree_owed_release_survives_an_agent_restart(embedded):
             await host.close()
 
         # The next agent process: the same state database and host, nothing in memory.
-        again = env.host((_iscsi_decl(),), host.runner, host.tree, store=host.store)
+        again = env.host((iscsi_decl(),), host.runner, host.tree, store=host.store)
         try:
             mark = len(host.runner.calls)
             await again.storage.start()
@@ -395,7 +395,7 @@ def test_recorded_tree_detaching_a_fc_lun_disk_releases_the_lun(embedded):
         tree = Tree(env.tmp / "root", "fc", "multipath")
         runner = RecordingRunner(on_write=tree.remove_disk_on_delete)
         runner.add("multipath", "-f", "mpathb", effect=tree.remove_map("dm-1", "mpathb"))
-        host = env.host((_fc_decl(),), runner, tree, image_dirs=(str(image.parent),))
+        host = env.host((fc_decl(),), runner, tree, image_dirs=(str(image.parent),))
         try:
             uuid = await host.create("vm-fc", DiskSpec(volume=str(image), boot_order=1), _lun("fc1", FC_WWN))
             host.clock.now += LUN_ATTACH_GRACE_S + 60
