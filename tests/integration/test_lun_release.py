@@ -8,11 +8,12 @@ iscsiadm --logout the sessions), as in test_storage_san_recorded.py (support/san
 The compute side is the real VmService and the real StorageService wired to each other as the
 daemon wires them (each finds the other through the components dict), with a real
 OperationRunner and event log on SQLite, and the real Hypervisor on libvirt's embedded QEMU
-driver (guests are defined, never started). libvirt's test driver cannot serve here: it refuses
-the undefine flags a delete uses (NVRAM, checkpoint metadata) and device detach. One process
-may open only one embedded root, and the pytest process must stay free for tests/integration,
-so each test re-runs itself in a child pytest (the ``embedded`` fixture) and passes when the
-child's run of the same test passes; the assertions, with pytest's messages, run in the child.
+driver (guests are defined, never started; opening the root probes QEMU, hence an integration
+test). libvirt's test driver cannot serve here: it refuses the undefine flags a delete uses
+(NVRAM, checkpoint metadata) and device detach. One process may open only one embedded root,
+and the pytest process must stay free for its own (the ``embedded_libvirt`` fixture), so each
+test re-runs itself in a child pytest (the ``embedded`` fixture) and passes when the child's run
+of the same test passes; the assertions, with pytest's messages, run in the child.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ from cna_agent.storage.san import backends_for
 from cna_agent.storage.service import LUN_ATTACH_GRACE_S, StorageService
 from support.san import FC_WWN, IQN, ISCSI_WWN, FakeClock, Tree, fc_decl, iscsi_decl
 
-UNIT = Path(__file__).resolve().parent
-REPO = UNIT.parents[1]
+REPO = Path(__file__).resolve().parents[2]
 P1, P2 = "192.0.2.20:3260", "192.0.2.21:3260"
 
 
