@@ -156,7 +156,7 @@ def agent_phase(base: Path, uri: str, n: int, interval: float, intervals: int) -
     import psutil
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from support import free_port
+    from support.agent import free_port
 
     port = free_port()
     cfg = base / "agent.toml"

@@ -1,22 +1,27 @@
-"""Shared test helpers: a warm libvirt capabilities cache, and a real agent process.
+"""Fixtures every tier shares: a warm libvirt capabilities cache, the real agent process, and
+the test guests.
 
 The embedded libvirt driver probes every installed QEMU binary the first time a state
 directory is used (about 12 s on the test machines, x86_64 and aarch64 emulators both). The
 probe result is a cache under ``<root>/cache/qemu/capabilities``, valid as long as the QEMU
 binaries and libvirt do not change, so the session warms it once and every agent the tests
 start gets a copy: same code path, minus the repeated probe.
+
+The helpers behind these fixtures are in tests/support (on sys.path through pyproject's
+``pythonpath``); fixtures only one tier uses are in that tier's conftest.py.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-import support
-from support import AgentProcess, start_agent
+from support import agent as agent_proc
+from support.agent import AgentProcess, start_agent
+from support.guests import build_guest
+from support.libvirt import warm_capabilities_cache
 
 
 @pytest.fixture(scope="session")
@@ -26,23 +31,7 @@ def libvirt_caps_cache(tmp_path_factory) -> Path | None:
     Warmed in a child process: libvirt lets one process open only one embedded root for its
     lifetime, and the pytest process must stay free to open its own (tests/integration).
     """
-    root = tmp_path_factory.mktemp("libvirt-warm")
-    code = (
-        "import libvirt, sys\n"
-        "libvirt.registerErrorHandler(lambda c, e: None, None)\n"
-        "libvirt.virEventRegisterDefaultImpl()  # the embedded driver refuses to open without one\n"
-        # Same qemu.conf as the agent's roots: the cache is only valid for the same QEMU uid.
-        f"from cna_agent.hypervisor import prepare_embedded_root; prepare_embedded_root({str(root)!r})\n"
-        f"conn = libvirt.open('qemu:///embed?root={root}')\n"
-        "conn.getCapabilities(); conn.close()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        if "No module named 'libvirt'" in out.stderr:
-            return None
-        raise RuntimeError(f"warming libvirt's capabilities cache failed: {out.stderr[-2000:]}")
-    cache = root / "cache" / "qemu" / "capabilities"
-    return cache if cache.is_dir() else None
+    return warm_capabilities_cache(tmp_path_factory.mktemp("libvirt-warm"))
 
 
 @pytest.fixture
@@ -67,24 +56,18 @@ def agent(agent_factory) -> AgentProcess:
 @pytest.fixture(autouse=True)
 def _destroy_leftover_guests():
     """After each test, kill the guests of agents that test started (they outlive agents)."""
-    first = len(support.STARTED)
+    first = len(agent_proc.STARTED)
     yield
-    for agent in support.STARTED[first:]:
-        support.kill_guests_of(agent)
+    for agent in agent_proc.STARTED[first:]:
+        agent_proc.kill_guests_of(agent)
 
 
-@pytest.fixture
-def system_libvirtd():
-    """The host's libvirtd (qemu:///system: QEMU runs as its own unprivileged user), started if
-    it was not running and left as it was found."""
-    if not Path("/usr/sbin/libvirtd").exists():
-        pytest.fail("libvirtd is not installed: run tools/setup.sh")
-    was_running = support.libvirtd_answers()
-    if not was_running:
-        support.start_libvirtd()
-    yield
-    if was_running and not support.libvirtd_answers():
-        support.start_libvirtd()
-    elif not was_running and support.libvirtd_answers():
-        support.stop_libvirtd()
+@pytest.fixture(scope="session")
+def test_guest() -> Callable[..., dict]:
+    """arch -> {kernel, initrd, arch, marker, console}; built once and cached across sessions
+    (support.guests.build_guest)."""
 
+    def get(arch: str = "x86_64") -> dict:
+        return build_guest(arch)
+
+    return get

@@ -23,7 +23,7 @@ from google.protobuf import descriptor_pool
 
 from cna_agent.api import pb
 from cna_agent.host.topology import probe_topology
-from support import free_port
+from support.agent import free_port
 
 CTL = [sys.executable, "-m", "cna_agent.cli.main"]
 

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from cna_agent.api import pb
+from support.operations import check_ok, history, ok, wait
 
 S = pb.storage_pb2
 MiB = 1024**2
@@ -38,20 +39,6 @@ def stor(agent_factory, tmp_path):
     ch.close()
 
 
-def _wait(ops, op):
-    last = op
-    for last in ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=120):
-        pass
-    return last
-
-
-def _volume(op) -> S.Volume:
-    assert not op.HasField("error"), op.error
-    v = S.Volume()
-    op.response.Unpack(v)
-    return v
-
-
 def test_datastores_volumes_and_clones_over_grpc(stor):
     agent, st, ops, ds, imp = stor
     listed = {d.name: d for d in st.ListDatastores(S.ListDatastoresRequest(), timeout=10).datastores}
@@ -61,28 +48,28 @@ def test_datastores_volumes_and_clones_over_grpc(stor):
 
     op = st.CreateVolume(S.CreateVolumeRequest(request_id="c1", datastore="ds", path="tpl/base.qcow2",
                                                format=S.VOLUME_FORMAT_QCOW2, size_bytes=32 * MiB), timeout=30)
-    base = _volume(_wait(ops, op))
+    base = ok(ops, op, 120, into=S.Volume())
     assert base.id == "ds/tpl/base.qcow2" and base.virtual_size_bytes == 32 * MiB
     # the same request id returns the same operation, nothing is created twice
     again = st.CreateVolume(S.CreateVolumeRequest(request_id="c1", datastore="ds", path="tpl/base.qcow2",
                                                   format=S.VOLUME_FORMAT_QCOW2, size_bytes=32 * MiB), timeout=30)
     assert again.id == op.id
 
-    clone = _volume(_wait(ops, st.CloneVolume(S.CloneVolumeRequest(source=base.id, datastore="ds", path="vm1/root.qcow2",
-                                                                   linked=True), timeout=30)))
+    clone = ok(ops, st.CloneVolume(S.CloneVolumeRequest(source=base.id, datastore="ds", path="vm1/root.qcow2",
+                                                        linked=True), timeout=30), 120, into=S.Volume())
     assert clone.backing_volume == base.id
     assert st.GetVolume(S.GetVolumeRequest(id=base.id), timeout=10).template
-    copy = _volume(_wait(ops, st.CloneVolume(S.CloneVolumeRequest(source=base.id, datastore="ds", path="vm2/root.raw",
-                                                                  format=S.VOLUME_FORMAT_RAW), timeout=30)))
+    copy = ok(ops, st.CloneVolume(S.CloneVolumeRequest(source=base.id, datastore="ds", path="vm2/root.raw",
+                                                       format=S.VOLUME_FORMAT_RAW), timeout=30), 120, into=S.Volume())
     assert copy.format == S.VOLUME_FORMAT_RAW and not copy.backing_volume
 
-    grown = _volume(_wait(ops, st.ResizeVolume(S.ResizeVolumeRequest(id=copy.id, new_size_bytes=64 * MiB), timeout=30)))
+    grown = ok(ops, st.ResizeVolume(S.ResizeVolumeRequest(id=copy.id, new_size_bytes=64 * MiB), timeout=30), 120, into=S.Volume())
     assert grown.virtual_size_bytes == 64 * MiB
-    shrink = _wait(ops, st.ResizeVolume(S.ResizeVolumeRequest(id=copy.id, new_size_bytes=16 * MiB), timeout=30))
+    shrink = wait(ops, st.ResizeVolume(S.ResizeVolumeRequest(id=copy.id, new_size_bytes=16 * MiB), timeout=30), 120)
     assert shrink.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert shrink.error.field_violations[0].field == "new_size_bytes"
 
-    refused = _wait(ops, st.DeleteVolume(S.DeleteVolumeRequest(id=base.id), timeout=30))
+    refused = wait(ops, st.DeleteVolume(S.DeleteVolumeRequest(id=base.id), timeout=30), 120)
     assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "linked clone" in refused.error.message
     ids = {v.id for v in st.ListVolumes(S.ListVolumesRequest(datastore="ds"), timeout=10).volumes}
     assert ids == {"ds/tpl/base.qcow2", "ds/vm1/root.qcow2", "ds/vm2/root.raw"}
@@ -112,8 +99,8 @@ def test_vmdk_import_with_progress_and_corrupt_qcow2_refused(stor):
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x42 0 40M", str(raw)], check=True, timeout=60, capture_output=True)
     subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-f", "raw", str(raw), str(imp / "disk.vmdk")], check=True, timeout=60)
     op = st.ImportVolume(S.ImportVolumeRequest(source="imp/disk.vmdk", datastore="ds", path="imported.qcow2"), timeout=30)
-    updates = list(ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=120))
-    v = _volume(updates[-1])
+    updates = history(ops, op, 120)
+    v = check_ok(updates[-1], into=S.Volume())
     assert v.format == S.VOLUME_FORMAT_QCOW2 and v.virtual_size_bytes == 48 * MiB
     assert v.check.supported and v.check.summary == "no errors"
     assert updates[-1].progress.percent == 100
@@ -123,7 +110,7 @@ def test_vmdk_import_with_progress_and_corrupt_qcow2_refused(stor):
     data = bytearray(bad.read_bytes())
     data[0x30:0x38] = (0x7FFFFFFF00000).to_bytes(8, "big")
     bad.write_bytes(bytes(data))
-    failed = _wait(ops, st.ImportVolume(S.ImportVolumeRequest(source="imp/bad.qcow2", datastore="ds", path="bad.qcow2"), timeout=30))
+    failed = wait(ops, st.ImportVolume(S.ImportVolumeRequest(source="imp/bad.qcow2", datastore="ds", path="bad.qcow2"), timeout=30), 120)
     assert failed.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert failed.error.field_violations[0].field == "source"
     assert _files(ds) == ["imported.qcow2"]

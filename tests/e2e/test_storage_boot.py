@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -25,11 +24,10 @@ import pytest
 
 from cna_agent.api import pb
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from guest_console import AgentConsole, SerialLog  # noqa: E402
-
-from support import AgentProcess, start_agent  # noqa: E402
+from support.agent import AgentProcess, start_agent
+from support.console import AgentConsole, SerialLog
+from support.guests import build_guest
+from support.operations import history, ok, unpack, wait
 
 vm, st, ops_pb = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
@@ -43,10 +41,7 @@ SCRATCH_COUNT = 2
 
 def _boot_disk() -> Path:
     """The cached boot disk (read only here: tests convert or copy it, never write it)."""
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", "x86_64", "--boot-disk",
-                        "--print-json"], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    disk = Path(json.loads(p.stdout)["boot_disk"])
+    disk = Path(build_guest("x86_64", boot_disk=True)["boot_disk"])
     assert disk.stat().st_size == DISK_BYTES
     return disk
 
@@ -69,25 +64,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _watch(ch: grpc.Channel, op: ops_pb.Operation, timeout: float = 180) -> list[ops_pb.Operation]:
-    """Every state of the operation the server streamed, ending with the finished one."""
-    stub = pb.operations_pb2_grpc.OperationsServiceStub(ch)
-    seen = [op, *stub.WatchOperation(ops_pb.WatchOperationRequest(id=op.id), timeout=timeout)]
-    assert seen[-1].done, seen[-1]
-    return seen
-
-
-def _ok(ch: grpc.Channel, op: ops_pb.Operation, timeout: float = 180) -> ops_pb.Operation:
-    last = _watch(ch, op, timeout)[-1]
-    assert last.state == ops_pb.OPERATION_STATE_SUCCEEDED and not last.HasField("error"), f"{last.kind} failed: {last.error}"
-    return last
-
-
-def _unpack(op: ops_pb.Operation, msg):
-    assert op.response.Unpack(msg), op
-    return msg
-
-
 def _boot_spec(name: str, volume: str) -> vm.VmSpec:
     """A VM whose only disk is ``volume``, booted by SeaBIOS from it (no kernel in spec.boot)."""
     return vm.VmSpec(name=name, vcpus=1, memory_mib=192, serial_console=True, arch=pb.common_pb2.ARCH_X86_64,
@@ -98,7 +74,7 @@ def _boot_spec(name: str, volume: str) -> vm.VmSpec:
 def _create_and_boot(agent: AgentProcess, ch: grpc.Channel, spec: vm.VmSpec) -> tuple[str, SerialLog]:
     """Create and start the VM; return its UUID once the guest says it booted from the disk."""
     vms = pb.vm_pb2_grpc.VmServiceStub(ch)
-    created = _unpack(_ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60)), vm.Vm())
+    created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), into=vm.Vm())
     got = vms.GetVm(vm.GetVmRequest(vm=created.uuid), timeout=30)
     assert not got.spec.boot.kernel and got.spec.firmware == vm.FIRMWARE_BIOS
     qemu_argv = Path(f"/proc/{got.status.qemu_pid}/cmdline").read_bytes().split(b"\0")
@@ -137,7 +113,7 @@ def boot_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, Path, Path, Pat
                 with agent.channel() as ch:
                     vms = pb.vm_pb2_grpc.VmServiceStub(ch)
                     for v in vms.ListVms(vm.ListVmsRequest(status_only=True), timeout=30).vms:
-                        _watch(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=v.uuid, force=True), timeout=60), timeout=60)
+                        wait(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=v.uuid, force=True), timeout=60), timeout=60)
             except (grpc.RpcError, AssertionError):
                 pass  # the agent is gone or stuck: its guests are killed by the autouse fixture
             agent.stop()
@@ -153,13 +129,13 @@ def test_imported_vmdk_boots_with_bios_from_the_disk(boot_env) -> None:
         storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
         op = storage.ImportVolume(st.ImportVolumeRequest(request_id="imp-boot", source="imp/boot.vmdk", datastore="ds",
                                                          path="vm1/root.qcow2"), timeout=30)
-        seen = _watch(ch, op)
+        seen = history(ch, op)
         last = seen[-1]
         assert last.kind == "volume.import" and last.state == ops_pb.OPERATION_STATE_SUCCEEDED, last.error
         # progress was reported: a conversion stage measured against the source's size, ending at 100
         assert last.progress.percent == 100 and last.progress.stage == "converting"
         assert last.progress.bytes_total == vmdk.stat().st_size
-        v = _unpack(last, st.Volume())
+        v = unpack(last, st.Volume())
         assert v.id == "ds/vm1/root.qcow2" and v.format == st.VOLUME_FORMAT_QCOW2 and not v.backing_volume
         assert v.virtual_size_bytes == DISK_BYTES
         # qemu-img check findings on the source, as the API reports them
@@ -172,7 +148,7 @@ def test_imported_vmdk_boots_with_bios_from_the_disk(boot_env) -> None:
 
         uuid, _ = _create_and_boot(agent, ch, _boot_spec("vmdk-boot", v.id))
         assert list(storage.GetVolume(st.GetVolumeRequest(id=v.id), timeout=30).used_by) == [uuid]
-        _ok(ch, pb.vm_pb2_grpc.VmServiceStub(ch).DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
+        ok(ch, pb.vm_pb2_grpc.VmServiceStub(ch).DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
         assert imported.is_file()  # kept: delete_disks was not asked for
 
 
@@ -194,9 +170,9 @@ def test_linked_clone_boots_and_guest_writes_leave_the_template_untouched(boot_e
     with agent.channel() as ch:
         storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
-        clone = _unpack(_ok(ch, storage.CloneVolume(st.CloneVolumeRequest(
+        clone = ok(ch, storage.CloneVolume(st.CloneVolumeRequest(
             request_id="clone-boot", source="ds/tpl/base.qcow2", datastore="ds", path="vm2/root.qcow2", linked=True),
-            timeout=30)), st.Volume())
+            timeout=30), into=st.Volume())
         assert clone.id == "ds/vm2/root.qcow2" and clone.backing_volume == "ds/tpl/base.qcow2"
         assert clone.virtual_size_bytes == DISK_BYTES
         assert storage.GetVolume(st.GetVolumeRequest(id="ds/tpl/base.qcow2"), timeout=30).template
@@ -220,7 +196,7 @@ def test_linked_clone_boots_and_guest_writes_leave_the_template_untouched(boot_e
             assert len(guest_md5) == 32, out
         finally:
             shell.close()
-        _ok(ch, vms.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, hard=True), timeout=60))
+        ok(ch, vms.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, hard=True), timeout=60))
 
         # the guest's bytes are in the clone's own layer; the template still reads as before
         region = slice(SCRATCH_MIB * MiB, (SCRATCH_MIB + SCRATCH_COUNT) * MiB)
@@ -239,7 +215,7 @@ def test_linked_clone_boots_and_guest_writes_leave_the_template_untouched(boot_e
         _qemu_img("compare", "-f", "raw", "-F", "qcow2", str(disk), str(tpl))
 
         # deleting the VM with its disks removes the clone, never the template it is backed by
-        _ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, delete_disks=True, force=True), timeout=60))
+        ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, delete_disks=True, force=True), timeout=60))
         assert not clone_file.exists()
         with pytest.raises(grpc.RpcError) as err:
             storage.GetVolume(st.GetVolumeRequest(id=clone.id), timeout=30)

@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 
-from support import write_config
+from support.agent import write_config
 
 
 def _collect(sock: socket.socket, until: str, timeout: float) -> list[str]:

@@ -10,46 +10,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from cna_agent.api import pb
-from support import start_agent
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from guest_console import SerialLog  # noqa: E402
+from support.agent import start_agent
+from support.console import SerialLog
+from support.guests import build_guest
+from support.operations import ok, wait
 
 vm, st, ops_pb = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
-
-
-def _guest() -> dict:
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", "x86_64", "--print-json"],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(p.stdout)
-
-
-def _wait(ch, op, timeout: float = 120) -> ops_pb.Operation:
-    stub = pb.operations_pb2_grpc.OperationsServiceStub(ch)
-    deadline = time.monotonic() + timeout
-    while not op.done:
-        assert time.monotonic() < deadline, f"operation {op.id} ({op.kind}) not done: {op}"
-        time.sleep(0.2)
-        op = stub.GetOperation(ops_pb.GetOperationRequest(id=op.id), timeout=30)
-    return op
-
-
-def _done(ch, op, timeout: float = 120) -> ops_pb.Operation:
-    op = _wait(ch, op, timeout)
-    assert not op.HasField("error"), op.error
-    return op
 
 
 def _disks(ch, uuid: str) -> list[str]:
@@ -63,7 +37,7 @@ def disk_agent(libvirt_caps_cache):
     base = Path(tempfile.mkdtemp(prefix="cd", dir="/tmp"))
     images = base / "img"
     images.mkdir()
-    guest_dir = str(Path(_guest()["kernel"]).parent)
+    guest_dir = str(Path(build_guest("x86_64")["kernel"]).parent)
     agent = start_agent(base / "a", libvirt_caps_cache, extra_config=f'[compute]\nimage_dirs = "{guest_dir},{images}"\n')
     yield agent, images
     agent.stop()
@@ -73,7 +47,7 @@ def disk_agent(libvirt_caps_cache):
 @pytest.mark.slow
 def test_hotplug_grow_qos_and_unplug_a_disk_on_a_running_guest(disk_agent):
     agent, images = disk_agent
-    g = _guest()
+    g = build_guest("x86_64")
     data = images / "data.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(data), "64M"], check=True, capture_output=True, timeout=60)
     outside = Path(tempfile.mkdtemp(prefix="co", dir="/tmp")) / "x.qcow2"
@@ -82,7 +56,7 @@ def test_hotplug_grow_qos_and_unplug_a_disk_on_a_running_guest(disk_agent):
         storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
         spec = vm.VmSpec(name="disky", vcpus=1, memory_mib=192, serial_console=True, arch=pb.common_pb2.ARCH_X86_64,
                          boot=vm.BootSpec(kernel=g["kernel"], initrd=g["initrd"], cmdline=f"console={g['console']} panic=-1"))
-        op = _done(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id="create-disky"), timeout=60))
+        op = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id="create-disky"), timeout=60), poll=True)
         created = vm.Vm()
         op.response.Unpack(created)
         uuid = created.uuid
@@ -98,22 +72,22 @@ def test_hotplug_grow_qos_and_unplug_a_disk_on_a_running_guest(disk_agent):
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and "vdz" in info.value.details()
         assert _disks(ch, uuid) == []
 
-        _done(ch, storage.AttachDisk(st.AttachDiskRequest(vm=uuid, request_id="att-1", disk=vm.DiskSpec(volume=str(data))), timeout=60))
+        ok(ch, storage.AttachDisk(st.AttachDiskRequest(vm=uuid, request_id="att-1", disk=vm.DiskSpec(volume=str(data))), timeout=60), poll=True)
         log.wait_for(r"CNA-HOTPLUG add block vda", timeout=60)
         assert _disks(ch, uuid) == ["vda"]
 
-        _done(ch, storage.ResizeDisk(st.ResizeDiskRequest(vm=uuid, target="vda", new_size_bytes=128 << 20), timeout=60))
+        ok(ch, storage.ResizeDisk(st.ResizeDiskRequest(vm=uuid, target="vda", new_size_bytes=128 << 20), timeout=60), poll=True)
         info_json = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(data)], capture_output=True, text=True, timeout=60)
         assert json.loads(info_json.stdout)["virtual-size"] == 128 << 20
-        shrink = _wait(ch, storage.ResizeDisk(st.ResizeDiskRequest(vm=uuid, target="vda", new_size_bytes=1 << 20), timeout=60))
+        shrink = wait(ch, storage.ResizeDisk(st.ResizeDiskRequest(vm=uuid, target="vda", new_size_bytes=1 << 20), timeout=60), poll=True)
         assert shrink.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "shrinking is refused" in shrink.error.message
         assert shrink.error.field_violations[0].field == "new_size_bytes"
 
-        _done(ch, storage.SetDiskQos(st.SetDiskQosRequest(vm=uuid, target="vda", qos=vm.IoQos(total_bytes_sec=10 << 20, total_iops_sec=500)), timeout=60))
+        ok(ch, storage.SetDiskQos(st.SetDiskQosRequest(vm=uuid, target="vda", qos=vm.IoQos(total_bytes_sec=10 << 20, total_iops_sec=500)), timeout=60), poll=True)
         got = vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=30)
         assert got.spec.disks[0].qos.total_bytes_sec == 10 << 20 and got.spec.disks[0].qos.total_iops_sec == 500
 
-        _done(ch, storage.DetachDisk(st.DetachDiskRequest(vm=uuid, target="vda", request_id="det-1"), timeout=60))
+        ok(ch, storage.DetachDisk(st.DetachDiskRequest(vm=uuid, target="vda", request_id="det-1"), timeout=60), poll=True)
         log.wait_for(r"CNA-HOTPLUG remove block vda", timeout=60)
         assert _disks(ch, uuid) == []
-        _done(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
+        ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60), poll=True)

@@ -9,11 +9,9 @@ needs new clusters from the full filesystem.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,22 +19,14 @@ from pathlib import Path
 import pytest
 
 from cna_agent.api import pb
-from support import start_agent, wait_operation
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from guest_console import AgentConsole, SerialLog  # noqa: E402
+from support.agent import start_agent
+from support.console import AgentConsole, SerialLog
+from support.guests import build_guest
+from support.operations import ok
 
 vm, ev = pb.vm_pb2, pb.events_pb2
 MiB = 1024**2
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs and runs the embedded QEMU driver")]
-
-
-def _guest() -> dict:
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", "x86_64", "--print-json"],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(p.stdout)
 
 
 def _free(path: Path) -> int:
@@ -66,7 +56,7 @@ def full_datastore(libvirt_caps_cache):
     small = base / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m,mode=0700", "cna-test-small", str(small)], check=True, timeout=30)
-    guest_dir = str(Path(_guest()["kernel"]).parent)
+    guest_dir = str(Path(build_guest("x86_64")["kernel"]).parent)
     agent = None
     try:
         extra = (f'[compute]\nimage_dirs = "{guest_dir}"\nio_error_check_interval_s = 1.0\n'
@@ -86,14 +76,14 @@ def full_datastore(libvirt_caps_cache):
 
 def test_full_datastore_pauses_the_guest_and_the_agent_resumes_it_when_there_is_room(full_datastore):
     agent, small = full_datastore
-    g = _guest()
+    g = build_guest("x86_64")
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(small / "data.qcow2"), "64M"], check=True, capture_output=True, timeout=60)
     with agent.channel() as ch:
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
         spec = vm.VmSpec(name="fullds", vcpus=1, memory_mib=192, serial_console=True, arch=pb.common_pb2.ARCH_X86_64,
                          boot=vm.BootSpec(kernel=g["kernel"], initrd=g["initrd"], cmdline=f"console={g['console']}"),
                          disks=[vm.DiskSpec(volume="small/data.qcow2")])
-        op = wait_operation(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id="create-fullds"), timeout=60))
+        op = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id="create-fullds"), timeout=60), poll=True)
         created = vm.Vm()
         op.response.Unpack(created)
         uuid = created.uuid

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,84 +22,15 @@ import pytest
 from google.protobuf import duration_pb2
 
 from cna_agent.api import pb
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from guest_console import SerialLog  # noqa: E402
+from support.agent import start_agent
+from support.guests import guest_spec, serial_log
+from support.operations import ok, wait
 
 vm = pb.vm_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
 
-_GUESTS: dict[str, dict] = {}
-
-
-def guest(arch: str) -> dict:
-    if arch not in _GUESTS:
-        p = subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", arch, "--print-json"],
-                           capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
-            pytest.fail(f"build-test-guest.py --arch {arch} failed: {p.stderr[-2000:]}")
-        _GUESTS[arch] = json.loads(p.stdout)
-    return _GUESTS[arch]
-
-
-@pytest.fixture
-def vm_agent_factory(libvirt_caps_cache):
-    """Agents under a short /tmp path: QEMU's monitor socket lives under the embedded root and
-    a unix socket path must stay below 108 bytes (pytest's tmp_path names are too long)."""
-    from support import start_agent
-
-    started = []
-
-    def factory(image_dirs: tuple[str, ...] = ()):
-        base = Path(tempfile.mkdtemp(prefix="cv", dir="/tmp"))
-        dirs = ",".join(image_dirs or (str(REPO / ".cache" / "guests"),))
-        agent = start_agent(base / "a", libvirt_caps_cache, extra_config=f'[compute]\nimage_dirs = "{dirs}"\n')
-        started.append((agent, base))
-        return agent
-
-    yield factory
-    for agent, base in started:
-        agent.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def start_vm_agent(factory):
     return factory()
-
-
-def wait_op(ch, op, timeout: float = 180):
-    ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
-    for cur in ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=timeout):
-        op = cur
-    assert op.done, op
-    return op
-
-
-def ok(ch, op, timeout: float = 180):
-    op = wait_op(ch, op, timeout)
-    assert op.state == pb.operations_pb2.OPERATION_STATE_SUCCEEDED, f"{op.kind} failed: {op.error}"
-    return op
-
-
-def guest_spec(arch: str, name: str, **kw) -> vm.VmSpec:
-    g = guest(arch)
-    spec = vm.VmSpec(
-        name=name, vcpus=1, memory_mib=192, serial_console=True,
-        arch=pb.common_pb2.ARCH_X86_64 if arch == "x86_64" else pb.common_pb2.ARCH_AARCH64,
-        console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_VNC, password="pw123"),
-        boot=vm.BootSpec(kernel=g["kernel"], initrd=g["initrd"], cmdline=f"console={g['console']} panic=-1"),
-    )
-    for k, v in kw.items():
-        if isinstance(v, (int, str, bool)):
-            setattr(spec, k, v)
-        else:
-            getattr(spec, k).CopyFrom(v)
-    return spec
-
-
-def serial(agent, uuid: str) -> SerialLog:
-    return SerialLog(agent.dir / "run" / "vms" / uuid / "serial.log")
 
 
 class EventStream:
@@ -153,7 +82,7 @@ def test_x86_64_guest_define_start_reboot_shutdown_delete(vm_agent_factory) -> N
 
         events = EventStream(ch, from_now=True, resource_id=uuid)
         ok(ch, stub.StartVm(vm.VmActionRequest(vm="guest-x86"), timeout=60))
-        log = serial(agent, uuid)
+        log = serial_log(agent, uuid)
         log.wait_for(r"CNA-GUEST-READY boot=", timeout=120)
         events.wait(lambda e: e.type == "vm.lifecycle" and e.attributes["state"] == "running")
         got = stub.GetVm(vm.GetVmRequest(vm=uuid), timeout=10)
@@ -179,7 +108,7 @@ def test_x86_64_guest_define_start_reboot_shutdown_delete(vm_agent_factory) -> N
         log.wait_for(r"CNA-GUEST-READY boot=", count=3, timeout=120)
 
         # a running VM cannot be deleted without force
-        op = wait_op(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid), timeout=30))
+        op = wait(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid), timeout=30))
         assert op.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
 
         # graceful shutdown: the guest sees the power button
@@ -205,7 +134,7 @@ def test_killed_qemu_gives_a_crashed_event_on_the_stream(vm_agent_factory) -> No
         op = ok(ch, stub.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "victim"), start=True), timeout=60))
         created = vm.Vm()
         op.response.Unpack(created)
-        serial(agent, created.uuid).wait_for(r"CNA-GUEST-READY", timeout=120)
+        serial_log(agent, created.uuid).wait_for(r"CNA-GUEST-READY", timeout=120)
         pid = int(stub.GetVm(vm.GetVmRequest(vm="victim"), timeout=10).status.qemu_pid)
         assert created.uuid in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         events = EventStream(ch, from_now=True, types=["vm.lifecycle"], resource_id=created.uuid)
@@ -275,7 +204,7 @@ def test_aarch64_guest_taishan_layout_boot_reboot_shutdown_delete(vm_agent_facto
         created = vm.Vm()
         op.response.Unpack(created)
         uuid = created.uuid
-        log = serial(agent, uuid)
+        log = serial_log(agent, uuid)
         log.wait_for(r"CNA-GUEST-READY boot=", timeout=180)
         facts = {k: v for k, v in (l.split(" ", 1)[1].split("=", 1) for l in log.text().splitlines() if l.startswith("CNA-FACT "))}
         assert facts["arch"] == "aarch64" and facts["numa_nodes"] == "2" and facts["cpus"] == "2"
@@ -306,7 +235,7 @@ def test_windows_spec_is_accepted_by_libvirt_with_enlightenments_and_updates_whi
         assert "<clock offset='localtime'>" in conf and "hypervclock" in conf and "<panic model='hyperv'/>" in conf
         assert "firmware='efi'" in conf and str(agent.dir / "state" / "nvram") in conf
         # a second create with the same name is refused, nothing changes
-        op = wait_op(ch, stub.CreateVm(vm.CreateVmRequest(spec=spec), timeout=60))
+        op = wait(ch, stub.CreateVm(vm.CreateVmRequest(spec=spec), timeout=60))
         assert op.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0] and "spec.name" in [f.field for f in op.error.field_violations]
         # update CPU/memory/QoS of the stopped VM: redefined
         new = vm.VmSpec(vcpus=4, memory_mib=1024, cpu_qos=vm.CpuQos(shares=512))
@@ -342,8 +271,6 @@ def test_busy_vm_fails_fast_or_waits_and_restart_adopts_without_touching(vm_agen
         uuid = stub.GetVm(vm.GetVmRequest(vm="busy"), timeout=10).uuid
         pid = stub.GetVm(vm.GetVmRequest(vm="busy"), timeout=10).status.qemu_pid
     agent.stop()
-    from support import start_agent
-
     again = start_agent(agent.dir, None, config=agent.config)
     try:
         with again.channel() as ch:

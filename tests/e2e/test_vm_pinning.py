@@ -7,11 +7,8 @@ libvirt starts QEMU with debug-threads=on) and of its main (emulator) thread.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +17,10 @@ import pytest
 
 from cna_agent.api import pb
 from cna_agent.host.cpulist import parse_cpulist
-from support import start_agent
+from support.agent import start_agent
+from support.guests import build_guest
+from support.operations import ok
 
-REPO = Path(__file__).resolve().parents[2]
 vm = pb.vm_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or (os.cpu_count() or 1) < 2,
                                 reason="needs root and at least 2 CPUs (one dedicated, one for the emulator)")
@@ -44,26 +42,16 @@ def _threads(pid: int) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_dedicated_vcpu_thread_is_pinned_and_the_emulator_kept_off_it(libvirt_caps_cache):
-    g = json.loads(subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", "x86_64", "--print-json"],
-                                  capture_output=True, text=True, timeout=900, check=True).stdout)
+    g = build_guest("x86_64")
     base = Path(tempfile.mkdtemp(prefix="cp", dir="/tmp"))
     agent = start_agent(base / "a", libvirt_caps_cache, extra_config=f'[compute]\nimage_dirs = "{Path(g["kernel"]).parent}"\n')
     try:
         with agent.channel() as ch:
             vms = pb.vm_pb2_grpc.VmServiceStub(ch)
-            ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
             spec = vm.VmSpec(name="pinned", vcpus=1, memory_mib=160, dedicated_cpus=True, serial_console=True,
                              arch=pb.common_pb2.ARCH_X86_64,
                              boot=vm.BootSpec(kernel=g["kernel"], initrd=g["initrd"], cmdline=f"console={g['console']}"))
-            op = vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60)
-            deadline = time.monotonic() + 120
-            while not op.done:
-                assert time.monotonic() < deadline
-                time.sleep(0.3)
-                op = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=30)
-            assert not op.HasField("error"), op.error
-            created = vm.Vm()
-            op.response.Unpack(created)
+            created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), 120, poll=True, into=vm.Vm())
             got = vms.GetVm(vm.GetVmRequest(vm=created.uuid), timeout=30)
             pid = int(got.status.qemu_pid)
             deadline = time.monotonic() + 60

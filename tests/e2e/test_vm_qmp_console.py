@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from cna_agent.api import pb
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_vm_lifecycle import guest_spec, ok, serial, vm_agent_factory  # noqa: E402,F401
+from support.console import Console
+from support.guests import guest_spec, serial_log
+from support.operations import ok
 
 vm = pb.vm_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
@@ -30,7 +30,7 @@ def _running_guest(agent, ch, name: str) -> str:
     op = ok(ch, stub.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", name), start=True), timeout=60))
     created = vm.Vm()
     op.response.Unpack(created)
-    serial(agent, created.uuid).wait_for(r"CNA-GUEST-READY", timeout=120)
+    serial_log(agent, created.uuid).wait_for(r"CNA-GUEST-READY", timeout=120)
     return created.uuid
 
 
@@ -65,7 +65,7 @@ def test_diagnostics_over_the_side_channel_beside_libvirt(vm_agent_factory) -> N
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         # after a restart of the guest the agent re-attaches to the new QEMU's monitor
         ok(ch, stub.StartVm(vm.VmActionRequest(vm=uuid), timeout=60))
-        serial(agent, uuid).wait_for(r"CNA-GUEST-READY", count=2, timeout=120)
+        serial_log(agent, uuid).wait_for(r"CNA-GUEST-READY", count=2, timeout=120)
         assert stub.GetVmDiagnostics(vm.GetVmDiagnosticsRequest(vm=uuid), timeout=30).qemu_status == "running"
 
 
@@ -78,7 +78,7 @@ def test_a_guest_panic_is_reported_from_libvirt_and_the_side_channel(vm_agent_fa
         created = vm.Vm()
         op.response.Unpack(created)
         uuid = created.uuid
-        log = serial(agent, uuid)
+        log = serial_log(agent, uuid)
         log.wait_for(r"CNA-GUEST-READY", timeout=120)
         con = Console(stub, uuid, force=True)
         con.send("\n")
@@ -100,61 +100,6 @@ def test_a_guest_panic_is_reported_from_libvirt_and_the_side_channel(vm_agent_fa
         while stub.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.state != vm.VM_STATE_CRASHED:
             assert time.monotonic() < deadline, stub.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status
             time.sleep(0.5)
-
-
-class Console:
-    """A SerialConsole stream driven from a thread: send() types, wait_for() reads."""
-
-    def __init__(self, stub, vm_ref: str, force: bool = False) -> None:
-        import queue
-        import threading
-
-        self.inq: "queue.Queue" = queue.Queue()
-        self.buf = b""
-        self.error: grpc.RpcError | None = None
-        self.ended = threading.Event()
-
-        def inputs():
-            yield vm.SerialConsoleInput(vm=vm_ref, force=force)
-            while True:
-                item = self.inq.get()
-                if item is None:
-                    return
-                yield vm.SerialConsoleInput(data=item)
-
-        self.call = stub.SerialConsole(inputs(), timeout=300)
-
-        def pump():
-            try:
-                for msg in self.call:
-                    self.buf += msg.data
-            except grpc.RpcError as exc:
-                self.error = exc
-            self.ended.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-
-    def send(self, text: str) -> None:
-        self.inq.put(text.encode())
-
-    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
-        import re
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern.encode(), self.buf, re.M)
-            if m:
-                return m.group(0).decode()
-            if self.ended.is_set():
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{pattern!r} not seen on the console (ended={self.ended.is_set()}, error={self.error}); "
-                             f"got {self.buf[-500:]!r}")
-
-    def close(self) -> None:
-        self.inq.put(None)
-        self.call.cancel()
 
 
 @pytest.mark.slow

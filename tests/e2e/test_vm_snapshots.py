@@ -16,10 +16,10 @@ import grpc
 import pytest
 
 from cna_agent.api import pb
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_vm_lifecycle import REPO, guest_spec, ok, serial, vm_agent_factory, wait_op  # noqa: E402,F401
-from test_vm_qmp_console import Console  # noqa: E402
+from support.console import Console
+from support.guests import guest_spec, serial_log
+from support.operations import ok, wait
+from support.tools import REPO
 
 vm = pb.vm_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
@@ -76,12 +76,12 @@ def test_internal_and_external_snapshots_tree_revert_delete(vm_agent_factory) ->
         assert [s.name for s in stub.ListSnapshots(vm.ListSnapshotsRequest(vm=uuid), timeout=10).snapshots if s.current] == ["s1"]
         ok(ch, stub.RevertSnapshot(vm.SnapshotActionRequest(vm=uuid, snapshot="s2"), timeout=60))
         assert pattern_ok(img, 0x22)
-        op = wait_op(ch, stub.RevertSnapshot(vm.SnapshotActionRequest(vm=uuid, snapshot="nope"), timeout=60))
+        op = wait(ch, stub.RevertSnapshot(vm.SnapshotActionRequest(vm=uuid, snapshot="nope"), timeout=60))
         assert op.error.code == grpc.StatusCode.NOT_FOUND.value[0]
 
         # running: external disk-only snapshot; the guest's writes go to the overlay
         ok(ch, stub.StartVm(vm.VmActionRequest(vm=uuid), timeout=60))
-        serial(agent, uuid).wait_for(r"CNA-GUEST-READY", timeout=120)
+        serial_log(agent, uuid).wait_for(r"CNA-GUEST-READY", timeout=120)
         op = ok(ch, stub.CreateSnapshot(vm.CreateSnapshotRequest(vm=uuid, name="live1"), timeout=60))
         live = vm.Snapshot()
         op.response.Unpack(live)
@@ -95,7 +95,7 @@ def test_internal_and_external_snapshots_tree_revert_delete(vm_agent_factory) ->
         con.wait_for(r"^wrote-42\r?$")
         con.close()
         # quiesce without a guest agent channel is refused, not silently skipped
-        op = wait_op(ch, stub.CreateSnapshot(vm.CreateSnapshotRequest(vm=uuid, name="q", quiesce=True), timeout=10))
+        op = wait(ch, stub.CreateSnapshot(vm.CreateSnapshotRequest(vm=uuid, name="q", quiesce=True), timeout=10))
         assert op.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "guest agent" in op.error.message
         ok(ch, stub.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, hard=True), timeout=30))
         info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(overlay)], capture_output=True,

@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -27,61 +25,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cna_agent.api import pb
-from support import free_port, start_agent
+from support.agent import free_port, start_agent
+from support.operations import ok
+from support.vrm import SimProcess, vrm_status
+from support.waiting import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-VRM_SIM = REPO / "tools" / "vrm-sim"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
-
-
-class SimProcess:
-    """tools/vrm-sim serve as a child process on a fixed port and store."""
-
-    def __init__(self, base: Path, port: int, db: Path, extra_args: tuple[str, ...] = ()) -> None:
-        self.base, self.port, self.db = base, port, db
-        self.extra_args = extra_args
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = self.base / f"vrm-sim.{self.starts}.log"
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, str(VRM_SIM), "serve", "--listen", f"127.0.0.1:{self.port}",
-                                      "--db", str(self.db), "--verbose", *self.extra_args],
-                                     stdout=log.open("wb"), stderr=subprocess.STDOUT)
-        wait_until(lambda: "listening" in log.read_text(), 30, f"vrm-sim listening ({log})")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        db = sqlite3.connect(self.db, timeout=10)
-        try:
-            return db.execute(sql, params).fetchall()
-        except sqlite3.OperationalError:
-            return []  # not created yet
-        finally:
-            db.close()
-
-    def cli(self, *args: str) -> str:
-        out = subprocess.run([sys.executable, str(VRM_SIM), *args, "--db", str(self.db)] if args[0] != "call"
-                             else [sys.executable, str(VRM_SIM), "call", "--db", str(self.db), *args[1:]],
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-
-
-def wait_until(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def agent_sequences(agent) -> list[tuple[int, str]]:
@@ -90,19 +39,10 @@ def agent_sequences(agent) -> list[tuple[int, str]]:
     return [(e.sequence, e.type) for e in resp.events]
 
 
-def vrm_status(agent) -> pb.agent_pb2.VrmLinkStatus:
-    with agent.channel() as ch:
-        return pb.agent_pb2_grpc.AgentServiceStub(ch).GetVrmStatus(pb.agent_pb2.GetVrmStatusRequest(), timeout=10)
-
-
 def vm_action(agent, method: str, vm: str) -> None:
     with agent.channel() as ch:
         stub = pb.vm_pb2_grpc.VmServiceStub(ch)
-        op = getattr(stub, method)(pb.vm_pb2.VmActionRequest(vm=vm), timeout=30)
-        ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
-        for op in ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=120):
-            pass
-    assert op.state == pb.operations_pb2.OPERATION_STATE_SUCCEEDED, op
+        ok(ch, getattr(stub, method)(pb.vm_pb2.VmActionRequest(vm=vm), timeout=30), 120)
 
 
 def create_vm(agent, name: str) -> str:
@@ -110,13 +50,7 @@ def create_vm(agent, name: str) -> str:
     spec = pb.vm_pb2.VmSpec(name=name, vcpus=1, memory_mib=128)
     with agent.channel() as ch:
         op = pb.vm_pb2_grpc.VmServiceStub(ch).CreateVm(pb.vm_pb2.CreateVmRequest(spec=spec, start=True), timeout=60)
-        for op in pb.operations_pb2_grpc.OperationsServiceStub(ch).WatchOperation(
-                pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=180):
-            pass
-    assert op.state == pb.operations_pb2.OPERATION_STATE_SUCCEEDED, op
-    vm = pb.vm_pb2.Vm()
-    op.response.Unpack(vm)
-    return vm.uuid
+        return ok(ch, op, 180, into=pb.vm_pb2.Vm()).uuid
 
 
 def vrm_events(sim: SimProcess, host: str) -> list[tuple[int, str]]:
@@ -134,7 +68,7 @@ def test_vrm_sim_gets_every_event_once_across_vrm_kill_and_agent_kill9(libvirt_c
     try:
         sim.start()
         agent = start_agent(base / "a", libvirt_caps_cache, extra_config=extra)
-        host = wait_until(lambda: (sim.query("SELECT host_uuid FROM hosts WHERE connected = 1") or [[None]])[0][0], 30,
+        host = wait_for(lambda: (sim.query("SELECT host_uuid FROM hosts WHERE connected = 1") or [[None]])[0][0], 30,
                           "registration")
         vm_uuid = create_vm(agent, "vrm-e2e")
 
@@ -147,9 +81,9 @@ def test_vrm_sim_gets_every_event_once_across_vrm_kill_and_agent_kill9(libvirt_c
             return next((v for v in beat.get("vms", []) if v.get("uuid") == vm_uuid and v.get("cpu_time_ns")
                          and v.get("state") == "VM_STATE_RUNNING"), None)
 
-        vm_stats = wait_until(vm_in_heartbeat, 60, "VM stats of the running VM in a heartbeat")
+        vm_stats = wait_for(vm_in_heartbeat, 60, "VM stats of the running VM in a heartbeat")
         assert vm_stats["state"] == "VM_STATE_RUNNING" and vm_stats["vcpus_current"] == 1
-        wait_until(lambda: vrm_events(sim, host) == agent_sequences(agent), 30, "events before the VRM kill")
+        wait_for(lambda: vrm_events(sim, host) == agent_sequences(agent), 30, "events before the VRM kill")
         assert any(t == "vm.lifecycle" for _, t in vrm_events(sim, host))
 
         # The VRM calls the agent back through the endpoint it registered.
@@ -173,7 +107,7 @@ def test_vrm_sim_gets_every_event_once_across_vrm_kill_and_agent_kill9(libvirt_c
 
         # 1. Kill the VRM mid-stream; the VM changes state while it is down.
         sim.kill()
-        wait_until(lambda: vrm_status(agent).state == pb.agent_pb2.VRM_LINK_STATE_DISCONNECTED, 30, "disconnect seen")
+        wait_for(lambda: vrm_status(agent).state == pb.agent_pb2.VRM_LINK_STATE_DISCONNECTED, 30, "disconnect seen")
         vm_action(agent, "PauseVm", vm_uuid)
         vm_action(agent, "ResumeVm", vm_uuid)
         down = vrm_status(agent)
@@ -184,7 +118,7 @@ def test_vrm_sim_gets_every_event_once_across_vrm_kill_and_agent_kill9(libvirt_c
         missed = [s for s, _ in agent_sequences(agent) if s > down.acked_sequence]
         assert missed
         sim.start()
-        wait_until(lambda: vrm_events(sim, host) == agent_sequences(agent), 60, "every missed event after the VRM restart")
+        wait_for(lambda: vrm_events(sim, host) == agent_sequences(agent), 60, "every missed event after the VRM restart")
         types_after = [t for s, t in vrm_events(sim, host) if s in missed]
         assert types_after.count("vm.lifecycle") >= 2  # suspended and resumed
         ctl = subprocess.run([str(Path(sys.executable).with_name("cna-ctl")), "--socket", str(agent.socket), "--json", "vrm", "status"],
@@ -194,14 +128,14 @@ def test_vrm_sim_gets_every_event_once_across_vrm_kill_and_agent_kill9(libvirt_c
 
         # 2. The VRM goes away again, events pile up, and the AGENT is killed with SIGKILL.
         sim.kill()
-        wait_until(lambda: vrm_status(agent).state == pb.agent_pb2.VRM_LINK_STATE_DISCONNECTED, 30, "disconnect seen")
+        wait_for(lambda: vrm_status(agent).state == pb.agent_pb2.VRM_LINK_STATE_DISCONNECTED, 30, "disconnect seen")
         vm_action(agent, "PauseVm", vm_uuid)
         before_kill = agent_sequences(agent)
         agent.stop(signal.SIGKILL)
         sim.start()
         agent = start_agent(agent.dir, libvirt_caps_cache, config=agent.config)
         vm_action(agent, "ResumeVm", vm_uuid)  # the guest outlived the agent and was adopted
-        wait_until(lambda: vrm_events(sim, host) == agent_sequences(agent), 60, "every event after the agent's kill -9")
+        wait_for(lambda: vrm_events(sim, host) == agent_sequences(agent), 60, "every event after the agent's kill -9")
         got = vrm_events(sim, host)
         assert got[: len(before_kill)] == before_kill
         assert [s for s, _ in got] == sorted({s for s, _ in got})  # each sequence once

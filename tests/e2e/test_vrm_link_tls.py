@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from cna_agent.api import pb
-from support import free_port, start_agent
-from test_tls import openssl
-from test_vrm_link_e2e import SimProcess, vrm_status, wait_until
+from support.agent import free_port, start_agent
+from support.pki import openssl
+from support.vrm import SimProcess, vrm_status
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
 
@@ -59,9 +60,9 @@ def test_vrm_link_uses_mutual_tls_and_refuses_strangers_both_ways(libvirt_caps_c
         # A host with a certificate from the site's CA registers and streams.
         good = start_agent(base / "good", libvirt_caps_cache, tcp=False, extra_config=_vrm_config(port, pki, "node", "ca"))
         agents.append(good)
-        host = wait_until(lambda: (sim.query("SELECT host_uuid FROM hosts WHERE connected = 1") or [[None]])[0][0], 30,
+        host = wait_for(lambda: (sim.query("SELECT host_uuid FROM hosts WHERE connected = 1") or [[None]])[0][0], 30,
                           "registration over mutual TLS")
-        wait_until(lambda: vrm_status(good).state == pb.agent_pb2.VRM_LINK_STATE_CONNECTED and vrm_status(good).heartbeats_sent > 0,
+        wait_for(lambda: vrm_status(good).state == pb.agent_pb2.VRM_LINK_STATE_CONNECTED and vrm_status(good).heartbeats_sent > 0,
                    30, "heartbeats over mutual TLS")
         assert sim.query("SELECT count(*) FROM events WHERE host_uuid = ?", (host,))[0][0] > 0
 
@@ -69,13 +70,13 @@ def test_vrm_link_uses_mutual_tls_and_refuses_strangers_both_ways(libvirt_caps_c
         rogue = start_agent(base / "rogue", libvirt_caps_cache, tcp=False,
                             extra_config=_vrm_config(port, pki, "rogue-node", "ca"))
         agents.append(rogue)
-        status = wait_until(lambda: (lambda s: s if s.failures >= 2 else None)(vrm_status(rogue)), 30, "refusals of the rogue host")
+        status = wait_for(lambda: (lambda s: s if s.failures >= 2 else None)(vrm_status(rogue)), 30, "refusals of the rogue host")
         assert status.state != pb.agent_pb2.VRM_LINK_STATE_CONNECTED and status.connects == 0 and status.last_error
         assert "UNAVAILABLE" in status.last_error  # the VRM closes the handshake
         # A VRM the agent's CA does not vouch for is refused by the agent.
         wary = start_agent(base / "wary", libvirt_caps_cache, tcp=False, extra_config=_vrm_config(port, pki, "node", "other"))
         agents.append(wary)
-        status = wait_until(lambda: (lambda s: s if s.failures >= 2 else None)(vrm_status(wary)), 30, "refusals of the VRM")
+        status = wait_for(lambda: (lambda s: s if s.failures >= 2 else None)(vrm_status(wary)), 30, "refusals of the VRM")
         assert status.state != pb.agent_pb2.VRM_LINK_STATE_CONNECTED and status.connects == 0 and status.last_error
         assert "CERTIFICATE_VERIFY_FAILED" in status.last_error, status.last_error
         # Only the good host is known to the VRM.

@@ -11,7 +11,9 @@ import os
 import pytest
 
 from cna_agent.api import pb
-from support import start_libvirtd, stop_libvirtd, wait_for, wait_operation
+from support.libvirt import start_libvirtd, stop_libvirtd
+from support.operations import ok
+from support.waiting import wait_for
 
 
 @pytest.mark.slow
@@ -45,7 +47,7 @@ def test_agent_reports_degraded_then_reconnects_after_libvirtd_restart(system_li
         name = f"reconn-{os.getpid()}"
 
         def done(op):
-            return wait_operation(ch, op, 60)
+            return ok(ch, op, 60, poll=True)
 
         def lifecycle_states(uuid: str) -> list[str]:
             got = events.ListEvents(pb.events_pb2.ListEventsRequest(types=["vm.lifecycle"], resource_id=uuid, limit=1000), timeout=10)

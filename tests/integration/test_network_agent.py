@@ -18,8 +18,8 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
-
 from cna_agent.api import pb
+from support.operations import ok
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 npb = pb.network_pb2
@@ -34,16 +34,6 @@ def ovs(testbed):
 
 def vsctl(tb, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["ovs-vsctl", f"--db={tb.ovsdb_remote}", "--timeout=20", *args], capture_output=True, text=True, timeout=30)
-
-
-def _wait_op(stub_ops, op, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not op.done:
-        assert time.monotonic() < deadline, op
-        time.sleep(0.2)
-        op = stub_ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=10)
-    assert not op.HasField("error"), op.error
-    return op
 
 
 def _bad(call, field: str, code=grpc.StatusCode.INVALID_ARGUMENT) -> str:
@@ -89,14 +79,14 @@ def test_network_api_end_to_end(agent_factory, ovs):
             assert vsctl(ovs, "show").stdout == before
 
             req = npb.EnsureBridgeRequest(request_id=f"rq-{s}", bridge=npb.Bridge(name=api_br, type=npb.BRIDGE_TYPE_OVS, datapath_type="netdev", fail_mode="secure"))
-            op = _wait_op(ops, net.EnsureBridge(req, timeout=30))
+            op = ok(ops, net.EnsureBridge(req, timeout=30), 30, poll=True)
             bridge = npb.Bridge()
             op.response.Unpack(bridge)
             assert bridge.fail_mode == "secure"
             assert vsctl(ovs, "get", "Bridge", api_br, "fail_mode").stdout.strip() == "secure"
             again = net.EnsureBridge(req, timeout=30)
             assert again.id == op.id  # same request id: the first result, not a second run
-            op = _wait_op(ops, net.EnsurePortGroup(npb.EnsurePortGroupRequest(port_group=npb.PortGroup(name=f"web{s}", bridge=api_br, trunk_vlans=[7, 5])), timeout=30))
+            op = ok(ops, net.EnsurePortGroup(npb.EnsurePortGroupRequest(port_group=npb.PortGroup(name=f"web{s}", bridge=api_br, trunk_vlans=[7, 5])), timeout=30), 30, poll=True)
             pgs = {p.name: p for p in net.ListPortGroups(npb.ListPortGroupsRequest(bridge=api_br), timeout=30).port_groups}
             assert list(pgs[f"web{s}"].trunk_vlans) == [5, 7]
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-from guest_console import ConsoleSocket, SerialLog, domain_xml
-
 from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.network import vif
 from cna_agent.network.model import BridgeDecl, PortGroupDecl
 from cna_agent.network.service import NetworkService
+from support.console import ConsoleSocket, SerialLog
+from support.guests import domain_xml
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 

@@ -20,7 +20,8 @@ import pytest
 from cna_agent.api import pb
 from cna_agent.host import affinity
 from cna_agent.host.cpulist import parse_cpulist
-from support import start_agent
+from support.agent import start_agent
+from support.operations import ok
 
 vm = pb.vm_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or len(os.sched_getaffinity(0)) < 2 or not affinity.native_available(),
@@ -53,20 +54,11 @@ def test_dedicated_guest_pinned_as_planned_then_live_repinned_and_drift_reported
     try:
         with agent.channel() as ch:
             vms = pb.vm_pb2_grpc.VmServiceStub(ch)
-            ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
             host = pb.host_pb2_grpc.HostServiceStub(ch)
             spec = vm.VmSpec(name="live-pin", vcpus=1, memory_mib=128, dedicated_cpus=True, arch=pb.common_pb2.ARCH_X86_64,
                              console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE),  # no VNC port race with other guests
                              boot=vm.BootSpec(kernel=g["kernel"], initrd=g["initrd"], cmdline=f"console={g['console']}"))
-            op = vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60)
-            deadline = time.monotonic() + 120
-            while not op.done:
-                assert time.monotonic() < deadline
-                time.sleep(0.3)
-                op = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=30)
-            assert not op.HasField("error"), op.error
-            created = vm.Vm()
-            op.response.Unpack(created)
+            created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), 120, poll=True, into=vm.Vm())
             pid = int(vms.GetVm(vm.GetVmRequest(vm=created.uuid), timeout=30).status.qemu_pid)
             deadline = time.monotonic() + 60
             while "CPU 0/TCG" not in _threads(pid):

@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from cna_agent.api import pb
-from support import wait_operation
+from support.operations import ok, wait
 
 vm = pb.vm_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root and the host's libvirtd")
@@ -52,7 +52,7 @@ def _start(ch, name: str):
     # A BIOS guest with nothing to boot idles in SeaBIOS: enough for QEMU and its monitor.
     spec = vm.VmSpec(name=name, vcpus=1, memory_mib=64, arch=pb.common_pb2.ARCH_X86_64)
     op = stub.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60)
-    return stub, wait_operation(ch, op, 90, ok=False)
+    return stub, wait(ch, op, 90, poll=True)
 
 
 def _qemu_uid(pid: int) -> int:
@@ -87,7 +87,7 @@ def _started_and_reachable(ch, stub, op, fallback: Path) -> str:
         assert stat.S_ISSOCK(os.lstat(sock).st_mode) and os.lstat(sock).st_uid == qemu_user  # QEMU made it
         return uuid
     except BaseException:
-        wait_operation(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60), 60)
+        ok(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60), 60, poll=True)
         raise
 
 
@@ -98,7 +98,7 @@ def test_a_fresh_host_starts_a_vm_whose_qemu_reaches_the_fallback_socket(system_
     with agent.channel() as ch:
         stub, op = _start(ch, f"rundir-{os.getpid()}")
         uuid = _started_and_reachable(ch, stub, op, fresh_root)
-        wait_operation(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60), 60)
+        ok(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60), 60, poll=True)
 
 
 @pytest.mark.slow
@@ -108,15 +108,15 @@ def test_directories_left_wrong_are_repaired(system_libvirtd, agent_factory, tmp
         stub, op = _start(ch, f"rundir-r-{os.getpid()}")
         uuid = _started_and_reachable(ch, stub, op, fresh_root)
         sock_dir = next(fresh_root.iterdir())
-        wait_operation(ch, stub.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, hard=True), timeout=30), 60)
+        ok(ch, stub.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, hard=True), timeout=30), 60, poll=True)
         # As an earlier embedded-mode run or an admin's mkdir would leave them: root-only root,
         # a root-owned listable socket directory.
         os.chmod(fresh_root, 0o700)
         os.chown(sock_dir, 0, 0)
         os.chmod(sock_dir, 0o755)
-        wait_operation(ch, stub.StartVm(vm.VmActionRequest(vm=uuid), timeout=60), 90)
+        ok(ch, stub.StartVm(vm.VmActionRequest(vm=uuid), timeout=60), 90, poll=True)
         assert _started_and_reachable(ch, stub, op, fresh_root) == uuid
-        wait_operation(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60), 60)
+        ok(ch, stub.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60), 60, poll=True)
 
 
 @pytest.mark.slow

@@ -16,12 +16,9 @@ answers again (``[compute] io_error_resume = "auto"``). Both paths must lose no 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,11 +26,12 @@ from pathlib import Path
 import pytest
 
 from cna_agent.api import pb
-from guest_console import AgentConsole, SerialLog
-from support import start_agent, wait_operation
+from support.agent import start_agent
+from support.console import AgentConsole, SerialLog
+from support.guests import build_guest
+from support.operations import ok
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 vm, st, ops_pb, ev = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2, pb.events_pb2
 IQN = "iqn.2024-01.test.cna:guest-luns"
 MiB = 1024**2
@@ -42,10 +40,7 @@ DATA_OFFSET, DATA_LEN = 1 * MiB, 1 * MiB
 
 
 def _boot_disk() -> Path:
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "build-test-guest.py"), "--arch", "x86_64", "--boot-disk",
-                        "--print-json"], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return Path(json.loads(p.stdout)["boot_disk"])
+    return Path(build_guest("x86_64", boot_disk=True)["boot_disk"])
 
 
 def _status(ch, uuid: str) -> vm.VmStatus:
@@ -117,7 +112,7 @@ def _boot_from_lun(ch, agent, name: str) -> tuple[str, SerialLog]:
     spec = vm.VmSpec(name=name, vcpus=1, memory_mib=192, serial_console=True, arch=pb.common_pb2.ARCH_X86_64,
                      firmware=vm.FIRMWARE_BIOS,
                      disks=[vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/1"), boot_order=1)])
-    op = wait_operation(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id=f"create-{name}"), timeout=60))
+    op = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, request_id=f"create-{name}"), timeout=60), poll=True)
     created = vm.Vm()
     op.response.Unpack(created)
     log = SerialLog(agent.dir / "run" / "vms" / created.uuid / "serial.log")
@@ -137,20 +132,20 @@ def test_guest_boots_from_a_lun_and_a_hotplugged_lun_keeps_what_it_wrote(san_age
         facts = log.text()
         assert "CNA-FACT block=vda\n" in facts  # the LUN is the guest's only disk
 
-        wait_operation(ch, storage.AttachDisk(st.AttachDiskRequest(
-            vm=uuid, request_id="att-lun2", disk=vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/2"))), timeout=60))
+        ok(ch, storage.AttachDisk(st.AttachDiskRequest(
+            vm=uuid, request_id="att-lun2", disk=vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/2"))), timeout=60), poll=True)
         log.wait_for(r"CNA-HOTPLUG add block vdb", timeout=60)
         with AgentConsole(ch, uuid) as con:
             con.send("\n")
             con.wait_for(r"cna# ", timeout=60, partial=True)
             sha = _write_pattern(con, "vdb")
-        wait_operation(ch, storage.DetachDisk(st.DetachDiskRequest(vm=uuid, target="vdb", request_id="det-lun2"), timeout=60))
+        ok(ch, storage.DetachDisk(st.DetachDiskRequest(vm=uuid, target="vdb", request_id="det-lun2"), timeout=60), poll=True)
         log.wait_for(r"CNA-HOTPLUG remove block vdb", timeout=60)
         # after the detach the bytes are on the array ...
         assert _sha_at(data, DATA_OFFSET, DATA_LEN) == sha
         # ... and the guest reads the same bytes back when the LUN comes back
-        wait_operation(ch, storage.AttachDisk(st.AttachDiskRequest(
-            vm=uuid, request_id="att-lun2-again", disk=vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/2"))), timeout=60))
+        ok(ch, storage.AttachDisk(st.AttachDiskRequest(
+            vm=uuid, request_id="att-lun2-again", disk=vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/2"))), timeout=60), poll=True)
         log.wait_for(r"CNA-HOTPLUG add block vdb", count=2, timeout=60)
         with AgentConsole(ch, uuid) as con:
             rc, out = con.run("dd if=/dev/vdb bs=64k skip=16 count=16 iflag=direct 2>/dev/null | sha256sum", timeout=60)
@@ -169,8 +164,8 @@ def test_target_failures_pause_or_stall_the_guest_and_lose_no_write(san_agent):
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
         storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
         uuid, log = _boot_from_lun(ch, agent, "lunfail")
-        wait_operation(ch, storage.AttachDisk(st.AttachDiskRequest(
-            vm=uuid, request_id="att-data", disk=vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/2"))), timeout=60))
+        ok(ch, storage.AttachDisk(st.AttachDiskRequest(
+            vm=uuid, request_id="att-data", disk=vm.DiskSpec(lun=vm.LunSource(datastore="san", lun_id=f"{IQN}/2"))), timeout=60), poll=True)
         log.wait_for(r"CNA-HOTPLUG add block vdb", timeout=60)
         con = AgentConsole(ch, uuid)
         try:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from guest_console import ConsoleSocket, SerialLog, domain_xml, facts
+from support.console import ConsoleSocket, SerialLog, facts
+from support.guests import domain_xml
 
 
 def _wait_gone(dom, timeout: float) -> float:

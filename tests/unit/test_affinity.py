@@ -5,12 +5,10 @@ never from the code under test's own view. No daemons."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,62 +16,12 @@ import pytest
 
 from cna_agent.host import affinity as aff
 from cna_agent.host.cpulist import parse_cpulist
+from support.procs import Child, proc_allowed, proc_comm, proc_tids
 
 NATIVE = [pytest.param(True, id="native"), pytest.param(False, id="python")]
 CPUS = sorted(os.sched_getaffinity(0))
 
 pytestmark = pytest.mark.skipif(not aff.native_available(), reason="cna_agent._native without affinity.c (rebuild: python native/build_native.py)")
-
-CHILD = textwrap.dedent(
-    """
-    import json, mmap, os, sys, threading, time
-    n, alloc_mib, spin, map_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
-    tids, lock = {}, threading.Lock()
-    def worker(i):
-        tid = threading.get_native_id()
-        with open(f"/proc/self/task/{tid}/comm", "w") as f:
-            f.write(f"CPU {i}/TCG")  # what QEMU names its vCPU threads
-        with lock:
-            tids[i] = tid
-        if spin and i == 0:
-            while time.thread_time() < 0.4:  # CPU time, not wall time: the host may be busy
-                pass
-        while True:
-            time.sleep(0.005)  # wakes often, so "last CPU" follows a new pin quickly
-    for i in range(n):
-        threading.Thread(target=worker, args=(i,), daemon=True).start()
-    buf = bytearray(alloc_mib << 20)
-    for off in range(0, len(buf), 4096):
-        buf[off] = 1  # resident, not just reserved
-    keep = None
-    if map_path != "-":
-        fd = os.open(map_path, os.O_RDONLY)
-        keep = mmap.mmap(fd, 4096, prot=mmap.PROT_READ)
-        keep[0]
-    while len(tids) < n:
-        time.sleep(0.01)
-    print(json.dumps({"pid": os.getpid(), "tids": [tids[i] for i in range(n)]}), flush=True)
-    sys.stdin.read()
-    """
-)
-
-
-class Child:
-    def __init__(self, threads: int = 4, alloc_mib: int = 0, spin: bool = False, map_path: str = "-") -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(threads), str(alloc_mib), "1" if spin else "0", map_path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        info = json.loads(self.proc.stdout.readline())
-        self.pid: int = info["pid"]
-        #: workers[i] is the thread named "CPU i/TCG".
-        self.workers: list[int] = info["tids"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -81,21 +29,6 @@ def child():
     c = Child()
     yield c
     c.close()
-
-
-def proc_tids(pid: int) -> tuple[int, ...]:
-    return tuple(sorted(int(n) for n in os.listdir(f"/proc/{pid}/task")))
-
-
-def proc_allowed(pid: int, tid: int) -> tuple[int, ...]:
-    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            return parse_cpulist(line.split(":", 1)[1])
-    raise AssertionError("no Cpus_allowed_list")
-
-
-def proc_comm(pid: int, tid: int) -> str:
-    return Path(f"/proc/{pid}/task/{tid}/comm").read_text().rstrip("\n")
 
 
 @pytest.mark.parametrize("native", NATIVE)

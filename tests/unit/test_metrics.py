@@ -18,7 +18,7 @@ from cna_agent.state.eventlog import EventHub, EventLog
 from cna_agent.state.store import StateStore
 from cna_agent.vrm.link import LinkStatus
 from cna_agent.vrm.stats import StatsSnapshot, parse_record
-from test_vrm_stats import qemu_like
+from support.stats import qemu_like
 
 
 class FakeLink:

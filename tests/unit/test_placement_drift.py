@@ -19,7 +19,7 @@ from cna_agent.host.placer import HostPlacer
 from cna_agent.host.topology import probe_topology
 from cna_agent.state.eventlog import EventHub, EventLog
 from cna_agent.state.store import StateStore
-from test_affinity import Child, proc_allowed, proc_tids
+from support.procs import Child, proc_allowed, proc_tids
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sysfs"
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not affinity.native_available(),

@@ -4,6 +4,7 @@ threads) and VM mixes: node locality, cluster packing next to existing VMs, rele
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as stg
@@ -12,7 +13,9 @@ from cna_agent.errors import FailedPrecondition
 from cna_agent.host.placement import Placement, Planner, VmRequest
 from cna_agent.host.placer import HostPlacer
 from cna_agent.state.store import StateStore
-from test_placement import topologies, vm_requests
+from support.placement import topologies, vm_requests
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sysfs"
 
 
 def _place_all(planner: Planner, reqs) -> list[Placement]:
@@ -82,7 +85,6 @@ def test_property_a_small_dedicated_vm_takes_one_cluster_whenever_a_cluster_has_
 
 
 def test_release_gives_back_cpus_memory_and_hugepages(tmp_path):
-    from test_placement import FIXTURES
     from cna_agent.host.topology import probe_topology
 
     topo = probe_topology(str(FIXTURES / "kunpeng920-2s"))
@@ -109,7 +111,6 @@ def test_kunpeng_small_vm_prefers_a_node_with_a_free_cluster_over_a_fragmented_b
     """Node 0 fragmented (one free core in each of 3 clusters, fewest free cores: the best
     fit), other nodes with whole free clusters: a 2-vCPU dedicated VM goes whole into one
     cluster elsewhere instead of being split on node 0."""
-    from test_placement import FIXTURES
     from cna_agent.host.topology import probe_topology
 
     topo = probe_topology(str(FIXTURES / "kunpeng920-2s"))

@@ -2,13 +2,13 @@
 and Xeon trees, or written out): vcpupin, emulatorpin, iothreadpin, numatune memory + memnode,
 hugepage page size, guest NUMA cells. Every document passes virt-xml-validate and is defined
 on a real libvirt (the test driver's domain parser), and libvirt's own XML parses back into
-the typed model with the same placement. No daemons."""
+the typed model with the same placement. No daemons (the same on the embedded QEMU driver, which
+probes QEMU: tests/integration/test_render_qemu_driver.py)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -206,46 +206,3 @@ def test_typed_model_parses_libvirt_units_and_round_trips_the_new_elements():
     assert [(p.iothread, p.cpuset) for p in dom.cputune.iothreadpins] == [(1, "3-4")]
     assert [(m.cellid, m.mode, m.nodeset) for m in dom.numatune.memnodes] == [(1, "preferred", "1")]
     assert dx.Domain.from_xml(dom.to_xml()).to_xml() == dom.to_xml()
-
-
-_EMBEDDED_DEFINE = """
-import libvirt, sys
-libvirt.registerErrorHandler(lambda c, e: None, None)
-libvirt.virEventRegisterDefaultImpl()
-from cna_agent.hypervisor import prepare_embedded_root
-root = sys.argv[1]
-prepare_embedded_root(root)
-conn = libvirt.open('qemu:///embed?root=' + root)
-dom = conn.defineXML(open(sys.argv[2]).read())
-sys.stdout.write(dom.XMLDesc(0))
-dom.undefine()
-conn.close()
-"""
-
-
-@pytest.mark.slow
-def test_the_qemu_driver_accepts_memnode_page_size_and_iothreadpin(tmp_path, libvirt_caps_cache):
-    """The embedded QEMU driver (the one that runs the guests) validates against QEMU's
-    capabilities, which the test driver does not: memory backends per cell, I/O threads."""
-    if libvirt_caps_cache is None:
-        pytest.skip("libvirt-python is not installed")
-    ctx = RenderContext(host_arch="x86_64", virt_type="qemu", state_dir=str(tmp_path), run_dir=str(tmp_path / "run"),
-                        agent_version="test", qmp_side_channel=False)
-    spec = _spec("x86_64", 4, 4096, dedicated_cpus=True, hugepages=True, numa_cells=2)
-    plan = PlacementPlan(vcpu_pins={0: (0,), 1: (1,), 2: (2,), 3: (3,)}, emulator_cpus=(4,), iothread_cpus={1: (4,)},
-                         memory_nodes=(0,), guest_cells=(GuestNumaCell(0, (0, 1), 2048, 0), GuestNumaCell(1, (2, 3), 2048, 0)),
-                         hugepage_kib=1048576, dedicated=True)
-    dom = build_domain(spec, Bindings(kernel=spec.boot.kernel, placement=plan), ctx)
-    dom.iothreads = 1
-    apply_placement(dom, plan, spec)
-    path = tmp_path / "d.xml"
-    path.write_text(dom.to_xml())
-    root = tmp_path / "embed"
-    shutil.copytree(libvirt_caps_cache, root / "cache" / "qemu" / "capabilities")
-    out = subprocess.run([sys.executable, "-c", _EMBEDDED_DEFINE, str(root), str(path)], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    got = dx.Domain.from_xml(out.stdout)
-    assert [(p.iothread, p.cpuset) for p in got.cputune.iothreadpins] == [(1, "4")]
-    assert [(m.cellid, m.nodeset) for m in got.numatune.memnodes] == [(0, "0"), (1, "0")]
-    assert [p.size_kib for p in got.hugepage_pages] == [1048576]

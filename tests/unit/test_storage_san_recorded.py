@@ -10,89 +10,16 @@ runner's effects move the tree to the next recorded stage when the command that 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from cna_agent.errors import DeadlineExceeded, InvalidArgument
-from cna_agent.storage.model import DatastoreDecl, validate_datastore
 from cna_agent.storage.runner import RecordingRunner
 from cna_agent.storage.san import FibreChannel, KernelIscsi, backends_for
+from support.san import FC_WWN, IQN, ISCSI_WWN, FakeClock, Tree, fc_decl, iscsi_decl
 
-FIX = Path(__file__).resolve().parents[1] / "fixtures" / "scsi"
-IQN = "iqn.2006-08.com.huawei:oceanstor:2100a8f0000000000::20003:192.0.2.20"
-ISCSI_WWN = "6a8ffba1005d5a0a0000000000000001"
-FC_WWN = "6a8ffba1005d5a0a00000000000000f3"
 GiB = 1024**3
-
-
-class Tree:
-    """A working copy of one recorded stage that later stages can be laid over."""
-
-    def __init__(self, root: Path, scenario: str, stage: str) -> None:
-        self.root, self.scenario = root, scenario
-        shutil.copytree(FIX / scenario / stage, root, symlinks=True)
-
-    def overlay(self, stage: str):
-        src = FIX / self.scenario / stage
-
-        def apply() -> None:
-            for dirpath, dirnames, filenames in os.walk(src):
-                rel = Path(dirpath).relative_to(src)
-                for name in dirnames + filenames:
-                    s_, d_ = Path(dirpath) / name, self.root / rel / name
-                    if s_.is_symlink():
-                        if d_.is_symlink() or d_.is_file():
-                            d_.unlink()
-                        if not d_.exists():
-                            d_.parent.mkdir(parents=True, exist_ok=True)
-                            os.symlink(os.readlink(s_), d_)
-                    elif s_.is_dir():
-                        d_.mkdir(parents=True, exist_ok=True)
-                    else:
-                        d_.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copyfile(s_, d_)
-        return apply
-
-    def remove_disk_on_delete(self, path: str, data: str) -> None:
-        """What the kernel does on "1" > /sys/block/sdX/device/delete: the disk and its links go."""
-        if not path.endswith("/device/delete"):
-            return
-        disk = Path(path).parts[-3]
-        shutil.rmtree(self.root / "sys/block" / disk)
-        (self.root / "dev" / disk).unlink()
-        for link in (self.root / "dev/disk/by-id").iterdir():
-            if link.is_symlink() and os.readlink(link).endswith("/" + disk):
-                link.unlink()
-
-    def remove_map(self, dm: str, name: str):
-        def effect() -> None:
-            shutil.rmtree(self.root / "sys/block" / dm)
-            for p in (self.root / "dev/mapper" / name, self.root / "dev" / dm):
-                p.unlink()
-            for link in (self.root / "dev/disk/by-id").iterdir():
-                if os.readlink(link).endswith("/" + dm):
-                    link.unlink()
-        return effect
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, s: float) -> None:
-        self.now += s
-
-
-def _iscsi_decl(**kw) -> DatastoreDecl:
-    d = DatastoreDecl(name="san1", type="iscsi", portals=("192.0.2.20", "192.0.2.21:3260"), target_iqn=IQN,
-                      initiator="kernel", scan_timeout_s=5.0, **kw)
-    return validate_datastore(d, "storage.datastores.san1")
 
 
 def _discovery(runner: RecordingRunner) -> None:
@@ -107,7 +34,7 @@ def test_recorded_kernel_iscsi_login_targeted_scan_and_multipath(tmp_path):
     runner.add("multipath", "-r", effect=tree.overlay("multipath"))
     runner.on_write = lambda path, data: tree.overlay("scanned")() if path.endswith("/scan") else None
     clock = FakeClock()
-    san = KernelIscsi(_iscsi_decl(), runner, str(tree.root), clock=clock, sleep=clock.sleep)
+    san = KernelIscsi(iscsi_decl(), runner, str(tree.root), clock=clock, sleep=clock.sleep)
 
     lun = san.attach(f"{IQN}/1", "spec.disks[1].lun.lun_id")
 
@@ -143,7 +70,7 @@ def test_recorded_kernel_iscsi_chap_is_set_on_the_node(tmp_path):
     _discovery(runner)
     runner.add("iscsiadm", "-m", "node", "-T", IQN, "-p", "192.0.2.20:3260", "--login", effect=tree.overlay("scanned"))
     clock = FakeClock()
-    san = KernelIscsi(_iscsi_decl(chap_user="cna", chap_secret_file=str(secret)), runner, str(tree.root), clock=clock, sleep=clock.sleep)
+    san = KernelIscsi(iscsi_decl(chap_user="cna", chap_secret_file=str(secret)), runner, str(tree.root), clock=clock, sleep=clock.sleep)
     san.login()
     node = ("iscsiadm", "-m", "node", "-T", IQN, "-p", "192.0.2.20:3260", "-o", "update", "-n")
     assert node + ("node.session.auth.authmethod", "-v", "CHAP") in runner.calls
@@ -159,7 +86,7 @@ def test_recorded_lun_that_never_appears_times_out_and_logs_out(tmp_path):
     runner.add("iscsiadm", "-m", "node", "-T", IQN, "-p", "192.0.2.20:3260", "--logout",
                effect=lambda: shutil.rmtree(tree.root / "sys/class/iscsi_session"))
     clock = FakeClock()
-    san = KernelIscsi(_iscsi_decl(), runner, str(tree.root), clock=clock, sleep=clock.sleep)
+    san = KernelIscsi(iscsi_decl(), runner, str(tree.root), clock=clock, sleep=clock.sleep)
 
     with pytest.raises(DeadlineExceeded) as exc:
         san.attach("7", "lun_id")
@@ -177,7 +104,7 @@ def test_recorded_resize_rescans_every_path_and_the_map(tmp_path):
     tree = Tree(tmp_path / "root", "iscsi", "multipath")
     runner = RecordingRunner()
     runner.add("multipathd", "resize", "map", "mpatha", effect=tree.overlay("grown"))
-    san = KernelIscsi(_iscsi_decl(), runner, str(tree.root))
+    san = KernelIscsi(iscsi_decl(), runner, str(tree.root))
     assert san.lun_info(ISCSI_WWN).size_bytes == 20 * GiB
     lun = san.resize(ISCSI_WWN)
     assert lun.size_bytes == 30 * GiB
@@ -190,7 +117,7 @@ def test_recorded_clean_detach_flushes_map_deletes_paths_and_logs_out(tmp_path):
     tree = Tree(tmp_path / "root", "iscsi", "multipath")
     runner = RecordingRunner(on_write=tree.remove_disk_on_delete)
     runner.add("multipath", "-f", "mpatha", effect=tree.remove_map("dm-0", "mpatha"))
-    san = KernelIscsi(_iscsi_decl(), runner, str(tree.root))
+    san = KernelIscsi(iscsi_decl(), runner, str(tree.root))
     assert san.detach(ISCSI_WWN) == []
     assert runner.calls[:3] == [("multipath", "-f", "mpatha"), ("blockdev", "--flushbufs", "/dev/sdb"),
                                 ("blockdev", "--flushbufs", "/dev/sdc")]
@@ -206,7 +133,7 @@ def test_recorded_failed_detach_forces_removal_and_flushes_map(tmp_path):
     runner = RecordingRunner(on_write=tree.remove_disk_on_delete)
     runner.add("multipath", "-f", "mpatha", returncode=1, stderr="mpatha: map in use")
     runner.add("dmsetup", "remove", effect=tree.remove_map("dm-0", "mpatha"))
-    san = KernelIscsi(_iscsi_decl(), runner, str(tree.root))
+    san = KernelIscsi(iscsi_decl(), runner, str(tree.root))
     forced = san.detach(ISCSI_WWN)
     assert forced == ["map mpatha"]
     assert runner.calls[:4] == [("multipath", "-f", "mpatha"), ("multipathd", "disablequeueing", "map", "mpatha"),
@@ -216,19 +143,13 @@ def test_recorded_failed_detach_forces_removal_and_flushes_map(tmp_path):
     assert san.lun_info(ISCSI_WWN) is None
 
 
-def _fc_decl(**kw) -> DatastoreDecl:
-    d = DatastoreDecl(name="fc1", type="fc", target_wwpns=("2100a8f000000001", "22:00:a8:f0:00:00:00:01"),
-                      lun_wwns=(FC_WWN,), scan_timeout_s=3.0, **kw)
-    return validate_datastore(d, "storage.datastores.fc1")
-
-
 def test_recorded_fc_discovery_lip_scan_and_multipath(tmp_path):
     tree = Tree(tmp_path / "root", "fc", "before")
     runner = RecordingRunner()
     runner.on_write = lambda path, data: tree.overlay("scanned")() if path.endswith("/scan") else None
     runner.add("multipath", "-r", effect=tree.overlay("multipath"))
     clock = FakeClock()
-    san = FibreChannel(_fc_decl(), runner, str(tree.root), clock=clock, sleep=clock.sleep)
+    san = FibreChannel(fc_decl(), runner, str(tree.root), clock=clock, sleep=clock.sleep)
     assert san.host_wwpns() == ["10000090fa000005", "10000090fa000006"]
     assert san.list_luns() == []
     lun = san.attach("3" + FC_WWN.upper(), "lun_id")  # by-id spelling accepted
@@ -242,7 +163,7 @@ def test_recorded_fc_removal_and_foreign_lun_refused(tmp_path):
     tree = Tree(tmp_path / "root", "fc", "multipath")
     runner = RecordingRunner(on_write=tree.remove_disk_on_delete)
     runner.add("multipath", "-f", "mpathb", effect=tree.remove_map("dm-1", "mpathb"))
-    san = FibreChannel(_fc_decl(), runner, str(tree.root))
+    san = FibreChannel(fc_decl(), runner, str(tree.root))
     with pytest.raises(InvalidArgument) as exc:
         san.attach("6a8ffba1005d5a0a00000000000000ff", "spec.disks[0].lun.lun_id")
     assert exc.value.field == "spec.disks[0].lun.lun_id"
@@ -259,7 +180,7 @@ def test_recorded_fc_lun_bound_for_compute_through_the_service(tmp_path):
 
     tree = Tree(tmp_path / "root", "fc", "multipath")
     runner = RecordingRunner()
-    decl = _fc_decl()
+    decl = fc_decl()
 
     async def go():
         svc = StorageService((decl,), runner, StorageExecutor(2, 30), ops=None, events=None,  # type: ignore[arg-type]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
-import sys
 from pathlib import Path
 
 import grpc
@@ -21,9 +20,9 @@ from cna_agent.config import VrmConfig
 from cna_agent.state.eventlog import EventHub, EventLog
 from cna_agent.state.store import StateStore
 from cna_agent.vrm.link import ACK_KEY, CONNECTED, LOG_ID_KEY, DISCONNECTED, VrmLink, backoff_delay
+from support.tools import load_tool
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import vrm_sim  # noqa: E402
+vrm_sim = load_tool("vrm_sim", "vrm_sim.py")
 
 HOST = "11111111-2222-3333-4444-555555555555"
 

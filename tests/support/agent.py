@@ -1,4 +1,11 @@
-"""Helpers for tests that run the real agent process (imported by conftest and tests)."""
+"""The real ``cna-agent serve`` process, as e2e and integration tests start it.
+
+Why a process and not the service objects: these tests check what the VRM sees (config file,
+start-up, gRPC on the unix socket and TCP, signals, restart adoption), so they run the console
+script systemd would run. Each agent gets its own state and run directories and its own
+embedded libvirt root, so tests never see each other's guests. The fixtures built on this
+(``agent_factory``, ``agent``, ``vm_agent_factory``) live in the conftest.py files.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -144,55 +150,3 @@ def wait_ready(agent: AgentProcess, timeout: float = 90) -> None:
         time.sleep(0.2)
     agent.stop(signal.SIGKILL)
     raise AssertionError(f"agent not ready within {timeout}s:\n{agent.log_text()}")
-
-
-
-
-def wait_operation(channel, op, timeout: float = 120.0, *, ok: bool = True):
-    """Poll an Operation until it is done; with ok, assert it ended without an error."""
-    from cna_agent.api import pb
-
-    stub = pb.operations_pb2_grpc.OperationsServiceStub(channel)
-    deadline = time.monotonic() + timeout
-    while not op.done:
-        assert time.monotonic() < deadline, f"operation {op.id} ({op.kind}) not done after {timeout}s: {op}"
-        time.sleep(0.2)
-        op = stub.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=30)
-    if ok:
-        assert not op.HasField("error"), op.error
-    return op
-
-
-# -- the host's own libvirtd (qemu:///system), for tests of production mode -----------------------
-
-LIBVIRTD_SOCK = Path("/run/libvirt/libvirt-sock")
-LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.3) -> None:
-    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
-
-
-def libvirtd_answers() -> bool:
-    if not LIBVIRTD_SOCK.exists():
-        return False
-    out = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, timeout=30)
-    return out.returncode == 0
-
-
-def start_libvirtd() -> None:
-    subprocess.run(["virtlogd", "-d"], capture_output=True, timeout=30)
-    out = subprocess.run(["libvirtd", "-d"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    wait_for(libvirtd_answers, 30, "libvirtd to come up")
-
-
-def stop_libvirtd() -> None:
-    pid = int(LIBVIRTD_PIDFILE.read_text().strip())
-    os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to stop", 0.2)
-

@@ -1,15 +1,18 @@
 """Read and drive the serial console of a test guest built by tools/build-test-guest.py.
 
-Why: integration tests observe the guest instead of trusting libvirt's state. The guest prints
+Why: tests observe the guest instead of trusting libvirt's state. The guest prints
 ``CNA-FACT key=value`` lines, a ``<MARKER> boot=<n>`` line per boot, ``CNA-HOTPLUG ...`` lines and
 ``CNA-GUEST-POWEROFF``, then offers a root shell (prompt ``cna# ``) on the same serial port.
 
-Two ways in, usually both on one ``<serial>`` (see :func:`domain_xml`):
+Ways in, usually two on one ``<serial>`` (see :func:`support.guests.domain_xml`):
 
 * :class:`SerialLog` reads the chardev's log file (everything since the QEMU process started,
   across guest reboots) and waits for a line with a timeout.
 * :class:`ConsoleSocket` connects to a ``<serial type='unix'>`` socket, collects what arrives from
   then on and runs shell commands, returning their exit code and output.
+* :class:`AgentConsole` is the same shell through the agent's SerialConsole gRPC stream.
+* :class:`Console` is that stream as the e2e tests of the stream itself use it: it records how
+  the stream ended (``ended``, ``error``) and matches the raw bytes, partial lines included.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from xml.sax.saxutils import escape, quoteattr
 
 # ANSI/VT escapes the busybox line editor emits (e.g. ESC[6n cursor queries)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
@@ -189,79 +191,6 @@ class ConsoleSocket(_Shell):
         self.close()
 
 
-def domain_xml(
-    name: str,
-    guest: dict,
-    *,
-    serial_log: Path,
-    serial_socket: Path | None = None,
-    memory_mib: int = 256,
-    vcpus: int = 1,
-    numa_cells: int = 0,
-    cmdline_extra: str = "",
-    virt_type: str = "qemu",
-    devices_extra: str = "",
-) -> str:
-    """Domain XML that direct-boots a test guest (``guest`` = build-test-guest.py's JSON).
-
-    TCG by default: on these hosts /dev/kvm exists but a Linux guest hung under it. The serial
-    port logs to serial_log and, if serial_socket is given, is also a unix socket for the shell.
-    """
-    arch = guest["arch"]
-    if arch == "aarch64":
-        os_type = "<type arch='aarch64' machine='virt'>hvm</type>"
-        features = "<features><gic version='3'/></features>"
-        cpu_model = "<model fallback='forbid'>cortex-a57</model>"
-        cpu_mode = "custom"
-    else:
-        os_type = "<type arch='x86_64' machine='q35'>hvm</type>"
-        features = "<features><acpi/><apic/></features>"
-        cpu_model = "<model fallback='allow'>qemu64</model>"
-        cpu_mode = "custom"
-    numa = ""
-    if numa_cells:
-        per_cpu = vcpus // numa_cells
-        per_mem = memory_mib * 1024 // numa_cells
-        cells = "".join(
-            f"<cell id='{i}' cpus='{i * per_cpu}-{(i + 1) * per_cpu - 1}' memory='{per_mem}' unit='KiB'/>"
-            for i in range(numa_cells))
-        numa = f"<numa>{cells}</numa>"
-    cmdline = f"console={guest['console']} {cmdline_extra}".strip()
-    if serial_socket:
-        source = f"<source mode='bind' path={quoteattr(str(serial_socket))}/>"
-        serial_type = "unix"
-    else:
-        source = ""
-        serial_type = "null"
-    return f"""<domain type='{virt_type}'>
-  <name>{escape(name)}</name>
-  <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>{vcpus}</vcpu>
-  <os>
-    {os_type}
-    <kernel>{escape(guest['kernel'])}</kernel>
-    <initrd>{escape(guest['initrd'])}</initrd>
-    <cmdline>{escape(cmdline)}</cmdline>
-  </os>
-  {features}
-  <cpu mode='{cpu_mode}' match='exact' check='none'>{cpu_model}{numa}</cpu>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <serial type='{serial_type}'>
-      {source}
-      <log file={quoteattr(str(serial_log))} append='on'/>
-      <target port='0'/>
-    </serial>
-    <console type='{serial_type}'>{source}<target type='serial' port='0'/></console>
-    <memballoon model='none'/>
-    {devices_extra}
-  </devices>
-</domain>
-"""
-
-
 class AgentConsole(_Shell):
     """The guest's serial console through the agent's SerialConsole gRPC stream (what the VRM and
     ``cna-ctl vm console`` use), for VMs whose console is a libvirt pty.
@@ -310,3 +239,63 @@ class AgentConsole(_Shell):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Console:
+    """A SerialConsole stream driven from a thread: send() types, wait_for() reads.
+
+    Unlike :class:`AgentConsole` it keeps how the stream ended (``ended`` is set, ``error`` holds
+    the RpcError), for tests of the stream's rules (one session at a time, force, a stopped VM).
+    """
+
+    def __init__(self, stub, vm_ref: str, force: bool = False) -> None:
+        import queue
+
+        import grpc
+
+        from cna_agent.api import pb
+
+        vm = pb.vm_pb2
+        self.inq: "queue.Queue" = queue.Queue()
+        self.buf = b""
+        self.error: grpc.RpcError | None = None
+        self.ended = threading.Event()
+
+        def inputs():
+            yield vm.SerialConsoleInput(vm=vm_ref, force=force)
+            while True:
+                item = self.inq.get()
+                if item is None:
+                    return
+                yield vm.SerialConsoleInput(data=item)
+
+        self.call = stub.SerialConsole(inputs(), timeout=300)
+
+        def pump():
+            try:
+                for msg in self.call:
+                    self.buf += msg.data
+            except grpc.RpcError as exc:
+                self.error = exc
+            self.ended.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def send(self, text: str) -> None:
+        self.inq.put(text.encode())
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern.encode(), self.buf, re.M)
+            if m:
+                return m.group(0).decode()
+            if self.ended.is_set():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} not seen on the console (ended={self.ended.is_set()}, error={self.error}); "
+                             f"got {self.buf[-500:]!r}")
+
+    def close(self) -> None:
+        self.inq.put(None)
+        self.call.cancel()

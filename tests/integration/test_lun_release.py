@@ -3,17 +3,18 @@
 The host side is the real cna_agent.storage.san code on the recorded trees of
 tests/fixtures/scsi (tools/make-scsi-fixtures.py) with the RecordingRunner, whose effects make
 the tree follow what the kernel does (device/delete removes the sdX, multipath -f the map,
-iscsiadm --logout the sessions), as in test_storage_san_recorded.py.
+iscsiadm --logout the sessions), as in test_storage_san_recorded.py (support/san.py).
 
 The compute side is compute's real parts and the real StorageService wired to each other as the
 daemon wires them (cna_agent.wiring.parts: storage sees compute's inventory as its VmDisks, compute
 gets storage as its DiskProvider), with a real
 OperationRunner and event log on SQLite, and the real Hypervisor on libvirt's embedded QEMU
-driver (guests are defined, never started). libvirt's test driver cannot serve here: it refuses
-the undefine flags a delete uses (NVRAM, checkpoint metadata) and device detach. One process
-may open only one embedded root, and the pytest process must stay free for tests/integration,
-so each test re-runs itself in a child pytest (the ``embedded`` fixture) and passes when the
-child's run of the same test passes; the assertions, with pytest's messages, run in the child.
+driver (guests are defined, never started; opening the root probes QEMU, hence an integration
+test). libvirt's test driver cannot serve here: it refuses the undefine flags a delete uses
+(NVRAM, checkpoint metadata) and device detach. One process may open only one embedded root,
+and the pytest process must stay free for its own (the ``embedded_libvirt`` fixture), so each
+test re-runs itself in a child pytest (the ``embedded`` fixture) and passes when the child's run
+of the same test passes; the assertions, with pytest's messages, run in the child.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import libvirt
@@ -47,10 +47,9 @@ from cna_agent.storage.runner import RecordingRunner
 from cna_agent.storage.san import backends_for
 from cna_agent.storage.service import StorageService
 from cna_agent.wiring.parts import build_compute
-from test_storage_san_recorded import FC_WWN, IQN, ISCSI_WWN, Tree, _fc_decl, _iscsi_decl
+from support.san import FC_WWN, IQN, ISCSI_WWN, Tree, fc_decl, iscsi_decl
 
-UNIT = Path(__file__).resolve().parent
-REPO = UNIT.parents[1]
+REPO = Path(__file__).resolve().parents[2]
 P1, P2 = "192.0.2.20:3260", "192.0.2.21:3260"
 
 
@@ -176,7 +175,7 @@ def _iscsi_host(env: Env, runner: RecordingRunner | None = None, **kw: Any) -> H
     runner.on_write = tree.remove_disk_on_delete
     runner.add("multipath", "-f", "mpatha", effect=tree.remove_map("dm-0", "mpatha"))
     runner.add(*node(P1, "--logout"), effect=lambda: shutil.rmtree(tree.root / "sys/class/iscsi_session"))
-    return env.host((_iscsi_decl(),), runner, tree, **kw)
+    return env.host((iscsi_decl(),), runner, tree, **kw)
 
 
 def _present(tree: Tree) -> dict[str, bool]:
@@ -339,7 +338,7 @@ def test_recorded_tree_owed_release_survives_an_agent_restart(embedded):
             await host.close()
 
         # The next agent process: the same state database and host, nothing in memory.
-        again = env.host((_iscsi_decl(),), host.runner, host.tree, store=host.store)
+        again = env.host((iscsi_decl(),), host.runner, host.tree, store=host.store)
         try:
             mark = len(host.runner.calls)
             await again.storage.start()
@@ -417,7 +416,7 @@ def test_recorded_tree_detaching_a_fc_lun_disk_releases_the_lun(embedded):
         tree = Tree(env.tmp / "root", "fc", "multipath")
         runner = RecordingRunner(on_write=tree.remove_disk_on_delete)
         runner.add("multipath", "-f", "mpathb", effect=tree.remove_map("dm-1", "mpathb"))
-        host = env.host((_fc_decl(),), runner, tree, image_dirs=(str(image.parent),))
+        host = env.host((fc_decl(),), runner, tree, image_dirs=(str(image.parent),))
         try:
             uuid = await host.create("vm-fc", DiskSpec(volume=str(image), boot_order=1), _lun("fc1", FC_WWN))
             target = (await host.vms.get("vm-fc")).spec.disks[1].target

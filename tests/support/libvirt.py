@@ -1,0 +1,106 @@
+"""libvirt as the tests use it: the embedded QEMU driver in this process or a child, and the
+host's own libvirtd (qemu:///system) for tests of production mode.
+
+Why here: libvirt lets one process open only one embedded root for its lifetime and needs an
+event loop before it opens one; the first open of a root probes every installed QEMU binary
+(about 12 s). These helpers keep those rules in one place: the pytest process opens at most
+one embedded root (the ``embedded_libvirt`` fixture), warming the capabilities cache happens in
+a child, and the host libvirtd is started and stopped the way tools/testbed.py does.
+``import libvirt`` happens inside the functions, so importing this module never needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from support.waiting import wait_for
+
+#: qemu.conf for the pytest process's embedded root: QEMU runs as root without relabelling (so
+#: the cached guest files keep their owner) and chardev logs are written by QEMU itself (no
+#: virtlogd).
+EMBEDDED_QEMU_CONF = ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
+                      'security_driver = "none"\nstdio_handler = "file"\n')
+
+_event_loop_started = False
+
+
+def start_event_loop() -> None:
+    """libvirt's default event loop in one daemon thread (needed for the embedded driver)."""
+    global _event_loop_started
+    import libvirt
+
+    if _event_loop_started:
+        return
+    libvirt.virEventRegisterDefaultImpl()
+
+    def loop() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+    _event_loop_started = True
+
+
+def open_embedded(root: Path):
+    """A ``qemu:///embed`` connection on ``root`` (written with :data:`EMBEDDED_QEMU_CONF`)."""
+    import libvirt
+
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "qemu.conf").write_text(EMBEDDED_QEMU_CONF)
+    start_event_loop()
+    return libvirt.open(f"qemu:///embed?root={root}")
+
+
+def warm_capabilities_cache(root: Path) -> Path | None:
+    """Probe QEMU once under the embedded root ``root`` and return its capabilities cache
+    (``<root>/cache/qemu/capabilities``); None when libvirt-python is missing.
+
+    In a child process, so the caller stays free to open an embedded root of its own, and with
+    the agent's own qemu.conf: the cache is only valid for the same QEMU uid.
+    """
+    code = (
+        "import libvirt, sys\n"
+        "libvirt.registerErrorHandler(lambda c, e: None, None)\n"
+        "libvirt.virEventRegisterDefaultImpl()  # the embedded driver refuses to open without one\n"
+        f"from cna_agent.hypervisor import prepare_embedded_root; prepare_embedded_root({str(root)!r})\n"
+        f"conn = libvirt.open('qemu:///embed?root={root}')\n"
+        "conn.getCapabilities(); conn.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        if "No module named 'libvirt'" in out.stderr:
+            return None
+        raise RuntimeError(f"warming libvirt's capabilities cache failed: {out.stderr[-2000:]}")
+    cache = root / "cache" / "qemu" / "capabilities"
+    return cache if cache.is_dir() else None
+
+
+# -- the host's own libvirtd (qemu:///system), for tests of production mode -----------------------
+
+LIBVIRTD_SOCK = Path("/run/libvirt/libvirt-sock")
+LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
+
+
+def libvirtd_answers() -> bool:
+    if not LIBVIRTD_SOCK.exists():
+        return False
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, timeout=30)
+    return out.returncode == 0
+
+
+def start_libvirtd() -> None:
+    subprocess.run(["virtlogd", "-d"], capture_output=True, timeout=30)
+    out = subprocess.run(["libvirtd", "-d"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(libvirtd_answers, 30, "libvirtd to come up")
+
+
+def stop_libvirtd() -> None:
+    pid = int(LIBVIRTD_PIDFILE.read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to stop")
