@@ -76,11 +76,7 @@ class NicOperations:
         index = len(new.nics) - 1
         if nic.boot_order and running:
             raise FailedPrecondition("a hot-plugged NIC cannot change the boot order of a running VM", field="nic.boot_order")
-        try:
-            validate(new, self.lifecycle.validation_context())
-        except InvalidArgument as exc:
-            raise _spec_field(exc, index) from None
-        binding = await self.binder.nic(nic, field="nic")
+        # A MAC in use anywhere on the host (this VM included) is ALREADY_EXISTS, checked first.
         taken = await self.ops.inventory.all_macs()
         if nic.mac:
             nic.mac = check_mac(nic.mac, "nic.mac")
@@ -88,6 +84,11 @@ class NicOperations:
                 raise AlreadyExists(f"nic.mac: {nic.mac} is already used by a NIC on this host", field="nic.mac")
         else:
             nic.mac = generate_mac(taken)
+        try:
+            validate(new, self.lifecycle.validation_context())
+        except InvalidArgument as exc:
+            raise _spec_field(exc, index) from None
+        binding = await self.binder.nic(nic, field="nic")
         xml = interface_xml(new, index, binding)
 
         async def work(op: OperationContext) -> Any:

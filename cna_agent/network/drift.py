@@ -174,10 +174,10 @@ class NetworkReconciler:
         """Agent start: (re)apply every declaration, then repair VM NIC drift."""
         for decl in self.net.bridges.values():
             try:
-                decl = await self.check_bridge(decl, f"network.bridges.{decl.name}")
+                decl = await self.net.check_bridge(decl, f"network.bridges.{decl.name}")
                 changes = await self.net.apply_bridge(decl)
                 if changes:
-                    await self._publish("network.bridge.ensured", "bridge", decl.name, changes)
+                    await self.net._publish("network.bridge.ensured", "bridge", decl.name, changes)
             except AgentError as exc:
                 log.error("event=network.apply_failed bridge=%s error=%r", decl.name, exc.message)
                 await self.net.events.publish("network.drift", severity="error", resource_kind="network",
@@ -185,7 +185,7 @@ class NetworkReconciler:
                                            message=f"declared bridge could not be applied: {exc.message}")
         for pg in list(self.net.port_groups.values()):
             try:
-                await self.check_port_group(pg, f"network.port_groups.{pg.name}")
+                await self.net.check_port_group(pg, f"network.port_groups.{pg.name}")
             except AgentError as exc:
                 log.error("event=network.port_group_refused port_group=%s error=%r", pg.name, exc.message)
                 await self.net.events.publish("network.drift", severity="error", resource_kind="network",

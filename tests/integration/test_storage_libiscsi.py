@@ -63,7 +63,7 @@ def test_libiscsi_luns_listed_bound_and_read_written_by_qemu(target, tmp_path):
     async def go():
         await svc.monitor.probe_all()
         luns = await svc.list_luns("san1")
-        binding = await svc.resolve_lun("san1", "2", field="spec.disks[1].lun")
+        binding = await svc.resolve_lun("san1", "2", field="spec.disks[1].lun", vm="0c4f6a2e-0000-4000-8000-0000000000c1")
         ds = await svc.get_datastore("san1")
         svc.executor.shutdown()
         return luns, binding, ds

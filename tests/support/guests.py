@@ -52,6 +52,8 @@ def guest_spec(arch: str, name: str, **kw) -> pb.vm_pb2.VmSpec:
     for k, v in kw.items():
         if isinstance(v, (int, str, bool)):
             setattr(spec, k, v)
+        elif isinstance(v, (list, tuple)):
+            getattr(spec, k).extend(v)
         else:
             getattr(spec, k).CopyFrom(v)
     return spec
