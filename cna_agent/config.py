@@ -145,6 +145,8 @@ class NetworkConfig:
     ovsdb: str = "unix:/run/openvswitch/db.sock"
     #: Seconds one OVSDB connect or transaction may take.
     ovsdb_timeout_s: float = 10.0
+    #: Threads for netlink (bridge/VLAN/link) work, each call with a 30 s deadline.
+    netlink_threads: int = 2
     #: Periodic drift check and repair; 0 = only at start and on request.
     reconcile_interval_s: float = 60.0
     #: Declared bridges and port groups (cna_agent.network.model.BridgeDecl / PortGroupDecl).
@@ -661,6 +663,8 @@ def _validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
         fail("network", "ovsdb", f"{cfg.network.ovsdb!r} is not an OVSDB remote (unix:/PATH, tcp:HOST:PORT or ssl:HOST:PORT)")
     if cfg.network.ovsdb_timeout_s <= 0:
         fail("network", "ovsdb_timeout_s", "must be greater than 0")
+    if cfg.network.netlink_threads < 1:
+        fail("network", "netlink_threads", f"{cfg.network.netlink_threads} is below the minimum 1")
     if cfg.network.reconcile_interval_s < 0:
         fail("network", "reconcile_interval_s", "must be 0 (off) or greater")
     if cfg.host.placement_check_interval_s < 0:

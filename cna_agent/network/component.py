@@ -22,7 +22,8 @@ async def start(ctx: AgentContext) -> Component:
 
     cfg = ctx.config.network
     service = NetworkService(
-        ovsdb=cfg.ovsdb, ovsdb_timeout_s=cfg.ovsdb_timeout_s, state_dir=ctx.config.state.dir, events=ctx.events,
+        ovsdb=cfg.ovsdb, ovsdb_timeout_s=cfg.ovsdb_timeout_s, netlink_threads=cfg.netlink_threads,
+        state_dir=ctx.config.state.dir, events=ctx.events,
         hypervisor=ctx.hypervisor, runner=ctx.runner, components=ctx.components,
         config_bridges=cfg.bridges, config_port_groups=cfg.port_groups,
     )

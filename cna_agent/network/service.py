@@ -25,11 +25,11 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
+from cna_agent.blocking import BlockingPool
 from cna_agent.contracts import Bandwidth, NicBinding
 from cna_agent.errors import AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cna_agent.network import vif
@@ -75,6 +75,8 @@ class NetworkService:
         *,
         ovsdb: str = DEFAULT_OVSDB,
         ovsdb_timeout_s: float = 10.0,
+        netlink_threads: int = 2,
+        netlink_timeout_s: float = 30.0,
         state_dir: str,
         events: Any,
         hypervisor: Any,
@@ -86,7 +88,8 @@ class NetworkService:
     ) -> None:
         self.ovs = OvsdbClient(ovsdb, ovsdb_timeout_s)
         self.linux = LinuxBridgeDriver()
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="netlink")
+        #: Netlink (pyroute2) and sysfs work; [network] netlink_threads, a deadline per call.
+        self.netlink_pool = BlockingPool("netlink", netlink_threads, netlink_timeout_s)
         self._events = events
         self._hv = hypervisor
         self._runner = runner
@@ -135,8 +138,8 @@ class NetworkService:
                                    "port_groups": [asdict(p) for p in self._api_pgs.values()]}, indent=1))
         os.replace(tmp, self._store)
 
-    async def _blocking(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def _blocking(self, fn: Callable[[], Any], what: str = "netlink call") -> Any:
+        return await self.netlink_pool.run(fn, what=what)
 
     # -- bridges --------------------------------------------------------------------------
 
@@ -665,7 +668,7 @@ class NetworkService:
 
     async def close(self) -> None:
         self.ovs.close()
-        self._executor.shutdown(wait=False)
+        self.netlink_pool.shutdown()
 
 
 def _enslave(dev: str, bridge: str) -> list[str]:

@@ -232,3 +232,18 @@ def test_the_pool_is_bounded():
     finally:
         pool.shutdown(wait=True)
     assert len(seen) <= 2 and peak[1] <= 2
+
+
+def test_netlink_pool_size_comes_from_config(tmp_path):
+    from cna_agent.config import ConfigError, load_config
+
+    assert load_config(_write(tmp_path / "a.toml", ""), environ={}).network.netlink_threads == 2
+    cfg = load_config(_write(tmp_path / "b.toml", "[network]\nnetlink_threads = 3\n"), environ={})
+    assert cfg.network.netlink_threads == 3
+    with pytest.raises(ConfigError, match="network.netlink_threads"):
+        load_config(_write(tmp_path / "c.toml", "[network]\nnetlink_threads = 0\n"), environ={})
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path
