@@ -45,7 +45,12 @@ class Agent:
     context: object = None
 
 
-async def resolve_virt_type(config: AgentConfig, hypervisor, state_dir: Path):
+#: Deadline of the KVM probe (a firmware test boot of at most 10 s, plus QEMU start and kill).
+KVM_PROBE_TIMEOUT_S = 60.0
+
+
+async def resolve_virt_type(config: AgentConfig, hypervisor, state_dir: Path, *, pool):
+    """The KVM verdict and virt_type; the probe runs in ``pool`` (the shared host pool)."""
     from cna_agent.host.kvmprobe import KvmVerdict, probe_kvm
 
     facts = hypervisor.facts if hypervisor is not None else None
@@ -53,9 +58,8 @@ async def resolve_virt_type(config: AgentConfig, hypervisor, state_dir: Path):
     arch = facts.arch if facts else platform.machine()
     if config.libvirt.virt_type == "qemu":
         return KvmVerdict(False, "virt_type = qemu in the configuration", method="config"), "qemu"
-    verdict = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: probe_kvm(emulator, arch, cache_file=state_dir / "kvm-probe.json")
-    )
+    verdict = await pool.run(lambda: probe_kvm(emulator, arch, cache_file=state_dir / "kvm-probe.json"),
+                             timeout=KVM_PROBE_TIMEOUT_S, what="KVM probe")
     if facts is not None and not facts.kvm_in_domcaps and verdict.usable:
         verdict = KvmVerdict(False, "libvirt's capabilities offer no kvm domain type for this arch", method="domcaps")
     if config.libvirt.virt_type == "kvm":
@@ -71,7 +75,7 @@ async def build_agent(config: AgentConfig):
     from cna_agent.api.operations import OperationsServicer
     from cna_agent.api.server import AgentServer
     from cna_agent.hypervisor import Hypervisor, choose_uri
-    from cna_agent.host.service import HostService
+    from cna_agent.host.service import HostService, host_pool
     from cna_agent.operations import OperationRunner
     from cna_agent.state.eventlog import EventHub, EventLog
     from cna_agent.state.journal import OperationJournal
@@ -99,9 +103,10 @@ async def build_agent(config: AgentConfig):
         # degraded host, not a dead agent, while libvirtd is down.
         log.error("event=libvirt.unavailable uri=%s error=%r", uri, str(exc))
         await hypervisor.start_disconnected()
-    kvm, virt_type = await resolve_virt_type(config, hypervisor, state_dir)
+    pool = host_pool()  # shared: KVM probe, host facts and stats, placement checks
+    kvm, virt_type = await resolve_virt_type(config, hypervisor, state_dir, pool=pool)
     log.info("event=virt_type chosen=%s kvm_usable=%s reason=%r", virt_type, kvm.usable, kvm.reason)
-    host = HostService(hypervisor, kvm=kvm, virt_type=virt_type, host_uuid=config.host.host_uuid)
+    host = HostService(hypervisor, kvm=kvm, virt_type=virt_type, host_uuid=config.host.host_uuid, pool=pool)
 
     ctx = AgentContext(config, store, events, runner, hypervisor, host, virt_type, kvm)
     servicers: dict[str, object] = {
@@ -184,6 +189,7 @@ async def serve(config: AgentConfig) -> int:
                 log.exception("event=component.stop_failed name=%s", component.name)
     if agent.hypervisor is not None:
         await agent.hypervisor.stop()
+    agent.host.pool.shutdown()
     await agent.events.close()
     agent.store.close()
     log.info("event=agent.stopped")

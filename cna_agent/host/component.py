@@ -44,6 +44,7 @@ async def start(ctx: AgentContext) -> Component:
         placer, ctx.events, locate,
         interval_s=float(getattr(ctx.config.host, "placement_check_interval_s", 60.0)),
         repair=bool(getattr(ctx.config.host, "placement_repair", False)),
+        pool=ctx.host.pool,
     )
 
     async def after_start() -> None:
