@@ -46,6 +46,8 @@ class Component:
     #: Called after recovery, once serving: reconcile loops, monitors.
     after_start: Callable[[], Awaitable[None]] | None = None
     stop: Callable[[], Awaitable[None]] | None = None
+    #: The subsystem's BlockingPools, for the metrics (the daemon adds them to ctx.pools).
+    pools: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -59,3 +61,5 @@ class AgentContext:
     virt_type: str
     kvm: "KvmVerdict"
     components: dict[str, Component] = field(default_factory=dict)
+    #: Every BlockingPool of the agent (shared ones and the components'), read by the metrics.
+    pools: list[Any] = field(default_factory=list)

@@ -109,6 +109,7 @@ async def build_agent(config: AgentConfig):
     host = HostService(hypervisor, kvm=kvm, virt_type=virt_type, host_uuid=config.host.host_uuid, pool=pool)
 
     ctx = AgentContext(config, store, events, runner, hypervisor, host, virt_type, kvm)
+    ctx.pools.extend((store.pool, hypervisor.pool, pool))
     servicers: dict[str, object] = {
         "cna.v1.HostService": HostServicer(host),
         "cna.v1.OperationsService": OperationsServicer(runner),
@@ -120,6 +121,7 @@ async def build_agent(config: AgentConfig):
             continue
         component = await importlib.import_module(module_name).start(ctx)
         ctx.components[component.name] = component
+        ctx.pools.extend(component.pools)
         servicers.update(component.servicers)
         recovery.update(component.recovery_handlers)
         log.info("event=component.started name=%s services=%s", component.name, ",".join(component.servicers) or "-")

@@ -62,4 +62,5 @@ async def start(ctx: AgentContext) -> Component:
                            "vm.shutdown": service.recover_shutdown, "vm.delete": service.recover_delete},
         service=service,
         stop=stop,
+        pools=(resumer.executor,),
     )

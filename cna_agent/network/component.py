@@ -61,4 +61,5 @@ async def start(ctx: AgentContext) -> Component:
         service=service,
         after_start=after_start,
         stop=stop,
+        pools=(service.ovs.pool, service.netlink_pool),
     )

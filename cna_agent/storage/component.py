@@ -40,4 +40,5 @@ async def start(ctx: AgentContext) -> Component:
         servicers={"cna.v1.StorageService": StorageServicer(service, ctx.components)},
         service=service,
         stop=service.stop,
+        pools=(executor,),
     )

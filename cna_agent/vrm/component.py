@@ -64,7 +64,8 @@ async def start(ctx: AgentContext) -> Component:
     link = VrmLink(cfg.vrm, store=ctx.store, events=ctx.events, register_request=register_request, heartbeat=heartbeat)
     metrics = None
     if cfg.metrics.listen:
-        registry = build_registry(AgentCollector(sampler=sampler, link=link, store=ctx.store, events=ctx.events))
+        registry = build_registry(AgentCollector(sampler=sampler, link=link, store=ctx.store, events=ctx.events,
+                                                  pools=ctx.pools))
         metrics = MetricsEndpoint(cfg.metrics.listen, registry)
     if link.enabled and not (cfg.vrm.endpoint or cfg.grpc.listen):
         log.warning("event=vrm.no_endpoint why=%r", "grpc.listen and vrm.endpoint are empty: the VRM cannot call this host back")
