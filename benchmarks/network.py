@@ -69,7 +69,7 @@ def _state(client: OvsdbClient, bridge: str, ports: int) -> set[tuple[str, int |
     """The bridge's ports as the IDL replica sees them, once the server's updates arrived."""
     deadline = time.monotonic() + 10
     while True:
-        br = client._executor.submit(lambda: client.bridges().get(bridge)).result()
+        br = client.pool.run_sync(lambda: client.bridges().get(bridge))
         state = {(p.name, p.tag, p.external_ids.get("port-group", ""), p.iface_type)
                  for p in (br.ports.values() if br else ()) if p.name != bridge}
         if len(state) == ports and all(s[1] is not None and s[2] for s in state) or time.monotonic() > deadline:
@@ -84,12 +84,12 @@ def bench_ovs(ports: int, trials: int) -> dict[str, float]:
     wants = [PortWant(name=f"pg{i}", tag=100 + i, iface_type="internal", external_ids=(("port-group", f"pg-{i}"),)) for i in range(ports)]
     ovsdb_t, vsctl_t = [], []
     try:
-        client._executor.submit(client.idl).result()  # the agent keeps one warm connection
+        client.pool.run_sync(client.idl)  # the agent keeps one warm connection
         states = []
         for _ in range(trials):
             db.vsctl("--if-exists", "del-br", bridge, "--", "add-br", bridge)
             t = time.perf_counter()
-            changes = client._executor.submit(lambda: client.ensure_ports(bridge, wants, wait_vswitchd=False)).result()
+            changes = client.pool.run_sync(lambda: client.ensure_ports(bridge, wants, wait_vswitchd=False))
             ovsdb_t.append(time.perf_counter() - t)
             assert len(changes) == ports, changes[:3]
             states.append(_state(client, bridge, ports))

@@ -3,8 +3,10 @@
 * URI: ``qemu:///system`` when a libvirtd/virtqemud socket answers (production, systemd);
   otherwise the embedded QEMU driver ``qemu:///embed?root=<state>/libvirt``, which runs guests
   from inside the agent with no daemon (a zero-setup first run, and the tests).
-* libvirt-python is blocking: every call runs in a bounded thread pool with a deadline, so a
-  stuck libvirt call costs the caller a DEADLINE_EXCEEDED, not the agent its event loop.
+* libvirt-python is blocking: every call runs in a bounded thread pool with a deadline (a
+  BlockingPool named "libvirt": ``[libvirt] executor_threads`` threads, ``call_timeout_s``),
+  so a stuck libvirt call costs the caller a DEADLINE_EXCEEDED, not the agent its event loop;
+  connecting, pinging and closing go through the same pool.
 * Events: libvirt's default event loop runs in one dedicated thread (registered once per
   process, as libvirt requires before the first connection); callbacks are handed to asyncio
   with ``call_soon_threadsafe``.
@@ -23,13 +25,13 @@ import random
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 from xml.etree import ElementTree
 
 import libvirt
 
+from cna_agent.blocking import BlockingPool
 from cna_agent.errors import DeadlineExceeded, Unavailable
 from cna_agent.tasks import cancel_and_wait
 
@@ -41,6 +43,10 @@ SYSTEM_SOCKETS = (
     "/run/libvirt/libvirt-sock",  # monolithic libvirtd
     "/var/run/libvirt/libvirt-sock",
 )
+
+#: Deadline (seconds) for opening the connection and reading its capabilities, at least
+#: ``[libvirt] call_timeout_s``.
+CONNECT_TIMEOUT_S = 120.0
 
 _event_loop_lock = threading.Lock()
 _event_loop_thread: threading.Thread | None = None
@@ -156,6 +162,11 @@ class HypervisorFacts:
     qemu_gid: int | None = None
 
 
+def _describe(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__name__", "")
+    return f"libvirt call {name}" if name and name != "<lambda>" else "libvirt call"
+
+
 def _version_str(v: int) -> str:
     return f"{v // 1_000_000}.{(v // 1000) % 1000}.{v % 1000}"
 
@@ -174,7 +185,8 @@ class Hypervisor:
     ) -> None:
         self.uri = uri
         self.mode = "embedded" if uri.startswith("qemu:///embed") else "system" if uri.startswith("qemu:///system") else "other"
-        self._executor = ThreadPoolExecutor(max_workers=executor_threads, thread_name_prefix="cna-libvirt")
+        #: Every blocking libvirt call runs here (connect, ping and close included).
+        self.pool = BlockingPool("libvirt", executor_threads, call_timeout_s)
         self._call_timeout = call_timeout_s
         self._keepalive = keepalive_interval_s
         self._max_backoff = reconnect_max_backoff_s
@@ -216,7 +228,10 @@ class Hypervisor:
         root = embedded_root(self.uri)
         if root is not None:
             prepare_embedded_root(root)
-        conn = await self._loop.run_in_executor(self._executor, libvirt.open, self.uri)  # type: ignore[union-attr]
+        # Opening (an embedded driver starts up) and the first capabilities (libvirt probes
+        # every QEMU binary) may take longer than an ordinary call: a generous deadline.
+        limit = max(self._call_timeout, CONNECT_TIMEOUT_S)
+        conn = await self.pool.run(lambda: libvirt.open(self.uri), timeout=limit, what=f"connecting to {self.uri}")
         if self.mode != "embedded":
             try:
                 # Remote/daemon connections: libvirt pings the daemon and closes the connection
@@ -226,7 +241,8 @@ class Hypervisor:
                 pass
         conn.registerCloseCallback(self._closed_cb, None)
         self._conn = conn
-        self.facts = await self._loop.run_in_executor(self._executor, self._read_facts, conn)  # type: ignore[union-attr]
+        self.facts = await self.pool.run(lambda: self._read_facts(conn), timeout=limit,
+                                         what=f"reading the capabilities of {self.uri}")
         self._connected.set()
         log.info("event=libvirt.connected uri=%s mode=%s libvirt=%s qemu=%s", self.uri, self.mode, self.facts.libvirt_version, self.facts.hypervisor_version)
         for hook in self._on_connect:
@@ -252,10 +268,8 @@ class Hypervisor:
             if self._connected.is_set():
                 await asyncio.sleep(self._keepalive)
                 try:
-                    alive = await asyncio.wait_for(
-                        self._loop.run_in_executor(self._executor, self._ping), timeout=max(5.0, self._keepalive * 2)  # type: ignore[union-attr]
-                    )
-                except asyncio.TimeoutError:
+                    alive = await self.pool.run(self._ping, timeout=max(5.0, self._keepalive * 2), what="libvirt ping")
+                except DeadlineExceeded:
                     alive = False
                 if not alive:
                     self._mark_lost("ping failed")
@@ -263,14 +277,14 @@ class Hypervisor:
             old, self._conn = self._conn, None
             if old is not None:
                 try:
-                    await self._loop.run_in_executor(self._executor, self._close_quietly, old)  # type: ignore[union-attr]
+                    await self.pool.run(lambda: self._close_quietly(old), timeout=10, what="closing the lost libvirt connection")
                 except Exception:
                     pass
             try:
                 await self._connect_once()
                 self.reconnects += 1
                 backoff = 0.5
-            except libvirt.libvirtError as exc:
+            except (libvirt.libvirtError, DeadlineExceeded) as exc:
                 delay = min(self._max_backoff, backoff) * (0.5 + random.random() / 2)
                 log.warning("event=libvirt.reconnect_failed uri=%s retry_in_s=%.1f error=%r", self.uri, delay, str(exc))
                 backoff = min(self._max_backoff, backoff * 2)
@@ -303,32 +317,41 @@ class Hypervisor:
         conn, self._conn = self._conn, None
         self._connected.clear()
         if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_quietly, conn)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+            try:
+                await self.pool.run(lambda: self._close_quietly(conn), timeout=10, what="closing the libvirt connection")
+            except Exception as exc:  # closing is best effort
+                log.warning("event=libvirt.close_failed uri=%s error=%r", self.uri, str(exc))
+        self.pool.shutdown()
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def call(self, fn: Callable[[libvirt.virConnect], T], *, timeout: float | None = None) -> T:
-        """Run ``fn(conn)`` in the libvirt pool with a deadline.
+    async def call(self, fn: Callable[[libvirt.virConnect], T], *, timeout: float | None = None, what: str = "") -> T:
+        """Run ``fn(conn)`` in the libvirt pool with a deadline (default ``call_timeout_s``).
 
-        UNAVAILABLE while disconnected (the caller should retry), DEADLINE_EXCEEDED when the
-        call does not return in time (the thread stays busy until libvirt returns; the pool
-        is bounded so a wedged daemon cannot make the agent spawn threads without end).
+        UNAVAILABLE while disconnected (the caller should retry), DEADLINE_EXCEEDED naming
+        ``what`` when the call does not return in time (the thread stays busy until libvirt
+        returns and counts as stuck; the pool is bounded so a wedged daemon cannot make the
+        agent spawn threads without end).
         """
         conn = self._conn
         if conn is None or not self._connected.is_set():
             raise Unavailable(f"libvirt ({self.uri}) is not connected; the agent is reconnecting")
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, fn, conn)
+        what = what or _describe(fn)
         try:
-            return await asyncio.wait_for(fut, timeout or self._call_timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"libvirt call did not return within {timeout or self._call_timeout:.0f}s") from None
+            return await self.pool.run(lambda: fn(conn), timeout=timeout or None, what=what)
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INTERNAL_ERROR) and not self._ping():
+            if exc.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INTERNAL_ERROR) and not await self._still_alive():
                 self._mark_lost(str(exc))
                 raise Unavailable(f"libvirt connection lost: {exc}") from None
             raise
+
+    async def _still_alive(self) -> bool:
+        """False only when a ping ran and failed; a ping that cannot get a thread in time
+        proves nothing (the watch task's periodic ping decides then)."""
+        try:
+            return await self.pool.run(self._ping, timeout=5, what="libvirt ping")
+        except (DeadlineExceeded, Unavailable):
+            return True
 
     # -- facts -----------------------------------------------------------------------------
 

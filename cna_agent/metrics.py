@@ -7,7 +7,7 @@ dashboards work; the rest use the ``cna_`` prefix and Prometheus base units.
 Nothing is sampled on scrape: VM and host figures come from the stats sampler's latest
 snapshot (one bulk libvirt call per interval), so a scraper cannot multiply libvirt calls.
 Agent-internal figures are read at scrape time from the objects that own them (link status,
-event log, operation journal). RPC counts and latencies are recorded by :func:`rpc_on_call`,
+event log, operation journal, the blocking pools' busy/queued/stuck counts). RPC counts and latencies are recorded by :func:`rpc_on_call`,
 the AgentServer's ``on_call`` hook.
 
 The endpoint is prometheus_client's HTTP server in its own thread, so a slow scraper never
@@ -47,14 +47,17 @@ _LINK_STATES = ("disabled", "disconnected", "connecting", "connected")
 class AgentCollector(Collector):
     """Reads host/VM/agent figures at scrape time from their owners."""
 
-    def __init__(self, *, sampler: Any = None, link: Any = None, store: Any = None, events: Any = None) -> None:
+    def __init__(self, *, sampler: Any = None, link: Any = None, store: Any = None, events: Any = None,
+                 pools: Iterable[Any] = ()) -> None:
         self._sampler = sampler
         self._link = link
         self._store = store
         self._events = events
+        #: The agent's BlockingPools (AgentContext.pools, a live list), read at scrape time.
+        self._pools = pools
 
     def collect(self) -> Iterable[Any]:
-        for produce in (self._vm_metrics, self._host_metrics, self._agent_metrics):
+        for produce in (self._vm_metrics, self._host_metrics, self._agent_metrics, self._pool_metrics):
             try:
                 yield from produce()
             except Exception:  # a broken family must not take the whole scrape down
@@ -219,6 +222,27 @@ class AgentCollector(Collector):
                 fam = CounterMetricFamily(name, doc)
                 fam.add_metric([], value)
                 yield fam
+
+
+    def _pool_metrics(self) -> Iterable[Any]:
+        stats = [p.stats() for p in list(self._pools)]
+        if not stats:
+            return
+        label = ["pool"]
+        size = GaugeMetricFamily("cna_agent_blocking_pool_threads", "Threads of a blocking-work pool", labels=label)
+        busy = GaugeMetricFamily("cna_agent_blocking_pool_busy", "Threads running a call now (stuck ones included)", labels=label)
+        queued = GaugeMetricFamily("cna_agent_blocking_pool_queued", "Calls waiting for a thread", labels=label)
+        stuck = GaugeMetricFamily("cna_agent_blocking_pool_stuck",
+                                  "Calls still running past their deadline (their caller got DEADLINE_EXCEEDED)", labels=label)
+        late = CounterMetricFamily("cna_agent_blocking_pool_deadline_exceeded",
+                                   "Calls whose caller got DEADLINE_EXCEEDED", labels=label)
+        for s in stats:
+            size.add_metric([s.name], s.size)
+            busy.add_metric([s.name], s.busy)
+            queued.add_metric([s.name], s.queued)
+            stuck.add_metric([s.name], s.stuck)
+            late.add_metric([s.name], s.deadlines_exceeded)
+        yield from (size, busy, queued, stuck, late)
 
 
 class _RegistryProxy(Collector):

@@ -83,7 +83,9 @@ class DomainEventMonitor:
     # -- registration (libvirt thread / executor) -------------------------------------------
 
     async def _register(self, conn: libvirt.virConnect) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._register_sync, conn)
+        # An on-connect hook gets the new connection itself (Hypervisor.call would pick up
+        # whatever is current), so it runs straight in the libvirt pool.
+        await self._hv.pool.run(lambda: self._register_sync(conn), timeout=10, what="registering domain event callbacks")
 
     def _register_sync(self, conn: libvirt.virConnect) -> None:
         if self._conn is conn and self._callback_ids:

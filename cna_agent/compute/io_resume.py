@@ -13,7 +13,7 @@ resumed, through the normal per-VM-locked ``vm.resume`` operation. A VM that pau
 after a resume is retried with an exponential back-off so a flapping array does not make it
 bounce. ``io_error_resume = "manual"`` turns this off (the VRM or an admin resumes).
 
-The probes run in a bounded executor of their own with a deadline: a hung SAN makes a probe time
+The probes run in a bounded pool of their own (BlockingPool "io-probe", 2 threads) with a deadline: a hung SAN makes a probe time
 out (the VM simply stays paused), never blocks the agent.
 """
 
@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import libvirt
 
+from cna_agent.blocking import BlockingPool
 from cna_agent.compute import domxml as dx
 from cna_agent.errors import AgentError
-from cna_agent.storage.executor import StorageExecutor
 from cna_agent.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ class IoErrorResumer:
 
     def __init__(self, hypervisor: "Hypervisor", inventory: "VmInventory", volumes: "DiskProvider",
                  resume: Callable[[str], Awaitable[Any]], events: "EventHub", *,
-                 interval_s: float, enabled: bool = True, executor: StorageExecutor | None = None,
+                 interval_s: float, enabled: bool = True, executor: BlockingPool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hv = hypervisor
         self.inventory = inventory
@@ -136,7 +136,7 @@ class IoErrorResumer:
         self.events = events
         self.interval_s = interval_s
         self.enabled = enabled
-        self.executor = executor or StorageExecutor(2, PROBE_TIMEOUT_S)
+        self.executor = executor or BlockingPool("io-probe", 2, PROBE_TIMEOUT_S, hint="storage not answering?")
         self._clock = clock
         self._attempts: dict[str, _Attempts] = {}
         self._task: asyncio.Task | None = None

@@ -153,6 +153,8 @@ class NetworkConfig:
     ovsdb: str = "unix:/run/openvswitch/db.sock"
     #: Seconds one OVSDB connect or transaction may take.
     ovsdb_timeout_s: float = 10.0
+    #: Threads for netlink (bridge/VLAN/link) work, each call with a 30 s deadline.
+    netlink_threads: int = 2
     #: Periodic drift check and repair; 0 = only at start and on request.
     reconcile_interval_s: float = 60.0
     #: Declared bridges and port groups (cna_agent.network.model.BridgeDecl / PortGroupDecl).

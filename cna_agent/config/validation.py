@@ -181,6 +181,8 @@ def validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
         fail("network", "ovsdb", f"{cfg.network.ovsdb!r} is not an OVSDB remote (unix:/PATH, tcp:HOST:PORT or ssl:HOST:PORT)")
     if cfg.network.ovsdb_timeout_s <= 0:
         fail("network", "ovsdb_timeout_s", "must be greater than 0")
+    if cfg.network.netlink_threads < 1:
+        fail("network", "netlink_threads", f"{cfg.network.netlink_threads} is below the minimum 1")
     if cfg.network.reconcile_interval_s < 0:
         fail("network", "reconcile_interval_s", "must be 0 (off) or greater")
     if cfg.host.placement_check_interval_s < 0:

@@ -23,6 +23,9 @@ Memory: resident pages per node from ``numa_maps``. Off-plan memory below a tole
 larger of ``memory_tolerance_kib`` and 5% of the process's memory) is not drift: shared
 library pages in the page cache may sit on any node. Memory is reported, never moved
 (migrating guest RAM is an admin decision: it stalls the guest).
+
+Reading /proc and re-pinning block: they run in a BlockingPool (the daemon's shared "host"
+pool; a one-thread pool of its own when none is given), each call with its deadline.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
+from cna_agent.blocking import BlockingPool
 from cna_agent.contracts import PlacementPlan
 from cna_agent.errors import InvalidArgument, NotFound
 from cna_agent.host import affinity
@@ -169,7 +173,8 @@ class PlacementMonitor:
 
     def __init__(self, placer: Any, events: Any, locate: VmLocator, *, interval_s: float = 60.0,
                  repair: bool = False, memory_tolerance_kib: int = DEFAULT_MEMORY_TOLERANCE_KIB,
-                 use_native: bool | None = None) -> None:
+                 use_native: bool | None = None, pool: BlockingPool | None = None) -> None:
+        self.pool = pool or BlockingPool("placement", 1, 30.0)
         self.placer = placer
         self.events = events
         self.locate = locate
@@ -195,9 +200,9 @@ class PlacementMonitor:
                 name, state, pid = "", "missing", 0
             if vm and vm not in (uuid, name):
                 continue
-            views.append(await asyncio.to_thread(
-                inspect, uuid, name, state, pid, plan, memory_tolerance_kib=self.memory_tolerance_kib,
-                use_native=self.use_native))
+            views.append(await self.pool.run(
+                lambda: inspect(uuid, name, state, pid, plan, memory_tolerance_kib=self.memory_tolerance_kib,
+                                use_native=self.use_native), what=f"placement check of {name or uuid}"))
         return views
 
     async def check_once(self) -> list[VmView]:
@@ -224,7 +229,8 @@ class PlacementMonitor:
         return views
 
     async def _repair(self, view: VmView) -> None:
-        failed = await asyncio.to_thread(repair, view, use_native=self.use_native)
+        failed = await self.pool.run(lambda: repair(view, use_native=self.use_native),
+                                     what=f"re-pinning {view.name or view.uuid}")
         moved = [t for t in view.threads if t.drifted and t.tid not in failed]
         if moved:
             await self.events.publish(

@@ -7,6 +7,11 @@ native probe, ~ms), hypervisor facts from libvirt, the KVM verdict from a real f
 Stats are sampled on request from psutil. CPU utilisation is computed from the difference
 between this call's counters and the previous call's (kept here, not psutil's module-global
 baseline, so other psutil users in the process cannot skew it).
+
+Probing and sampling block (sysfs, /proc, psutil): they run in the shared "host" BlockingPool
+(``HOST_POOL_THREADS`` threads, ``HOST_POOL_TIMEOUT_S`` per call) that the daemon also uses for
+the KVM probe and the placement drift monitor, never on the event loop nor in its default
+executor.
 """
 
 from __future__ import annotations
@@ -23,9 +28,19 @@ from pathlib import Path
 import psutil
 
 from cna_agent import __version__
+from cna_agent.blocking import BlockingPool
 from cna_agent.hypervisor import Hypervisor, HypervisorFacts
 from cna_agent.host.kvmprobe import KvmVerdict
 from cna_agent.host.topology import HostTopology, probe_topology
+
+
+#: The shared "host" pool: sysfs/proc scans, psutil samples, the KVM probe, placement checks.
+HOST_POOL_THREADS = 2
+HOST_POOL_TIMEOUT_S = 30.0
+
+
+def host_pool() -> BlockingPool:
+    return BlockingPool("host", HOST_POOL_THREADS, HOST_POOL_TIMEOUT_S)
 
 
 @dataclass(frozen=True)
@@ -208,7 +223,10 @@ class HostService:
         virt_type: str,
         host_uuid: str = "",
         topology_root: str = "/",
+        pool: BlockingPool | None = None,
     ) -> None:
+        #: The shared host pool (the daemon's); a pool of its own when none is given.
+        self.pool = pool or host_pool()
         self._hv = hypervisor
         self._kvm = kvm
         self._virt_type = virt_type
@@ -225,7 +243,7 @@ class HostService:
     async def capabilities(self, refresh: bool = False) -> Capabilities:
         async with self._caps_lock:
             if self._caps is None or refresh:
-                self._caps = await asyncio.get_running_loop().run_in_executor(None, self._probe)
+                self._caps = await self.pool.run(self._probe, what="host capabilities probe")
             caps = self._caps
         connected = self._hv is not None and self._hv.connected
         if caps.hypervisor_connected != connected:
@@ -256,7 +274,7 @@ class HostService:
         )
 
     async def stats(self, per_cpu: bool = False) -> Stats:
-        sample = await asyncio.get_running_loop().run_in_executor(None, self._sample, per_cpu)
+        sample = await self.pool.run(lambda: self._sample(per_cpu), what="host stats sample")
         running = total = 0
         connected = self._hv is not None and self._hv.connected
         if connected:

@@ -59,11 +59,11 @@ class NetworkReconciler:
                     drift.append(DriftItem(res, f"fail_mode is {br.fail_mode or 'standalone'}, declared {d.effective_fail_mode}"))
                 if d.uplink and d.uplink not in br.ports:
                     drift.append(DriftItem(res, f"uplink {d.uplink} is not a port"))
-                st = await self.net._blocking(lambda: self.net.linux.state(d.name))
+                st = await self.net.blocking(lambda: self.net.linux.state(d.name))
                 if st.exists and not st.up:
                     drift.append(DriftItem(res, "bridge interface is down"))
             else:
-                st = await self.net._blocking(lambda: self.net.linux.state(d.name))
+                st = await self.net.blocking(lambda: self.net.linux.state(d.name))
                 if not st.exists:
                     drift.append(DriftItem(res, "Linux bridge missing"))
                     continue
@@ -126,12 +126,12 @@ class NetworkReconciler:
 
                 found.append((DriftItem(res, problem), fix))
             elif decl.type == "linux":
-                st = await self.net._blocking(lambda: self.net.linux.state(v.bridge))
-                if st.exists and v.device not in st.ports and await self.net._blocking(lambda: self.net.linux.link_exists(v.device)):
+                st = await self.net.blocking(lambda: self.net.linux.state(v.bridge))
+                if st.exists and v.device not in st.ports and await self.net.blocking(lambda: self.net.linux.link_exists(v.device)):
                     dev, br = v.device, v.bridge
 
                     async def fix_lb(dev: str = dev, br: str = br) -> list[str]:
-                        return await self.net._blocking(lambda: _enslave(dev, br))
+                        return await self.net.blocking(lambda: _enslave(dev, br))
 
                     found.append((DriftItem(res, f"tap of VM {name} NIC {v.mac} is not on bridge {br}"), fix_lb))
         return found
@@ -139,7 +139,7 @@ class NetworkReconciler:
     async def reconcile(self, repair: bool = True, *, only_port_group: str = "") -> list[DriftItem]:
         """Compare declared networks and running VMs' NICs with the host; repair when asked."""
         results: list[DriftItem] = []
-        async with self.net._lock:
+        async with self.net.lock:
             if not only_port_group:
                 for item in await self.bridge_drift(self.net.bridges.values()):
                     results.append(item)
@@ -177,7 +177,7 @@ class NetworkReconciler:
                 decl = await self.net.check_bridge(decl, f"network.bridges.{decl.name}")
                 changes = await self.net.apply_bridge(decl)
                 if changes:
-                    await self.net._publish("network.bridge.ensured", "bridge", decl.name, changes)
+                    await self.net.publish("network.bridge.ensured", "bridge", decl.name, changes)
             except AgentError as exc:
                 log.error("event=network.apply_failed bridge=%s error=%r", decl.name, exc.message)
                 await self.net.events.publish("network.drift", severity="error", resource_kind="network",

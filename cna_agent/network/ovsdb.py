@@ -6,22 +6,22 @@ changes (a bridge, its uplink, a hundred VLAN ports) goes to the server as ONE t
 either applies completely or not at all. ovs-vsctl would be one process and one transaction per
 command, and its table output is made for humans (DESIGN.md, "Avoid").
 
-The IDL is not thread-safe, so every call runs on one dedicated thread (``OvsdbClient.call``);
-each blocking wait has a deadline, and an unreachable server is reported as UNAVAILABLE
-naming the remote. Writes are verified against concurrent changes (``verify``) and retried on
+The IDL is not thread-safe (and is one connection), so every call runs on the one thread of a
+BlockingPool named "ovsdb" (``OvsdbClient.call``); each blocking wait inside has the
+``[network] ovsdb_timeout_s`` deadline, the call as a whole that plus a short grace, and an
+unreachable server is reported as UNAVAILABLE naming the remote. Writes are verified against concurrent changes (``verify``) and retried on
 TRY_AGAIN, the IDL's signal that another client changed what we read.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid as uuidlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from cna_agent.blocking import BlockingPool
 from cna_agent.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface", "QoS", "Queue")
 #: as attached-mac / iface-id / vm-id; vm-uuid and port-group are ours, for audit and repair).
 VIF_KEYS = ("iface-id", "attached-mac", "iface-status", "vm-id", "vm-uuid", "port-group")
 MANAGED_KEY = "cna-managed"
+#: A call's deadline is its own timeout plus this, so the IDL's own, more specific errors
+#: (cannot connect, not committed) reach the caller first.
+CALL_GRACE_S = 2.0
 
 
 @dataclass
@@ -99,20 +102,16 @@ class OvsdbClient:
     def __init__(self, remote: str, timeout: float = 10.0) -> None:
         self.remote = remote
         self.timeout = timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovsdb")
+        #: One thread: the IDL is one connection and not thread-safe.
+        self.pool = BlockingPool("ovsdb", 1, timeout + CALL_GRACE_S, hint="is ovsdb-server answering?")
         self._idl: Any = None
 
     # -- threading ------------------------------------------------------------------------
 
     async def call(self, fn: Callable[["OvsdbClient"], T], timeout: float | None = None) -> T:
         """Run ``fn(self)`` on the OVSDB thread; an answer later than the deadline is an error."""
-        limit = (timeout or self.timeout) + 2.0
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, fn, self)
-        try:
-            return await asyncio.wait_for(fut, limit)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"OVSDB at {self.remote} did not answer within {limit:.0f}s") from None
+        limit = (timeout or self.timeout) + CALL_GRACE_S
+        return await self.pool.run(lambda: fn(self), timeout=limit, what=f"OVSDB request to {self.remote}")
 
     def close(self) -> None:
         def _close(_: Any = None) -> None:
@@ -120,10 +119,10 @@ class OvsdbClient:
                 self._idl.close()
                 self._idl = None
         try:
-            self._executor.submit(_close).result(timeout=5)
+            self.pool.run_sync(_close, timeout=5, what=f"closing OVSDB connection to {self.remote}")
         except Exception:  # closing is best effort
             pass
-        self._executor.shutdown(wait=False)
+        self.pool.shutdown()
 
     # -- connection (OVSDB thread only) ---------------------------------------------------
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Callable
 
+from cna_agent.blocking import BlockingPool
 from cna_agent.contracts import Bandwidth, NicBinding, VmNic, VmNics
 from cna_agent.errors import AgentError, FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.network.declarations import BridgeView, Declarations, PortGroupView
@@ -49,6 +49,8 @@ class NetworkService:
         *,
         ovsdb: str = DEFAULT_OVSDB,
         ovsdb_timeout_s: float = 10.0,
+        netlink_threads: int = 2,
+        netlink_timeout_s: float = 30.0,
         state_dir: str,
         events: EventHub,
         vms: VmNics,
@@ -57,12 +59,13 @@ class NetworkService:
     ) -> None:
         self.ovs = OvsdbClient(ovsdb, ovsdb_timeout_s)
         self.linux = LinuxBridgeDriver()
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="netlink")
+        #: Netlink (pyroute2) and sysfs work; [network] netlink_threads, a deadline per call.
+        self.netlink_pool = BlockingPool("netlink", netlink_threads, netlink_timeout_s)
         self.events = events
         #: Every VM's NICs (compute's inventory): the only way network learns about VMs.
         self.vms = vms
         self.decls = Declarations(state_dir, config_bridges, config_port_groups)
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
         self.reconciler = NetworkReconciler(self)
         _point_libvirt_at(ovsdb)
 
@@ -74,8 +77,8 @@ class NetworkService:
     def port_groups(self) -> dict[str, PortGroupDecl]:
         return self.decls.port_groups
 
-    async def _blocking(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def blocking(self, fn: Callable[[], Any], what: str = "netlink call") -> Any:
+        return await self.netlink_pool.run(fn, what=what)
 
     # -- bridges --------------------------------------------------------------------------
 
@@ -87,11 +90,11 @@ class NetworkService:
         other = next((b for b in self.bridges.values() if b.uplink and b.uplink == decl.uplink and b.name != decl.name), None)
         if other is not None:
             raise InvalidArgument(f"{prefix}.uplink", f"{decl.uplink!r} is already the uplink of bridge {other.name!r}")
-        if decl.uplink and not await self._blocking(lambda: self.linux.link_exists(decl.uplink)):
+        if decl.uplink and not await self.blocking(lambda: self.linux.link_exists(decl.uplink)):
             raise InvalidArgument(f"{prefix}.uplink", f"uplink {decl.uplink!r} does not exist on this host")
         if decl.type == "linux" and decl.name not in self.bridges:
-            exists = await self._blocking(lambda: self.linux.link_exists(decl.name))
-            if exists and not await self._blocking(lambda: self.linux.is_bridge(decl.name)):
+            exists = await self.blocking(lambda: self.linux.link_exists(decl.name))
+            if exists and not await self.blocking(lambda: self.linux.is_bridge(decl.name)):
                 raise FailedPrecondition(f"{prefix}.name: {decl.name!r} exists on this host and is not a bridge", field=f"{prefix}.name")
         current = self.bridges.get(decl.name)
         if current is not None and current.type != decl.type:
@@ -105,9 +108,9 @@ class NetworkService:
                 decl.name, datapath_type=decl.effective_datapath, fail_mode=decl.effective_fail_mode,
                 uplink=decl.uplink, mtu=decl.mtu))
             # The bridge's internal port is a kernel link; an admin may have set it down.
-            changes += await self._blocking(lambda: self._link_up(decl.name))
+            changes += await self.blocking(lambda: self._link_up(decl.name))
             return changes
-        return await self._blocking(lambda: self.linux.ensure(decl.name, uplink=decl.uplink, mtu=decl.mtu, addresses=decl.addresses))
+        return await self.blocking(lambda: self.linux.ensure(decl.name, uplink=decl.uplink, mtu=decl.mtu, addresses=decl.addresses))
 
     def _link_up(self, name: str) -> list[str]:
         from pyroute2 import IPRoute
@@ -123,12 +126,12 @@ class NetworkService:
 
     async def ensure_bridge(self, decl: BridgeDecl) -> tuple[BridgeDecl, list[str]]:
         decl = await self.check_bridge(decl)
-        async with self._lock:
+        async with self.lock:
             changes = await self.apply_bridge(decl)
             if decl.source != "config":
                 self.decls.api_bridges[decl.name] = decl
                 self.decls.save()
-        await self._publish("network.bridge.ensured", "bridge", decl.name, changes)
+        await self.publish("network.bridge.ensured", "bridge", decl.name, changes)
         return decl, changes
 
     async def delete_bridge(self, name: str) -> bool:
@@ -143,14 +146,14 @@ class NetworkService:
         vifs = [v for v in await self.vifs() if v.bridge == name]
         if vifs:
             raise FailedPrecondition(f"name: bridge {name!r} still has VM NICs ({', '.join(v.device or v.mac for v in vifs)})", field="name")
-        async with self._lock:
+        async with self.lock:
             if decl.type == "ovs":
                 await self.ovs.call(lambda c: c.delete_bridge(name))
             else:
-                await self._blocking(lambda: self.linux.delete(name))
+                await self.blocking(lambda: self.linux.delete(name))
             del self.decls.api_bridges[name]
             self.decls.save()
-        await self._publish("network.bridge.deleted", "bridge", name, [f"deleted bridge {name}"])
+        await self.publish("network.bridge.deleted", "bridge", name, [f"deleted bridge {name}"])
         return True
 
     async def bridge_status(self) -> dict[str, tuple[str, str]]:
@@ -175,21 +178,21 @@ class NetworkService:
             raise FailedPrecondition(f"{prefix}.name: port group {pg.name!r} is declared in agent.toml; change it there", field=f"{prefix}.name")
         bridge = self.bridges[pg.bridge]
         if bridge.type == "linux" and (pg.vlan or pg.trunk_vlans):
-            await self._blocking(lambda: self.linux.require_vlans(f"{prefix}.vlan" if pg.vlan else f"{prefix}.trunk_vlans"))
+            await self.blocking(lambda: self.linux.require_vlans(f"{prefix}.vlan" if pg.vlan else f"{prefix}.trunk_vlans"))
         if bridge.type == "linux" and (pg.vlan or pg.trunk_vlans):  # pragma: no cover - hosts with 8021q
             raise FailedPrecondition(f"{prefix}.vlan: VLAN port groups on Linux bridges are not implemented yet; use OVS", field=f"{prefix}.vlan")
         return pg
 
     async def ensure_port_group(self, pg: PortGroupDecl) -> tuple[PortGroupDecl, list[str]]:
         pg = await self.check_port_group(pg)
-        async with self._lock:
+        async with self.lock:
             if pg.source != "config":
                 self.decls.api_port_groups[pg.name] = pg
                 self.decls.save()
         # VIFs already in the group follow its new VLAN: re-tag through the reconciler's path.
         changes = [f"port group {pg.name} on {pg.bridge}"]
         changes += [d.action for d in await self.reconciler.reconcile(repair=True, only_port_group=pg.name) if d.repaired]
-        await self._publish("network.port_group.ensured", "port_group", pg.name, changes)
+        await self.publish("network.port_group.ensured", "port_group", pg.name, changes)
         return pg, changes
 
     async def delete_port_group(self, name: str) -> bool:
@@ -200,10 +203,10 @@ class NetworkService:
         users = [v for v in await self.vifs() if v.port_group == name]
         if users:
             raise FailedPrecondition(f"name: port group {name!r} still has NICs of VMs {', '.join(sorted({v.vm_name for v in users}))}", field="name")
-        async with self._lock:
+        async with self.lock:
             del self.decls.api_port_groups[name]
             self.decls.save()
-        await self._publish("network.port_group.deleted", "port_group", name, [])
+        await self.publish("network.port_group.deleted", "port_group", name, [])
         return True
 
     async def resolve_port_group(self, port_group: str, *, field: str) -> NicBinding:
@@ -272,16 +275,16 @@ class NetworkService:
         await self.reconciler.apply_declared()
 
     async def facts(self) -> dict[str, Any]:
-        support = await self._blocking(probe_vlan_support)
+        support = await self.blocking(probe_vlan_support)
         return {"linux_vlan_devices": support.vlan_devices, "linux_vlan_filtering": support.vlan_filtering}
 
-    async def _publish(self, type_: str, kind: str, rid: str, changes: list[str], name: str = "") -> None:
+    async def publish(self, type_: str, kind: str, rid: str, changes: list[str], name: str = "") -> None:
         await self.events.publish(type_, severity="info", resource_kind=kind, resource_id=rid, resource_name=name or rid,
                                    message="; ".join(changes) or "no change", attributes={"changed": str(bool(changes)).lower()})
 
     async def close(self) -> None:
         self.ovs.close()
-        self._executor.shutdown(wait=False)
+        self.netlink_pool.shutdown()
 
 
 def _point_libvirt_at(remote: str) -> None:

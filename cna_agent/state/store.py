@@ -3,7 +3,11 @@
 One file (``<state.dir>/agent.db``) in WAL mode: readers never block the writer, and a
 ``kill -9`` loses at most the transaction in flight. All access goes through one connection
 guarded by a lock; callers on the event loop use :meth:`StateStore.run` so a slow fsync never
-stalls gRPC handling.
+stalls gRPC handling. It runs them in a one-thread BlockingPool named "sqlite" (SQLite
+serialises writers anyway, and one thread keeps them in the order they were asked for) with a
+generous deadline (``TIMEOUT_S``): a call that gets no answer in time fails with
+DEADLINE_EXCEEDED; one already running may still complete after that, one still queued never
+runs.
 
 Schema changes are numbered migrations applied in order and recorded in
 ``PRAGMA user_version``, so an older database is upgraded in place on start.
@@ -11,15 +15,19 @@ Schema changes are numbered migrations applied in order and recorded in
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from cna_agent.blocking import BlockingPool
+
 T = TypeVar("T")
+
+#: Deadline (seconds) of one StateStore.run call, queueing included; well above SQLite's own
+#: 30 s busy timeout, so only a wedged disk reaches it.
+TIMEOUT_S = 60.0
 
 _MIGRATIONS: tuple[str, ...] = (
     # 1: operation journal and event log
@@ -73,7 +81,7 @@ _MIGRATIONS: tuple[str, ...] = (
 class StateStore:
     """Owns the database connection and the one thread that touches it from async code."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, timeout_s: float = TIMEOUT_S) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fresh = not self.path.exists()
@@ -83,7 +91,7 @@ class StateStore:
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         # One worker: SQLite serialises writers anyway, and a single thread keeps ordering simple.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cna-state")
+        self.pool = BlockingPool("sqlite", 1, timeout_s)
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -127,7 +135,9 @@ class StateStore:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call off the event loop, in order with the others."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        name = getattr(fn, "__name__", "")
+        what = f"state database call {name}" if name and name != "<lambda>" else "state database call"
+        return await self.pool.run(lambda: fn(*args), what=what)
 
     def get_value(self, key: str, default: str | None = None) -> str | None:
         rows = self.query("SELECT value FROM kv WHERE key = ?", (key,))
@@ -137,6 +147,7 @@ class StateStore:
         self.execute("INSERT INTO kv(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        # Calls already asked for still run (a journal "done" must not be lost); new ones fail.
+        self.pool.shutdown(wait=True, cancel_queued=False)
         with self._lock:
             self._conn.close()

@@ -26,7 +26,8 @@ from typing import Awaitable, Callable
 from cna_agent import __version__
 from cna_agent.config import AgentConfig
 from cna_agent.host.kvmprobe import KvmVerdict
-from cna_agent.host.service import HostService
+from cna_agent.blocking import BlockingPool
+from cna_agent.host.service import HostService, host_pool
 from cna_agent.hypervisor import Hypervisor, choose_uri
 from cna_agent.network.service import NetworkService
 from cna_agent.operations import OperationRunner
@@ -68,11 +69,18 @@ class Agent:
             except Exception:
                 log.exception("event=component.stop_failed name=%s", name)
         await self.hypervisor.stop()
+        self.host.pool.shutdown()
         await self.events.close()
         self.store.close()
 
 
-async def resolve_virt_type(config: AgentConfig, hypervisor: Hypervisor, state_dir: Path) -> tuple[KvmVerdict, str]:
+#: Deadline of the KVM probe (a firmware test boot of at most 10 s, plus QEMU start and kill).
+KVM_PROBE_TIMEOUT_S = 60.0
+
+
+async def resolve_virt_type(config: AgentConfig, hypervisor: Hypervisor, state_dir: Path, *,
+                            pool: BlockingPool) -> tuple[KvmVerdict, str]:
+    """The KVM verdict and virt_type; the probe runs in ``pool`` (the shared host pool)."""
     from cna_agent.host.kvmprobe import probe_kvm
 
     facts = hypervisor.facts
@@ -80,9 +88,8 @@ async def resolve_virt_type(config: AgentConfig, hypervisor: Hypervisor, state_d
     arch = facts.arch if facts else platform.machine()
     if config.libvirt.virt_type == "qemu":
         return KvmVerdict(False, "virt_type = qemu in the configuration", method="config"), "qemu"
-    verdict = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: probe_kvm(emulator, arch, cache_file=state_dir / "kvm-probe.json")
-    )
+    verdict = await pool.run(lambda: probe_kvm(emulator, arch, cache_file=state_dir / "kvm-probe.json"),
+                             timeout=KVM_PROBE_TIMEOUT_S, what="KVM probe")
     if facts is not None and not facts.kvm_in_domcaps and verdict.usable:
         verdict = KvmVerdict(False, "libvirt's capabilities offer no kvm domain type for this arch", method="domcaps")
     if config.libvirt.virt_type == "kvm":
@@ -130,9 +137,10 @@ async def build_agent(config: AgentConfig) -> Agent:
         # degraded host, not a dead agent, while libvirtd is down.
         log.error("event=libvirt.unavailable uri=%s error=%r", uri, str(exc))
         await hypervisor.start_disconnected()
-    kvm, virt_type = await resolve_virt_type(config, hypervisor, state_dir)
+    pool = host_pool()  # shared: KVM probe, host facts and stats, placement checks
+    kvm, virt_type = await resolve_virt_type(config, hypervisor, state_dir, pool=pool)
     log.info("event=virt_type chosen=%s kvm_usable=%s reason=%r", virt_type, kvm.usable, kvm.reason)
-    host = HostService(hypervisor, kvm=kvm, virt_type=virt_type, host_uuid=config.host.host_uuid)
+    host = HostService(hypervisor, kvm=kvm, virt_type=virt_type, host_uuid=config.host.host_uuid, pool=pool)
 
     inventory = VmInventory(hypervisor, runner.locks, console_listen=config.host.console_listen)
     placement = await parts.build_placement(config, host, store, events, inventory)
@@ -141,7 +149,10 @@ async def build_agent(config: AgentConfig) -> Agent:
     render_ctx, host_cpus = await parts.render_context(config, hypervisor, virt_type)
     compute = parts.build_compute(config, hypervisor, runner, events, inventory, render_ctx, virt_type=virt_type,
                                   host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer)
-    telemetry = build_telemetry(config, hypervisor, host, store, events)
+    # Every blocking pool, for the metrics (read at scrape time).
+    pools = [store.pool, hypervisor.pool, pool, compute.resumer.executor, storage.executor,
+             network.service.ovs.pool, network.service.netlink_pool]
+    telemetry = build_telemetry(config, hypervisor, host, store, events, pools)
 
     await storage.start()
     log.info("event=storage.started datastores=%d threads=%d", len(config.storage.datastores), config.storage.executor_threads)

@@ -66,7 +66,7 @@ async def build_placement(config: AgentConfig, host: HostService, store: StateSt
     restored = await placer.load()
     log.info("event=placement.ready restored=%d reserved_cpus=%s", restored, config.host.reserved_cpus or "-")
     monitor = PlacementMonitor(placer, events, vms.locate, interval_s=config.host.placement_check_interval_s,
-                               repair=config.host.placement_repair)
+                               repair=config.host.placement_repair, pool=host.pool)
     return Placement(placer, monitor)
 
 
@@ -156,7 +156,8 @@ class Network:
 
 def build_network(config: AgentConfig, runner: OperationRunner, events: EventHub, inventory: VmInventory) -> Network:
     cfg = config.network
-    service = NetworkService(ovsdb=cfg.ovsdb, ovsdb_timeout_s=cfg.ovsdb_timeout_s, state_dir=config.state.dir, events=events,
+    service = NetworkService(ovsdb=cfg.ovsdb, ovsdb_timeout_s=cfg.ovsdb_timeout_s, netlink_threads=cfg.netlink_threads,
+                             state_dir=config.state.dir, events=events,
                              vms=inventory, config_bridges=cfg.bridges, config_port_groups=cfg.port_groups)
     return Network(service, NetworkOperations(service, runner))
 

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from cna_agent.blocking import BlockingPool
 from cna_agent.config import AgentConfig
 from cna_agent.host.service import HostService
 from cna_agent.hypervisor import Hypervisor
@@ -50,7 +51,7 @@ class Telemetry:
 
 
 def build_telemetry(config: AgentConfig, hypervisor: Hypervisor, host: HostService, store: StateStore,
-                    events: EventHub) -> Telemetry:
+                    events: EventHub, pools: list[BlockingPool]) -> Telemetry:
     from cna_agent import __version__
     from cna_agent.api import pb
     from cna_agent.api.host import capabilities_to_pb, stats_to_pb
@@ -84,7 +85,7 @@ def build_telemetry(config: AgentConfig, hypervisor: Hypervisor, host: HostServi
     link = VrmLink(config.vrm, store=store, events=events, register_request=register_request, heartbeat=heartbeat)
     metrics = None
     if config.metrics.listen:
-        registry = build_registry(AgentCollector(sampler=sampler, link=link, store=store, events=events))
+        registry = build_registry(AgentCollector(sampler=sampler, link=link, store=store, events=events, pools=pools))
         metrics = MetricsEndpoint(config.metrics.listen, registry)
     if link.enabled and not (config.vrm.endpoint or config.grpc.listen):
         log.warning("event=vrm.no_endpoint why=%r", "grpc.listen and vrm.endpoint are empty: the VRM cannot call this host back")

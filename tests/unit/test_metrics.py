@@ -94,3 +94,44 @@ def test_no_snapshot_yet_still_scrapes(tmp_path):
         store.close()
     assert "libvirt_domain_info_state" not in fam
     assert fam["cna_agent_stats_sample_failures"].samples[0].value == 2
+
+
+def test_blocking_pools_busy_queued_and_stuck(tmp_path):
+    import threading
+
+    from cna_agent.blocking import BlockingPool
+    from cna_agent.errors import DeadlineExceeded
+
+    libvirt_pool, sqlite_pool = BlockingPool("libvirt", 2, 30), BlockingPool("sqlite", 1, 30)
+    release = threading.Event()
+
+    async def wedge() -> None:
+        # One libvirt call stuck past its deadline, one still within it.
+        loop = asyncio.get_running_loop()
+        loop.create_task(libvirt_pool.run(lambda: release.wait(10)))
+        try:
+            await libvirt_pool.run(lambda: release.wait(10), timeout=0.1, what="domain lookup")
+        except DeadlineExceeded:
+            pass
+
+    endpoint = MetricsEndpoint("127.0.0.1:0", build_registry(AgentCollector(pools=[libvirt_pool, sqlite_pool])))
+    endpoint.start()
+    try:
+        asyncio.run(wedge())
+        fam = scrape(endpoint.port)
+    finally:
+        release.set()
+        endpoint.stop()
+        libvirt_pool.shutdown(wait=True)
+        sqlite_pool.shutdown(wait=True)
+
+    def value(name: str, pool: str) -> float:
+        return next(s.value for s in fam[name].samples if s.labels == {"pool": pool} and not s.name.endswith("_created"))
+
+    assert value("cna_agent_blocking_pool_threads", "libvirt") == 2
+    assert value("cna_agent_blocking_pool_busy", "libvirt") == 2
+    assert value("cna_agent_blocking_pool_stuck", "libvirt") == 1
+    assert value("cna_agent_blocking_pool_queued", "libvirt") == 0
+    assert value("cna_agent_blocking_pool_deadline_exceeded", "libvirt") == 1
+    assert fam["cna_agent_blocking_pool_deadline_exceeded"].samples[0].name == "cna_agent_blocking_pool_deadline_exceeded_total"
+    assert (value("cna_agent_blocking_pool_busy", "sqlite"), value("cna_agent_blocking_pool_stuck", "sqlite")) == (0, 0)
