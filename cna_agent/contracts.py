@@ -237,3 +237,41 @@ class VmNics(Protocol):
 class VmLocator(Protocol):
     async def locate(self, vm_uuid: str) -> tuple[str, str, int]:
         """(name, state, QEMU pid or 0) of a VM; LookupError / NotFound when it is gone."""
+
+
+# -- per-VM reconcile (compute/reconcile.py runs the checks; each subsystem offers its own) -----
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """A VM as the reconciler hands it to a check: identity and libvirt's state just read."""
+
+    uuid: str
+    name: str
+    #: compute/state.py names: "running", "paused", "stopped", ...; reason e.g. "ioerror".
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One difference a per-VM check found between what should be and what is."""
+
+    check: str
+    vm_uuid: str
+    problem: str
+    repaired: bool = False
+    action: str = ""
+
+
+class VmCheck(Protocol):
+    """One aspect of a VM that can drift from its desired state (its NICs' ports, its pinning,
+    an I/O-error pause), compared and repaired for one VM at a time. Each check publishes its
+    own events; the reconciler only schedules."""
+
+    #: Short name for logs ("ports", "placement", "io-resume").
+    name: str
+    #: How often the timer runs it over every VM; 0 = only at start-up and on the VM's events.
+    interval_s: float
+
+    async def check_vm(self, vm: VmStatus) -> list[Finding]: ...

@@ -48,8 +48,8 @@ class DomainEventMonitor:
         self._changed: dict[str, asyncio.Event] = {}
         self._on_change = on_change
         self._on_definition_change = on_definition_change
-        #: Called after each vm.io_error (the I/O-error resumer checks at once).
-        self.on_io_error: Callable[[], None] | None = None
+        #: Called with the VM's uuid after each vm.io_error (its reconcile runs at once).
+        self.on_io_error: Callable[[str], None] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -189,7 +189,7 @@ class DomainEventMonitor:
                                        attributes={"source": src, "device": alias, "action": str(action), "reason": reason}, **common)
             self.changed_event(raw.uuid).set()
             if self.on_io_error is not None:
-                self.on_io_error()
+                self.on_io_error(raw.uuid)
         elif raw.kind == "device_removed":
             (alias,) = raw.args
             await self._events.publish("vm.device_removed", message=f"{raw.name}: device {alias} removed",

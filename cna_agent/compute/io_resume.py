@@ -19,7 +19,6 @@ out (the VM simply stays paused), never blocks the agent.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -30,8 +29,8 @@ import libvirt
 
 from cna_agent.blocking import BlockingPool
 from cna_agent.compute import domxml as dx
+from cna_agent.contracts import Finding, VmStatus
 from cna_agent.errors import AgentError
-from cna_agent.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from cna_agent.compute.inventory import VmInventory
@@ -82,20 +81,37 @@ def _disk_sources(xml: str) -> dict[str, str]:
     return out
 
 
+def _paused_vm(dom: libvirt.virDomain) -> PausedVm | None:
+    state, reason = dom.state()
+    if state != libvirt.VIR_DOMAIN_PAUSED or reason != libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+        return None
+    errors = {k: int(v) for k, v in (dom.diskErrors(0) or {}).items() if int(v) != libvirt.VIR_DOMAIN_DISK_ERROR_NONE}
+    return PausedVm(dom.UUIDString(), dom.name(), errors, _disk_sources(dom.XMLDesc(0)))
+
+
 def list_io_paused(conn: libvirt.virConnect) -> list[PausedVm]:
     """The running domains libvirt reports as paused by an I/O error, with their failed disks."""
     out = []
     for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED):
         try:
-            state, reason = dom.state()
-            if state != libvirt.VIR_DOMAIN_PAUSED or reason != libvirt.VIR_DOMAIN_PAUSED_IOERROR:
-                continue
-            errors = {k: int(v) for k, v in (dom.diskErrors(0) or {}).items() if int(v) != libvirt.VIR_DOMAIN_DISK_ERROR_NONE}
-            out.append(PausedVm(dom.UUIDString(), dom.name(), errors, _disk_sources(dom.XMLDesc(0))))
+            vm = _paused_vm(dom)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise
+            continue
+        if vm is not None:
+            out.append(vm)
     return out
+
+
+def io_paused(conn: libvirt.virConnect, uuid: str) -> PausedVm | None:
+    """One domain, if libvirt reports it paused by an I/O error."""
+    try:
+        return _paused_vm(conn.lookupByUUIDString(uuid))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return None
 
 
 def probe_path(path: str, need_free: bool) -> None:
@@ -139,35 +155,34 @@ class IoErrorResumer:
         self.executor = executor or BlockingPool("io-probe", 2, PROBE_TIMEOUT_S, hint="storage not answering?")
         self._clock = clock
         self._attempts: dict[str, _Attempts] = {}
-        self._task: asyncio.Task | None = None
-        self._wake = asyncio.Event()
 
-    async def start(self) -> None:
-        if self.enabled and self.interval_s > 0 and self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="cna-io-error-resume")
+    # -- contracts.VmCheck (compute/reconcile.py runs it per VM, at its interval and on events) --
+
+    name = "io-resume"
+
+    async def check_vm(self, vm: VmStatus) -> list[Finding]:
+        """One VM: resume it if an I/O error paused it and its failed disks answer again."""
+        now = self._clock()
+        if not self.enabled:
+            return []  # io_error_resume = "manual": the VRM or an admin resumes
+        if vm.state != "paused" or vm.reason != "ioerror":
+            self._forget_if_settled(vm.uuid, now)
+            return []
+        paused = await self.hv.call(lambda c: io_paused(c, vm.uuid), timeout=30)
+        if paused is None:
+            return []
+        outcome = await self._consider(paused, now)
+        if outcome == "resumed":
+            return [Finding(self.name, vm.uuid, "paused by an I/O error", True, "resumed")]
+        return [Finding(self.name, vm.uuid, f"paused by an I/O error: {outcome}")] if outcome else []
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
         self.executor.shutdown()
 
-    def kick(self) -> None:
-        """Check now (an I/O error was just reported, or a datastore became healthy)."""
-        self._wake.set()
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.check_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the loop must outlive any single failure
-                log.exception("I/O-error resume check failed")
+    def _forget_if_settled(self, uuid: str, now: float) -> None:
+        a = self._attempts.get(uuid)
+        if a is not None and now - a.last_resume > FLAP_WINDOW_S:
+            del self._attempts[uuid]  # stayed up: a later I/O error starts afresh
 
     async def blocked_by(self, vm: PausedVm, spec: Any) -> str:
         """Why the VM must stay paused ("" = every failed disk answers again); ``spec`` is the
@@ -196,53 +211,53 @@ class IoErrorResumer:
         return ""
 
     async def check_once(self) -> list[str]:
-        """One pass; returns the UUIDs of the VMs resumed."""
-        if not self.hv.connected:
+        """Every VM paused by an I/O error, in one libvirt listing; the UUIDs resumed."""
+        if not self.hv.connected or not self.enabled:
             return []
         paused = await self.hv.call(list_io_paused, timeout=30)
         now = self._clock()
         seen = {vm.uuid for vm in paused}
         for uuid in list(self._attempts):
-            a = self._attempts[uuid]
-            if uuid not in seen and now - a.last_resume > FLAP_WINDOW_S:
-                del self._attempts[uuid]  # stayed up: a later I/O error starts afresh
-        resumed = []
-        for vm in paused:
-            cached = await self.inventory.definition(vm.uuid)
-            if not cached.managed:
-                continue  # not ours: leave it alone
-            a = self._attempts.setdefault(vm.uuid, _Attempts())
-            if a.last_resume and now - a.last_resume < FLAP_WINDOW_S:
-                # paused again soon after our resume: back off before the next try
-                a.failures += 1
-                a.not_before = now + min(MAX_BACKOFF_S, self.interval_s * 2 ** a.failures)
-                a.last_resume = 0.0
-            if now < a.not_before:
-                continue
-            reason = await self.blocked_by(vm, cached.spec)
-            if reason:
-                if reason != a.last_reason:
-                    a.last_reason = reason
-                    log.info("vm %s stays paused after an I/O error: %s", vm.name, reason)
-                continue
-            try:
-                op = await self.resume(vm.uuid)
-            except AgentError as exc:  # busy (another operation holds the VM), gone, ...
-                log.warning("resuming vm %s after an I/O error failed: %s", vm.name, exc)
-                continue
-            if op.error is not None:
-                log.warning("resuming vm %s after an I/O error failed: %s", vm.name, op.error.message)
-                continue
-            a.last_resume = self._clock()
-            a.last_reason = ""
-            resumed.append(vm.uuid)
-            disks = ", ".join(sorted(vm.errors)) or "all disks"
-            await self.events.publish(
-                "vm.io_error_resumed", severity="info",
-                message=f"{vm.name}: storage answers again ({disks}); resumed after the I/O error",
-                resource_kind="vm", resource_id=vm.uuid, resource_name=vm.name,
-                attributes={"disks": disks, "attempt": str(a.failures + 1)})
-        return resumed
+            if uuid not in seen:
+                self._forget_if_settled(uuid, now)
+        return [vm.uuid for vm in paused if await self._consider(vm, now) == "resumed"]
+
+    async def _consider(self, vm: PausedVm, now: float) -> str:
+        """Decide one paused VM: "resumed", why it stays paused, or "" (not ours / backing off)."""
+        cached = await self.inventory.definition(vm.uuid)
+        if not cached.managed:
+            return ""  # not ours: leave it alone
+        a = self._attempts.setdefault(vm.uuid, _Attempts())
+        if a.last_resume and now - a.last_resume < FLAP_WINDOW_S:
+            # paused again soon after our resume: back off before the next try
+            a.failures += 1
+            a.not_before = now + min(MAX_BACKOFF_S, self.interval_s * 2 ** a.failures)
+            a.last_resume = 0.0
+        if now < a.not_before:
+            return f"backing off until the storage stays up (attempt {a.failures + 1})"
+        reason = await self.blocked_by(vm, cached.spec)
+        if reason:
+            if reason != a.last_reason:
+                a.last_reason = reason
+                log.info("vm %s stays paused after an I/O error: %s", vm.name, reason)
+            return reason
+        try:
+            op = await self.resume(vm.uuid)
+        except AgentError as exc:  # busy (another operation holds the VM), gone, ...
+            log.warning("resuming vm %s after an I/O error failed: %s", vm.name, exc)
+            return f"resume failed: {exc.message}"
+        if op.error is not None:
+            log.warning("resuming vm %s after an I/O error failed: %s", vm.name, op.error.message)
+            return f"resume failed: {op.error.message}"
+        a.last_resume = self._clock()
+        a.last_reason = ""
+        disks = ", ".join(sorted(vm.errors)) or "all disks"
+        await self.events.publish(
+            "vm.io_error_resumed", severity="info",
+            message=f"{vm.name}: storage answers again ({disks}); resumed after the I/O error",
+            resource_kind="vm", resource_id=vm.uuid, resource_name=vm.name,
+            attributes={"disks": disks, "attempt": str(a.failures + 1)})
+        return "resumed"
 
     def state_of(self, uuid: str) -> dict[str, Any]:
         """Back-off state (for diagnostics and tests)."""

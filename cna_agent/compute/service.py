@@ -3,7 +3,8 @@
 Each part has one job (inventory.py: what VMs exist; lifecycle.py: create/start/stop/delete;
 update.py: UpdateVm; disks.py and nics.py: devices on existing VMs; snapshot_ops.py;
 recovery.py: operations a crash left open; events.py: libvirt's domain events; sidechannel.py:
-the QMP side channel; io_resume.py: resuming VMs paused on a storage error). This module holds
+the QMP side channel; reconcile.py: the one per-VM reconcile that runs every subsystem's check;
+io_resume.py: compute's own check, resuming VMs paused on a storage error). This module holds
 them together and does the little that needs several: start-up adoption, consoles and QEMU
 diagnostics. Future VM flows (migration, hibernate, backup) get a module of their own beside
 these, built from the same VmOps, Binder and providers.
@@ -24,6 +25,7 @@ from cna_agent.compute.inventory import VmInfo, VmInventory
 from cna_agent.compute.io_resume import IoErrorResumer
 from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.nics import NicOperations
+from cna_agent.compute.reconcile import VmReconciler
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.sidechannel import Diagnostics, SideChannels
 from cna_agent.compute.snapshot_ops import VmSnapshots
@@ -60,14 +62,19 @@ class Compute:
     snapshots: VmSnapshots
     recovery: VmRecovery
     resumer: IoErrorResumer
+    reconciler: VmReconciler
 
     async def start(self) -> None:
         await self.monitor.start()
         if self.ops.hv.connected:
             await self.adopt()
-        await self.resumer.start()
+
+    async def start_reconcile(self) -> None:
+        """Once serving: the per-VM reconcile (start-up pass, events, timer)."""
+        await self.reconciler.start()
 
     async def stop(self) -> None:
+        await self.reconciler.stop()
         await self.resumer.stop()
         await self.monitor.stop()
         await self.sidechannels.close()

@@ -30,7 +30,6 @@ pool; a one-thread pool of its own when none is given), each call with its deadl
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -38,11 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
 from cna_agent.blocking import BlockingPool
-from cna_agent.contracts import PlacementPlan
+from cna_agent.contracts import Finding, PlacementPlan, VmStatus
 from cna_agent.errors import InvalidArgument, NotFound
 from cna_agent.host import affinity
 from cna_agent.host.cpulist import format_cpulist
-from cna_agent.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -152,24 +150,15 @@ def repair(view: VmView, *, use_native: bool | None = None) -> dict[int, int]:
 VmLocator = Callable[[str], Awaitable[tuple[str, str, int]]]
 
 
-def compute_locator(compute: Any) -> VmLocator:
-    """A locator over compute's VmService (``get(uuid)`` -> VmInfo with qemu_pid)."""
-
-    async def locate(uuid: str) -> tuple[str, str, int]:
-        info = await compute.get(uuid)
-        pid = int(info.qemu_pid) if str(info.qemu_pid).isdigit() else 0
-        return info.name, info.state, pid
-
-    return locate
-
-
 class PlacementMonitor:
-    """Periodic drift check over every placed VM; also answers on-demand reports.
+    """The pinning check of every placed VM (a contracts.VmCheck: compute's per-VM reconcile
+    runs it at ``interval_s`` and on the VM's events); also answers on-demand reports.
 
-    Started by the placement component's ``after_start`` once compute exists. Blocking /proc
-    reads run in a worker thread, one VM at a time, so a host with hundreds of guests never
-    stalls the event loop.
+    Blocking /proc reads run in the host pool, one VM at a time, so a host with hundreds of
+    guests never stalls the event loop.
     """
+
+    name = "placement"
 
     def __init__(self, placer: Any, events: Any, locate: VmLocator, *, interval_s: float = 60.0,
                  repair: bool = False, memory_tolerance_kib: int = DEFAULT_MEMORY_TOLERANCE_KIB,
@@ -183,7 +172,6 @@ class PlacementMonitor:
         self.memory_tolerance_kib = memory_tolerance_kib
         self.use_native = use_native
         self._last: dict[str, tuple[str, ...]] = {}
-        self._task: asyncio.Task[None] | None = None
         self.last_check: float = 0.0
 
     def plans(self) -> dict[str, PlacementPlan]:
@@ -200,35 +188,55 @@ class PlacementMonitor:
                 name, state, pid = "", "missing", 0
             if vm and vm not in (uuid, name):
                 continue
-            views.append(await self.pool.run(
-                lambda: inspect(uuid, name, state, pid, plan, memory_tolerance_kib=self.memory_tolerance_kib,
-                                use_native=self.use_native), what=f"placement check of {name or uuid}"))
+            views.append(await self._inspect(uuid, plan, (name, state, pid)))
         return views
 
+    async def _inspect(self, uuid: str, plan: PlacementPlan, located: tuple[str, str, int]) -> VmView:
+        name, state, pid = located
+        return await self.pool.run(
+            lambda: inspect(uuid, name, state, pid, plan, memory_tolerance_kib=self.memory_tolerance_kib,
+                            use_native=self.use_native), what=f"placement check of {name or uuid}")
+
+    async def check_vm(self, vm: VmStatus) -> list[Finding]:
+        """One VM: publish drift that is new or changed, repair when configured."""
+        plan = self.plans().get(vm.uuid)
+        if plan is None:
+            self._last.pop(vm.uuid, None)
+            return []  # not placed (no dedicated CPUs or hugepages)
+        view = await self._inspect(vm.uuid, plan, await self.locate(vm.uuid))
+        self.last_check = time.time()
+        return await self._apply(view)
+
     async def check_once(self) -> list[VmView]:
-        """One pass: publish drift that is new or changed, repair when configured."""
+        """Every placed VM in one pass (what check_vm does for each)."""
         views = await self.report()
         self.last_check = time.time()
         current = {v.uuid for v in views}
         for gone in set(self._last) - current:
             del self._last[gone]
         for view in views:
-            key = view.drift_key()
-            previous = self._last.get(view.uuid, ())
-            self._last[view.uuid] = key
-            if not key:
-                continue
-            if key != previous:
-                await self.events.publish(
-                    "placement.drift", severity="warning", resource_kind="vm", resource_id=view.uuid,
-                    resource_name=view.name, message="; ".join(key),
-                    attributes={"qemu_pid": view.pid, "drifted_threads": sum(t.drifted for t in view.threads),
-                                "repair": self.repair})
-            if self.repair and any(t.drifted for t in view.threads):
-                await self._repair(view)
+            await self._apply(view)
         return views
 
-    async def _repair(self, view: VmView) -> None:
+    async def _apply(self, view: VmView) -> list[Finding]:
+        key = view.drift_key()
+        previous = self._last.get(view.uuid, ())
+        self._last[view.uuid] = key
+        if not key:
+            return []
+        if key != previous:
+            await self.events.publish(
+                "placement.drift", severity="warning", resource_kind="vm", resource_id=view.uuid,
+                resource_name=view.name, message="; ".join(key),
+                attributes={"qemu_pid": view.pid, "drifted_threads": sum(t.drifted for t in view.threads),
+                            "repair": self.repair})
+        repaired = False
+        if self.repair and any(t.drifted for t in view.threads):
+            repaired = await self._repair(view)
+        return [Finding(self.name, view.uuid, "; ".join(key), repaired, "re-pinned as planned" if repaired else "")]
+
+    async def _repair(self, view: VmView) -> bool:
+        """Re-pin drifted threads; True when every one of them moved."""
         failed = await self.pool.run(lambda: repair(view, use_native=self.use_native),
                                      what=f"re-pinning {view.name or view.uuid}")
         moved = [t for t in view.threads if t.drifted and t.tid not in failed]
@@ -248,24 +256,7 @@ class PlacementMonitor:
                 resource_name=view.name, message=f"could not re-pin {len(failed)} thread(s): "
                 + ", ".join(f"tid {tid}: errno {err}" for tid, err in sorted(failed.items())),
                 attributes={"threads": len(failed)})
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.check_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the monitor must outlive one bad pass
-                log.exception("event=placement.check_failed")
-            await asyncio.sleep(self.interval_s)
-
-    def start(self) -> None:
-        if self._task is None and self.interval_s > 0:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="placement-drift")
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+        return not failed
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from cna_agent.contracts import Finding, VmStatus
 from cna_agent.errors import AgentError
 from cna_agent.network.ovsdb import PortWant
 
@@ -30,8 +31,22 @@ class DriftItem:
 
 
 class NetworkReconciler:
-    def __init__(self, network: "NetworkService") -> None:
+    """Host-level repair (declared bridges) and, as a contracts.VmCheck named "ports", the
+    per-VM repair of a VM's NICs' ports that compute's reconcile runs for each VM."""
+
+    name = "ports"
+
+    def __init__(self, network: "NetworkService", *, interval_s: float = 60.0) -> None:
         self.net = network
+        #: How often compute's reconcile runs the port check over every VM (0 = start and events).
+        self.interval_s = interval_s
+
+    async def check_vm(self, vm: VmStatus) -> list[Finding]:
+        """One VM's NICs: ports missing, on the wrong VLAN or unlabelled are repaired."""
+        if vm.state not in ("running", "paused"):
+            return []
+        return [Finding(self.name, vm.uuid, d.problem, d.repaired, d.action)
+                for d in await self.reconcile(repair=True, vm_uuid=vm.uuid)]
 
     async def bridge_drift(self, decls: Any) -> list[DriftItem]:
         drift: list[DriftItem] = []
@@ -78,14 +93,17 @@ class NetworkReconciler:
                         drift.append(DriftItem(res, f"address {a} missing"))
         return drift
 
-    async def _vif_drift(self, only_port_group: str = "") -> list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]]:
-        """Problems with running VMs' NICs, each with the coroutine that repairs it."""
+    async def _vif_drift(self, only_port_group: str = "", vm_uuid: str = "") -> list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]]:
+        """Problems with running VMs' NICs (of one VM, or all), each with the coroutine that repairs it."""
         found: list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]] = []
+        nics = await self.net.vms.vm_nics(vm_uuid)
+        if not any(v.active and v.bridge in self.net.bridges for v in nics):
+            return found  # nothing of ours to check: no OVSDB round trip
         try:
             ovs_state = await self.net.ovs.call(lambda c: c.bridges())
         except AgentError:
             ovs_state = None
-        for v in await self.net.vms.vm_nics():
+        for v in nics:
             if not v.active:
                 continue
             uuid, name = v.vm_uuid, v.vm_name
@@ -136,11 +154,15 @@ class NetworkReconciler:
                     found.append((DriftItem(res, f"tap of VM {name} NIC {v.mac} is not on bridge {br}"), fix_lb))
         return found
 
-    async def reconcile(self, repair: bool = True, *, only_port_group: str = "") -> list[DriftItem]:
-        """Compare declared networks and running VMs' NICs with the host; repair when asked."""
+    async def reconcile(self, repair: bool = True, *, only_port_group: str = "", vm_uuid: str = "",
+                        ports: bool = True) -> list[DriftItem]:
+        """Compare declared networks and running VMs' NICs with the host; repair when asked.
+
+        ``vm_uuid``: only that VM's ports (no bridges); ``only_port_group``: only the ports in
+        that group; ``ports=False``: only the bridges."""
         results: list[DriftItem] = []
         async with self.net.lock:
-            if not only_port_group:
+            if not only_port_group and not vm_uuid:
                 for item in await self.bridge_drift(self.net.bridges.values()):
                     results.append(item)
                     if repair and "unreachable" not in item.problem:
@@ -150,7 +172,7 @@ class NetworkReconciler:
                             item.repaired, item.action = True, "; ".join(changes) or "re-applied"
                         except AgentError as exc:
                             item.action = f"repair failed: {exc.message}"
-            for item, fix in await self._vif_drift(only_port_group):
+            for item, fix in await self._vif_drift(only_port_group, vm_uuid) if ports else []:
                 results.append(item)
                 if repair:
                     try:

@@ -56,6 +56,7 @@ class NetworkService:
         vms: VmNics,
         config_bridges: tuple[BridgeDecl, ...] = (),
         config_port_groups: tuple[PortGroupDecl, ...] = (),
+        reconcile_interval_s: float = 60.0,
     ) -> None:
         self.ovs = OvsdbClient(ovsdb, ovsdb_timeout_s)
         self.linux = LinuxBridgeDriver()
@@ -66,7 +67,7 @@ class NetworkService:
         self.vms = vms
         self.decls = Declarations(state_dir, config_bridges, config_port_groups)
         self.lock = asyncio.Lock()
-        self.reconciler = NetworkReconciler(self)
+        self.reconciler = NetworkReconciler(self, interval_s=reconcile_interval_s)
         _point_libvirt_at(ovsdb)
 
     @property
@@ -268,8 +269,8 @@ class NetworkService:
         vifs = await self.vifs() if vifs is None else vifs
         return PortGroupView(self.port_groups[name], tuple(v for v in vifs if v.port_group == name))
 
-    async def reconcile(self, repair: bool = True, *, only_port_group: str = "") -> list[DriftItem]:
-        return await self.reconciler.reconcile(repair, only_port_group=only_port_group)
+    async def reconcile(self, repair: bool = True, *, only_port_group: str = "", ports: bool = True) -> list[DriftItem]:
+        return await self.reconciler.reconcile(repair, only_port_group=only_port_group, ports=ports)
 
     async def apply_declared(self) -> None:
         await self.reconciler.apply_declared()

@@ -148,7 +148,8 @@ async def build_agent(config: AgentConfig) -> Agent:
     network = parts.build_network(config, runner, events, inventory)
     render_ctx, host_cpus = await parts.render_context(config, hypervisor, virt_type)
     compute = parts.build_compute(config, hypervisor, runner, events, inventory, render_ctx, virt_type=virt_type,
-                                  host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer)
+                                  host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer,
+                                  checks=[network.service.reconciler, placement.monitor])
     # Every blocking pool, for the metrics (read at scrape time).
     pools = [store.pool, hypervisor.pool, pool, compute.resumer.executor, storage.executor,
              network.service.ovs.pool, network.service.netlink_pool]
@@ -183,12 +184,8 @@ async def build_agent(config: AgentConfig) -> Agent:
         await cancel_and_wait(network_loop[0] if network_loop else None)
         await network.service.close()
 
-    async def start_placement() -> None:
-        placement.monitor.start()
-
-    agent.after_start = [("placement", start_placement), ("network", start_network), ("vrm", telemetry.start)]
-    agent.stops = [("vrm", telemetry.stop), ("network", stop_network), ("storage", storage.stop),
-                   ("compute", compute.stop), ("placement", placement.monitor.stop)]
+    agent.after_start = [("network", start_network), ("reconcile", compute.start_reconcile), ("vrm", telemetry.start)]
+    agent.stops = [("vrm", telemetry.stop), ("compute", compute.stop), ("network", stop_network), ("storage", storage.stop)]
     await events.publish(
         "agent.started", resource_kind="agent", resource_name=platform.node(),
         message=f"cna-agent {__version__} started", attributes={
@@ -199,7 +196,9 @@ async def build_agent(config: AgentConfig) -> Agent:
 
 
 async def _network_loop(network: NetworkService, interval_s: float) -> None:
-    """Apply the declared networks once, then repair drift every ``interval_s`` (0 = once)."""
+    """Apply the declared networks once (and repair every port), then repair the declared
+    bridges every ``interval_s`` (0 = once). The VMs' ports are repaired per VM by compute's
+    reconcile, which runs network's port check."""
     try:
         await network.apply_declared()
     except Exception:
@@ -207,6 +206,6 @@ async def _network_loop(network: NetworkService, interval_s: float) -> None:
     while interval_s > 0:
         await asyncio.sleep(interval_s)
         try:
-            await network.reconcile(repair=True)
+            await network.reconcile(repair=True, ports=False)
         except Exception:  # keep the loop alive; the next pass retries
             log.exception("event=network.reconcile_crashed")

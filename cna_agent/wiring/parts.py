@@ -8,7 +8,7 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.disks import DiskOperations
@@ -17,6 +17,7 @@ from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.io_resume import IoErrorResumer
 from cna_agent.compute.lifecycle import DomainRenderer, VmLifecycle
 from cna_agent.compute.nics import NicOperations
+from cna_agent.compute.reconcile import VmReconciler
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.render import RenderContext
 from cna_agent.compute.resolvers import LocalFileResolver, parse_image_dirs
@@ -27,7 +28,7 @@ from cna_agent.compute.snapshot_ops import VmSnapshots
 from cna_agent.compute.update import VmUpdates
 from cna_agent.compute.vmops import VmOps
 from cna_agent.config import AgentConfig
-from cna_agent.contracts import DiskProvider, Placer, PortProvider, VmLocator
+from cna_agent.contracts import DiskProvider, Placer, PortProvider, VmCheck, VmLocator
 from cna_agent.host.cpulist import parse_cpulist
 from cna_agent.host.drift import PlacementMonitor
 from cna_agent.host.placement import Planner
@@ -105,16 +106,28 @@ async def render_context(config: AgentConfig, hypervisor: Hypervisor, virt_type:
 
 def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: OperationRunner, events: EventHub,
                   inventory: VmInventory, ctx: RenderContext, *, virt_type: str, host_cpus: int,
-                  disks: DiskProvider | None, ports: PortProvider, placer: Placer | None) -> Compute:
+                  disks: DiskProvider | None, ports: PortProvider, placer: Placer | None,
+                  checks: Sequence[VmCheck] = ()) -> Compute:
     """Compute's parts around one inventory; ``disks``/``ports``/``placer`` are the other
-    subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins)."""
+    subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins),
+    ``checks`` their per-VM checks for compute's reconcile (network's ports, placement's pinning)."""
     ops = VmOps(hypervisor, runner, events, inventory)
     binder = Binder(inventory, LocalFileResolver(parse_image_dirs(config.compute.image_dirs)), disks, ports, placer)
     renderer = DomainRenderer(ctx, QemuRunDirs(ctx), virt_type=virt_type, host_cpus=host_cpus)
     sidechannels = SideChannels(events, inventory.qmp_socket)
-    monitor = DomainEventMonitor(hypervisor, events, on_change=state_follower(inventory, sidechannels),
-                                 on_definition_change=inventory.forget)
+    follow = state_follower(inventory, sidechannels)
+
+    def on_change(uuid: str, state: str, reason: str, when: float) -> None:
+        follow(uuid, state, reason, when)
+        reconciler.enqueue(uuid)  # bound below: events arrive only once compute has started
+
+    monitor = DomainEventMonitor(hypervisor, events, on_change=on_change, on_definition_change=inventory.forget)
     lifecycle = VmLifecycle(ops, binder, renderer, monitor)
+    resumer = IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
+                             interval_s=config.compute.io_error_check_interval_s,
+                             enabled=config.compute.io_error_resume == "auto")
+    reconciler = VmReconciler(inventory, [*checks, *([resumer] if resumer.enabled else [])])
+    monitor.on_io_error = reconciler.enqueue
     compute = Compute(
         ops=ops, inventory=inventory, binder=binder, monitor=monitor, lifecycle=lifecycle, sidechannels=sidechannels,
         updates=VmUpdates(ops, binder, renderer, lifecycle),
@@ -122,11 +135,9 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         nics=NicOperations(ops, binder, lifecycle),
         snapshots=VmSnapshots(ops),
         recovery=VmRecovery(hypervisor),
-        resumer=IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
-                               interval_s=config.compute.io_error_check_interval_s,
-                               enabled=config.compute.io_error_resume == "auto"),
+        resumer=resumer,
+        reconciler=reconciler,
     )
-    monitor.on_io_error = compute.resumer.kick
     return compute
 
 
@@ -157,8 +168,8 @@ class Network:
 def build_network(config: AgentConfig, runner: OperationRunner, events: EventHub, inventory: VmInventory) -> Network:
     cfg = config.network
     service = NetworkService(ovsdb=cfg.ovsdb, ovsdb_timeout_s=cfg.ovsdb_timeout_s, netlink_threads=cfg.netlink_threads,
-                             state_dir=config.state.dir, events=events,
-                             vms=inventory, config_bridges=cfg.bridges, config_port_groups=cfg.port_groups)
+                             state_dir=config.state.dir, events=events, vms=inventory, config_bridges=cfg.bridges,
+                             config_port_groups=cfg.port_groups, reconcile_interval_s=cfg.reconcile_interval_s)
     return Network(service, NetworkOperations(service, runner))
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from cna_agent.compute.io_resume import FLAP_WINDOW_S, IoErrorResumer, list_io_paused
 from cna_agent.compute.spec import DiskSpec, LunSource, VmSpec
+from cna_agent.contracts import VmStatus
 from cna_agent.errors import NotFound
 
 PAUSED, IOERR = libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR
@@ -53,6 +54,10 @@ class FakeConn:
 
     def listAllDomains(self, flags: int) -> list[FakeDom]:
         return [d for d in self.doms if d.st[0] == PAUSED]
+
+    def lookupByUUIDString(self, uuid: str) -> FakeDom:
+        (dom,) = [d for d in self.doms if d.uuid == uuid]
+        return dom
 
 
 class FakeHv:
@@ -183,12 +188,27 @@ def test_a_vm_that_pauses_again_right_after_a_resume_is_backed_off(world):
     assert world.resumer.state_of("u1") == {}
 
 
-def test_manual_policy_starts_no_loop(world):
+def test_manual_policy_resumes_nothing(world):
     r = IoErrorResumer(world.vms.hv, world.vms, world.resolver, world.vms.resume, world.vms.events, interval_s=5, enabled=False)  # type: ignore[arg-type]
 
     async def go():
-        await r.start()
-        assert r._task is None
-        await r.stop()
+        assert await r.check_once() == []
+        assert await r.check_vm(VmStatus("u1", "vm1", "paused", "ioerror")) == []
 
     asyncio.run(go())
+    assert world.vms.resumed == [] and world.resolver.calls == []
+
+
+def test_the_per_vm_check_resumes_only_the_vm_it_is_given(world):
+    async def go():
+        # Running VMs and other pause reasons are not looked at (no libvirt call, no probe).
+        assert await world.resumer.check_vm(VmStatus("u3", "vm3", "paused", "user")) == []
+        world.resolver.missing_luns.add("iqn.x:t/1")
+        (stays,) = await world.resumer.check_vm(VmStatus("u1", "vm1", "paused", "ioerror"))
+        assert not stays.repaired and "vda" in stays.problem
+        world.resolver.missing_luns.clear()
+        return await world.resumer.check_vm(VmStatus("u1", "vm1", "paused", "ioerror"))
+
+    (found,) = asyncio.run(go())
+    assert (found.check, found.vm_uuid, found.repaired, found.action) == ("io-resume", "u1", True, "resumed")
+    assert world.vms.resumed == ["u1"]
