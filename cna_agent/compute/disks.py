@@ -9,7 +9,6 @@ operation, so a restart adopts the VM with the disks it really has.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from typing import Any
@@ -21,7 +20,7 @@ from cna_agent.compute.binder import Binder
 from cna_agent.compute.lifecycle import VmLifecycle, release_lun_disks
 from cna_agent.compute.render import assign_disk_targets, disk_xml
 from cna_agent.compute.spec import DiskSpec, IoQos, VmSpec, validate
-from cna_agent.compute.vmops import VmOps, affect, save_spec
+from cna_agent.compute.vmops import DETACH_TIMEOUT_S, VmOps, affect, save_spec
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationRecord
@@ -30,8 +29,6 @@ log = logging.getLogger(__name__)
 
 #: Grow steps: virtio and SCSI report sizes in 512-byte sectors.
 SECTOR = 512
-#: How long a guest gets to release an unplugged disk before the detach is reported failed.
-DETACH_TIMEOUT_S = 30.0
 _DISK_FIELD = re.compile(r"^spec\.disks\[\d+\]")
 
 
@@ -105,29 +102,12 @@ class DiskOperations:
             def element(conn: libvirt.virConnect, flags: int) -> str | None:
                 return disk_element(conn.lookupByUUIDString(uuid).XMLDesc(flags), target)
 
-            def detach(conn: libvirt.virConnect) -> None:
-                dom = conn.lookupByUUIDString(uuid)
-                live = element(conn, 0) if running else None
-                config = element(conn, libvirt.VIR_DOMAIN_XML_INACTIVE)
-                if live is not None:
-                    dom.detachDeviceFlags(live, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-                if config is not None:
-                    dom.detachDeviceFlags(config, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-
-            try:
-                await self.ops.hv.call(detach, timeout=60)
-            except libvirt.libvirtError as exc:
-                raise FailedPrecondition(f"detaching {target} failed: {exc.get_error_message()}") from None
-            if running:
-                # The guest must release the device (PCI unplug is asynchronous); until it has,
-                # the disk is still in use and reporting success would be a lie.
-                await op.progress(50, "waiting for the guest to release the disk")
-                deadline = asyncio.get_running_loop().time() + DETACH_TIMEOUT_S
-                while await self.ops.hv.call(lambda c: element(c, 0), timeout=30) is not None:
-                    if asyncio.get_running_loop().time() > deadline:
-                        raise FailedPrecondition(f"the guest did not release {target} within {DETACH_TIMEOUT_S:.0f}s; "
-                                                 "it stays attached to the running VM (retry, or stop the VM)")
-                    await asyncio.sleep(0.3)
+            await self.ops.unplug(
+                uuid, element, running,
+                refused=lambda why: FailedPrecondition(f"detaching {target} failed: {why}"),
+                not_released=FailedPrecondition(f"the guest did not release {target} within {DETACH_TIMEOUT_S:.0f}s; "
+                                                "it stays attached to the running VM (retry, or stop the VM)"),
+                progress=lambda: op.progress(50, "waiting for the guest to release the disk"))
             await self.ops.write_spec(uuid, new, running)
             if spec.disks[index].lun is not None:
                 # The disk is gone from the VM (and its spec), so storage may now see no user left.

@@ -472,3 +472,8 @@ def spec_json_from_metadata(el: ET.Element) -> str | None:
     if spec is None:
         spec = el.find("spec")
     return spec.text if spec is not None and spec.text else None
+
+
+def spec_json_from_metadata_xml(text: str) -> str | None:
+    """The spec JSON in virDomainGetMetadata's answer (raises ET.ParseError on bad XML)."""
+    return spec_json_from_metadata(ET.fromstring(text))

@@ -148,7 +148,7 @@ class VmInventory:
         except libvirt.libvirtError:
             return VmDefinition(dom.name(), False, None)
         try:
-            text = dx.spec_json_from_metadata(ET.fromstring(meta))
+            text = dx.spec_json_from_metadata_xml(meta)
             spec = VmSpec.from_json(text) if text else None
         except (ET.ParseError, ValueError):
             spec = None

@@ -11,7 +11,6 @@ only for what it owns: the port group's binding and the labels on the plugged po
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -22,7 +21,7 @@ from cna_agent.compute.binder import Binder, generate_mac
 from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.render import interface_xml
 from cna_agent.compute.spec import NicSpec, VmSpec, check_mac, validate
-from cna_agent.compute.vmops import VmOps, affect, save_spec
+from cna_agent.compute.vmops import DETACH_TIMEOUT_S, VmOps, affect, save_spec
 from cna_agent.contracts import VmNic
 from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cna_agent.operations import OperationContext
@@ -30,8 +29,6 @@ from cna_agent.state.journal import OperationRecord
 
 log = logging.getLogger(__name__)
 
-#: How long an unplug may take before the guest is considered to ignore it.
-DETACH_TIMEOUT_S = 30.0
 #: How long a NIC change waits for another operation on the same VM.
 NIC_LOCK_TIMEOUT_S = 30.0
 
@@ -135,27 +132,12 @@ class NicOperations:
                 found = interface_element(conn.lookupByUUIDString(uuid).XMLDesc(flags), mac)
                 return found.to_xml(pretty=False) if found is not None else None
 
-            def detach(conn: libvirt.virConnect) -> None:
-                dom = conn.lookupByUUIDString(uuid)
-                live = element(conn, 0) if running else None
-                config = element(conn, libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else None
-                if live is not None:
-                    dom.detachDeviceFlags(live, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-                if config is not None:
-                    dom.detachDeviceFlags(config, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-
-            try:
-                await self.ops.hv.call(detach, timeout=60)
-            except libvirt.libvirtError as exc:
-                raise FailedPrecondition(f"mac: libvirt refused to unplug the NIC: {exc.get_error_message()}") from None
-            if running:
-                # Unplug needs the guest's cooperation (PCIe hot-unplug); wait until it is gone.
-                await op.progress(50, "waiting for the guest to release the NIC")
-                deadline = asyncio.get_running_loop().time() + DETACH_TIMEOUT_S
-                while await self.ops.hv.call(lambda c: element(c, 0), timeout=30) is not None:
-                    if asyncio.get_running_loop().time() > deadline:
-                        raise Unavailable(f"mac: the guest did not release NIC {mac} within {DETACH_TIMEOUT_S:.0f}s; it stays requested")
-                    await asyncio.sleep(0.5)
+            await self.ops.unplug(
+                uuid, element, running,
+                refused=lambda why: FailedPrecondition(f"mac: libvirt refused to unplug the NIC: {why}"),
+                not_released=Unavailable(f"mac: the guest did not release NIC {mac} within {DETACH_TIMEOUT_S:.0f}s; "
+                                         "it stays requested"),
+                progress=lambda: op.progress(50, "waiting for the guest to release the NIC"))
             await self.ops.write_spec(uuid, new, running)
             device = before.device if before is not None else ""
             await self.ops.events.publish("network.nic.detached", resource_kind="vm", resource_id=uuid,

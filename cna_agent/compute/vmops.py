@@ -12,6 +12,7 @@ definition write of the agent's spec, and the result (a fresh VmInfo).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Awaitable, Callable
 
 import libvirt
@@ -27,6 +28,11 @@ from cna_agent.state.journal import OperationRecord
 
 #: How long a quick VM operation is awaited before the caller gets it back still running.
 QUICK_WAIT_S = 10.0
+#: How long a guest gets to release an unplugged device before the unplug is reported failed.
+DETACH_TIMEOUT_S = 30.0
+
+#: One device's element in the domain XML read with these flags (0 = live), or None.
+DeviceLookup = Callable[[libvirt.virConnect, int], "str | None"]
 
 
 def affect(running: bool) -> int:
@@ -60,6 +66,35 @@ class VmOps:
         """(uuid, spec, running) of a managed VM, for a device change."""
         uuid, _ = await self.inventory.lookup_uuid(ref)
         return uuid, await self.inventory.spec(uuid), await self.inventory.running(uuid)
+
+    async def unplug(self, uuid: str, element: DeviceLookup, running: bool, *, refused: Callable[[str], Exception],
+                     not_released: Exception, progress: Callable[[], Awaitable[None]]) -> None:
+        """Detach one device from the live VM (when it runs) and from its persistent definition,
+        then wait until the guest has released it: PCI unplug needs the guest's cooperation, and
+        until it has, the device is still in use and reporting success would be a lie."""
+
+        def detach(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByUUIDString(uuid)
+            live = element(conn, 0) if running else None
+            config = element(conn, libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else None
+            if live is not None:
+                dom.detachDeviceFlags(live, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            if config is not None:
+                dom.detachDeviceFlags(config, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+        try:
+            await self.hv.call(detach, timeout=60)
+        except libvirt.libvirtError as exc:
+            raise refused(exc.get_error_message()) from None
+        if not running:
+            return
+        await progress()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DETACH_TIMEOUT_S
+        while await self.hv.call(lambda c: element(c, 0), timeout=30) is not None:
+            if loop.time() > deadline:
+                raise not_released
+            await asyncio.sleep(0.3)
 
     async def write_spec(self, uuid: str, spec: VmSpec, running: bool) -> None:
         await self.hv.call(lambda c: save_spec(c.lookupByUUIDString(uuid), spec, running), timeout=30)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cna_agent.config.coerce import coerce
+from cna_agent.contracts import Bandwidth
 from cna_agent.config.sections import ConfigError, NetworkConfig, StorageConfig
 
 __all__ = ["datastore_declarations", "network_declarations"]
@@ -38,10 +39,10 @@ def network_declarations(net: NetworkConfig, tables: Mapping[str, Mapping[str, t
             if key not in allowed:
                 raise ConfigError(f"unknown key network.{kind}.{name}.{key} in {origin} (known: {', '.join(sorted(allowed))})")
             want = allowed[key]
-            if want is model.BandwidthDecl:
+            if want is Bandwidth:
                 if not isinstance(value, Mapping) or set(value) - {"average_kbps", "peak_kbps", "burst_kib"}:
                     raise ConfigError(f"{where}: expected a table with average_kbps, peak_kbps, burst_kib")
-                value = model.BandwidthDecl(**dict(value))
+                value = Bandwidth(**dict(value))
             elif want is tuple:
                 if not isinstance(value, list):
                     raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -52,8 +53,8 @@ def network_declarations(net: NetworkConfig, tables: Mapping[str, Mapping[str, t
         return out
 
     bridge_keys = {"type": str, "uplink": str, "mtu": int, "addresses": tuple, "datapath_type": str, "fail_mode": str}
-    pg_keys = {"bridge": str, "vlan": int, "trunk_vlans": tuple, "inbound": model.BandwidthDecl,
-               "outbound": model.BandwidthDecl, "mac_anti_spoofing": bool, "ip_anti_spoofing": bool}
+    pg_keys = {"bridge": str, "vlan": int, "trunk_vlans": tuple, "inbound": Bandwidth,
+               "outbound": Bandwidth, "mac_anti_spoofing": bool, "ip_anti_spoofing": bool}
     bridges = [model.BridgeDecl(name=name, source="config", **fields_of("bridges", name, entry, origin, bridge_keys))
                for name, (entry, origin) in tables.get("bridges", {}).items()]
     port_groups = [model.PortGroupDecl(name=name, source="config", **fields_of("port_groups", name, entry, origin, pg_keys))

@@ -32,11 +32,6 @@ FAIL_MODES = ("standalone", "secure")
 MAX_KBPS = 100_000_000
 
 
-#: Port-group limits are the one Bandwidth type (contracts.py); the old name stays for the
-#: config loader until it imports Bandwidth itself.
-BandwidthDecl = Bandwidth
-
-
 @dataclass(frozen=True)
 class BridgeDecl:
     name: str

@@ -85,7 +85,8 @@ class LunManager:
         #: release is still owed. A record that turns out in use or absent is simply dropped.
         self.pending_releases: dict[tuple[str, str], str] = {}
 
-    def _datastore(self, name: str, field: str) -> DatastoreDecl:
+    def datastore(self, name: str, field: str) -> DatastoreDecl:
+        """The configured datastore ``name``; NotFound naming ``field`` and the known ones."""
         d = self.datastores.get(name)
         if d is None:
             known = ", ".join(sorted(self.datastores)) or "none configured"
@@ -133,7 +134,7 @@ class LunManager:
     # -- binding -------------------------------------------------------------------------------------
 
     async def resolve_lun(self, datastore: str, lun_id: str, *, field: str, vm: str) -> DiskSourceBinding:
-        d = self._datastore(datastore, f"{field}.datastore")
+        d = self.datastore(datastore, f"{field}.datastore")
         if d.type == "dir":
             raise InvalidArgument(f"{field}.datastore", f"datastore {datastore!r} is a directory datastore; use a volume source")
         if d.type == "iscsi" and d.initiator == "libiscsi":
@@ -177,7 +178,7 @@ class LunManager:
     # -- listing ---------------------------------------------------------------------------------------
 
     async def list_luns(self, name: str) -> list[LunInfo]:
-        d = self._datastore(name, "datastore")
+        d = self.datastore(name, "datastore")
         users = await self.lun_users(name)
         if d.type == "iscsi" and d.initiator == "libiscsi":
             found = await self.executor.run(
@@ -213,7 +214,7 @@ class LunManager:
         """Drop ``vm``'s claim and remove a kernel iSCSI / FC LUN from this host once no VM
         claims or uses it (module docstring). Raises only for bad input; SAN trouble is
         reported and owed."""
-        d = self._datastore(datastore, f"{field}.datastore")
+        d = self.datastore(datastore, f"{field}.datastore")
         if d.type == "dir":
             raise InvalidArgument(f"{field}.datastore", f"datastore {datastore!r} is a directory datastore; it has no LUNs")
         if d.type == "iscsi" and d.initiator == "libiscsi":

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping
 
 from cna_agent.contracts import DiskSourceBinding, LunRelease, VmDisks
-from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from cna_agent.errors import FailedPrecondition, InvalidArgument
 from cna_agent.operations import OperationContext, OperationRunner
 from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationRecord
@@ -139,11 +139,7 @@ class StorageService:
     # -- lookups --------------------------------------------------------------------------------------
 
     def _datastore(self, name: str, field: str) -> DatastoreDecl:
-        d = self.datastores.get(name)
-        if d is None:
-            known = ", ".join(sorted(self.datastores)) or "none configured"
-            raise NotFound(f"{field}: datastore {name!r} is not configured on this host (known: {known})", field=field)
-        return d
+        return self.luns.datastore(name, field)
 
     async def _users(self) -> dict[str, list[str]]:
         """volume id -> UUIDs of VMs using it ({} when compute cannot answer: listings only)."""

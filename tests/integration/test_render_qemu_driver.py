@@ -11,28 +11,19 @@ import subprocess
 import sys
 
 import pytest
+from support.specs import PLACED_UUID, placed_spec
 
 from cna_agent.compute import domxml as dx
-from cna_agent.compute.render import Bindings, RenderContext, apply_placement, build_domain
-from cna_agent.compute.spec import BootSpec, ConsoleSpec, ValidationContext, VmSpec, validate
+from cna_agent.compute.render import (
+    Bindings,
+    RenderContext,
+    apply_placement,
+    build_domain,
+)
 from cna_agent.contracts import GuestNumaCell, PlacementPlan
 
-UUID = "0b5c2f8e-3d41-4a9b-8c7e-6f5a4b3c2d1e"
-# The spec is validated as in tests/unit/test_render_placement.py (same contexts, same _spec);
-# it is rendered below with a context of its own.
-ARM = RenderContext(host_arch="aarch64", virt_type="kvm", state_dir="/var/lib/cna-agent", run_dir="/run/cna-agent",
-                    agent_version="test", qmp_side_channel=False)
-X86 = RenderContext(host_arch="x86_64", virt_type="kvm", state_dir="/var/lib/cna-agent", run_dir="/run/cna-agent",
-                    agent_version="test", qmp_side_channel=False)
-
-
-def _spec(arch: str, vcpus: int, memory_mib: int, **kw) -> VmSpec:
-    kernel = "/img/Image" if arch == "aarch64" else "/img/vmlinuz"
-    spec = VmSpec(name="placed", uuid=UUID, arch=arch, vcpus=vcpus, memory_mib=memory_mib, console=ConsoleSpec(type="none"),
-                  boot=BootSpec(kernel=kernel), **kw)
-    ctx = ARM if arch == "aarch64" else X86
-    validate(spec, ValidationContext(host_arch=ctx.host_arch, virt_type=ctx.virt_type, host_cpus=192, have_placer=True))
-    return spec
+UUID = PLACED_UUID
+_spec = placed_spec
 
 
 _EMBEDDED_DEFINE = """

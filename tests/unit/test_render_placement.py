@@ -12,32 +12,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.specs import ARM, PLACED_UUID, X86, placed_spec
 
 from cna_agent.compute import domxml as dx
+from cna_agent.compute.render import Bindings, apply_placement, build_domain
+from cna_agent.compute.spec import VmSpec
 from cna_agent.contracts import GuestNumaCell, PlacementPlan
-from cna_agent.compute.render import Bindings, RenderContext, apply_placement, build_domain
-from cna_agent.compute.spec import BootSpec, ConsoleSpec, ValidationContext, VmSpec, validate
 from cna_agent.errors import InvalidArgument
 from cna_agent.host.cpulist import parse_cpulist
 from cna_agent.host.placement import Planner, VmRequest
 from cna_agent.host.topology import probe_topology
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sysfs"
-UUID = "0b5c2f8e-3d41-4a9b-8c7e-6f5a4b3c2d1e"
-# No QMP side channel: the test driver has no use for QEMU's command line.
-ARM = RenderContext(host_arch="aarch64", virt_type="kvm", state_dir="/var/lib/cna-agent", run_dir="/run/cna-agent",
-                    agent_version="test", qmp_side_channel=False)
-X86 = RenderContext(host_arch="x86_64", virt_type="kvm", state_dir="/var/lib/cna-agent", run_dir="/run/cna-agent",
-                    agent_version="test", qmp_side_channel=False)
-
-
-def _spec(arch: str, vcpus: int, memory_mib: int, **kw) -> VmSpec:
-    kernel = "/img/Image" if arch == "aarch64" else "/img/vmlinuz"
-    spec = VmSpec(name="placed", uuid=UUID, arch=arch, vcpus=vcpus, memory_mib=memory_mib, console=ConsoleSpec(type="none"),
-                  boot=BootSpec(kernel=kernel), **kw)
-    ctx = ARM if arch == "aarch64" else X86
-    validate(spec, ValidationContext(host_arch=ctx.host_arch, virt_type=ctx.virt_type, host_cpus=192, have_placer=True))
-    return spec
+UUID = PLACED_UUID
+_spec = placed_spec
 
 
 def _build(spec: VmSpec, plan: PlacementPlan | None) -> dx.Domain:
