@@ -92,19 +92,25 @@ class DatastoreMonitor:
         self.slow_after_s = slow_after_s if slow_after_s is not None else max(timeout / 5, 0.5)
         self.on_change = on_change
         self.health: dict[str, Health] = {}
-        self._inflight: dict[str, threading.Thread] = {}
+        #: name -> (probe thread, when it started, its result) of the latest probe.
+        self._inflight: dict[str, tuple[threading.Thread, float, "asyncio.Future[tuple[bool, str, float]]"]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def get(self, name: str) -> Health:
         return self.health.get(name, Health("unknown", "not probed yet"))
 
     async def probe(self, name: str) -> Health:
-        """Probe one datastore now (or report the earlier probe that is still stuck)."""
+        """Probe one datastore now. A probe still running from before is waited for until its
+        own deadline (a slow answer is not a dead datastore); one stuck past it is reported."""
         loop = asyncio.get_running_loop()
-        stuck = self._inflight.get(name)
-        if stuck is not None and stuck.is_alive():
-            return await self._set(name, Health(UNREACHABLE, f"an earlier probe has not returned for over {self.timeout:g}s",
-                                                self.timeout * 1000, time.time()))
+        earlier = self._inflight.get(name)
+        if earlier is not None and earlier[0].is_alive():
+            thread, started, fut = earlier
+            stuck_s = time.monotonic() - started
+            if stuck_s >= self.timeout:
+                return await self._set(name, Health(UNREACHABLE, f"an earlier probe has not returned for {stuck_s:.0f}s "
+                                                    f"(deadline {self.timeout:g}s)", self.timeout * 1000, time.time()))
+            return await self._finish(name, fut, self.timeout - stuck_s)
         fut: asyncio.Future[tuple[bool, str, float]] = loop.create_future()
         # A probe that answers after its deadline still delivers; nobody awaits it then.
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -130,10 +136,13 @@ class DatastoreMonitor:
                 pass  # loop closed meanwhile
 
         t = threading.Thread(target=run, name=f"ds-probe-{name}", daemon=True)
-        self._inflight[name] = t
+        self._inflight[name] = (t, time.monotonic(), fut)
         t.start()
+        return await self._finish(name, fut, self.timeout)
+
+    async def _finish(self, name: str, fut: "asyncio.Future[tuple[bool, str, float]]", wait: float) -> Health:
         try:
-            direct, detail, ms = await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+            direct, detail, ms = await asyncio.wait_for(asyncio.shield(fut), wait)
         except asyncio.TimeoutError:
             return await self._set(name, Health(UNREACHABLE, f"no answer to a direct-I/O read within {self.timeout:g}s",
                                                 self.timeout * 1000, time.time()))
