@@ -317,8 +317,17 @@ class Testbed:
 
     # ----- down / status -----------------------------------------------------------------------
     def down(self) -> None:
-        """Stop only the daemons this run dir started (SIGTERM, then SIGKILL after 10 s)."""
+        """Stop only the daemons this run dir started (SIGTERM, then SIGKILL after 10 s).
+
+        A libvirtd this run started may have been restarted meanwhile (the reconnect test stops
+        and starts the host's libvirtd): the one the pid file names now is its replacement and
+        is stopped too, so no daemon outlives the run that brought it up."""
         st = self._state()
+        started = st.get("libvirtd", {}).get("pids", [])
+        if any(comm == "libvirtd" for _, comm in started):
+            now = _read_pid(Path("/run/libvirtd.pid"))
+            if now and [now, "libvirtd"] not in started and _pid_alive(now, "libvirtd"):
+                st["libvirtd"]["pids"] = [*started, [now, "libvirtd"]]
         for service in reversed(SERVICES):
             for pid, comm in reversed(st.get(service, {}).get("pids", [])):
                 if not _pid_alive(pid, comm):

@@ -85,6 +85,7 @@ def system_libvirtd():
     if not Path("/usr/sbin/libvirtd").exists():
         pytest.fail("libvirtd is not installed: run tools/setup.sh")
     was_running = test_libvirt.libvirtd_answers()
+    had_virtlogd = test_libvirt.virtlogd_running()
     if not was_running:
         test_libvirt.start_libvirtd()
     yield
@@ -92,3 +93,5 @@ def system_libvirtd():
         test_libvirt.start_libvirtd()
     elif not was_running and test_libvirt.libvirtd_answers():
         test_libvirt.stop_libvirtd()
+    if not had_virtlogd and test_libvirt.virtlogd_running():
+        test_libvirt.stop_virtlogd()

@@ -101,6 +101,25 @@ def start_libvirtd() -> None:
 
 
 def stop_libvirtd() -> None:
-    pid = int(LIBVIRTD_PIDFILE.read_text().strip())
+    _stop(LIBVIRTD_PIDFILE, "libvirtd")
+
+
+VIRTLOGD_PIDFILE = Path("/run/virtlogd.pid")
+
+
+def virtlogd_running() -> bool:
+    try:
+        pid = int(VIRTLOGD_PIDFILE.read_text().strip())
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "virtlogd"
+    except (OSError, ValueError):
+        return False
+
+
+def stop_virtlogd() -> None:
+    _stop(VIRTLOGD_PIDFILE, "virtlogd")
+
+
+def _stop(pidfile: Path, what: str) -> None:
+    pid = int(pidfile.read_text().strip())
     os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to stop")
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, f"{what} to stop")
