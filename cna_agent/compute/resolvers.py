@@ -1,4 +1,4 @@
-"""Built-in resolvers used until the storage/network subsystems provide theirs.
+"""The stand-ins the wiring passes when an agent runs without a storage or network subsystem.
 
 Local files: a disk ``volume`` or a direct-boot kernel/initrd given as an absolute path is
 accepted only when it resolves (symlinks followed) inside one of ``[compute] image_dirs``
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from cna_agent.contracts import DiskSourceBinding, LunRelease, NicBinding
+from cna_agent.contracts import DiskSourceBinding, LunRelease, NicBinding, VmNic
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.contracts import format_from_name
 
@@ -45,7 +45,7 @@ class LocalFileResolver:
         real = self.confine(volume_id, field=field)
         return DiskSourceBinding(kind="file", path=real, format=format_from_name(real), supports_direct_io=_direct_io_ok(real), volume_id=volume_id)
 
-    async def resolve_lun(self, datastore: str, lun_id: str, *, field: str) -> DiskSourceBinding:
+    async def resolve_lun(self, datastore: str, lun_id: str, *, field: str, vm: str = "") -> DiskSourceBinding:
         raise FailedPrecondition(f"{field}: SAN LUNs need the storage subsystem, which is not running on this agent", field=field)
 
     async def release_lun(self, datastore: str, lun_id: str, *, field: str, vm: str = "") -> LunRelease:
@@ -56,8 +56,13 @@ class LocalFileResolver:
 
 
 class NoNetworkResolver:
+    """The PortProvider of an agent without networking: every NIC is refused, naming the field."""
+
     async def resolve_port_group(self, port_group: str, *, field: str) -> NicBinding:
         raise FailedPrecondition(f"{field}: port group {port_group!r} cannot be bound: the network subsystem is not running on this agent", field=field)
+
+    async def port_plugged(self, binding: NicBinding, nic: VmNic) -> None:
+        return None  # never reached: no NIC is ever bound
 
 
 def _direct_io_ok(path: str) -> bool:
