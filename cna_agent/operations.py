@@ -28,14 +28,22 @@ log = logging.getLogger(__name__)
 
 
 class ResultEncoder(Protocol):
-    """Turns what an operation's work returned (a service's plain dataclass) into the stored
-    response: (type name, bytes). The api layer provides it (api/results.py), so services and
-    this runner never see protobuf; the wiring hands it in."""
+    """Turns what an operation's work returned (a service's plain dataclass, or None for
+    "done, nothing to return") into the stored response: (type name, bytes). The api layer
+    provides it (api/results.py), so services and this runner never see protobuf; the wiring
+    hands it in. Every finished operation has exactly one of a response or an error."""
 
-    def __call__(self, result: Any) -> tuple[str, bytes]: ...
+    def __call__(self, kind: str, result: Any) -> tuple[str, bytes]: ...
 
 
-def _no_results(result: Any) -> tuple[str, bytes]:
+#: The response of an operation that returns nothing: google.protobuf.Empty (its encoding is
+#: no bytes at all), so that a finished operation always has a response or an error.
+EMPTY_RESPONSE = ("google.protobuf.Empty", b"")
+
+
+def _no_results(kind: str, result: Any) -> tuple[str, bytes]:
+    if result is None:
+        return EMPTY_RESPONSE
     raise TypeError(f"operation returned {type(result).__name__} but this runner has no result encoder")
 
 
@@ -57,9 +65,10 @@ class OperationContext:
 
 
 Work = Callable[[OperationContext], Awaitable[Any]]
-#: Called for each operation found unfinished at start-up; returns None when the effect was
-#: verified complete, or the error to close it with.
-RecoveryHandler = Callable[[OperationRecord], Awaitable["OperationError | None"]]
+#: Called for each operation found unfinished at start-up; returns the error to close it with,
+#: or, when the effect was verified complete, the result the operation would have returned
+#: (None: nothing to return).
+RecoveryHandler = Callable[[OperationRecord], Awaitable[Any]]
 
 
 class ResourceLocks:
@@ -152,7 +161,7 @@ class OperationRunner:
         try:
             await self._update(record.id, state=RUNNING)
             result = await work(OperationContext(record, self))
-            response_type, response = self._encode(result) if result is not None else (None, None)
+            response_type, response = self._encode(record.kind, result)
             await self._finish(record.id, response_type=response_type, response=response)
             log.info("event=operation.done op=%s kind=%s target=%s duration_ms=%.0f", record.id, record.kind, record.target, (time.monotonic() - started) * 1000)
         except asyncio.CancelledError:
@@ -231,19 +240,25 @@ class OperationRunner:
         closed: list[OperationRecord] = []
         for record in await self._store.run(self._journal.unfinished):
             handler = handlers.get(record.kind)
-            error: OperationError | None
+            outcome: Any
             if handler is None:
-                error = OperationError(
+                outcome = OperationError(
                     CODES["ABORTED"],
                     f"the agent stopped while {record.kind} ran; it was not redone and its effect was not verified",
                 )
             else:
                 try:
-                    error = await handler(record)
+                    outcome = await handler(record)
                 except Exception as exc:  # recovery must not stop the agent from starting
                     log.exception("event=operation.recovery_failed op=%s", record.id)
-                    error = OperationError(CODES["UNKNOWN"], f"recovery check failed: {exc}")
-            closed.append(await self._finish(record.id, error=error, metadata={"recovered": "true"}))
+                    outcome = OperationError(CODES["UNKNOWN"], f"recovery check failed: {exc}")
+            if isinstance(outcome, OperationError):
+                done = await self._finish(record.id, error=outcome, metadata={"recovered": "true"})
+            else:
+                response_type, response = self._encode(record.kind, outcome)
+                done = await self._finish(record.id, response_type=response_type, response=response,
+                                          metadata={"recovered": "true"})
+            closed.append(done)
             log.warning("event=operation.recovered op=%s kind=%s state=%s", record.id, record.kind, closed[-1].state)
         return closed
 

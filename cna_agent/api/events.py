@@ -14,10 +14,20 @@ class EventServicer(pb.events_pb2_grpc.EventServiceServicer):
     def __init__(self, hub: EventHub) -> None:
         self._hub = hub
 
+    async def _check_after(self, after: int) -> None:
+        """A resume point beyond the newest event is refused: it comes from another agent's log
+        (a reinstalled host starts a new one) or from a bug, and following it would wait for
+        events that may never be numbered that high."""
+        newest = await self._hub.last_sequence()
+        if after > newest:
+            raise OutOfRange(f"after_sequence {after} is beyond the newest event ({newest}); resume from {newest} "
+                             "or from_now (the log restarts when the agent's state is reinstalled)", field="after_sequence")
+
     async def ListEvents(self, request, context):
         limit = request.limit or 100
         if not 0 < limit <= 1000:
             raise InvalidArgument("limit", f"{request.limit} is not in 1..1000")
+        await self._check_after(request.after_sequence)
         try:
             events = await self._hub.list(request.after_sequence, types=tuple(request.types), resource_id=request.resource_id, limit=limit)
         except ResumePointTooOld as exc:
@@ -28,6 +38,7 @@ class EventServicer(pb.events_pb2_grpc.EventServiceServicer):
 
     async def WatchEvents(self, request, context) -> AsyncIterator[pb.events_pb2.Event]:
         after = await self._hub.last_sequence() if request.from_now else request.after_sequence
+        await self._check_after(after)
         try:
             async for event in self._hub.follow(after, types=tuple(request.types), resource_id=request.resource_id):
                 yield event_to_pb(event)

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 
 from cna_agent.api.status import abort_with
-from cna_agent.errors import AgentError
+from cna_agent.errors import AgentError, Internal
 
 log = logging.getLogger("cna_agent.rpc")
 
@@ -76,7 +76,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Turns an AgentError raised anywhere under a servicer method into the RPC's status
     (code, message naming the field, BadRequest details: api/status.py), for all four call
-    shapes. Servicers just raise; nothing else in the api layer catches AgentError.
+    shapes. Servicers just raise; nothing else in the api layer catches AgentError. Anything
+    else is a bug: it is logged with its traceback and answered INTERNAL, never as gRPC's
+    UNKNOWN with a Python exception text.
 
     Installed after the access log, so the log sees the mapped code.
     """
@@ -99,12 +101,21 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, AgentError):
+        await abort_with(context, exc)
+    log.error("event=rpc.bug error=%r", f"{type(exc).__name__}: {exc}", exc_info=exc)
+    await abort_with(context, Internal(f"internal error ({type(exc).__name__}); the agent logged it as event=rpc.bug"))
+
+
 def _mapped_unary(inner: Callable[..., Any]) -> Callable[..., Any]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await inner(request, context)
-        except AgentError as exc:
-            await abort_with(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
 
     return call
 
@@ -114,7 +125,9 @@ def _mapped_stream(inner: Callable[..., Any]) -> Callable[..., Any]:
         try:
             async for item in inner(request, context):
                 yield item
-        except AgentError as exc:
-            await abort_with(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
 
     return call

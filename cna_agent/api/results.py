@@ -36,14 +36,42 @@ def _table() -> dict[type, Callable[[Any], Any]]:
 
 _TABLE: dict[type, Callable[[Any], Any]] | None = None
 
+VM, EMPTY = "cna.v1.Vm", "google.protobuf.Empty"
+#: The response every operation kind finishes with (the API's contract, as the .proto files'
+#: comments document it): a result of another type is a bug, and the operation fails INTERNAL
+#: instead of handing the caller something else.
+OPERATION_RESPONSES: dict[str, str] = {
+    **dict.fromkeys(("vm.create", "vm.update", "vm.start", "vm.shutdown", "vm.reboot", "vm.pause", "vm.resume",
+                     "vm.snapshot.revert", "vm.disk.attach", "vm.disk.detach", "vm.disk.resize", "vm.disk.qos"), VM),
+    "vm.snapshot.create": "cna.v1.Snapshot",
+    **dict.fromkeys(("vm.delete", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",
+                     "network.port_group.delete", "network.nic.detach"), EMPTY),
+    **dict.fromkeys(("volume.create", "volume.resize", "volume.clone", "volume.import", "volume.export"), "cna.v1.Volume"),
+    "datastore.rescan": "cna.v1.Datastore",
+    "network.bridge.ensure": "cna.v1.Bridge",
+    "network.port_group.ensure": "cna.v1.PortGroup",
+    **dict.fromkeys(("network.nic.attach", "network.nic.link"), "cna.v1.Vif"),
+}
 
-def encode_result(result: Any) -> tuple[str, bytes]:
-    """(full message name, serialized message) for an operation's result."""
+
+def encode_result(kind: str, result: Any) -> tuple[str, bytes]:
+    """(full message name, serialized message) for the result of an operation of ``kind``;
+    None (an operation that returns nothing, e.g. a delete) is google.protobuf.Empty."""
     global _TABLE
-    if _TABLE is None:
-        _TABLE = _table()
-    to_pb = _TABLE.get(type(result))
-    if to_pb is None:
-        raise TypeError(f"no protobuf message is defined for an operation result of type {type(result).__name__}")
-    msg = to_pb(result)
+    expected = OPERATION_RESPONSES.get(kind)
+    if expected is None:
+        raise TypeError(f"operation kind {kind!r} has no declared response type (api/results.py)")
+    if result is None:
+        from google.protobuf import empty_pb2
+
+        msg = empty_pb2.Empty()
+    else:
+        if _TABLE is None:
+            _TABLE = _table()
+        to_pb = _TABLE.get(type(result))
+        if to_pb is None:
+            raise TypeError(f"no protobuf message is defined for an operation result of type {type(result).__name__}")
+        msg = to_pb(result)
+    if msg.DESCRIPTOR.full_name != expected:
+        raise TypeError(f"{kind} must finish with {expected}, not {msg.DESCRIPTOR.full_name}")
     return msg.DESCRIPTOR.full_name, msg.SerializeToString()

@@ -82,7 +82,7 @@ class DiskOperations:
                     raise FailedPrecondition(f"attaching {disk.target} failed: {exc.get_error_message()}") from None
                 raise
             self.ops.inventory.remember(uuid, new)
-            return await self.ops.result(uuid)
+            return await self.ops.result(uuid, op)
 
         try:
             return await self.ops.submit("vm.disk.attach", uuid, work, request_id=request_id, fingerprint=fingerprint,
@@ -113,7 +113,7 @@ class DiskOperations:
                 # The disk is gone from the VM (and its spec), so storage may now see no user left.
                 await op.progress(90, "releasing the LUN on the host")
                 await release_lun_disks(self.binder, spec, [index])
-            return await self.ops.result(uuid)
+            return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.disk.detach", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout, wait=DETACH_TIMEOUT_S + 5)
@@ -144,7 +144,7 @@ class DiskOperations:
             if after < new_size_bytes:
                 raise FailedPrecondition(f"{target} reports {after} bytes after growing to {new_size_bytes}")
             await op.progress(100, f"{target} grown from {before} to {after} bytes")
-            return await self.ops.result(uuid)
+            return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.disk.resize", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout, wait=30.0)
@@ -179,7 +179,7 @@ class DiskOperations:
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"setting I/O limits on {target} failed: {exc.get_error_message()}") from None
             self.ops.inventory.remember(uuid, new)
-            return await self.ops.result(uuid)
+            return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.disk.qos", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout, wait=30.0)

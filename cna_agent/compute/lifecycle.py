@@ -139,7 +139,7 @@ class VmLifecycle:
             if start:
                 await op.progress(50, "starting")
                 await self.start_domain(spec.uuid)
-            return await self.ops.result(spec.uuid)
+            return await self.ops.result(spec.uuid, op)
 
         try:
             return await self.ops.submit("vm.create", spec.uuid, work, request_id=request_id, fingerprint=fingerprint,
@@ -169,7 +169,7 @@ class VmLifecycle:
 
         async def work(op: OperationContext) -> Any:
             await self.start_domain(uuid)
-            return await self.ops.result(uuid)
+            return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.start", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout, wait=30.0)
@@ -212,7 +212,7 @@ class VmLifecycle:
 
         async def work(op: OperationContext) -> Any:
             if await self.inventory.state(uuid) in (st.STOPPED, st.CRASHED):
-                return await self.ops.result(uuid)
+                return await self.ops.result(uuid, op)
             if not hard:
                 await op.progress(10, "acpi-shutdown")
 
@@ -224,12 +224,12 @@ class VmLifecycle:
 
                 await self.hv.call(acpi, timeout=30)
                 if await self.wait_state(uuid, {st.STOPPED, st.CRASHED}, timeout):
-                    return await self.ops.result(uuid)
+                    return await self.ops.result(uuid, op)
                 if not force:
                     raise DeadlineExceeded(f"vm {name!r} did not shut down within {timeout:.0f}s; retry with force to power it off")
             await op.progress(80, "power-off")
             await self.destroy(uuid)
-            return await self.ops.result(uuid)
+            return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.shutdown", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout, wait=2.0 if not hard else QUICK_WAIT_S)
@@ -267,7 +267,7 @@ class VmLifecycle:
                 fn(dom)
 
             await self.hv.call(do, timeout=30)
-            return await self.ops.result(uuid)
+            return await self.ops.result(uuid, op)
 
         return await self.ops.submit(kind, uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout, wait=QUICK_WAIT_S)

@@ -176,8 +176,10 @@ class NicOperations:
                 raise FailedPrecondition(f"mac: libvirt refused the link change: {exc.get_error_message()}") from None
             self.ops.inventory.remember(uuid, new)
             nic = await self._nic(uuid, mac)
+            if nic is None:
+                raise FailedPrecondition(f"mac: {mac} is not in the VM's definition after the link change")
             await self.ops.events.publish("network.nic.link", resource_kind="vm", resource_id=uuid,
-                                          resource_name=nic.vm_name if nic else "", operation_id=op.id,
+                                          resource_name=nic.vm_name, operation_id=op.id,
                                           message=f"NIC {mac} link {'up' if up else 'down'}",
                                           attributes={"changed": "true", "mac": mac, "link": "up" if up else "down"})
             return nic

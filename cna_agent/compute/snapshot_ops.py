@@ -49,7 +49,7 @@ class VmSnapshots:
             self.ops.inventory.forget(uuid)
             await self.ops.events.publish("vm.snapshot.reverted", resource_kind="vm", resource_id=uuid, message=f"reverted to {name}",
                                           attributes={"snapshot": name}, operation_id=op.id)
-            return await self.ops.result(uuid)
+            return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.snapshot.revert", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout)

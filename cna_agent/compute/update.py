@@ -77,7 +77,7 @@ class VmUpdates:
             else:
                 await self._live_update(uuid, old, merged, mask)
             inventory.remember(uuid, merged)
-            return await self.ops.result(uuid)
+            return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.update", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout)

@@ -59,8 +59,13 @@ class VmOps:
         return await self.runner.submit(kind, uuid, work, request_id=request_id, fingerprint=fingerprint,
                                         lock_key=vm_lock(uuid), lock_timeout=lock_timeout, wait=wait)
 
-    async def result(self, uuid: str) -> VmInfo:
-        return await self.inventory.get(uuid)
+    async def result(self, uuid: str, op: OperationContext) -> VmInfo:
+        """The VM as an operation's result: read now, without naming the operation that is
+        about to finish as the VM's active one."""
+        info = await self.inventory.get(uuid)
+        if info.active_operation_id == op.id:
+            info.active_operation_id = ""
+        return info
 
     async def current(self, ref: str) -> tuple[str, VmSpec, bool]:
         """(uuid, spec, running) of a managed VM, for a device change."""

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
-from cna_agent.errors import InvalidArgument
+from cna_agent.errors import CODES, InvalidArgument
 from cna_agent.state.store import StateStore
 
 PENDING = "pending"
@@ -195,6 +195,10 @@ class OperationJournal:
         if current.done:
             return current
         now = time.time()
+        if cancelled and error is None:
+            # AIP-151: a cancelled operation carries the CANCELLED status as its error, so every
+            # finished operation has exactly one of error or response.
+            error = OperationError(CODES["CANCELLED"], "cancelled by the caller")
         state = CANCELLED if cancelled else FAILED if error is not None else SUCCEEDED
         done = replace(
             current,

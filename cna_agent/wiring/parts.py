@@ -134,7 +134,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         disks=DiskOperations(ops, binder, lifecycle),
         nics=NicOperations(ops, binder, lifecycle),
         snapshots=VmSnapshots(ops),
-        recovery=VmRecovery(hypervisor),
+        recovery=VmRecovery(hypervisor, inventory),
         resumer=resumer,
         reconciler=reconciler,
     )

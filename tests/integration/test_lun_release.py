@@ -74,7 +74,7 @@ class Host:
         self.hv, self.tmp, self.runner, self.tree = hv, tmp, runner, tree
         self.store = store or StateStore(tmp / "agent.db")
         self.events = EventHub(self.store, EventLog(self.store))
-        self.ops = OperationRunner(self.store, OperationJournal(self.store), self.events, encode=lambda r: ("", b""))
+        self.ops = OperationRunner(self.store, OperationJournal(self.store), self.events, encode=lambda kind, r: ("", b""))
         inventory = VmInventory(hv, self.ops.locks)
         self.storage = StorageService(decls, runner, StorageExecutor(2, 30), self.ops, self.events, command_timeout=30,
                                       probe_interval=3600, probe_timeout=5, users=inventory,

@@ -208,3 +208,50 @@ def test_shutdown_leaves_interrupted_operations_open_for_recovery(tmp_path):
     op, left_open = asyncio.run(scenario())
     assert [o.id for o in left_open] == [op.id]
     assert left_open[0].state == "running"
+
+
+def test_every_finished_operation_has_a_response_or_an_error(tmp_path):
+    """AIP-151: a finished operation carries exactly one of them; nothing to return is
+    google.protobuf.Empty, a cancel is the CANCELLED status, a recovered operation whose effect
+    is there gets the result its handler found."""
+    seen: list[tuple[str, object]] = []
+
+    def encode(kind: str, result: object) -> tuple[str, bytes]:
+        seen.append((kind, result))
+        return ("google.protobuf.Empty", b"") if result is None else ("test.Result", repr(result).encode())
+
+    async def scenario():
+        store = StateStore(tmp_path / "o.db")
+        hub = EventHub(store, EventLog(store))
+        runner = OperationRunner(store, OperationJournal(store), hub, encode=encode)
+
+        async def nothing(ctx):
+            return None
+
+        async def forever(ctx):
+            await asyncio.Event().wait()
+
+        done = await runner.submit("vm.delete", "vm-1", nothing, wait=5)
+        running = await runner.submit("vm.shutdown", "vm-2", forever)
+        await asyncio.sleep(0.05)
+        cancelled = await runner.cancel(running.id)
+        orphan_ok, _ = OperationJournal(store).begin("vm.create", "vm-3")
+        orphan_bad, _ = OperationJournal(store).begin("vm.start", "vm-4")
+
+        async def verified(record):
+            return {"uuid": record.target}
+
+        async def not_there(record):
+            return OperationError(CODES["ABORTED"], "libvirt shows the VM defined and stopped")
+
+        await runner.recover({"vm.create": verified, "vm.start": not_there})
+        got = [await runner.get(i) for i in (done.id, cancelled.id, orphan_ok.id, orphan_bad.id)]
+        store.close()
+        return got
+
+    done, cancelled, recovered_ok, recovered_bad = asyncio.run(scenario())
+    assert (done.state, done.response_type, done.error) == ("succeeded", "google.protobuf.Empty", None)
+    assert cancelled.state == "cancelled" and cancelled.error.code == CODES["CANCELLED"] and cancelled.response_type is None
+    assert recovered_ok.state == "succeeded" and recovered_ok.response == b"{'uuid': 'vm-3'}" and recovered_ok.error is None
+    assert recovered_bad.state == "failed" and recovered_bad.response_type is None and "defined and stopped" in recovered_bad.error.message
+    assert ("vm.create", {"uuid": "vm-3"}) in seen and ("vm.delete", None) in seen

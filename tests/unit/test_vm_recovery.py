@@ -1,5 +1,7 @@
-"""Recovery of cut-short vm.start/shutdown/delete: decided from libvirt's state (libvirt's
-test:///default driver, a real libvirt driver with an in-memory host), never redone."""
+"""Recovery of cut-short vm.create/start/shutdown/delete: decided from libvirt's state (libvirt's
+test:///default driver, a real libvirt driver with an in-memory host), never redone. An effect
+that is there ends with the operation's result; one that is not ends ABORTED saying what libvirt
+shows (partial effects are stated)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,16 @@ from types import SimpleNamespace
 
 import libvirt
 
+from cna_agent.compute.inventory import VmInfo, VmInventory
 from cna_agent.compute.recovery import VmRecovery
+from cna_agent.errors import CODES
+from cna_agent.operations import ResourceLocks
+from cna_agent.state.journal import OperationError
 
 
 class _Hv:
+    uri = "test:///default"
+
     def __init__(self, conn: libvirt.virConnect) -> None:
         self.conn = conn
 
@@ -20,7 +28,8 @@ class _Hv:
 
 
 def _service(conn) -> VmRecovery:
-    return VmRecovery(_Hv(conn))  # type: ignore[arg-type]
+    hv = _Hv(conn)
+    return VmRecovery(hv, VmInventory(hv, ResourceLocks()))  # type: ignore[arg-type]
 
 
 def test_recovery_follows_libvirt_state() -> None:
@@ -31,13 +40,24 @@ def test_recovery_follows_libvirt_state() -> None:
     gone = SimpleNamespace(target="00000000-0000-4000-8000-000000000001")
 
     async def run():
-        assert await svc.recover_start(rec) is None  # running: the start happened
+        started = await svc.recover_start(rec)  # running: the start happened, and here is the VM
+        assert isinstance(started, VmInfo) and (started.uuid, started.state) == (dom.UUIDString(), "running")
+        assert isinstance(await svc.recover_create(rec), VmInfo)
         err = await svc.recover_shutdown(rec)
-        assert err is not None and "did not happen" in err.message
-        assert (await svc.recover_delete(rec)) is not None
+        assert isinstance(err, OperationError) and err.code == CODES["ABORTED"]
+        assert "libvirt shows the VM running" in err.message and "nothing was redone" in err.message
+        err = await svc.recover_delete(rec)
+        assert isinstance(err, OperationError) and "libvirt shows the VM running" in err.message
         dom.destroy()
-        assert await svc.recover_shutdown(rec) is None
-        assert (await svc.recover_start(rec)) is not None
-        assert await svc.recover_delete(gone) is None
+        stopped = await svc.recover_shutdown(rec)
+        assert isinstance(stopped, VmInfo) and stopped.state == "stopped"
+        err = await svc.recover_start(rec)
+        assert isinstance(err, OperationError) and "defined and stopped" in err.message
+        # a forced delete cut short after the power-off: the partial effect is said
+        err = await svc.recover_delete(rec)
+        assert isinstance(err, OperationError) and "defined and stopped" in err.message
+        assert await svc.recover_delete(gone) is None  # deleted: nothing to return
+        err = await svc.recover_create(gone)
+        assert isinstance(err, OperationError) and "not defined" in err.message
 
     asyncio.run(run())
