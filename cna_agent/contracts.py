@@ -102,6 +102,12 @@ LunRelease = Literal["released", "in-use", "absent", "not-needed", "claimed", "f
 # -- NICs (network) ---------------------------------------------------------------------------
 
 
+#: kbit/s ceiling of a traffic limit (100 Gbit/s), so a typo cannot overflow libvirt's KiB/s
+#: fields; and the floor of a set limit (1 KiB/s: libvirt's unit; less would stall the NIC).
+MAX_KBPS = 100_000_000
+MIN_KBPS = 8
+
+
 @dataclass(frozen=True)
 class Bandwidth:
     """A NIC's or port group's traffic limit, in the API's units (kbit/s, KiB)."""
@@ -113,6 +119,25 @@ class Bandwidth:
     @property
     def is_set(self) -> bool:
         return self.average_kbps > 0
+
+
+def check_bandwidth(bw: Bandwidth, field: str) -> Bandwidth:
+    """The one validator of a traffic limit (NICs of a VM spec, port groups): each value 0 (no
+    limit) or within MIN_KBPS..MAX_KBPS, peak and burst only with an average, peak >= average."""
+    from cna_agent.errors import InvalidArgument
+
+    for key in ("average_kbps", "peak_kbps", "burst_kib"):
+        value = getattr(bw, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > MAX_KBPS:
+            raise InvalidArgument(f"{field}.{key}", f"{value!r} is not in 0..{MAX_KBPS}")
+    if (bw.peak_kbps or bw.burst_kib) and not bw.average_kbps:
+        raise InvalidArgument(f"{field}.average_kbps", "is required when peak_kbps or burst_kib is set")
+    if bw.peak_kbps and bw.peak_kbps < bw.average_kbps:
+        raise InvalidArgument(f"{field}.peak_kbps", f"{bw.peak_kbps} is below average_kbps {bw.average_kbps}")
+    if 0 < bw.average_kbps < MIN_KBPS:
+        raise InvalidArgument(f"{field}.average_kbps", f"{bw.average_kbps} kbit/s is below the smallest limit, "
+                                                       f"{MIN_KBPS} (0 = none)")
+    return bw
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from cna_agent.compute import domxml as dx
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.lifecycle import VmLifecycle, release_lun_disks
 from cna_agent.compute.render import assign_disk_targets, disk_xml
-from cna_agent.compute.spec import DiskSpec, IoQos, VmSpec, validate
+from cna_agent.compute.spec import DiskSpec, IoQos, VmSpec, check_io_qos, validate
 from cna_agent.compute.vmops import DETACH_TIMEOUT_S, VmOps, affect, save_spec
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.operations import OperationContext
@@ -153,13 +153,7 @@ class DiskOperations:
                       lock_timeout: float = 0.0) -> OperationRecord:
         uuid, spec, running = await self.ops.current(ref)
         index = _find(spec, target)
-        for name, value in vars(qos).items():
-            if value < 0:
-                raise InvalidArgument(f"qos.{name}", "must not be negative")
-        for kind in ("bytes", "iops"):
-            total = getattr(qos, f"total_{kind}_sec")
-            if total and (getattr(qos, f"read_{kind}_sec") or getattr(qos, f"write_{kind}_sec")):
-                raise InvalidArgument(f"qos.total_{kind}_sec", f"cannot be combined with read_{kind}_sec/write_{kind}_sec")
+        check_io_qos(qos, "qos")  # the VM spec's own validator: refused now, not mid-operation
         new = spec.copy()
         new.disks[index].qos = qos
         # libvirt takes every limit at once; 0 clears one.

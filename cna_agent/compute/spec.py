@@ -19,7 +19,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from cna_agent.contracts import Bandwidth
+from cna_agent.contracts import Bandwidth, check_bandwidth
 from cna_agent.errors import InvalidArgument
 
 ARCHES = ("x86_64", "aarch64")
@@ -45,7 +45,12 @@ MACHINE_RE = {
 CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEYMAP_RE = re.compile(r"^[a-z]{2}(-[a-z]{2,3})?$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
-SERIAL_RE = re.compile(r"^[A-Za-z0-9._-]{1,20}$")
+#: A disk serial: a name (not starting with '.' or '-', so never "-rf", "--help", "." or "..").
+SERIAL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,19}$")
+#: The smallest I/O limits (0 = none): below these a guest's disk is as good as frozen.
+MIN_QOS_BYTES_SEC = 1 << 20
+MIN_QOS_IOPS_SEC = 10
+MAX_QOS = 1 << 50
 
 MIN_MEMORY_MIB = 16
 MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB: beyond any host this agent runs on
@@ -306,6 +311,21 @@ def validate_name(name: str, path: str = "spec.name") -> None:
         raise InvalidArgument(path, f"{name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - and must not start with '.' or '-'")
 
 
+def check_io_qos(qos: IoQos, field: str) -> IoQos:
+    """The one validator of a disk's I/O limits (VM specs and SetDiskQos): each 0 (no limit) or
+    within its floor and MAX_QOS, and a total never combined with its read/write limits."""
+    for key, value in dataclasses.asdict(qos).items():
+        _u(value, f"{field}.{key}", maximum=MAX_QOS)
+        floor = MIN_QOS_BYTES_SEC if key.endswith("bytes_sec") else MIN_QOS_IOPS_SEC
+        if 0 < value < floor:
+            raise InvalidArgument(f"{field}.{key}", f"{value} is below the smallest limit, {floor} (0 = none)")
+    for kind in ("bytes", "iops"):
+        total = getattr(qos, f"total_{kind}_sec")
+        if total and (getattr(qos, f"read_{kind}_sec") or getattr(qos, f"write_{kind}_sec")):
+            raise InvalidArgument(f"{field}.total_{kind}_sec", f"cannot be combined with read_{kind}_sec/write_{kind}_sec")
+    return qos
+
+
 def default_target_prefix(bus: str) -> str:
     return {"virtio": "vd", "scsi": "sd", "sata": "sd", "ide": "hd"}.get(bus, "vd")
 
@@ -403,6 +423,7 @@ def validate(spec: VmSpec, ctx: ValidationContext) -> None:
     if len(spec.disks) > MAX_DISKS:
         raise InvalidArgument("spec.disks", f"at most {MAX_DISKS} disks")
     targets: dict[str, int] = {}
+    sources: dict[str, int] = {}
     boot_orders: dict[int, str] = {}
     windows_legacy = spec.os_family == "windows" and not spec.virtio_drivers
     for i, disk in enumerate(spec.disks):
@@ -442,9 +463,15 @@ def validate(spec: VmSpec, ctx: ValidationContext) -> None:
             if disk.boot_order in boot_orders:
                 raise InvalidArgument(f"{p}.boot_order", f"{disk.boot_order} is also used by {boot_orders[disk.boot_order]}")
             boot_orders[disk.boot_order] = p
-        _text(disk.serial, f"{p}.serial", max_len=20, pattern=SERIAL_RE, what="a disk serial (A-Z a-z 0-9 . _ -, at most 20)")
-        for key, value in dataclasses.asdict(disk.qos).items():
-            _u(value, f"{p}.qos.{key}", maximum=1 << 50)
+        _text(disk.serial, f"{p}.serial", max_len=20, pattern=SERIAL_RE,
+              what="a disk serial (A-Z a-z 0-9 . _ -, at most 20, not starting with '.' or '-')")
+        check_io_qos(disk.qos, f"{p}.qos")
+        source = disk.volume or (f"{disk.lun.datastore}:{disk.lun.lun_id}" if disk.lun else "")
+        if source in sources:
+            what = "volume" if disk.volume else "lun"
+            raise InvalidArgument(f"{p}.{what}", f"{source!r} is also used by spec.disks[{sources[source]}] "
+                                                 "(a VM has each volume or LUN once)")
+        sources[source] = i
         if disk.io == "native" and disk.cache not in ("", "none", "directsync"):
             raise InvalidArgument(f"{p}.io", "io NATIVE needs cache NONE or DIRECTSYNC (O_DIRECT)")
         if disk.error_policy == "retry":
@@ -475,8 +502,7 @@ def validate(spec: VmSpec, ctx: ValidationContext) -> None:
         for direction in ("inbound", "outbound"):
             bw = getattr(nic, direction)
             if bw is not None:
-                for key, value in dataclasses.asdict(bw).items():
-                    _u(value, f"{p}.{direction}.{key}", maximum=1 << 40)
+                check_bandwidth(bw, f"{p}.{direction}")
 
     # consoles and devices
     _enum(spec.console.type, CONSOLE_TYPES, "spec.console.type")

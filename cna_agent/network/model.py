@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
-from cna_agent.contracts import Bandwidth
+from cna_agent.contracts import MAX_KBPS, Bandwidth, check_bandwidth  # noqa: F401 - re-exported
 from cna_agent.errors import InvalidArgument
 
 #: Linux IFNAMSIZ is 16 including the NUL.
@@ -28,8 +28,6 @@ MTU_MIN, MTU_MAX = 68, 65535
 BRIDGE_TYPES = ("linux", "ovs")
 DATAPATH_TYPES = ("system", "netdev")
 FAIL_MODES = ("standalone", "secure")
-#: kbit/s ceiling (100 Gbit/s) so a typo does not overflow libvirt's KiB/s fields.
-MAX_KBPS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -83,18 +81,6 @@ def check_vlan(vlan: int, field: str) -> int:
         extra = " (4095 is reserved by IEEE 802.1Q)" if vlan == 4095 else ""
         raise InvalidArgument(field, f"VLAN {vlan!r} is not in {VLAN_MIN}..{VLAN_MAX}{extra}")
     return vlan
-
-
-def check_bandwidth(bw: Bandwidth, field: str) -> Bandwidth:
-    for key in ("average_kbps", "peak_kbps", "burst_kib"):
-        value = getattr(bw, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > MAX_KBPS:
-            raise InvalidArgument(f"{field}.{key}", f"{value!r} is not in 0..{MAX_KBPS}")
-    if (bw.peak_kbps or bw.burst_kib) and not bw.average_kbps:
-        raise InvalidArgument(f"{field}.average_kbps", "is required when peak_kbps or burst_kib is set")
-    if bw.peak_kbps and bw.peak_kbps < bw.average_kbps:
-        raise InvalidArgument(f"{field}.peak_kbps", f"{bw.peak_kbps} is below average_kbps {bw.average_kbps}")
-    return bw
 
 
 def validate_bridge(b: BridgeDecl, prefix: str = "bridge") -> BridgeDecl:

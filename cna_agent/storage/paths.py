@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+import re
+
 from cna_agent.errors import InvalidArgument, NotFound
 
 #: Linux NAME_MAX / PATH_MAX budget for the relative part.
@@ -24,6 +26,12 @@ COMPONENT_MAX = 255
 RELPATH_MAX = 1024
 #: Suffix of in-progress files (never reported as volumes, removed on failure).
 TEMP_MARK = ".cna-tmp-"
+#: The name policy for every file the agent creates on a datastore (volumes, clones, imports,
+#: export targets, the directories on their way): each component as strict as a VM name
+#: (ASCII letters, digits, '.', '_', '-', not starting with '.' or '-'), so nothing an admin's
+#: shell script meets in a datastore needs quoting (no spaces, '$', '`', ';', '<', '&', quotes,
+#: and no Unicode look-alikes or direction overrides).
+COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,18 @@ def check_relpath(rel: str, field: str) -> str:
             raise InvalidArgument(field, f"component {part!r} must not start with '-'")
         if TEMP_MARK in part:
             raise InvalidArgument(field, f"{part!r} is a reserved in-progress file name")
+    return rel
+
+
+def check_new_relpath(rel: str, field: str) -> str:
+    """check_relpath plus the name policy (COMPONENT_RE), for a path the agent is to create.
+    Existing files are still referenced by check_relpath alone (an image an admin copied in
+    may be named otherwise; it can be imported to a well-named volume)."""
+    check_relpath(rel, field)
+    for part in rel.split("/"):
+        if not COMPONENT_RE.match(part):
+            raise InvalidArgument(field, f"{rel!r}: {part!r} must be ASCII letters, digits, '.', '_' or '-' and must not "
+                                         "start with '.' or '-' (names of new files follow the VM name policy)")
     return rel
 
 

@@ -100,9 +100,11 @@ class VolumeManager:
         return paths.resolve(self.roots, volume_id, field, must_exist=must_exist)
 
     def ref(self, datastore: str, relpath: str, field: str, ds_field: str = "datastore") -> paths.VolumeRef:
+        """A volume the agent is to create: the path is held to the name policy."""
         if datastore not in self.roots:
             known = ", ".join(sorted(self.roots)) or "none configured"
             raise InvalidArgument(ds_field, f"{datastore!r} is not a directory datastore on this host (known: {known})")
+        paths.check_new_relpath(relpath, field)
         return paths.resolve(self.roots, f"{datastore}/{relpath}", field)
 
     def _image_info(self, path: str, fmt: str) -> qemuimg.ImageInfo:

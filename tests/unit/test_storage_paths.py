@@ -48,3 +48,38 @@ def test_missing_volume_is_not_found(roots):
         paths.resolve(roots, "ds/vm1/none.qcow2", "volume", must_exist=True)
     # but resolving a new name for creation works
     assert paths.resolve(roots, "ds/vm2/new.qcow2", "path").relpath == "vm2/new.qcow2"
+
+
+HOSTILE_NEW_NAMES = ["$(id).qcow2", "`id`.qcow2", "vm;reboot", "vm<1>", "&xxe;", " ", " lead.qcow2", "a&b'\".qcow2",
+                     "evil\u202egpj.qcow2", "<x><y/></x>/a.qcow2", "dir with space/a.qcow2", "a|b.raw", "caf\u00e9.qcow2",
+                     ".hidden.qcow2", "ok/-rf.qcow2", "tab\tname.raw"]
+
+
+@pytest.mark.parametrize("rel", HOSTILE_NEW_NAMES)
+def test_new_file_names_follow_the_vm_name_policy(rel):
+    from cna_agent.storage.paths import check_new_relpath
+
+    with pytest.raises(InvalidArgument) as err:
+        check_new_relpath(rel, "path")
+    assert err.value.field == "path"
+
+
+@pytest.mark.parametrize("rel", ["root.qcow2", "vm1/root.qcow2", "a_b-c.1.raw", "_x/Y9.img"])
+def test_well_named_new_files_pass(rel):
+    from cna_agent.storage.paths import check_new_relpath
+
+    assert check_new_relpath(rel, "path") == rel
+
+
+def test_a_hostile_volume_name_is_refused_before_anything_is_created(tmp_path):
+    from cna_agent.storage.runner import RecordingRunner
+    from cna_agent.storage.volumes import VolumeManager
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    vm = VolumeManager({"ds": str(root)}, RecordingRunner(), timeout=30)
+    for rel in ("$(id).qcow2", "sub dir/x.qcow2"):
+        with pytest.raises(InvalidArgument) as err:
+            vm.ref("ds", rel, "path")
+        assert err.value.field == "path"
+    assert list(root.iterdir()) == []

@@ -70,3 +70,67 @@ def test_spec_json_round_trip() -> None:
     assert VmSpec.from_json(spec.to_json()) == spec
     # unknown keys written by a newer agent are ignored
     assert VmSpec.from_dict({**spec.to_dict(), "future": 1}) == spec
+
+
+# -- hostile values found by the API sweep (issue 21): one validator per kind of value ------------
+
+from cna_agent.compute.spec import IoQos, LunSource, check_io_qos  # noqa: E402
+from cna_agent.contracts import Bandwidth  # noqa: E402
+
+
+@pytest.mark.parametrize("disks, field", [
+    ([DiskSpec(volume="ds/a.qcow2"), DiskSpec(volume="ds/a.qcow2")], "spec.disks[1].volume"),
+    ([DiskSpec(volume="ds/a.qcow2"), DiskSpec(volume="ds/b.qcow2"), DiskSpec(volume="ds/a.qcow2", shareable=True)],
+     "spec.disks[2].volume"),
+    ([DiskSpec(lun=LunSource("san", "iqn.x:t/1")), DiskSpec(lun=LunSource("san", "iqn.x:t/1"))], "spec.disks[1].lun"),
+])
+def test_a_volume_or_lun_is_attached_once(disks, field) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate(good(disks=disks), CTX)
+    assert err.value.field == field and "also used by spec.disks[0]" in err.value.message
+
+
+@pytest.mark.parametrize("serial", ["-rf", "--help", ".", "..", "-", "a b", "x" * 21, "ser;ial"])
+def test_disk_serials_are_names(serial) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate(good(disks=[DiskSpec(volume="ds/a.qcow2", serial=serial)]), CTX)
+    assert err.value.field == "spec.disks[0].serial"
+
+
+def test_good_serials_pass() -> None:
+    validate(good(disks=[DiskSpec(volume="ds/a.qcow2", serial="cna-state"), DiskSpec(volume="ds/b.raw", serial="_2.x")]), CTX)
+
+
+@pytest.mark.parametrize("qos, field", [
+    (IoQos(total_bytes_sec=1), "qos.total_bytes_sec"),
+    (IoQos(read_bytes_sec=(1 << 20) - 1), "qos.read_bytes_sec"),
+    (IoQos(write_iops_sec=1), "qos.write_iops_sec"),
+    (IoQos(total_iops_sec=1 << 60), "qos.total_iops_sec"),
+    (IoQos(total_bytes_sec=-5), "qos.total_bytes_sec"),
+    (IoQos(total_iops_sec=100, read_iops_sec=50), "qos.total_iops_sec"),
+])
+def test_io_limits_that_would_freeze_or_overflow_a_disk_are_refused(qos, field) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        check_io_qos(qos, "qos")
+    assert err.value.field == field
+    with pytest.raises(InvalidArgument) as err:  # the same validator behind the spec
+        validate(good(disks=[DiskSpec(volume="ds/a.qcow2", qos=qos)]), CTX)
+    assert err.value.field == "spec.disks[0]." + field
+
+
+def test_sensible_io_limits_pass() -> None:
+    check_io_qos(IoQos(total_bytes_sec=10 << 20, total_iops_sec=500), "qos")
+    check_io_qos(IoQos(read_bytes_sec=1 << 20, write_iops_sec=10), "qos")
+
+
+@pytest.mark.parametrize("bw, field", [
+    (Bandwidth(1 << 60), "spec.nics[0].inbound.average_kbps"),
+    (Bandwidth((1 << 63) - 1), "spec.nics[0].inbound.average_kbps"),
+    (Bandwidth(4), "spec.nics[0].inbound.average_kbps"),
+    (Bandwidth(1000, peak_kbps=10), "spec.nics[0].inbound.peak_kbps"),
+    (Bandwidth(0, burst_kib=64), "spec.nics[0].inbound.average_kbps"),
+])
+def test_nic_bandwidth_out_of_range_is_refused(bw, field) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate(good(nics=[NicSpec(port_group="pg", inbound=bw)]), CTX)
+    assert err.value.field == field
