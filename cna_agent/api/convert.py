@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from google.protobuf import any_pb2, timestamp_pb2
 
 from cna_agent.api import pb
+from cna_agent.errors import InvalidArgument
 from cna_agent.state.eventlog import EventRecord
 from cna_agent.state.journal import OperationRecord
 
@@ -78,9 +80,16 @@ def event_to_pb(event: EventRecord) -> pb.events_pb2.Event:
     )
 
 
+#: AIP-155 request ids: a UUID, a ULID or any other token of these characters, at most 128.
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:~-]{1,128}$")
+
+
 def request_fingerprint(request: Any) -> str:
     """Hash of a mutating request minus its request_id, for the journal's idempotency check:
-    the same id with a different body is refused instead of answered with an unrelated result."""
+    the same id with a different body is refused instead of answered with an unrelated result.
+    Every mutating RPC comes through here, so its request_id is checked here too."""
+    if request.request_id and not REQUEST_ID_RE.match(request.request_id):
+        raise InvalidArgument("request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : ~ - (a UUID is best)")
     copy = type(request)()
     copy.CopyFrom(request)
     copy.ClearField("request_id")

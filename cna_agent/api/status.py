@@ -32,9 +32,20 @@ def to_rpc_status(code_number: int, message: str, fields: tuple[tuple[str, str],
     return status
 
 
+#: Longest message (and field description) sent: errors quote what the caller sent, and a
+#: 5 kB value quoted twice (message + BadRequest details) overflows gRPC's 8 KiB metadata limit,
+#: which the client would see as RESOURCE_EXHAUSTED instead of the error.
+MAX_MESSAGE = 1024
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 20] + f"... ({len(text)} chars)"
+
+
 async def abort_with(context: grpc.aio.ServicerContext, exc: AgentError) -> None:
     """Abort the RPC with the error's code, message and field details (raises)."""
-    await context.abort_with_status(rpc_status.to_status(to_rpc_status(exc.code_number, exc.message, exc.fields)))
+    fields = tuple((_clip(f), _clip(d)) for f, d in exc.fields)
+    await context.abort_with_status(rpc_status.to_status(to_rpc_status(exc.code_number, _clip(exc.message), fields)))
 
 
 def operation_error_to_status(error: OperationError) -> status_pb2.Status:
