@@ -8,7 +8,7 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.disks import DiskOperations
@@ -172,6 +172,3 @@ def build_network(config: AgentConfig, runner: OperationRunner, events: EventHub
                              config_port_groups=cfg.port_groups, reconcile_interval_s=cfg.reconcile_interval_s)
     return Network(service, NetworkOperations(service, runner))
 
-
-__all__: list[Any] = ["Placement", "Network", "build_placement", "build_compute", "build_storage", "build_network",
-                      "render_context"]

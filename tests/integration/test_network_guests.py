@@ -37,6 +37,7 @@ from cna_agent.network.service import NetworkService
 from cna_agent.operations import ResourceLocks
 from support.console import ConsoleSocket, SerialLog
 from support.guests import domain_xml
+from support.libvirt import ConnHypervisor
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 
@@ -57,16 +58,6 @@ class Events:
         return [f for t, f in self.items if t == type_]
 
 
-class ConnCaller:
-    """Hypervisor.call over a plain libvirt connection (the embedded driver)."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    async def call(self, fn: Any, *, timeout: float | None = None) -> Any:
-        return await asyncio.wait_for(asyncio.to_thread(fn, self.conn), timeout)
-
-
 @pytest.fixture(scope="module")
 def ovs(testbed):
     """The session's testbed OVS: one netdev-datapath ovs-vswitchd per network namespace
@@ -82,7 +73,7 @@ def vsctl(tb: Any, *args: str) -> str:
 
 def _svc(tb: Any, conn: Any, tmp_path: Path) -> tuple[NetworkService, Events]:
     events = Events()
-    inventory = VmInventory(ConnCaller(conn), ResourceLocks())  # type: ignore[arg-type]
+    inventory = VmInventory(ConnHypervisor(conn), ResourceLocks())  # type: ignore[arg-type]
     return NetworkService(ovsdb=tb.ovsdb_remote, ovsdb_timeout_s=10, state_dir=str(tmp_path / "state"), events=events,
                           vms=inventory), events
 

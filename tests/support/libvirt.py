@@ -123,3 +123,20 @@ def _stop(pidfile: Path, what: str) -> None:
     pid = int(pidfile.read_text().strip())
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, f"{what} to stop")
+
+
+class ConnHypervisor:
+    """The Hypervisor's calling side (``call``, ``connected``, ``uri``) over a plain libvirt
+    connection, for tests that hand agent code a connection they opened themselves (libvirt's
+    test driver, the embedded driver, or a recording stand-in)."""
+
+    connected = True
+
+    def __init__(self, conn: object, uri: str = "test:///default") -> None:
+        self.conn = conn
+        self.uri = uri
+
+    async def call(self, fn, *, timeout: float | None = None):
+        import asyncio
+
+        return await asyncio.wait_for(asyncio.to_thread(fn, self.conn), timeout)

@@ -7,12 +7,11 @@ probes QEMU: tests/integration/test_render_qemu_driver.py)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from support.specs import ARM, PLACED_UUID, X86, placed_spec
+from support.xml import schema_check
 
 from cna_agent.compute import domxml as dx
 from cna_agent.compute.render import Bindings, apply_placement, build_domain
@@ -32,16 +31,6 @@ def _build(spec: VmSpec, plan: PlacementPlan | None) -> dx.Domain:
     ctx = ARM if spec.arch == "aarch64" else X86
     kernel = spec.boot.kernel
     return build_domain(spec, Bindings(kernel=kernel, placement=plan), ctx)
-
-
-def _validate(xml: str, tmp_path: Path) -> None:
-    tool = shutil.which("virt-xml-validate")
-    if tool is None:
-        pytest.skip("virt-xml-validate (libvirt-clients) is not installed")
-    path = tmp_path / "d.xml"
-    path.write_text(xml)
-    r = subprocess.run([tool, str(path), "domain"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr + r.stdout + xml
 
 
 def _libvirt_define(xml: str) -> dx.Domain:
@@ -75,7 +64,7 @@ def test_kunpeng_spanning_hugepage_vm_renders_completely_and_libvirt_accepts_it(
     dom.iothreads = 1
     apply_placement(dom, plan, spec)
     xml = dom.to_xml()
-    _validate(xml, tmp_path)
+    schema_check(tmp_path, xml, "domain", "d")
     assert dx.Domain.from_xml(xml).to_xml() == xml  # the typed model round-trips it
 
     got = _libvirt_define(xml)
@@ -99,7 +88,7 @@ def test_xeon_shared_vm_floats_on_the_pool_with_normal_pages_and_no_cells(tmp_pa
     assert dom.cputune.iothreadpins == [] and dom.numatune.memnodes == []
     assert not dom.hugepages and dom.hugepage_pages == [] and dom.cpu.numa_cells == []
     xml = dom.to_xml()
-    _validate(xml, tmp_path)
+    schema_check(tmp_path, xml, "domain", "d")
     got = _libvirt_define(xml)
     assert _pins(got) == {v: tuple(c) for v, c in plan.vcpu_pins.items()}
     assert parse_cpulist(got.numatune.nodeset) == tuple(plan.memory_nodes)
@@ -113,7 +102,7 @@ def test_xeon_1g_pages_with_explicit_cells_mirrored_on_both_nodes(tmp_path):
     spec = _spec("x86_64", 4, 4096, dedicated_cpus=True, hugepages=True, numa_cells=2)
     dom = _build(spec, plan)
     xml = dom.to_xml()
-    _validate(xml, tmp_path)
+    schema_check(tmp_path, xml, "domain", "d")
     got = _libvirt_define(xml)
     assert [p.size_kib for p in got.hugepage_pages] == [1048576]
     assert {m.cellid: int(m.nodeset) for m in got.numatune.memnodes} == {0: 0, 1: 1}

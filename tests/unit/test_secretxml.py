@@ -9,42 +9,27 @@ Round trips: the document the agent sends, and hand-written documents shaped lik
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 from pathlib import Path
-from xml.etree import ElementTree as ET
 
 import libvirt
 import pytest
 
 from cna_agent.storage.secrets import LibvirtSecrets
 from cna_agent.storage.secretxml import Secret, iscsi_secret
+from support.xml import canon, schema_check
+from support.libvirt import ConnHypervisor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "secretxml"
-
-
-def _canon(xml: str) -> str:
-    return ET.canonicalize(xml, strip_text=True)
-
-
-def _validate(tmp_path: Path, xml: str, name: str = "doc") -> None:
-    tool = shutil.which("virt-xml-validate")
-    if tool is None:
-        pytest.skip("virt-xml-validate (libvirt-clients) is not installed")
-    path = tmp_path / f"{name}.xml"
-    path.write_text(xml)
-    out = subprocess.run([tool, str(path), "secret"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"{name}: {out.stderr}{out.stdout}\n{xml}"
 
 
 @pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("*.xml")))
 def test_libvirt_shaped_secrets_round_trip_and_validate(fixture: str, tmp_path: Path) -> None:
     given = (FIXTURES / fixture).read_text()
-    _validate(tmp_path, given, "given")
+    schema_check(tmp_path, given, "secret", "given")
     built = Secret.from_xml(given).to_xml()
-    assert _canon(built) == _canon(given)
+    assert canon(built) == canon(given)
     assert Secret.from_xml(built).to_xml() == built
-    _validate(tmp_path, built, "built")
+    schema_check(tmp_path, built, "secret", "built")
 
 
 def test_fields_of_a_dumped_chap_secret() -> None:
@@ -59,8 +44,8 @@ def test_agent_chap_secret_is_the_document_it_always_sent(tmp_path: Path) -> Non
                    '<usage type="iscsi"><target>cna-datastore-san1</target></usage></secret>')
     old = ("<secret ephemeral='no' private='yes'><description>cna-agent CHAP secret</description>"
            "<usage type='iscsi'><target>cna-datastore-san1</target></usage></secret>")
-    assert _canon(xml) == _canon(old)
-    _validate(tmp_path, xml)
+    assert canon(xml) == canon(old)
+    schema_check(tmp_path, xml, "secret")
 
 
 def test_values_are_escaped_by_construction(tmp_path: Path) -> None:
@@ -70,7 +55,7 @@ def test_values_are_escaped_by_construction(tmp_path: Path) -> None:
     back = Secret.from_xml(xml)
     assert (back.usage_target, back.description, back.usage_type) == (usage, "</description><usage type='volume'>", "iscsi")
     assert back == sec
-    _validate(tmp_path, xml)
+    schema_check(tmp_path, xml, "secret")
 
 
 class _Conn:
@@ -95,17 +80,9 @@ class _Conn:
         return _Sec()
 
 
-class _Hv:
-    def __init__(self, conn: _Conn) -> None:
-        self.conn = conn
-
-    async def call(self, fn, timeout: float):
-        return fn(self.conn)
-
-
 def test_ensure_defines_the_typed_document(tmp_path: Path) -> None:
     conn = _Conn()
-    got = asyncio.run(LibvirtSecrets(_Hv(conn)).ensure("cna-datastore-san1", b"s3cret"))  # type: ignore[arg-type]
+    got = asyncio.run(LibvirtSecrets(ConnHypervisor(conn)).ensure("cna-datastore-san1", b"s3cret"))  # type: ignore[arg-type]
     assert got == "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f" and conn.values == [b"s3cret"]
     assert conn.defined == [iscsi_secret("cna-datastore-san1", "cna-agent CHAP secret").to_xml(pretty=False)]
-    _validate(tmp_path, conn.defined[0])
+    schema_check(tmp_path, conn.defined[0], "secret")

@@ -11,8 +11,6 @@ checked with ``virt-xml-validate FILE domainsnapshot``.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import uuid
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -26,33 +24,19 @@ from cna_agent.compute import snapshots as snaps
 from cna_agent.compute import state as st
 from cna_agent.compute.snapshotxml import DomainSnapshot, SnapshotDisk, SnapshotMemory
 from cna_agent.errors import FailedPrecondition, InvalidArgument
+from support.xml import canon, schema_check
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "snapshotxml"
-
-
-def _canon(xml: str) -> str:
-    """Quoting, attribute order and indentation aside, the same document."""
-    return ET.canonicalize(xml, strip_text=True)
-
-
-def _validate(tmp_path: Path, xml: str, name: str = "doc") -> None:
-    tool = shutil.which("virt-xml-validate")
-    if tool is None:
-        pytest.skip("virt-xml-validate (libvirt-clients) is not installed")
-    path = tmp_path / f"{name}.xml"
-    path.write_text(xml)
-    out = subprocess.run([tool, str(path), "domainsnapshot"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"{name}: {out.stderr}{out.stdout}\n{xml}"
 
 
 @pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("*.xml")))
 def test_libvirt_shaped_documents_round_trip_and_validate(fixture: str, tmp_path: Path) -> None:
     given = (FIXTURES / fixture).read_text()
-    _validate(tmp_path, given, "given")
+    schema_check(tmp_path, given, "domainsnapshot", "given")
     built = DomainSnapshot.from_xml(given).to_xml()
-    assert _canon(built) == _canon(given)
+    assert canon(built) == canon(given)
     assert DomainSnapshot.from_xml(built).to_xml() == built  # build(parse(xml)) == xml, to the byte
-    _validate(tmp_path, built, "built")
+    schema_check(tmp_path, built, "domainsnapshot", "built")
 
 
 def test_external_disk_only_snapshot_fields() -> None:
@@ -126,7 +110,7 @@ def test_stopped_vm_request_is_internal_with_escaped_description(tmp_path: Path)
     assert DomainSnapshot.from_xml(xml).description == "a & b <c> \"d\" 'e'"
     assert DomainSnapshot.from_xml(xml).to_xml(pretty=False) == xml
     assert snaps.request(domain, "s2", "", running=False).to_xml(pretty=False) == "<domainsnapshot><name>s2</name></domainsnapshot>"
-    _validate(tmp_path, xml)
+    schema_check(tmp_path, xml, "domainsnapshot")
 
 
 def test_running_vm_request_puts_each_writable_disk_on_an_overlay(tmp_path: Path) -> None:
@@ -144,9 +128,9 @@ def test_running_vm_request_puts_each_writable_disk_on_an_overlay(tmp_path: Path
            f"<disk name='vdb' snapshot='external'><driver type='qcow2'/><source file='{tmp_path}/vm1-data.live1.qcow2'/></disk>"
            "<disk name='sda' snapshot='no'/><disk name='vdc' snapshot='no'/><disk name='vdd' snapshot='no'/>"
            "</disks></domainsnapshot>")
-    assert _canon(xml) == _canon(old)
+    assert canon(xml) == canon(old)
     assert DomainSnapshot.from_xml(xml) == doc and doc.external
-    _validate(tmp_path, doc.to_xml())
+    schema_check(tmp_path, doc.to_xml(), "domainsnapshot")
 
 
 def test_request_refusals(tmp_path: Path) -> None:
@@ -167,7 +151,7 @@ def test_model_builds_what_the_schema_wants(tmp_path: Path) -> None:
                          disks=[SnapshotDisk(name="vda", snapshot="external", type="block", driver_type="qcow2", source_dev="/dev/vg/o"),
                                 SnapshotDisk(name="/d/data.qcow2", snapshot="internal"),
                                 SnapshotDisk(name="vdc", snapshot="manual")])
-    _validate(tmp_path, doc.to_xml())
+    schema_check(tmp_path, doc.to_xml(), "domainsnapshot")
     assert DomainSnapshot.from_xml(doc.to_xml()).to_xml() == doc.to_xml()
 
 
@@ -201,11 +185,11 @@ def test_libvirt_returned_snapshots_round_trip_and_validate(test_domain, tmp_pat
     test_domain.snapshotCreateXML(DomainSnapshot(name="run1").to_xml(), 0)  # the test driver takes no disk-only ones
     for name in ("s1", "s2", "run1"):
         given = test_domain.snapshotLookupByName(name, 0).getXMLDesc(0)
-        _validate(tmp_path, given, f"{name}-libvirt")
+        schema_check(tmp_path, given, "domainsnapshot", f"{name}-libvirt")
         doc = DomainSnapshot.from_xml(given)
         built = doc.to_xml()
-        assert _canon(built) == _canon(given), name
-        _validate(tmp_path, built, f"{name}-built")
+        assert canon(built) == canon(given), name
+        schema_check(tmp_path, built, "domainsnapshot", f"{name}-built")
         assert doc.name == name and doc.creation_time > 0 and not doc.external
         assert [(d.name, d.snapshot) for d in doc.disks] == [("vda", "internal"), ("sda", "no")]
         assert dx.Domain.from_element(doc.domain).name == test_domain.name()

@@ -21,17 +21,7 @@ from cna_agent.compute.reconcile import VmReconciler
 from cna_agent.compute.spec import VmSpec
 from cna_agent.contracts import Finding, VmStatus
 from cna_agent.operations import ResourceLocks
-
-
-class _Hv:
-    connected = True
-    uri = "test:///default"
-
-    def __init__(self, conn: libvirt.virConnect) -> None:
-        self.conn = conn
-
-    async def call(self, fn, timeout=None):
-        return fn(self.conn)
+from support.libvirt import ConnHypervisor
 
 
 class Recording:
@@ -75,7 +65,7 @@ def host():
 def test_a_vm_is_checked_by_every_check_with_its_state_and_foreign_vms_never(host):
     conn, ours, foreign = host
     ports, pins = Recording("ports"), Recording("placement")
-    rec = VmReconciler(VmInventory(_Hv(conn), ResourceLocks()), [ports, pins])  # type: ignore[arg-type]
+    rec = VmReconciler(VmInventory(ConnHypervisor(conn), ResourceLocks()), [ports, pins])  # type: ignore[arg-type]
     found = asyncio.run(rec.reconcile(ours))
     assert [(f.check, f.vm_uuid) for f in found] == [("ports", ours), ("placement", ours)]
     (seen,) = ports.seen
@@ -87,7 +77,7 @@ def test_a_vm_is_checked_by_every_check_with_its_state_and_foreign_vms_never(hos
 def test_a_failing_check_does_not_stop_the_others(host):
     conn, ours, _ = host
     broken, fine = Recording("broken", fail=True), Recording("fine")
-    rec = VmReconciler(VmInventory(_Hv(conn), ResourceLocks()), [broken, fine])  # type: ignore[arg-type]
+    rec = VmReconciler(VmInventory(ConnHypervisor(conn), ResourceLocks()), [broken, fine])  # type: ignore[arg-type]
     found = asyncio.run(rec.reconcile(ours))
     assert [f.check for f in found] == ["fine"] and len(broken.seen) == 1
 
@@ -95,7 +85,7 @@ def test_a_failing_check_does_not_stop_the_others(host):
 def test_start_up_events_and_each_checks_own_interval(host):
     conn, ours, foreign = host
     fast, slow, events_only = Recording("fast", 0.2), Recording("slow", 5.0), Recording("events-only", 0.0)
-    inventory = VmInventory(_Hv(conn), ResourceLocks())
+    inventory = VmInventory(ConnHypervisor(conn), ResourceLocks())
     rec = VmReconciler(inventory, [fast, slow, events_only])  # type: ignore[arg-type]
 
     async def go():

@@ -15,20 +15,11 @@ from cna_agent.compute.recovery import VmRecovery
 from cna_agent.errors import CODES
 from cna_agent.operations import ResourceLocks
 from cna_agent.state.journal import OperationError
-
-
-class _Hv:
-    uri = "test:///default"
-
-    def __init__(self, conn: libvirt.virConnect) -> None:
-        self.conn = conn
-
-    async def call(self, fn, timeout=None):
-        return fn(self.conn)
+from support.libvirt import ConnHypervisor
 
 
 def _service(conn) -> VmRecovery:
-    hv = _Hv(conn)
+    hv = ConnHypervisor(conn)
     return VmRecovery(hv, VmInventory(hv, ResourceLocks()))  # type: ignore[arg-type]
 
 
