@@ -14,9 +14,9 @@ from typing import Iterable
 from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.render import Bindings
 from cna_agent.compute.resolvers import LocalFileResolver
-from cna_agent.compute.spec import NicSpec, VmSpec
+from cna_agent.compute.spec import NicSpec, VmSpec, check_mac
 from cna_agent.contracts import DiskProvider, DiskSourceBinding, NicBinding, Placer, PortProvider
-from cna_agent.errors import ResourceBusy
+from cna_agent.errors import AlreadyExists, ResourceBusy
 
 MAC_PREFIX = "52:54:00"
 
@@ -99,11 +99,18 @@ class Binder:
             return self.disks.resolve_boot_file(path, field=field)
         return self.local_files.confine(path, field=field)
 
-    async def fill_macs(self, nics: Iterable[NicSpec]) -> None:
-        """Lower-case the given MACs and give every NIC without one a MAC free on this host."""
+    async def fill_macs(self, nics: Iterable[NicSpec], *, unique_field: str = "") -> None:
+        """Lower-case the given MACs and give every NIC without one a MAC free on this host.
+
+        With ``unique_field`` (a hot-plug), a given MAC must be unused anywhere on this host:
+        it is checked and refused as ALREADY_EXISTS naming that field."""
         taken = await self.inventory.all_macs()
         for nic in nics:
-            if nic.mac:
+            if nic.mac and unique_field:
+                nic.mac = check_mac(nic.mac, unique_field)
+                if nic.mac in taken:
+                    raise AlreadyExists(f"{unique_field}: {nic.mac} is already used by a NIC on this host", field=unique_field)
+            elif nic.mac:
                 nic.mac = nic.mac.lower()
             else:
                 nic.mac = generate_mac(taken)

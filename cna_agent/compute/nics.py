@@ -17,13 +17,13 @@ from typing import Any
 import libvirt
 
 from cna_agent.compute import domxml as dx
-from cna_agent.compute.binder import Binder, generate_mac
+from cna_agent.compute.binder import Binder
 from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.render import interface_xml
 from cna_agent.compute.spec import NicSpec, VmSpec, check_mac, validate
 from cna_agent.compute.vmops import DETACH_TIMEOUT_S, VmOps, affect, save_spec
 from cna_agent.contracts import VmNic
-from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationRecord
 
@@ -74,13 +74,7 @@ class NicOperations:
         if nic.boot_order and running:
             raise FailedPrecondition("a hot-plugged NIC cannot change the boot order of a running VM", field="nic.boot_order")
         # A MAC in use anywhere on the host (this VM included) is ALREADY_EXISTS, checked first.
-        taken = await self.ops.inventory.all_macs()
-        if nic.mac:
-            nic.mac = check_mac(nic.mac, "nic.mac")
-            if nic.mac in taken:
-                raise AlreadyExists(f"nic.mac: {nic.mac} is already used by a NIC on this host", field="nic.mac")
-        else:
-            nic.mac = generate_mac(taken)
+        await self.binder.fill_macs([nic], unique_field="nic.mac")
         try:
             validate(new, self.lifecycle.validation_context())
         except InvalidArgument as exc:
