@@ -21,6 +21,7 @@ import pytest
 from support import agent as agent_proc
 from support.agent import AgentProcess, start_agent
 from support.guests import build_guest
+from support import libvirt as test_libvirt
 from support.libvirt import warm_capabilities_cache
 
 
@@ -60,6 +61,7 @@ def _destroy_leftover_guests():
     yield
     for agent in agent_proc.STARTED[first:]:
         agent_proc.kill_guests_of(agent)
+        agent_proc.remove_system_domains(agent)
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +73,31 @@ def test_guest() -> Callable[..., dict]:
         return build_guest(arch)
 
     return get
+
+
+@pytest.fixture(params=agent_proc.MODES)
+def libvirt_mode(request) -> str:
+    """Run the test once per way the agent drives QEMU (support.agent.MODES); "system" brings
+    up the host's libvirtd for the test (``system_libvirtd``)."""
+    if request.param == "system":
+        request.getfixturevalue("system_libvirtd")
+    return request.param
+
+
+@pytest.fixture
+def system_libvirtd():
+    """The host's libvirtd (qemu:///system: QEMU runs as its own unprivileged user), started if
+    it was not running and left as it was found."""
+    if not Path("/usr/sbin/libvirtd").exists():
+        pytest.fail("libvirtd is not installed: run tools/setup.sh")
+    was_running = test_libvirt.libvirtd_answers()
+    had_virtlogd = test_libvirt.virtlogd_running()
+    if not was_running:
+        test_libvirt.start_libvirtd()
+    yield
+    if was_running and not test_libvirt.libvirtd_answers():
+        test_libvirt.start_libvirtd()
+    elif not was_running and test_libvirt.libvirtd_answers():
+        test_libvirt.stop_libvirtd()
+    if not had_virtlogd and test_libvirt.virtlogd_running():
+        test_libvirt.stop_virtlogd()

@@ -22,10 +22,13 @@ def vm_agent_factory(libvirt_caps_cache):
     a unix socket path must stay below 108 bytes (pytest's tmp_path names are too long)."""
     started = []
 
-    def factory(image_dirs: tuple[str, ...] = ()):
+    def factory(image_dirs: tuple[str, ...] = (), *, mode: str = "embedded", extra_config: str = ""):
+        """``mode``: "embedded" or "system" (take the ``libvirt_mode`` fixture to run both;
+        "system" needs the ``system_libvirtd`` fixture, which ``libvirt_mode`` brings)."""
         base = Path(tempfile.mkdtemp(prefix="cv", dir="/tmp"))
         dirs = ",".join(image_dirs or (str(REPO / ".cache" / "guests"),))
-        agent = start_agent(base / "a", libvirt_caps_cache, extra_config=f'[compute]\nimage_dirs = "{dirs}"\n')
+        agent = start_agent(base / "a", libvirt_caps_cache, mode=mode,
+                            extra_config=f'[compute]\nimage_dirs = "{dirs}"\n' + extra_config)
         started.append((agent, base))
         return agent
 

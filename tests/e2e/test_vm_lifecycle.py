@@ -67,8 +67,8 @@ class EventStream:
 
 
 @pytest.mark.slow
-def test_x86_64_guest_define_start_reboot_shutdown_delete(vm_agent_factory) -> None:
-    agent = start_vm_agent(vm_agent_factory)
+def test_x86_64_guest_define_start_reboot_shutdown_delete(vm_agent_factory, libvirt_mode) -> None:
+    agent = vm_agent_factory(mode=libvirt_mode)
     with agent.channel() as ch:
         stub = pb.vm_pb2_grpc.VmServiceStub(ch)
         op = ok(ch, stub.CreateVm(vm.CreateVmRequest(request_id="create-x86", spec=guest_spec("x86_64", "guest-x86")), timeout=60))

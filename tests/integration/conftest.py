@@ -76,22 +76,3 @@ def embedded_libvirt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objec
             except libvirt.libvirtError:
                 pass
         conn.close()
-
-
-@pytest.fixture
-def system_libvirtd():
-    """The host's libvirtd (qemu:///system: QEMU runs as its own unprivileged user), started if
-    it was not running and left as it was found."""
-    if not Path("/usr/sbin/libvirtd").exists():
-        pytest.fail("libvirtd is not installed: run tools/setup.sh")
-    was_running = test_libvirt.libvirtd_answers()
-    had_virtlogd = test_libvirt.virtlogd_running()
-    if not was_running:
-        test_libvirt.start_libvirtd()
-    yield
-    if was_running and not test_libvirt.libvirtd_answers():
-        test_libvirt.start_libvirtd()
-    elif not was_running and test_libvirt.libvirtd_answers():
-        test_libvirt.stop_libvirtd()
-    if not had_virtlogd and test_libvirt.virtlogd_running():
-        test_libvirt.stop_virtlogd()

@@ -92,7 +92,42 @@ def kill_guests_of(agent: "AgentProcess") -> int:
     return killed
 
 
-def write_config(base: Path, *, tcp_port: int | None, extra: str = "") -> tuple[Path, Path]:
+#: The two ways the agent drives QEMU in these tests: libvirt's embedded driver inside the agent
+#: (QEMU runs as root), and the host's libvirtd (``qemu:///system``: QEMU runs as its own
+#: unprivileged user, libvirt relabels what it opens), the way production hosts run.
+MODES = ("embedded", "system")
+
+
+def remove_system_domains(agent: "AgentProcess") -> int:
+    """Destroy and undefine the host libvirtd's domains that belong to ``agent`` (their XML
+    names its directory: serial log, side-channel socket, NVRAM), so the next test's agent on the
+    same libvirtd adopts nothing of this one's."""
+    if agent.extra.get("mode") != "system":
+        return 0
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    removed = 0
+    conn = libvirt.open("qemu:///system")
+    try:
+        for dom in conn.listAllDomains():
+            try:
+                if str(agent.dir) not in dom.XMLDesc(0):
+                    continue
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                                      | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+                removed += 1
+            except libvirt.libvirtError:
+                continue
+    finally:
+        conn.close()
+    return removed
+
+
+def write_config(base: Path, *, tcp_port: int | None, extra: str = "", mode: str = "embedded") -> tuple[Path, Path]:
     state = base / "state"
     run = base / "run"
     sock = run / "cna-agent.sock"
@@ -100,7 +135,8 @@ def write_config(base: Path, *, tcp_port: int | None, extra: str = "") -> tuple[
     listen = f"127.0.0.1:{tcp_port}" if tcp_port else ""
     # Each test agent gets its own embedded libvirt (isolated guests and state), even when a
     # libvirtd runs on the machine and "auto" would pick qemu:///system.
-    libvirt = "" if "[libvirt]" in extra else f'[libvirt]\nuri = "qemu:///embed?root={state / "libvirt"}"\n'
+    uri = "qemu:///system" if mode == "system" else f"qemu:///embed?root={state / 'libvirt'}"
+    libvirt = "" if "[libvirt]" in extra else f'[libvirt]\nuri = "{uri}"\n'
     cfg.write_text(
         f'[grpc]\nlisten = "{listen}"\nunix_socket = "{sock}"\n'
         f'[state]\ndir = "{state}"\nrun_dir = "{run}"\n' + libvirt + extra
@@ -109,14 +145,23 @@ def write_config(base: Path, *, tcp_port: int | None, extra: str = "") -> tuple[
 
 
 def start_agent(base: Path, caps_cache: Path | None, *, tcp: bool = True, extra_config: str = "",
-                config: Path | None = None, wait: bool = True, env: dict | None = None) -> AgentProcess:
+                config: Path | None = None, wait: bool = True, env: dict | None = None,
+                mode: str = "embedded") -> AgentProcess:
+    """``mode`` "system" points the agent at the host's libvirtd (the caller starts it: the
+    ``system_libvirtd`` fixture); QEMU then runs unprivileged, so ``base`` and the directory it
+    sits in are opened to traversal (mkdtemp makes them 0700), as an admin's /var/lib is."""
+    assert mode in MODES, mode
     base.mkdir(parents=True, exist_ok=True)
+    if mode == "system":
+        for d in (base.parent, base):
+            if d != Path("/tmp"):
+                d.chmod(d.stat().st_mode & 0o7777 | 0o711)
     port = free_port() if tcp else None
     if config is None:
-        config, sock = write_config(base, tcp_port=port, extra=extra_config)
+        config, sock = write_config(base, tcp_port=port, extra=extra_config, mode=mode)
     else:
         sock = base / "run" / "cna-agent.sock"
-    if caps_cache is not None:
+    if caps_cache is not None and mode == "embedded":
         dest = base / "state" / "libvirt" / "cache" / "qemu" / "capabilities"
         if not dest.exists():
             shutil.copytree(caps_cache, dest)
@@ -124,7 +169,7 @@ def start_agent(base: Path, caps_cache: Path | None, *, tcp: bool = True, extra_
     logfh = log.open("wb")
     proc = subprocess.Popen([*agent_command(), "serve", "--config", str(config)], stdout=logfh, stderr=subprocess.STDOUT,
                             cwd=base, env={**os.environ, **(env or {})})
-    agent = AgentProcess(base, config, sock, port, proc, log)
+    agent = AgentProcess(base, config, sock, port, proc, log, extra={"mode": mode})
     STARTED.append(agent)
     if wait:
         wait_ready(agent)
