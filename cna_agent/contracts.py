@@ -156,6 +156,11 @@ class NicBinding:
     filter: str = ""
     filter_params: Mapping[str, str] = field(default_factory=dict)
     mtu: int = 0
+    #: Who adds an "ovs" NIC's port to its bridge: "libvirt" (<virtualport type='openvswitch'>,
+    #: libvirt runs ovs-vsctl against the default database) or "agent" (the NIC is rendered as
+    #: <interface type='ethernet'>: libvirt only makes the tap, network adds the port through
+    #: its own OVSDB connection; used when libvirt would reach another database than the agent).
+    plugged_by: str = "libvirt"
 
 
 class PortProvider(Protocol):
@@ -167,8 +172,13 @@ class PortProvider(Protocol):
 
     async def port_plugged(self, binding: NicBinding, nic: "VmNic") -> None:
         """A NIC was plugged into ``binding``'s bridge (VM start or hot-plug): label its port
-        (OVS external_ids) so listings and repair know its VM and port group. Never raises:
+        (OVS external_ids) so listings and repair know its VM and port group, add the port when
+        the agent plugs it (``plugged_by="agent"``) and guard it against spoofing. Never raises:
         the periodic port repair catches up on what fails here."""
+
+    async def port_unplugged(self, nic: "VmNic") -> None:
+        """A NIC left its VM (hot-unplug): drop what network added for it (an agent-plugged
+        OVS port, anti-spoofing rules). Never raises; the port repair sweeps what is left."""
 
 
 # -- CPU and memory placement (host/placement) --------------------------------------------------
@@ -246,6 +256,8 @@ class VmNic:
     link_up: bool = True
     inbound_kbps: int = 0
     outbound_kbps: int = 0
+    #: Addresses the NIC may send from when its port group has ip_anti_spoofing (the spec's).
+    ip_addresses: tuple[str, ...] = ()
 
 
 class VmDisks(Protocol):

@@ -65,7 +65,7 @@ PACKAGES = {
     "libvirtd": ["libvirt-daemon-system", "libvirt-daemon-driver-qemu", "libvirt-clients",
                  "qemu-system-x86", "qemu-system-arm", "qemu-efi-aarch64", "qemu-utils",
                  "qemu-block-extra"],
-    "ovs": ["openvswitch-switch"],
+    "ovs": ["openvswitch-switch", "nftables"],
     "tgtd": ["tgt", "libiscsi-bin"],
 }
 COMMANDS = {
@@ -283,9 +283,11 @@ class Testbed:
         else:
             procs += [tuple(p) for p in self._state().get("ovs", {}).get("pids", []) if p[1] == "ovsdb-server"]
         if not self._vswitchd_ok():
+            # OVS_RUNDIR: the bridges' OpenFlow management sockets (<bridge>.mgmt) go next to
+            # db.sock, where OVS tools and the agent look for a private instance's run directory.
             run(["ovs-vswitchd", self.ovsdb_remote, f"--pidfile={d / 'ovs-vswitchd.pid'}",
                  f"--unixctl={d / 'ovs-vswitchd.ctl'}", f"--log-file={d / 'ovs-vswitchd.log'}",
-                 "--detach"], timeout=60)
+                 "--detach"], timeout=60, env={"OVS_RUNDIR": str(d)})
             pid = _read_pid(d / "ovs-vswitchd.pid")
             if pid:
                 procs.append((pid, "ovs-vswitchd"))

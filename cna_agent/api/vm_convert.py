@@ -82,7 +82,7 @@ def spec_from_pb(m: Any) -> sp.VmSpec:
             port_group=n.port_group, mac=n.mac, model=_e(NIC_MODEL, n.model), link_down=n.link_down, boot_order=n.boot_order,
             inbound=sp.Bandwidth(n.inbound.average_kbps, n.inbound.peak_kbps, n.inbound.burst_kib) if n.HasField("inbound") else None,
             outbound=sp.Bandwidth(n.outbound.average_kbps, n.outbound.peak_kbps, n.outbound.burst_kib) if n.HasField("outbound") else None,
-            interface_id=n.interface_id, queues=n.queues,
+            interface_id=n.interface_id, queues=n.queues, ip_addresses=list(n.ip_addresses),
         ))
     return spec
 
@@ -114,7 +114,8 @@ def spec_to_pb(s: sp.VmSpec) -> Any:
             disk.lun.CopyFrom(v.LunSource(datastore=d.lun.datastore, lun_id=d.lun.lun_id))
     for n in s.nics:
         nic = m.nics.add(port_group=n.port_group, mac=n.mac, model=_r(NIC_MODEL, n.model), link_down=n.link_down,
-                         boot_order=n.boot_order, interface_id=n.interface_id, queues=n.queues)
+                         boot_order=n.boot_order, interface_id=n.interface_id, queues=n.queues,
+                         ip_addresses=list(n.ip_addresses))
         if n.inbound is not None:
             nic.inbound.CopyFrom(v.BandwidthLimit(**vars(n.inbound)))
         if n.outbound is not None:

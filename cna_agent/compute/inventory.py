@@ -282,7 +282,8 @@ class VmInventory:
         for uuid, name, active, xml, cached in await self.hv.call(read, timeout=30):
             self._cache[uuid] = cached
             groups = {n.mac.lower(): n.port_group for n in cached.spec.nics} if cached.spec else {}
-            nics.extend(interfaces_of(uuid, name, active, xml, groups))
+            addresses = {n.mac.lower(): tuple(n.ip_addresses) for n in cached.spec.nics} if cached.spec else {}
+            nics.extend(interfaces_of(uuid, name, active, xml, groups, addresses))
         return nics
 
     async def all_macs(self) -> set[str]:
@@ -310,7 +311,8 @@ class VmInventory:
         return info.name, info.state, pid
 
 
-def interfaces_of(uuid: str, name: str, active: bool, xml: str, port_groups: dict[str, str]) -> list[VmNic]:
+def interfaces_of(uuid: str, name: str, active: bool, xml: str, port_groups: dict[str, str],
+                  addresses: dict[str, tuple[str, ...]] | None = None) -> list[VmNic]:
     """The NICs in one domain document (typed model), with the spec's port group per MAC."""
     dom = dx.Domain.from_xml(xml)
     out = []
@@ -324,5 +326,6 @@ def interfaces_of(uuid: str, name: str, active: bool, xml: str, port_groups: dic
             trunk=tags if i.vlan_trunk else (), link_up=(i.link_state or "up") != "down",
             inbound_kbps=(i.inbound.average or 0) * 8 if i.inbound else 0,
             outbound_kbps=(i.outbound.average or 0) * 8 if i.outbound else 0,
+            ip_addresses=(addresses or {}).get(mac, ()),
         ))
     return out

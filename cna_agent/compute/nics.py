@@ -133,6 +133,8 @@ class NicOperations:
                                          "it stays requested"),
                 progress=lambda: op.progress(50, "waiting for the guest to release the NIC"))
             await self.ops.write_spec(uuid, new, running)
+            if before is not None:
+                await self.binder.ports.port_unplugged(before)
             device = before.device if before is not None else ""
             await self.ops.events.publish("network.nic.detached", resource_kind="vm", resource_id=uuid,
                                           resource_name=before.vm_name if before else "", operation_id=op.id,

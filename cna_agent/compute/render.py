@@ -508,16 +508,20 @@ def interface_xml(spec: VmSpec, i: int, b: NicBinding) -> str:
 
 def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interface:
     n = spec.nics[i]
-    iface = dx.Interface(type="bridge", mac=n.mac, source_bridge=b.bridge)
-    if b.vlan is not None:
-        iface.vlan_tags = [dx.VlanTag(id=b.vlan)]
-    elif b.trunk:
-        iface.vlan_trunk = True
-        iface.vlan_tags = [dx.VlanTag(id=v) for v in b.trunk]
-    if b.kind == "ovs":
-        iface.virtualport_type = "openvswitch"
-        if n.interface_id:
-            iface.interface_id = n.interface_id
+    if b.kind == "ovs" and b.plugged_by == "agent":
+        # libvirt only makes the tap; network adds it to the bridge (VLAN, ids) itself.
+        iface = dx.Interface(type="ethernet", mac=n.mac)
+    else:
+        iface = dx.Interface(type="bridge", mac=n.mac, source_bridge=b.bridge)
+        if b.vlan is not None:
+            iface.vlan_tags = [dx.VlanTag(id=b.vlan)]
+        elif b.trunk:
+            iface.vlan_trunk = True
+            iface.vlan_tags = [dx.VlanTag(id=v) for v in b.trunk]
+        if b.kind == "ovs":
+            iface.virtualport_type = "openvswitch"
+            if n.interface_id:
+                iface.interface_id = n.interface_id
     model = n.model or ("e1000e" if legacy else "virtio")
     iface.model = model
     if model == "virtio" and n.queues > 1:

@@ -64,6 +64,9 @@ class NoNetworkResolver:
     async def port_plugged(self, binding: NicBinding, nic: VmNic) -> None:
         return None  # never reached: no NIC is ever bound
 
+    async def port_unplugged(self, nic: VmNic) -> None:
+        return None
+
 
 def _direct_io_ok(path: str) -> bool:
     """Whether O_DIRECT opens work on the file's filesystem (tmpfs, some FUSE do not)."""

@@ -145,6 +145,9 @@ class NicSpec:
     outbound: Bandwidth | None = None
     interface_id: str = ""
     queues: int = 0
+    #: Addresses the guest may send from on this NIC (IPv4/IPv6, no prefix); enforced when the
+    #: port group has ip_anti_spoofing (anything else is dropped).
+    ip_addresses: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -294,6 +297,29 @@ def _text(value: str, path: str, *, max_len: int, pattern: re.Pattern[str] | Non
         raise InvalidArgument(path, "contains control characters")
     if pattern is not None and value and not pattern.match(value):
         raise InvalidArgument(path, f"{value!r} is not {what or 'valid'}")
+
+
+#: Addresses one NIC may declare for IP anti-spoofing.
+MAX_NIC_ADDRESSES = 16
+
+
+def _nic_addresses(nic: NicSpec, p: str) -> None:
+    import ipaddress
+
+    if len(nic.ip_addresses) > MAX_NIC_ADDRESSES:
+        raise InvalidArgument(f"{p}.ip_addresses", f"at most {MAX_NIC_ADDRESSES} addresses")
+    seen: set[str] = set()
+    for j, a in enumerate(nic.ip_addresses):
+        try:
+            ip = ipaddress.ip_address(a) if isinstance(a, str) else None
+        except ValueError:
+            ip = None
+        if ip is None or ip.is_unspecified or ip.is_multicast:
+            raise InvalidArgument(f"{p}.ip_addresses[{j}]", f"{a!r} is not a unicast IP address like 192.0.2.10 (no prefix)")
+        if str(ip) in seen:
+            raise InvalidArgument(f"{p}.ip_addresses[{j}]", f"{a!r} is listed twice")
+        seen.add(str(ip))
+    nic.ip_addresses = sorted(seen)
 
 
 def _u(value: int, path: str, *, maximum: int) -> None:
@@ -499,6 +525,7 @@ def validate(spec: VmSpec, ctx: ValidationContext) -> None:
             boot_orders[nic.boot_order] = p
         _u(nic.queues, f"{p}.queues", maximum=256)
         _text(nic.interface_id, f"{p}.interface_id", max_len=36, pattern=UUID_RE, what="a UUID (libvirt's virtualport interfaceid)")
+        _nic_addresses(nic, p)
         for direction in ("inbound", "outbound"):
             bw = getattr(nic, direction)
             if bw is not None:

@@ -43,8 +43,7 @@ class NetworkReconciler:
 
     async def check_vm(self, vm: VmStatus) -> list[Finding]:
         """One VM's NICs: ports missing, on the wrong VLAN or unlabelled are repaired."""
-        if vm.state not in ("running", "paused"):
-            return []
+        # A stopped VM is judged too: its agent-plugged ports and anti-spoofing rules go.
         return [Finding(self.name, vm.uuid, d.problem, d.repaired, d.action)
                 for d in await self.reconcile(repair=True, vm_uuid=vm.uuid)]
 
@@ -96,14 +95,16 @@ class NetworkReconciler:
     async def _vif_drift(self, only_port_group: str = "", vm_uuid: str = "") -> list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]]:
         """Problems with running VMs' NICs (of one VM, or all), each with the coroutine that repairs it."""
         found: list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]] = []
-        nics = await self.net.vms.vm_nics(vm_uuid)
-        if not any(v.active and v.bridge in self.net.bridges for v in nics):
-            return found  # nothing of ours to check: no OVSDB round trip
-        try:
-            ovs_state = await self.net.ovs.call(lambda c: c.bridges())
-        except AgentError:
-            ovs_state = None
-        for v in nics:
+        nics = [self.net.normalise(v) for v in await self.net.vms.vm_nics(vm_uuid)]
+        ours = any(v.active and v.bridge in self.net.bridges for v in nics)
+        if ours or self.net.ovs_plugged_by == "agent":
+            try:
+                ovs_state = await self.net.ovs.call(lambda c: c.bridges())
+            except AgentError:
+                ovs_state = None
+        else:
+            ovs_state = None  # nothing of ours to check: no OVSDB round trip
+        for v in nics if ours else ():
             if not v.active:
                 continue
             uuid, name = v.vm_uuid, v.vm_name
@@ -111,6 +112,7 @@ class NetworkReconciler:
                 continue
             decl = self.net.bridges[v.bridge]
             res = f"port/{v.device}"
+            agent_plugged = self.net.ovs_plugged_by == "agent" and v.port_group in self.net.port_groups
             if decl.type == "ovs" and v.virtualport == "openvswitch":
                 if ovs_state is None or v.bridge not in ovs_state:
                     continue  # the bridge's own drift covers it
@@ -121,15 +123,18 @@ class NetworkReconciler:
                 pg = self.net.port_groups.get(pg_name)
                 tag = (pg.vlan or None) if pg is not None else v.vlan
                 trunks = tuple(pg.trunk_vlans) if pg is not None else tuple(v.trunk)
+                plugged = (("cna-plugged", "agent"),) if agent_plugged else ()
                 want = PortWant(
                     name=v.device, tag=tag, trunks=trunks,
-                    external_ids=(("port-group", pg_name),) if pg_name else (),
+                    external_ids=(("port-group", pg_name),) + plugged if pg_name else plugged,
                     iface_external_ids=(("attached-mac", v.mac), ("iface-id", v.interface_id or uuid), ("iface-status", "active"),
                                         ("vm-id", uuid), ("vm-uuid", uuid)) + ((("port-group", pg_name),) if pg_name else ()),
                     ingress_rate_kbps=v.outbound_kbps if port is None else (port.ingress_policing_rate),
                     egress_max_rate_bps=v.inbound_kbps * 1000 if port is None else port.qos_max_rate,
                 )
-                if port is None:
+                if port is None and agent_plugged:
+                    problem = f"tap of VM {name} NIC {v.mac} is not plugged into {v.bridge} (the agent plugs it)"
+                elif port is None:
                     problem = f"OVS port of VM {name} NIC {v.mac} missing from {v.bridge}"
                 elif port.tag != tag or tuple(port.trunks) != trunks:
                     problem = f"VLAN is tag={port.tag} trunks={list(port.trunks)}, port group {pg_name or '?'} says tag={tag} trunks={list(trunks)}"
@@ -152,7 +157,33 @@ class NetworkReconciler:
                         return await self.net.blocking(lambda: _enslave(dev, br))
 
                     found.append((DriftItem(res, f"tap of VM {name} NIC {v.mac} is not on bridge {br}"), fix_lb))
+        found += self._stale_agent_ports(nics, ovs_state, vm_uuid)
+        for g in await self.net.guards.drift([v for v in nics if v.active], vm_uuid=vm_uuid):
+            found.append((DriftItem(g.resource, g.problem), g.fix))
         return found
+
+    def _stale_agent_ports(self, nics: list[Any], ovs_state: Any, vm_uuid: str) -> list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]]:
+        """Ports the agent plugged whose NIC is gone (VM stopped, NIC unplugged, VM deleted):
+        libvirt removed the tap but knows nothing of the port."""
+        if not ovs_state:
+            return []
+        live = {v.device for v in nics if v.active and v.device}
+        out = []
+        for br, state in ovs_state.items():
+            if br not in self.net.bridges:
+                continue
+            for port in state.ports.values():
+                if port.external_ids.get("cna-plugged") != "agent" or port.name in live:
+                    continue
+                if vm_uuid and port.iface_external_ids.get("vm-uuid") != vm_uuid:
+                    continue
+
+                async def fix(br: str = br, name: str = port.name) -> list[str]:
+                    return await self.net.ovs.call(lambda c: c.delete_ports(br, [name]))
+
+                out.append((DriftItem(f"port/{port.name}", f"agent-plugged port {port.name} on {br} has no running NIC "
+                                      f"(VM {port.iface_external_ids.get('vm-uuid', '?')})"), fix))
+        return out
 
     async def reconcile(self, repair: bool = True, *, only_port_group: str = "", vm_uuid: str = "",
                         ports: bool = True) -> list[DriftItem]:

@@ -8,7 +8,13 @@ What it owns:
 * compute's PortProvider (contracts.py): binding a port group for a NIC (``resolve_port_group``)
   and labelling the OVS port of a NIC compute just plugged (``port_plugged``);
 * the ports' repair (drift.py), level-triggered: compare what is declared and what every VM's
-  NICs say (compute's VmNics view) with the host, and repair.
+  NICs say (compute's VmNics view) with the host, and repair;
+* NIC anti-spoofing (vifguard.py, guarding.py): enforced by the agent with nftables (Linux
+  bridges) and OpenFlow (OVS) in every libvirt mode, never libvirt's nwfilter (absent from the
+  embedded driver, blind to OVS ports);
+* who plugs OVS ports: libvirt, unless libvirt would reach another OVSDB than the agent's
+  (a libvirtd with ``[network] ovsdb`` pointing at a private database): then the NIC is an
+  ``<interface type='ethernet'>`` tap and this service adds the port (``plugged_by="agent"``).
 
 VM NICs themselves (hot-plug, unplug, link state) are compute's (compute/nics.py): network never
 edits a VM's definition. Every input is validated (model.py) before anything on the host changes.
@@ -27,6 +33,7 @@ from cna_agent.contracts import Bandwidth, NicBinding, VmNic, VmNics
 from cna_agent.errors import AgentError, FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.network.declarations import BridgeView, Declarations, PortGroupView
 from cna_agent.network.drift import DriftItem, NetworkReconciler
+from cna_agent.network.guarding import Guards
 from cna_agent.network.linuxbridge import LinuxBridgeDriver, probe_vlan_support
 from cna_agent.network.model import BridgeDecl, PortGroupDecl, validate_bridge, validate_port_group
 from cna_agent.network.ovsdb import OvsdbClient
@@ -57,6 +64,7 @@ class NetworkService:
         config_bridges: tuple[BridgeDecl, ...] = (),
         config_port_groups: tuple[PortGroupDecl, ...] = (),
         reconcile_interval_s: float = 60.0,
+        libvirt_embedded: bool = True,
     ) -> None:
         self.ovs = OvsdbClient(ovsdb, ovsdb_timeout_s)
         self.linux = LinuxBridgeDriver()
@@ -68,7 +76,17 @@ class NetworkService:
         self.decls = Declarations(state_dir, config_bridges, config_port_groups)
         self.lock = asyncio.Lock()
         self.reconciler = NetworkReconciler(self, interval_s=reconcile_interval_s)
-        _point_libvirt_at(ovsdb)
+        self.guards = Guards(self, ovsdb)
+        #: "agent" when libvirt's own ovs-vsctl would use another database than ours.
+        self.ovs_plugged_by = "libvirt"
+        if libvirt_embedded:
+            _point_libvirt_at(ovsdb)
+        elif ovsdb != DEFAULT_OVSDB:
+            self.ovs_plugged_by = "agent"
+            log.warning("event=network.ovs_ports_plugged_by_agent ovsdb=%s reason=%r", ovsdb,
+                        "[network] ovsdb is not the default database and [libvirt] uri is a libvirtd, whose "
+                        "ovs-vsctl uses the default one: OVS NICs are rendered as type='ethernet' taps and "
+                        "the agent adds their ports to the bridge through its own OVSDB connection")
 
     @property
     def bridges(self) -> dict[str, BridgeDecl]:
@@ -217,7 +235,6 @@ class NetworkService:
             known = ", ".join(sorted(self.port_groups)) or "none declared"
             raise InvalidArgument(field, f"unknown port group {port_group!r} (declared: {known})")
         bridge = self.bridges[pg.bridge]
-        spoof = pg.mac_anti_spoofing or pg.ip_anti_spoofing
         return NicBinding(
             kind="ovs" if bridge.type == "ovs" else "linux-bridge",
             bridge=bridge.name,
@@ -226,23 +243,44 @@ class NetworkService:
             trunk=pg.trunk_vlans,
             inbound=_bw(pg.inbound),
             outbound=_bw(pg.outbound),
-            # libvirt's nwfilter: clean-traffic = no MAC, IP or ARP spoofing (+ no-other-l2).
-            filter=("clean-traffic" if pg.ip_anti_spoofing else "no-mac-spoofing") if spoof else "",
+            # Anti-spoofing is the agent's own (vifguard.py), not libvirt's nwfilter.
             mtu=bridge.mtu,
+            plugged_by=self.ovs_plugged_by if bridge.type == "ovs" else "libvirt",
         )
 
     # -- VM NICs: ports and listings (the NICs themselves are compute's) ---------------------
 
     async def port_plugged(self, binding: NicBinding, nic: VmNic) -> None:
-        """Label a freshly plugged NIC's OVS port with its VM and port group (PortProvider)."""
-        if binding.kind != "ovs" or not nic.device:
-            return
+        """PortProvider: a NIC was just hot-plugged. Its port is labelled (or, when the agent
+        plugs OVS ports, added) and its anti-spoofing applied, through the same repair pass
+        the reconcile runs, for this VM."""
+        if binding.kind == "ovs" and nic.device and binding.plugged_by == "libvirt":
+            try:
+                await self.ovs.call(lambda c: c.set_port_ids(nic.device, {"port-group": binding.port_group},
+                                                             {"vm-uuid": nic.vm_uuid, "port-group": binding.port_group}))
+            except AgentError as exc:
+                log.warning("event=network.port_label_failed port=%s vm=%s error=%r (the port repair retries)",
+                            nic.device, nic.vm_uuid, exc.message)
+        await self._repair_vm(nic.vm_uuid)
+
+    async def port_unplugged(self, nic: VmNic) -> None:
+        """PortProvider: a NIC left its VM; its agent-plugged port and guards go with it."""
+        await self._repair_vm(nic.vm_uuid)
+
+    async def _repair_vm(self, vm_uuid: str) -> None:
         try:
-            await self.ovs.call(lambda c: c.set_port_ids(nic.device, {"port-group": binding.port_group},
-                                                         {"vm-uuid": nic.vm_uuid, "port-group": binding.port_group}))
+            await self.reconciler.reconcile(repair=True, vm_uuid=vm_uuid)
         except AgentError as exc:
-            log.warning("event=network.port_label_failed port=%s vm=%s error=%r (the port repair retries)",
-                        nic.device, nic.vm_uuid, exc.message)
+            log.warning("event=network.port_repair_failed vm=%s error=%r (the reconcile retries)", vm_uuid, exc.message)
+
+    def normalise(self, nic: VmNic) -> VmNic:
+        """An agent-plugged OVS NIC (libvirt sees an ethernet tap) as the OVS VIF it is: on
+        its port group's bridge, with an openvswitch virtualport."""
+        if nic.type == "ethernet" and nic.port_group in self.port_groups:
+            bridge = self.bridges.get(self.port_groups[nic.port_group].bridge)
+            if bridge is not None and bridge.type == "ovs":
+                return replace(nic, type="bridge", bridge=bridge.name, virtualport="openvswitch")
+        return nic
 
     async def vifs(self, vm_uuid: str = "") -> list[VmNic]:
         """Every VM NIC on a declared bridge, with its port group (the VM spec's, else the OVS
@@ -252,7 +290,7 @@ class NetworkService:
         except AgentError:
             ovs_ports = {}
         out = []
-        for nic in await self.vms.vm_nics(vm_uuid):
+        for nic in map(self.normalise, await self.vms.vm_nics(vm_uuid)):
             if nic.type != "bridge" or nic.bridge not in self.bridges:
                 continue
             port = ovs_ports.get(nic.device)

@@ -145,7 +145,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     inventory = VmInventory(hypervisor, runner.locks, console_listen=config.host.console_listen)
     placement = await parts.build_placement(config, host, store, events, inventory)
     storage = parts.build_storage(config, hypervisor, runner, events, inventory)
-    network = parts.build_network(config, runner, events, inventory)
+    network = parts.build_network(config, runner, events, inventory, libvirt_uri=uri)
     render_ctx, host_cpus = await parts.render_context(config, hypervisor, virt_type)
     compute = parts.build_compute(config, hypervisor, runner, events, inventory, render_ctx, virt_type=virt_type,
                                   host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer,

@@ -165,10 +165,14 @@ class Network:
     ops: NetworkOperations
 
 
-def build_network(config: AgentConfig, runner: OperationRunner, events: EventHub, inventory: VmInventory) -> Network:
+def build_network(config: AgentConfig, runner: OperationRunner, events: EventHub, inventory: VmInventory,
+                  libvirt_uri: str = "") -> Network:
+    """``libvirt_uri``: the connection compute uses; a libvirtd's own OVS plugging cannot be
+    pointed at a private [network] ovsdb, so then the agent plugs OVS ports itself."""
     cfg = config.network
     service = NetworkService(ovsdb=cfg.ovsdb, ovsdb_timeout_s=cfg.ovsdb_timeout_s, netlink_threads=cfg.netlink_threads,
                              state_dir=config.state.dir, events=events, vms=inventory, config_bridges=cfg.bridges,
-                             config_port_groups=cfg.port_groups, reconcile_interval_s=cfg.reconcile_interval_s)
+                             config_port_groups=cfg.port_groups, reconcile_interval_s=cfg.reconcile_interval_s,
+                             libvirt_embedded=not libvirt_uri or libvirt_uri.startswith("qemu:///embed"))
     return Network(service, NetworkOperations(service, runner))
 
