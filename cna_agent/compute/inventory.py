@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 from xml.etree import ElementTree as ET
 
 import libvirt
@@ -282,8 +282,8 @@ class VmInventory:
         for uuid, name, active, xml, cached in await self.hv.call(read, timeout=30):
             self._cache[uuid] = cached
             groups = {n.mac.lower(): n.port_group for n in cached.spec.nics} if cached.spec else {}
-            addresses = {n.mac.lower(): tuple(n.ip_addresses) for n in cached.spec.nics} if cached.spec else {}
-            nics.extend(interfaces_of(uuid, name, active, xml, groups, addresses))
+            spec_nics = {n.mac.lower(): n for n in cached.spec.nics} if cached.spec else {}
+            nics.extend(interfaces_of(uuid, name, active, xml, groups, spec_nics))
         return nics
 
     async def all_macs(self) -> set[str]:
@@ -312,8 +312,9 @@ class VmInventory:
 
 
 def interfaces_of(uuid: str, name: str, active: bool, xml: str, port_groups: dict[str, str],
-                  addresses: dict[str, tuple[str, ...]] | None = None) -> list[VmNic]:
-    """The NICs in one domain document (typed model), with the spec's port group per MAC."""
+                  spec_nics: dict[str, Any] | None = None) -> list[VmNic]:
+    """The NICs in one domain document (typed model), with the spec's port group per MAC, and
+    from the spec what network enforces itself (addresses, the NIC's own outbound limit)."""
     dom = dx.Domain.from_xml(xml)
     out = []
     for i in dom.devices.interfaces if dom.devices else []:
@@ -325,7 +326,13 @@ def interfaces_of(uuid: str, name: str, active: bool, xml: str, port_groups: dic
             interface_id=i.interface_id or "", vlan=None if i.vlan_trunk or not tags else tags[0],
             trunk=tags if i.vlan_trunk else (), link_up=(i.link_state or "up") != "down",
             inbound_kbps=(i.inbound.average or 0) * 8 if i.inbound else 0,
-            outbound_kbps=(i.outbound.average or 0) * 8 if i.outbound else 0,
-            ip_addresses=(addresses or {}).get(mac, ()),
+            outbound_kbps=(i.outbound.average or 0) * 8 if i.outbound else _spec_outbound(spec_nics, mac),
+            ip_addresses=tuple(getattr((spec_nics or {}).get(mac), "ip_addresses", ()) or ()),
         ))
     return out
+
+
+def _spec_outbound(spec_nics: dict[str, Any] | None, mac: str) -> int:
+    nic = (spec_nics or {}).get(mac)
+    bw = getattr(nic, "outbound", None)
+    return int(bw.average_kbps) if bw is not None and bw.average_kbps else 0

@@ -528,11 +528,11 @@ def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interfac
         iface.driver_queues = n.queues
     # The NIC's own limit wins over its port group's.
     inbound = n.inbound or b.inbound
-    outbound = n.outbound or b.outbound
     if inbound and inbound.average_kbps:
         iface.inbound = _bandwidth(inbound)
-    if outbound and outbound.average_kbps:
-        iface.outbound = _bandwidth(outbound)
+    # The outbound limit (guest -> host) is network's (an nftables limit or an OpenFlow meter on
+    # the port, network/vifguard.py): libvirt's tc police needs act_police, which not every
+    # kernel has, and a userspace-datapath OVS never sees it.
     if b.filter:
         iface.filter = b.filter
         iface.filter_params = [dx.FilterParam(name=k, value=v) for k, v in sorted(b.filter_params.items())]

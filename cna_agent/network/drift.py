@@ -129,7 +129,8 @@ class NetworkReconciler:
                     external_ids=(("port-group", pg_name),) + plugged if pg_name else plugged,
                     iface_external_ids=(("attached-mac", v.mac), ("iface-id", v.interface_id or uuid), ("iface-status", "active"),
                                         ("vm-id", uuid), ("vm-uuid", uuid)) + ((("port-group", pg_name),) if pg_name else ()),
-                    ingress_rate_kbps=v.outbound_kbps if port is None else (port.ingress_policing_rate),
+                    # The outbound limit is an OpenFlow meter (guarding.py), not OVS policing.
+                    ingress_rate_kbps=0 if port is None else port.ingress_policing_rate,
                     egress_max_rate_bps=v.inbound_kbps * 1000 if port is None else port.qos_max_rate,
                 )
                 if port is None and agent_plugged:

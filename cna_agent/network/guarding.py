@@ -50,10 +50,15 @@ class Guards:
     def want(self, v: VmNic) -> GuardWant | None:
         """The guard a running NIC needs (None: its port group asks for none)."""
         pg = self.net.port_groups.get(v.port_group)
-        if pg is None or not (pg.mac_anti_spoofing or pg.ip_anti_spoofing) or not v.device or not v.active:
+        if pg is None or not v.device or not v.active:
+            return None
+        spoof = pg.mac_anti_spoofing or pg.ip_anti_spoofing
+        # The NIC's own outbound limit wins over its port group's (as for the inbound one).
+        rate, burst = (v.outbound_kbps, 0) if v.outbound_kbps else (pg.outbound.average_kbps, pg.outbound.burst_kib)
+        if not spoof and not rate:
             return None
         return GuardWant(device=v.device, mac=v.mac.lower(), vm_uuid=v.vm_uuid, ip_check=pg.ip_anti_spoofing,
-                         ips=tuple(v.ip_addresses))
+                         ips=tuple(v.ip_addresses), mac_check=spoof, rate_kbps=rate, burst_kib=burst)
 
     async def drift(self, nics: list[VmNic], *, vm_uuid: str = "") -> list[GuardDrift]:
         """Guards missing, outdated or stale for ``nics`` (already normalised: bridge and kind
@@ -136,16 +141,24 @@ class Guards:
                 ofport = port.ofport if port is not None else None
                 have = applied.get(mac)
                 if ofport and have is not None and have == self.openflow.expected(w, ofport):
-                    continue
+                    if not w.rate_kbps:
+                        continue
+                    try:
+                        if await self.net.blocking(lambda: self.openflow.meter_rate(br, int(ofport))) == w.rate_kbps:
+                            continue
+                    except AgentError:
+                        pass
                 problem = "anti-spoofing flows missing" if have is None else "anti-spoofing flows outdated"
-                out.append(GuardDrift(f"port/{w.device}", problem, self._of_apply(br, w)))
+                out.append(GuardDrift(f"port/{w.device}", problem,
+                                      self._of_apply(br, w, have.meters if have is not None else frozenset())))
             for mac in applied:
                 if mac in want or (vm_uuid and mac not in vm_macs):
                     continue
-                out.append(GuardDrift(f"bridge/{br}", f"stale anti-spoofing flows of {mac}", self._of_remove(br, mac)))
+                out.append(GuardDrift(f"bridge/{br}", f"stale anti-spoofing flows of {mac}",
+                                      self._of_remove(br, mac, applied[mac].meters)))
         return out
 
-    def _of_apply(self, br: str, w: GuardWant) -> Fix:
+    def _of_apply(self, br: str, w: GuardWant, old_meters: frozenset[int] = frozenset()) -> Fix:
         async def fix() -> list[str]:
             # The OpenFlow port number is read now: a port plugged a moment ago has it only
             # once ovs-vswitchd applied it.
@@ -154,10 +167,13 @@ class Guards:
             if port is None or not port.ofport or port.ofport < 0:
                 raise AgentError(f"port {w.device} is not on {br} (yet)")
             ofport = int(port.ofport)
-            return await self.net.blocking(lambda: self.openflow.apply(br, ofport, w), what=f"ovs-ofctl add-flows {br}")
+            changes = await self.net.blocking(lambda: self.openflow.apply(br, ofport, w), what=f"ovs-ofctl add-flows {br}")
+            for meter in old_meters - {ofport}:  # the port was re-plugged under another number
+                await self.net.blocking(lambda: self.openflow.del_meter(br, meter), what=f"ovs-ofctl del-meter {br}")
+            return changes
         return fix
 
-    def _of_remove(self, br: str, mac: str) -> Fix:
+    def _of_remove(self, br: str, mac: str, meters: frozenset[int]) -> Fix:
         async def fix() -> list[str]:
-            return await self.net.blocking(lambda: self.openflow.remove(br, mac), what=f"ovs-ofctl del-flows {br}")
+            return await self.net.blocking(lambda: self.openflow.remove(br, mac, meters), what=f"ovs-ofctl del-flows {br}")
         return fix

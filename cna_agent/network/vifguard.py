@@ -18,6 +18,14 @@ hook). One mechanism per backend, the same in both libvirt modes:
   run directory of the ovsdb-server the agent uses. Flows are not stored in OVSDB, so an
   ovs-vswitchd restart loses them: the per-VM port check puts them back.
 
+The same two mechanisms carry a NIC's *outbound* limit (guest -> host): libvirt renders it as a
+tc ``police`` action on the tap's ingress, which needs the kernel's act_police (absent on some
+kernels, e.g. this project's test hosts, where libvirt then fails to start the VM) and which a
+userspace-datapath OVS never sees (it reads the tap before the ingress hook). So the agent
+enforces it: an nftables ``limit rate over ... drop`` in the tap's chain, an OpenFlow meter
+(meter id = the port's OpenFlow number) on the OVS port's flows. The inbound limit (host ->
+guest) stays libvirt's ``<bandwidth><inbound>`` (an htb qdisc on the tap, seen by both).
+
 Both are visible from outside (``nft list table netdev cna_vif_guard``, ``ovs-ofctl dump-flows``).
 ``nft`` is driven through its JSON mode for reads; ovs-ofctl has no machine-readable dump, so
 only the cookie, in_port and address fields of our own flows are read back.
@@ -58,11 +66,23 @@ class GuardWant:
     vm_uuid: str
     ip_check: bool = False
     ips: tuple[str, ...] = ()
+    #: MAC check (anti-spoofing on); False = only the outbound limit.
+    mac_check: bool = True
+    #: Outbound (guest -> host) limit, kbit/s and KiB; 0 = none.
+    rate_kbps: int = 0
+    burst_kib: int = 0
+
+    @property
+    def burst(self) -> int:
+        """KiB a limited NIC may send above its rate: as asked, else 100 ms of its rate."""
+        return self.burst_kib or max(16, self.rate_kbps // 8 // 10)
 
     @property
     def summary(self) -> str:
         """The enforced policy in one token string (kept in the nft rule comment)."""
-        return f"cna vm={self.vm_uuid} mac={self.mac} ips={','.join(self.ips) if self.ip_check else '*'}"
+        mac = self.mac if self.mac_check else "*"
+        rate = f" rate={self.rate_kbps}k/{self.burst}KiB" if self.rate_kbps else ""
+        return f"cna vm={self.vm_uuid} mac={mac} ips={','.join(self.ips) if self.ip_check else '*'}{rate}"
 
 
 def check_want(w: GuardWant) -> GuardWant:
@@ -101,7 +121,10 @@ def _chain(device: str) -> str:
 
 def _nft_rules(w: GuardWant) -> list[str]:
     mac = w.mac
-    rules = [f'ether saddr != {mac} counter drop comment "{w.summary}"']
+    if w.mac_check:
+        rules = [f'ether saddr != {mac} counter drop comment "{w.summary}"']
+    else:
+        rules = [f'counter comment "{w.summary}"']
     if w.ip_check:
         v4 = [ip for ip in w.ips if ipaddress.ip_address(ip).version == 4]
         v6 = [ip for ip in w.ips if ipaddress.ip_address(ip).version == 6]
@@ -114,6 +137,9 @@ def _nft_rules(w: GuardWant) -> list[str]:
             (f"ip6 saddr != {{ ::, fe80::/10, {', '.join(v6)} }} counter drop" if v6
              else "ip6 saddr != { ::, fe80::/10 } counter drop"),
         ]
+    if w.rate_kbps:
+        # nft's byte units are 1024-based: the same KiB/s libvirt would have enforced.
+        rules.append(f"limit rate over {max(1, w.rate_kbps // 8)} kbytes/second burst {w.burst} kbytes counter drop")
     return rules
 
 
@@ -174,21 +200,25 @@ def mac_of(cookie: int) -> str:
 
 
 def _flows(w: GuardWant, ofport: int) -> list[str]:
-    base = f"cookie={cookie_of(w.mac):#x},table=0,in_port={ofport},dl_src={w.mac}"
+    port = f"cookie={cookie_of(w.mac):#x},table=0,in_port={ofport}"
+    base = f"{port},dl_src={w.mac}" if w.mac_check else port
     allow, drop = f"priority={PRIO_ALLOW}", f"priority={PRIO_DROP}"
-    flows = [f"{base[:base.index(',dl_src')]},{drop},actions=drop"]
+    out = f"meter:{ofport},NORMAL" if w.rate_kbps else "NORMAL"
+    if not w.mac_check:
+        return [f"{base},{allow},actions={out}"]
+    flows = [f"{port},{drop},actions=drop"]
     if not w.ip_check:
-        return flows + [f"{base},{allow},actions=NORMAL"]
-    flows += [f"{base},{allow},udp,nw_src=0.0.0.0,tp_src=68,tp_dst=67,actions=NORMAL",
-              f"{base},{allow},arp,arp_sha={w.mac},arp_spa=0.0.0.0,actions=NORMAL",
-              f"{base},{allow},ipv6,ipv6_src=fe80::/10,actions=NORMAL",
-              f"{base},{allow},ipv6,ipv6_src=::,actions=NORMAL"]
+        return flows + [f"{base},{allow},actions={out}"]
+    flows += [f"{base},{allow},udp,nw_src=0.0.0.0,tp_src=68,tp_dst=67,actions={out}",
+              f"{base},{allow},arp,arp_sha={w.mac},arp_spa=0.0.0.0,actions={out}",
+              f"{base},{allow},ipv6,ipv6_src=fe80::/10,actions={out}",
+              f"{base},{allow},ipv6,ipv6_src=::,actions={out}"]
     for ip in w.ips:
         if ipaddress.ip_address(ip).version == 4:
-            flows += [f"{base},{allow},ip,nw_src={ip},actions=NORMAL",
-                      f"{base},{allow},arp,arp_sha={w.mac},arp_spa={ip},actions=NORMAL"]
+            flows += [f"{base},{allow},ip,nw_src={ip},actions={out}",
+                      f"{base},{allow},arp,arp_sha={w.mac},arp_spa={ip},actions={out}"]
         else:
-            flows.append(f"{base},{allow},ipv6,ipv6_src={ip},actions=NORMAL")
+            flows.append(f"{base},{allow},ipv6,ipv6_src={ip},actions={out}")
     return flows
 
 
@@ -197,11 +227,13 @@ class FlowState:
     count: int
     in_ports: frozenset[int]
     addresses: frozenset[str]
+    meters: frozenset[int] = frozenset()
 
 
 _COOKIE_RE = re.compile(r"cookie=(0x[0-9a-f]+)")
 _INPORT_RE = re.compile(r"in_port=(\d+)")
 _ADDR_RE = re.compile(r"(?:nw_src|arp_spa|ipv6_src)=([0-9a-fA-F.:/]+)")
+_METER_RE = re.compile(r"meter:(\d+)")
 
 
 class OpenFlowGuard:
@@ -225,26 +257,44 @@ class OpenFlowGuard:
             m = _COOKIE_RE.search(line)
             if m:
                 found.setdefault(mac_of(int(m.group(1), 16)), []).append(line)
-        return {mac: FlowState(len(lines), frozenset(int(p) for ln in lines for p in _INPORT_RE.findall(ln)),
-                               frozenset(a for ln in lines for a in _ADDR_RE.findall(ln)))
-                for mac, lines in found.items()}
+        return {mac: self._state(lines) for mac, lines in found.items()}
 
     @staticmethod
-    def expected(w: GuardWant, ofport: int) -> FlowState:
-        flows = _flows(w, ofport)
-        return FlowState(len(flows), frozenset({ofport}), frozenset(a for f in flows for a in _ADDR_RE.findall(f)))
+    def _state(lines: list[str]) -> FlowState:
+        return FlowState(len(lines), frozenset(int(p) for ln in lines for p in _INPORT_RE.findall(ln)),
+                         frozenset(a for ln in lines for a in _ADDR_RE.findall(ln)),
+                         frozenset(int(m) for ln in lines for m in _METER_RE.findall(ln)))
+
+    def expected(self, w: GuardWant, ofport: int) -> FlowState:
+        return self._state(_flows(w, ofport))
+
+    def meter_rate(self, bridge: str, meter: int) -> int:
+        """The kbit/s of meter ``meter`` on ``bridge`` (0 = no such meter)."""
+        out = run(["ovs-ofctl", "-O", "OpenFlow13", "dump-meters", self.target(bridge), f"meter={meter}"])
+        m = re.search(r"rate=(\d+)", out)
+        return int(m.group(1)) if m else 0
 
     def apply(self, bridge: str, ofport: int, w: GuardWant) -> list[str]:
         w = check_want(w)
         if not isinstance(ofport, int) or ofport <= 0:
             raise FailedPrecondition(f"port {w.device} has no OpenFlow port number yet")
+        if w.rate_kbps:
+            meter = (f"meter={ofport},kbps,burst,stats,bands=type=drop,rate={w.rate_kbps},"
+                     f"burst_size={w.burst * 8}")
+            verb = "mod-meter" if self.meter_rate(bridge, ofport) else "add-meter"
+            run(["ovs-ofctl", "-O", "OpenFlow13", verb, self.target(bridge), meter])
         lines = [f"delete cookie={cookie_of(w.mac):#x}/-1"] + [f"add {f}" for f in _flows(w, ofport)]
         run(["ovs-ofctl", "-O", "OpenFlow14", "--bundle", "add-flows", self.target(bridge), "-"],
             input="\n".join(lines) + "\n")
         return [f"anti-spoofing on {w.device}: {w.summary[4:]} (OpenFlow cookie {cookie_of(w.mac):#x} on {bridge})"]
 
-    def remove(self, bridge: str, mac: str) -> list[str]:
+    def remove(self, bridge: str, mac: str, meters: frozenset[int] = frozenset()) -> list[str]:
         if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac):
             return []
         run(["ovs-ofctl", "del-flows", self.target(bridge), f"cookie={cookie_of(mac):#x}/-1"])
+        for meter in sorted(meters):
+            self.del_meter(bridge, meter)
         return [f"anti-spoofing flows of {mac} removed from {bridge}"]
+
+    def del_meter(self, bridge: str, meter: int) -> None:
+        run(["ovs-ofctl", "-O", "OpenFlow13", "del-meter", self.target(bridge), f"meter={int(meter)}"])

@@ -43,10 +43,24 @@ def test_ovs_access_nic_renders_virtualport_vlan_and_bandwidth():
     assert [t.get("id") for t in el.findall("vlan/tag")] == ["100"] and el.find("vlan").get("trunk") is None
     # kbit/s in the API -> KiB/s in libvirt; the NIC's own limit wins over the port group's.
     assert el.find("bandwidth/inbound").attrib == {"average": "1000", "peak": "2000", "burst": "512"}
-    assert el.find("bandwidth/outbound").attrib == {"average": "500"}
+    # The outbound limit is enforced by network (nft limit / OpenFlow meter), not libvirt's tc
+    # police; the inventory reads it from the spec.
+    assert el.find("bandwidth/outbound") is None
     back = _parsed(xml)
     assert (back.mac, back.bridge, back.vlan, back.virtualport, back.interface_id) == ("52:54:00:aa:bb:cc", "br-int", 100, "openvswitch", IFACE_ID)
-    assert (back.inbound_kbps, back.outbound_kbps, back.link_up) == (8000, 4000, True)
+    assert (back.inbound_kbps, back.outbound_kbps, back.link_up) == (8000, 0, True)
+    spec_nic = NicSpec(port_group="pg-web", mac="52:54:00:aa:bb:cc", outbound=Bandwidth(4000), ip_addresses=["192.0.2.7"])
+    (nic,) = interfaces_of("u", "vm", True, f"<domain><devices>{xml}</devices></domain>", {}, {spec_nic.mac: spec_nic})
+    assert (nic.outbound_kbps, nic.ip_addresses) == (4000, ("192.0.2.7",))
+
+
+def test_an_agent_plugged_ovs_nic_is_an_ethernet_tap_with_no_bridge_or_vlan():
+    xml = _xml(NicBinding(kind="ovs", bridge="br-int", port_group="pg-web", vlan=100, plugged_by="agent"),
+               mac="52:54:00:aa:bb:cd", interface_id=IFACE_ID)
+    el = ET.fromstring(xml)
+    assert el.get("type") == "ethernet" and el.find("source") is None
+    assert el.find("virtualport") is None and el.find("vlan") is None
+    assert _parsed(xml).type == "ethernet"
 
 
 def test_trunk_and_linux_bridge_nics():
