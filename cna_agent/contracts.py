@@ -161,6 +161,10 @@ class NicBinding:
     #: <interface type='ethernet'>: libvirt only makes the tap, network adds the port through
     #: its own OVSDB connection; used when libvirt would reach another database than the agent).
     plugged_by: str = "libvirt"
+    #: False: the guest must not hand the host partial checksums or large (TSO/GSO) segments:
+    #: a userspace-datapath OVS reads the tap through a packet socket and forwards such frames
+    #: as they are (unchecksummed, oversized), so TCP from the guest would stall.
+    host_offloads: bool = True
 
 
 class PortProvider(Protocol):

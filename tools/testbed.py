@@ -65,7 +65,7 @@ PACKAGES = {
     "libvirtd": ["libvirt-daemon-system", "libvirt-daemon-driver-qemu", "libvirt-clients",
                  "qemu-system-x86", "qemu-system-arm", "qemu-efi-aarch64", "qemu-utils",
                  "qemu-block-extra"],
-    "ovs": ["openvswitch-switch", "nftables"],
+    "ovs": ["openvswitch-switch", "nftables", "ethtool"],
     "tgtd": ["tgt", "libiscsi-bin"],
 }
 COMMANDS = {

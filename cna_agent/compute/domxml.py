@@ -291,6 +291,8 @@ class Interface(XmlObject):
     target_dev = Prop("target/@dev")
     model = Prop("model/@type")
     driver_queues = Prop("driver/@queues", "int")
+    #: Offloads the guest may use toward the host (csum='off' turns off TSO/GSO too).
+    host_csum = Prop("driver/host/@csum", "onoff")
     inbound = Child(Bandwidth, "bandwidth/inbound")
     outbound = Child(Bandwidth, "bandwidth/outbound")
     filter = Prop("filterref/@filter")

@@ -526,6 +526,8 @@ def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interfac
     iface.model = model
     if model == "virtio" and n.queues > 1:
         iface.driver_queues = n.queues
+    if model == "virtio" and not b.host_offloads:
+        iface.host_csum = False
     # The NIC's own limit wins over its port group's.
     inbound = n.inbound or b.inbound
     if inbound and inbound.average_kbps:

@@ -159,7 +159,7 @@ class NetworkReconciler:
 
                     found.append((DriftItem(res, f"tap of VM {name} NIC {v.mac} is not on bridge {br}"), fix_lb))
         found += self._stale_agent_ports(nics, ovs_state, vm_uuid)
-        for g in await self.net.guards.drift([v for v in nics if v.active], vm_uuid=vm_uuid):
+        for g in await self.net.guards.drift(nics, vm_uuid=vm_uuid):
             found.append((DriftItem(g.resource, g.problem), g.fix))
         return found
 

@@ -246,6 +246,7 @@ class NetworkService:
             # Anti-spoofing is the agent's own (vifguard.py), not libvirt's nwfilter.
             mtu=bridge.mtu,
             plugged_by=self.ovs_plugged_by if bridge.type == "ovs" else "libvirt",
+            host_offloads=not (bridge.type == "ovs" and bridge.effective_datapath == "netdev"),
         )
 
     # -- VM NICs: ports and listings (the NICs themselves are compute's) ---------------------
