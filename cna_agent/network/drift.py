@@ -92,12 +92,15 @@ class NetworkReconciler:
                         drift.append(DriftItem(res, f"address {a} missing"))
         return drift
 
-    async def _vif_drift(self, only_port_group: str = "", vm_uuid: str = "") -> list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]]:
-        """Problems with running VMs' NICs (of one VM, or all), each with the coroutine that repairs it."""
+    async def _vif_drift(self, only_port_group: str = "", vm_uuid: str = "", *,
+                         leftovers_only: bool = False) -> list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]]:
+        """Problems with running VMs' NICs (of one VM, or all), each with the coroutine that
+        repairs it; ``leftovers_only``: only what is left of NICs that are gone."""
         found: list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]] = []
         nics = [self.net.normalise(v) for v in await self.net.vms.vm_nics(vm_uuid)]
-        ours = any(v.active and v.bridge in self.net.bridges for v in nics)
-        if ours or self.net.ovs_plugged_by == "agent":
+        ours = any(v.active and v.bridge in self.net.bridges for v in nics) and not leftovers_only
+        has_ovs = any(b.type == "ovs" for b in self.net.bridges.values())
+        if ours or (has_ovs and (self.net.ovs_plugged_by == "agent" or leftovers_only)):
             try:
                 ovs_state = await self.net.ovs.call(lambda c: c.bridges())
             except AgentError:
@@ -160,7 +163,8 @@ class NetworkReconciler:
                     found.append((DriftItem(res, f"tap of VM {name} NIC {v.mac} is not on bridge {br}"), fix_lb))
         found += self._stale_agent_ports(nics, ovs_state, vm_uuid)
         for g in await self.net.guards.drift(nics, vm_uuid=vm_uuid):
-            found.append((DriftItem(g.resource, g.problem), g.fix))
+            if not leftovers_only or g.problem.startswith("stale"):
+                found.append((DriftItem(g.resource, g.problem), g.fix))
         return found
 
     def _stale_agent_ports(self, nics: list[Any], ovs_state: Any, vm_uuid: str) -> list[tuple[DriftItem, Callable[[], Awaitable[list[str]]]]]:
@@ -191,7 +195,8 @@ class NetworkReconciler:
         """Compare declared networks and running VMs' NICs with the host; repair when asked.
 
         ``vm_uuid``: only that VM's ports (no bridges); ``only_port_group``: only the ports in
-        that group; ``ports=False``: only the bridges."""
+        that group; ``ports=False``: the bridges, and only the leftovers of NICs that are gone
+        (anti-spoofing rules, agent-plugged ports of a deleted VM, which no per-VM check sees)."""
         results: list[DriftItem] = []
         async with self.net.lock:
             if not only_port_group and not vm_uuid:
@@ -204,7 +209,7 @@ class NetworkReconciler:
                             item.repaired, item.action = True, "; ".join(changes) or "re-applied"
                         except AgentError as exc:
                             item.action = f"repair failed: {exc.message}"
-            for item, fix in await self._vif_drift(only_port_group, vm_uuid) if ports else []:
+            for item, fix in await self._vif_drift(only_port_group, vm_uuid, leftovers_only=not ports):
                 results.append(item)
                 if repair:
                     try:

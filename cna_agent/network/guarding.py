@@ -13,8 +13,9 @@ later tap or OpenFlow port number reused by another VM never inherits them.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from cna_agent.contracts import VmNic
 from cna_agent.errors import AgentError
@@ -46,6 +47,28 @@ class Guards:
         self.net = net
         self.nft = NftGuard()
         self.openflow = OpenFlowGuard(ovs_rundir(ovsdb_remote))
+        #: What nft / each bridge's flows showed, for CACHE_S: a timer pass runs the check for
+        #: every VM (stopped ones too), which must not cost a command per VM. Any fix clears it.
+        self._seen: dict[str, tuple[float, Any]] = {}
+
+    CACHE_S = 2.0
+
+    async def _read(self, key: str, fn: Callable[[], Any]) -> Any:
+        hit = self._seen.get(key)
+        if hit is not None and time.monotonic() - hit[0] < self.CACHE_S:
+            return hit[1]
+        value = await self.net.blocking(fn, what=key)
+        self._seen[key] = (time.monotonic(), value)
+        return value
+
+    def _changed(self, fix: Fix) -> Fix:
+        async def run() -> list[str]:
+            self._seen.clear()
+            try:
+                return await fix()
+            finally:
+                self._seen.clear()
+        return run
 
     def want(self, v: VmNic) -> GuardWant | None:
         """The guard a running NIC needs (None: its port group asks for none)."""
@@ -76,16 +99,18 @@ class Guards:
             else:
                 wanted_ovs.setdefault(v.bridge, {})[w.mac] = w
         vm_macs = {v.mac.lower() for v in nics if not vm_uuid or v.vm_uuid == vm_uuid}
-        found += await self._linux(wanted_linux, vm_uuid)
+        # A tap of this VM may carry a chain left by an earlier VM whose tap had the same name.
+        vm_devices = {v.device for v in nics if v.active and v.device and (not vm_uuid or v.vm_uuid == vm_uuid)}
+        found += await self._linux(wanted_linux, vm_uuid, vm_devices)
         found += await self._ovs(wanted_ovs, vm_uuid, vm_macs)
-        return found
+        return [GuardDrift(g.resource, g.problem, self._changed(g.fix)) for g in found]
 
-    async def _linux(self, wanted: dict[str, GuardWant], vm_uuid: str) -> list[GuardDrift]:
+    async def _linux(self, wanted: dict[str, GuardWant], vm_uuid: str, vm_devices: set[str]) -> list[GuardDrift]:
         has_linux = any(b.type == "linux" for b in self.net.bridges.values())
         if not wanted and not has_linux:
             return []
         try:
-            applied = await self.net.blocking(self.nft.applied, what="nft list")
+            applied = await self._read("nft list", self.nft.applied)
         except AgentError as exc:
             if not wanted:
                 return []  # nothing to enforce; nft missing is only an error when needed
@@ -100,7 +125,7 @@ class Guards:
                 problem = "anti-spoofing missing" if have is None else f"anti-spoofing outdated ({have[4:] or 'no summary'})"
                 out.append(GuardDrift(f"port/{dev}", problem, self._nft_apply(w)))
         for dev, have in applied.items():
-            if dev in wanted or (vm_uuid and f"vm={vm_uuid} " not in have + " "):
+            if dev in wanted or (vm_uuid and f"vm={vm_uuid} " not in have + " " and dev not in vm_devices):
                 continue
             out.append(GuardDrift(f"port/{dev}", f"stale anti-spoofing chain ({have[4:] or 'no summary'})",
                                   self._nft_remove(dev)))
@@ -119,7 +144,7 @@ class Guards:
     async def _ovs(self, wanted: dict[str, dict[str, GuardWant]], vm_uuid: str, vm_macs: set[str]) -> list[GuardDrift]:
         out: list[GuardDrift] = []
         ovs_bridges = [b.name for b in self.net.bridges.values() if b.type == "ovs"]
-        if not wanted and (vm_uuid and not vm_macs):
+        if not ovs_bridges or (not wanted and vm_uuid and not vm_macs):
             return out
         try:
             state = await self.net.ovs.call(lambda c: c.bridges())
@@ -130,7 +155,7 @@ class Guards:
             if br not in state:
                 continue
             try:
-                applied = await self.net.blocking(lambda: self.openflow.applied(br), what=f"ovs-ofctl dump-flows {br}")
+                applied = await self._read(f"ovs-ofctl dump-flows {br}", lambda: self.openflow.applied(br))
             except AgentError as exc:
                 if want:
                     out += [GuardDrift(f"port/{w.device}", f"anti-spoofing flows cannot be read: {exc.message}",

@@ -305,6 +305,25 @@ def test_anti_spoofing_and_bandwidth_with_real_traffic(traffic_agent, testbed):
                 assert rates[limited] < LIMIT_BPS * 1.25, rates
                 assert rates[free] > LIMIT_BPS * 2, rates
 
+        # Unplug: the NIC's rules go. Hot-plug (into the PCIe slot that freed): the new NIC is
+        # guarded before AttachNic returns, and unguarded again when unplugged.
+        net = pb.network_pb2_grpc.NetworkServiceStub(ch)
+        ok(ch, net.DetachNic(npb.DetachNicRequest(vm=name, mac=macs["lmac"]), timeout=60))
+        wait_for(lambda: dev["lmac"] not in nft_chains(), 30, "the unplugged NIC's nft chain removed")
+        del macs["lmac"], dev["lmac"]
+        for pg, addr in (("lip", "10.81.0.9"), ("oip", "10.83.0.9")):
+            hot = ok(ch, net.AttachNic(npb.AttachNicRequest(vm=name, nic=vm.NicSpec(port_group=f"{pg}{s}", ip_addresses=[addr])),
+                                       timeout=60), into=npb.Vif())
+            if pg == "lip":
+                assert f"mac={hot.mac} ips={addr}" in nft_chains().get(hot.device, ""), nft_chains()
+            else:
+                assert any(f"nw_src={addr}" in f for f in of_flows(testbed, ob, hot.mac)), of_flows(testbed, ob, hot.mac)
+            ok(ch, net.DetachNic(npb.DetachNicRequest(vm=name, mac=hot.mac), timeout=60))
+            if pg == "lip":
+                wait_for(lambda: hot.device not in nft_chains(), 30, "the unplugged NIC's nft chain removed")
+            else:
+                wait_for(lambda: not of_flows(testbed, ob, hot.mac), 30, "the unplugged NIC's flows removed")
+
         # An admin deletes the rules: the reconcile puts them back.
         sh("nft", "delete", "chain", "netdev", "cna_vif_guard", f"vif-{dev['lip']}")
         sh("ovs-ofctl", "del-flows", f"unix:{Path(testbed.ovsdb_remote.removeprefix('unix:')).parent / (ob + '.mgmt')}",
@@ -313,8 +332,18 @@ def test_anti_spoofing_and_bandwidth_with_real_traffic(traffic_agent, testbed):
 
         # Stopped: the rules go (and agent-plugged ports leave the bridge).
         ok(ch, vms.ShutdownVm(vm.ShutdownVmRequest(vm=name, hard=True), timeout=60))
-        wait_for(lambda: not ({dev["lip"], dev["lmac"]} & set(nft_chains())), 30, "nft chains removed")
+        wait_for(lambda: dev["lip"] not in nft_chains(), 30, "nft chains removed")
         wait_for(lambda: not of_flows(testbed, ob, macs["oip"]) and not of_flows(testbed, ob, macs["omac"]), 30,
                  "OVS flows removed")
         if mode == "system":
             wait_for(lambda: dev["oip"] not in vsctl(testbed, "list-ports", ob).split(), 30, "agent-plugged port removed")
+
+        # Started again: guarded again (new taps); deleted while running: nothing is left.
+        ok(ch, vms.StartVm(vm.VmActionRequest(vm=name), timeout=60))
+        wait_for(lambda: all(vifs().get(m) and vifs()[m].device for m in macs.values()), 30, "devices after the start")
+        dev = {pg: vifs()[m].device for pg, m in macs.items()}
+        wait_for(lambda: dev["lip"] in nft_chains() and of_flows(testbed, ob, macs["oip"]), 30, "guards after the start")
+        ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=name, force=True), timeout=60))
+        wait_for(lambda: dev["lip"] not in nft_chains() and not of_flows(testbed, ob, macs["oip"])
+                 and not of_flows(testbed, ob, macs["omac"]), 30, "guards of the deleted VM removed")
+        assert not {dev["oip"], dev["omac"]} & set(vsctl(testbed, "list-ports", ob).split())
