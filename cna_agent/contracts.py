@@ -152,7 +152,8 @@ class NicBinding:
     trunk: tuple[int, ...] = ()
     inbound: Bandwidth | None = None
     outbound: Bandwidth | None = None
-    #: libvirt nwfilter to apply (e.g. "clean-traffic" for MAC/IP anti-spoofing), or "".
+    #: libvirt nwfilter to apply, or "". NetworkService never sets it: anti-spoofing is
+    #: enforced by network itself (network/vifguard.py), in every libvirt mode.
     filter: str = ""
     filter_params: Mapping[str, str] = field(default_factory=dict)
     mtu: int = 0

@@ -146,3 +146,18 @@ def test_api_declarations_name_the_field():
     assert err.value.field == "port_group.bridge" and "br0" in err.value.message
     ok = validate_bridge(BridgeDecl(name="br0", type="ovs"))
     assert (ok.datapath_type, ok.fail_mode) == ("system", "standalone")
+
+
+@pytest.mark.parametrize("addr", ["10.0.0.300", "10.0.0.0/24", "0.0.0.0", "224.0.0.1", "host", ""])
+def test_a_nic_address_for_ip_anti_spoofing_is_one_unicast_address(addr):
+    spec = VmSpec(name="vm", vcpus=1, memory_mib=128, nics=[NicSpec(port_group="pg", ip_addresses=["10.0.0.5", addr])])
+    with pytest.raises(InvalidArgument) as err:
+        validate(spec, ValidationContext(host_arch="x86_64", virt_type="qemu", host_cpus=2))
+    assert err.value.field == "spec.nics[0].ip_addresses[1]"
+
+
+def test_nic_addresses_are_normalised_and_sorted():
+    spec = VmSpec(name="vm", vcpus=1, memory_mib=128,
+                  nics=[NicSpec(port_group="pg", ip_addresses=["2001:DB8::0005", "10.0.0.5"])])
+    validate(spec, ValidationContext(host_arch="x86_64", virt_type="qemu", host_cpus=2))
+    assert spec.nics[0].ip_addresses == ["10.0.0.5", "2001:db8::5"]
