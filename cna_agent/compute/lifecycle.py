@@ -22,12 +22,13 @@ from cna_agent import __version__
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.events import DomainEventMonitor
-from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain
-from cna_agent.compute.rundirs import QemuRunDirs, QemuUser
+from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain, nvram_path
+from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
 from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
 from cna_agent.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, NotFound
 from cna_agent.operations import OperationContext
+from cna_agent.qemu_access import QemuUser, make_dirs, open_way
 from cna_agent.state.journal import OperationRecord
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,12 @@ class DomainRenderer:
 
     def prepare_dirs(self, uuid: str, qemu: QemuUser | None) -> None:
         self.run_dirs.prepare(uuid, qemu)
-        os.makedirs(os.path.join(self.ctx.state_dir, "nvram"), mode=0o700, exist_ok=True)
+        # libvirt copies the NVRAM template there and relabels the copy; QEMU opens it by path.
+        state = os.path.normpath(self.ctx.state_dir)
+        nvram = os.path.join(state, "nvram")
+        make_dirs(nvram, below=state)
+        open_way(nvram_path(self.ctx, uuid), owned_below=os.path.dirname(state), user=qemu,
+                 what="the VM's UEFI variable store", field="vm")
 
 
 class VmLifecycle:
@@ -71,9 +77,7 @@ class VmLifecycle:
         return self.renderer.validation(self.binder.placer is not None)
 
     def _prepare_dirs(self, uuid: str) -> None:
-        facts = self.hv.facts
-        qemu = QemuUser(facts.qemu_uid, facts.qemu_gid) if facts is not None and facts.qemu_uid is not None else None
-        self.renderer.prepare_dirs(uuid, qemu)
+        self.renderer.prepare_dirs(uuid, self.hv.qemu_user())
 
     # -- create ------------------------------------------------------------------------------------
 

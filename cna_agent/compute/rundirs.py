@@ -28,11 +28,11 @@ import logging
 import os
 import shutil
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from cna_agent.compute.render import RenderContext, qmp_socket_path, vm_run_dir
 from cna_agent.errors import FailedPrecondition
+from cna_agent.qemu_access import QemuUser, can_traverse
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +40,6 @@ log = logging.getLogger(__name__)
 ROOT_MODE = 0o711
 #: The socket directory: QEMU's user only.
 SOCKET_DIR_MODE = 0o700
-
-
-@dataclass(frozen=True)
-class QemuUser:
-    """The DAC identity QEMU runs as (hypervisor facts); uid 0 means embedded/root QEMU."""
-
-    uid: int
-    gid: int | None = None
-
-    @property
-    def unprivileged(self) -> bool:
-        return self.uid != 0
-
-
-def _can_traverse(st: os.stat_result, user: QemuUser) -> bool:
-    """Whether ``user`` may pass through a directory with this stat (owner, group, other)."""
-    if st.st_uid == user.uid:
-        return bool(st.st_mode & stat.S_IXUSR)
-    if user.gid is not None and st.st_gid == user.gid:
-        return bool(st.st_mode & stat.S_IXGRP)
-    return bool(st.st_mode & stat.S_IXOTH)
 
 
 class QemuRunDirs:
@@ -146,7 +125,7 @@ class QemuRunDirs:
                 st = os.stat(path)
             except FileNotFoundError:
                 st = None
-            if st is not None and not _can_traverse(st, qemu):
+            if st is not None and not can_traverse(st, qemu):
                 raise FailedPrecondition(
                     f"QEMU runs as uid {qemu.uid} and cannot reach {socket_dir}: {path} (mode "
                     f"{stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}:{st.st_gid}) is not traversable by it and is "

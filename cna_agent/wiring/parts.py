@@ -100,6 +100,8 @@ async def render_context(config: AgentConfig, hypervisor: Hypervisor, virt_type:
         console_listen=config.host.console_listen,
         host_cpu_mhz=mhz,
         agent_version=__version__,
+        hyperv_features=facts.hyperv_features if facts else None,
+        hotplug_slots=config.compute.hotplug_slots,
     )
     return ctx, cpus
 
@@ -155,7 +157,7 @@ def build_storage(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         cfg.datastores, commands, StorageExecutor(cfg.executor_threads, cfg.command_timeout_s), runner, events,
         command_timeout=cfg.command_timeout_s, probe_interval=cfg.probe_interval_s, probe_timeout=cfg.probe_timeout_s,
         users=inventory, initiator_iqn=read_iscsi_iqn(), secrets=LibvirtSecrets(hypervisor),
-        san_backends=backends_for(cfg.datastores, commands),
+        san_backends=backends_for(cfg.datastores, commands), qemu_user=hypervisor.qemu_user,
     )
 
 
