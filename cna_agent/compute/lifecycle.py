@@ -22,7 +22,7 @@ from cna_agent import __version__
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.events import DomainEventMonitor
-from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain, nvram_path
+from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain, nvram_path, resolve_defaults
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
 from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
@@ -54,14 +54,14 @@ class DomainRenderer:
         ctx = replace(self.ctx, agent_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         return build_domain(spec, bindings, ctx).to_xml()
 
-    def prepare_dirs(self, uuid: str, qemu: QemuUser | None) -> None:
-        self.run_dirs.prepare(uuid, qemu)
-        # libvirt copies the NVRAM template there and relabels the copy; QEMU opens it by path.
+    def prepare_dirs(self, spec: VmSpec, qemu: QemuUser | None) -> None:
+        self.run_dirs.prepare(spec.uuid, qemu)
         state = os.path.normpath(self.ctx.state_dir)
-        nvram = os.path.join(state, "nvram")
-        make_dirs(nvram, below=state)
-        open_way(nvram_path(self.ctx, uuid), owned_below=os.path.dirname(state), user=qemu,
-                 what="the VM's UEFI variable store", field="vm")
+        make_dirs(os.path.join(state, "nvram"), below=state)
+        if resolve_defaults(spec, self.ctx).firmware == "uefi":
+            # libvirt copies the NVRAM template there and relabels the copy; QEMU opens it by path.
+            open_way(nvram_path(self.ctx, spec.uuid), owned_below=os.path.dirname(state), user=qemu,
+                     what="the VM's UEFI variable store", field="vm")
 
 
 class VmLifecycle:
@@ -76,8 +76,8 @@ class VmLifecycle:
     def validation_context(self) -> ValidationContext:
         return self.renderer.validation(self.binder.placer is not None)
 
-    def _prepare_dirs(self, uuid: str) -> None:
-        self.renderer.prepare_dirs(uuid, self.hv.qemu_user())
+    def _prepare_dirs(self, spec: VmSpec) -> None:
+        self.renderer.prepare_dirs(spec, self.hv.qemu_user())
 
     # -- create ------------------------------------------------------------------------------------
 
@@ -132,7 +132,7 @@ class VmLifecycle:
                     dom.setAutostart(1)
 
             try:
-                self._prepare_dirs(spec.uuid)
+                self._prepare_dirs(spec)
                 await self.hv.call(define, timeout=30)
             except BaseException:
                 await undo()
@@ -155,7 +155,7 @@ class VmLifecycle:
     # -- start / stop ------------------------------------------------------------------------------
 
     async def start_domain(self, uuid: str) -> None:
-        self._prepare_dirs(uuid)  # the run dir is volatile (tmpfs after a host reboot)
+        self._prepare_dirs(await self.inventory.spec(uuid))  # the run dir is volatile (tmpfs after a host reboot)
 
         def start(conn: libvirt.virConnect) -> None:
             dom = conn.lookupByUUIDString(uuid)

@@ -132,3 +132,19 @@ def test_a_spec_asking_for_too_many_slots_is_refused_naming_the_field(vm_agent_f
             vms.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "many", hotplug_slots=33)), timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "spec.hotplug_slots" in err.value.details()
         assert not vms.ListVms(vm.ListVmsRequest(), timeout=30).vms
+
+
+def test_a_uefi_vm_boots_with_its_variable_store_in_the_agents_state_directory(vm_agent_factory, libvirt_mode) -> None:
+    """OVMF's per-VM variable store lives under <state_dir>/nvram, which libvirt fills from the
+    template and relabels; an unprivileged QEMU must still pass the directories above it."""
+    agent = vm_agent_factory(mode=libvirt_mode)
+    with agent.channel() as ch:
+        vms = pb.vm_pb2_grpc.VmServiceStub(ch)
+        spec = guest_spec("x86_64", "uefi", firmware=vm.FIRMWARE_UEFI, memory_mib=256)
+        created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), into=vm.Vm())
+        serial_log(agent, created.uuid).wait_for(r"CNA-GUEST-READY boot=", timeout=240)
+        nvram = agent.dir / "state" / "nvram" / f"{created.uuid}_VARS.fd"
+        assert nvram.is_file() and nvram.stat().st_size > 0
+        pid = vms.GetVm(vm.GetVmRequest(vm=created.uuid), timeout=30).status.qemu_pid
+        assert str(nvram) in " ".join(_qemu_argv(pid))
+        ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=created.uuid, force=True), timeout=60))
