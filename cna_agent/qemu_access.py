@@ -77,13 +77,14 @@ def make_dirs(path: str, *, below: str) -> None:
         os.chmod(p, TRAVERSE_DIR_MODE)  # mkdir's mode is masked by the umask
 
 
-def open_way(path: str, *, owned_below: str, user: QemuUser | None, what: str, field: str) -> None:
+def open_way(path: str, *, owned_below: str, user: QemuUser | None, what: str, field: str, hint: str = "") -> None:
     """Let QEMU's ``user`` reach ``path`` (a file or directory that exists or is about to).
 
     Directories strictly below ``owned_below`` (the agent's own: a datastore's subdirectories,
     its state directory's children) get the traverse bits added where they lack them;
     ``owned_below`` and every directory above it are only checked. ``what`` names the thing for
-    the error ("volume 'ds/a/b.qcow2'"), ``field`` the request field it came from.
+    the error ("volume 'ds/a/b.qcow2'"), ``field`` the request field it came from, ``hint`` what
+    else the admin can do (e.g. the config keys that move the path).
     """
     if user is None or not user.unprivileged:
         return
@@ -103,7 +104,7 @@ def open_way(path: str, *, owned_below: str, user: QemuUser | None, what: str, f
                 raise FailedPrecondition(
                     f"QEMU runs as uid {user.uid} and cannot reach {what}: {d} (mode {stat.S_IMODE(st.st_mode):04o}, "
                     f"owner {st.st_uid}:{st.st_gid}) is not traversable by it and is not a directory the agent manages; "
-                    f"make it traversable (chmod o+x {d})", field=field)
+                    f"make it traversable (chmod o+x {d}){hint}", field=field)
         if d == os.sep:
             return
         d = os.path.dirname(d)

@@ -27,14 +27,19 @@ UUID = PLACED_UUID
 _spec = placed_spec
 
 
-_EMBEDDED_DEFINE = """
-import libvirt, sys
+#: A child's opening of an embedded root (argv[1]) on the warmed capabilities cache.
+_EMBEDDED_OPEN = """
+import json, libvirt, sys
+from xml.etree import ElementTree as ET
 libvirt.registerErrorHandler(lambda c, e: None, None)
 libvirt.virEventRegisterDefaultImpl()
 from cna_agent.hypervisor import prepare_embedded_root
 root = sys.argv[1]
 prepare_embedded_root(root)
 conn = libvirt.open('qemu:///embed?root=' + root)
+"""
+
+_EMBEDDED_DEFINE = _EMBEDDED_OPEN + """
 dom = conn.defineXML(open(sys.argv[2]).read())
 sys.stdout.write(dom.XMLDesc(0))
 dom.undefine()
@@ -70,15 +75,7 @@ def test_the_qemu_driver_accepts_memnode_page_size_and_iothreadpin(tmp_path, lib
     assert [p.size_kib for p in got.hugepage_pages] == [1048576]
 
 
-_FREE_PORTS = """
-import json, libvirt, sys
-from xml.etree import ElementTree as ET
-libvirt.registerErrorHandler(lambda c, e: None, None)
-libvirt.virEventRegisterDefaultImpl()
-from cna_agent.hypervisor import prepare_embedded_root
-root = sys.argv[1]
-prepare_embedded_root(root)
-conn = libvirt.open('qemu:///embed?root=' + root)
+_FREE_PORTS = _EMBEDDED_OPEN + """
 out = []
 for path in sys.argv[2:]:
     dom = conn.defineXML(open(path).read())
