@@ -33,7 +33,8 @@ Python API (stdlib only; import with ``sys.path`` pointing at tools/ or by file 
     tb.libvirt_uri                   # "qemu:///system"
     tb.iscsi_portal                  # "127.0.0.1:3260"
     tb.iscsi_create_target(iqn, [Path("lun1.img"), ...]) -> tid (LUN n = n-th file, from 1)
-    tb.iscsi_delete_target(iqn)
+    tb.iscsi_create_target(iqn, luns, chap=("user", "secret"))  # only that CHAP account may log in
+    tb.iscsi_delete_target(iqn)      # its CHAP account goes with it
     tb.status() -> dict;  tb.down()  # stops only daemons this run dir started
 
 Module-level ``iscsi_create_target`` / ``iscsi_delete_target`` use ``Testbed()`` (default dir).
@@ -133,6 +134,14 @@ def _unix_answers(path: str) -> bool:
         return False
     finally:
         s.close()
+
+
+def _tcp_answers(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def _read_pid(path: Path) -> int | None:
@@ -309,8 +318,10 @@ class Testbed:
         finally:
             log.close()
         self._record("tgtd", [(p.pid, "tgtd")])
+        host, port = ISCSI_PORTAL.rsplit(":", 1)
         try:
-            _wait("tgtd", lambda: p.poll() is None and self._tgt_ok(), 20)
+            # the management socket answers before the iSCSI portal may be listening
+            _wait("tgtd", lambda: p.poll() is None and self._tgt_ok() and _tcp_answers(host, int(port)), 20)
         except TestbedError as e:
             tail = (self.dir / "tgtd.log").read_text(errors="replace")[-1500:]
             raise TestbedError(f"{e}; tgtd exit={p.poll()} log:\n{tail}") from None
@@ -374,14 +385,26 @@ class Testbed:
         out = self._tgtadm("--mode", "target", "--op", "show")
         return {m.group(2): int(m.group(1)) for m in re.finditer(r"^Target (\d+): (\S+)$", out, re.M)}
 
-    def iscsi_create_target(self, iqn: str, luns: list[Path] | list[str]) -> int:
+    def iscsi_create_target(self, iqn: str, luns: list[Path] | list[str], chap: tuple[str, str] | None = None) -> int:
         """Create target iqn exposing each file as LUN 1..n to any initiator; return its tid.
+
+        ``chap``: (user, secret) of an incoming CHAP account bound to the target, so only an
+        initiator presenting it can log in (tgtd then refuses the others with an authentication
+        failure). The account is the target's own: it is created here and deleted with the
+        target. tgtadm takes the secret on its command line (it has no other way); that is the
+        array's side of the test, never the agent's.
 
         An existing target with the same iqn is deleted first, so a test always gets the LUNs
         it asked for.
         """
         if not re.fullmatch(r"(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9:._-]+)?|eui\.[0-9A-Fa-f]{16})", iqn):
             raise TestbedError(f"invalid iqn {iqn!r}")
+        if chap is not None:
+            user, secret = chap
+            if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", user):
+                raise TestbedError(f"invalid CHAP user {user!r}")
+            if not re.fullmatch(r"[\x21-\x7e]{12,64}", secret):
+                raise TestbedError("a CHAP secret must be 12-64 printable characters without spaces")
         files = [Path(p).resolve() for p in luns]
         for f in files:
             if not f.is_file():
@@ -396,11 +419,28 @@ class Testbed:
             for n, f in enumerate(files, start=1):
                 self._tgtadm("--mode", "logicalunit", "--op", "new", "--tid", str(tid),
                              "--lun", str(n), "-b", str(f))
+            if chap is not None:
+                if chap[0] in self.iscsi_accounts():
+                    self._tgtadm("--mode", "account", "--op", "delete", "--user", chap[0])
+                self._tgtadm("--mode", "account", "--op", "new", "--user", chap[0], "--password", chap[1])
+                self._tgtadm("--mode", "account", "--op", "bind", "--tid", str(tid), "--user", chap[0])
+                self._chap_users()[iqn] = chap[0]
             self._tgtadm("--mode", "target", "--op", "bind", "--tid", str(tid), "-I", "ALL")
         except TestbedError:
-            self._tgtadm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
+            self.iscsi_delete_target(iqn)
             raise
         return tid
+
+    def iscsi_accounts(self) -> list[str]:
+        """CHAP account names tgtd knows (``--mode account --op show`` lists one per line)."""
+        out = self._tgtadm("--mode", "account", "--op", "show")
+        return [line.strip() for line in out.splitlines()[1:] if line.strip()]
+
+    def _chap_users(self) -> dict[str, str]:
+        """iqn -> the CHAP account this Testbed made for it (deleted with the target)."""
+        if not hasattr(self, "_chap"):
+            self._chap: dict[str, str] = {}
+        return self._chap
 
     def iscsi_remove_lun(self, iqn: str, lun: int) -> None:
         """Withdraw one LUN while initiators stay logged in (an array unmapping it or taking it
@@ -421,11 +461,14 @@ class Testbed:
         return tid
 
     def iscsi_delete_target(self, iqn: str) -> None:
-        """Delete target iqn (forcing off connected initiators); no error if absent."""
+        """Delete target iqn (forcing off connected initiators) and the CHAP account made for
+        it; no error if absent."""
         tid = self.iscsi_targets().get(iqn)
         if tid is not None:
             self._tgtadm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
-
+        user = self._chap_users().pop(iqn, None)
+        if user is not None and user in self.iscsi_accounts():
+            self._tgtadm("--mode", "account", "--op", "delete", "--user", user)
 
 def iscsi_create_target(iqn: str, luns: list[Path] | list[str]) -> int:
     return Testbed().iscsi_create_target(iqn, luns)

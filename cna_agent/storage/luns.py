@@ -161,7 +161,7 @@ class LunManager:
         """QEMU's own initiator opens the LUN: only its existence and capacity are checked here."""
         lun = libiscsi.parse_lun_id(d, lun_id, f"{field}.lun_id")
         size = await self.executor.run(
-            lambda: libiscsi.lun_size(self.runner, d, lun, secret=self.secret(d), timeout=d.scan_timeout_s),
+            lambda: libiscsi.lun_size(self.runner, d, lun, secret=self.secret(d), timeout=d.scan_timeout_s, field=field),
             timeout=d.scan_timeout_s + 5, what=f"opening LUN {lun} of {d.name}")
         if size <= 0:
             raise NotFound(f"{field}.lun_id: LUN {lun} of {d.target_iqn} has no capacity", field=f"{field}.lun_id")
@@ -169,7 +169,11 @@ class LunManager:
         if d.chap_user:
             if self.secrets is None:
                 raise FailedPrecondition(f"{field}: datastore {d.name!r} uses CHAP but no libvirt secret store is available")
-            secret_uuid = await self.secrets.ensure(f"cna-datastore-{d.name}", self.secret(d).encode())
+            try:
+                secret_uuid = await self.secrets.ensure(f"cna-datastore-{d.name}", self.secret(d).encode())
+            except FailedPrecondition as exc:  # e.g. the embedded driver (storage/secrets.py)
+                raise FailedPrecondition(f"{field}: datastore {d.name!r} uses CHAP (storage.datastores.{d.name}.chap_user) "
+                                         f"with QEMU's initiator, but {exc.message}", field=field) from None
             user = d.chap_user
         return DiskSourceBinding(kind="network", protocol="iscsi", hosts=d.portal_hosts(), name=f"{d.target_iqn}/{lun}",
                                  format="raw", auth_username=user, auth_secret_uuid=secret_uuid,
