@@ -18,7 +18,8 @@ Run dir: ``--dir``, else ``$CNA_TESTBED_DIR``, else ``<repo>/.cache/testbed``.
 Services:
 
 * ``libvirtd``: ``virtlogd -d`` and ``libvirtd -d`` (reused when ``virsh -c qemu:///system
-  version`` already answers; then ``down`` leaves them alone).
+  version`` already answers; then ``down`` leaves them alone). hugetlbfs is mounted at
+  /dev/hugepages first when the host has no hugetlbfs mount (libvirtd looks only at start-up).
 * ``ovs``: a private ovsdb-server (DB, socket, logs under ``<dir>/ovs``) and an ovs-vswitchd
   pointed at it; bridges must use ``datapath_type=netdev`` (no kernel module).
 * ``tgtd``: tgtd with its iSCSI portal bound to 127.0.0.1:3260 only (``--iscsi portal=``) and a
@@ -134,6 +135,22 @@ def _unix_answers(path: str) -> bool:
         return False
     finally:
         s.close()
+
+
+def ensure_hugetlbfs(mount_point: str = "/dev/hugepages") -> str:
+    """Mount hugetlbfs at ``mount_point`` unless one is mounted already; return a mount point.
+
+    A booted systemd host has /dev/hugepages (dev-hugepages.mount); containers and CI machines
+    without systemd do not, and libvirtd, which looks for hugetlbfs mounts only when it starts,
+    then refuses every guest with <hugepages> ("hugetlbfs filesystem is not mounted").
+    """
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "hugetlbfs":
+            return fields[1]
+    Path(mount_point).mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "hugetlbfs", "hugetlbfs", mount_point], timeout=30)
+    return mount_point
 
 
 def _tcp_answers(host: str, port: int) -> bool:
@@ -263,6 +280,7 @@ class Testbed:
             pid = _read_pid(Path("/run/virtlogd.pid"))
             if pid:
                 started.append((pid, "virtlogd"))
+        ensure_hugetlbfs()  # libvirtd finds hugetlbfs mounts only when it starts
         run(["libvirtd", "-d"], timeout=30)
         self._record("libvirtd", started)
         _wait("libvirtd", self._libvirt_ok, 60)
