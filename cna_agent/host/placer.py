@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable, Callable, Mapping, Sequence
 
 from cna_agent.contracts import PlacementPlan
 from cna_agent.host.placement import Placement, Planner, VmRequest
+from cna_agent.host.topology import HugePagePool
 from cna_agent.state.store import StateStore
 
 
+#: Reads each node's hugepage pools now (hostfiles.node_hugepage_pools, in the host pool).
+HugePageReader = Callable[[], Awaitable[Mapping[int, Sequence[HugePagePool]]]]
+
+
 class HostPlacer:
-    def __init__(self, planner: Planner, store: StateStore) -> None:
+    def __init__(self, planner: Planner, store: StateStore, *, live_hugepages: HugePageReader | None = None) -> None:
+        """``live_hugepages``: how hugepage VMs learn the kernel's pools at planning time (the
+        topology the planner was built from is a start-up snapshot); None keeps the snapshot."""
         self.planner = planner
+        self._live_hugepages = live_hugepages
         self._store = store
         self._lock = asyncio.Lock()
         self._placements: dict[str, Placement] = {}
@@ -41,6 +50,8 @@ class HostPlacer:
             existing = self._placements.get(vm_uuid)
             if existing is not None:
                 return existing.plan
+            if hugepages and self._live_hugepages is not None:
+                self.planner.live_hugepages = await self._live_hugepages()
             placement = self.planner.plan(
                 VmRequest(vm_uuid, vcpus, memory_mib, dedicated=dedicated, hugepages=hugepages, numa_cells=numa_cells),
                 self.placements(),

@@ -1,7 +1,7 @@
 """A guest backed by hugepages, with its memory really on them, in both ways the agent drives QEMU.
 
 The test reserves 2 MiB hugepages on this host (``/proc/sys/vm/nr_hugepages``, restored to what
-it found afterwards), boots the x86_64 test guest with ``hugepages: true`` through the real
+it found afterwards) after the agent started, boots the x86_64 test guest with ``hugepages: true`` through the real
 daemon, and judges from outside the agent:
 
 - QEMU's own mappings (``/proc/<qemu pid>/smaps``): the guest RAM is one hugetlbfs mapping
@@ -51,17 +51,20 @@ def _available_pages() -> int:
 
 @pytest.fixture
 def hugepages():
-    """GUEST_PAGES + 16 more default-size (2 MiB) hugepages than the host had; put back after."""
+    """reserve(n): n more default-size (2 MiB) hugepages than the host had; put back after."""
     assert _meminfo()["Hugepagesize"] == PAGE_KIB, "the host's default hugepage size is not 2 MiB"
     ensure_hugetlbfs()
     before = int(NR_HUGEPAGES.read_text())
-    want = before + GUEST_PAGES + 16
-    try:
+
+    def reserve(pages: int) -> None:
+        want = before + pages
         NR_HUGEPAGES.write_text(f"{want}\n")
         got = int(NR_HUGEPAGES.read_text())
         if got < want:
-            pytest.fail(f"the kernel gave {got - before} of {want - before} hugepages (memory too fragmented)")
-        yield
+            pytest.fail(f"the kernel gave {got - before} of {pages} hugepages (memory too fragmented)")
+
+    try:
+        yield reserve
     finally:
         NR_HUGEPAGES.write_text(f"{before}\n")
         assert int(NR_HUGEPAGES.read_text()) == before, "the host's hugepage reservation was not restored"
@@ -105,7 +108,10 @@ def _domain_xml(agent, mode: str, uuid: str) -> str:
 
 
 def test_hugepage_guest_memory_sits_on_hugepages_and_too_few_pages_are_refused(vm_agent_factory, libvirt_mode, hugepages):
-    agent = vm_agent_factory(mode=libvirt_mode)  # started after the reservation: the planner sees the pool
+    agent = vm_agent_factory(mode=libvirt_mode)
+    # reserved while the agent runs, as an admin would: the placer counts the kernel's pools when
+    # it plans, not the topology it read at start-up
+    hugepages(GUEST_PAGES + 16)
     with agent.channel() as ch:
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
 

@@ -21,6 +21,7 @@ __all__ = [
     "hugepage_pools",
     "meminfo",
     "midr_from_cpuinfo",
+    "node_hugepage_pools",
     "numa_nodes",
 ]
 
@@ -93,6 +94,22 @@ def hugepage_pools(directory: str) -> tuple[HugePagePool, ...]:
             )
         )
     return tuple(sorted(pools, key=lambda p: p.size_kib))
+
+
+def node_hugepage_pools(root: str) -> dict[int, tuple[HugePagePool, ...]]:
+    """Each NUMA node's hugepage pools as the kernel counts them now (node 0 = the host-wide
+    pools when the kernel has no NUMA sysfs). Cheap (a few small sysfs files per node), so the
+    placer reads it for every hugepage VM instead of trusting the start-up topology: an admin
+    may have changed nr_hugepages since, and pages in use by running guests are not free."""
+    node_dir = os.path.join(root, NODE_DIR)
+    try:
+        names = os.listdir(node_dir)
+    except OSError:
+        names = []
+    ids = sorted(int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit() and n[4:].isascii())
+    if not ids:
+        return {0: hugepage_pools(os.path.join(root, HUGEPAGES_DIR))}
+    return {nid: hugepage_pools(f"{node_dir}/node{nid}/hugepages") for nid in ids}
 
 
 def numa_nodes(root: str) -> list[NumaNode] | None:
