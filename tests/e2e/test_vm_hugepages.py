@@ -9,11 +9,13 @@ daemon, and judges from outside the agent:
   pool (``/proc/meminfo``) has that many pages fewer available;
 - libvirt's live XML has ``<memoryBacking><hugepages><page size='2048' unit='KiB'/>``;
 - a VM asking for more hugepage memory than is free is refused before QEMU runs, with the
-  reason, and nothing is defined; after the guest is gone the pages are back.
+  reason, and nothing is defined, also when the pages look free but another process's mapping
+  has reserved them (HugePages_Rsvd); after the guest is gone the pages are back.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import time
@@ -125,6 +127,26 @@ def test_hugepage_guest_memory_sits_on_hugepages_and_too_few_pages_are_refused(v
         assert code == "FAILED_PRECONDITION" and "not enough free hugepages" in message, (code, message)
         # (on the host's libvirtd other agents' VMs may be listed too: only this name must be absent)
         assert "huge-big" not in [v.name for v in vms.ListVms(vm.ListVmsRequest(status_only=True), timeout=30).vms]
+
+        # pages another process's mapping reserved (HugePages_Rsvd) look free but are not: refused
+        # by the placer too, instead of QEMU failing "unable to map backing store for guest RAM"
+        squatter = Path(ensure_hugetlbfs()) / f"cna-test-squatter-{os.getpid()}"
+        with squatter.open("w+b") as f:
+            f.truncate(32 * PAGE_KIB * 1024)
+            held = mmap.mmap(f.fileno(), 32 * PAGE_KIB * 1024, flags=mmap.MAP_SHARED)
+            try:
+                assert _meminfo()["HugePages_Rsvd"] >= 32
+                try:
+                    outcome = vms.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "huge-rsvd", hugepages=True,
+                                                                              memory_mib=GUEST_MIB), start=True), timeout=60)
+                except grpc.RpcError as exc:
+                    outcome = exc
+                code, message = _error(ch, outcome)
+                assert code == "FAILED_PRECONDITION" and "not enough free hugepages" in message, (code, message)
+            finally:
+                held.close()
+                squatter.unlink()
+        assert "huge-rsvd" not in [v.name for v in vms.ListVms(vm.ListVmsRequest(status_only=True), timeout=30).vms]
 
         available = _available_pages()
         created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "huge-ok", hugepages=True,

@@ -79,3 +79,15 @@ def test_node_pools_are_read_from_the_recorded_tree():
     pools = node_hugepage_pools(str(FIXTURES / "kunpeng920-2s"))
     topo = probe_topology(str(FIXTURES / "kunpeng920-2s"))
     assert pools == {n.id: n.hugepages for n in topo.numa_nodes}
+
+
+def test_pages_another_mapping_reserved_are_not_free(tmp_path):
+    """HugePages_Rsvd: counted in free_hugepages, yet QEMU cannot map them."""
+    host = tmp_path / "sys/kernel/mm/hugepages/hugepages-2048kB"
+    node = tmp_path / "sys/devices/system/node/node0/hugepages/hugepages-2048kB"
+    for d, files in ((host, {"nr_hugepages": 100, "free_hugepages": 100, "resv_hugepages": 60}),
+                     (node, {"nr_hugepages": 100, "free_hugepages": 100})):
+        d.mkdir(parents=True)
+        for name, value in files.items():
+            (d / name).write_text(f"{value}\n")
+    assert node_hugepage_pools(str(tmp_path)) == {0: (HugePagePool(TWO_MIB, 100, 40),)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 
 from cna_agent.host import midr as _midr
 from cna_agent.host.cpulist import parse_cpulist
@@ -100,16 +101,24 @@ def node_hugepage_pools(root: str) -> dict[int, tuple[HugePagePool, ...]]:
     """Each NUMA node's hugepage pools as the kernel counts them now (node 0 = the host-wide
     pools when the kernel has no NUMA sysfs). Cheap (a few small sysfs files per node), so the
     placer reads it for every hugepage VM instead of trusting the start-up topology: an admin
-    may have changed nr_hugepages since, and pages in use by running guests are not free."""
+    may have changed nr_hugepages since, and pages in use by running guests are not free.
+    ``free`` here is what a new mapping can still get (reserved pages taken off)."""
     node_dir = os.path.join(root, NODE_DIR)
     try:
         names = os.listdir(node_dir)
     except OSError:
         names = []
     ids = sorted(int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit() and n[4:].isascii())
-    if not ids:
-        return {0: hugepage_pools(os.path.join(root, HUGEPAGES_DIR))}
-    return {nid: hugepage_pools(f"{node_dir}/node{nid}/hugepages") for nid in ids}
+    host_dir = os.path.join(root, HUGEPAGES_DIR)
+    pools = {nid: hugepage_pools(f"{node_dir}/node{nid}/hugepages") for nid in ids} or {0: hugepage_pools(host_dir)}
+    # Pages a mapping has reserved but not touched yet (HugePages_Rsvd) still count as free, yet
+    # nobody else can have them: QEMU then fails "unable to map backing store for guest RAM".
+    # The kernel keeps that count host-wide only, so it is taken off every node (on several
+    # nodes this may refuse a VM that would fit, with the reason, rather than fail in QEMU).
+    resv = {p.size_kib: read_int(f"{host_dir}/hugepages-{p.size_kib}kB/resv_hugepages") or 0
+            for node_pools in pools.values() for p in node_pools}
+    return {nid: tuple(replace(p, free=max(0, p.free - resv.get(p.size_kib, 0))) for p in node_pools)
+            for nid, node_pools in pools.items()}
 
 
 def numa_nodes(root: str) -> list[NumaNode] | None:
