@@ -76,6 +76,7 @@ class LunManager:
         self.initiator_iqn = initiator_iqn
         self.secrets = secrets
         self.release_timeout = release_timeout
+        self._warn_unusable_chap()
         #: One lock per SAN datastore: attach, release and rescan take turns (held in the
         #: executor thread for as long as the host work runs, even past a caller's deadline).
         self._locks = {name: threading.Lock() for name in self.san}
@@ -84,6 +85,17 @@ class LunManager:
         #: (datastore, WWN, or the lun_id as given when the WWN was not learnt) -> why its
         #: release is still owed. A record that turns out in use or absent is simply dropped.
         self.pending_releases: dict[tuple[str, str], str] = {}
+
+    def _warn_unusable_chap(self) -> None:
+        """Say at start-up, not only at the first VM, when a CHAP datastore for QEMU's initiator
+        cannot work on this hypervisor connection (the embedded driver: storage/secrets.py)."""
+        check = getattr(self.secrets, "check", None)
+        for d in self.datastores.values():
+            if d.type == "iscsi" and d.initiator == "libiscsi" and d.chap_user and check is not None:
+                try:
+                    check()
+                except FailedPrecondition as exc:
+                    log.warning("event=datastore.chap_unusable datastore=%s reason=%r", d.name, exc.message)
 
     def datastore(self, name: str, field: str) -> DatastoreDecl:
         """The configured datastore ``name``; NotFound naming ``field`` and the known ones."""

@@ -214,10 +214,12 @@ def test_chap_lun_guest_io_reaches_the_array_and_a_wrong_secret_is_refused(vm_ag
                 code, message = _error(created)
                 assert code == "FAILED_PRECONDITION", (code, message)
                 assert "chapsan" in message and "embedded" in message and "qemu:///system" in message, message
+                assert "event=datastore.chap_unusable datastore=chapsan" in agent.log_text()  # said at start-up too
                 assert _domain_xmls(agent, libvirt_mode) == [] and _secret_usages(agent, libvirt_mode) == {}
                 xmls: list[str] = []
             else:
                 assert isinstance(created, vm.Vm), created
+                assert "chap_unusable" not in agent.log_text()
                 serial_log(agent, created.uuid).wait_for(r"CNA-GUEST-READY", timeout=120)
                 with AgentConsole(ch, created.uuid) as con:
                     con.send("\n")
