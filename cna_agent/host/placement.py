@@ -144,6 +144,8 @@ class Planner:
         #: Hugepage pools per node as counted now (set by HostPlacer before each plan); None:
         #: the topology's counts from start-up.
         self.live_hugepages: Mapping[int, Sequence[HugePagePool]] | None = None
+        #: Page sizes (KiB) a hugetlbfs is mounted for (set with live_hugepages); None: unknown.
+        self.hugetlbfs_sizes: frozenset[int] | None = None
 
     # -- accounting --------------------------------------------------------------------------
 
@@ -340,6 +342,13 @@ class Planner:
         sizes = sorted({h.size_kib for n in nodes for h in self._pools(n)}, reverse=True)
         if not sizes:
             raise _NoFit("the host has no hugepage pools")
+        if self.hugetlbfs_sizes is not None:
+            pooled = sizes
+            sizes = [s for s in sizes if s in self.hugetlbfs_sizes]
+            if not sizes:
+                raise _NoFit(f"no hugetlbfs is mounted for the host's page sizes ({', '.join(f'{s} KiB' for s in pooled)}); "
+                             "QEMU maps hugepage memory from a hugetlbfs file: mount one (mount -t hugetlbfs hugetlbfs "
+                             "/dev/hugepages) before libvirtd starts")
         for size in sizes:
             if any((mib * 1024) % size for mib in mem_split):
                 continue

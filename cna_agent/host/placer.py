@@ -15,11 +15,18 @@ from typing import Awaitable, Callable, Mapping, Sequence
 from cna_agent.contracts import PlacementPlan
 from cna_agent.host.placement import Placement, Planner, VmRequest
 from cna_agent.host.topology import HugePagePool
+from cna_agent.host.topology.hostfiles import hugetlbfs_page_sizes, node_hugepage_pools
 from cna_agent.state.store import StateStore
 
 
-#: Reads each node's hugepage pools now (hostfiles.node_hugepage_pools, in the host pool).
-HugePageReader = Callable[[], Awaitable[Mapping[int, Sequence[HugePagePool]]]]
+#: Reads the hugepage facts now: each node's pools and the page sizes a hugetlbfs is mounted
+#: for (:func:`read_live_hugepages`, run in the host pool).
+HugePageReader = Callable[[], Awaitable[tuple[Mapping[int, Sequence[HugePagePool]], frozenset[int]]]]
+
+
+def read_live_hugepages(root: str = "/") -> tuple[dict[int, tuple[HugePagePool, ...]], frozenset[int]]:
+    """Blocking (sysfs, /proc): the live counts and mounts a hugepage VM is planned on."""
+    return node_hugepage_pools(root), hugetlbfs_page_sizes(root)
 
 
 class HostPlacer:
@@ -51,7 +58,7 @@ class HostPlacer:
             if existing is not None:
                 return existing.plan
             if hugepages and self._live_hugepages is not None:
-                self.planner.live_hugepages = await self._live_hugepages()
+                self.planner.live_hugepages, self.planner.hugetlbfs_sizes = await self._live_hugepages()
             placement = self.planner.plan(
                 VmRequest(vm_uuid, vcpus, memory_mib, dedicated=dedicated, hugepages=hugepages, numa_cells=numa_cells),
                 self.placements(),

@@ -32,9 +32,8 @@ from cna_agent.contracts import DiskProvider, Placer, PortProvider, VmCheck, VmL
 from cna_agent.host.cpulist import parse_cpulist
 from cna_agent.host.drift import PlacementMonitor
 from cna_agent.host.placement import Planner
-from cna_agent.host.placer import HostPlacer
+from cna_agent.host.placer import HostPlacer, read_live_hugepages
 from cna_agent.host.service import HostService
-from cna_agent.host.topology.hostfiles import node_hugepage_pools
 from cna_agent.hypervisor import Hypervisor
 from cna_agent.network.operations import NetworkOperations
 from cna_agent.network.service import NetworkService
@@ -65,7 +64,7 @@ async def build_placement(config: AgentConfig, host: HostService, store: StateSt
     caps = await host.capabilities()
     planner = Planner(caps.topology, reserved_cpus=parse_cpulist(config.host.reserved_cpus))
     placer = HostPlacer(planner, store, live_hugepages=lambda: host.pool.run(
-        lambda: node_hugepage_pools("/"), timeout=10, what="reading the hugepage pools"))
+        read_live_hugepages, timeout=10, what="reading the hugepage pools"))
     restored = await placer.load()
     log.info("event=placement.ready restored=%d reserved_cpus=%s", restored, config.host.reserved_cpus or "-")
     monitor = PlacementMonitor(placer, events, vms.locate, interval_s=config.host.placement_check_interval_s,

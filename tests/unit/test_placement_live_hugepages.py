@@ -18,7 +18,7 @@ from cna_agent.errors import FailedPrecondition
 from cna_agent.host.placement import Planner, VmRequest
 from cna_agent.host.placer import HostPlacer
 from cna_agent.host.topology import HugePagePool, probe_topology
-from cna_agent.host.topology.hostfiles import node_hugepage_pools
+from cna_agent.host.topology.hostfiles import hugetlbfs_page_sizes, node_hugepage_pools
 from cna_agent.state.store import StateStore
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sysfs"
@@ -63,7 +63,7 @@ def test_the_placer_reads_the_pools_for_hugepage_vms_only(xeon, tmp_path):
 
     async def reader():
         reads.append(1)
-        return _live(free0=96)
+        return _live(free0=96), frozenset({TWO_MIB})
 
     async def go():
         placer = HostPlacer(Planner(xeon), StateStore(tmp_path / "p.db"), live_hugepages=reader)
@@ -91,3 +91,25 @@ def test_pages_another_mapping_reserved_are_not_free(tmp_path):
         for name, value in files.items():
             (d / name).write_text(f"{value}\n")
     assert node_hugepage_pools(str(tmp_path)) == {0: (HugePagePool(TWO_MIB, 100, 40),)}
+
+
+def test_without_a_hugetlbfs_mount_of_the_size_the_vm_is_refused_saying_what_to_mount(xeon):
+    planner = Planner(xeon)
+    planner.live_hugepages = _live(free0=512)
+    planner.hugetlbfs_sizes = frozenset({1048576})
+    with pytest.raises(FailedPrecondition, match=r"no hugetlbfs is mounted for the host's page sizes \(2048 KiB\).*mount -t hugetlbfs"):
+        planner.plan(VmRequest("a", 1, 192, hugepages=True, numa_cells=1), [])
+    planner.hugetlbfs_sizes = frozenset({TWO_MIB})
+    assert planner.plan(VmRequest("a", 1, 192, hugepages=True, numa_cells=1), []).plan.hugepage_kib == TWO_MIB
+
+
+def test_hugetlbfs_mounts_give_their_page_sizes(tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemTotal: 100 kB\nHugepagesize:       2048 kB\n")
+    (tmp_path / "proc/self").mkdir()
+    (tmp_path / "proc/self/mounts").write_text(
+        "proc /proc proc rw 0 0\nhugetlbfs /dev/hugepages hugetlbfs rw,relatime 0 0\n"
+        "none /mnt/huge1g hugetlbfs rw,relatime,pagesize=1024M 0 0\n")
+    assert hugetlbfs_page_sizes(str(tmp_path)) == frozenset({2048, 1048576})
+    (tmp_path / "proc/self/mounts").write_text("hugetlbfs /dev/hugepages hugetlbfs rw,relatime,pagesize=2M 0 0\n")
+    assert hugetlbfs_page_sizes(str(tmp_path)) == frozenset({2048})

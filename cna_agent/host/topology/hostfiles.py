@@ -20,6 +20,7 @@ __all__ = [
     "HUGEPAGES_DIR",
     "cpuinfo_first_record",
     "hugepage_pools",
+    "hugetlbfs_page_sizes",
     "meminfo",
     "midr_from_cpuinfo",
     "node_hugepage_pools",
@@ -119,6 +120,30 @@ def node_hugepage_pools(root: str) -> dict[int, tuple[HugePagePool, ...]]:
             for node_pools in pools.values() for p in node_pools}
     return {nid: tuple(replace(p, free=max(0, p.free - resv.get(p.size_kib, 0))) for p in node_pools)
             for nid, node_pools in pools.items()}
+
+
+def hugetlbfs_page_sizes(root: str) -> frozenset[int]:
+    """Page sizes (KiB) some hugetlbfs is mounted for, from ``proc/self/mounts`` under ``root``.
+
+    QEMU maps hugepage guest RAM from a file on a hugetlbfs mount of the page size (libvirt
+    refuses with "hugetlbfs filesystem is not mounted" otherwise); a mount without a
+    ``pagesize=`` option serves the default size (meminfo's Hugepagesize).
+    """
+    text = read_file(os.path.join(root, "proc/self/mounts")) or ""
+    default = meminfo(os.path.join(root, "proc/meminfo")).get("Hugepagesize", 0)
+    sizes = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "hugetlbfs":
+            continue
+        size = default
+        for opt in fields[3].split(","):
+            m = re.fullmatch(r"pagesize=(\d+)([KMG]?)", opt)
+            if m:
+                size = int(m.group(1)) * {"": 1 / 1024, "K": 1, "M": 1024, "G": 1024 * 1024}[m.group(2)]
+        if size:
+            sizes.add(int(size))
+    return frozenset(sizes)
 
 
 def numa_nodes(root: str) -> list[NumaNode] | None:
