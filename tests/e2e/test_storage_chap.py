@@ -3,13 +3,17 @@
 The real daemon over gRPC, in both ways it drives QEMU (``libvirt_mode``); tgtd on 127.0.0.1
 refuses any initiator that does not present its CHAP account. Judged from outside the agent:
 
-- with the right secret the guest reads what the host put on the LUN and what it writes lands
-  in tgtd's backing file (the "array");
 - with a wrong secret the create fails before anything is defined, naming the datastore and the
-  config field to fix, and no libvirt secret is left behind;
+  config field to fix, no libvirt secret is left behind, and that datastore's health says why;
+- the agent's own login (iscsi-ls, qemu-img: the secret in their environment) lists the LUN;
+- on the host's libvirtd (``system``) the guest reads what the host put on the LUN and what it
+  writes lands in tgtd's backing file (the "array"); libvirt holds the password as a private
+  secret the domain XML names by UUID;
+- on the embedded driver, which cannot hand QEMU a secret (cna_agent/storage/secrets.py), the
+  create is refused up front saying so, and the agent warns at start-up;
 - the password is in none of: the agent's log, its events, any process's argv
   (``/proc/*/cmdline``, QEMU's included: libvirt hands QEMU the password AES-encrypted), the
-  domain XML (it names a private libvirt secret by UUID), QEMU's log.
+  domain XML, QEMU's log.
 """
 
 from __future__ import annotations
