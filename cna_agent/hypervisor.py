@@ -32,6 +32,7 @@ from xml.etree import ElementTree
 import libvirt
 
 from cna_agent.blocking import BlockingPool
+from cna_agent.qemu_access import QemuUser
 from cna_agent.errors import DeadlineExceeded, Unavailable
 from cna_agent.tasks import cancel_and_wait
 
@@ -160,6 +161,8 @@ class HypervisorFacts:
     #: libvirtd/virqemud: files QEMU itself creates must be in directories it may write.
     qemu_uid: int | None = None
     qemu_gid: int | None = None
+    #: Hyper-V enlightenments the domain capabilities list (None: this libvirt does not say).
+    hyperv_features: tuple[str, ...] | None = None
 
 
 def _describe(fn: Callable[..., Any]) -> str:
@@ -376,9 +379,13 @@ class Hypervisor:
             machines = sorted({m.text for m in garch.findall("machine") if m.text})
             kvm = any(d.get("type") == "kvm" for d in garch.findall("domain"))
         firmware: list[str] = []
+        hyperv: tuple[str, ...] | None = None
         try:
             dcaps = ElementTree.fromstring(conn.getDomainCapabilities(emulator or None, arch, None, "qemu", 0))
             firmware = sorted({v.text for v in dcaps.findall("os/enum[@name='firmware']/value") if v.text})
+            hv = dcaps.find("features/hyperv")
+            if hv is not None:
+                hyperv = tuple(v.text for v in hv.findall("enum[@name='features']/value") if v.text) if hv.get("supported") == "yes" else ()
         except libvirt.libvirtError:
             pass
         qemu_uid = qemu_gid = None
@@ -405,7 +412,13 @@ class Hypervisor:
             firmware=tuple(firmware),
             qemu_uid=qemu_uid,
             qemu_gid=qemu_gid,
+            hyperv_features=hyperv,
         )
+
+    def qemu_user(self) -> QemuUser | None:
+        """The DAC identity QEMU runs as on this connection (None until libvirt has said)."""
+        f = self.facts
+        return QemuUser(f.qemu_uid, f.qemu_gid) if f is not None and f.qemu_uid is not None else None
 
     async def counts(self) -> tuple[int, int]:
         """(running, total) domains."""

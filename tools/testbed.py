@@ -18,7 +18,8 @@ Run dir: ``--dir``, else ``$CNA_TESTBED_DIR``, else ``<repo>/.cache/testbed``.
 Services:
 
 * ``libvirtd``: ``virtlogd -d`` and ``libvirtd -d`` (reused when ``virsh -c qemu:///system
-  version`` already answers; then ``down`` leaves them alone).
+  version`` already answers; then ``down`` leaves them alone). hugetlbfs is mounted at
+  /dev/hugepages first when the host has no hugetlbfs mount (libvirtd looks only at start-up).
 * ``ovs``: a private ovsdb-server (DB, socket, logs under ``<dir>/ovs``) and an ovs-vswitchd
   pointed at it; bridges must use ``datapath_type=netdev`` (no kernel module).
 * ``tgtd``: tgtd with its iSCSI portal bound to 127.0.0.1:3260 only (``--iscsi portal=``) and a
@@ -33,7 +34,8 @@ Python API (stdlib only; import with ``sys.path`` pointing at tools/ or by file 
     tb.libvirt_uri                   # "qemu:///system"
     tb.iscsi_portal                  # "127.0.0.1:3260"
     tb.iscsi_create_target(iqn, [Path("lun1.img"), ...]) -> tid (LUN n = n-th file, from 1)
-    tb.iscsi_delete_target(iqn)
+    tb.iscsi_create_target(iqn, luns, chap=("user", "secret"))  # only that CHAP account may log in
+    tb.iscsi_delete_target(iqn)      # its CHAP account goes with it
     tb.status() -> dict;  tb.down()  # stops only daemons this run dir started
 
 Module-level ``iscsi_create_target`` / ``iscsi_delete_target`` use ``Testbed()`` (default dir).
@@ -133,6 +135,30 @@ def _unix_answers(path: str) -> bool:
         return False
     finally:
         s.close()
+
+
+def ensure_hugetlbfs(mount_point: str = "/dev/hugepages") -> str:
+    """Mount hugetlbfs at ``mount_point`` unless one is mounted already; return a mount point.
+
+    A booted systemd host has /dev/hugepages (dev-hugepages.mount); containers and CI machines
+    without systemd do not, and libvirtd, which looks for hugetlbfs mounts only when it starts,
+    then refuses every guest with <hugepages> ("hugetlbfs filesystem is not mounted").
+    """
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "hugetlbfs":
+            return fields[1]
+    Path(mount_point).mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "hugetlbfs", "hugetlbfs", mount_point], timeout=30)
+    return mount_point
+
+
+def _tcp_answers(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def _read_pid(path: Path) -> int | None:
@@ -254,6 +280,7 @@ class Testbed:
             pid = _read_pid(Path("/run/virtlogd.pid"))
             if pid:
                 started.append((pid, "virtlogd"))
+        ensure_hugetlbfs()  # libvirtd finds hugetlbfs mounts only when it starts
         run(["libvirtd", "-d"], timeout=30)
         self._record("libvirtd", started)
         _wait("libvirtd", self._libvirt_ok, 60)
@@ -311,8 +338,10 @@ class Testbed:
         finally:
             log.close()
         self._record("tgtd", [(p.pid, "tgtd")])
+        host, port = ISCSI_PORTAL.rsplit(":", 1)
         try:
-            _wait("tgtd", lambda: p.poll() is None and self._tgt_ok(), 20)
+            # the management socket answers before the iSCSI portal may be listening
+            _wait("tgtd", lambda: p.poll() is None and self._tgt_ok() and _tcp_answers(host, int(port)), 20)
         except TestbedError as e:
             tail = (self.dir / "tgtd.log").read_text(errors="replace")[-1500:]
             raise TestbedError(f"{e}; tgtd exit={p.poll()} log:\n{tail}") from None
@@ -376,14 +405,26 @@ class Testbed:
         out = self._tgtadm("--mode", "target", "--op", "show")
         return {m.group(2): int(m.group(1)) for m in re.finditer(r"^Target (\d+): (\S+)$", out, re.M)}
 
-    def iscsi_create_target(self, iqn: str, luns: list[Path] | list[str]) -> int:
+    def iscsi_create_target(self, iqn: str, luns: list[Path] | list[str], chap: tuple[str, str] | None = None) -> int:
         """Create target iqn exposing each file as LUN 1..n to any initiator; return its tid.
+
+        ``chap``: (user, secret) of an incoming CHAP account bound to the target, so only an
+        initiator presenting it can log in (tgtd then refuses the others with an authentication
+        failure). The account is the target's own: it is created here and deleted with the
+        target. tgtadm takes the secret on its command line (it has no other way); that is the
+        array's side of the test, never the agent's.
 
         An existing target with the same iqn is deleted first, so a test always gets the LUNs
         it asked for.
         """
         if not re.fullmatch(r"(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9:._-]+)?|eui\.[0-9A-Fa-f]{16})", iqn):
             raise TestbedError(f"invalid iqn {iqn!r}")
+        if chap is not None:
+            user, secret = chap
+            if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", user):
+                raise TestbedError(f"invalid CHAP user {user!r}")
+            if not re.fullmatch(r"[\x21-\x7e]{12,64}", secret):
+                raise TestbedError("a CHAP secret must be 12-64 printable characters without spaces")
         files = [Path(p).resolve() for p in luns]
         for f in files:
             if not f.is_file():
@@ -398,11 +439,28 @@ class Testbed:
             for n, f in enumerate(files, start=1):
                 self._tgtadm("--mode", "logicalunit", "--op", "new", "--tid", str(tid),
                              "--lun", str(n), "-b", str(f))
+            if chap is not None:
+                if chap[0] in self.iscsi_accounts():
+                    self._tgtadm("--mode", "account", "--op", "delete", "--user", chap[0])
+                self._tgtadm("--mode", "account", "--op", "new", "--user", chap[0], "--password", chap[1])
+                self._tgtadm("--mode", "account", "--op", "bind", "--tid", str(tid), "--user", chap[0])
+                self._chap_users()[iqn] = chap[0]
             self._tgtadm("--mode", "target", "--op", "bind", "--tid", str(tid), "-I", "ALL")
         except TestbedError:
-            self._tgtadm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
+            self.iscsi_delete_target(iqn)
             raise
         return tid
+
+    def iscsi_accounts(self) -> list[str]:
+        """CHAP account names tgtd knows (``--mode account --op show`` lists one per line)."""
+        out = self._tgtadm("--mode", "account", "--op", "show")
+        return [line.strip() for line in out.splitlines()[1:] if line.strip()]
+
+    def _chap_users(self) -> dict[str, str]:
+        """iqn -> the CHAP account this Testbed made for it (deleted with the target)."""
+        if not hasattr(self, "_chap"):
+            self._chap: dict[str, str] = {}
+        return self._chap
 
     def iscsi_remove_lun(self, iqn: str, lun: int) -> None:
         """Withdraw one LUN while initiators stay logged in (an array unmapping it or taking it
@@ -423,11 +481,14 @@ class Testbed:
         return tid
 
     def iscsi_delete_target(self, iqn: str) -> None:
-        """Delete target iqn (forcing off connected initiators); no error if absent."""
+        """Delete target iqn (forcing off connected initiators) and the CHAP account made for
+        it; no error if absent."""
         tid = self.iscsi_targets().get(iqn)
         if tid is not None:
             self._tgtadm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
-
+        user = self._chap_users().pop(iqn, None)
+        if user is not None and user in self.iscsi_accounts():
+            self._tgtadm("--mode", "account", "--op", "delete", "--user", user)
 
 def iscsi_create_target(iqn: str, luns: list[Path] | list[str]) -> int:
     return Testbed().iscsi_create_target(iqn, luns)

@@ -65,6 +65,7 @@ def spec_from_pb(m: Any) -> sp.VmSpec:
         serial_console=m.serial_console, guest_agent=m.guest_agent, watchdog=m.watchdog, panic_device=m.panic_device,
         boot=sp.BootSpec(m.boot.kernel, m.boot.initrd, m.boot.cmdline), numa_cells=m.numa_cells, labels=dict(m.labels),
         autostart=m.autostart, dedicated_cpus=m.dedicated_cpus, hugepages=m.hugepages,
+        hotplug_slots=m.hotplug_slots if m.HasField("hotplug_slots") else -1,
     )
     for d in m.disks:
         q = d.qos
@@ -103,6 +104,8 @@ def spec_to_pb(s: sp.VmSpec) -> Any:
         boot=v.BootSpec(kernel=s.boot.kernel, initrd=s.boot.initrd, cmdline=s.boot.cmdline), numa_cells=s.numa_cells,
         labels=s.labels, autostart=s.autostart, dedicated_cpus=s.dedicated_cpus, hugepages=s.hugepages,
     )
+    if s.hotplug_slots >= 0:
+        m.hotplug_slots = s.hotplug_slots
     for d in s.disks:
         disk = m.disks.add(target=d.target, device=_r(DISK_DEVICE, d.device), bus=_r(DISK_BUS, d.bus), format=d.format,
                            readonly=d.readonly, shareable=d.shareable, cache=_r(DISK_CACHE, d.cache), io=_r(DISK_IO, d.io),
@@ -137,6 +140,7 @@ def vm_to_pb(info: VmInfo) -> Any:
     vm.status.CopyFrom(v.VmStatus(
         state=STATE.get(info.state, v.VM_STATE_UNKNOWN), state_reason=info.reason, active_operation_id=info.active_operation_id,
         cpu_time_ns=info.cpu_time_ns, memory_rss_kib=info.memory_rss_kib, qemu_pid=info.qemu_pid,
+        host_limitations=list(info.host_limitations),
     ))
     if info.state_time is not None:
         vm.status.state_time.CopyFrom(timestamp(info.state_time))

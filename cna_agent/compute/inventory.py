@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from xml.etree import ElementTree as ET
 
 import libvirt
@@ -55,6 +55,8 @@ class VmInfo:
     memory_rss_kib: int = 0
     qemu_pid: str = ""
     console: ConsoleInfo | None = None
+    #: What this host leaves out of the spec (render.host_limitations), one sentence each.
+    host_limitations: tuple[str, ...] = ()
 
 
 @dataclass
@@ -72,8 +74,11 @@ def vm_lock(uuid: str) -> str:
 
 
 class VmInventory:
-    def __init__(self, hypervisor: Hypervisor, locks: ResourceLocks, *, console_listen: str = "127.0.0.1") -> None:
+    def __init__(self, hypervisor: Hypervisor, locks: ResourceLocks, *, console_listen: str = "127.0.0.1",
+                 limitations: Callable[[VmSpec], tuple[str, ...]] | None = None) -> None:
+        """``limitations``: what this host leaves out of a spec (the domain builder's answer)."""
         self.hv = hypervisor
+        self._limitations = limitations
         self.locks = locks
         self.console_listen = console_listen
         self._cache: dict[str, VmDefinition] = {}
@@ -177,7 +182,8 @@ class VmInventory:
         cached = await self.definition(uuid)
         state, reason = st.map_state(s, r)
         vm = VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=cached.spec, state=state, reason=reason,
-                    state_time=self._state_times.get(uuid), cpu_time_ns=int(info[4]))
+                    state_time=self._state_times.get(uuid), cpu_time_ns=int(info[4]),
+                    host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations else ())
         if live_xml:
             vm.console = self._console_from_xml(live_xml, cached.spec)
             vm.qemu_pid = self._qemu_pid(name)
@@ -209,7 +215,8 @@ class VmInventory:
             holder = self.locks.holder(vm_lock(uuid))
             vms.append(VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=None if status_only else cached.spec,
                               state=state, reason=reason, state_time=self._state_times.get(uuid), cpu_time_ns=int(cpu),
-                              memory_rss_kib=int(rss), active_operation_id=holder.id if holder else ""))
+                              memory_rss_kib=int(rss), active_operation_id=holder.id if holder else "",
+                              host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations and not status_only else ()))
         vms.sort(key=lambda v: v.name)
         return vms
 

@@ -22,12 +22,13 @@ from cna_agent import __version__
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.events import DomainEventMonitor
-from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain
-from cna_agent.compute.rundirs import QemuRunDirs, QemuUser
+from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain, nvram_path, resolve_defaults
+from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
 from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
 from cna_agent.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, NotFound
 from cna_agent.operations import OperationContext
+from cna_agent.qemu_access import QemuUser, make_dirs, open_way
 from cna_agent.state.journal import OperationRecord
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,14 @@ class DomainRenderer:
         ctx = replace(self.ctx, agent_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         return build_domain(spec, bindings, ctx).to_xml()
 
-    def prepare_dirs(self, uuid: str, qemu: QemuUser | None) -> None:
-        self.run_dirs.prepare(uuid, qemu)
-        os.makedirs(os.path.join(self.ctx.state_dir, "nvram"), mode=0o700, exist_ok=True)
+    def prepare_dirs(self, spec: VmSpec, qemu: QemuUser | None) -> None:
+        self.run_dirs.prepare(spec.uuid, qemu)
+        state = os.path.normpath(self.ctx.state_dir)
+        make_dirs(os.path.join(state, "nvram"), below=state)
+        if resolve_defaults(spec, self.ctx).firmware == "uefi":
+            # libvirt copies the NVRAM template there and relabels the copy; QEMU opens it by path.
+            open_way(nvram_path(self.ctx, spec.uuid), owned_below=os.path.dirname(state), user=qemu,
+                     what="the VM's UEFI variable store", field="vm")
 
 
 class VmLifecycle:
@@ -70,10 +76,8 @@ class VmLifecycle:
     def validation_context(self) -> ValidationContext:
         return self.renderer.validation(self.binder.placer is not None)
 
-    def _prepare_dirs(self, uuid: str) -> None:
-        facts = self.hv.facts
-        qemu = QemuUser(facts.qemu_uid, facts.qemu_gid) if facts is not None and facts.qemu_uid is not None else None
-        self.renderer.prepare_dirs(uuid, qemu)
+    def _prepare_dirs(self, spec: VmSpec) -> None:
+        self.renderer.prepare_dirs(spec, self.hv.qemu_user())
 
     # -- create ------------------------------------------------------------------------------------
 
@@ -128,7 +132,7 @@ class VmLifecycle:
                     dom.setAutostart(1)
 
             try:
-                self._prepare_dirs(spec.uuid)
+                self._prepare_dirs(spec)
                 await self.hv.call(define, timeout=30)
             except BaseException:
                 await undo()
@@ -151,7 +155,7 @@ class VmLifecycle:
     # -- start / stop ------------------------------------------------------------------------------
 
     async def start_domain(self, uuid: str) -> None:
-        self._prepare_dirs(uuid)  # the run dir is volatile (tmpfs after a host reboot)
+        self._prepare_dirs(await self.inventory.spec(uuid))  # the run dir is volatile (tmpfs after a host reboot)
 
         def start(conn: libvirt.virConnect) -> None:
             dom = conn.lookupByUUIDString(uuid)

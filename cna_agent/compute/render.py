@@ -5,9 +5,10 @@ All per-arch and per-OS-family defaults live here, so the rest of compute never 
 * x86_64: q35 (pc allowed), SeaBIOS, or OVMF through ``<os firmware='efi'>`` with per-VM
   NVRAM under the agent's state dir; aarch64: machine virt, GICv3, AAVMF (or plain direct
   kernel boot when no firmware was asked for and a kernel is given), no x86-only devices.
-* Windows: Hyper-V enlightenments, RTC in local time with the hypervclock timer, SATA disks
-  and an e1000e NIC (bootable without drivers) unless ``virtio_drivers``; Linux/Euler:
-  virtio everything.
+* Windows: Hyper-V enlightenments (the full set under KVM; what the hypervisor offers
+  otherwise, hyperv.py, and GetVm says what was left out), RTC in local time with the
+  hypervclock timer (KVM), SATA disks and an e1000e NIC (bootable without drivers) unless
+  ``virtio_drivers``; Linux/Euler: virtio everything.
 * CPU: host-model under KVM (host-passthrough on aarch64), a named model under TCG
   (qemu64 / cortex-a57), since TCG cannot offer the host's CPU.
 * Disks: cache=none (O_DIRECT) with io=native when the datastore supports direct I/O, else
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from cna_agent.compute import domxml as dx
-from cna_agent.compute import qmp
+from cna_agent.compute import hyperv, qmp
 from cna_agent.contracts import Bandwidth, DiskSourceBinding, NicBinding, PlacementPlan
 from cna_agent.compute.spec import VmSpec, default_target_prefix
 from cna_agent.errors import InvalidArgument
@@ -34,8 +35,10 @@ from cna_agent.host.cpulist import format_cpulist
 
 log = logging.getLogger(__name__)
 
-#: PCIe root ports added beyond what libvirt allocates itself, so disks/NICs can be hot-plugged.
-SPARE_ROOT_PORTS = 4
+#: Empty PCIe root ports a VM keeps for hot-plug (disks, NICs) unless its spec says otherwise
+#: (``hotplug_slots``) or the host's ``[compute] hotplug_slots`` does. Each is one QEMU device
+#: and one PCI bus number; see DESIGN.md for what they cost.
+DEFAULT_HOTPLUG_SLOTS = 4
 HYPERV_SPINLOCK_RETRIES = 8191
 CFS_PERIOD_US = 100_000
 
@@ -56,6 +59,10 @@ class RenderContext:
     qmp_side_channel: bool = True
     #: Where side-channel sockets go when run_dir is too deep for a unix socket path.
     qmp_fallback_dir: str = qmp.SHORT_SOCKET_ROOT
+    #: The Hyper-V enlightenments libvirt's domain capabilities list (None: it does not say).
+    hyperv_features: tuple[str, ...] | None = None
+    #: Empty PCIe root ports per VM for hot-plug when its spec does not say (``[compute] hotplug_slots``).
+    hotplug_slots: int = DEFAULT_HOTPLUG_SLOTS
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,16 @@ def resolve_defaults(spec: VmSpec, ctx: RenderContext) -> Resolved:
         cpu_mode, cpu_model = "custom", ("cortex-a57" if arch == "aarch64" else "qemu64")
     targets = assign_disk_targets(spec, os_family)
     return Resolved(arch, machine, domain_type, firmware, os_family, cpu_mode, cpu_model, targets)
+
+
+def host_limitations(spec: VmSpec, ctx: RenderContext) -> tuple[str, ...]:
+    """What this host leaves out of ``spec``'s domain that a KVM host would give it, one sentence
+    each (GetVm reports them; derived from the same facts the builder uses, so it stays true
+    across restarts without being stored)."""
+    r = resolve_defaults(spec, ctx)
+    if r.os_family != "windows" or r.arch != "x86_64":
+        return ()
+    return hyperv.limitations(r.domain_type, ctx.hyperv_features, panic_device=spec.panic_device)
 
 
 def _legacy_windows(spec: VmSpec) -> bool:
@@ -343,11 +360,11 @@ def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Dom
         if r.firmware == "uefi" and spec.secure_boot:
             feats.smm = True
         if windows:
-            feats.hyperv = dx.HyperV(
-                mode="custom", relaxed=True, vapic=True, spinlocks=True, spinlock_retries=HYPERV_SPINLOCK_RETRIES,
-                vpindex=True, runtime=True, synic=True, stimer=True, reset=True, frequencies=True,
-                tlbflush=True, ipi=True,
-            )
+            on = hyperv.offered(r.domain_type, ctx.hyperv_features)
+            if on:
+                feats.hyperv = dx.HyperV(mode="custom", **{f: True for f in hyperv.WANTED if f in on})
+                if "spinlocks" in on:
+                    feats.hyperv.spinlock_retries = HYPERV_SPINLOCK_RETRIES
             feats.vmport = False
     else:
         feats.gic_version = "3"
@@ -377,10 +394,11 @@ def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Dom
 
     # clock
     if windows:
-        dom.clock = dx.Clock(offset="localtime", timers=[
-            dx.Timer(name="rtc", tickpolicy="catchup"), dx.Timer(name="pit", tickpolicy="delay"),
-            dx.Timer(name="hpet", present=False), dx.Timer(name="hypervclock", present=True),
-        ])
+        timers = [dx.Timer(name="rtc", tickpolicy="catchup"), dx.Timer(name="pit", tickpolicy="delay"),
+                  dx.Timer(name="hpet", present=False)]
+        if hyperv.clock_offered(r.domain_type):
+            timers.append(dx.Timer(name="hypervclock", present=True))
+        dom.clock = dx.Clock(offset="localtime", timers=timers)
     elif r.arch == "x86_64":
         dom.clock = dx.Clock(offset="utc", timers=[
             dx.Timer(name="rtc", tickpolicy="catchup"), dx.Timer(name="pit", tickpolicy="delay"), dx.Timer(name="hpet", present=False),
@@ -409,10 +427,6 @@ def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) 
         devs.disks.append(_disk(spec, i, bindings.disks[i], r.disk_targets[i]))
     if any(disk_bus(spec, i) == "scsi" for i in range(len(spec.disks))):
         devs.controllers.append(dx.Controller(type="scsi", index=0, model="virtio-scsi"))
-    if pcie:
-        devs.controllers.append(dx.Controller(type="pci", index=0, model="pcie-root"))
-        for _ in range(SPARE_ROOT_PORTS):
-            devs.controllers.append(dx.Controller(type="pci", model="pcie-root-port"))
 
     for i, nic in enumerate(spec.nics):
         devs.interfaces.append(_interface(spec, i, bindings.nics[i], legacy))
@@ -449,9 +463,40 @@ def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) 
     else:
         devs.memballoon = dx.MemBalloon(model="none")
     if spec.panic_device:
-        model = "hyperv" if r.os_family == "windows" else "isa"
+        model = "hyperv" if r.os_family == "windows" and hyperv.crash_msrs_offered(r.domain_type) else "isa"
         devs.panics.append(dx.Panic(model=model))
+    if pcie:
+        # libvirt puts each PCIe device into an empty root port it finds before it adds one, so
+        # spare ports written as such would be taken by the VM's own devices: one port per
+        # device that needs one, plus the spares.
+        devs.controllers.append(dx.Controller(type="pci", index=0, model="pcie-root"))
+        slots = spec.hotplug_slots if spec.hotplug_slots >= 0 else ctx.hotplug_slots
+        for _ in range(pcie_endpoints(devs, r.arch) + slots):
+            devs.controllers.append(dx.Controller(type="pci", model="pcie-root-port"))
     return devs
+
+
+def pcie_endpoints(devs: dx.Devices, arch: str) -> int:
+    """How many of these devices libvirt plugs into a PCIe root port (checked against libvirt
+    9.0's own placement on q35 and virt: tests/integration/test_render_qemu_driver.py).
+
+    Integrated devices sit on pcie-root itself and need none: x86's VGA and SATA (AHCI); disks
+    on SATA/SCSI buses hang off their controller; USB devices off the USB controller, which
+    libvirt adds to every x86 q35 domain and which is a port's device. The i6300esb watchdog is
+    conventional PCI: libvirt adds a pcie-to-pci-bridge for it together with a root port of its
+    own, so it is not counted.
+    """
+    n = sum(1 for d in devs.disks if d.target_bus == "virtio")
+    n += len(devs.interfaces)
+    n += sum(1 for c in devs.controllers if c.type == "scsi" or (c.type == "usb" and c.model not in (None, "none")))
+    if arch == "x86_64" and not any(c.type == "usb" for c in devs.controllers):
+        n += 1  # the USB controller libvirt adds by default (qemu-xhci on q35)
+    if any(ch.target_type == "virtio" for ch in devs.channels):
+        n += 1  # the virtio-serial controller the channels hang off
+    if devs.memballoon is not None and devs.memballoon.model == "virtio":
+        n += 1
+    n += sum(1 for v in devs.videos if v.model == "virtio")
+    return n
 
 
 def _disk(spec: VmSpec, i: int, b: DiskSourceBinding, target: str) -> dx.Disk:

@@ -28,39 +28,18 @@ import logging
 import os
 import shutil
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from cna_agent.compute.render import RenderContext, qmp_socket_path, vm_run_dir
 from cna_agent.errors import FailedPrecondition
+from cna_agent.qemu_access import TRAVERSE_DIR_MODE, QemuUser, make_dirs, open_way
 
 log = logging.getLogger(__name__)
 
 #: Roots: traversable by anyone, listable by root only.
-ROOT_MODE = 0o711
+ROOT_MODE = TRAVERSE_DIR_MODE
 #: The socket directory: QEMU's user only.
 SOCKET_DIR_MODE = 0o700
-
-
-@dataclass(frozen=True)
-class QemuUser:
-    """The DAC identity QEMU runs as (hypervisor facts); uid 0 means embedded/root QEMU."""
-
-    uid: int
-    gid: int | None = None
-
-    @property
-    def unprivileged(self) -> bool:
-        return self.uid != 0
-
-
-def _can_traverse(st: os.stat_result, user: QemuUser) -> bool:
-    """Whether ``user`` may pass through a directory with this stat (owner, group, other)."""
-    if st.st_uid == user.uid:
-        return bool(st.st_mode & stat.S_IXUSR)
-    if user.gid is not None and st.st_gid == user.gid:
-        return bool(st.st_mode & stat.S_IXGRP)
-    return bool(st.st_mode & stat.S_IXOTH)
 
 
 class QemuRunDirs:
@@ -105,18 +84,7 @@ class QemuRunDirs:
         """The root exists as a real directory, owned by the agent's user (root), with at least the
         traverse bits. Missing directories above it are made traversable too (they are the agent's
         now, and under UMask=0077 a plain mkdir would leave them closed)."""
-        missing: list[str] = []
-        path = root
-        while not os.path.lexists(path):
-            missing.append(path)
-            path = os.path.dirname(path)
-        for path in reversed(missing):
-            try:
-                os.mkdir(path, ROOT_MODE)
-            except FileExistsError:
-                continue  # made concurrently: checked below like any existing one
-            if path != root:
-                os.chmod(path, 0o755)
+        make_dirs(root, below=os.sep)  # 0711 each (ROOT_MODE); one made concurrently is checked below
         st = os.lstat(root)
         if not stat.S_ISDIR(st.st_mode):
             what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
@@ -140,21 +108,8 @@ class QemuRunDirs:
     def _check_above(self, root: str, socket_dir: str, qemu: QemuUser) -> None:
         """Every existing directory above ``root`` must already let QEMU's user through: those are
         not the agent's to change (missing ones the agent makes traversable itself)."""
-        path = os.path.dirname(root)
-        while True:
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                st = None
-            if st is not None and not _can_traverse(st, qemu):
-                raise FailedPrecondition(
-                    f"QEMU runs as uid {qemu.uid} and cannot reach {socket_dir}: {path} (mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}:{st.st_gid}) is not traversable by it and is "
-                    f"not a directory the agent owns; make it traversable (chmod o+x {path}) or set [state] "
-                    "run_dir / qmp_fallback_dir under a directory QEMU can reach", field="vm")
-            if path == "/":
-                return
-            path = os.path.dirname(path)
+        open_way(root, owned_below=root, user=qemu, what=socket_dir, field="vm",
+                 hint=" or set [state] run_dir / qmp_fallback_dir under a directory QEMU can reach")
 
     def _ensure_socket_dir(self, socket_dir: str, qemu: QemuUser | None) -> None:
         """QEMU's own directory for its sockets: its user and group, 0700."""

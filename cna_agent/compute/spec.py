@@ -58,6 +58,8 @@ MAX_DISKS = 64
 MAX_NICS = 32
 MAX_NUMA_CELLS = 64
 MAX_LABELS = 64
+#: Spare PCIe root ports a spec may ask for (each a QEMU device and a PCI bus number).
+MAX_HOTPLUG_SLOTS = 32
 
 
 def machine_max_vcpus(arch: str, machine: str) -> int:
@@ -198,6 +200,9 @@ class VmSpec:
     labels: dict[str, str] = field(default_factory=dict)
     autostart: bool = False
     dedicated_cpus: bool = False
+    #: Empty PCIe root ports kept for hot-plug (q35/virt); -1: the host's default
+    #: (``[compute] hotplug_slots``). Each costs a QEMU device and a PCI bus number.
+    hotplug_slots: int = -1
     hugepages: bool = False
 
     # -- serialisation (the form stored in the domain metadata) -----------------------------
@@ -428,6 +433,8 @@ def validate(spec: VmSpec, ctx: ValidationContext) -> None:
             raise InvalidArgument("spec.numa_cells", f"{spec.numa_cells} cells need at least as many vCPUs (max_vcpus {spec.effective_max_vcpus})")
         if spec.memory_mib < spec.numa_cells * MIN_MEMORY_MIB:
             raise InvalidArgument("spec.numa_cells", f"{spec.numa_cells} cells need at least {MIN_MEMORY_MIB} MiB each")
+    if spec.hotplug_slots != -1:
+        _u(spec.hotplug_slots, "spec.hotplug_slots", maximum=MAX_HOTPLUG_SLOTS)
     if spec.dedicated_cpus and not ctx.have_placer:
         raise InvalidArgument("spec.dedicated_cpus", "no placement planner is available on this host yet")
 

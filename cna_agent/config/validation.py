@@ -175,6 +175,8 @@ def validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
             fail("compute", "image_dirs", f"{image_dir!r} must be an absolute path")
     if cfg.compute.io_error_resume not in ("auto", "manual"):
         fail("compute", "io_error_resume", f"{cfg.compute.io_error_resume!r} is not one of auto, manual")
+    if not 0 <= cfg.compute.hotplug_slots <= 32:
+        fail("compute", "hotplug_slots", f"{cfg.compute.hotplug_slots} is not between 0 and 32")
     if cfg.compute.io_error_check_interval_s <= 0:
         fail("compute", "io_error_check_interval_s", "must be greater than 0")
     if not cfg.network.ovsdb.startswith(("unix:/", "tcp:", "ssl:")):

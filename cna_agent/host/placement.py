@@ -27,7 +27,9 @@ Policies (what an admin of a bank or telecom cloud expects, and why):
 * **Emulator and I/O threads** run on the shared pool of the VM's node(s) (never on a
   dedicated CPU); with no shared CPUs left there, on the host's reserved CPUs.
 * **Memory** is accounted per node against its size minus a host reserve; with hugepages, the
-  largest page size the node has free that divides the VM's memory.
+  largest page size the node has free that divides the VM's memory, counted from the kernel's
+  pools at planning time (HostPlacer reads them live), so a VM that cannot get its pages is
+  refused here, naming the free pages, rather than by QEMU failing to map its RAM.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Iterable, Mapping, Sequence
 
 from cna_agent.contracts import GuestNumaCell, PlacementPlan
 from cna_agent.errors import FailedPrecondition, InvalidArgument
-from cna_agent.host.topology import HostTopology
+from cna_agent.host.topology import HostTopology, HugePagePool
 
 #: Memory per NUMA node kept for the host kernel and agent when accounting guests.
 DEFAULT_NODE_RESERVE_MIB = 512
@@ -139,6 +141,11 @@ class Planner:
             key=lambda c: c.threads,
         ))
         self.usable = tuple(sorted(online - set(self.reserved)))
+        #: Hugepage pools per node as counted now (set by HostPlacer before each plan); None:
+        #: the topology's counts from start-up.
+        self.live_hugepages: Mapping[int, Sequence[HugePagePool]] | None = None
+        #: Page sizes (KiB) a hugetlbfs is mounted for (set with live_hugepages); None: unknown.
+        self.hugetlbfs_sizes: frozenset[int] | None = None
 
     # -- accounting --------------------------------------------------------------------------
 
@@ -152,13 +159,32 @@ class Planner:
                 used[node] = used.get(node, 0) + mib
         return used
 
+    def _pools(self, node: int) -> tuple[HugePagePool, ...]:
+        """The node's hugepage pools: the live counts when the placer gave them, else the topology's."""
+        if self.live_hugepages is not None:
+            return tuple(self.live_hugepages.get(node, ()))
+        return self.nodes[node].hugepages if node in self.nodes else ()
+
     def _free_hugepages(self, node: int, placements: Iterable[Placement]) -> dict[int, int]:
-        free = {h.size_kib: h.free for h in (self.nodes[node].hugepages if node in self.nodes else ())}
+        """Pages of each size a new VM may take on ``node``.
+
+        From the start-up topology: its free count minus what placed VMs hold. From live counts
+        (``live_hugepages``): the kernel's free count already excludes the pages running guests
+        use, and subtracting them again would refuse VMs that fit (every agent restart with
+        hugepage guests running); so the smaller of what is free now and the pool's size minus
+        what every placed VM holds, running or not (a stopped VM keeps its claim).
+        """
+        held: dict[int, int] = {}
         for p in placements:
             if node in p.hugepages:
                 size, count = p.hugepages[node]
+                held[size] = held.get(size, 0) + count
+        if self.live_hugepages is None:
+            free = {h.size_kib: h.free for h in self._pools(node)}
+            for size, count in held.items():
                 free[size] = free.get(size, 0) - count
-        return free
+            return free
+        return {h.size_kib: max(0, min(h.free, h.total - held.get(h.size_kib, 0))) for h in self._pools(node)}
 
     def owned(self, placements: Iterable[Placement]) -> set[int]:
         return {cpu for p in placements if p.dedicated for cpu in p.owned_cpus}
@@ -204,7 +230,9 @@ class Planner:
                 return self._place_on(req, node_set, placements, used_mem, taken)
             except _NoFit as exc:
                 errors.append(str(exc))
-        reason = errors[0] if errors else "no NUMA node combination can hold it"
+        # Each node combination tried says what it lacked (best first; a few, so the caller sees
+        # e.g. the free hugepages of every node, not only of the first one tried).
+        reason = "; ".join(list(dict.fromkeys(errors))[:3]) if errors else "no NUMA node combination can hold it"
         raise FailedPrecondition(f"VM {req.uuid} ({req.vcpus} vCPUs, {req.memory_mib} MiB"
                                  f"{', dedicated' if req.dedicated else ''}{', hugepages' if req.hugepages else ''}) "
                                  f"does not fit this host: {reason}", field="spec")
@@ -311,9 +339,16 @@ class Planner:
     def _page_size(self, req: VmRequest, nodes: tuple[int, ...], mem_split: Sequence[int],
                    placements: Sequence[Placement]) -> int:
         """The largest page size every chosen node has enough free pages of, dividing the memory."""
-        sizes = sorted({h.size_kib for n in nodes if n in self.nodes for h in self.nodes[n].hugepages}, reverse=True)
+        sizes = sorted({h.size_kib for n in nodes for h in self._pools(n)}, reverse=True)
         if not sizes:
             raise _NoFit("the host has no hugepage pools")
+        if self.hugetlbfs_sizes is not None:
+            pooled = sizes
+            sizes = [s for s in sizes if s in self.hugetlbfs_sizes]
+            if not sizes:
+                raise _NoFit(f"no hugetlbfs is mounted for the host's page sizes ({', '.join(f'{s} KiB' for s in pooled)}); "
+                             "QEMU maps hugepage memory from a hugetlbfs file: mount one (mount -t hugetlbfs hugetlbfs "
+                             "/dev/hugepages) before libvirtd starts")
         for size in sizes:
             if any((mib * 1024) % size for mib in mem_split):
                 continue

@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable, Callable, Mapping, Sequence
 
 from cna_agent.contracts import PlacementPlan
 from cna_agent.host.placement import Placement, Planner, VmRequest
+from cna_agent.host.topology import HugePagePool
+from cna_agent.host.topology.hostfiles import hugetlbfs_page_sizes, node_hugepage_pools
 from cna_agent.state.store import StateStore
 
 
+#: Reads the hugepage facts now: each node's pools and the page sizes a hugetlbfs is mounted
+#: for (:func:`read_live_hugepages`, run in the host pool).
+HugePageReader = Callable[[], Awaitable[tuple[Mapping[int, Sequence[HugePagePool]], frozenset[int]]]]
+
+
+def read_live_hugepages(root: str = "/") -> tuple[dict[int, tuple[HugePagePool, ...]], frozenset[int]]:
+    """Blocking (sysfs, /proc): the live counts and mounts a hugepage VM is planned on."""
+    return node_hugepage_pools(root), hugetlbfs_page_sizes(root)
+
+
 class HostPlacer:
-    def __init__(self, planner: Planner, store: StateStore) -> None:
+    def __init__(self, planner: Planner, store: StateStore, *, live_hugepages: HugePageReader | None = None) -> None:
+        """``live_hugepages``: how hugepage VMs learn the kernel's pools at planning time (the
+        topology the planner was built from is a start-up snapshot); None keeps the snapshot."""
         self.planner = planner
+        self._live_hugepages = live_hugepages
         self._store = store
         self._lock = asyncio.Lock()
         self._placements: dict[str, Placement] = {}
@@ -41,6 +57,8 @@ class HostPlacer:
             existing = self._placements.get(vm_uuid)
             if existing is not None:
                 return existing.plan
+            if hugepages and self._live_hugepages is not None:
+                self.planner.live_hugepages, self.planner.hugetlbfs_sizes = await self._live_hugepages()
             placement = self.planner.plan(
                 VmRequest(vm_uuid, vcpus, memory_mib, dedicated=dedicated, hugepages=hugepages, numa_cells=numa_cells),
                 self.placements(),

@@ -76,6 +76,7 @@ class LunManager:
         self.initiator_iqn = initiator_iqn
         self.secrets = secrets
         self.release_timeout = release_timeout
+        self._warn_unusable_chap()
         #: One lock per SAN datastore: attach, release and rescan take turns (held in the
         #: executor thread for as long as the host work runs, even past a caller's deadline).
         self._locks = {name: threading.Lock() for name in self.san}
@@ -84,6 +85,17 @@ class LunManager:
         #: (datastore, WWN, or the lun_id as given when the WWN was not learnt) -> why its
         #: release is still owed. A record that turns out in use or absent is simply dropped.
         self.pending_releases: dict[tuple[str, str], str] = {}
+
+    def _warn_unusable_chap(self) -> None:
+        """Say at start-up, not only at the first VM, when a CHAP datastore for QEMU's initiator
+        cannot work on this hypervisor connection (the embedded driver: storage/secrets.py)."""
+        check = getattr(self.secrets, "check", None)
+        for d in self.datastores.values():
+            if d.type == "iscsi" and d.initiator == "libiscsi" and d.chap_user and check is not None:
+                try:
+                    check()
+                except FailedPrecondition as exc:
+                    log.warning("event=datastore.chap_unusable datastore=%s reason=%r", d.name, exc.message)
 
     def datastore(self, name: str, field: str) -> DatastoreDecl:
         """The configured datastore ``name``; NotFound naming ``field`` and the known ones."""
@@ -161,7 +173,7 @@ class LunManager:
         """QEMU's own initiator opens the LUN: only its existence and capacity are checked here."""
         lun = libiscsi.parse_lun_id(d, lun_id, f"{field}.lun_id")
         size = await self.executor.run(
-            lambda: libiscsi.lun_size(self.runner, d, lun, secret=self.secret(d), timeout=d.scan_timeout_s),
+            lambda: libiscsi.lun_size(self.runner, d, lun, secret=self.secret(d), timeout=d.scan_timeout_s, field=field),
             timeout=d.scan_timeout_s + 5, what=f"opening LUN {lun} of {d.name}")
         if size <= 0:
             raise NotFound(f"{field}.lun_id: LUN {lun} of {d.target_iqn} has no capacity", field=f"{field}.lun_id")
@@ -169,7 +181,11 @@ class LunManager:
         if d.chap_user:
             if self.secrets is None:
                 raise FailedPrecondition(f"{field}: datastore {d.name!r} uses CHAP but no libvirt secret store is available")
-            secret_uuid = await self.secrets.ensure(f"cna-datastore-{d.name}", self.secret(d).encode())
+            try:
+                secret_uuid = await self.secrets.ensure(f"cna-datastore-{d.name}", self.secret(d).encode())
+            except FailedPrecondition as exc:  # e.g. the embedded driver (storage/secrets.py)
+                raise FailedPrecondition(f"{field}: datastore {d.name!r} uses CHAP (storage.datastores.{d.name}.chap_user) "
+                                         f"with QEMU's initiator, but {exc.message}", field=field) from None
             user = d.chap_user
         return DiskSourceBinding(kind="network", protocol="iscsi", hosts=d.portal_hosts(), name=f"{d.target_iqn}/{lun}",
                                  format="raw", auth_username=user, auth_secret_uuid=secret_uuid,

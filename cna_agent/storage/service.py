@@ -23,9 +23,10 @@ from typing import Any, Awaitable, Callable, Mapping
 from cna_agent.contracts import DiskSourceBinding, LunRelease, VmDisks
 from cna_agent.errors import FailedPrecondition, InvalidArgument
 from cna_agent.operations import OperationContext, OperationRunner
+from cna_agent.qemu_access import QemuUser, open_way
 from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationRecord
-from cna_agent.storage import libiscsi, paths
+from cna_agent.storage import libiscsi, paths, qcow2hdr
 from cna_agent.storage.executor import StorageExecutor
 from cna_agent.storage.luns import LUN_RELEASE_TIMEOUT_S, LunInfo, LunManager, SecretStore
 from cna_agent.storage.model import DatastoreDecl
@@ -69,8 +70,12 @@ class StorageService:
         secrets: SecretStore | None = None,
         san_backends: Mapping[str, Any] | None = None,
         lun_release_timeout: float = LUN_RELEASE_TIMEOUT_S,
+        qemu_user: Callable[[], QemuUser | None] = lambda: None,
     ) -> None:
+        """``qemu_user``: who QEMU runs as (the hypervisor's answer, asked when a VM needs a
+        volume), so the directories on the way to its disks can be opened for it."""
         self.datastores = {d.name: d for d in datastores}
+        self._qemu_user = qemu_user
         self.runner = runner
         self.executor = executor
         self.ops = ops
@@ -236,8 +241,23 @@ class StorageService:
         health = self.monitor.get(ref.datastore)
         if health.state == "unreachable":
             raise FailedPrecondition(f"{field}: datastore {ref.datastore!r} is unreachable ({health.reason})", field=field)
+        user = self._qemu_user()
+        if user is not None and user.unprivileged:
+            await self.executor.run(lambda: self._open_way(ref, user, field), what=f"opening the way to {volume_id}")
         return DiskSourceBinding(kind="file", path=ref.path, format=format_of(ref.relpath),
                                  supports_direct_io=health.direct_io, datastore=ref.datastore, volume_id=ref.id)
+
+    def _open_way(self, ref: paths.VolumeRef, user: QemuUser, field: str) -> None:
+        """QEMU's user must reach the volume and every image of its backing chain (libvirt
+        relabels the files, never the directories): the datastore's own subdirectories on the
+        way are opened, its root and what is above it only checked (qemu_access)."""
+        for path in [ref.path, *qcow2hdr.backing_chain(ref.path)]:
+            real = os.path.realpath(path)
+            for name, root in self.volumes.roots.items():
+                if paths.inside(os.path.realpath(root), real):
+                    open_way(real, owned_below=os.path.realpath(root), user=user, field=field,
+                             what=f"volume {ref.id!r}" if path == ref.path else f"the backing file {real} of volume {ref.id!r}")
+                    break
 
     async def resolve_lun(self, datastore: str, lun_id: str, *, field: str, vm: str) -> DiskSourceBinding:
         return await self.luns.resolve_lun(datastore, lun_id, field=field, vm=vm)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Mapping
 
 from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cna_agent.qemu_access import make_dirs
 from cna_agent.storage import paths, qemuimg
 from cna_agent.storage.runner import CommandError, CommandRunner
 from cna_agent.contracts import format_from_name
@@ -192,7 +193,7 @@ class VolumeManager:
         if os.path.lexists(ref.path):
             raise AlreadyExists(f"{field}: volume {ref.id!r} already exists", field=field)
         parent = os.path.dirname(ref.path)
-        os.makedirs(parent, mode=0o750, exist_ok=True)
+        make_dirs(parent, below=self.roots[ref.datastore])  # 0711: QEMU's user must pass them (qemu_access)
         # makedirs could have followed a symlink planted meanwhile; re-check the parent.
         if not paths.inside(os.path.realpath(self.roots[ref.datastore]), os.path.realpath(parent)):
             raise InvalidArgument(field, f"{ref.relpath!r} resolves outside its datastore")

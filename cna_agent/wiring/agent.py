@@ -17,6 +17,7 @@ loops (network apply and repair, placement drift, the VRM link) start once it se
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import platform
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     from cna_agent.api.storage import StorageServicer
     from cna_agent.api.vm import VmServicer
     from cna_agent.compute.inventory import VmInventory
+    from cna_agent.compute.render import host_limitations
     from cna_agent.metrics import rpc_on_call
     from cna_agent.wiring import parts
     from cna_agent.wiring.telemetry import build_telemetry
@@ -142,11 +144,12 @@ async def build_agent(config: AgentConfig) -> Agent:
     log.info("event=virt_type chosen=%s kvm_usable=%s reason=%r", virt_type, kvm.usable, kvm.reason)
     host = HostService(hypervisor, kvm=kvm, virt_type=virt_type, host_uuid=config.host.host_uuid, pool=pool)
 
-    inventory = VmInventory(hypervisor, runner.locks, console_listen=config.host.console_listen)
+    render_ctx, host_cpus = await parts.render_context(config, hypervisor, virt_type)
+    inventory = VmInventory(hypervisor, runner.locks, console_listen=config.host.console_listen,
+                            limitations=functools.partial(host_limitations, ctx=render_ctx))
     placement = await parts.build_placement(config, host, store, events, inventory)
     storage = parts.build_storage(config, hypervisor, runner, events, inventory)
     network = parts.build_network(config, runner, events, inventory, libvirt_uri=uri)
-    render_ctx, host_cpus = await parts.render_context(config, hypervisor, virt_type)
     compute = parts.build_compute(config, hypervisor, runner, events, inventory, render_ctx, virt_type=virt_type,
                                   host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer,
                                   checks=[network.service.reconciler, placement.monitor])

@@ -32,7 +32,7 @@ from cna_agent.contracts import DiskProvider, Placer, PortProvider, VmCheck, VmL
 from cna_agent.host.cpulist import parse_cpulist
 from cna_agent.host.drift import PlacementMonitor
 from cna_agent.host.placement import Planner
-from cna_agent.host.placer import HostPlacer
+from cna_agent.host.placer import HostPlacer, read_live_hugepages
 from cna_agent.host.service import HostService
 from cna_agent.hypervisor import Hypervisor
 from cna_agent.network.operations import NetworkOperations
@@ -63,7 +63,8 @@ async def build_placement(config: AgentConfig, host: HostService, store: StateSt
     and the drift monitor comparing placed VMs' real threads/memory with their plans."""
     caps = await host.capabilities()
     planner = Planner(caps.topology, reserved_cpus=parse_cpulist(config.host.reserved_cpus))
-    placer = HostPlacer(planner, store)
+    placer = HostPlacer(planner, store, live_hugepages=lambda: host.pool.run(
+        read_live_hugepages, timeout=10, what="reading the hugepage pools"))
     restored = await placer.load()
     log.info("event=placement.ready restored=%d reserved_cpus=%s", restored, config.host.reserved_cpus or "-")
     monitor = PlacementMonitor(placer, events, vms.locate, interval_s=config.host.placement_check_interval_s,
@@ -100,6 +101,8 @@ async def render_context(config: AgentConfig, hypervisor: Hypervisor, virt_type:
         console_listen=config.host.console_listen,
         host_cpu_mhz=mhz,
         agent_version=__version__,
+        hyperv_features=facts.hyperv_features if facts else None,
+        hotplug_slots=config.compute.hotplug_slots,
     )
     return ctx, cpus
 
@@ -155,7 +158,7 @@ def build_storage(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         cfg.datastores, commands, StorageExecutor(cfg.executor_threads, cfg.command_timeout_s), runner, events,
         command_timeout=cfg.command_timeout_s, probe_interval=cfg.probe_interval_s, probe_timeout=cfg.probe_timeout_s,
         users=inventory, initiator_iqn=read_iscsi_iqn(), secrets=LibvirtSecrets(hypervisor),
-        san_backends=backends_for(cfg.datastores, commands),
+        san_backends=backends_for(cfg.datastores, commands), qemu_user=hypervisor.qemu_user,
     )
 
 

@@ -90,9 +90,11 @@ def _create_and_boot(agent: AgentProcess, ch: grpc.Channel, spec: vm.VmSpec) -> 
 
 
 @pytest.fixture
-def boot_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, Path, Path, Path]]:
+def boot_env(libvirt_caps_cache, libvirt_mode) -> Iterator[tuple[AgentProcess, Path, Path, Path]]:
     """An agent with two dir datastores, "ds" (volumes) and "imp" (uploads), under a short /tmp
-    path (QEMU's unix sockets under the embedded root must stay below 108 bytes).
+    path (QEMU's unix sockets under the embedded root must stay below 108 bytes); once on the
+    embedded driver and once on the host's libvirtd, where QEMU runs unprivileged and must reach
+    volumes in the datastores' subdirectories (the agent makes those directories itself).
 
     Teardown deletes every VM through the agent (even after a failed assertion), then stops it
     and removes the whole tree; the session's autouse fixture kills any QEMU left over.
@@ -105,7 +107,7 @@ def boot_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, Path, Path, Pat
              f'[storage.datastores.imp]\ntype = "dir"\npath = "{imp}"\n')
     agent = None
     try:
-        agent = start_agent(base / "a", libvirt_caps_cache, tcp=False, extra_config=extra)
+        agent = start_agent(base / "a", libvirt_caps_cache, tcp=False, extra_config=extra, mode=libvirt_mode)
         yield agent, ds, imp, _boot_disk()
     finally:
         if agent is not None:

@@ -32,13 +32,15 @@ def _disks(ch, uuid: str) -> list[str]:
 
 
 @pytest.fixture
-def disk_agent(libvirt_caps_cache):
+def disk_agent(libvirt_caps_cache, libvirt_mode):
+    """Once on the embedded driver, once on the host's libvirtd (QEMU unprivileged)."""
     # Short path: QEMU's socket paths under the embedded root must stay below 108 bytes.
     base = Path(tempfile.mkdtemp(prefix="cd", dir="/tmp"))
     images = base / "img"
     images.mkdir()
     guest_dir = str(Path(build_guest("x86_64")["kernel"]).parent)
-    agent = start_agent(base / "a", libvirt_caps_cache, extra_config=f'[compute]\nimage_dirs = "{guest_dir},{images}"\n')
+    agent = start_agent(base / "a", libvirt_caps_cache, extra_config=f'[compute]\nimage_dirs = "{guest_dir},{images}"\n',
+                        mode=libvirt_mode)
     yield agent, images
     agent.stop()
     shutil.rmtree(base, ignore_errors=True)

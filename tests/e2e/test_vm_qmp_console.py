@@ -35,8 +35,8 @@ def _running_guest(agent, ch, name: str) -> str:
 
 
 @pytest.mark.slow
-def test_diagnostics_over_the_side_channel_beside_libvirt(vm_agent_factory) -> None:
-    agent = vm_agent_factory()
+def test_diagnostics_over_the_side_channel_beside_libvirt(vm_agent_factory, libvirt_mode) -> None:
+    agent = vm_agent_factory(mode=libvirt_mode)
     with agent.channel() as ch:
         stub = pb.vm_pb2_grpc.VmServiceStub(ch)
         uuid = _running_guest(agent, ch, "diag")
@@ -103,11 +103,11 @@ def test_a_guest_panic_is_reported_from_libvirt_and_the_side_channel(vm_agent_fa
 
 
 @pytest.mark.slow
-def test_serial_console_types_into_the_guest_and_reads_back(vm_agent_factory) -> None:
+def test_serial_console_types_into_the_guest_and_reads_back(vm_agent_factory, libvirt_mode) -> None:
     import secrets
     import subprocess
 
-    agent = vm_agent_factory()
+    agent = vm_agent_factory(mode=libvirt_mode)
     token = secrets.token_hex(6)
     with agent.channel() as ch:
         stub = pb.vm_pb2_grpc.VmServiceStub(ch)

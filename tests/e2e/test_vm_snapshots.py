@@ -36,12 +36,13 @@ def pattern_ok(img: Path, pattern: int, *extra: str) -> bool:
 
 
 @pytest.mark.slow
-def test_internal_and_external_snapshots_tree_revert_delete(vm_agent_factory) -> None:
+def test_internal_and_external_snapshots_tree_revert_delete(vm_agent_factory, libvirt_mode) -> None:
     images = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
+    images.chmod(0o755)  # an image directory QEMU's own user may pass (system mode)
     img = images / "data.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(img), "16M"], check=True, capture_output=True, timeout=60)
     assert qemu_io(img, "write -P 0x11 0 64k").returncode == 0
-    agent = vm_agent_factory(image_dirs=(str(REPO / ".cache" / "guests"), str(images)))
+    agent = vm_agent_factory(image_dirs=(str(REPO / ".cache" / "guests"), str(images)), mode=libvirt_mode)
     with agent.channel() as ch:
         stub = pb.vm_pb2_grpc.VmServiceStub(ch)
         spec = guest_spec("x86_64", "snappy")

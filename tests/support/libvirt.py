@@ -93,7 +93,41 @@ def libvirtd_answers() -> bool:
     return out.returncode == 0
 
 
+#: Where hugetlbfs goes when the host has none mounted (systemd's dev-hugepages.mount does this
+#: on a booted host; containers and CI machines without systemd have nothing there).
+HUGETLBFS_MOUNT = Path("/dev/hugepages")
+
+
+def hugetlbfs_mounts() -> list[str]:
+    """Mount points of hugetlbfs, from /proc/self/mounts."""
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "hugetlbfs":
+            out.append(fields[1].replace("\\040", " "))
+    return out
+
+
+def ensure_hugetlbfs() -> str:
+    """Mount hugetlbfs at /dev/hugepages unless one is mounted; return a mount point.
+
+    Why before libvirtd: libvirtd looks for hugetlbfs mounts only when it starts (a guest with
+    <hugepages> then fails with "hugetlbfs filesystem is not mounted or disabled by
+    administrator config"); the embedded driver looks when it is opened, so each agent a test
+    starts sees a mount made before it.
+    """
+    mounts = hugetlbfs_mounts()
+    if mounts:
+        return mounts[0]
+    HUGETLBFS_MOUNT.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["mount", "-t", "hugetlbfs", "hugetlbfs", str(HUGETLBFS_MOUNT)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, f"mounting hugetlbfs at {HUGETLBFS_MOUNT} failed: {out.stderr}"
+    return str(HUGETLBFS_MOUNT)
+
+
 def start_libvirtd() -> None:
+    ensure_hugetlbfs()
     subprocess.run(["virtlogd", "-d"], capture_output=True, timeout=30)
     out = subprocess.run(["libvirtd", "-d"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

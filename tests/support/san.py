@@ -1,5 +1,6 @@
-"""Recorded SCSI hosts (tests/fixtures/scsi, made by tools/make-scsi-fixtures.py): working copies
-of their sysfs/devfs trees, the datastores that point at them, and a clock tests advance.
+"""SAN test helpers: recorded SCSI hosts (tests/fixtures/scsi, made by
+tools/make-scsi-fixtures.py): working copies of their sysfs/devfs trees, the datastores that
+point at them, and a clock tests advance; and a real tgtd target for tests that need an array.
 
 Why here: the kernel of the test machines has no SCSI layer, so every test of kernel iSCSI,
 FC and multipath (the SAN code on its own, and the LUN release driven by the compute service)
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from cna_agent.storage.model import DatastoreDecl, validate_datastore
 
@@ -96,3 +100,29 @@ def fc_decl(**kw) -> DatastoreDecl:
     d = DatastoreDecl(name="fc1", type="fc", target_wwpns=("2100a8f000000001", "22:00:a8:f0:00:00:00:01"),
                       lun_wwns=(FC_WWN,), scan_timeout_s=3.0, **kw)
     return validate_datastore(d, "storage.datastores.fc1")
+
+
+# -- a real tgtd target (tools/testbed.py), for tests outside the integration tier -------------
+
+@contextmanager
+def tgtd_target(run_dir: Path, iqn: str, luns: list[Path], *, chap: tuple[str, str] | None = None) -> Iterator[object]:
+    """tgtd serving ``luns`` (LUN 1..n) as target ``iqn`` on 127.0.0.1:3260, optionally only to
+    the CHAP account ``chap`` = (user, secret); yields the Testbed.
+
+    Why here: the integration tier's session ``testbed`` fixture also brings up libvirtd and OVS;
+    e2e tests that only need an iSCSI array take tgtd alone. A tgtd already answering on the
+    testbed's control port is reused and left running; one started here is stopped again.
+    """
+    from support.tools import load_tool
+
+    mod = sys.modules.get("cna_testbed") or load_tool("cna_testbed", "testbed.py")
+    tb = mod.Testbed(run_dir)
+    tb.up(["tgtd"])
+    try:
+        tb.iscsi_create_target(iqn, luns, chap=chap)
+        yield tb
+    finally:
+        try:
+            tb.iscsi_delete_target(iqn)
+        finally:
+            tb.down()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 
 from cna_agent.host import midr as _midr
 from cna_agent.host.cpulist import parse_cpulist
@@ -19,8 +20,10 @@ __all__ = [
     "HUGEPAGES_DIR",
     "cpuinfo_first_record",
     "hugepage_pools",
+    "hugetlbfs_page_sizes",
     "meminfo",
     "midr_from_cpuinfo",
+    "node_hugepage_pools",
     "numa_nodes",
 ]
 
@@ -93,6 +96,54 @@ def hugepage_pools(directory: str) -> tuple[HugePagePool, ...]:
             )
         )
     return tuple(sorted(pools, key=lambda p: p.size_kib))
+
+
+def node_hugepage_pools(root: str) -> dict[int, tuple[HugePagePool, ...]]:
+    """Each NUMA node's hugepage pools as the kernel counts them now (node 0 = the host-wide
+    pools when the kernel has no NUMA sysfs). Cheap (a few small sysfs files per node), so the
+    placer reads it for every hugepage VM instead of trusting the start-up topology: an admin
+    may have changed nr_hugepages since, and pages in use by running guests are not free.
+    ``free`` here is what a new mapping can still get (reserved pages taken off)."""
+    node_dir = os.path.join(root, NODE_DIR)
+    try:
+        names = os.listdir(node_dir)
+    except OSError:
+        names = []
+    ids = sorted(int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit() and n[4:].isascii())
+    host_dir = os.path.join(root, HUGEPAGES_DIR)
+    pools = {nid: hugepage_pools(f"{node_dir}/node{nid}/hugepages") for nid in ids} or {0: hugepage_pools(host_dir)}
+    # Pages a mapping has reserved but not touched yet (HugePages_Rsvd) still count as free, yet
+    # nobody else can have them: QEMU then fails "unable to map backing store for guest RAM".
+    # The kernel keeps that count host-wide only, so it is taken off every node (on several
+    # nodes this may refuse a VM that would fit, with the reason, rather than fail in QEMU).
+    resv = {p.size_kib: read_int(f"{host_dir}/hugepages-{p.size_kib}kB/resv_hugepages") or 0
+            for node_pools in pools.values() for p in node_pools}
+    return {nid: tuple(replace(p, free=max(0, p.free - resv.get(p.size_kib, 0))) for p in node_pools)
+            for nid, node_pools in pools.items()}
+
+
+def hugetlbfs_page_sizes(root: str) -> frozenset[int]:
+    """Page sizes (KiB) some hugetlbfs is mounted for, from ``proc/self/mounts`` under ``root``.
+
+    QEMU maps hugepage guest RAM from a file on a hugetlbfs mount of the page size (libvirt
+    refuses with "hugetlbfs filesystem is not mounted" otherwise); a mount without a
+    ``pagesize=`` option serves the default size (meminfo's Hugepagesize).
+    """
+    text = read_file(os.path.join(root, "proc/self/mounts")) or ""
+    default = meminfo(os.path.join(root, "proc/meminfo")).get("Hugepagesize", 0)
+    sizes = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "hugetlbfs":
+            continue
+        size = default
+        for opt in fields[3].split(","):
+            m = re.fullmatch(r"pagesize=(\d+)([KMG]?)", opt)
+            if m:
+                size = int(m.group(1)) * {"": 1 / 1024, "K": 1, "M": 1024, "G": 1024 * 1024}[m.group(2)]
+        if size:
+            sizes.add(int(size))
+    return frozenset(sizes)
 
 
 def numa_nodes(root: str) -> list[NumaNode] | None:
