@@ -136,6 +136,8 @@ def _nft_rules(w: GuardWant) -> list[str]:
             (f"ip saddr != {{ {', '.join(v4)} }} counter drop" if v4 else "meta protocol ip counter drop"),
             (f"ip6 saddr != {{ ::, fe80::/10, {', '.join(v6)} }} counter drop" if v6
              else "ip6 saddr != { ::, fe80::/10 } counter drop"),
+            # As on OVS (only IPv4, ARP and IPv6 flows pass): no other L2 protocol, no VLAN tags.
+            "meta protocol != { ip, arp, ip6 } counter drop",
         ]
     if w.rate_kbps:
         # nft's byte units are 1024-based: the same KiB/s libvirt would have enforced.

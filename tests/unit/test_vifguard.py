@@ -29,6 +29,7 @@ def test_ip_chain_allows_declared_addresses_dhcp_and_link_local_only():
     assert "arp saddr ip != { 0.0.0.0, 10.0.0.5 } counter drop" in rules
     assert "ip saddr != { 10.0.0.5 } counter drop" in rules
     assert "ip6 saddr != { ::, fe80::/10, 2001:db8::5 } counter drop" in rules
+    assert rules[-1] == "meta protocol != { ip, arp, ip6 } counter drop"
     no_ips = _nft_rules(GuardWant(device="vnet3", mac=MAC, vm_uuid=VM, ip_check=True))
     assert "meta protocol ip counter drop" in no_ips  # nothing declared: no IPv4 source passes
 
