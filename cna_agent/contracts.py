@@ -317,3 +317,34 @@ class VmCheck(Protocol):
     interval_s: float
 
     async def check_vm(self, vm: VmStatus) -> list[Finding]: ...
+
+
+# -- live migration between agents (compute asks the destination agent) ------------------------
+
+
+@dataclass(frozen=True)
+class IncomingPlan:
+    """What a destination answers to a prepared incoming migration (PrepareIncomingResponse)."""
+
+    #: The destination's libvirt as the source's libvirtd dials it (peer-to-peer).
+    libvirt_uri: str
+    #: QEMU's migration stream target ("tcp://HOST[:PORT]"); "" = libvirt's choice.
+    migrate_uri: str
+    #: The domain definition for the destination host (its pins, paths, ports).
+    domain_xml: str
+    #: Seconds the destination keeps the preparation before aborting it itself.
+    ttl_s: int
+
+
+class MigrationPeer(Protocol):
+    """The destination agent, as the source's migration sees it (api/peer.py implements it over
+    gRPC with the agent's mutual-TLS identity). ``spec`` is compute's VmSpec; the VM returned by
+    ``finish`` is compute's VmInfo as the destination reads it."""
+
+    async def prepare(self, destination: str, migration_id: str, spec: Any, domain_xml: str,
+                      source_host_uuid: str) -> IncomingPlan: ...
+
+    async def finish(self, destination: str, migration_id: str, completed: bool) -> Any: ...
+
+    async def abort(self, destination: str, migration_id: str, reason: str) -> None: ...
+

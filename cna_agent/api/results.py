@@ -42,7 +42,8 @@ VM, EMPTY = "cna.v1.Vm", "google.protobuf.Empty"
 #: instead of handing the caller something else.
 OPERATION_RESPONSES: dict[str, str] = {
     **dict.fromkeys(("vm.create", "vm.update", "vm.start", "vm.shutdown", "vm.reboot", "vm.pause", "vm.resume",
-                     "vm.snapshot.revert", "vm.disk.attach", "vm.disk.detach", "vm.disk.resize", "vm.disk.qos"), VM),
+                     "vm.snapshot.revert", "vm.disk.attach", "vm.disk.detach", "vm.disk.resize", "vm.disk.qos",
+                     "vm.migrate"), VM),
     "vm.snapshot.create": "cna.v1.Snapshot",
     **dict.fromkeys(("vm.delete", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",
                      "network.port_group.delete", "network.nic.detach"), EMPTY),

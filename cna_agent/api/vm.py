@@ -6,7 +6,7 @@ from typing import Any
 
 from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
-from cna_agent.api.vm_convert import STATE_NAMES, console_to_pb, snapshot_to_pb, spec_from_pb, vm_to_pb
+from cna_agent.api.vm_convert import STATE_NAMES, console_to_pb, migration_policy_from_pb, snapshot_to_pb, spec_from_pb, vm_to_pb
 from cna_agent.api.convert import request_fingerprint as fingerprint
 from cna_agent.compute.service import Compute
 from cna_agent.errors import InvalidArgument
@@ -48,6 +48,11 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
             states.append(STATE_NAMES[s])
         vms = await self._inv.list(states=states, include_unmanaged=request.include_unmanaged, status_only=request.status_only)
         return pb.vm_pb2.ListVmsResponse(vms=[vm_to_pb(v) for v in vms])
+
+    async def MigrateVm(self, request, context):
+        return await self._op(context, self._c.migrations.migrate(request.vm, request.destination,
+                                                                 migration_policy_from_pb(request.policy),
+                                                                 request_id=request.request_id, fingerprint=fingerprint(request)))
 
     async def UpdateVm(self, request, context):
         return await self._op(context, self._c.updates.update(request.vm, spec_from_pb(request.spec), list(request.update_mask),

@@ -157,3 +157,25 @@ def snapshot_to_pb(info: Any) -> Any:
     return pb.vm_pb2.Snapshot(name=info.name, parent=info.parent, create_time=timestamp_pb2.Timestamp(seconds=info.create_time),
                               description=info.description, kind=info.kind, vm_state=state, current=info.current,
                               children=list(info.children))
+
+
+def vm_from_pb(m: Any) -> VmInfo:
+    """cna.v1.Vm -> VmInfo (what a peer agent reported, e.g. a migration's destination)."""
+    s = m.status
+    return VmInfo(uuid=m.uuid, name=m.name, managed=m.managed, spec=spec_from_pb(m.spec) if m.HasField("spec") else None,
+                  state=STATE_NAMES.get(s.state, "unknown"), reason=s.state_reason,
+                  state_time=s.state_time.seconds + s.state_time.nanos / 1e9 if s.HasField("state_time") else None,
+                  cpu_time_ns=s.cpu_time_ns, memory_rss_kib=s.memory_rss_kib, qemu_pid=s.qemu_pid,
+                  host_limitations=tuple(s.host_limitations))
+
+
+def migration_policy_from_pb(m: Any) -> Any:
+    """cna.v1.MigrationPolicy -> compute's MigrationPolicy (zero values take its defaults)."""
+    from cna_agent.compute.migration import MigrationPolicy
+
+    d = MigrationPolicy()
+    return MigrationPolicy(max_downtime_ms=m.max_downtime_ms or d.max_downtime_ms, bandwidth_mib_s=m.bandwidth_mib_s,
+                           auto_converge=m.auto_converge, permit_post_copy=m.permit_post_copy,
+                           progress_timeout_s=m.progress_timeout_s or d.progress_timeout_s,
+                           completion_timeout_s_per_gib=m.completion_timeout_s_per_gib or d.completion_timeout_s_per_gib,
+                           completion_action=m.completion_action or d.completion_action)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import libvirt
 
 from cna_agent import __version__
+from cna_agent.compute import domxml as dx
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.events import DomainEventMonitor
@@ -50,9 +51,13 @@ class DomainRenderer:
         return ValidationContext(host_arch=self.ctx.host_arch, virt_type=self.virt_type, host_cpus=self.host_cpus,
                                  have_placer=have_placer)
 
-    def render(self, spec: VmSpec, bindings: Bindings) -> str:
+    def build(self, spec: VmSpec, bindings: Bindings) -> "dx.Domain":
+        """The typed domain for this host (render() is its XML)."""
         ctx = replace(self.ctx, agent_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        return build_domain(spec, bindings, ctx).to_xml()
+        return build_domain(spec, bindings, ctx)
+
+    def render(self, spec: VmSpec, bindings: Bindings) -> str:
+        return self.build(spec, bindings).to_xml()
 
     def prepare_dirs(self, spec: VmSpec, qemu: QemuUser | None) -> None:
         self.run_dirs.prepare(spec.uuid, qemu)

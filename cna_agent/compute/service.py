@@ -16,6 +16,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from cna_agent.compute.migration import VmMigrations
+from cna_agent.compute.migration_incoming import IncomingMigrations
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.console import ConsoleSession
@@ -63,6 +65,9 @@ class Compute:
     recovery: VmRecovery
     resumer: IoErrorResumer
     reconciler: VmReconciler
+    #: Live migration: this host as the source, and as the destination.
+    migrations: VmMigrations
+    incoming: IncomingMigrations
 
     async def start(self) -> None:
         await self.monitor.start()

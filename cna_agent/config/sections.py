@@ -218,6 +218,29 @@ class VrmConfig:
     batch_size: int = 500
 
 
+@dataclass(frozen=True)
+class MigrationConfig:
+    """Live migration between agents (compute/migration.py, compute/migration_incoming.py).
+
+    The source agent calls the destination agent's MigrationService with the agent's own
+    mutual-TLS identity ([vrm] cert, key and CA); libvirt's peer-to-peer job then runs between
+    the two hosts' libvirt daemons.
+    """
+
+    #: This host's libvirt as the SOURCE's libvirtd dials it, e.g. "qemu+tls://node2.example/system";
+    #: empty = this host takes no incoming migrations (PrepareIncoming refuses, naming this key).
+    libvirt_uri: str = ""
+    #: Address (host or host:port) of this host's migration network for QEMU's stream;
+    #: empty = libvirt's choice (the host name).
+    migrate_host: str = ""
+    #: At most this many outgoing and incoming migrations at once; more are refused as busy
+    #: (retryable), not failed.
+    max_outgoing: int = 2
+    max_incoming: int = 2
+    #: A prepared incoming migration neither finished nor aborted within this is aborted here.
+    prepare_ttl_s: int = 600
+
+
 #: The TOML sections, by name, and the dataclass each one fills.
 SECTION_TYPES: dict[str, type] = {
     "grpc": GrpcConfig,
@@ -232,6 +255,7 @@ SECTION_TYPES: dict[str, type] = {
     "metrics": MetricsConfig,
     "stats": StatsConfig,
     "vrm": VrmConfig,
+    "migration": MigrationConfig,
 }
 
 #: Keys holding tables of named entries ([network.bridges.br0]); merged per entry, last wins.
@@ -252,6 +276,7 @@ class AgentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     vrm: VrmConfig = field(default_factory=VrmConfig)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
     #: Files that were read, in order (for check-config and the start-up log line).
     sources: tuple[str, ...] = ()
 

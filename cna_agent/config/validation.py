@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 
 from cna_agent.config.sections import (
@@ -175,6 +176,16 @@ def validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
             fail("compute", "image_dirs", f"{image_dir!r} must be an absolute path")
     if cfg.compute.io_error_resume not in ("auto", "manual"):
         fail("compute", "io_error_resume", f"{cfg.compute.io_error_resume!r} is not one of auto, manual")
+    mig = cfg.migration
+    if mig.libvirt_uri and not re.match(r"^qemu(\+(tls|tcp|ssh|libssh2?))?://[^\s/]*/system(\?[^\s]*)?$", mig.libvirt_uri):
+        fail("migration", "libvirt_uri", f"{mig.libvirt_uri!r} is not a qemu://, qemu+tls:// or qemu+tcp://HOST/system URI")
+    if mig.migrate_host and not re.match(r"^[A-Za-z0-9.:\[\]-]{1,255}$", mig.migrate_host):
+        fail("migration", "migrate_host", f"{mig.migrate_host!r} is not a host or host:port")
+    for key in ("max_outgoing", "max_incoming"):
+        if not 1 <= getattr(mig, key) <= 16:
+            fail("migration", key, f"{getattr(mig, key)} is not between 1 and 16")
+    if not 30 <= mig.prepare_ttl_s <= 86400:
+        fail("migration", "prepare_ttl_s", f"{mig.prepare_ttl_s} is not between 30 and 86400")
     if not 0 <= cfg.compute.hotplug_slots <= 32:
         fail("compute", "hotplug_slots", f"{cfg.compute.hotplug_slots} is not between 0 and 32")
     if cfg.compute.io_error_check_interval_s <= 0:

@@ -105,7 +105,9 @@ async def build_agent(config: AgentConfig) -> Agent:
     from cna_agent.api.events import EventServicer
     from cna_agent.api.host import HostServicer
     from cna_agent.api.network import NetworkServicer
+    from cna_agent.api.migration import MigrationServicer
     from cna_agent.api.operations import OperationsServicer
+    from cna_agent.api.peer import GrpcMigrationPeer
     from cna_agent.api.results import encode_result
     from cna_agent.api.server import AgentServer
     from cna_agent.api.storage import StorageServicer
@@ -152,7 +154,9 @@ async def build_agent(config: AgentConfig) -> Agent:
     network = parts.build_network(config, runner, events, inventory, libvirt_uri=uri)
     compute = parts.build_compute(config, hypervisor, runner, events, inventory, render_ctx, virt_type=virt_type,
                                   host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer,
-                                  checks=[network.service.reconciler, placement.monitor])
+                                  checks=[network.service.reconciler, placement.monitor],
+                                  peer=GrpcMigrationPeer(cert=config.vrm.cert, key=config.vrm.key, ca=config.vrm.ca),
+                                  host_uuid=config.host.host_uuid or (hypervisor.facts.host_uuid if hypervisor.facts else ""))
     # Every blocking pool, for the metrics (read at scrape time).
     pools = [store.pool, hypervisor.pool, pool, compute.resumer.executor, storage.executor,
              network.service.ovs.pool, network.service.netlink_pool]
@@ -171,6 +175,7 @@ async def build_agent(config: AgentConfig) -> Agent:
         "cna.v1.StorageService": StorageServicer(storage, compute.disks),
         "cna.v1.NetworkService": NetworkServicer(network.service, network.ops, compute.nics),
         "cna.v1.AgentService": AgentServicer(telemetry.link, store),
+        "cna.v1.MigrationService": MigrationServicer(compute.incoming),
     }
     server = AgentServer(config, servicers, on_call=rpc_on_call)
 

@@ -28,13 +28,15 @@ from cna_agent.compute.snapshot_ops import VmSnapshots
 from cna_agent.compute.update import VmUpdates
 from cna_agent.compute.vmops import VmOps
 from cna_agent.config import AgentConfig
-from cna_agent.contracts import DiskProvider, Placer, PortProvider, VmCheck, VmLocator
+from cna_agent.contracts import DiskProvider, MigrationPeer, Placer, PortProvider, VmCheck, VmLocator
 from cna_agent.host.cpulist import parse_cpulist
 from cna_agent.host.drift import PlacementMonitor
 from cna_agent.host.placement import Planner
 from cna_agent.host.placer import HostPlacer, read_live_hugepages
 from cna_agent.host.service import HostService
 from cna_agent.hypervisor import Hypervisor
+from cna_agent.compute.migration import VmMigrations
+from cna_agent.compute.migration_incoming import IncomingMigrations
 from cna_agent.network.operations import NetworkOperations
 from cna_agent.network.service import NetworkService
 from cna_agent.operations import OperationRunner
@@ -110,7 +112,7 @@ async def render_context(config: AgentConfig, hypervisor: Hypervisor, virt_type:
 def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: OperationRunner, events: EventHub,
                   inventory: VmInventory, ctx: RenderContext, *, virt_type: str, host_cpus: int,
                   disks: DiskProvider | None, ports: PortProvider, placer: Placer | None,
-                  checks: Sequence[VmCheck] = ()) -> Compute:
+                  checks: Sequence[VmCheck] = (), peer: MigrationPeer | None = None, host_uuid: str = "") -> Compute:
     """Compute's parts around one inventory; ``disks``/``ports``/``placer`` are the other
     subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins),
     ``checks`` their per-VM checks for compute's reconcile (network's ports, placement's pinning)."""
@@ -140,8 +142,20 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         recovery=VmRecovery(hypervisor, inventory),
         resumer=resumer,
         reconciler=reconciler,
+        migrations=VmMigrations(ops, binder, renderer.run_dirs, peer or _no_peer(), max_outgoing=config.migration.max_outgoing,
+                                host_uuid=host_uuid),
+        incoming=IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
+                                    migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
+                                    ttl_s=config.migration.prepare_ttl_s),
     )
     return compute
+
+
+def _no_peer() -> MigrationPeer:
+    """The peer-agent client (api/peer.py), when the wiring did not hand one in."""
+    from cna_agent.api.peer import GrpcMigrationPeer
+
+    return GrpcMigrationPeer()
 
 
 # -- storage and network -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from support.agent import start_agent
 from support.operations import ok, wait
 
 vm, st, net, ops_pb, ev, host_pb = pb.vm_pb2, pb.storage_pb2, pb.network_pb2, pb.operations_pb2, pb.events_pb2, pb.host_pb2
+mig = pb.migration_pb2
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="runs the embedded QEMU driver")]
 
 #: Answers a client can act on. UNKNOWN and INTERNAL are bugs; so is a deadline the agent misses.
@@ -48,9 +49,9 @@ HOSTILE_INTS = [-1, -(1 << 31), (1 << 31) - 1, (1 << 63) - 1]
 HOSTILE_UINTS = [(1 << 32) - 1, (1 << 63) - 1, (1 << 64) - 1]
 #: Fields whose value is free text: a hostile string there may be accepted (it is escaped).
 FREE_TEXT = {"description", "cmdline", "message", "data", "stage", "page_token", "keymap", "password", "types", "kinds",
-             "resource_id", "labels"}
+             "resource_id", "labels", "reason"}
 #: Fields with a token policy of their own: a value matching it is not hostile.
-TOKENS = {"request_id": re.compile(r"^[A-Za-z0-9._:~-]{1,128}$")}
+TOKENS = {"request_id": re.compile(r"^[A-Za-z0-9._:~-]{1,128}$"), "migration_id": re.compile(r"^[A-Za-z0-9._:~-]{1,128}$")}
 
 
 def _hostile(f: FieldDescriptor) -> list[Any]:
@@ -227,6 +228,14 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "VmService/RevertSnapshot": vm.SnapshotActionRequest(vm="sweep-vm", snapshot="base-snap"),
         "VmService/DeleteSnapshot": vm.SnapshotActionRequest(vm="sweep-vm", snapshot="base-snap"),
         "VmService/GetVmDiagnostics": vm.GetVmDiagnosticsRequest(vm="sweep-vm"),
+        "VmService/MigrateVm": vm.MigrateVmRequest(vm="sweep-vm", destination="127.0.0.1:9",
+                                                   policy=vm.MigrationPolicy(max_downtime_ms=500, completion_action="abort")),
+        "MigrationService/PrepareIncoming": mig.PrepareIncomingRequest(
+            migration_id="sweep-mig", domain_xml="<domain type='qemu'/>",
+            spec=vm.VmSpec(name="sweep-in", uuid="0b5c2f8e-3d41-4a9b-8c7e-6f5a4b3c2d99", vcpus=1, memory_mib=64,
+                           arch=sec.ARCH_X86_64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE))),
+        "MigrationService/FinishIncoming": mig.FinishIncomingRequest(migration_id="sweep-mig", completed=True),
+        "MigrationService/AbortIncoming": mig.AbortIncomingRequest(migration_id="sweep-mig", reason="r"),
         "StorageService/ListDatastores": st.ListDatastoresRequest(),
         "StorageService/GetDatastore": st.GetDatastoreRequest(name="ds"),
         "StorageService/RescanDatastore": st.RescanDatastoreRequest(name="ds"),

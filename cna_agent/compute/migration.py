@@ -1,0 +1,281 @@
+"""Live migration, the source's side: one ``vm.migrate`` operation that asks the destination
+agent to prepare, drives libvirt's peer-to-peer job, watches it, and tidies up on the right side.
+
+Why this shape (VDSM's migration source, nova's libvirt driver, KubeVirt's migration monitor):
+
+* The destination prepares *before* any memory moves (migration_incoming.py): placement on its
+  own topology, its ports and LUNs, its own definition; what does not fit is refused there.
+* libvirt's peer-to-peer job with ``PERSIST_DEST | UNDEFINE_SOURCE``: libvirt makes the VM
+  persistent on the destination before it undefines it here, and only once the job completed,
+  so a failure at any point leaves it defined somewhere (never on neither host).
+* The agent, not the manager, enforces the hard limits while the job runs: no progress for
+  ``progress_timeout_s`` aborts; the downtime limit is stepped up while iterations stall; past
+  the completion timeout the policy's action (abort, post-copy, pause) is taken. These hold
+  while the VRM is unreachable.
+* A cancel (CancelOperation) aborts libvirt's job and waits for it to end: the VM's lock is
+  not released while the job could still switch the VM over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+
+from cna_agent.compute import state as st
+from cna_agent.compute.binder import Binder
+from cna_agent.compute.rundirs import QemuRunDirs
+from cna_agent.compute.vmops import VmOps
+from cna_agent.contracts import IncomingPlan, MigrationPeer
+from cna_agent.errors import Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceBusy
+from cna_agent.operations import OperationContext
+from cna_agent.state.journal import OperationRecord
+
+log = logging.getLogger(__name__)
+
+COMPLETION_ACTIONS = ("abort", "post-copy", "pause")
+#: How often the job is read (progress on the operation and the events, the limits).
+MONITOR_INTERVAL_S = 1.0
+#: Downtime steps: x1.5 per stalled iteration, at most this many times.
+DOWNTIME_STEPS = 4
+#: How long a cancelled or timed-out job may take to wind down before the agent gives up waiting.
+ABORT_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class MigrationPolicy:
+    """How one live migration runs (MigrationPolicy in vm.proto); the defaults are the anchors'."""
+
+    max_downtime_ms: int = 300
+    bandwidth_mib_s: int = 0
+    auto_converge: bool = False
+    permit_post_copy: bool = False
+    progress_timeout_s: int = 60
+    completion_timeout_s_per_gib: int = 120
+    completion_action: str = "abort"
+
+    def validated(self) -> "MigrationPolicy":
+        def bounded(value: int, field: str, low: int, high: int) -> None:
+            if not low <= value <= high:
+                raise InvalidArgument(f"policy.{field}", f"{value} is not in {low}..{high}")
+
+        bounded(self.max_downtime_ms, "max_downtime_ms", 10, 60_000)
+        bounded(self.bandwidth_mib_s, "bandwidth_mib_s", 0, 1_000_000)
+        bounded(self.progress_timeout_s, "progress_timeout_s", 5, 3600)
+        bounded(self.completion_timeout_s_per_gib, "completion_timeout_s_per_gib", 5, 3600)
+        if self.completion_action not in COMPLETION_ACTIONS:
+            raise InvalidArgument("policy.completion_action", f"{self.completion_action!r} is not one of {', '.join(COMPLETION_ACTIONS)}")
+        if self.completion_action == "post-copy" and not self.permit_post_copy:
+            raise InvalidArgument("policy.completion_action", "post-copy needs permit_post_copy")
+        return self
+
+
+def check_destination(destination: str) -> str:
+    """"host:port" of the destination agent (no scheme, no path, a port in range)."""
+    host, sep, port = destination.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or len(destination) > 255:
+        raise InvalidArgument("destination", f"{destination!r} is not host:port")
+    if any(c in host for c in "/@ \t\r\n\0"):
+        raise InvalidArgument("destination", f"{destination!r} is not host:port")
+    return destination
+
+
+@dataclass
+class JobWatch:
+    """What the monitor keeps between reads of libvirt's job: the progress shown never goes
+    backwards, and the stall clock restarts only when the remaining data shrinks."""
+
+    started: float
+    best_remaining: int | None = None
+    last_progress: float = 0.0
+    iteration: int = 0
+    downtime_ms: int = 0
+    steps: int = 0
+    percent: int = 0
+    acted: str = ""
+
+
+class VmMigrations:
+    """``vm.migrate`` on the source. Collaborators: the VM operations (lock, journal, events),
+    the binder (this host's claims to release after the VM left), the run directories, and
+    the peer (the destination agent, contracts.MigrationPeer)."""
+
+    def __init__(self, ops: VmOps, binder: Binder, run_dirs: QemuRunDirs, peer: MigrationPeer, *,
+                 max_outgoing: int = 2, host_uuid: str = "") -> None:
+        self.ops = ops
+        self.hv = ops.hv
+        self.binder = binder
+        self.run_dirs = run_dirs
+        self.peer = peer
+        self.max_outgoing = max_outgoing
+        self.host_uuid = host_uuid
+        self._outgoing: set[str] = set()
+
+    async def migrate(self, ref: str, destination: str, policy: MigrationPolicy, *, request_id: str = "",
+                      fingerprint: str = "") -> OperationRecord:
+        check_destination(destination)
+        policy = policy.validated()
+        uuid, _ = await self.ops.inventory.lookup_uuid(ref)
+        spec = await self.ops.inventory.spec(uuid)
+        if await self.ops.inventory.state(uuid) not in (st.RUNNING, st.PAUSED):
+            raise FailedPrecondition(f"vm {spec.name!r} is not running; live migration moves running VMs", field="vm")
+        if len(self._outgoing) >= self.max_outgoing and uuid not in self._outgoing:
+            raise ResourceBusy(f"{len(self._outgoing)} outgoing migrations already run on this host (limit "
+                               f"{self.max_outgoing}); retry when one has finished", field="vm")
+
+        async def work(op: OperationContext) -> Any:
+            self._outgoing.add(uuid)
+            try:
+                return await self._run(op, uuid, spec, destination, policy)
+            finally:
+                self._outgoing.discard(uuid)
+
+        return await self.ops.submit("vm.migrate", uuid, work, request_id=request_id, fingerprint=fingerprint)
+
+    async def _run(self, op: OperationContext, uuid: str, spec: Any, destination: str, policy: MigrationPolicy) -> Any:
+        await op.progress(2, "preparing the destination")
+        xml = await self.hv.call(lambda c: c.lookupByUUIDString(uuid).XMLDesc(
+            libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE), timeout=30)
+        plan = await self.peer.prepare(destination, op.id, spec, xml, self.host_uuid)
+        await self.ops.events.publish("vm.migration_started", resource_kind="vm", resource_id=uuid, resource_name=spec.name,
+                                      message=f"{spec.name} migrating to {destination}", operation_id=op.id,
+                                      attributes={"destination": destination})
+        try:
+            stats = await self._drive(op, uuid, spec, plan, policy)
+        except BaseException as exc:
+            reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
+            try:
+                await asyncio.shield(self.peer.abort(destination, op.id, reason))
+            except Exception as abort_exc:  # the destination aborts itself when its preparation expires
+                log.warning("event=migration.abort_unreached vm=%s destination=%s error=%r", uuid, destination, str(abort_exc))
+            await self.ops.events.publish("vm.migration_failed", severity="warning", resource_kind="vm", resource_id=uuid,
+                                          resource_name=spec.name, message=f"{spec.name} stays on this host: {reason}",
+                                          operation_id=op.id, attributes={"destination": destination})
+            raise
+        await op.progress(99, "finishing on the destination")
+        vm = await self.peer.finish(destination, op.id, True)
+        # The VM left: its claims here are free (libvirt undefined it after the destination
+        # had it persistent).
+        await self.binder.release_placement(uuid)
+        await self.binder.release_luns(spec, range(len(spec.disks)))
+        self.run_dirs.remove(uuid)
+        self.ops.inventory.forget(uuid)
+        await self.ops.events.publish("vm.migrated", resource_kind="vm", resource_id=uuid, resource_name=spec.name,
+                                      message=f"{spec.name} moved to {destination}", operation_id=op.id,
+                                      attributes={"destination": destination, **{k: str(v) for k, v in stats.items()}})
+        return vm
+
+    async def _drive(self, op: OperationContext, uuid: str, spec: Any, plan: IncomingPlan, policy: MigrationPolicy) -> dict:
+        """Run libvirt's job in a thread and watch it here; returns the completed job's figures."""
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_ABORT_ON_ERROR)
+        if policy.auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if policy.permit_post_copy:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: plan.domain_xml,
+                                  libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: plan.domain_xml}
+        if plan.migrate_uri:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = plan.migrate_uri
+        if policy.bandwidth_mib_s:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = policy.bandwidth_mib_s
+
+        def run(conn: libvirt.virConnect) -> None:
+            conn.lookupByUUIDString(uuid).migrateToURI3(plan.libvirt_uri, params, flags)
+
+        ram_gib = max(1.0, spec.memory_mib / 1024)
+        job = asyncio.ensure_future(self.hv.call(run, timeout=policy.completion_timeout_s_per_gib * ram_gib + 3600))
+        watch = JobWatch(started=time.monotonic(), last_progress=time.monotonic(), downtime_ms=policy.max_downtime_ms)
+        try:
+            while not job.done():
+                await asyncio.wait([job], timeout=MONITOR_INTERVAL_S)
+                if job.done():
+                    break
+                await self._watch(op, uuid, spec, policy, watch, ram_gib)
+            job.result()
+        except BaseException as exc:
+            if not job.done():
+                await self._abort_job(uuid, job, why=type(exc).__name__)
+            if isinstance(exc, libvirt.libvirtError):
+                raise Aborted(f"libvirt's migration job failed: {exc.get_error_message()}") from None
+            raise
+        figures = await self.hv.call(lambda c: _completed_stats(c, uuid, plan.libvirt_uri), timeout=30)
+        figures["downtime_steps"] = watch.steps
+        if watch.acted:
+            figures["completion_action"] = watch.acted
+        return figures
+
+    async def _watch(self, op: OperationContext, uuid: str, spec: Any, policy: MigrationPolicy, w: JobWatch, ram_gib: float) -> None:
+        try:
+            stats = await self.hv.call(lambda c: c.lookupByUUIDString(uuid).jobStats(0), timeout=10)
+        except libvirt.libvirtError:
+            return  # between the job's phases (or just finished): read again next time
+        now = time.monotonic()
+        total = int(stats.get("data_total", 0) or stats.get("memory_total", 0))
+        remaining = int(stats.get("data_remaining", stats.get("memory_remaining", 0)))
+        iteration = int(stats.get("memory_iteration", 0))
+        if total:
+            w.percent = max(w.percent, min(98, 5 + int(93 * (total - remaining) / total)))
+        if w.best_remaining is None or remaining < w.best_remaining:
+            w.best_remaining, w.last_progress = remaining, now
+        elif iteration > w.iteration and w.steps < DOWNTIME_STEPS:
+            w.downtime_ms = int(w.downtime_ms * 1.5)
+            w.steps += 1
+            await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateSetMaxDowntime(w.downtime_ms, 0), timeout=10)
+            log.info("event=migration.downtime vm=%s iteration=%d downtime_ms=%d", uuid, iteration, w.downtime_ms)
+        if w.steps == 0 and not w.iteration and iteration:
+            await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateSetMaxDowntime(w.downtime_ms, 0), timeout=10)
+        w.iteration = max(w.iteration, iteration)
+        await op.progress(w.percent, f"migrating (iteration {iteration}, {remaining >> 20} MiB left, "
+                                     f"{int(stats.get('memory_dirty_rate', 0)) * 4 >> 10} MiB/s dirtied)",
+                          bytes_done=max(0, total - remaining) if total else None, bytes_total=total or None)
+        if now - w.last_progress > policy.progress_timeout_s:
+            raise DeadlineExceeded(f"the migration made no progress for {policy.progress_timeout_s} s "
+                                   f"({remaining >> 20} MiB still to send); aborted, the VM stays here")
+        if now - w.started > policy.completion_timeout_s_per_gib * ram_gib and not w.acted:
+            w.acted = policy.completion_action
+            if policy.completion_action == "abort":
+                raise DeadlineExceeded(f"the migration did not complete within {policy.completion_timeout_s_per_gib} s "
+                                       f"per GiB of RAM; aborted, the VM stays here")
+            if policy.completion_action == "post-copy":
+                await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateStartPostCopy(0), timeout=10)
+            else:
+                await self.hv.call(lambda c: c.lookupByUUIDString(uuid).suspend(), timeout=10)
+            log.warning("event=migration.completion_action vm=%s action=%s", uuid, policy.completion_action)
+
+    async def _abort_job(self, uuid: str, job: "asyncio.Future[Any]", *, why: str) -> None:
+        """Abort libvirt's job and wait (bounded) until migrateToURI3 returned: only then is it
+        known that the VM did not switch over."""
+        try:
+            await self.hv.call(lambda c: c.lookupByUUIDString(uuid).abortJob(), timeout=30)
+        except libvirt.libvirtError as exc:
+            log.warning("event=migration.abort vm=%s why=%s error=%r", uuid, why, exc.get_error_message())
+        try:
+            await asyncio.wait_for(asyncio.shield(job), ABORT_WAIT_S)
+        except BaseException:  # the job's own error is the expected end of an aborted job
+            pass
+
+
+def _completed_stats(conn: libvirt.virConnect, uuid: str, dest_uri: str) -> dict:
+    """The completed job's figures (libvirt keeps them on the source domain object only while it
+    exists; after UNDEFINE_SOURCE they are read from the destination)."""
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError:
+        try:
+            dest = libvirt.open(dest_uri)
+        except libvirt.libvirtError:
+            return {}
+        try:
+            stats = dest.lookupByUUIDString(uuid).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError:
+            return {}
+        finally:
+            dest.close()
+    return {k: stats[k] for k in ("time_elapsed", "downtime", "memory_transferred", "memory_iteration") if k in stats}
+
