@@ -120,6 +120,12 @@ class IncomingMigrations:
         except NotFound:
             return  # finished, aborted or expired already: nothing is held for it
         here = await self.hv.call(lambda c: _presence(c, p.spec.uuid), timeout=15)
+        if here == "transient-incoming":
+            # The source said the job failed and its VM runs there: what is here is only the
+            # paused shell QEMU started for the incoming stream (a hung one, e.g. SIGSTOPped,
+            # keeps libvirt's own clean-up waiting). Never a running guest: that is kept below.
+            await self.hv.call(lambda c: _destroy_incoming(c, p.spec.uuid), timeout=60)
+            here = await self.hv.call(lambda c: _presence(c, p.spec.uuid), timeout=15)
         if here == "absent":
             await self._release(p.spec)
         else:
@@ -184,9 +190,21 @@ class IncomingMigrations:
 
 
 def _presence(conn: libvirt.virConnect, uuid: str) -> str:
-    """"absent", or "<persistent|transient>-<running|stopped>" for the domain with ``uuid``."""
+    """"absent", "transient-incoming" (the paused QEMU waiting for a migration stream), or
+    "<persistent|transient>-<running|stopped>" for the domain with ``uuid``."""
     try:
         dom = conn.lookupByUUIDString(uuid)
+        persistent, active = dom.isPersistent(), dom.isActive()
+        state, reason = dom.state() if active else (0, 0)
     except libvirt.libvirtError:
         return "absent"
-    return f"{'persistent' if dom.isPersistent() else 'transient'}-{'running' if dom.isActive() else 'stopped'}"
+    if active and not persistent and state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION:
+        return "transient-incoming"
+    return f"{'persistent' if persistent else 'transient'}-{'running' if active else 'stopped'}"
+
+
+def _destroy_incoming(conn: libvirt.virConnect, uuid: str) -> None:
+    try:
+        conn.lookupByUUIDString(uuid).destroy()
+    except libvirt.libvirtError as exc:  # gone meanwhile (libvirt's own clean-up won)
+        log.info("event=migration.incoming_destroy vm=%s error=%r", uuid, exc.get_error_message())

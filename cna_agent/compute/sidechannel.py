@@ -79,7 +79,10 @@ class SideChannels:
     async def detach(self, uuid: str) -> None:
         conn = self._conns.pop(uuid, None)
         if conn is not None:
-            await conn.close()
+            try:
+                await conn.close()
+            except (EOFError, OSError) as exc:  # QEMU went first (stopped, migrated away): nothing left to close
+                log.debug("event=qmp.detached vm=%s after=%r", uuid, exc)
 
     def state_changed(self, uuid: str, state: str) -> None:
         """Lifecycle hook (called on the event loop): follow running guests, drop stopped ones."""
