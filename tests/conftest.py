@@ -13,6 +13,7 @@ The helpers behind these fixtures are in tests/support (on sys.path through pypr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,7 @@ import pytest
 from support import agent as agent_proc
 from support.agent import AgentProcess, start_agent
 from support.guests import build_guest
+from support import hosts as test_hosts
 from support import libvirt as test_libvirt
 from support.libvirt import warm_capabilities_cache
 
@@ -101,3 +103,19 @@ def system_libvirtd():
         test_libvirt.stop_libvirtd()
     if not had_virtlogd and test_libvirt.virtlogd_running():
         test_libvirt.stop_virtlogd()
+
+
+@pytest.fixture(scope="session")
+def two_hosts(tmp_path_factory):
+    """Two libvirt hosts on this machine, ``a`` and ``b`` (support.hosts.TwoHosts): each its own
+    libvirtd in a mount namespace, ``uri`` qemu+tcp://127.0.0.1:PORT/system, ``host_uuid``,
+    ``libvirtd_pid``, ``qemu_pids()``, ``migration_uri()``. Up for the session, torn down with
+    their guests at its end; shared by the integration and e2e tiers (migration)."""
+    if os.geteuid() != 0:
+        pytest.skip("two namespace hosts need root")
+    try:
+        hosts = test_hosts.start_two_hosts(tmp_path_factory.mktemp("hosts", numbered=True))
+    except test_hosts.testbed_module().TestbedError as e:
+        pytest.fail(f"two hosts did not come up: {e}")
+    yield hosts
+    test_hosts.stop_two_hosts(hosts)
