@@ -1,0 +1,220 @@
+"""Live migration between two real agents, each on its own libvirtd (two "hosts" in mount
+namespaces, tools/testbed.py), over the agent API as the VRM calls it (MigrateVm on the source).
+
+Judged from outside the agents: each host's libvirt (where the domain is defined and running),
+QEMU's processes, and the guest itself (its serial console answers through the destination agent
+after the move: a disk hot-plugged through the destination agent is announced by the guest on
+its serial console, with no boot in between).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cna_agent.api import pb
+from support.agent import start_agent
+from support.guests import guest_spec, serial_log
+from support.operations import history, ok, wait
+from support.tools import REPO
+
+vm = pb.vm_pb2
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (two libvirtds)"), pytest.mark.slow]
+
+
+def _domain(uri: str, uuid: str) -> tuple[bool, bool] | None:
+    """(persistent, active) of ``uuid`` on the libvirt at ``uri``, or None when it is not there."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        return bool(dom.isPersistent()), bool(dom.isActive())
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def two_agents(two_hosts, libvirt_caps_cache):
+    """One agent per host, each with the other's libvirt reachable for incoming migrations."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    base = Path(tempfile.mkdtemp(prefix="mg", dir="/tmp"))
+    base.chmod(0o711)
+    images = base / "img"
+    images.mkdir()
+    guests = REPO / ".cache" / "guests"
+    agents = []
+    s = base.name[-5:].lower()
+    bridge, pg = f"mgb{s}", f"mgp{s}"
+    for name, host in (("a", two_hosts.a), ("b", two_hosts.b)):
+        extra = (f'[libvirt]\nuri = "{host.uri}"\n[compute]\nimage_dirs = "{guests},{images}"\n'
+                 f'[migration]\nlibvirt_uri = "{host.uri}"\nmigrate_host = "127.0.0.1"\n')
+        if name == "a":  # a port group only host A has
+            extra += (f'[network]\nreconcile_interval_s = 0\n[network.bridges.{bridge}]\ntype = "linux"\n'
+                      f'[network.port_groups.{pg}]\nbridge = "{bridge}"\n')
+        agents.append(start_agent(base / name, None, extra_config=extra))
+    agents[0].extra["pg"] = pg
+    yield agents[0], agents[1], two_hosts, base
+    for agent in agents:
+        agent.stop()
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+    for host in (two_hosts.a, two_hosts.b):
+        _remove_domains(host.uri, str(base))
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _remove_domains(uri: str, marker: str) -> None:
+    """Destroy and undefine what this test left on a host (the guests outlive the agents)."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        for dom in conn.listAllDomains():
+            try:
+                if marker in dom.XMLDesc(0):
+                    if dom.isActive():
+                        dom.destroy()
+                    if dom.isPersistent():
+                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            except libvirt.libvirtError:
+                continue
+    finally:
+        conn.close()
+
+
+def test_a_running_guest_moves_to_the_other_host_and_keeps_running(two_agents) -> None:
+    a, b, hosts, base = two_agents
+    data = base / "img" / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "16M"], check=True, timeout=60)
+    with a.channel() as cha, b.channel() as chb:
+        vms_a, vms_b = pb.vm_pb2_grpc.VmServiceStub(cha), pb.vm_pb2_grpc.VmServiceStub(chb)
+        created = ok(cha, vms_a.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "mover"), start=True), timeout=60),
+                     into=vm.Vm())
+        uuid = created.uuid
+        serial_log(a, uuid).wait_for(r"CNA-GUEST-READY boot=", timeout=150)
+        # bad input first: named, nothing moves
+        with pytest.raises(grpc.RpcError) as err:
+            vms_a.MigrateVm(vm.MigrateVmRequest(vm=uuid, destination="nowhere"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "destination" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            vms_a.MigrateVm(vm.MigrateVmRequest(vm=uuid, destination=f"127.0.0.1:{b.tcp_port}",
+                                                policy=vm.MigrationPolicy(completion_action="explode")), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "policy.completion_action" in err.value.details()
+
+        t0 = time.monotonic()
+        op = vms_a.MigrateVm(vm.MigrateVmRequest(request_id="mig-1", vm=uuid, destination=f"127.0.0.1:{b.tcp_port}"), timeout=60)
+        seen = history(cha, op, timeout=180)
+        last = seen[-1]
+        assert last.state == pb.operations_pb2.OPERATION_STATE_SUCCEEDED, last.error
+        percents = [o.progress.percent for o in seen]
+        assert percents == sorted(percents) and percents[-1] == 100
+        moved = vm.Vm()
+        last.response.Unpack(moved)
+        assert moved.uuid == uuid and moved.status.state == vm.VM_STATE_RUNNING
+        elapsed = time.monotonic() - t0
+
+        # libvirt on each host: persistent and running on B, gone from A
+        assert _domain(hosts.b.uri, uuid) == (True, True)
+        assert _domain(hosts.a.uri, uuid) is None
+        assert [v.uuid for v in vms_b.ListVms(vm.ListVmsRequest(), timeout=30).vms] == [uuid]
+        assert not vms_a.ListVms(vm.ListVmsRequest(), timeout=30).vms
+        # the same guest, still running on B: a disk plugged through B's agent is announced by the
+        # guest in B's serial log, which shows no boot (the log starts at the move)
+        storage_b = pb.storage_pb2_grpc.StorageServiceStub(chb)
+        ok(chb, storage_b.AttachDisk(pb.storage_pb2.AttachDiskRequest(vm=uuid, disk=vm.DiskSpec(volume=str(data))), timeout=60))
+        log_b = serial_log(b, uuid)
+        log_b.wait_for(r"CNA-HOTPLUG add block vda", timeout=60)
+        assert "CNA-GUEST-READY" not in log_b.text()
+        print(f"migration over the agents: {elapsed:.2f} s")
+        ok(chb, vms_b.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
+
+
+def _qemu_pids(uuid: str, *, incoming: bool) -> list[int]:
+    """QEMU processes of guest ``uuid`` on this machine; ``incoming``: the destination's (started
+    with -incoming), else the source's."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(uuid.encode() in a for a in argv) and (b"-incoming" in argv) == incoming:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _start_slow_migration(cha, vms_a, uuid: str, b, **policy) -> object:
+    """A migration held to 1 MiB/s, so it is still running when the test acts on it."""
+    op = vms_a.MigrateVm(vm.MigrateVmRequest(vm=uuid, destination=f"127.0.0.1:{b.tcp_port}",
+                                             policy=vm.MigrationPolicy(bandwidth_mib_s=1, **policy)), timeout=60)
+    ops = pb.operations_pb2_grpc.OperationsServiceStub(cha)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        cur = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=10)
+        if cur.progress.percent >= 10 and cur.progress.stage.startswith("migrating"):
+            return cur
+        assert cur.state == pb.operations_pb2.OPERATION_STATE_RUNNING, cur
+        time.sleep(0.2)
+    raise AssertionError(f"the migration did not get going: {cur}")
+
+
+def _stays_on_a(hosts, vms_a, vms_b, uuid: str) -> None:
+    """After a failed or cancelled move: running and persistent on A, nothing on B (libvirt,
+    QEMU, the agent's list), within 30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (_domain(hosts.b.uri, uuid) is not None or _qemu_pids(uuid, incoming=True)):
+        time.sleep(0.5)
+    assert _domain(hosts.a.uri, uuid) == (True, True)
+    assert _domain(hosts.b.uri, uuid) is None and not _qemu_pids(uuid, incoming=True)
+    assert vms_a.GetVm(vm.GetVmRequest(vm=uuid), timeout=30).status.state == vm.VM_STATE_RUNNING
+    assert not vms_b.ListVms(vm.ListVmsRequest(), timeout=30).vms
+
+
+def test_cancel_a_stalled_destination_and_a_destination_that_cannot_take_it_leave_the_vm_where_it_was(two_agents) -> None:
+    a, b, hosts, base = two_agents
+    with a.channel() as cha, b.channel() as chb:
+        vms_a, vms_b = pb.vm_pb2_grpc.VmServiceStub(cha), pb.vm_pb2_grpc.VmServiceStub(chb)
+        ops = pb.operations_pb2_grpc.OperationsServiceStub(cha)
+        created = ok(cha, vms_a.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "stayer"), start=True), timeout=60),
+                     into=vm.Vm())
+        uuid = created.uuid
+        serial_log(a, uuid).wait_for(r"CNA-GUEST-READY boot=", timeout=150)
+
+        # 1. CancelOperation mid-way: libvirt's job is aborted, the VM stays on A, B is clean
+        cur = _start_slow_migration(cha, vms_a, uuid, b)
+        ops.CancelOperation(pb.operations_pb2.CancelOperationRequest(id=cur.id), timeout=30)
+        done = wait(cha, cur, timeout=90)
+        assert done.error.code == grpc.StatusCode.CANCELLED.value[0], done
+        _stays_on_a(hosts, vms_a, vms_b, uuid)
+
+        # 2. The destination's QEMU stops answering (SIGSTOP): no progress for the policy's
+        #    timeout aborts the job; the stopped QEMU on B is cleaned up by libvirt
+        cur = _start_slow_migration(cha, vms_a, uuid, b, progress_timeout_s=5)
+        for pid in _qemu_pids(uuid, incoming=True):
+            os.kill(pid, signal.SIGSTOP)
+        done = wait(cha, cur, timeout=120)
+        assert done.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "no progress" in done.error.message, done
+        _stays_on_a(hosts, vms_a, vms_b, uuid)
+
+        # 3. A destination without the VM's port group refuses while preparing, naming it; the
+        #    VM stays on A and B claims nothing
+        wired = ok(cha, vms_a.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "wired", nics=[vm.NicSpec(port_group=a.extra["pg"])]),
+                                                          start=True), timeout=60), into=vm.Vm())
+        op = wait(cha, vms_a.MigrateVm(vm.MigrateVmRequest(vm=wired.uuid, destination=f"127.0.0.1:{b.tcp_port}"), timeout=60),
+                  timeout=60)
+        assert op.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and a.extra["pg"] in op.error.message, op
+        _stays_on_a(hosts, vms_a, vms_b, wired.uuid)
