@@ -34,20 +34,18 @@ HOST_SIDE = ("cputune", "numatune", "memoryBacking")
 GUEST_IDENTITY = ("address", "alias")
 
 
-def _replace_top(dst: ET.Element, src_fresh: ET.Element, tag: str) -> None:
-    """Make ``dst``'s ``<tag>`` the fresh rendering's (or remove it when the rendering has none),
-    at the same position."""
-    old = dst.find(tag)
-    new = src_fresh.find(tag)
+def _swap(parent: ET.Element, fresh_parent: ET.Element, tag: str, *, anchor: str | None = None) -> None:
+    """Make ``parent``'s ``<tag>`` the fresh rendering's, at the same position (removed when the
+    rendering has none; added before ``<anchor>``, or first, when only the rendering has one)."""
+    old, new = parent.find(tag), fresh_parent.find(tag)
     if old is not None:
-        index = list(dst).index(old)
-        dst.remove(old)
-        if new is not None:
-            dst.insert(index, copy.deepcopy(new))
-    elif new is not None:
-        # libvirt's order: after <vcpu>/<iothreads> (cputune) - placing it before <os> is valid.
-        anchor = dst.find("os")
-        dst.insert(list(dst).index(anchor) if anchor is not None else len(dst), copy.deepcopy(new))
+        index = list(parent).index(old)
+        parent.remove(old)
+    else:
+        at = parent.find(anchor) if anchor else None
+        index = list(parent).index(at) if at is not None else (len(parent) if anchor else 0)
+    if new is not None:
+        parent.insert(index, copy.deepcopy(new))
 
 
 def _with_identity(fresh: ET.Element, source: ET.Element) -> ET.Element:
@@ -68,7 +66,8 @@ def destination_xml(source_xml: str, fresh: dx.Domain) -> str:
     dst = ET.fromstring(source_xml)
     new = fresh.to_element()
     for tag in HOST_SIDE:
-        _replace_top(dst, new, tag)
+        # libvirt's order puts them after <vcpu>/<iothreads>: before <os> is valid.
+        _swap(dst, new, tag, anchor="os")
 
     # OS: the UEFI variable store is under this agent's state directory.
     nvram_new = new.find("os/nvram")
@@ -87,14 +86,7 @@ def destination_xml(source_xml: str, fresh: dx.Domain) -> str:
         if dev not in fresh_disks:
             raise FailedPrecondition(f"the running VM has a disk {dev!r} its spec does not name", field="vm")
         for tag in ("source", "auth"):
-            old, rep = disk.find(tag), fresh_disks[dev].find(tag)
-            if old is not None:
-                index = list(disk).index(old)
-                disk.remove(old)
-                if rep is not None:
-                    disk.insert(index, copy.deepcopy(rep))
-            elif rep is not None:
-                disk.insert(0, copy.deepcopy(rep))
+            _swap(disk, fresh_disks[dev], tag)
         if fresh_disks[dev].get("type"):
             disk.set("type", fresh_disks[dev].get("type"))
     # Interfaces by MAC.
