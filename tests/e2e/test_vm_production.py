@@ -60,7 +60,8 @@ def test_a_windows_family_vm_boots_under_tcg_with_what_qemu_offers(vm_agent_fact
         # ... and a Linux VM on the same host has nothing to report
         linux = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=guest_spec("x86_64", "lin-tcg")), timeout=60), into=vm.Vm())
         assert not vms.GetVm(vm.GetVmRequest(vm=linux.uuid), timeout=30).status.host_limitations
-        ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=created.uuid, force=True), timeout=60))
+        for u in (created.uuid, linux.uuid):
+            ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=u, force=True), timeout=60))
 
 
 @pytest.fixture
