@@ -86,30 +86,17 @@ def libvirt_mode(request) -> str:
     return request.param
 
 
-@pytest.fixture(scope="session")
-def _host_libvirtd():
-    """The host's libvirtd for the session: started once if it was not running, stopped at the
-    end then (with the virtlogd it brought), left alone if it was already there."""
+@pytest.fixture
+def system_libvirtd():
+    """The host's libvirtd (qemu:///system: QEMU runs as its own unprivileged user), started if
+    it was not running and left as it was found (other tests' agents pick qemu:///system when
+    its socket exists). Before it is stopped, the domains of the agents this test started are
+    removed: a definition left on its disk would be adopted by the next test's agent."""
     if not Path("/usr/sbin/libvirtd").exists():
         pytest.fail("libvirtd is not installed: run tools/setup.sh")
     was_running = test_libvirt.libvirtd_answers()
     had_virtlogd = test_libvirt.virtlogd_running()
     if not was_running:
-        test_libvirt.start_libvirtd()
-    yield
-    if not was_running and test_libvirt.libvirtd_answers():
-        test_libvirt.stop_libvirtd()
-    if not had_virtlogd and test_libvirt.virtlogd_running():
-        test_libvirt.stop_virtlogd()
-
-
-@pytest.fixture
-def system_libvirtd(_host_libvirtd):
-    """The host's libvirtd (qemu:///system: QEMU runs as its own unprivileged user), answering for
-    the test (started again if an earlier test stopped it). Afterwards the domains of the agents
-    this test started are removed while libvirtd still answers: a definition left on its disk
-    would be adopted by the next test's agent."""
-    if not test_libvirt.libvirtd_answers():
         test_libvirt.start_libvirtd()
     first = len(agent_proc.STARTED)
     yield
@@ -117,6 +104,10 @@ def system_libvirtd(_host_libvirtd):
         test_libvirt.start_libvirtd()
     for agent in agent_proc.STARTED[first:]:
         agent_proc.remove_system_domains(agent)
+    if not was_running and test_libvirt.libvirtd_answers():
+        test_libvirt.stop_libvirtd()
+    if not had_virtlogd and test_libvirt.virtlogd_running():
+        test_libvirt.stop_virtlogd()
 
 
 @pytest.fixture(scope="session")
