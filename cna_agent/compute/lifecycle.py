@@ -62,6 +62,7 @@ class DomainRenderer:
     def prepare_dirs(self, spec: VmSpec, qemu: QemuUser | None) -> None:
         self.run_dirs.prepare(spec.uuid, qemu)
         state = os.path.normpath(self.ctx.state_dir)
+        os.makedirs(state, mode=0o700, exist_ok=True)  # the agent's own (the daemon makes it; embedders may not)
         make_dirs(os.path.join(state, "nvram"), below=state)
         if resolve_defaults(spec, self.ctx).firmware == "uefi":
             # libvirt copies the NVRAM template there and relabels the copy; QEMU opens it by path.
