@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from support.ovs import vsctl
+
 from cna_agent.compute.binder import generate_mac
 from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.render import interface_xml
@@ -64,11 +66,6 @@ def ovs(testbed):
     works (a second one cannot open its "ovs-netdev" device), so tests share it."""
     return testbed
 
-
-def vsctl(tb: Any, *args: str) -> str:
-    p = subprocess.run(["ovs-vsctl", f"--db={tb.ovsdb_remote}", "--timeout=20", *args], capture_output=True, text=True, timeout=30)
-    assert p.returncode == 0, p.stderr
-    return p.stdout.strip()
 
 
 def _svc(tb: Any, conn: Any, tmp_path: Path) -> tuple[NetworkService, Events]:

@@ -12,7 +12,6 @@ guest restart the guest still has it.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import uuid
 import xml.etree.ElementTree as ET
@@ -26,17 +25,13 @@ from support.agent import start_agent
 from support.console import AgentConsole, facts
 from support.guests import guest_spec, serial_log
 from support.operations import ok
+from support.ovs import vsctl
 from support.tools import REPO
 from support.waiting import wait_for
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 vm, npb = pb.vm_pb2, pb.network_pb2
 
-
-def vsctl(tb, *args: str) -> str:
-    p = subprocess.run(["ovs-vsctl", f"--db={tb.ovsdb_remote}", "--timeout=20", *args], capture_output=True, text=True, timeout=30)
-    assert p.returncode == 0, p.stderr
-    return p.stdout.strip()
 
 
 def _persistent_interfaces(agent, name: str) -> list[tuple[str, str]]:
