@@ -225,6 +225,10 @@ class Placer(Protocol):
 
     async def release(self, vm_uuid: str) -> None: ...
 
+    def placements(self) -> list[Any]:
+        """Every reservation held (each has ``uuid``): start-up releases those of VMs that are
+        not on this host any more (a crash between claiming and defining)."""
+
 
 # -- views of the VMs (compute answers; storage, network and placement ask) --------------------
 

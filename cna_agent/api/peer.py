@@ -42,7 +42,12 @@ class GrpcMigrationPeer:
                                                        certificate_chain=read(cert))
 
     def _channel(self, destination: str) -> grpc.aio.Channel:
-        options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+        # A channel per call, each with its own subchannels: gRPC otherwise shares one
+        # connection per address across channels, and one that failed while the destination
+        # was down (restarting) stays in back-off, failing the next calls at once with the old
+        # "connection refused" although the destination is back.
+        options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20),
+                   ("grpc.use_local_subchannel_pool", 1)]
         if self._creds is not None:
             return grpc.aio.secure_channel(destination, self._creds, options=options)
         return grpc.aio.insecure_channel(destination, options=options)

@@ -156,7 +156,8 @@ async def build_agent(config: AgentConfig) -> Agent:
                                   host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer,
                                   checks=[network.service.reconciler, placement.monitor],
                                   peer=GrpcMigrationPeer(cert=config.vrm.cert, key=config.vrm.key, ca=config.vrm.ca),
-                                  host_uuid=config.host.host_uuid or (hypervisor.facts.host_uuid if hypervisor.facts else ""))
+                                  host_uuid=config.host.host_uuid or (hypervisor.facts.host_uuid if hypervisor.facts else ""),
+                                  store=store)
     # Every blocking pool, for the metrics (read at scrape time).
     pools = [store.pool, hypervisor.pool, pool, compute.resumer.executor, storage.executor,
              network.service.ovs.pool, network.service.netlink_pool]
@@ -165,7 +166,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     await storage.start()
     log.info("event=storage.started datastores=%d threads=%d", len(config.storage.datastores), config.storage.executor_threads)
     await compute.start()
-    recovered = await runner.recover(compute.recovery.handlers())
+    recovered = await runner.recover(compute.recovery_handlers())
 
     servicers: dict[str, object] = {
         "cna.v1.HostService": HostServicer(host, placement=placement.monitor),

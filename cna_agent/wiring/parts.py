@@ -112,7 +112,8 @@ async def render_context(config: AgentConfig, hypervisor: Hypervisor, virt_type:
 def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: OperationRunner, events: EventHub,
                   inventory: VmInventory, ctx: RenderContext, *, virt_type: str, host_cpus: int,
                   disks: DiskProvider | None, ports: PortProvider, placer: Placer | None,
-                  checks: Sequence[VmCheck] = (), peer: MigrationPeer | None = None, host_uuid: str = "") -> Compute:
+                  checks: Sequence[VmCheck] = (), peer: MigrationPeer | None = None, host_uuid: str = "",
+                  store: StateStore | None = None) -> Compute:
     """Compute's parts around one inventory; ``disks``/``ports``/``placer`` are the other
     subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins),
     ``checks`` their per-VM checks for compute's reconcile (network's ports, placement's pinning)."""
@@ -146,7 +147,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                                 host_uuid=host_uuid),
         incoming=IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                     migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
-                                    ttl_s=config.migration.prepare_ttl_s),
+                                    ttl_s=config.migration.prepare_ttl_s, store=store),
     )
     return compute
 
