@@ -52,7 +52,12 @@ class MigrationPolicy:
 
     max_downtime_ms: int = 300
     bandwidth_mib_s: int = 0
-    auto_converge: bool = False
+    #: On by default (oVirt's default "Minimal downtime" policy, Incus for every live move): QEMU
+    #: throttles the vCPUs only once an iteration shows the guest dirtying faster than the stream
+    #: sends, so an idle guest is not touched, and a busy one converges with the source still
+    #: authoritative (nova and KubeVirt leave it off and let such guests time out).
+    auto_converge: bool = True
+    #: Off by default (nova, KubeVirt, oVirt): a failure during post-copy loses the guest.
     permit_post_copy: bool = False
     progress_timeout_s: int = 60
     completion_timeout_s_per_gib: int = 120
