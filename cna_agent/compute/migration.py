@@ -267,17 +267,20 @@ class VmMigrations:
 
 def _completed_stats(conn: libvirt.virConnect, uuid: str, dest_uri: str) -> dict:
     """The completed job's figures (libvirt keeps them on the source domain object only while it
-    exists; after UNDEFINE_SOURCE they are read from the destination)."""
+    exists; after UNDEFINE_SOURCE they are read from the destination). KEEP_COMPLETED: a plain
+    read clears them, and an admin's ``virsh domjobinfo --completed`` on the destination should
+    still show the job the agent ran."""
+    which = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
     try:
         dom = conn.lookupByUUIDString(uuid)
-        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        stats = dom.jobStats(which)
     except libvirt.libvirtError:
         try:
             dest = libvirt.open(dest_uri)
         except libvirt.libvirtError:
             return {}
         try:
-            stats = dest.lookupByUUIDString(uuid).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            stats = dest.lookupByUUIDString(uuid).jobStats(which)
         except libvirt.libvirtError:
             return {}
         finally:
