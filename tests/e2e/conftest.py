@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from support.agent import start_agent
-from support.hosts import remove_domains
+from support.hosts import agent_config, remove_domains
 from support.tools import REPO
 
 
@@ -58,8 +58,7 @@ def two_agents(two_hosts, libvirt_caps_cache):
     s = base.name[-5:].lower()
     bridge, pg = f"mgb{s}", f"mgp{s}"
     for name, host in (("a", two_hosts.a), ("b", two_hosts.b)):
-        extra = (f'[libvirt]\nuri = "{host.uri}"\n[compute]\nimage_dirs = "{guests},{images}"\n'
-                 f'[migration]\nlibvirt_uri = "{host.uri}"\nmigrate_host = "127.0.0.1"\n')
+        extra = agent_config(host, f"{guests},{images}")
         if name == "a":  # a port group only host A has
             extra += (f'[network]\nreconcile_interval_s = 0\n[network.bridges.{bridge}]\ntype = "linux"\n'
                       f'[network.port_groups.{pg}]\nbridge = "{bridge}"\n')

@@ -141,3 +141,10 @@ def remove_domains(uri: str, marker: str) -> None:
                 continue
     finally:
         conn.close()
+
+
+def agent_config(host: Host, image_dirs: str) -> str:
+    """The config lines an agent on namespace host ``host`` needs for migrations: its libvirt,
+    the image directories (comma-separated) and the address the peers' QEMU send memory to."""
+    return (f'[libvirt]\nuri = "{host.uri}"\n[compute]\nimage_dirs = "{image_dirs}"\n'
+            f'[migration]\nlibvirt_uri = "{host.uri}"\nmigrate_host = "127.0.0.1"\n')
