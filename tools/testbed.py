@@ -794,6 +794,9 @@ class Testbed:
             run(["nsenter", f"--target={holder}", "--mount", "--", "umount", "--lazy", mp],
                 timeout=30, check=False)  # a parent's lazy unmount already took its children
         self._ns(holder, ["mount", "-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "tmpfs", "/run"])
+        # /var/lock is /run/lock on Debian (systemd-tmpfiles makes it at boot): libvirt takes a
+        # UUCP lock file there for every console stream it opens on a guest's pty
+        self._ns(holder, ["mkdir", "-m", "1777", "/run/lock"])
         for key, target in HOST_BIND_DIRS.items():
             self._ns(holder, ["mount", "--bind", str(hdir / key), target])
         for d in cgroups:

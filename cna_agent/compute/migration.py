@@ -62,7 +62,12 @@ class MigrationPolicy:
 
     max_downtime_ms: int = 300
     bandwidth_mib_s: int = 0
-    auto_converge: bool = False
+    #: On by default (oVirt's default "Minimal downtime" policy, Incus for every live move): QEMU
+    #: throttles the vCPUs only once an iteration shows the guest dirtying faster than the stream
+    #: sends, so an idle guest is not touched, and a busy one converges with the source still
+    #: authoritative (nova and KubeVirt leave it off and let such guests time out).
+    auto_converge: bool = True
+    #: Off by default (nova, KubeVirt, oVirt): a failure during post-copy loses the guest.
     permit_post_copy: bool = False
     progress_timeout_s: int = 60
     completion_timeout_s_per_gib: int = 120
@@ -363,17 +368,20 @@ class VmMigrations:
 
 def _completed_stats(conn: libvirt.virConnect, uuid: str, dest_uri: str) -> dict:
     """The completed job's figures (libvirt keeps them on the source domain object only while it
-    exists; after UNDEFINE_SOURCE they are read from the destination)."""
+    exists; after UNDEFINE_SOURCE they are read from the destination). KEEP_COMPLETED: a plain
+    read clears them, and an admin's ``virsh domjobinfo --completed`` on the destination should
+    still show the job the agent ran."""
+    which = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
     try:
         dom = conn.lookupByUUIDString(uuid)
-        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        stats = dom.jobStats(which)
     except libvirt.libvirtError:
         try:
             dest = libvirt.open(dest_uri)
         except libvirt.libvirtError:
             return {}
         try:
-            stats = dest.lookupByUUIDString(uuid).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            stats = dest.lookupByUUIDString(uuid).jobStats(which)
         except libvirt.libvirtError:
             return {}
         finally:
