@@ -21,6 +21,7 @@ import pytest
 from cna_agent.api import pb
 from support.guests import guest_spec, serial_log
 from support.hosts import domain_state
+from support.migration import qemu_pids
 from support.operations import history, ok, wait
 
 vm = pb.vm_pb2
@@ -74,22 +75,6 @@ def test_a_running_guest_moves_to_the_other_host_and_keeps_running(two_agents) -
         ok(chb, vms_b.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
 
 
-def _qemu_pids(uuid: str, *, incoming: bool) -> list[int]:
-    """QEMU processes of guest ``uuid`` on this machine; ``incoming``: the destination's (started
-    with -incoming), else the source's."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(uuid.encode() in a for a in argv) and (b"-incoming" in argv) == incoming:
-            pids.append(int(proc.name))
-    return pids
-
-
 def _start_slow_migration(cha, vms_a, uuid: str, b, **policy) -> object:
     """A migration held to 1 MiB/s, so it is still running when the test acts on it."""
     op = vms_a.MigrateVm(vm.MigrateVmRequest(vm=uuid, destination=f"127.0.0.1:{b.tcp_port}",
@@ -109,10 +94,10 @@ def _stays_on_a(hosts, vms_a, vms_b, uuid: str) -> None:
     """After a failed or cancelled move: running and persistent on A, nothing on B (libvirt,
     QEMU, the agent's list), within 30 s."""
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (domain_state(hosts.b.uri, uuid) is not None or _qemu_pids(uuid, incoming=True)):
+    while time.monotonic() < deadline and (domain_state(hosts.b.uri, uuid) is not None or qemu_pids(uuid, incoming=True)):
         time.sleep(0.5)
     assert domain_state(hosts.a.uri, uuid) == (True, True)
-    assert domain_state(hosts.b.uri, uuid) is None and not _qemu_pids(uuid, incoming=True)
+    assert domain_state(hosts.b.uri, uuid) is None and not qemu_pids(uuid, incoming=True)
     assert vms_a.GetVm(vm.GetVmRequest(vm=uuid), timeout=30).status.state == vm.VM_STATE_RUNNING
     assert not vms_b.ListVms(vm.ListVmsRequest(), timeout=30).vms
 
@@ -137,7 +122,7 @@ def test_cancel_a_stalled_destination_and_a_destination_that_cannot_take_it_leav
         # 2. The destination's QEMU stops answering (SIGSTOP): no progress for the policy's
         #    timeout aborts the job; the stopped QEMU on B is cleaned up by libvirt
         cur = _start_slow_migration(cha, vms_a, uuid, b, progress_timeout_s=5)
-        for pid in _qemu_pids(uuid, incoming=True):
+        for pid in qemu_pids(uuid, incoming=True):
             os.kill(pid, signal.SIGSTOP)
         done = wait(cha, cur, timeout=120)
         assert done.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "no progress" in done.error.message, done

@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 from support.agent import AgentProcess, start_agent
+from support.hosts import agent_config as hosts_agent_config
+from support.hosts import domain_state as domain
+from support.hosts import remove_domains
 from support.tools import REPO
 
 
 def agent_config(host, images: Path, extra: str = "") -> str:
-    guests = REPO / ".cache" / "guests"
-    return (f'[libvirt]\nuri = "{host.uri}"\n[compute]\nimage_dirs = "{guests},{images}"\n'
-            f'[migration]\nlibvirt_uri = "{host.uri}"\nmigrate_host = "127.0.0.1"\n' + extra)
+    return hosts_agent_config(host, f"{REPO / '.cache' / 'guests'},{images}") + extra
 
 
 def make_base(prefix: str) -> Path:
@@ -42,20 +43,6 @@ def restart(agent: AgentProcess, *, env: dict | None = None, sig: int = signal.S
     new = start_agent(agent.dir, None, config=agent.config, env=env)
     new.tcp_port, new.extra = agent.tcp_port, agent.extra
     return new
-
-
-def domain(uri: str, uuid: str) -> tuple[bool, bool] | None:
-    """(persistent, active) of ``uuid`` on the libvirt at ``uri``, or None when it is not there."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        dom = conn.lookupByUUIDString(uuid)
-        return bool(dom.isPersistent()), bool(dom.isActive())
-    except libvirt.libvirtError:
-        return None
-    finally:
-        conn.close()
 
 
 def qemu_pids(uuid: str, *, incoming: bool | None = None) -> list[int]:
@@ -96,25 +83,6 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.5):
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         time.sleep(interval)
-
-
-def remove_domains(uri: str, marker: str) -> None:
-    """Destroy and undefine what a test left on a host (the guests outlive the agents)."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        for dom in conn.listAllDomains():
-            try:
-                if marker in dom.XMLDesc(0):
-                    if dom.isActive():
-                        dom.destroy()
-                    if dom.isPersistent():
-                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-            except libvirt.libvirtError:
-                continue
-    finally:
-        conn.close()
 
 
 def tear_down(agents, hosts, base: Path, bridges: tuple[str, ...] = ()) -> None:
