@@ -66,9 +66,10 @@ class GrpcMigrationPeer:
                     raise err(what, field="destination") from None
                 raise Unavailable(what) from None
 
-    async def prepare(self, destination: str, migration_id: str, spec: Any, domain_xml: str, source_host_uuid: str) -> IncomingPlan:
+    async def prepare(self, destination: str, migration_id: str, spec: Any, domain_xml: str, source_host_uuid: str, *,
+                      post_copy: bool = False) -> IncomingPlan:
         req = m.PrepareIncomingRequest(migration_id=migration_id, spec=spec_to_pb(spec), domain_xml=domain_xml,
-                                       source_host_uuid=source_host_uuid)
+                                       source_host_uuid=source_host_uuid, post_copy=post_copy)
         resp = await self._call(destination, "PrepareIncoming", req, PREPARE_TIMEOUT_S)
         return IncomingPlan(libvirt_uri=resp.libvirt_uri, migrate_uri=resp.migrate_uri, domain_xml=resp.domain_xml,
                             ttl_s=resp.ttl_seconds)

@@ -120,6 +120,7 @@ class JobWatch:
     steps: int = 0
     percent: int = 0
     acted: str = ""
+    throttle: int = 0
 
 
 class VmMigrations:
@@ -182,7 +183,7 @@ class VmMigrations:
         xml = await self.hv.call(lambda c: c.lookupByUUIDString(uuid).XMLDesc(
             libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE), timeout=30)
         try:
-            plan = await self.peer.prepare(destination, op.id, spec, xml, self.host_uuid)
+            plan = await self.peer.prepare(destination, op.id, spec, xml, self.host_uuid, post_copy=policy.permit_post_copy)
         except Unavailable as exc:
             # The destination may have prepared and died before it answered: have it drop that
             # (told until it answers again; its preparation also lapses by itself).
@@ -330,19 +331,29 @@ class VmMigrations:
         iteration = int(stats.get("memory_iteration", 0))
         if total:
             w.percent = max(w.percent, min(98, 5 + int(93 * (total - remaining) / total)))
+        throttle = int(stats.get("auto_converge_throttle", 0))
         if w.best_remaining is None or remaining < w.best_remaining:
             w.best_remaining, w.last_progress = remaining, now
-        elif iteration > w.iteration and w.steps < DOWNTIME_STEPS:
-            w.downtime_ms = int(w.downtime_ms * 1.5)
-            w.steps += 1
-            await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateSetMaxDowntime(w.downtime_ms, 0), timeout=10)
-            log.info("event=migration.downtime vm=%s iteration=%d downtime_ms=%d", uuid, iteration, w.downtime_ms)
+        else:
+            if throttle > w.throttle:
+                # Auto-converge at work: the remaining data stays near its first low while QEMU
+                # slows the vCPUs step by step (20-30 iterations to 99 %); each step is progress,
+                # or a progress timeout would abort the migrations auto-converge is finishing.
+                w.last_progress = now
+            if iteration > w.iteration and w.steps < DOWNTIME_STEPS:
+                w.downtime_ms = int(w.downtime_ms * 1.5)
+                w.steps += 1
+                await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateSetMaxDowntime(w.downtime_ms, 0), timeout=10)
+                log.info("event=migration.downtime vm=%s iteration=%d downtime_ms=%d", uuid, iteration, w.downtime_ms)
+        w.throttle = max(w.throttle, throttle)
         if w.steps == 0 and not w.iteration and iteration:
             await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateSetMaxDowntime(w.downtime_ms, 0), timeout=10)
         w.iteration = max(w.iteration, iteration)
         await op.progress(w.percent, f"migrating (iteration {iteration}, {remaining >> 20} MiB left, "
                                      f"{int(stats.get('memory_dirty_rate', 0)) * 4 >> 10} MiB/s dirtied)",
                           bytes_done=max(0, total - remaining) if total else None, bytes_total=total or None)
+        if w.acted == "post-copy":
+            return  # the VM runs on the destination now: nothing may abort or pause it, only wait
         if now - w.last_progress > policy.progress_timeout_s:
             raise DeadlineExceeded(f"the migration made no progress for {policy.progress_timeout_s} s "
                                    f"({remaining >> 20} MiB still to send); aborted, the VM stays here")

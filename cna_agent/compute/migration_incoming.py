@@ -38,6 +38,7 @@ from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import IncomingPlan
 from cna_agent.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceBusy
 from cna_agent.failpoints import crash_point
+from cna_agent.qemu_access import post_copy_blocker
 from cna_agent.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ class IncomingMigrations:
         """UUIDs of the VMs prepared to arrive (their claims are held for them)."""
         return {p.spec.uuid for p in self._pending.values()}
 
-    async def prepare(self, migration_id: str, spec: VmSpec, source_xml: str, source_host_uuid: str = "") -> IncomingPlan:
+    async def prepare(self, migration_id: str, spec: VmSpec, source_xml: str, source_host_uuid: str = "", *,
+                      post_copy: bool = False) -> IncomingPlan:
         async with self._lock:
             if migration_id in self._pending:  # the source retried: same answer, nothing claimed twice
                 return self._pending[migration_id].plan
@@ -104,6 +106,9 @@ class IncomingMigrations:
             if len(self._pending) >= self.max_incoming:
                 raise ResourceBusy(f"{len(self._pending)} incoming migrations already prepared on this host (limit "
                                    f"{self.max_incoming}); retry when one has finished", field="destination")
+            blocker = post_copy_blocker(self.hv.qemu_user()) if post_copy else ""
+            if blocker:
+                raise FailedPrecondition(f"this host cannot take a post-copy migration: {blocker}", field="policy.permit_post_copy")
             await self._refuse_conflicts(spec)
             await self._check_cpu(source_xml)
             bindings = await self.binder.bindings(spec)
