@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 
 import grpc
+import libvirt
 import pytest
 
 from cna_agent.api import pb
-from support.dirty import BANDWIDTH_MIB_S, WORKING_SET_MIB, check_convergence
+from support.dirty import BANDWIDTH_MIB_S, WORKING_SET_MIB, StateSampler, check_convergence
 from support.guests import guest_spec, serial_log
 from support.hosts import domain_state
 from support.operations import ok, wait
@@ -67,13 +67,13 @@ def test_a_fast_dirtying_guest_converges_under_the_default_policy_and_not_with_p
         #    action. libvirt on B shows the VM paused for post-copy (its vCPUs run on A while
         #    the rest of its memory is pulled); afterwards it runs on A only, the same guest.
         before = _last_pass(serial_log(a, uuid).text())
-        with _StateSampler(hosts.b.uri, uuid) as states:
+        with StateSampler(hosts.b.uri, uuid) as states:
             op = vms_b.MigrateVm(vm.MigrateVmRequest(vm=uuid, destination=f"127.0.0.1:{a.tcp_port}", policy=vm.MigrationPolicy(
                 bandwidth_mib_s=BANDWIDTH_MIB_S, auto_converge=False, permit_post_copy=True, completion_action="post-copy",
                 completion_timeout_s_per_gib=5)), timeout=60)
             done = wait(chb, op, timeout=180)
         assert done.state == pb.operations_pb2.OPERATION_STATE_SUCCEEDED, done.error
-        assert states.seen_postcopy, states.seen
+        assert (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY) in states.seen, states.seen
         assert domain_state(hosts.a.uri, uuid) == (True, True) and domain_state(hosts.b.uri, uuid) is None
         log_a = serial_log(a, uuid)
         log_a.wait_for(r"^CNA-DIRTY \d+", timeout=60, count=log_a.count(r"^CNA-DIRTY \d+") + 1)
@@ -84,41 +84,3 @@ def test_a_fast_dirtying_guest_converges_under_the_default_policy_and_not_with_p
 def _last_pass(text: str) -> int:
     """The highest pass number the guest's rewrite loop printed (it counts on across moves)."""
     return max((int(m) for m in re.findall(r"^CNA-DIRTY (\d+)", text, re.M)), default=0)
-
-
-class _StateSampler:
-    """The domain's (state, reason) on one libvirt, sampled in a thread while a move runs."""
-
-    def __init__(self, uri: str, uuid: str) -> None:
-        self.uri, self.uuid = uri, uuid
-        self.seen: set[tuple[int, int]] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def seen_postcopy(self) -> bool:
-        import libvirt
-
-        return (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY) in self.seen
-
-    def __enter__(self) -> "_StateSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        import libvirt
-
-        conn = libvirt.open(self.uri)
-        try:
-            while not self._stop.is_set():
-                try:
-                    self.seen.add(tuple(conn.lookupByUUIDString(self.uuid).state()))
-                except libvirt.libvirtError:
-                    pass
-                self._stop.wait(0.2)
-        finally:
-            conn.close()

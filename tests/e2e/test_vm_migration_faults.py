@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import grpc
@@ -27,7 +26,8 @@ from cna_agent.api import pb
 from cna_agent.host.cpulist import parse_cpulist
 from support.agent import start_agent
 from support.guests import guest_spec, serial_log
-from support.migration import agent_config, claims, domain, make_base, qemu_pids, restart, tear_down, wait_until
+from support.hosts import domain_state as domain
+from support.migration import agent_config, claims, make_base, qemu_pids, restart, tear_down, wait_until
 from support.operations import wait
 
 vm = pb.vm_pb2

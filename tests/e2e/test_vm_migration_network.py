@@ -17,14 +17,13 @@ import threading
 import time
 import uuid as uuidlib
 from pathlib import Path
-from xml.etree import ElementTree as ET
 
 import pytest
 
 from cna_agent.api import pb
 from support.agent import start_agent
 from support.guests import guest_spec, serial_log
-from support.hosts import domain_state
+from support.hosts import domain_state, domain_xml
 from support.migration import agent_config, make_base, tear_down, wait_until
 from support.operations import ok
 
@@ -76,14 +75,7 @@ def wired(two_hosts):
 
 
 def _taps(uri: str, uuid: str) -> list[str]:
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        root = ET.fromstring(conn.lookupByUUIDString(uuid).XMLDesc(0))
-        return [t.get("dev") for t in root.findall("devices/interface/target")]
-    finally:
-        conn.close()
+    return [t.get("dev") for t in domain_xml(uri, uuid).findall("devices/interface/target")]
 
 
 def _master(dev: str) -> str:

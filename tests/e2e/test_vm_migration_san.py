@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from xml.etree import ElementTree as ET
 
 import pytest
 
@@ -17,7 +16,7 @@ from cna_agent.api import pb
 from support.agent import start_agent
 from support.console import AgentConsole
 from support.guests import guest_spec, serial_log
-from support.hosts import domain_state
+from support.hosts import domain_state, domain_xml
 from support.migration import agent_config, make_base, tear_down
 from support.operations import ok
 from support.san import tgtd_target
@@ -29,14 +28,7 @@ MiB = 1 << 20
 
 
 def _lun_sources(uri: str, uuid: str) -> list[str]:
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        root = ET.fromstring(conn.lookupByUUIDString(uuid).XMLDesc(0))
-        return [s.get("name") for s in root.findall("devices/disk/source[@protocol='iscsi']")]
-    finally:
-        conn.close()
+    return [s.get("name") for s in domain_xml(uri, uuid).findall("devices/disk/source[@protocol='iscsi']")]
 
 
 def test_a_guest_on_a_shared_lun_moves_and_writes_to_it_on_the_destination(two_hosts) -> None:

@@ -45,23 +45,25 @@ def start_dirtying(shell, log, mib: int = 64, timeout: float = 120.0) -> float:
     return lines * DIRTY_EVERY * mib / (time.monotonic() - t0)
 
 
-class JobSampler:
-    """Samples the migration job of domain ``uuid`` on the libvirt at ``uri`` every ``interval``
-    seconds until stopped (a context manager); keeps the peaks and the last sample."""
+class DomainSampler:
+    """Reads domain ``uuid`` on the libvirt at ``uri`` every ``interval`` seconds in a thread
+    until stopped (a context manager); subclasses say what one sample is."""
 
     def __init__(self, uri: str, uuid: str, interval: float = 0.5) -> None:
         self.uri, self.uuid, self.interval = uri, uuid, interval
-        self.samples: list[dict] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"jobstats:{uuid}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"sampler:{uuid}", daemon=True)
 
-    def __enter__(self) -> "JobSampler":
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def sample(self, dom) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         import libvirt
@@ -70,17 +72,40 @@ class JobSampler:
         try:
             while not self._stop.wait(self.interval):
                 try:
-                    dom = conn.lookupByUUIDString(self.uuid)
-                    stats = dom.jobStats(0)
-                    if stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
-                        continue
-                    stats["max_downtime_ms"] = dom.migrateGetMaxDowntime(0)
-                    stats["t"] = time.monotonic()
-                    self.samples.append(stats)
+                    self.sample(conn.lookupByUUIDString(self.uuid))
                 except libvirt.libvirtError:
                     continue  # between phases, or the domain left this host
         finally:
             conn.close()
+
+
+class StateSampler(DomainSampler):
+    """The domain's (state, reason) pairs seen, e.g. paused for post-copy while it moves."""
+
+    def __init__(self, uri: str, uuid: str, interval: float = 0.2) -> None:
+        super().__init__(uri, uuid, interval)
+        self.seen: set[tuple[int, int]] = set()
+
+    def sample(self, dom) -> None:
+        self.seen.add(tuple(dom.state()))
+
+
+class JobSampler(DomainSampler):
+    """Samples the migration job of the domain; keeps every sample (peaks and the last)."""
+
+    def __init__(self, uri: str, uuid: str, interval: float = 0.5) -> None:
+        super().__init__(uri, uuid, interval)
+        self.samples: list[dict] = []
+
+    def sample(self, dom) -> None:
+        import libvirt
+
+        stats = dom.jobStats(0)
+        if stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return
+        stats["max_downtime_ms"] = dom.migrateGetMaxDowntime(0)
+        stats["t"] = time.monotonic()
+        self.samples.append(stats)
 
     def peak(self, key: str) -> int:
         return max((int(s.get(key, 0) or 0) for s in self.samples), default=0)

@@ -123,6 +123,18 @@ def domain_state(uri: str, uuid: str) -> tuple[bool, bool] | None:
         conn.close()
 
 
+def domain_xml(uri: str, uuid: str):
+    """The live definition of domain ``uuid`` on the libvirt at ``uri``, parsed (ElementTree)."""
+    import libvirt
+    from xml.etree import ElementTree as ET
+
+    conn = libvirt.open(uri)
+    try:
+        return ET.fromstring(conn.lookupByUUIDString(uuid).XMLDesc(0))
+    finally:
+        conn.close()
+
+
 def remove_domains(uri: str, marker: str) -> None:
     """Destroy and undefine the domains on the libvirt at ``uri`` whose XML names ``marker`` (a
     test's directory): guests outlive the agents that made them."""

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from support.agent import AgentProcess, start_agent
 from support.hosts import agent_config as hosts_agent_config
-from support.hosts import domain_state as domain
 from support.hosts import remove_domains
 from support.tools import REPO
 
