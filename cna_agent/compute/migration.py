@@ -105,7 +105,7 @@ class VmMigrations:
     the peer (the destination agent, contracts.MigrationPeer)."""
 
     def __init__(self, ops: VmOps, binder: Binder, run_dirs: QemuRunDirs, peer: MigrationPeer, *,
-                 max_outgoing: int = 2, host_uuid: str = "") -> None:
+                 max_outgoing: int = 2, host_uuid: str = "", cold: Any = None) -> None:
         self.ops = ops
         self.hv = ops.hv
         self.binder = binder
@@ -114,14 +114,20 @@ class VmMigrations:
         self.max_outgoing = max_outgoing
         self.host_uuid = host_uuid
         self._outgoing: set[str] = set()
+        #: A shut-off VM moves cold (migration_cold.ColdMigrations), within the same outgoing limit.
+        self.cold = cold
 
     async def migrate(self, ref: str, destination: str, policy: MigrationPolicy, *, request_id: str = "",
-                      fingerprint: str = "") -> OperationRecord:
+                      fingerprint: str = "", keep_source_volumes: bool = False) -> OperationRecord:
         check_destination(destination)
         policy = policy.validated()
         uuid, _ = await self.ops.inventory.lookup_uuid(ref)
         spec = await self.ops.inventory.spec(uuid)
-        if await self.ops.inventory.state(uuid) not in (st.RUNNING, st.PAUSED):
+        state = await self.ops.inventory.state(uuid)
+        if state == st.STOPPED and self.cold is not None:
+            return await self.cold.migrate(uuid, spec, destination, self._outgoing, self.max_outgoing, request_id=request_id,
+                                           fingerprint=fingerprint, keep_source_volumes=keep_source_volumes)
+        if state not in (st.RUNNING, st.PAUSED):
             raise FailedPrecondition(f"vm {spec.name!r} is not running; live migration moves running VMs", field="vm")
         if len(self._outgoing) >= self.max_outgoing and uuid not in self._outgoing:
             raise ResourceBusy(f"{len(self._outgoing)} outgoing migrations already run on this host (limit "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cna_agent.compute.migration import VmMigrations
+from cna_agent.compute.migration_cold_incoming import ColdIncoming
 from cna_agent.compute.migration_incoming import IncomingMigrations
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
@@ -68,6 +69,8 @@ class Compute:
     #: Live migration: this host as the source, and as the destination.
     migrations: VmMigrations
     incoming: IncomingMigrations
+    #: Cold migration, this host as the destination (the source side hangs off migrations).
+    cold_incoming: ColdIncoming | None = None
 
     async def start(self) -> None:
         await self.monitor.start()
