@@ -65,7 +65,7 @@ VOLUME_MODE = 0o600
 def data_blocks(fd: int, size: int, block: int = BLOCK) -> Iterator[int]:
     """Offsets (multiples of ``block``) of the blocks that hold data, in order; holes are skipped
     via SEEK_DATA/SEEK_HOLE, or every block is listed where the file system has no such call."""
-    last = -1
+    nxt = 0  # the first block not listed yet
     pos = 0
     while pos < size:
         try:
@@ -81,9 +81,9 @@ def data_blocks(fd: int, size: int, block: int = BLOCK) -> Iterator[int]:
         else:
             end = os.lseek(fd, start, os.SEEK_HOLE)
         first = start // block * block
-        for off in range(max(first, last + block), min(end, size), block):
+        for off in range(max(first, nxt), min(end, size), block):
             yield off
-            last = off
+            nxt = off + block
         pos = max(end, pos + 1)
 
 
