@@ -126,7 +126,8 @@ class VmMigrations:
         state = await self.ops.inventory.state(uuid)
         if state == st.STOPPED and self.cold is not None:
             return await self.cold.migrate(uuid, spec, destination, self._outgoing, self.max_outgoing, request_id=request_id,
-                                           fingerprint=fingerprint, keep_source_volumes=keep_source_volumes)
+                                           fingerprint=fingerprint, keep_source_volumes=keep_source_volumes,
+                                           bandwidth_mib_s=policy.bandwidth_mib_s)
         if state not in (st.RUNNING, st.PAUSED):
             raise FailedPrecondition(f"vm {spec.name!r} is not running; live migration moves running VMs", field="vm")
         if len(self._outgoing) >= self.max_outgoing and uuid not in self._outgoing:

@@ -83,8 +83,11 @@ class ColdMigrations:
         self.host_uuid = host_uuid
 
     async def migrate(self, uuid: str, spec: VmSpec, destination: str, outgoing: set[str], max_outgoing: int, *,
-                      keep_source_volumes: bool = False, request_id: str = "", fingerprint: str = "") -> OperationRecord:
-        """``outgoing``/``max_outgoing``: the host's limit shared with live migrations."""
+                      keep_source_volumes: bool = False, bandwidth_mib_s: int = 0, request_id: str = "",
+                      fingerprint: str = "") -> OperationRecord:
+        """``outgoing``/``max_outgoing``: the host's limit shared with live migrations;
+        ``bandwidth_mib_s``: the policy's bandwidth cap, applied to the volume copies (0 = none),
+        so a move does not saturate the storage network the running VMs share."""
         if len(outgoing) >= max_outgoing and uuid not in outgoing:
             raise ResourceBusy(f"{len(outgoing)} outgoing migrations already run on this host (limit {max_outgoing}); "
                                "retry when one has finished", field="vm")
@@ -92,13 +95,13 @@ class ColdMigrations:
         async def work(op: OperationContext) -> Any:
             outgoing.add(uuid)
             try:
-                return await self._run(op, uuid, destination, keep_source_volumes)
+                return await self._run(op, uuid, destination, keep_source_volumes, bandwidth_mib_s)
             finally:
                 outgoing.discard(uuid)
 
         return await self.ops.submit(KIND, uuid, work, request_id=request_id, fingerprint=fingerprint)
 
-    async def _run(self, op: OperationContext, uuid: str, destination: str, keep: bool) -> Any:
+    async def _run(self, op: OperationContext, uuid: str, destination: str, keep: bool, bandwidth_mib_s: int) -> Any:
         # Read under the VM lock: a disk attached since the request was checked counts.
         spec = await self.ops.inventory.spec(uuid)
         if await self.ops.inventory.running(uuid):
@@ -125,7 +128,7 @@ class ColdMigrations:
                                       attributes={"destination": destination, "cold": "true",
                                                   "disks_copied": str(len(copies)), "disks_shared": str(len(files) - len(copies))})
         try:
-            copied = await self._copy(op, transfer, spec, destination, files, idents, copies)
+            copied = await self._copy(op, transfer, spec, destination, files, idents, copies, bandwidth_mib_s)
             await op.progress(97, "defining on the destination")
             vm = await self.peer.finish_cold(destination, op.id)
         except BaseException as exc:
@@ -148,13 +151,15 @@ class ColdMigrations:
         return vm
 
     async def _copy(self, op: OperationContext, transfer: VolumeTransfer, spec: VmSpec, destination: str,
-                    files: dict[int, str], idents: dict[int, FileIdentity], copies: list[int]) -> int:
+                    files: dict[int, str], idents: dict[int, FileIdentity], copies: list[int], bandwidth_mib_s: int) -> int:
         """Stream each volume to copy; returns the bytes sent. Progress: 5..95 % over the files'
         sizes (holes count as done when passed), bytes done/total on the operation."""
         total = sum(idents[i].size for i in copies) or 1
         done = 0
         sent_bytes = 0
         last = 0.0
+        started = time.monotonic()
+        rate = bandwidth_mib_s * (1 << 20)
         for n, i in enumerate(copies):
             src = files[i]
             flat = await transfer.flatten(src) if idents[i].has_backing else ""
@@ -166,6 +171,10 @@ class ColdMigrations:
                     nonlocal last, sent_bytes
                     async for chunk in stream:
                         sent_bytes += len(chunk.data)
+                        if rate:  # hold the average at the cap: wait until these bytes are "due"
+                            ahead = started + sent_bytes / rate - time.monotonic()
+                            if ahead > 0:
+                                await asyncio.sleep(ahead)
                         now = time.monotonic()
                         if now - last >= PROGRESS_INTERVAL_S:
                             last = now
