@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from cna_agent.api import pb
-from support.console import AgentConsole
+from support.console import facts
 from support.guests import guest_spec, serial_log
 from support.migration import domain_state, start_pair, stop_pair, temp_base
 from support.operations import history, ok, wait
@@ -124,19 +124,25 @@ def test_a_stopped_vm_moves_with_its_local_disk_copied_and_boots_on_the_other_ho
         # A's copy is gone, the shared disk was used in place
         copy = base / "b-local" / "cold1" / "data.qcow2"
         _run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", str(reference), str(copy))
+        out = _run("qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x5a 0 4M", "-c", "read -P 0xa5 40M 1M",
+                   "-c", "read -P 0 4M 36M", str(copy))
+        assert "Pattern verification failed" not in out, out
+        assert "backing-filename" not in _run("qemu-img", "info", "--output=json", "-f", "qcow2", str(copy))
         assert _files(base / "b-local") == ["cold1/data.qcow2"] and _files(base / "a-local") == []
         assert shared.stat().st_ino == shared_inode and _files(base / "shared") == ["cold1/extra.raw"]
         xml_b = _run("virsh", "-c", hosts.b.uri, "dumpxml", uuid)
         assert str(copy) in xml_b and str(shared) in xml_b and str(base / "a-local") not in xml_b
 
-        # 3. B's agent starts it: the guest boots on B and reads the moved disk's pattern
+        # 3. B's agent starts it: the guest boots on B and sees both disks
         ok(chb, vms_b.StartVm(vm.VmActionRequest(vm=uuid), timeout=60))
-        serial_log(b, uuid).wait_for(r"CNA-GUEST-READY boot=", timeout=150)
-        with AgentConsole(chb, uuid) as con:
-            con.send("\n")
-            con.wait_for(r"cna# ", timeout=60, partial=True)
-            rc, out = con.run("dd if=/dev/vda bs=1M count=4 iflag=direct 2>/dev/null | sha256sum", timeout=60)
-        assert rc == 0 and hashlib.sha256(b"\x5a" * 4 * MiB).hexdigest() in out, out
+        log_b = serial_log(b, uuid)
+        log_b.wait_for(r"CNA-GUEST-READY boot=", timeout=150)
+        # (its console shell is not reachable through libvirt on a namespace host: libvirt
+        # wants a pty lock file under /var/lock, which the host's namespace does not have; the
+        # content itself was compared above)
+        found = facts(log_b.text())
+        assert found["block"] == "vda,vdb" and found["block.vda.sectors"] == str(64 * MiB // 512), found
+        assert found["block.vdb.sectors"] == str(8 * MiB // 512)
         print(f"cold migration over the agents: {elapsed:.2f} s for a {size >> 20} MiB qcow2")
         ok(chb, vms_b.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
 
