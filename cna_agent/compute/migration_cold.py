@@ -142,7 +142,16 @@ class ColdMigrations:
                                           operation_id=op.id, attributes={"destination": destination, "cold": "true"})
             raise
         await op.progress(99, "removing the source's definition")
-        await self._leave(uuid, spec)
+        try:
+            await self._leave(uuid, spec)
+        except Exception as exc:
+            # Defined on both hosts (both stopped): never lost, but the VRM must pick one.
+            await self.ops.events.publish("vm.migration_cleanup_failed", severity="error", resource_kind="vm",
+                                          resource_id=uuid, resource_name=spec.name, operation_id=op.id,
+                                          message=f"{spec.name} is defined on {destination} now, but its definition here "
+                                                  f"could not be removed: {exc}", attributes={"destination": destination})
+            raise FailedPrecondition(f"vm {spec.name!r} was defined on {destination}, but undefining it here failed ({exc}); "
+                                     "it is defined, shut off, on both hosts: delete it here", field="vm") from None
         removed = 0 if keep else await self._delete_copied(spec, copies)
         await self.ops.events.publish("vm.migrated", resource_kind="vm", resource_id=uuid, resource_name=spec.name,
                                       message=f"{spec.name} moved to {destination} (cold)", operation_id=op.id,

@@ -133,6 +133,9 @@ class ColdIncoming:
         plan = p.plans.get(index)
         if plan is None or not plan.copy:
             raise InvalidArgument("disk_index", f"disk {index} of {p.spec.name} is not one this host receives")
+        ident = p.identities.get(index)
+        if ident is not None and not ident.has_backing and size != ident.size:  # a flattened file has its own size
+            raise InvalidArgument("size_bytes", f"{size} is not the {ident.size} bytes the source announced for disk {index}")
         if index in p.received or index in p.receiving:
             raise AlreadyExists(f"disk {index} of {p.spec.name} is already received or being received", field="disk_index")
         assert self.transfer is not None

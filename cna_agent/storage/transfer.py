@@ -235,7 +235,10 @@ class VolumeStream:
             blocks = nonzero_chunks(fd, self.size)
             digest = SparseDigest(self.size)
             while True:
-                item = await self._pool.run(lambda: next(blocks, None), timeout=120, what=f"reading {self.path}")
+                try:
+                    item = await self._pool.run(lambda: next(blocks, None), timeout=120, what=f"reading {self.path}")
+                except OSError as exc:
+                    raise FailedPrecondition(f"reading {self.path} failed: {exc.strerror}", field="vm") from None
                 if item is None:
                     break
                 off, data = item
@@ -330,7 +333,10 @@ class VolumeTransfers:
                 raise AlreadyExists(f"{path} already exists on the destination", field="volume")
             return Receiver(path, size)
 
-        rx = await self.pool.run(open_target, timeout=60, what=f"creating {path}")
+        try:
+            rx = await self.pool.run(open_target, timeout=60, what=f"creating {path}")
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot create {path} on the destination: {exc.strerror}", field="volume") from None
         committed = False
         try:
             async for chunk in chunks:
@@ -343,6 +349,9 @@ class VolumeTransfers:
                     break
             if not committed:
                 raise Aborted(f"the stream of {os.path.basename(path)} ended before its checksum; nothing was kept")
+        except OSError as exc:  # e.g. ENOSPC: the datastore filled up meanwhile
+            raise FailedPrecondition(f"writing {path} on the destination failed: {exc.strerror}; nothing was kept",
+                                     field="volume") from None
         finally:
             if not committed:
                 rx.discard()  # quick (close + unlink), safe to run here even while cancelled

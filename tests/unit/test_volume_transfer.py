@@ -217,3 +217,75 @@ def test_which_disks_move_and_which_source_copies_are_deleted() -> None:
                                    DiskSpec(volume="")])
     assert copy_candidates(spec) == [0, 1, 2, 3]
     assert [deletable_after_move(spec, i) for i in range(4)] == [True, False, False, False]
+
+
+# -- the destination's checks before a byte is written (no libvirt: the parts that need none) ----
+
+
+def _ident(size: int = 2 * MiB) -> FileIdentity:
+    return FileIdentity(size=size, allocated=size, inode=7, mtime_ns=1, head_sha256="a" * 64)
+
+
+def test_the_prepare_request_is_refused_naming_the_field_before_anything_happens() -> None:
+    from types import SimpleNamespace
+
+    from cna_agent.api import pb
+    from cna_agent.api.migration import MigrationServicer
+
+    m, vm = pb.migration_pb2, pb.vm_pb2
+    calls: list[object] = []
+    cold = SimpleNamespace(prepare=lambda *a: calls.append(a), ttl_s=600)
+    servicer = MigrationServicer(None, cold)  # type: ignore[arg-type]
+    spec = vm.VmSpec(name="c", uuid="0b5c2f8e-3d41-4a9b-8c7e-6f5a4b3c2d97", vcpus=1, memory_mib=64,
+                     disks=[vm.DiskSpec(volume="local/c/d.raw")])
+    good = dict(index=0, size_bytes=MiB, allocated_bytes=MiB, inode=5, mtime_ns=1, head_sha256="0" * 64)
+    for change, field in (({"index": 1}, "disks[0].index"), ({"inode": (1 << 64) - 1}, "disks[0].inode"),
+                          ({"mtime_ns": -1}, "disks[0].mtime_ns"), ({"size_bytes": 1 << 63}, "disks[0].size_bytes"),
+                          ({"head_sha256": "../../etc"}, "disks[0].head_sha256")):
+        req = m.PrepareColdIncomingRequest(migration_id="mig-1", spec=spec, disks=[m.ColdDiskIdentity(**{**good, **change})])
+        with pytest.raises(InvalidArgument) as exc:
+            asyncio.run(servicer.PrepareColdIncoming(req, None))
+        assert exc.value.field == field
+    for req, field in ((m.PrepareColdIncomingRequest(migration_id="", spec=spec), "migration_id"),
+                       (m.PrepareColdIncomingRequest(migration_id="m", spec=spec, source_host_uuid="a/b"), "source_host_uuid"),
+                       (m.PrepareColdIncomingRequest(migration_id="m"), "spec")):
+        with pytest.raises(InvalidArgument) as exc:
+            asyncio.run(servicer.PrepareColdIncoming(req, None))
+        assert exc.value.field == field
+    assert calls == []
+
+
+def test_a_volume_stream_must_be_one_the_destination_planned_and_an_abort_during_it_keeps_nothing(hosts) -> None:
+    from types import SimpleNamespace
+
+    from cna_agent.compute.migration_cold_incoming import ColdIncoming, ColdPending
+    from cna_agent.contracts import ReceivePlan
+
+    a, b, tmp = hosts
+    cold = ColdIncoming(SimpleNamespace(hv=None), None, None, b)  # type: ignore[arg-type]
+    dst = str(tmp / "b" / "v" / "d.raw")
+    spec = VmSpec(name="v", uuid="u", disks=[DiskSpec(volume="local/v/d.raw"), DiskSpec(volume="shared/v/s.raw")])
+    cold._pending["m1"] = ColdPending("m1", spec, {0: ReceivePlan(dst, True), 1: ReceivePlan("/x", False)}, "",
+                                      identities={0: _ident(), 1: _ident()})
+    for index, size, field in ((1, 2 * MiB, "disk_index"), (5, 2 * MiB, "disk_index"), (0, 3 * MiB, "size_bytes")):
+        with pytest.raises(InvalidArgument) as exc:
+            asyncio.run(cold.receive("m1", index, size, _chunks()))
+        assert exc.value.field == field
+    assert not os.path.exists(tmp / "b" / "v")  # refused before a directory was made
+
+    async def aborted_mid_stream() -> None:
+        src = str(tmp / "a" / "d.raw")
+        _sparse_file(src, 2 * MiB, {0: b"data"})
+        stream = a.send(src)
+
+        async def relay():
+            async for c in stream:
+                if c.sha256:
+                    del cold._pending["m1"]  # the abort came while the last chunk was on its way
+                yield c
+
+        with pytest.raises(Exception, match="aborted during the copy"):
+            await cold.receive("m1", 0, 2 * MiB, relay())
+
+    asyncio.run(aborted_mid_stream())
+    assert _files(tmp / "b") == []
