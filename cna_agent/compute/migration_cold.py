@@ -48,7 +48,6 @@ from cna_agent.state.journal import OperationRecord
 
 log = logging.getLogger(__name__)
 
-KIND = "vm.migrate_cold"
 #: Progress is written at most this often while bytes stream (each write is a journal update).
 PROGRESS_INTERVAL_S = 0.5
 
@@ -99,7 +98,7 @@ class ColdMigrations:
             finally:
                 outgoing.discard(uuid)
 
-        return await self.ops.submit(KIND, uuid, work, request_id=request_id, fingerprint=fingerprint)
+        return await self.ops.submit("vm.migrate_cold", uuid, work, request_id=request_id, fingerprint=fingerprint)
 
     async def _run(self, op: OperationContext, uuid: str, destination: str, keep: bool, bandwidth_mib_s: int) -> Any:
         # Read under the VM lock: a disk attached since the request was checked counts.
