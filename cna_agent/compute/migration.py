@@ -28,6 +28,7 @@ import libvirt
 
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
+from cna_agent.compute.migration_cold import ColdMigrations
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import IncomingPlan, MigrationPeer
@@ -105,7 +106,7 @@ class VmMigrations:
     the peer (the destination agent, contracts.MigrationPeer)."""
 
     def __init__(self, ops: VmOps, binder: Binder, run_dirs: QemuRunDirs, peer: MigrationPeer, *,
-                 max_outgoing: int = 2, host_uuid: str = "", cold: Any = None) -> None:
+                 max_outgoing: int = 2, host_uuid: str = "", cold: ColdMigrations | None = None) -> None:
         self.ops = ops
         self.hv = ops.hv
         self.binder = binder

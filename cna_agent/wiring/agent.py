@@ -153,10 +153,11 @@ async def build_agent(config: AgentConfig) -> Agent:
     placement = await parts.build_placement(config, host, store, events, inventory)
     storage = parts.build_storage(config, hypervisor, runner, events, inventory)
     network = parts.build_network(config, runner, events, inventory, libvirt_uri=uri)
+    peer = GrpcMigrationPeer(cert=config.vrm.cert, key=config.vrm.key, ca=config.vrm.ca)
     compute = parts.build_compute(config, hypervisor, runner, events, inventory, render_ctx, virt_type=virt_type,
                                   host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer,
                                   checks=[network.service.reconciler, placement.monitor],
-                                  peer=GrpcMigrationPeer(cert=config.vrm.cert, key=config.vrm.key, ca=config.vrm.ca),
+                                  peer=peer, cold_peer=peer,
                                   host_uuid=config.host.host_uuid or (hypervisor.facts.host_uuid if hypervisor.facts else ""),
                                   transfer=VolumeTransfers(storage.volumes.roots, storage.runner, storage.executor,
                                                            timeout=config.storage.command_timeout_s))

@@ -115,11 +115,12 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                   inventory: VmInventory, ctx: RenderContext, *, virt_type: str, host_cpus: int,
                   disks: DiskProvider | None, ports: PortProvider, placer: Placer | None,
                   checks: Sequence[VmCheck] = (), peer: MigrationPeer | None = None, host_uuid: str = "",
-                  transfer: VolumeTransfer | None = None) -> Compute:
+                  transfer: VolumeTransfer | None = None, cold_peer: ColdMigrationPeer | None = None) -> Compute:
     """Compute's parts around one inventory; ``disks``/``ports``/``placer`` are the other
     subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins),
     ``checks`` their per-VM checks for compute's reconcile (network's ports, placement's pinning),
-    ``transfer`` storage's volume mover for cold migration (None: no cold migration)."""
+    ``transfer`` storage's volume mover for cold migration (None: no cold migration), ``peer`` and
+    ``cold_peer`` the destination agent for live and cold moves (api/peer.py's client is both)."""
     ops = VmOps(hypervisor, runner, events, inventory)
     binder = Binder(inventory, LocalFileResolver(parse_image_dirs(config.compute.image_dirs)), disks, ports, placer)
     renderer = DomainRenderer(ctx, QemuRunDirs(ctx), virt_type=virt_type, host_cpus=host_cpus)
@@ -137,9 +138,6 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                              enabled=config.compute.io_error_resume == "auto")
     reconciler = VmReconciler(inventory, [*checks, *([resumer] if resumer.enabled else [])])
     monitor.on_io_error = reconciler.enqueue
-    peer = peer or _no_peer()
-    # The peer-agent client speaks both kinds (api/peer.py); a test may hand in a live-only one.
-    cold_peer: ColdMigrationPeer = peer if hasattr(peer, "prepare_cold") else _no_peer()  # type: ignore[assignment]
     incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                   migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
                                   ttl_s=config.migration.prepare_ttl_s)
@@ -152,9 +150,9 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         recovery=VmRecovery(hypervisor, inventory),
         resumer=resumer,
         reconciler=reconciler,
-        migrations=VmMigrations(ops, binder, renderer.run_dirs, peer, max_outgoing=config.migration.max_outgoing,
-                                host_uuid=host_uuid, cold=ColdMigrations(ops, binder, renderer.run_dirs, cold_peer, transfer,
-                                                                         host_uuid=host_uuid)),
+        migrations=VmMigrations(ops, binder, renderer.run_dirs, peer or _no_peer(), max_outgoing=config.migration.max_outgoing,
+                                host_uuid=host_uuid, cold=ColdMigrations(ops, binder, renderer.run_dirs, cold_peer or _no_peer(),
+                                                                         transfer, host_uuid=host_uuid)),
         incoming=incoming,
         cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
                                    ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending())),
