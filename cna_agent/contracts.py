@@ -225,6 +225,10 @@ class Placer(Protocol):
 
     async def release(self, vm_uuid: str) -> None: ...
 
+    def placements(self) -> list[Any]:
+        """Every reservation held (each has ``uuid``): start-up releases those of VMs that are
+        not on this host any more (a crash between claiming and defining)."""
+
 
 # -- views of the VMs (compute answers; storage, network and placement ask) --------------------
 
@@ -342,7 +346,7 @@ class MigrationPeer(Protocol):
     ``finish`` is compute's VmInfo as the destination reads it."""
 
     async def prepare(self, destination: str, migration_id: str, spec: Any, domain_xml: str,
-                      source_host_uuid: str) -> IncomingPlan: ...
+                      source_host_uuid: str, *, post_copy: bool = False) -> IncomingPlan: ...
 
     async def finish(self, destination: str, migration_id: str, completed: bool) -> Any: ...
 

@@ -63,12 +63,28 @@ class OperationContext:
     ) -> None:
         await self._runner._update(self.record.id, percent=percent, stage=stage, bytes_done=bytes_done, bytes_total=bytes_total)
 
+    async def note(self, **metadata: str) -> None:
+        """Record facts in the operation's journal row as they become known (the destination a
+        migration reached, the step it got to), for the recovery of a process that dies next."""
+        await self._runner._update(self.record.id, metadata=metadata)
+
 
 Work = Callable[[OperationContext], Awaitable[Any]]
 #: Called for each operation found unfinished at start-up; returns the error to close it with,
 #: or, when the effect was verified complete, the result the operation would have returned
-#: (None: nothing to return).
+#: (None: nothing to return), or a Reattach when the work is still going on outside the agent.
 RecoveryHandler = Callable[[OperationRecord], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Reattach:
+    """A recovery verdict: the operation's real work still runs outside this process (libvirtd
+    carries on a peer-to-peer migration job after its client died), so the runner resumes the
+    open row with ``work``, which follows that job to its end; it does not redo anything.
+    ``lock_key`` is taken again, so nothing else acts on the resource meanwhile."""
+
+    work: "Work"
+    lock_key: str | None = None
 
 
 class ResourceLocks:
@@ -202,6 +218,10 @@ class OperationRunner:
         )
         return record
 
+    async def by_request_id(self, request_id: str) -> OperationRecord | None:
+        """The operation a request id opened (a retry of a request whose answer was lost)."""
+        return await self._store.run(self._journal.by_request_id, request_id) if request_id else None
+
     async def get(self, op_id: str) -> OperationRecord | None:
         return await self._store.run(self._journal.get, op_id)
 
@@ -252,6 +272,9 @@ class OperationRunner:
                 except Exception as exc:  # recovery must not stop the agent from starting
                     log.exception("event=operation.recovery_failed op=%s", record.id)
                     outcome = OperationError(CODES["UNKNOWN"], f"recovery check failed: {exc}")
+            if isinstance(outcome, Reattach):
+                await self._reattach(record, outcome)
+                continue
             if isinstance(outcome, OperationError):
                 done = await self._finish(record.id, error=outcome, metadata={"recovered": "true"})
             else:
@@ -261,6 +284,15 @@ class OperationRunner:
             closed.append(done)
             log.warning("event=operation.recovered op=%s kind=%s state=%s", record.id, record.kind, closed[-1].state)
         return closed
+
+    async def _reattach(self, record: OperationRecord, how: Reattach) -> None:
+        await self._update(record.id, metadata={"reattached": "true"})
+        if how.lock_key is not None:
+            await self.locks.acquire(how.lock_key, record, 0.0)
+        task = asyncio.get_running_loop().create_task(self._run(record, how.work, how.lock_key),
+                                                      name=f"op-{record.kind}-{record.id}-reattached")
+        self._tasks[record.id] = task
+        log.warning("event=operation.reattached op=%s kind=%s target=%s", record.id, record.kind, record.target)
 
     async def prune(self) -> int:
         return await self._store.run(self._journal.prune, self._retention_s)

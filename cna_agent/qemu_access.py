@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 from cna_agent.errors import FailedPrecondition
 
@@ -43,6 +44,26 @@ class QemuUser:
     @property
     def unprivileged(self) -> bool:
         return self.uid != 0
+
+
+def post_copy_blocker(user: QemuUser | None, proc_root: str = "/proc") -> str:
+    """Why QEMU on this host cannot take an incoming post-copy migration, or "" when it can.
+
+    Post-copy needs userfaultfd in the destination's QEMU. Root (embedded driver, or
+    user = "root" in qemu.conf) may always use it; an unprivileged QEMU 7.x only when
+    vm.unprivileged_userfaultfd is 1 (QEMU 8.1+ can also open /dev/userfaultfd, when libvirt
+    hands it to the guest's namespace). QEMU answers the switch itself with only "Postcopy is
+    not supported", after the job started; the admin needs the sysctl's name."""
+    if user is None or not user.unprivileged:
+        return ""
+    try:
+        value = Path(proc_root, "sys/vm/unprivileged_userfaultfd").read_text().strip()
+    except OSError:
+        return ""  # older kernels without the knob allow unprivileged userfaultfd
+    if value == "1":
+        return ""
+    return (f"QEMU runs unprivileged (uid {user.uid}) and vm.unprivileged_userfaultfd is {value}: its userfaultfd "
+            "for post-copy is refused (set the sysctl to 1 on this host, or migrate without post-copy)")
 
 
 def can_traverse(st: os.stat_result, user: QemuUser) -> bool:

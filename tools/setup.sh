@@ -20,7 +20,7 @@ debs=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   libxml2-utils
   qemu-system-x86 qemu-system-arm qemu-utils qemu-block-extra ovmf qemu-efi-aarch64
-  openvswitch-switch nftables ethtool tgt open-iscsi libiscsi-bin
+  openvswitch-switch nftables ethtool iputils-ping tgt open-iscsi libiscsi-bin
   gcc libc6-dev cpio gzip iproute2 openssl procps
   syslinux syslinux-common mtools dosfstools fdisk
 )

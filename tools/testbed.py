@@ -163,6 +163,10 @@ def _unix_answers(path: str) -> bool:
         s.close()
 
 
+#: The sysctl that lets an unprivileged QEMU use userfaultfd (post-copy migration).
+USERFAULTFD_KNOB = Path("/proc/sys/vm/unprivileged_userfaultfd")
+
+
 def ensure_hugetlbfs(mount_point: str = "/dev/hugepages") -> str:
     """Mount hugetlbfs at ``mount_point`` unless one is mounted already; return a mount point.
 
@@ -660,6 +664,7 @@ class Testbed:
         for target in HOST_BIND_DIRS.values():
             if not Path(target).is_dir():  # never created here: it would outlive the testbed
                 raise TestbedError(f"hosts: {target} does not exist (is libvirt installed?)")
+        self._allow_userfaultfd()
         taken: set[int] = set()
         caps_from = Path("/var/cache/libvirt/qemu/capabilities")
         try:
@@ -794,6 +799,9 @@ class Testbed:
             run(["nsenter", f"--target={holder}", "--mount", "--", "umount", "--lazy", mp],
                 timeout=30, check=False)  # a parent's lazy unmount already took its children
         self._ns(holder, ["mount", "-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "tmpfs", "/run"])
+        # /var/lock is /run/lock on Debian (systemd-tmpfiles makes it at boot): libvirt takes a
+        # UUCP lock file there for every console stream it opens on a guest's pty
+        self._ns(holder, ["mkdir", "-m", "1777", "/run/lock"])
         for key, target in HOST_BIND_DIRS.items():
             self._ns(holder, ["mount", "--bind", str(hdir / key), target])
         for d in cgroups:
@@ -829,9 +837,30 @@ class Testbed:
             st["hosts"].pop(name)
             self._save(st)
         st.pop("hosts", None)
+        was = st.pop("unprivileged_userfaultfd_was", None)
+        if was is not None:
+            try:
+                USERFAULTFD_KNOB.write_text(f"{was}\n")
+            except OSError as e:
+                errors.append(f"restoring vm.unprivileged_userfaultfd to {was}: {e}")
         self._save(st)
         if errors:
             raise TestbedError("; ".join(errors))
+
+    def _allow_userfaultfd(self) -> None:
+        """Post-copy needs userfaultfd in the destination's QEMU, which runs unprivileged as on
+        a real host (libvirt-qemu): set vm.unprivileged_userfaultfd=1 while the hosts are up, as
+        an admin enables it for post-copy; hosts_down puts the previous value back."""
+        try:
+            was = USERFAULTFD_KNOB.read_text().strip()
+        except OSError:
+            return  # a kernel without the knob allows it
+        if was == "1":
+            return
+        st = self._state()
+        st.setdefault("unprivileged_userfaultfd_was", was)
+        self._save(st)
+        USERFAULTFD_KNOB.write_text("1\n")
 
     # ----- iSCSI targets -----------------------------------------------------------------------
     def _tgtadm(self, *args: str) -> str:

@@ -52,7 +52,7 @@ class MigrationServicer(pb.migration_pb2_grpc.MigrationServiceServicer):
         spec = spec_from_pb(request.spec)
         if not spec.uuid:
             raise InvalidArgument("spec.uuid", "an incoming VM keeps its UUID: required")
-        plan = await self._in.prepare(mid, spec, request.domain_xml, request.source_host_uuid[:64])
+        plan = await self._in.prepare(mid, spec, request.domain_xml, request.source_host_uuid[:64], post_copy=request.post_copy)
         return m.PrepareIncomingResponse(libvirt_uri=plan.libvirt_uri, migrate_uri=plan.migrate_uri,
                                          domain_xml=plan.domain_xml, ttl_seconds=plan.ttl_s)
 

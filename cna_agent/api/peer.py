@@ -46,7 +46,12 @@ class GrpcMigrationPeer:
                                                        certificate_chain=read(cert))
 
     def _channel(self, destination: str) -> grpc.aio.Channel:
-        options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+        # A channel per call, each with its own subchannels: gRPC otherwise shares one
+        # connection per address across channels, and one that failed while the destination
+        # was down (restarting) stays in back-off, failing the next calls at once with the old
+        # "connection refused" although the destination is back.
+        options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20),
+                   ("grpc.use_local_subchannel_pool", 1)]
         if self._creds is not None:
             return grpc.aio.secure_channel(destination, self._creds, options=options)
         return grpc.aio.insecure_channel(destination, options=options)
@@ -59,9 +64,10 @@ class GrpcMigrationPeer:
             except grpc.aio.AioRpcError as exc:
                 raise _mapped(destination, exc) from None
 
-    async def prepare(self, destination: str, migration_id: str, spec: Any, domain_xml: str, source_host_uuid: str) -> IncomingPlan:
+    async def prepare(self, destination: str, migration_id: str, spec: Any, domain_xml: str, source_host_uuid: str, *,
+                      post_copy: bool = False) -> IncomingPlan:
         req = m.PrepareIncomingRequest(migration_id=migration_id, spec=spec_to_pb(spec), domain_xml=domain_xml,
-                                       source_host_uuid=source_host_uuid)
+                                       source_host_uuid=source_host_uuid, post_copy=post_copy)
         resp = await self._call(destination, "PrepareIncoming", req, PREPARE_TIMEOUT_S)
         return IncomingPlan(libvirt_uri=resp.libvirt_uri, migrate_uri=resp.migrate_uri, domain_xml=resp.domain_xml,
                             ttl_s=resp.ttl_seconds)

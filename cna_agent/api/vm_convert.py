@@ -170,12 +170,14 @@ def vm_from_pb(m: Any) -> VmInfo:
 
 
 def migration_policy_from_pb(m: Any) -> Any:
-    """cna.v1.MigrationPolicy -> compute's MigrationPolicy (zero values take its defaults)."""
+    """cna.v1.MigrationPolicy -> compute's MigrationPolicy (zero values take its defaults; an unset
+    ``auto_converge`` too, an explicit false turns it off)."""
     from cna_agent.compute.migration import MigrationPolicy
 
     d = MigrationPolicy()
+    auto_converge = m.auto_converge if m.HasField("auto_converge") else d.auto_converge
     return MigrationPolicy(max_downtime_ms=m.max_downtime_ms or d.max_downtime_ms, bandwidth_mib_s=m.bandwidth_mib_s,
-                           auto_converge=m.auto_converge, permit_post_copy=m.permit_post_copy,
+                           auto_converge=auto_converge, permit_post_copy=m.permit_post_copy,
                            progress_timeout_s=m.progress_timeout_s or d.progress_timeout_s,
                            completion_timeout_s_per_gib=m.completion_timeout_s_per_gib or d.completion_timeout_s_per_gib,
                            completion_action=m.completion_action or d.completion_action)

@@ -19,10 +19,12 @@ Why this shape (VDSM's migration source, nova's libvirt driver, KubeVirt's migra
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import libvirt
 
@@ -32,7 +34,9 @@ from cna_agent.compute.migration_cold import ColdMigrations
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import IncomingPlan, MigrationPeer
-from cna_agent.errors import Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceBusy
+from cna_agent.errors import (AgentError, Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceBusy,
+                              Unavailable)
+from cna_agent.failpoints import crash_point
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationRecord
 
@@ -45,6 +49,12 @@ MONITOR_INTERVAL_S = 1.0
 DOWNTIME_STEPS = 4
 #: How long a cancelled or timed-out job may take to wind down before the agent gives up waiting.
 ABORT_WAIT_S = 60.0
+#: How long the source keeps telling an unreachable destination the outcome (it may be
+#: restarting): FinishIncoming after the VM moved, AbortIncoming after it did not.
+TELL_DESTINATION_S = 120.0
+TELL_RETRY_S = 2.0
+#: libvirt's job types (virDomainJobType) the monitor tells apart.
+JOB_NONE, JOB_BOUNDED, JOB_UNBOUNDED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,12 @@ class MigrationPolicy:
 
     max_downtime_ms: int = 300
     bandwidth_mib_s: int = 0
-    auto_converge: bool = False
+    #: On by default (oVirt's default "Minimal downtime" policy, Incus for every live move): QEMU
+    #: throttles the vCPUs only once an iteration shows the guest dirtying faster than the stream
+    #: sends, so an idle guest is not touched, and a busy one converges with the source still
+    #: authoritative (nova and KubeVirt leave it off and let such guests time out).
+    auto_converge: bool = True
+    #: Off by default (nova, KubeVirt, oVirt): a failure during post-copy loses the guest.
     permit_post_copy: bool = False
     progress_timeout_s: int = 60
     completion_timeout_s_per_gib: int = 120
@@ -73,6 +88,14 @@ class MigrationPolicy:
         if self.completion_action == "post-copy" and not self.permit_post_copy:
             raise InvalidArgument("policy.completion_action", "post-copy needs permit_post_copy")
         return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MigrationPolicy":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text or "{}").items() if k in known})
 
 
 def check_destination(destination: str) -> str:
@@ -98,12 +121,18 @@ class JobWatch:
     steps: int = 0
     percent: int = 0
     acted: str = ""
+    throttle: int = 0
 
 
 class VmMigrations:
     """``vm.migrate`` on the source. Collaborators: the VM operations (lock, journal, events),
     the binder (this host's claims to release after the VM left), the run directories, and
-    the peer (the destination agent, contracts.MigrationPeer)."""
+    the peer (the destination agent, contracts.MigrationPeer).
+
+    The journal row carries what a restarted agent needs to finish the story
+    (migration_recovery.py): ``destination`` and ``policy`` from the start, ``stage`` =
+    ``prepared`` once the destination holds a preparation, ``completed`` once libvirt's job
+    returned."""
 
     def __init__(self, ops: VmOps, binder: Binder, run_dirs: QemuRunDirs, peer: MigrationPeer, *,
                  max_outgoing: int = 2, host_uuid: str = "", cold: ColdMigrations | None = None) -> None:
@@ -115,6 +144,7 @@ class VmMigrations:
         self.max_outgoing = max_outgoing
         self.host_uuid = host_uuid
         self._outgoing: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
         #: A shut-off VM moves cold (migration_cold.ColdMigrations), within the same outgoing limit.
         self.cold = cold
 
@@ -122,6 +152,14 @@ class VmMigrations:
                       fingerprint: str = "", keep_source_volumes: bool = False) -> OperationRecord:
         check_destination(destination)
         policy = policy.validated()
+        earlier = await self.ops.runner.by_request_id(request_id)
+        if earlier is not None and earlier.kind in ("vm.migrate", "vm.migrate_cold"):
+            # A retry (the first answer was lost, e.g. the agent died): the operation it opened,
+            # even when the VM has left this host meanwhile. Same checks of the request as ever.
+            async def never(op: OperationContext) -> Any:
+                raise AssertionError("a repeated request runs nothing")
+
+            return await self.ops.submit(earlier.kind, earlier.target, never, request_id=request_id, fingerprint=fingerprint)
         uuid, _ = await self.ops.inventory.lookup_uuid(ref)
         spec = await self.ops.inventory.spec(uuid)
         state = await self.ops.inventory.state(uuid)
@@ -131,9 +169,7 @@ class VmMigrations:
                                            bandwidth_mib_s=policy.bandwidth_mib_s)
         if state not in (st.RUNNING, st.PAUSED):
             raise FailedPrecondition(f"vm {spec.name!r} is not running; live migration moves running VMs", field="vm")
-        if len(self._outgoing) >= self.max_outgoing and uuid not in self._outgoing:
-            raise ResourceBusy(f"{len(self._outgoing)} outgoing migrations already run on this host (limit "
-                               f"{self.max_outgoing}); retry when one has finished", field="vm")
+        self._check_limit(uuid)
 
         async def work(op: OperationContext) -> Any:
             self._outgoing.add(uuid)
@@ -142,13 +178,27 @@ class VmMigrations:
             finally:
                 self._outgoing.discard(uuid)
 
-        return await self.ops.submit("vm.migrate", uuid, work, request_id=request_id, fingerprint=fingerprint)
+        return await self.ops.submit("vm.migrate", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     metadata={"destination": destination, "policy": policy.to_json(), "vm_name": spec.name})
+
+    def _check_limit(self, uuid: str) -> None:
+        if len(self._outgoing) >= self.max_outgoing and uuid not in self._outgoing:
+            raise ResourceBusy(f"{len(self._outgoing)} outgoing migrations already run on this host (limit "
+                               f"{self.max_outgoing}); retry when one has finished", field="vm")
 
     async def _run(self, op: OperationContext, uuid: str, spec: Any, destination: str, policy: MigrationPolicy) -> Any:
         await op.progress(2, "preparing the destination")
         xml = await self.hv.call(lambda c: c.lookupByUUIDString(uuid).XMLDesc(
             libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE), timeout=30)
-        plan = await self.peer.prepare(destination, op.id, spec, xml, self.host_uuid)
+        try:
+            plan = await self.peer.prepare(destination, op.id, spec, xml, self.host_uuid, post_copy=policy.permit_post_copy)
+        except Unavailable as exc:
+            # The destination may have prepared and died before it answered: have it drop that
+            # (told until it answers again; its preparation also lapses by itself).
+            await self.failed(op.id, uuid, spec.name, destination, f"its preparation got no answer: {exc.message}")
+            raise
+        await op.note(stage="prepared", destination_libvirt_uri=plan.libvirt_uri)
+        crash_point("migration.source.prepared")
         await self.ops.events.publish("vm.migration_started", resource_kind="vm", resource_id=uuid, resource_name=spec.name,
                                       message=f"{spec.name} migrating to {destination}", operation_id=op.id,
                                       attributes={"destination": destination})
@@ -156,26 +206,67 @@ class VmMigrations:
             stats = await self._drive(op, uuid, spec, plan, policy)
         except BaseException as exc:
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
-            try:
-                await asyncio.shield(self.peer.abort(destination, op.id, reason))
-            except Exception as abort_exc:  # the destination aborts itself when its preparation expires
-                log.warning("event=migration.abort_unreached vm=%s destination=%s error=%r", uuid, destination, str(abort_exc))
-            await self.ops.events.publish("vm.migration_failed", severity="warning", resource_kind="vm", resource_id=uuid,
-                                          resource_name=spec.name, message=f"{spec.name} stays on this host: {reason}",
-                                          operation_id=op.id, attributes={"destination": destination})
+            await self.failed(op.id, uuid, spec.name, destination, reason)
             raise
+        await op.note(stage="completed")
+        crash_point("migration.source.completed")
+        return await self.finish(op, uuid, spec.name, destination, stats, luns_of=spec)
+
+    # -- the two endings (also the recovery's) ------------------------------------------------------
+
+    async def finish(self, op: OperationContext, uuid: str, name: str, destination: str, stats: dict, *,
+                     luns_of: Any = None) -> Any:
+        """The job completed: libvirt made the VM persistent on the destination and undefined
+        it here. Tell the destination (retried while it is unreachable: it may be restarting),
+        then free this host's claims and say so."""
         await op.progress(99, "finishing on the destination")
-        vm = await self.peer.finish(destination, op.id, True)
-        # The VM left: its claims here are free (libvirt undefined it after the destination
-        # had it persistent).
+        # The VM left: its claims here are free whatever the destination answers.
         await self.binder.release_placement(uuid)
-        await self.binder.release_luns(spec, range(len(spec.disks)))
+        if luns_of is not None:
+            await self.binder.release_luns(luns_of, range(len(luns_of.disks)))
         self.run_dirs.remove(uuid)
         self.ops.inventory.forget(uuid)
-        await self.ops.events.publish("vm.migrated", resource_kind="vm", resource_id=uuid, resource_name=spec.name,
-                                      message=f"{spec.name} moved to {destination}", operation_id=op.id,
-                                      attributes={"destination": destination, **{k: str(v) for k, v in stats.items()}})
+        attrs = {"destination": destination, **{k: str(v) for k, v in stats.items()}}
+        try:
+            vm = await self._tell(lambda: self.peer.finish(destination, op.id, True))
+        except AgentError as exc:
+            await self.ops.events.publish("vm.migrated", severity="warning", resource_kind="vm", resource_id=uuid,
+                                          resource_name=name, operation_id=op.id, attributes=attrs,
+                                          message=f"{name} moved to {destination}; its agent did not confirm: {exc.message}")
+            raise Unavailable(f"libvirt's job completed: {name} now runs on {destination} and is no longer defined here, "
+                              f"but the destination agent did not confirm it: {exc.message}") from None
+        await self.ops.events.publish("vm.migrated", resource_kind="vm", resource_id=uuid, resource_name=name,
+                                      message=f"{name} moved to {destination}", operation_id=op.id, attributes=attrs)
         return vm
+
+    async def failed(self, op_id: str, uuid: str, name: str, destination: str, reason: str) -> None:
+        """The VM stayed here: the destination drops what it prepared (told in the background
+        when it does not answer now; its preparation also expires by itself)."""
+        try:
+            await asyncio.shield(self.peer.abort(destination, op_id, reason))
+        except Exception as exc:
+            log.warning("event=migration.abort_unreached vm=%s destination=%s error=%r", uuid, destination, str(exc))
+            task = asyncio.get_running_loop().create_task(self._tell(lambda: self.peer.abort(destination, op_id, reason)),
+                                                          name=f"migration-abort-{op_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        await self.ops.events.publish("vm.migration_failed", severity="warning", resource_kind="vm", resource_id=uuid,
+                                      resource_name=name, message=f"{name} stays on this host: {reason}",
+                                      operation_id=op_id, attributes={"destination": destination})
+
+    async def _tell(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """A call to the destination, retried while it is unreachable (UNAVAILABLE), for at most
+        TELL_DESTINATION_S; its refusals are final."""
+        deadline = time.monotonic() + TELL_DESTINATION_S
+        while True:
+            try:
+                return await call()
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(TELL_RETRY_S)
+
+    # -- driving and watching libvirt's job -----------------------------------------------------------
 
     async def _drive(self, op: OperationContext, uuid: str, spec: Any, plan: IncomingPlan, policy: MigrationPolicy) -> dict:
         """Run libvirt's job in a thread and watch it here; returns the completed job's figures."""
@@ -197,27 +288,47 @@ class VmMigrations:
 
         ram_gib = max(1.0, spec.memory_mib / 1024)
         job = asyncio.ensure_future(self.hv.call(run, timeout=policy.completion_timeout_s_per_gib * ram_gib + 3600))
-        watch = JobWatch(started=time.monotonic(), last_progress=time.monotonic(), downtime_ms=policy.max_downtime_ms)
+
+        async def ended() -> bool:
+            await asyncio.wait([job], timeout=MONITOR_INTERVAL_S)
+            return job.done()
+
+        async def wind_down() -> None:
+            try:
+                await asyncio.wait_for(asyncio.shield(job), ABORT_WAIT_S)
+            except BaseException:  # the job's own error is the expected end of an aborted job
+                pass
+
+        watch = await self.monitor(op, uuid, policy, ram_gib, ended, wind_down)
         try:
-            while not job.done():
-                await asyncio.wait([job], timeout=MONITOR_INTERVAL_S)
-                if job.done():
-                    break
-                await self._watch(op, uuid, spec, policy, watch, ram_gib)
             job.result()
-        except BaseException as exc:
-            if not job.done():
-                await self._abort_job(uuid, job, why=type(exc).__name__)
-            if isinstance(exc, libvirt.libvirtError):
-                raise Aborted(f"libvirt's migration job failed: {exc.get_error_message()}") from None
-            raise
+        except libvirt.libvirtError as exc:
+            raise Aborted(f"libvirt's migration job failed: {exc.get_error_message()}") from None
         figures = await self.hv.call(lambda c: _completed_stats(c, uuid, plan.libvirt_uri), timeout=30)
         figures["downtime_steps"] = watch.steps
         if watch.acted:
             figures["completion_action"] = watch.acted
         return figures
 
-    async def _watch(self, op: OperationContext, uuid: str, spec: Any, policy: MigrationPolicy, w: JobWatch, ram_gib: float) -> None:
+    async def monitor(self, op: OperationContext, uuid: str, policy: MigrationPolicy, ram_gib: float,
+                      ended: Callable[[], Awaitable[bool]], wind_down: Callable[[], Awaitable[None]], *,
+                      started: float | None = None) -> JobWatch:
+        """Read the job every MONITOR_INTERVAL_S until ``ended()`` (which waits up to one
+        interval) says it is over; the limits abort it (then ``wind_down()`` waits until the
+        VM is known not to switch over). Used for a job this process started and for one a
+        previous process left running (migration_recovery.py)."""
+        now = time.monotonic()
+        watch = JobWatch(started=started or now, last_progress=now, downtime_ms=policy.max_downtime_ms)
+        try:
+            while not await ended():
+                await self._watch(op, uuid, policy, watch, ram_gib)
+        except BaseException as exc:
+            await self._abort_job(uuid, why=type(exc).__name__)
+            await wind_down()
+            raise
+        return watch
+
+    async def _watch(self, op: OperationContext, uuid: str, policy: MigrationPolicy, w: JobWatch, ram_gib: float) -> None:
         try:
             stats = await self.hv.call(lambda c: c.lookupByUUIDString(uuid).jobStats(0), timeout=10)
         except libvirt.libvirtError:
@@ -228,19 +339,29 @@ class VmMigrations:
         iteration = int(stats.get("memory_iteration", 0))
         if total:
             w.percent = max(w.percent, min(98, 5 + int(93 * (total - remaining) / total)))
+        throttle = int(stats.get("auto_converge_throttle", 0))
         if w.best_remaining is None or remaining < w.best_remaining:
             w.best_remaining, w.last_progress = remaining, now
-        elif iteration > w.iteration and w.steps < DOWNTIME_STEPS:
-            w.downtime_ms = int(w.downtime_ms * 1.5)
-            w.steps += 1
-            await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateSetMaxDowntime(w.downtime_ms, 0), timeout=10)
-            log.info("event=migration.downtime vm=%s iteration=%d downtime_ms=%d", uuid, iteration, w.downtime_ms)
+        else:
+            if throttle > w.throttle:
+                # Auto-converge at work: the remaining data stays near its first low while QEMU
+                # slows the vCPUs step by step (20-30 iterations to 99 %); each step is progress,
+                # or a progress timeout would abort the migrations auto-converge is finishing.
+                w.last_progress = now
+            if iteration > w.iteration and w.steps < DOWNTIME_STEPS:
+                w.downtime_ms = int(w.downtime_ms * 1.5)
+                w.steps += 1
+                await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateSetMaxDowntime(w.downtime_ms, 0), timeout=10)
+                log.info("event=migration.downtime vm=%s iteration=%d downtime_ms=%d", uuid, iteration, w.downtime_ms)
+        w.throttle = max(w.throttle, throttle)
         if w.steps == 0 and not w.iteration and iteration:
             await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateSetMaxDowntime(w.downtime_ms, 0), timeout=10)
         w.iteration = max(w.iteration, iteration)
         await op.progress(w.percent, f"migrating (iteration {iteration}, {remaining >> 20} MiB left, "
                                      f"{int(stats.get('memory_dirty_rate', 0)) * 4 >> 10} MiB/s dirtied)",
                           bytes_done=max(0, total - remaining) if total else None, bytes_total=total or None)
+        if w.acted == "post-copy":
+            return  # the VM runs on the destination now: nothing may abort or pause it, only wait
         if now - w.last_progress > policy.progress_timeout_s:
             raise DeadlineExceeded(f"the migration made no progress for {policy.progress_timeout_s} s "
                                    f"({remaining >> 20} MiB still to send); aborted, the VM stays here")
@@ -255,32 +376,31 @@ class VmMigrations:
                 await self.hv.call(lambda c: c.lookupByUUIDString(uuid).suspend(), timeout=10)
             log.warning("event=migration.completion_action vm=%s action=%s", uuid, policy.completion_action)
 
-    async def _abort_job(self, uuid: str, job: "asyncio.Future[Any]", *, why: str) -> None:
-        """Abort libvirt's job and wait (bounded) until migrateToURI3 returned: only then is it
-        known that the VM did not switch over."""
+    async def _abort_job(self, uuid: str, *, why: str) -> None:
+        """Ask libvirt to abort the job (the caller then waits until it has ended: only then is it
+        known that the VM did not switch over)."""
         try:
             await self.hv.call(lambda c: c.lookupByUUIDString(uuid).abortJob(), timeout=30)
         except libvirt.libvirtError as exc:
             log.warning("event=migration.abort vm=%s why=%s error=%r", uuid, why, exc.get_error_message())
-        try:
-            await asyncio.wait_for(asyncio.shield(job), ABORT_WAIT_S)
-        except BaseException:  # the job's own error is the expected end of an aborted job
-            pass
 
 
 def _completed_stats(conn: libvirt.virConnect, uuid: str, dest_uri: str) -> dict:
     """The completed job's figures (libvirt keeps them on the source domain object only while it
-    exists; after UNDEFINE_SOURCE they are read from the destination)."""
+    exists; after UNDEFINE_SOURCE they are read from the destination). KEEP_COMPLETED: a plain
+    read clears them, and an admin's ``virsh domjobinfo --completed`` on the destination should
+    still show the job the agent ran."""
+    which = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
     try:
         dom = conn.lookupByUUIDString(uuid)
-        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        stats = dom.jobStats(which)
     except libvirt.libvirtError:
         try:
             dest = libvirt.open(dest_uri)
         except libvirt.libvirtError:
             return {}
         try:
-            stats = dest.lookupByUUIDString(uuid).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            stats = dest.lookupByUUIDString(uuid).jobStats(which)
         except libvirt.libvirtError:
             return {}
         finally:

@@ -10,12 +10,18 @@ the reason before the source's libvirt starts the job.
 
 A preparation is held for ``ttl_s``: a source that dies or loses the destination before it
 finishes or aborts cannot leave claims behind here (the expiry releases them unless the VM
-really arrived).
+really arrived). It is also written to the state database (kv ``migration.incoming.<id>``), so
+an agent restarted mid-migration still knows it: at start-up (``restore``) a VM that arrived
+meanwhile is adopted, one still arriving keeps its preparation (and its placement claim, which
+the placements table kept) until its source finishes or aborts, and an expired one is released.
+FinishIncoming for a preparation this host no longer holds is answered from libvirt's state:
+a VM running and persistent here arrived, whatever happened to the preparation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,8 +37,13 @@ from cna_agent.compute.spec import VmSpec, validate
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import IncomingPlan
 from cna_agent.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceBusy
+from cna_agent.failpoints import crash_point
+from cna_agent.qemu_access import post_copy_blocker
+from cna_agent.state.store import StateStore
 
 log = logging.getLogger(__name__)
+
+KV_PREFIX = "migration.incoming."
 
 
 @dataclass
@@ -41,15 +52,26 @@ class Pending:
     spec: VmSpec
     plan: IncomingPlan
     source_host_uuid: str
+    #: Wall-clock time (it must survive a restart) when the preparation lapses.
     expires: float
     expiry: "asyncio.TimerHandle | None" = field(default=None, repr=False)
+
+    def to_json(self) -> str:
+        return json.dumps({"migration_id": self.migration_id, "spec": self.spec.to_dict(), "source_host_uuid": self.source_host_uuid,
+                           "expires": self.expires, "plan": {"libvirt_uri": self.plan.libvirt_uri, "migrate_uri": self.plan.migrate_uri,
+                                                             "domain_xml": self.plan.domain_xml, "ttl_s": self.plan.ttl_s}})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Pending":
+        d = json.loads(text)
+        return cls(d["migration_id"], VmSpec.from_dict(d["spec"]), IncomingPlan(**d["plan"]), d["source_host_uuid"], d["expires"])
 
 
 class IncomingMigrations:
     """PrepareIncoming / FinishIncoming / AbortIncoming (migration.proto) for this host."""
 
     def __init__(self, ops: VmOps, binder: Binder, renderer: DomainRenderer, *, libvirt_uri: str, migrate_host: str = "",
-                 max_incoming: int = 2, ttl_s: int = 600) -> None:
+                 max_incoming: int = 2, ttl_s: int = 600, store: StateStore | None = None) -> None:
         self.ops = ops
         self.hv = ops.hv
         self.binder = binder
@@ -58,13 +80,21 @@ class IncomingMigrations:
         self.migrate_host = migrate_host
         self.max_incoming = max_incoming
         self.ttl_s = ttl_s
+        self.store = store
         self._pending: dict[str, Pending] = {}
+        #: vm uuid -> the migration it arrived with (answers a repeated FinishIncoming).
+        self._arrivals: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
     def pending(self) -> list[str]:
         return sorted(self._pending)
 
-    async def prepare(self, migration_id: str, spec: VmSpec, source_xml: str, source_host_uuid: str = "") -> IncomingPlan:
+    def arriving(self) -> set[str]:
+        """UUIDs of the VMs prepared to arrive (their claims are held for them)."""
+        return {p.spec.uuid for p in self._pending.values()}
+
+    async def prepare(self, migration_id: str, spec: VmSpec, source_xml: str, source_host_uuid: str = "", *,
+                      post_copy: bool = False) -> IncomingPlan:
         async with self._lock:
             if migration_id in self._pending:  # the source retried: same answer, nothing claimed twice
                 return self._pending[migration_id].plan
@@ -76,6 +106,9 @@ class IncomingMigrations:
             if len(self._pending) >= self.max_incoming:
                 raise ResourceBusy(f"{len(self._pending)} incoming migrations already prepared on this host (limit "
                                    f"{self.max_incoming}); retry when one has finished", field="destination")
+            blocker = post_copy_blocker(self.hv.qemu_user()) if post_copy else ""
+            if blocker:
+                raise FailedPrecondition(f"this host cannot take a post-copy migration: {blocker}", field="policy.permit_post_copy")
             await self._refuse_conflicts(spec)
             await self._check_cpu(source_xml)
             bindings = await self.binder.bindings(spec)
@@ -87,18 +120,50 @@ class IncomingMigrations:
                 raise
             migrate_uri = f"tcp://{self.migrate_host}" if self.migrate_host else ""
             plan = IncomingPlan(libvirt_uri=self.libvirt_uri, migrate_uri=migrate_uri, domain_xml=xml, ttl_s=self.ttl_s)
-            p = Pending(migration_id, spec, plan, source_host_uuid, time.monotonic() + self.ttl_s)
-            p.expiry = asyncio.get_running_loop().call_later(self.ttl_s, lambda: asyncio.ensure_future(
-                self.abort(migration_id, f"not finished within {self.ttl_s} s")))
-            self._pending[migration_id] = p
+            p = Pending(migration_id, spec, plan, source_host_uuid, time.time() + self.ttl_s)
+            crash_point("migration.incoming.claimed")
+            try:
+                await self._save(p)
+            except BaseException:
+                await self._release(spec)
+                raise
+            self._hold(p)
+        crash_point("migration.incoming.prepared")
         await self.ops.events.publish("vm.migration_incoming", resource_kind="vm", resource_id=spec.uuid, resource_name=spec.name,
                                       message=f"{spec.name} prepared to arrive from {source_host_uuid or 'another host'}",
                                       attributes={"migration_id": migration_id, "source_host_uuid": source_host_uuid})
         log.info("event=migration.prepared vm=%s migration=%s source=%s", spec.uuid, migration_id, source_host_uuid)
         return plan
 
+    async def restore(self) -> int:
+        """At start-up: the preparations a previous process held (see the module's docstring)."""
+        if self.store is None:
+            return 0
+        rows = await self.store.run(self.store.query, "SELECT key, value FROM kv WHERE key LIKE ?", (KV_PREFIX + "%",))
+        for row in rows:
+            try:
+                p = Pending.from_json(row["value"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("event=migration.incoming_unreadable key=%s error=%r", row["key"], str(exc))
+                await self.store.run(self.store.execute, "DELETE FROM kv WHERE key = ?", (row["key"],))
+                continue
+            here = await self.hv.call(lambda c: _presence(c, p.spec.uuid), timeout=15)
+            log.warning("event=migration.incoming_restored vm=%s migration=%s here=%s", p.spec.uuid, p.migration_id, here)
+            if here == "persistent-running":  # arrived while the agent was down: it is ours now
+                await self._forget(p.migration_id)
+                await self._arrived(p)
+            elif time.time() >= p.expires and here == "absent":
+                await self._forget(p.migration_id)
+                await self._release(p.spec)
+            else:
+                self._hold(p)
+        return len(rows)
+
     async def finish(self, migration_id: str, completed: bool) -> VmInfo | None:
-        p = self._take(migration_id)
+        try:
+            p = await self._take(migration_id)
+        except NotFound:
+            return await self._finish_unheld(migration_id, completed)
         uuid = p.spec.uuid
         here = await self.hv.call(lambda c: _presence(c, uuid), timeout=15)
         if not completed or here != "persistent-running":
@@ -108,15 +173,29 @@ class IncomingMigrations:
                 raise FailedPrecondition(f"the source reported the migration of {p.spec.name} complete, but the VM "
                                          f"is {here.replace('-', ' ')} here", field="migration_id")
             return None
-        self.ops.inventory.remember(uuid, p.spec)
-        await self.ops.events.publish("vm.migrated_in", resource_kind="vm", resource_id=uuid, resource_name=p.spec.name,
-                                      message=f"{p.spec.name} arrived from {p.source_host_uuid or 'another host'}",
-                                      attributes={"migration_id": migration_id, "source_host_uuid": p.source_host_uuid})
+        await self._arrived(p)
         return await self.ops.inventory.get(uuid)
+
+    async def _finish_unheld(self, migration_id: str, completed: bool) -> VmInfo | None:
+        """FinishIncoming for a preparation not held (any more): adopted at restart, or retried
+        by a source whose first FinishIncoming got no answer. The VM arrived iff a managed domain
+        recorded with this migration runs persistent here."""
+        if completed:
+            for info in await self.ops.inventory.list():
+                if self._arrivals.get(info.uuid) == migration_id:
+                    return info
+        raise NotFound(f"no incoming migration {migration_id!r} is prepared on this host", field="migration_id")
+
+    async def _arrived(self, p: Pending) -> None:
+        self.ops.inventory.remember(p.spec.uuid, p.spec)
+        self._arrivals[p.spec.uuid] = p.migration_id
+        await self.ops.events.publish("vm.migrated_in", resource_kind="vm", resource_id=p.spec.uuid, resource_name=p.spec.name,
+                                      message=f"{p.spec.name} arrived from {p.source_host_uuid or 'another host'}",
+                                      attributes={"migration_id": p.migration_id, "source_host_uuid": p.source_host_uuid})
 
     async def abort(self, migration_id: str, reason: str) -> None:
         try:
-            p = self._take(migration_id)
+            p = await self._take(migration_id)
         except NotFound:
             return  # finished, aborted or expired already: nothing is held for it
         here = await self.hv.call(lambda c: _presence(c, p.spec.uuid), timeout=15)
@@ -139,13 +218,28 @@ class IncomingMigrations:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _take(self, migration_id: str) -> Pending:
+    def _hold(self, p: Pending) -> None:
+        delay = max(0.0, p.expires - time.time())
+        p.expiry = asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(
+            self.abort(p.migration_id, f"not finished within {p.plan.ttl_s} s")))
+        self._pending[p.migration_id] = p
+
+    async def _take(self, migration_id: str) -> Pending:
         p = self._pending.pop(migration_id, None)
         if p is None:
             raise NotFound(f"no incoming migration {migration_id!r} is prepared on this host", field="migration_id")
         if p.expiry is not None:
             p.expiry.cancel()
+        await self._forget(migration_id)
         return p
+
+    async def _save(self, p: Pending) -> None:
+        if self.store is not None:
+            await self.store.run(self.store.set_value, KV_PREFIX + p.migration_id, p.to_json())
+
+    async def _forget(self, migration_id: str) -> None:
+        if self.store is not None:
+            await self.store.run(self.store.execute, "DELETE FROM kv WHERE key = ?", (KV_PREFIX + migration_id,))
 
     async def _release(self, spec: VmSpec) -> None:
         await self.binder.release_placement(spec.uuid)

@@ -19,6 +19,7 @@ from typing import Callable
 from cna_agent.compute.migration import VmMigrations
 from cna_agent.compute.migration_cold_incoming import ColdIncoming
 from cna_agent.compute.migration_incoming import IncomingMigrations
+from cna_agent.compute.migration_recovery import MigrationRecovery
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.console import ConsoleSession
@@ -35,6 +36,7 @@ from cna_agent.compute.snapshot_ops import VmSnapshots
 from cna_agent.compute.update import VmUpdates
 from cna_agent.compute.vmops import VmOps
 from cna_agent.errors import FailedPrecondition, InvalidArgument
+from cna_agent.operations import RecoveryHandler
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,16 @@ class Compute:
     #: Cold migration, this host as the destination (the source side hangs off migrations).
     cold_incoming: ColdIncoming | None = None
 
+    def recovery_handlers(self) -> dict[str, RecoveryHandler]:
+        """How each operation kind a crash left open is decided (the runner calls them once)."""
+        return {**self.recovery.handlers(), "vm.migrate": MigrationRecovery(self.migrations).recover}
+
     async def start(self) -> None:
         await self.monitor.start()
         if self.ops.hv.connected:
             await self.adopt()
+            await self.incoming.restore()
+            await self.release_orphan_claims()
 
     async def start_reconcile(self) -> None:
         """Once serving: the per-VM reconcile (start-up pass, events, timer)."""
@@ -98,6 +106,20 @@ class Compute:
         log.info("event=vm.adopted managed=%d unmanaged=%d running=%d", len(managed), len(vms) - len(managed),
                  sum(1 for v in managed if v.state == st.RUNNING))
         return vms
+
+    async def release_orphan_claims(self) -> int:
+        """Placements of VMs that are neither defined here nor arriving (a create or an incoming
+        migration cut short between claiming and defining) would hold CPUs and memory for
+        nothing, forever: released at start-up, before any new claim is made."""
+        placer = self.binder.placer
+        if placer is None:
+            return 0
+        defined = {v.uuid for v in await self.inventory.list(include_unmanaged=True)} | self.incoming.arriving()
+        orphans = [p.uuid for p in placer.placements() if p.uuid not in defined]
+        for uuid in orphans:
+            log.warning("event=placement.orphan_released vm=%s", uuid)
+            await self.binder.release_placement(uuid)
+        return len(orphans)
 
     async def open_console(self, ref: str, *, force: bool = False) -> ConsoleSession:
         """A serial console session on a running VM (close it when done)."""

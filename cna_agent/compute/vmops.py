@@ -13,7 +13,7 @@ definition write of the agent's spec, and the result (a fresh VmInfo).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import libvirt
 
@@ -55,9 +55,10 @@ class VmOps:
         self.inventory = inventory
 
     async def submit(self, kind: str, uuid: str, work: Callable[[OperationContext], Awaitable[Any]], *, request_id: str = "",
-                     fingerprint: str = "", lock_timeout: float = 0.0, wait: float = QUICK_WAIT_S) -> OperationRecord:
+                     fingerprint: str = "", lock_timeout: float = 0.0, wait: float = QUICK_WAIT_S,
+                     metadata: Mapping[str, str] | None = None) -> OperationRecord:
         return await self.runner.submit(kind, uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                        lock_key=vm_lock(uuid), lock_timeout=lock_timeout, wait=wait)
+                                        lock_key=vm_lock(uuid), lock_timeout=lock_timeout, wait=wait, metadata=metadata)
 
     async def result(self, uuid: str, op: OperationContext) -> VmInfo:
         """The VM as an operation's result: read now, without naming the operation that is

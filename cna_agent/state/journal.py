@@ -226,6 +226,10 @@ class OperationJournal:
         rows = self._store.query("SELECT * FROM operations WHERE id = ?", (op_id,))
         return _row_to_record(rows[0]) if rows else None
 
+    def by_request_id(self, request_id: str) -> OperationRecord | None:
+        rows = self._store.query("SELECT * FROM operations WHERE request_id = ?", (request_id,))
+        return _row_to_record(rows[0]) if rows else None
+
     def list(
         self,
         *,

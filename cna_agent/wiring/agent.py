@@ -159,6 +159,7 @@ async def build_agent(config: AgentConfig) -> Agent:
                                   checks=[network.service.reconciler, placement.monitor],
                                   peer=peer, cold_peer=peer,
                                   host_uuid=config.host.host_uuid or (hypervisor.facts.host_uuid if hypervisor.facts else ""),
+                                  store=store,
                                   transfer=VolumeTransfers(storage.volumes.roots, storage.runner, storage.executor,
                                                            timeout=config.storage.command_timeout_s))
     # Every blocking pool, for the metrics (read at scrape time).
@@ -169,7 +170,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     await storage.start()
     log.info("event=storage.started datastores=%d threads=%d", len(config.storage.datastores), config.storage.executor_threads)
     await compute.start()
-    recovered = await runner.recover(compute.recovery.handlers())
+    recovered = await runner.recover(compute.recovery_handlers())
 
     servicers: dict[str, object] = {
         "cna.v1.HostService": HostServicer(host, placement=placement.monitor),

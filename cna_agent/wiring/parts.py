@@ -115,7 +115,8 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                   inventory: VmInventory, ctx: RenderContext, *, virt_type: str, host_cpus: int,
                   disks: DiskProvider | None, ports: PortProvider, placer: Placer | None,
                   checks: Sequence[VmCheck] = (), peer: MigrationPeer | None = None, host_uuid: str = "",
-                  transfer: VolumeTransfer | None = None, cold_peer: ColdMigrationPeer | None = None) -> Compute:
+                  store: StateStore | None = None, transfer: VolumeTransfer | None = None,
+                  cold_peer: ColdMigrationPeer | None = None) -> Compute:
     """Compute's parts around one inventory; ``disks``/``ports``/``placer`` are the other
     subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins),
     ``checks`` their per-VM checks for compute's reconcile (network's ports, placement's pinning),
@@ -140,7 +141,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     monitor.on_io_error = reconciler.enqueue
     incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                   migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
-                                  ttl_s=config.migration.prepare_ttl_s)
+                                  ttl_s=config.migration.prepare_ttl_s, store=store)
     compute = Compute(
         ops=ops, inventory=inventory, binder=binder, monitor=monitor, lifecycle=lifecycle, sidechannels=sidechannels,
         updates=VmUpdates(ops, binder, renderer, lifecycle),

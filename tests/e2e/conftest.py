@@ -1,18 +1,21 @@
 """Fixtures for e2e tests that boot guests through the real agent process.
 
-Why here: several e2e test modules need agents whose VMs boot the test guests; the helpers
-behind the fixture are in tests/support (agent.py, guests.py).
+Why here: several e2e test modules need agents whose VMs boot the test guests, and the
+migration tests (test_vm_migration*.py) need one agent on each of the two namespace hosts; the
+helpers behind the fixtures are in tests/support (agent.py, guests.py, hosts.py).
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from support.agent import start_agent
+from support.hosts import agent_config, remove_domains
 from support.tools import REPO
 
 
@@ -36,3 +39,35 @@ def vm_agent_factory(libvirt_caps_cache):
     for agent, base in started:
         agent.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def two_agents(two_hosts, libvirt_caps_cache):
+    """One agent per host (``two_hosts``), each with the other's libvirt reachable for incoming
+    migrations; yields (agent_a, agent_b, two_hosts, base dir). Host A alone has a port group
+    (``agent_a.extra["pg"]``), for a destination that cannot take a VM."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    base = Path(tempfile.mkdtemp(prefix="mg", dir="/tmp"))
+    base.chmod(0o711)
+    images = base / "img"
+    images.mkdir()
+    guests = REPO / ".cache" / "guests"
+    agents = []
+    s = base.name[-5:].lower()
+    bridge, pg = f"mgb{s}", f"mgp{s}"
+    for name, host in (("a", two_hosts.a), ("b", two_hosts.b)):
+        extra = agent_config(host, f"{guests},{images}")
+        if name == "a":  # a port group only host A has
+            extra += (f'[network]\nreconcile_interval_s = 0\n[network.bridges.{bridge}]\ntype = "linux"\n'
+                      f'[network.port_groups.{pg}]\nbridge = "{bridge}"\n')
+        agents.append(start_agent(base / name, None, extra_config=extra))
+    agents[0].extra["pg"] = pg
+    yield agents[0], agents[1], two_hosts, base
+    for agent in agents:
+        agent.stop()
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+    for host in (two_hosts.a, two_hosts.b):
+        remove_domains(host.uri, str(base))
+    shutil.rmtree(base, ignore_errors=True)

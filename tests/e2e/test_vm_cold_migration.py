@@ -20,11 +20,12 @@ import grpc
 import pytest
 
 from cna_agent.api import pb
-from support.console import facts
+from support.console import AgentConsole, facts
 from support.guests import guest_spec, serial_log
-from support.migration import domain_state, start_pair, stop_pair, temp_base
+from support.agent import start_agent
+from support.hosts import domain_state
+from support.migration import agent_config, make_base, tear_down
 from support.operations import history, ok, wait
-from support.tools import REPO
 
 vm = pb.vm_pb2
 ops_pb = pb.operations_pb2
@@ -34,22 +35,23 @@ MiB = 1 << 20
 
 @pytest.fixture
 def cold_agents(two_hosts, libvirt_caps_cache):
+    """One agent per host; datastore ``local`` is a different directory on each host, ``shared``
+    the same directory on both."""
     import libvirt
 
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    base = temp_base("cm")
+    base = make_base("cm")
     for d in ("a-local", "b-local", "shared"):
         (base / d).mkdir(mode=0o711)
-    guests = REPO / ".cache" / "guests"
 
     def extra(local: Path) -> str:
-        return (f'[compute]\nimage_dirs = "{guests}"\n'
-                f'[storage.datastores.local]\ntype = "dir"\npath = "{local}"\n'
+        return (f'[storage.datastores.local]\ntype = "dir"\npath = "{local}"\n'
                 f'[storage.datastores.shared]\ntype = "dir"\npath = "{base / "shared"}"\n')
 
-    a, b = start_pair(two_hosts, base, extra(base / "a-local"), extra(base / "b-local"))
+    a = start_agent(base / "a", None, extra_config=agent_config(two_hosts.a, base / "img", extra(base / "a-local")))
+    b = start_agent(base / "b", None, extra_config=agent_config(two_hosts.b, base / "img", extra(base / "b-local")))
     yield a, b, two_hosts, base
-    stop_pair((a, b), two_hosts, base)
+    tear_down((a, b), (two_hosts.a, two_hosts.b), base)
 
 
 def _files(root: Path) -> list[str]:
@@ -133,16 +135,18 @@ def test_a_stopped_vm_moves_with_its_local_disk_copied_and_boots_on_the_other_ho
         xml_b = _run("virsh", "-c", hosts.b.uri, "dumpxml", uuid)
         assert str(copy) in xml_b and str(shared) in xml_b and str(base / "a-local") not in xml_b
 
-        # 3. B's agent starts it: the guest boots on B and sees both disks
+        # 3. B's agent starts it: the guest boots on B, sees both disks and reads the pattern
         ok(chb, vms_b.StartVm(vm.VmActionRequest(vm=uuid), timeout=60))
         log_b = serial_log(b, uuid)
         log_b.wait_for(r"CNA-GUEST-READY boot=", timeout=150)
-        # (its console shell is not reachable through libvirt on a namespace host: libvirt
-        # wants a pty lock file under /var/lock, which the host's namespace does not have; the
-        # content itself was compared above)
         found = facts(log_b.text())
         assert found["block"] == "vda,vdb" and found["block.vda.sectors"] == str(64 * MiB // 512), found
         assert found["block.vdb.sectors"] == str(8 * MiB // 512)
+        with AgentConsole(chb, uuid) as con:  # and reads the moved disk's pattern
+            con.send("\n")
+            con.wait_for(r"cna# ", timeout=60, partial=True)
+            rc, out = con.run("dd if=/dev/vda bs=1M count=4 iflag=direct 2>/dev/null | sha256sum", timeout=60)
+        assert rc == 0 and hashlib.sha256(b"\x5a" * 4 * MiB).hexdigest() in out, out
         print(f"cold migration over the agents: {elapsed:.2f} s for a {size >> 20} MiB qcow2")
         ok(chb, vms_b.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
 

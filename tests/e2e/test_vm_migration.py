@@ -10,10 +10,8 @@ its serial console, with no boot in between).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,77 +19,13 @@ import grpc
 import pytest
 
 from cna_agent.api import pb
-from support.agent import start_agent
 from support.guests import guest_spec, serial_log
+from support.hosts import domain_state
+from support.migration import qemu_pids
 from support.operations import history, ok, wait
-from support.tools import REPO
 
 vm = pb.vm_pb2
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (two libvirtds)"), pytest.mark.slow]
-
-
-def _domain(uri: str, uuid: str) -> tuple[bool, bool] | None:
-    """(persistent, active) of ``uuid`` on the libvirt at ``uri``, or None when it is not there."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        dom = conn.lookupByUUIDString(uuid)
-        return bool(dom.isPersistent()), bool(dom.isActive())
-    except libvirt.libvirtError:
-        return None
-    finally:
-        conn.close()
-
-
-@pytest.fixture
-def two_agents(two_hosts, libvirt_caps_cache):
-    """One agent per host, each with the other's libvirt reachable for incoming migrations."""
-    import libvirt
-
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    base = Path(tempfile.mkdtemp(prefix="mg", dir="/tmp"))
-    base.chmod(0o711)
-    images = base / "img"
-    images.mkdir()
-    guests = REPO / ".cache" / "guests"
-    agents = []
-    s = base.name[-5:].lower()
-    bridge, pg = f"mgb{s}", f"mgp{s}"
-    for name, host in (("a", two_hosts.a), ("b", two_hosts.b)):
-        extra = (f'[libvirt]\nuri = "{host.uri}"\n[compute]\nimage_dirs = "{guests},{images}"\n'
-                 f'[migration]\nlibvirt_uri = "{host.uri}"\nmigrate_host = "127.0.0.1"\n')
-        if name == "a":  # a port group only host A has
-            extra += (f'[network]\nreconcile_interval_s = 0\n[network.bridges.{bridge}]\ntype = "linux"\n'
-                      f'[network.port_groups.{pg}]\nbridge = "{bridge}"\n')
-        agents.append(start_agent(base / name, None, extra_config=extra))
-    agents[0].extra["pg"] = pg
-    yield agents[0], agents[1], two_hosts, base
-    for agent in agents:
-        agent.stop()
-    subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
-    for host in (two_hosts.a, two_hosts.b):
-        _remove_domains(host.uri, str(base))
-    shutil.rmtree(base, ignore_errors=True)
-
-
-def _remove_domains(uri: str, marker: str) -> None:
-    """Destroy and undefine what this test left on a host (the guests outlive the agents)."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        for dom in conn.listAllDomains():
-            try:
-                if marker in dom.XMLDesc(0):
-                    if dom.isActive():
-                        dom.destroy()
-                    if dom.isPersistent():
-                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-            except libvirt.libvirtError:
-                continue
-    finally:
-        conn.close()
 
 
 def test_a_running_guest_moves_to_the_other_host_and_keeps_running(two_agents) -> None:
@@ -126,8 +60,8 @@ def test_a_running_guest_moves_to_the_other_host_and_keeps_running(two_agents) -
         elapsed = time.monotonic() - t0
 
         # libvirt on each host: persistent and running on B, gone from A
-        assert _domain(hosts.b.uri, uuid) == (True, True)
-        assert _domain(hosts.a.uri, uuid) is None
+        assert domain_state(hosts.b.uri, uuid) == (True, True)
+        assert domain_state(hosts.a.uri, uuid) is None
         assert [v.uuid for v in vms_b.ListVms(vm.ListVmsRequest(), timeout=30).vms] == [uuid]
         assert not vms_a.ListVms(vm.ListVmsRequest(), timeout=30).vms
         # the same guest, still running on B: a disk plugged through B's agent is announced by the
@@ -139,22 +73,6 @@ def test_a_running_guest_moves_to_the_other_host_and_keeps_running(two_agents) -
         assert "CNA-GUEST-READY" not in log_b.text()
         print(f"migration over the agents: {elapsed:.2f} s")
         ok(chb, vms_b.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
-
-
-def _qemu_pids(uuid: str, *, incoming: bool) -> list[int]:
-    """QEMU processes of guest ``uuid`` on this machine; ``incoming``: the destination's (started
-    with -incoming), else the source's."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(uuid.encode() in a for a in argv) and (b"-incoming" in argv) == incoming:
-            pids.append(int(proc.name))
-    return pids
 
 
 def _start_slow_migration(cha, vms_a, uuid: str, b, **policy) -> object:
@@ -176,10 +94,10 @@ def _stays_on_a(hosts, vms_a, vms_b, uuid: str) -> None:
     """After a failed or cancelled move: running and persistent on A, nothing on B (libvirt,
     QEMU, the agent's list), within 30 s."""
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (_domain(hosts.b.uri, uuid) is not None or _qemu_pids(uuid, incoming=True)):
+    while time.monotonic() < deadline and (domain_state(hosts.b.uri, uuid) is not None or qemu_pids(uuid, incoming=True)):
         time.sleep(0.5)
-    assert _domain(hosts.a.uri, uuid) == (True, True)
-    assert _domain(hosts.b.uri, uuid) is None and not _qemu_pids(uuid, incoming=True)
+    assert domain_state(hosts.a.uri, uuid) == (True, True)
+    assert domain_state(hosts.b.uri, uuid) is None and not qemu_pids(uuid, incoming=True)
     assert vms_a.GetVm(vm.GetVmRequest(vm=uuid), timeout=30).status.state == vm.VM_STATE_RUNNING
     assert not vms_b.ListVms(vm.ListVmsRequest(), timeout=30).vms
 
@@ -204,7 +122,7 @@ def test_cancel_a_stalled_destination_and_a_destination_that_cannot_take_it_leav
         # 2. The destination's QEMU stops answering (SIGSTOP): no progress for the policy's
         #    timeout aborts the job; the stopped QEMU on B is cleaned up by libvirt
         cur = _start_slow_migration(cha, vms_a, uuid, b, progress_timeout_s=5)
-        for pid in _qemu_pids(uuid, incoming=True):
+        for pid in qemu_pids(uuid, incoming=True):
             os.kill(pid, signal.SIGSTOP)
         done = wait(cha, cur, timeout=120)
         assert done.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "no progress" in done.error.message, done

@@ -71,6 +71,7 @@ def test_each_host_is_its_own_libvirt_host(two_hosts) -> None:
         assert os.stat(h.root / "run").st_dev != os.stat("/run").st_dev  # its own tmpfs
         assert (h.root / "run/libvirt/libvirt-sock").is_socket()
         assert (h.root / "run/libvirt/virtlogd-sock").is_socket()
+        assert (h.root / "run/lock").is_dir()  # libvirt's console lock files (/var/lock)
         assert Path(f"/proc/{h.virtlogd_pid}/comm").read_text().strip() == "virtlogd"
         mine = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
                 if " - hugetlbfs " in line}

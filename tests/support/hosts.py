@@ -106,3 +106,45 @@ def start_two_hosts(run_dir: Path) -> TwoHosts:
 def stop_two_hosts(hosts: TwoHosts) -> None:
     """Tear both hosts down: daemons, QEMU, namespaces, cgroups and private dirs."""
     hosts.testbed.hosts_down()
+
+
+def domain_state(uri: str, uuid: str) -> tuple[bool, bool] | None:
+    """(persistent, active) of domain ``uuid`` on the libvirt at ``uri``, or None when it is not
+    there: where a VM is, judged from each host's libvirt rather than from an agent."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        return bool(dom.isPersistent()), bool(dom.isActive())
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+
+
+def remove_domains(uri: str, marker: str) -> None:
+    """Destroy and undefine the domains on the libvirt at ``uri`` whose XML names ``marker`` (a
+    test's directory): guests outlive the agents that made them."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        for dom in conn.listAllDomains():
+            try:
+                if marker in dom.XMLDesc(0):
+                    if dom.isActive():
+                        dom.destroy()
+                    if dom.isPersistent():
+                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            except libvirt.libvirtError:
+                continue
+    finally:
+        conn.close()
+
+
+def agent_config(host: Host, image_dirs: str) -> str:
+    """The config lines an agent on namespace host ``host`` needs for migrations: its libvirt,
+    the image directories (comma-separated) and the address the peers' QEMU send memory to."""
+    return (f'[libvirt]\nuri = "{host.uri}"\n[compute]\nimage_dirs = "{image_dirs}"\n'
+            f'[migration]\nlibvirt_uri = "{host.uri}"\nmigrate_host = "127.0.0.1"\n')

@@ -1,73 +1,95 @@
-"""Helpers for tests that move VMs between the two namespace hosts (support.hosts) with one agent
-per host: what libvirt on a host says about a domain, one agent per host, and the clean-up of
-what a test left on the hosts (the guests outlive the agents). ``import libvirt`` happens inside
-the functions."""
+"""Two agents on the two namespace hosts (support/hosts.py), and what migration tests check
+from outside them: where libvirt has the domain, which QEMU processes run it, what each
+agent's state database still holds for it.
+
+Why a module: the live, fault and convergence migration tests all need the same pair of agents
+(each pointed at its own host's libvirtd, each accepting incoming migrations from the other) and
+the same outside views; judging a migration from the agents' own answers would prove nothing.
+"""
 
 from __future__ import annotations
 
 import shutil
+import signal
+import sqlite3
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from support.agent import AgentProcess, start_agent
+from support.hosts import agent_config as hosts_agent_config
+from support.hosts import domain_state as domain
+from support.hosts import remove_domains
+from support.tools import REPO
 
 
-def domain_state(uri: str, uuid: str) -> tuple[bool, bool] | None:
-    """(persistent, active) of ``uuid`` on the libvirt at ``uri``, or None when it is not there."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        dom = conn.lookupByUUIDString(uuid)
-        return bool(dom.isPersistent()), bool(dom.isActive())
-    except libvirt.libvirtError:
-        return None
-    finally:
-        conn.close()
+def agent_config(host, images: Path, extra: str = "") -> str:
+    return hosts_agent_config(host, f"{REPO / '.cache' / 'guests'},{images}") + extra
 
 
-def remove_domains(uri: str, marker: str) -> None:
-    """Destroy and undefine every domain on ``uri`` whose XML mentions ``marker`` (a test's
-    directory: its paths are in the domain's disks and logs)."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        for dom in conn.listAllDomains():
-            try:
-                if marker in dom.XMLDesc(0):
-                    if dom.isActive():
-                        dom.destroy()
-                    if dom.isPersistent():
-                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-            except libvirt.libvirtError:
-                continue
-    finally:
-        conn.close()
-
-
-def temp_base(prefix: str) -> Path:
-    """A directory under /tmp both hosts see (their mount namespaces share /tmp), traversable by
-    QEMU's user."""
+def make_base(prefix: str) -> Path:
+    """A short /tmp directory QEMU (running unprivileged under the hosts' libvirtds) can traverse."""
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     base.chmod(0o711)
+    (base / "img").mkdir()
     return base
 
 
-def start_pair(two_hosts, base: Path, extra_a: str, extra_b: str) -> tuple[AgentProcess, AgentProcess]:
-    """One agent per host (``base/a`` on host a, ``base/b`` on host b), each connected to its
-    host's libvirtd and taking incoming migrations there; ``extra_*``: more TOML per agent."""
-    agents = []
-    for name, host, extra in (("a", two_hosts.a, extra_a), ("b", two_hosts.b, extra_b)):
-        config = (f'[libvirt]\nuri = "{host.uri}"\n[migration]\nlibvirt_uri = "{host.uri}"\nmigrate_host = "127.0.0.1"\n'
-                  + extra)
-        agents.append(start_agent(base / name, None, extra_config=config))
-    return agents[0], agents[1]
+def restart(agent: AgentProcess, *, env: dict | None = None, sig: int = signal.SIGKILL) -> AgentProcess:
+    """Kill ``agent`` (SIGKILL unless told otherwise; nothing happens to its guests: libvirtd
+    runs them) and start it again on the same config, state and TCP port."""
+    agent.stop(sig)
+    new = start_agent(agent.dir, None, config=agent.config, env=env)
+    new.tcp_port, new.extra = agent.tcp_port, agent.extra
+    return new
 
 
-def stop_pair(agents: tuple[AgentProcess, ...], two_hosts, base: Path) -> None:
+def qemu_pids(uuid: str, *, incoming: bool | None = None) -> list[int]:
+    """QEMU processes of guest ``uuid`` on this machine (either host); ``incoming`` True: only
+    those started with -incoming (a destination's), False: only the others, None: all."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(uuid.encode() in a for a in argv):
+            if incoming is None or (b"-incoming" in argv) == incoming:
+                pids.append(int(proc.name))
+    return pids
+
+
+def claims(agent: AgentProcess, uuid: str) -> dict[str, int]:
+    """What the agent's state database holds for VM ``uuid``: placement rows and prepared
+    incoming migrations (read from the SQLite file, not asked of the agent)."""
+    db = sqlite3.connect(f"file:{agent.dir / 'state' / 'agent.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        placements = db.execute("SELECT COUNT(*) FROM placements WHERE vm_uuid = ?", (uuid,)).fetchone()[0]
+        prepared = sum(1 for (v,) in db.execute("SELECT value FROM kv WHERE key LIKE 'migration.incoming.%'") if uuid in v)
+    finally:
+        db.close()
+    return {"placements": placements, "prepared": prepared}
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(interval)
+
+
+def tear_down(agents, hosts, base: Path, bridges: tuple[str, ...] = ()) -> None:
     for agent in agents:
         agent.stop()
-    for host in (two_hosts.a, two_hosts.b):
+    for bridge in bridges:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+    for host in hosts:
         remove_domains(host.uri, str(base))
     shutil.rmtree(base, ignore_errors=True)

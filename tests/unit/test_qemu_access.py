@@ -77,3 +77,19 @@ def test_backing_chain_from_the_headers(tmp_path: Path) -> None:
     raw = tmp_path / "r.raw"
     raw.write_bytes(b"\0" * 4096)
     assert backing_chain(str(raw)) == []
+
+
+def test_post_copy_is_refused_for_unprivileged_qemu_unless_the_sysctl_allows_userfaultfd(tmp_path) -> None:
+    from cna_agent.qemu_access import post_copy_blocker
+
+    knob = tmp_path / "sys" / "vm" / "unprivileged_userfaultfd"
+    knob.parent.mkdir(parents=True)
+    knob.write_text("0\n")
+    why = post_copy_blocker(QemuUser(64055, 64055), proc_root=str(tmp_path))
+    assert "vm.unprivileged_userfaultfd is 0" in why and "uid 64055" in why
+    assert post_copy_blocker(QemuUser(0, 0), proc_root=str(tmp_path)) == ""  # root may
+    assert post_copy_blocker(None, proc_root=str(tmp_path)) == ""  # not known yet: QEMU answers
+    knob.write_text("1\n")
+    assert post_copy_blocker(QemuUser(64055, 64055), proc_root=str(tmp_path)) == ""
+    knob.unlink()  # a kernel without the knob allows it
+    assert post_copy_blocker(QemuUser(64055, 64055), proc_root=str(tmp_path)) == ""

@@ -47,3 +47,18 @@ def test_unknown_enum_number_is_refused_naming_the_field(field: str, path: str) 
     with pytest.raises(InvalidArgument) as err:
         validate(spec_from_pb(m), ValidationContext())
     assert err.value.field == path
+
+
+def test_migration_policy_auto_converge_is_on_unless_turned_off() -> None:
+    """An unset auto_converge (proto3 optional) takes the agent's default, on; an explicit false
+    is a plain pre-copy; the zero values of the other fields take their defaults."""
+    from cna_agent.api.vm_convert import migration_policy_from_pb
+
+    unset = migration_policy_from_pb(v.MigrationPolicy())
+    assert unset.auto_converge is True and unset.permit_post_copy is False
+    assert (unset.max_downtime_ms, unset.progress_timeout_s, unset.completion_action) == (300, 60, "abort")
+    assert migration_policy_from_pb(v.MigrationPolicy(auto_converge=False)).auto_converge is False
+    assert migration_policy_from_pb(v.MigrationPolicy(auto_converge=True)).auto_converge is True
+    # an explicit false survives the wire (presence is encoded), so the VRM can turn it off
+    wire = v.MigrationPolicy(auto_converge=False).SerializeToString()
+    assert wire and v.MigrationPolicy.FromString(wire).HasField("auto_converge")
