@@ -158,6 +158,8 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
                                    ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending())),
     )
+    if compute.cold_incoming is not None:
+        incoming.busy_elsewhere = lambda: len(compute.cold_incoming.pending())  # type: ignore[union-attr]
     return compute
 
 
