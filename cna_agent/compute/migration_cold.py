@@ -128,6 +128,9 @@ class ColdMigrations:
                                                   "disks_copied": str(len(copies)), "disks_shared": str(len(files) - len(copies))})
         try:
             copied = await self._copy(op, transfer, spec, destination, files, idents, copies, bandwidth_mib_s)
+            if await self.ops.inventory.running(uuid):  # started behind the agent's back (virsh): it stays here
+                raise FailedPrecondition(f"vm {spec.name!r} was started outside the agent during its cold migration",
+                                         field="vm")
             await op.progress(97, "defining on the destination")
             vm = await self.peer.finish_cold(destination, op.id)
         except BaseException as exc:
