@@ -42,7 +42,7 @@ from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import VmSpec
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import ColdMigrationPeer, FileIdentity, ReceivePlan, VolumeTransfer
-from cna_agent.errors import FailedPrecondition, ResourceBusy
+from cna_agent.errors import FailedPrecondition, ResourceBusy, Unavailable
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationRecord
 
@@ -120,7 +120,12 @@ class ColdMigrations:
             binding = await self.binder.disk(spec, i, field=f"spec.disks[{i}]")
             files[i] = binding.path
             idents[i] = await transfer.identify(binding.path)
-        plans: dict[int, ReceivePlan] = await self.peer.prepare_cold(destination, op.id, spec, idents, self.host_uuid)
+        try:
+            plans: dict[int, ReceivePlan] = await self.peer.prepare_cold(destination, op.id, spec, idents, self.host_uuid)
+        except Unavailable:
+            # It may have prepared and lost the answer: have it drop that now (it also lapses by itself).
+            await self._tell_abort(uuid, destination, op.id, "its preparation got no answer")
+            raise
         copies = [i for i in files if plans[i].copy]
         await self.ops.events.publish("vm.migration_started", resource_kind="vm", resource_id=uuid, resource_name=spec.name,
                                       message=f"{spec.name} (shut off) moving to {destination}", operation_id=op.id,
@@ -135,10 +140,7 @@ class ColdMigrations:
             vm = await self.peer.finish_cold(destination, op.id)
         except BaseException as exc:
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
-            try:
-                await asyncio.shield(self.peer.abort_cold(destination, op.id, reason))
-            except Exception as abort_exc:  # the destination aborts itself when its preparation expires
-                log.warning("event=migration.abort_unreached vm=%s destination=%s error=%r", uuid, destination, str(abort_exc))
+            await self._tell_abort(uuid, destination, op.id, reason)
             await self.ops.events.publish("vm.migration_failed", severity="warning", resource_kind="vm", resource_id=uuid,
                                           resource_name=spec.name, message=f"{spec.name} stays on this host: {reason}",
                                           operation_id=op.id, attributes={"destination": destination, "cold": "true"})
@@ -160,6 +162,12 @@ class ColdMigrations:
                                       attributes={"destination": destination, "cold": "true", "bytes_copied": str(copied),
                                                   "disks_copied": str(len(copies)), "source_volumes_removed": str(removed)})
         return vm
+
+    async def _tell_abort(self, uuid: str, destination: str, migration_id: str, reason: str) -> None:
+        try:
+            await asyncio.shield(self.peer.abort_cold(destination, migration_id, reason))
+        except Exception as exc:  # the destination aborts itself when its preparation expires
+            log.warning("event=migration.abort_unreached vm=%s destination=%s error=%r", uuid, destination, str(exc))
 
     async def _copy(self, op: OperationContext, transfer: VolumeTransfer, spec: VmSpec, destination: str,
                     files: dict[int, str], idents: dict[int, FileIdentity], copies: list[int], bandwidth_mib_s: int) -> int:
