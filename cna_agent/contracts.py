@@ -352,3 +352,84 @@ class MigrationPeer(Protocol):
 
     async def abort(self, destination: str, migration_id: str, reason: str) -> None: ...
 
+
+
+# -- cold migration: volume files between hosts (storage moves the bytes) -----------------------
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What the source tells the destination about one disk file, so the destination can say
+    whether it already sees the very same file (a shared datastore) or must receive a copy.
+
+    Sameness is judged from facts a shared file system keeps identical for every client (NFS,
+    CephFS, GPFS and a bind mount all report the same inode number, size and mtime) plus a
+    hash of the file's first bytes; ``st_dev`` is left out on purpose (each NFS client numbers
+    its mounts itself)."""
+
+    size: int
+    #: Bytes really allocated (st_blocks), for the space check; with a backing chain, the chain's
+    #: sum (a flattened copy can hold all of it).
+    allocated: int
+    inode: int
+    mtime_ns: int
+    head_sha256: str
+    #: A qcow2 with a backing file: copied flattened (storage/transfer.py says why).
+    has_backing: bool = False
+
+
+@dataclass(frozen=True)
+class ReceivePlan:
+    """The destination's answer for one file disk: where it lives there and whether it is copied."""
+
+    path: str
+    copy: bool
+
+
+@dataclass(frozen=True)
+class TransferChunk:
+    """One piece of a volume stream: ``data`` at ``offset``; the last piece carries the digest
+    of the whole stream (``sha256``, storage/transfer.py's sparse digest) and may have no data."""
+
+    offset: int
+    data: bytes
+    sha256: str = ""
+
+
+class VolumeTransfer(Protocol):
+    """Moving a volume file to another host (implemented by storage/transfer.py's
+    VolumeTransfers; the source reads, the destination receives)."""
+
+    async def identify(self, path: str) -> FileIdentity: ...
+
+    def send(self, path: str) -> Any:
+        """An async iterator of TransferChunk (zero blocks skipped, the digest in the last one);
+        its ``sent`` attribute counts the bytes of the file covered so far."""
+
+    async def flatten(self, path: str) -> str:
+        """A standalone temporary copy of a qcow2 with a backing chain (removed with remove())."""
+
+    async def plan_receive(self, volumes: list[tuple[str, FileIdentity, str]]) -> list[ReceivePlan]:
+        """For each (volume id, the source's identity, field): shared (the same file is here),
+        or a copy target (free name, enough space on its datastore); refused naming the field."""
+
+    async def receive(self, path: str, size: int, chunks: Any) -> int:
+        """Write the stream to a temporary name next to ``path``, check the digest, then link it
+        into place; nothing is left at either name on failure. Returns the bytes written."""
+
+    async def remove(self, path: str) -> None: ...
+
+
+class ColdMigrationPeer(Protocol):
+    """The destination agent as a cold migration's source sees it (api/peer.py over gRPC).
+    ``disks``: spec disk index -> the source's identity of its file."""
+
+    async def prepare_cold(self, destination: str, migration_id: str, spec: Any, disks: Mapping[int, FileIdentity],
+                           source_host_uuid: str) -> dict[int, ReceivePlan]: ...
+
+    async def push_volume(self, destination: str, migration_id: str, disk_index: int, size: int, chunks: Any) -> int:
+        """Stream ``chunks`` (an async iterator of TransferChunk) as disk ``disk_index``."""
+
+    async def finish_cold(self, destination: str, migration_id: str) -> Any: ...
+
+    async def abort_cold(self, destination: str, migration_id: str, reason: str) -> None: ...

@@ -11,23 +11,27 @@ and message, so a refusal there ("no free hugepages on node 0") reaches the VRM 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Mapping
 
 import grpc
 
 from cna_agent.api import pb
 from cna_agent.api.vm_convert import spec_to_pb, vm_from_pb
-from cna_agent.contracts import IncomingPlan
-from cna_agent.errors import AgentError, FailedPrecondition, InvalidArgument, NotFound, ResourceBusy, Unavailable
+from cna_agent.contracts import FileIdentity, IncomingPlan, ReceivePlan, TransferChunk
+from cna_agent.errors import Aborted, AgentError, FailedPrecondition, InvalidArgument, NotFound, ResourceBusy, Unavailable
 
 m = pb.migration_pb2
 #: Preparing can log in to LUNs and plan placement: allow it time; the rest is quick.
 PREPARE_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 60.0
+#: A volume stream's deadline: this much, plus the file at a floor rate of 5 MiB/s (the whole
+#: stream is one call; a stalled one ends here instead of hanging the operation).
+PUSH_BASE_S = 300.0
+PUSH_FLOOR_RATE = 5 << 20
 _STATUS: dict[grpc.StatusCode, type[AgentError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusCode.ALREADY_EXISTS: FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceBusy,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceBusy, grpc.StatusCode.ABORTED: Aborted,
 }
 
 
@@ -58,13 +62,7 @@ class GrpcMigrationPeer:
             try:
                 return await getattr(stub, method)(request, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
-                what = f"destination {destination}: {exc.details() or exc.code().name}"
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise FailedPrecondition(what, field="destination") from None  # the source's request is ours, not the caller's
-                err = _STATUS.get(exc.code())
-                if err is not None:
-                    raise err(what, field="destination") from None
-                raise Unavailable(what) from None
+                raise _mapped(destination, exc) from None
 
     async def prepare(self, destination: str, migration_id: str, spec: Any, domain_xml: str, source_host_uuid: str, *,
                       post_copy: bool = False) -> IncomingPlan:
@@ -82,3 +80,54 @@ class GrpcMigrationPeer:
     async def abort(self, destination: str, migration_id: str, reason: str) -> None:
         await self._call(destination, "AbortIncoming", m.AbortIncomingRequest(migration_id=migration_id, reason=reason[:512]),
                          CALL_TIMEOUT_S)
+
+    # -- cold migration (contracts.ColdMigrationPeer) -------------------------------------------------
+
+    async def prepare_cold(self, destination: str, migration_id: str, spec: Any, disks: Mapping[int, FileIdentity],
+                           source_host_uuid: str) -> dict[int, ReceivePlan]:
+        req = m.PrepareColdIncomingRequest(migration_id=migration_id, spec=spec_to_pb(spec), source_host_uuid=source_host_uuid,
+                                           disks=[m.ColdDiskIdentity(index=i, size_bytes=d.size, allocated_bytes=d.allocated,
+                                                                     inode=d.inode, mtime_ns=d.mtime_ns, head_sha256=d.head_sha256,
+                                                                     has_backing=d.has_backing)
+                                                  for i, d in sorted(disks.items())])
+        resp = await self._call(destination, "PrepareColdIncoming", req, PREPARE_TIMEOUT_S)
+        plans = {d.index: ReceivePlan(path=d.path, copy=d.copy) for d in resp.disks}
+        if sorted(plans) != sorted(disks):
+            raise FailedPrecondition(f"destination {destination} answered for disks {sorted(plans)}, not {sorted(disks)}",
+                                     field="destination")
+        return plans
+
+    async def push_volume(self, destination: str, migration_id: str, disk_index: int, size: int,
+                          chunks: AsyncIterator[TransferChunk]) -> int:
+        async def requests() -> AsyncIterator[Any]:
+            yield m.PushVolumeRequest(migration_id=migration_id, disk_index=disk_index, size_bytes=size)
+            async for c in chunks:
+                yield m.PushVolumeRequest(offset=c.offset, data=c.data, sha256=c.sha256)
+
+        async with self._channel(destination) as ch:
+            stub = pb.migration_pb2_grpc.MigrationServiceStub(ch)
+            try:
+                resp = await stub.PushVolume(requests(), timeout=PUSH_BASE_S + size / PUSH_FLOOR_RATE)
+            except grpc.aio.AioRpcError as exc:
+                raise _mapped(destination, exc) from None
+        return resp.bytes_written
+
+    async def finish_cold(self, destination: str, migration_id: str) -> Any:
+        resp = await self._call(destination, "FinishColdIncoming", m.FinishColdIncomingRequest(migration_id=migration_id),
+                                CALL_TIMEOUT_S)
+        return vm_from_pb(resp.vm) if resp.HasField("vm") else None
+
+    async def abort_cold(self, destination: str, migration_id: str, reason: str) -> None:
+        await self._call(destination, "AbortColdIncoming",
+                         m.AbortIncomingRequest(migration_id=migration_id, reason=reason[:512]), CALL_TIMEOUT_S)
+
+
+def _mapped(destination: str, exc: grpc.aio.AioRpcError) -> AgentError:
+    """The destination's refusal as this agent's error, its status and message kept."""
+    what = f"destination {destination}: {exc.details() or exc.code().name}"
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return FailedPrecondition(what, field="destination")  # the source's request is ours, not the caller's
+    err = _STATUS.get(exc.code())
+    if err is not None:
+        return err(what, field="destination")
+    return Unavailable(what)

@@ -52,7 +52,8 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
     async def MigrateVm(self, request, context):
         return await self._op(context, self._c.migrations.migrate(request.vm, request.destination,
                                                                  migration_policy_from_pb(request.policy),
-                                                                 request_id=request.request_id, fingerprint=fingerprint(request)))
+                                                                 request_id=request.request_id, fingerprint=fingerprint(request),
+                                                                 keep_source_volumes=request.keep_source_volumes))
 
     async def UpdateVm(self, request, context):
         return await self._op(context, self._c.updates.update(request.vm, spec_from_pb(request.spec), list(request.update_mask),

@@ -30,6 +30,7 @@ import libvirt
 
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
+from cna_agent.compute.migration_cold import ColdMigrations
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import IncomingPlan, MigrationPeer
@@ -134,7 +135,7 @@ class VmMigrations:
     returned."""
 
     def __init__(self, ops: VmOps, binder: Binder, run_dirs: QemuRunDirs, peer: MigrationPeer, *,
-                 max_outgoing: int = 2, host_uuid: str = "") -> None:
+                 max_outgoing: int = 2, host_uuid: str = "", cold: ColdMigrations | None = None) -> None:
         self.ops = ops
         self.hv = ops.hv
         self.binder = binder
@@ -144,22 +145,29 @@ class VmMigrations:
         self.host_uuid = host_uuid
         self._outgoing: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        #: A shut-off VM moves cold (migration_cold.ColdMigrations), within the same outgoing limit.
+        self.cold = cold
 
     async def migrate(self, ref: str, destination: str, policy: MigrationPolicy, *, request_id: str = "",
-                      fingerprint: str = "") -> OperationRecord:
+                      fingerprint: str = "", keep_source_volumes: bool = False) -> OperationRecord:
         check_destination(destination)
         policy = policy.validated()
         earlier = await self.ops.runner.by_request_id(request_id)
-        if earlier is not None and earlier.kind == "vm.migrate":
+        if earlier is not None and earlier.kind in ("vm.migrate", "vm.migrate_cold"):
             # A retry (the first answer was lost, e.g. the agent died): the operation it opened,
             # even when the VM has left this host meanwhile. Same checks of the request as ever.
             async def never(op: OperationContext) -> Any:
                 raise AssertionError("a repeated request runs nothing")
 
-            return await self.ops.submit("vm.migrate", earlier.target, never, request_id=request_id, fingerprint=fingerprint)
+            return await self.ops.submit(earlier.kind, earlier.target, never, request_id=request_id, fingerprint=fingerprint)
         uuid, _ = await self.ops.inventory.lookup_uuid(ref)
         spec = await self.ops.inventory.spec(uuid)
-        if await self.ops.inventory.state(uuid) not in (st.RUNNING, st.PAUSED):
+        state = await self.ops.inventory.state(uuid)
+        if state == st.STOPPED and self.cold is not None:
+            return await self.cold.migrate(uuid, spec, destination, self._outgoing, self.max_outgoing, request_id=request_id,
+                                           fingerprint=fingerprint, keep_source_volumes=keep_source_volumes,
+                                           bandwidth_mib_s=policy.bandwidth_mib_s)
+        if state not in (st.RUNNING, st.PAUSED):
             raise FailedPrecondition(f"vm {spec.name!r} is not running; live migration moves running VMs", field="vm")
         self._check_limit(uuid)
 

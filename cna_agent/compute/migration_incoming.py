@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from xml.etree import ElementTree as ET
 
 import libvirt
@@ -85,6 +86,8 @@ class IncomingMigrations:
         #: vm uuid -> the migration it arrived with (answers a repeated FinishIncoming).
         self._arrivals: dict[str, str] = {}
         self._lock = asyncio.Lock()
+        #: Incoming cold migrations prepared here (the wiring sets it): max_incoming counts both kinds.
+        self.busy_elsewhere: Callable[[], int] = lambda: 0
 
     def pending(self) -> list[str]:
         return sorted(self._pending)
@@ -103,8 +106,8 @@ class IncomingMigrations:
             if not self.libvirt_uri:
                 raise FailedPrecondition("this host takes no incoming migrations: [migration] libvirt_uri (the URI the "
                                          "source's libvirtd dials to reach this host's) is not set", field="destination")
-            if len(self._pending) >= self.max_incoming:
-                raise ResourceBusy(f"{len(self._pending)} incoming migrations already prepared on this host (limit "
+            if len(self._pending) + self.busy_elsewhere() >= self.max_incoming:
+                raise ResourceBusy(f"{len(self._pending) + self.busy_elsewhere()} incoming migrations already prepared on this host (limit "
                                    f"{self.max_incoming}); retry when one has finished", field="destination")
             blocker = post_copy_blocker(self.hv.qemu_user()) if post_copy else ""
             if blocker:

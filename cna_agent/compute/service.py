@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cna_agent.compute.migration import VmMigrations
+from cna_agent.compute.migration_cold_incoming import ColdIncoming
 from cna_agent.compute.migration_incoming import IncomingMigrations
 from cna_agent.compute.migration_recovery import MigrationRecovery
 from cna_agent.compute import state as st
@@ -70,6 +71,8 @@ class Compute:
     #: Live migration: this host as the source, and as the destination.
     migrations: VmMigrations
     incoming: IncomingMigrations
+    #: Cold migration, this host as the destination (the source side hangs off migrations).
+    cold_incoming: ColdIncoming | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""

@@ -114,6 +114,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     from cna_agent.api.vm import VmServicer
     from cna_agent.compute.inventory import VmInventory
     from cna_agent.compute.render import host_limitations
+    from cna_agent.storage.transfer import VolumeTransfers
     from cna_agent.metrics import rpc_on_call
     from cna_agent.wiring import parts
     from cna_agent.wiring.telemetry import build_telemetry
@@ -152,12 +153,15 @@ async def build_agent(config: AgentConfig) -> Agent:
     placement = await parts.build_placement(config, host, store, events, inventory)
     storage = parts.build_storage(config, hypervisor, runner, events, inventory)
     network = parts.build_network(config, runner, events, inventory, libvirt_uri=uri)
+    peer = GrpcMigrationPeer(cert=config.vrm.cert, key=config.vrm.key, ca=config.vrm.ca)
     compute = parts.build_compute(config, hypervisor, runner, events, inventory, render_ctx, virt_type=virt_type,
                                   host_cpus=host_cpus, disks=storage, ports=network.service, placer=placement.placer,
                                   checks=[network.service.reconciler, placement.monitor],
-                                  peer=GrpcMigrationPeer(cert=config.vrm.cert, key=config.vrm.key, ca=config.vrm.ca),
+                                  peer=peer, cold_peer=peer,
                                   host_uuid=config.host.host_uuid or (hypervisor.facts.host_uuid if hypervisor.facts else ""),
-                                  store=store)
+                                  store=store,
+                                  transfer=VolumeTransfers(storage.volumes.roots, storage.runner, storage.executor,
+                                                           timeout=config.storage.command_timeout_s))
     # Every blocking pool, for the metrics (read at scrape time).
     pools = [store.pool, hypervisor.pool, pool, compute.resumer.executor, storage.executor,
              network.service.ovs.pool, network.service.netlink_pool]
@@ -176,7 +180,7 @@ async def build_agent(config: AgentConfig) -> Agent:
         "cna.v1.StorageService": StorageServicer(storage, compute.disks),
         "cna.v1.NetworkService": NetworkServicer(network.service, network.ops, compute.nics),
         "cna.v1.AgentService": AgentServicer(telemetry.link, store),
-        "cna.v1.MigrationService": MigrationServicer(compute.incoming),
+        "cna.v1.MigrationService": MigrationServicer(compute.incoming, compute.cold_incoming),
     }
     server = AgentServer(config, servicers, on_call=rpc_on_call)
 

@@ -8,7 +8,7 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.disks import DiskOperations
@@ -28,7 +28,7 @@ from cna_agent.compute.snapshot_ops import VmSnapshots
 from cna_agent.compute.update import VmUpdates
 from cna_agent.compute.vmops import VmOps
 from cna_agent.config import AgentConfig
-from cna_agent.contracts import DiskProvider, MigrationPeer, Placer, PortProvider, VmCheck, VmLocator
+from cna_agent.contracts import ColdMigrationPeer, DiskProvider, MigrationPeer, Placer, PortProvider, VmCheck, VmLocator, VolumeTransfer
 from cna_agent.host.cpulist import parse_cpulist
 from cna_agent.host.drift import PlacementMonitor
 from cna_agent.host.placement import Planner
@@ -36,6 +36,8 @@ from cna_agent.host.placer import HostPlacer, read_live_hugepages
 from cna_agent.host.service import HostService
 from cna_agent.hypervisor import Hypervisor
 from cna_agent.compute.migration import VmMigrations
+from cna_agent.compute.migration_cold import ColdMigrations
+from cna_agent.compute.migration_cold_incoming import ColdIncoming
 from cna_agent.compute.migration_incoming import IncomingMigrations
 from cna_agent.network.operations import NetworkOperations
 from cna_agent.network.service import NetworkService
@@ -113,10 +115,13 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                   inventory: VmInventory, ctx: RenderContext, *, virt_type: str, host_cpus: int,
                   disks: DiskProvider | None, ports: PortProvider, placer: Placer | None,
                   checks: Sequence[VmCheck] = (), peer: MigrationPeer | None = None, host_uuid: str = "",
-                  store: StateStore | None = None) -> Compute:
+                  store: StateStore | None = None, transfer: VolumeTransfer | None = None,
+                  cold_peer: ColdMigrationPeer | None = None) -> Compute:
     """Compute's parts around one inventory; ``disks``/``ports``/``placer`` are the other
     subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins),
-    ``checks`` their per-VM checks for compute's reconcile (network's ports, placement's pinning)."""
+    ``checks`` their per-VM checks for compute's reconcile (network's ports, placement's pinning),
+    ``transfer`` storage's volume mover for cold migration (None: no cold migration), ``peer`` and
+    ``cold_peer`` the destination agent for live and cold moves (api/peer.py's client is both)."""
     ops = VmOps(hypervisor, runner, events, inventory)
     binder = Binder(inventory, LocalFileResolver(parse_image_dirs(config.compute.image_dirs)), disks, ports, placer)
     renderer = DomainRenderer(ctx, QemuRunDirs(ctx), virt_type=virt_type, host_cpus=host_cpus)
@@ -134,6 +139,9 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                              enabled=config.compute.io_error_resume == "auto")
     reconciler = VmReconciler(inventory, [*checks, *([resumer] if resumer.enabled else [])])
     monitor.on_io_error = reconciler.enqueue
+    incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
+                                  migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
+                                  ttl_s=config.migration.prepare_ttl_s, store=store)
     compute = Compute(
         ops=ops, inventory=inventory, binder=binder, monitor=monitor, lifecycle=lifecycle, sidechannels=sidechannels,
         updates=VmUpdates(ops, binder, renderer, lifecycle),
@@ -144,15 +152,18 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         resumer=resumer,
         reconciler=reconciler,
         migrations=VmMigrations(ops, binder, renderer.run_dirs, peer or _no_peer(), max_outgoing=config.migration.max_outgoing,
-                                host_uuid=host_uuid),
-        incoming=IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
-                                    migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
-                                    ttl_s=config.migration.prepare_ttl_s, store=store),
+                                host_uuid=host_uuid, cold=ColdMigrations(ops, binder, renderer.run_dirs, cold_peer or _no_peer(),
+                                                                         transfer, host_uuid=host_uuid)),
+        incoming=incoming,
+        cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
+                                   ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending())),
     )
+    if compute.cold_incoming is not None:
+        incoming.busy_elsewhere = lambda: len(compute.cold_incoming.pending())  # type: ignore[union-attr]
     return compute
 
 
-def _no_peer() -> MigrationPeer:
+def _no_peer() -> Any:
     """The peer-agent client (api/peer.py), when the wiring did not hand one in."""
     from cna_agent.api.peer import GrpcMigrationPeer
 

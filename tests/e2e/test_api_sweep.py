@@ -236,6 +236,18 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
                            arch=sec.ARCH_X86_64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE))),
         "MigrationService/FinishIncoming": mig.FinishIncomingRequest(migration_id="sweep-mig", completed=True),
         "MigrationService/AbortIncoming": mig.AbortIncomingRequest(migration_id="sweep-mig", reason="r"),
+        # an identity that is not the datastore's file at that name: refused (never overwritten),
+        # so every variant meets the same world
+        "MigrationService/PrepareColdIncoming": mig.PrepareColdIncomingRequest(
+            migration_id="sweep-cold", source_host_uuid="0b5c2f8e-3d41-4a9b-8c7e-6f5a4b3c2d98",
+            spec=vm.VmSpec(name="sweep-cold", uuid="0b5c2f8e-3d41-4a9b-8c7e-6f5a4b3c2d97", vcpus=1, memory_mib=64,
+                           arch=sec.ARCH_X86_64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE),
+                           disks=[vm.DiskSpec(volume="ds/free.qcow2")]),
+            disks=[mig.ColdDiskIdentity(index=0, size_bytes=1 << 20, allocated_bytes=1 << 20, inode=12, mtime_ns=1,
+                                        head_sha256="0" * 64)]),
+        "MigrationService/PushVolume": mig.PushVolumeRequest(migration_id="sweep-cold", disk_index=0, size_bytes=1 << 20),
+        "MigrationService/FinishColdIncoming": mig.FinishColdIncomingRequest(migration_id="sweep-cold"),
+        "MigrationService/AbortColdIncoming": mig.AbortIncomingRequest(migration_id="sweep-cold", reason="r"),
         "StorageService/ListDatastores": st.ListDatastoresRequest(),
         "StorageService/GetDatastore": st.GetDatastoreRequest(name="ds"),
         "StorageService/RescanDatastore": st.RescanDatastoreRequest(name="ds"),
