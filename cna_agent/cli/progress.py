@@ -90,10 +90,11 @@ def follow(client: Any, op: Any, *, out: TextIO | None = None, tty: bool | None 
             shown = (p.percent, p.stage)
         out.flush()
 
-    if op.done:
-        return op
-    stream: Iterable[Any] = client.ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id))
     try:
+        if op.done:  # the agent waited for a quick one: show where it ended all the same
+            draw(op)
+            return op
+        stream: Iterable[Any] = client.ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id))
         for cur in stream:
             last = cur
             draw(cur)

@@ -219,6 +219,7 @@ class HostEvacuation:
             if code == _UNREACHABLE:
                 unreachable.add(dest)
             if outcome == "refused":  # this VM cannot move from here, whatever the destination
+                e.destination = ""  # nothing reached it
                 self._close(e, NOT_MOVED, message, started)
                 return
 

@@ -50,6 +50,9 @@ def test_follow_prints_steps_when_not_a_tty_and_returns_the_last_operation() -> 
     lines = out.getvalue().splitlines()
     assert last.done and last.progress.percent == 100
     assert len(lines) == 3 and "preparing the destination" in lines[0] and lines[-1].startswith("[" + "#" * 24 + "] 100%")
+    quick = io.StringIO()
+    assert follow(client, stream[-1], out=quick, tty=False) is stream[-1]  # already done: one line, no watch
+    assert quick.getvalue().count("\n") == 1 and "100%" in quick.getvalue()
     tty = io.StringIO()
     follow(client, _op(0), out=tty, tty=True)
     assert tty.getvalue().count("\r") == 4 and tty.getvalue().endswith("\n")
