@@ -407,3 +407,23 @@ def test_incoming_migration_is_refused_before_anything_is_claimed() -> None:
     err = asyncio.run(scenario())
     assert "maintenance" in err.message and err.field == "destination"
     assert not claimed and not incoming.pending()
+
+
+def test_the_report_and_status_are_the_operations_declared_responses() -> None:
+    from cna_agent.api import pb
+    from cna_agent.api.results import encode_result
+    from cna_agent.compute.maintenance import MaintenanceStatus
+
+    report = EvacuationReport("op-1", 10.0, 12.5, vms=[
+        EvacuatedVm("u1", "a", st.RUNNING, destination=D1, outcome=MOVED, operation_id="op-2", operation_kind="vm.migrate",
+                     attempts=[f"{D1}: moved"], duration_ms=2500),
+        EvacuatedVm("u2", "b", st.STOPPED, outcome=NOT_MOVED, error="not running")])
+    kind, body = encode_result("host.evacuate", report)
+    msg = pb.host_pb2.EvacuationReport.FromString(body)
+    assert kind == "cna.v1.EvacuationReport" and (msg.moved, msg.not_moved, msg.complete) == (1, 1, False)
+    assert [(v.vm_name, v.outcome, v.destination, v.error) for v in msg.vms] == [
+        ("a", pb.host_pb2.EVACUATION_OUTCOME_MOVED, D1, ""), ("b", pb.host_pb2.EVACUATION_OUTCOME_NOT_MOVED, "", "not running")]
+    assert msg.vms[0].attempts == [f"{D1}: moved"] and msg.end_time.seconds == 12
+    kind, body = encode_result("host.maintenance.exit", MaintenanceStatus(False, None, (), "", report))
+    status = pb.host_pb2.MaintenanceStatus.FromString(body)
+    assert kind == "cna.v1.MaintenanceStatus" and not status.enabled and status.last_report.operation_id == "op-1"
