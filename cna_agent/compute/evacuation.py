@@ -39,6 +39,7 @@ from cna_agent.compute.maintenance import (CANCELLED, MOVED, NOT_MOVED, PENDING,
 from cna_agent.compute.migration import MigrationPolicy, check_destination
 from cna_agent.errors import AgentError, CODES, InvalidArgument, ResourceBusy
 from cna_agent.operations import OperationContext, OperationRunner
+from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationRecord, SUCCEEDED
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,11 @@ class HostEvacuation:
     migrations and the operation runner."""
 
     def __init__(self, mode: MaintenanceMode, migrations: Migrator, vms: VmLister, runner: OperationRunner, *,
-                 max_parallel: int | None = None, busy_retry_s: float = 3.0, busy_give_up_s: float = 600.0) -> None:
+                 events: EventHub | None = None, max_parallel: int | None = None, busy_retry_s: float = 3.0,
+                 busy_give_up_s: float = 600.0) -> None:
         self.mode = mode
+        #: The mode's changes go out as "host.maintenance" events (the VRM stops placing VMs here).
+        self.events = events
         self.migrations = migrations
         self.vms = vms
         self.runner = runner
@@ -126,6 +130,7 @@ class HostEvacuation:
                                field="enabled")
         # On at once, before the first VM moves: from here nothing new lands on this host.
         await self.mode.set(True, dests)
+        await self._announce(True, dests)
 
         async def work(op: OperationContext) -> EvacuationReport:
             return await self._evacuate(op, dests, policy)
@@ -143,10 +148,19 @@ class HostEvacuation:
                 await op.progress(10, f"cancelling evacuation {running}")
                 await self.runner.cancel(running)
             await self.mode.set(False)
+            await self._announce(False, ())
             return self.status()
 
         return await self.runner.submit("host.maintenance.exit", "host", work, request_id=request_id,
                                         fingerprint=fingerprint, wait=60.0)
+
+    async def _announce(self, enabled: bool, destinations: tuple[str, ...]) -> None:
+        if self.events is not None:
+            await self.events.publish(
+                "host.maintenance", severity="warning" if enabled else "info", resource_kind="host",
+                message="maintenance on: no new VMs; draining to " + (", ".join(destinations) or "nowhere (none given)")
+                if enabled else "maintenance off: this host takes new VMs again",
+                attributes={"enabled": str(enabled).lower(), "destinations": ",".join(destinations)})
 
     # -- the drain ------------------------------------------------------------------------------
 
@@ -214,6 +228,12 @@ class HostEvacuation:
             if outcome == MOVED:
                 self._close(e, MOVED, "", started)
                 return
+            if outcome == "failed" and not await self._still_here(e.uuid):
+                # The operation failed after libvirt's job had switched the VM over (it is
+                # defined here no more): it went, whatever its operation says; never retried.
+                self._close(e, MOVED, f"its migration operation failed ({message}), but the VM is no longer "
+                                      f"defined on this host: check it on {dest}", started)
+                return
             load[dest] -= e.memory_mib
             e.error = f"{dest}: {message}"
             if code == _UNREACHABLE:
@@ -222,6 +242,9 @@ class HostEvacuation:
                 e.destination = ""  # nothing reached it
                 self._close(e, NOT_MOVED, message, started)
                 return
+
+    async def _still_here(self, uuid: str) -> bool:
+        return any(v.uuid == uuid for v in await self.vms.list(include_unmanaged=True))
 
     async def _attempt(self, e: EvacuatedVm, dest: str, policy: MigrationPolicy) -> tuple[str, int, str]:
         """One move of ``e`` to ``dest``: ("moved" | "failed" | "refused", status code, message)."""

@@ -163,7 +163,8 @@ async def build_agent(config: AgentConfig) -> Agent:
                                   peer=GrpcMigrationPeer(cert=config.vrm.cert, key=config.vrm.key, ca=config.vrm.ca),
                                   host_uuid=config.host.host_uuid or (hypervisor.facts.host_uuid if hypervisor.facts else ""),
                                   store=store, admission=maintenance)
-    evacuation = HostEvacuation(maintenance, compute.migrations, inventory, runner, max_parallel=config.migration.max_outgoing)
+    evacuation = HostEvacuation(maintenance, compute.migrations, inventory, runner, events=events,
+                                max_parallel=config.migration.max_outgoing)
     # Every blocking pool, for the metrics (read at scrape time).
     pools = [store.pool, hypervisor.pool, pool, compute.resumer.executor, storage.executor,
              network.service.ovs.pool, network.service.netlink_pool]

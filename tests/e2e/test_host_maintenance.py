@@ -110,6 +110,9 @@ def test_a_host_with_three_vms_drains_to_the_other_refuses_new_vms_and_takes_the
             # -- off: A takes VMs again ----------------------------------------------------------------
             out = _ctl(a2, "host", "maintenance", "off")
             assert out.returncode == 0 and "maintenance off" in out.stdout, out
+            events = pb.events_pb2_grpc.EventServiceStub(cha).ListEvents(
+                pb.events_pb2.ListEventsRequest(types=["host.maintenance"]), timeout=30).events
+            assert [e.attributes["enabled"] for e in events] == ["true", "false"]  # the VRM hears both, across the restart
             created = ok(cha, vms_a.CreateVm(vm.CreateVmRequest(spec=new), timeout=60), into=vm.Vm())
             assert domain_state(hosts.a.uri, created.uuid) == (True, False)
             ok(cha, vms_a.DeleteVm(vm.DeleteVmRequest(vm="drain-new"), timeout=60))

@@ -118,6 +118,9 @@ class FakeMigrations:
                     raise Aborted("libvirt's migration job failed: no route")
                 if what == "unreachable":
                     raise Unavailable(f"destination {destination}: connection refused")
+                if what == "left-but-failed":
+                    self.inventory.vms.remove(vm)
+                    raise Unavailable("libvirt's job completed but the destination agent did not confirm it")
                 self.inventory.vms.remove(vm)
                 return None
             finally:
@@ -133,7 +136,8 @@ def _world(tmp_path, vms, behaviour, *, max_parallel=2):
     inv = FakeInventory(vms)
     mig = FakeMigrations(runner, inv, behaviour, max_outgoing=max_parallel)
     mode = MaintenanceMode(store)
-    return store, runner, mode, mig, HostEvacuation(mode, mig, inv, runner, busy_retry_s=0.01, busy_give_up_s=5)
+    evac = HostEvacuation(mode, mig, inv, runner, events=runner._events, busy_retry_s=0.01, busy_give_up_s=5)
+    return store, runner, mode, mig, evac
 
 
 async def _finish(runner: OperationRunner, op_id: str):
@@ -275,9 +279,11 @@ def test_off_cancels_a_running_evacuation_and_lifts_the_refusals(tmp_path) -> No
             mode.check_admission("new VMs", field="spec")
         off = await evac.set_maintenance(False, [], MigrationPolicy())
         mode.check_admission("new VMs", field="spec")  # no longer raises
-        return err.value, off, await runner.get(rec.id), mode.report
+        events = await runner._events.list(types=["host.maintenance"])
+        return err.value, off, await runner.get(rec.id), mode.report, events
 
-    err, off, evac_op, report = asyncio.run(scenario())
+    err, off, evac_op, report, events = asyncio.run(scenario())
+    assert [e.attributes["enabled"] for e in events] == ["true", "false"] and D1 in events[0].message
     assert "maintenance" in err.message and err.field == "spec"
     assert off.kind == "host.maintenance.exit" and off.state == "succeeded"
     assert evac_op.state == "cancelled" and report.vms[0].outcome == CANCELLED
@@ -427,3 +433,18 @@ def test_the_report_and_status_are_the_operations_declared_responses() -> None:
     kind, body = encode_result("host.maintenance.exit", MaintenanceStatus(False, None, (), "", report))
     status = pb.host_pb2.MaintenanceStatus.FromString(body)
     assert kind == "cna.v1.MaintenanceStatus" and not status.enabled and status.last_report.operation_id == "op-1"
+
+
+def test_a_vm_whose_operation_failed_after_it_left_is_reported_moved_and_not_retried(tmp_path) -> None:
+    vms = [FakeVm("u1", "a", st.RUNNING)]
+
+    async def scenario():
+        store, runner, mode, mig, evac = _world(tmp_path, vms, lambda vm, dest: "left-but-failed")
+        rec = await evac.set_maintenance(True, [D1, D2], MigrationPolicy())
+        await _finish(runner, rec.id)
+        return mig, mode.report
+
+    mig, report = asyncio.run(scenario())
+    line = report.vms[0]
+    assert mig.calls == [("a", D1)] and (line.outcome, line.destination) == (MOVED, D1)
+    assert "no longer defined on this host" in line.error and "did not confirm" in line.error
