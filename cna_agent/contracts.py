@@ -433,3 +433,16 @@ class ColdMigrationPeer(Protocol):
     async def finish_cold(self, destination: str, migration_id: str) -> Any: ...
 
     async def abort_cold(self, destination: str, migration_id: str, reason: str) -> None: ...
+
+
+# -- host admission (compute asks before a VM starts to use this host) ------------------------
+
+
+class HostAdmission(Protocol):
+    """Whether this host takes new VMs now (compute/maintenance.py's MaintenanceMode implements
+    it). Compute asks before it creates a VM, starts a stopped one, or prepares an incoming
+    migration: a host in maintenance refuses those while its running VMs keep running."""
+
+    def check_admission(self, what: str, *, field: str) -> None:
+        """Raise FailedPrecondition(field=...) naming maintenance when the host takes no new VMs;
+        ``what`` says what was refused ("a new VM", "starting vm 'web1'")."""

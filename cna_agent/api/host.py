@@ -8,10 +8,12 @@ import grpc
 
 from cna_agent.api import pb
 from cna_agent.api.convert import timestamp
+from cna_agent.api.maintenance import MaintenanceCalls
 from cna_agent.errors import Unimplemented
 from cna_agent.host.service import Capabilities, HostService, Stats
 
 if TYPE_CHECKING:
+    from cna_agent.compute.evacuation import HostEvacuation
     from cna_agent.host.drift import HostPlacementReport, PlacementMonitor
 
 _ARCH = {"x86_64": pb.common_pb2.ARCH_X86_64, "aarch64": pb.common_pb2.ARCH_AARCH64}
@@ -137,14 +139,16 @@ def placement_to_pb(report: "HostPlacementReport") -> pb.host_pb2.PlacementRepor
                                        shared_cpus=list(report.shared_cpus), vms=vms, native=report.native)
 
 
-class HostServicer(pb.host_pb2_grpc.HostServiceServicer):
+class HostServicer(MaintenanceCalls, pb.host_pb2_grpc.HostServiceServicer):
     """``placement``: the placement component's drift monitor; that component registers this
     servicer with it (replacing the daemon's plain one), so GetPlacement answers only where a
-    planner runs."""
+    planner runs. ``maintenance``: the evacuation (SetMaintenance/GetMaintenance, api/maintenance.py)."""
 
-    def __init__(self, service: HostService, placement: "PlacementMonitor | None" = None) -> None:
+    def __init__(self, service: HostService, placement: "PlacementMonitor | None" = None,
+                 maintenance: "HostEvacuation | None" = None) -> None:
         self._service = service
         self._placement = placement
+        self._maintenance = maintenance
 
     async def GetPlacement(self, request: pb.host_pb2.GetPlacementRequest, context: grpc.aio.ServicerContext) -> pb.host_pb2.PlacementReport:
         from cna_agent.host.drift import host_report

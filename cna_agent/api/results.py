@@ -14,9 +14,11 @@ def _table() -> dict[type, Callable[[Any], Any]]:
     # Imported on first use: the converters import the api's generated modules, which the
     # wiring loads once, after the services exist.
     from cna_agent.api.network import bridge_view_to_pb, port_group_view_to_pb, vif_to_pb
+    from cna_agent.api.maintenance import report_to_pb, status_to_pb
     from cna_agent.api.storage import datastore_to_pb, volume_to_pb
     from cna_agent.api.vm_convert import snapshot_to_pb, vm_to_pb
     from cna_agent.compute.inventory import VmInfo
+    from cna_agent.compute.maintenance import EvacuationReport, MaintenanceStatus
     from cna_agent.compute.snapshots import SnapshotInfo
     from cna_agent.contracts import VmNic
     from cna_agent.network.declarations import BridgeView, PortGroupView
@@ -31,6 +33,8 @@ def _table() -> dict[type, Callable[[Any], Any]]:
         BridgeView: bridge_view_to_pb,
         PortGroupView: port_group_view_to_pb,
         VmNic: vif_to_pb,
+        EvacuationReport: report_to_pb,
+        MaintenanceStatus: status_to_pb,
     }
 
 
@@ -49,6 +53,8 @@ OPERATION_RESPONSES: dict[str, str] = {
                      "network.port_group.delete", "network.nic.detach"), EMPTY),
     **dict.fromkeys(("volume.create", "volume.resize", "volume.clone", "volume.import", "volume.export"), "cna.v1.Volume"),
     "datastore.rescan": "cna.v1.Datastore",
+    "host.evacuate": "cna.v1.EvacuationReport",
+    "host.maintenance.exit": "cna.v1.MaintenanceStatus",
     "network.bridge.ensure": "cna.v1.Bridge",
     "network.port_group.ensure": "cna.v1.PortGroup",
     **dict.fromkeys(("network.nic.attach", "network.nic.link"), "cna.v1.Vif"),

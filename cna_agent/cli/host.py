@@ -1,4 +1,4 @@
-"""cna-ctl host info|stats."""
+"""cna-ctl host info|stats (placement: cli/placement.py; maintenance: cli/maintenance.py)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def cmd_host_stats(client: Client, args: argparse.Namespace) -> str:
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    host = sub.add_parser("host", help="host capabilities and stats").add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+    host = sub.add_parser("host", help="host capabilities, stats, placement, maintenance").add_subparsers(dest="cmd", metavar="COMMAND", required=True)
     hi = host.add_parser("info", parents=[common], help="CPU, topology, NUMA, memory, hypervisor")
     hi.add_argument("--refresh", action="store_true", help="re-probe instead of the cached capabilities")
     hi.set_defaults(func=cmd_host_info)
@@ -96,5 +96,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     hs.add_argument("--per-cpu", action="store_true", help="include per-CPU utilisation")
     hs.set_defaults(func=cmd_host_stats)
     from cna_agent.cli import placement
+    from cna_agent.cli.maintenance import register_maintenance
 
     placement.register(host, common)
+    register_maintenance(host, common)

@@ -9,6 +9,7 @@ import grpc
 
 from cna_agent.api import pb
 from cna_agent.cli.common import CliError, Client, fmt_time, rpc_error, to_json
+from cna_agent.cli.progress import ProgressLine
 from cna_agent.cli.table import keyvalues, table
 
 
@@ -48,15 +49,16 @@ def cmd_ops_show(client: Client, args: argparse.Namespace) -> str | None:
     if args.watch:
         stream = client.ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=args.id))
         last = None
+        bar = ProgressLine()
         try:
             for op in stream:
                 last = op
                 if args.json:
                     print(json.dumps(to_json(op)), flush=True)
                 else:
-                    pct = op.progress.percent
-                    bar = "#" * (max(pct, 0) // 5)
-                    print(f"\r[{bar:<20}] {pct:>3}% {_op_state(op)} {op.progress.stage}".ljust(60), end="", flush=True)
+                    p = op.progress
+                    line = bar.render(p.percent, f"{_op_state(op)} {p.stage}".strip(), p.bytes_done, p.bytes_total)
+                    print("\r" + line.ljust(60), end="", flush=True)
         except grpc.RpcError as exc:
             raise rpc_error(exc, client.socket_path) from None
         if not args.json:

@@ -1,4 +1,4 @@
-"""cna-ctl vm list|show|define|start|stop|reboot|pause|resume|delete.
+"""cna-ctl vm list|show|define|start|stop|reboot|pause|resume|delete (console, snapshot, migrate: own modules).
 
 ``define`` reads a VmSpec from a YAML or JSON file. Field names are the proto's
 (``memory_mib``, ``os_family``...); enum values may be the proto names (``OS_FAMILY_WINDOWS``)
@@ -200,3 +200,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     from cna_agent.cli.vm_snapshot import register_snapshot
 
     register_snapshot(vms, common)
+    from cna_agent.cli.vm_migrate import register_migrate
+
+    register_migrate(vms, common)

@@ -17,6 +17,7 @@ import grpc
 
 from cna_agent.api import pb
 from cna_agent.cli.common import CliError, Client, rpc_error, to_json
+from cna_agent.cli.progress import ProgressLine
 from cna_agent.cli.table import human_bytes, keyvalues, table
 
 S = pb.storage_pb2
@@ -48,28 +49,21 @@ def _vol_block(v) -> str:
     return keyvalues(pairs)
 
 
-def _bar(op) -> str:
-    pct = max(op.progress.percent, 0)
-    done = "#" * (pct * 30 // 100)
-    extra = ""
-    if op.progress.bytes_total:
-        extra = f" {human_bytes(op.progress.bytes_done)}/{human_bytes(op.progress.bytes_total)}"
-    return f"\r[{done:<30}] {pct:>3}% {op.progress.stage}{extra}".ljust(78)
-
-
 def follow(client: Client, args: argparse.Namespace, op, response_type: Any, render: Callable[[Any], str]) -> str | None:
     """Watch ``op`` to the end with a progress bar; print its response (or fail with its error)."""
     if getattr(args, "no_wait", False):
         return json.dumps(to_json(op), indent=2) if args.json else f"operation {op.id} ({op.kind}) started; follow it with: cna-ctl ops show -w {op.id}"
     last = op
     tty = sys.stdout.isatty()
+    bar = ProgressLine()  # cli/progress.py: the one rendering of a bar (bytes, rate, time left)
 
     def show(update) -> None:
         if args.json:
             print(json.dumps({"operation": update.id, "percent": update.progress.percent, "stage": update.progress.stage,
                               "bytes_done": update.progress.bytes_done, "bytes_total": update.progress.bytes_total}), flush=True)
         elif tty:
-            print(_bar(update), end="", flush=True)
+            p = update.progress
+            print("\r" + bar.render(p.percent, p.stage, p.bytes_done, p.bytes_total).ljust(78), end="", flush=True)
 
     if op.done:
         show(op)

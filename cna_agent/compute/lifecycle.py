@@ -27,6 +27,7 @@ from cna_agent.compute.render import Bindings, RenderContext, assign_disk_target
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
 from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
+from cna_agent.contracts import HostAdmission
 from cna_agent.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, NotFound
 from cna_agent.operations import OperationContext
 from cna_agent.qemu_access import QemuUser, make_dirs, open_way
@@ -71,8 +72,12 @@ class DomainRenderer:
 
 
 class VmLifecycle:
-    def __init__(self, ops: VmOps, binder: Binder, renderer: DomainRenderer, monitor: DomainEventMonitor) -> None:
+    def __init__(self, ops: VmOps, binder: Binder, renderer: DomainRenderer, monitor: DomainEventMonitor, *,
+                 admission: HostAdmission | None = None) -> None:
         self.ops = ops
+        #: Asked before a VM begins to use this host (a new one, or a stopped one started):
+        #: a host in maintenance refuses both.
+        self.admission = admission
         self.hv = ops.hv
         self.inventory = ops.inventory
         self.binder = binder
@@ -91,6 +96,8 @@ class VmLifecycle:
                      lock_timeout: float = 0.0) -> OperationRecord:
         spec = spec.copy()
         validate(spec, self.validation_context())
+        if self.admission is not None:
+            self.admission.check_admission("new VMs", field="spec")
         if not spec.uuid:
             # A retried request (same request_id) must name the same VM, so the runner sees the
             # same target and returns the first operation instead of creating a second VM.
@@ -175,7 +182,9 @@ class VmLifecycle:
         await self.hv.call(start, timeout=120)
 
     async def start_vm(self, ref: str, *, request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
-        uuid, _ = await self.inventory.lookup_uuid(ref)
+        uuid, name = await self.inventory.lookup_uuid(ref)
+        if self.admission is not None and await self.inventory.state(uuid) not in (st.RUNNING, st.PAUSED):
+            self.admission.check_admission(f"starting vm {name!r}", field="vm")
 
         async def work(op: OperationContext) -> Any:
             await self.start_domain(uuid)

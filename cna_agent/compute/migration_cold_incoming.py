@@ -33,7 +33,7 @@ from cna_agent.compute.inventory import VmInfo
 from cna_agent.compute.lifecycle import DomainRenderer
 from cna_agent.compute.spec import VmSpec, validate
 from cna_agent.compute.vmops import VmOps
-from cna_agent.contracts import FileIdentity, ReceivePlan, TransferChunk, VolumeTransfer
+from cna_agent.contracts import FileIdentity, HostAdmission, ReceivePlan, TransferChunk, VolumeTransfer
 from cna_agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceBusy
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ class ColdIncoming:
     ``max_incoming`` counts both kinds)."""
 
     def __init__(self, ops: VmOps, binder: Binder, renderer: DomainRenderer, transfer: VolumeTransfer | None, *,
-                 max_incoming: int = 2, ttl_s: int = 600, busy_elsewhere: Callable[[], int] = lambda: 0) -> None:
+                 max_incoming: int = 2, ttl_s: int = 600, busy_elsewhere: Callable[[], int] = lambda: 0,
+                 admission: HostAdmission | None = None) -> None:
         self.ops = ops
+        self.admission = admission
         self.hv = ops.hv
         self.binder = binder
         self.renderer = renderer
@@ -89,6 +91,8 @@ class ColdIncoming:
                     raise AlreadyExists(f"migration {migration_id!r} is already prepared here for another request",
                                         field="migration_id")
                 return known.plans
+            if self.admission is not None:
+                self.admission.check_admission("incoming migrations", field="destination")
             if self.transfer is None:
                 raise FailedPrecondition("this host takes no cold migrations: its storage subsystem is not running",
                                          field="destination")

@@ -36,7 +36,7 @@ from cna_agent.compute.lifecycle import DomainRenderer
 from cna_agent.compute.migration_xml import destination_xml
 from cna_agent.compute.spec import VmSpec, validate
 from cna_agent.compute.vmops import VmOps
-from cna_agent.contracts import IncomingPlan
+from cna_agent.contracts import HostAdmission, IncomingPlan
 from cna_agent.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceBusy
 from cna_agent.failpoints import crash_point
 from cna_agent.qemu_access import post_copy_blocker
@@ -72,8 +72,11 @@ class IncomingMigrations:
     """PrepareIncoming / FinishIncoming / AbortIncoming (migration.proto) for this host."""
 
     def __init__(self, ops: VmOps, binder: Binder, renderer: DomainRenderer, *, libvirt_uri: str, migrate_host: str = "",
-                 max_incoming: int = 2, ttl_s: int = 600, store: StateStore | None = None) -> None:
+                 max_incoming: int = 2, ttl_s: int = 600, store: StateStore | None = None,
+                 admission: HostAdmission | None = None) -> None:
         self.ops = ops
+        #: A host in maintenance takes no incoming VMs (contracts.HostAdmission).
+        self.admission = admission
         self.hv = ops.hv
         self.binder = binder
         self.renderer = renderer
@@ -103,6 +106,8 @@ class IncomingMigrations:
                 return self._pending[migration_id].plan
             spec = spec.copy()
             validate(spec, self.renderer.validation(self.binder.placer is not None))
+            if self.admission is not None:
+                self.admission.check_admission("incoming migrations", field="destination")
             if not self.libvirt_uri:
                 raise FailedPrecondition("this host takes no incoming migrations: [migration] libvirt_uri (the URI the "
                                          "source's libvirtd dials to reach this host's) is not set", field="destination")

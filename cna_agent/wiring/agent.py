@@ -5,6 +5,7 @@ Who gets what (the arrows are constructor arguments):
     state store -> event hub -> operation runner (result encoder from api/)
     hypervisor -> host facts, KVM verdict
     hypervisor -> VM inventory (compute) -> storage (VmDisks), network (VmNics), placement (VmLocator)
+    state store -> maintenance mode (HostAdmission) -> compute; compute's migrations -> evacuation
     storage (DiskProvider), network (PortProvider), placement (Placer) -> compute's other parts
     everything -> servicers -> gRPC server
 
@@ -112,7 +113,9 @@ async def build_agent(config: AgentConfig) -> Agent:
     from cna_agent.api.server import AgentServer
     from cna_agent.api.storage import StorageServicer
     from cna_agent.api.vm import VmServicer
+    from cna_agent.compute.evacuation import HostEvacuation
     from cna_agent.compute.inventory import VmInventory
+    from cna_agent.compute.maintenance import MaintenanceMode
     from cna_agent.compute.render import host_limitations
     from cna_agent.storage.transfer import VolumeTransfers
     from cna_agent.metrics import rpc_on_call
@@ -151,6 +154,8 @@ async def build_agent(config: AgentConfig) -> Agent:
     inventory = VmInventory(hypervisor, runner.locks, console_listen=config.host.console_listen,
                             limitations=functools.partial(host_limitations, ctx=render_ctx))
     placement = await parts.build_placement(config, host, store, events, inventory)
+    maintenance = MaintenanceMode(store)
+    await maintenance.load()  # before anything is served: a host restarted in maintenance stays in it
     storage = parts.build_storage(config, hypervisor, runner, events, inventory)
     network = parts.build_network(config, runner, events, inventory, libvirt_uri=uri)
     peer = GrpcMigrationPeer(cert=config.vrm.cert, key=config.vrm.key, ca=config.vrm.ca)
@@ -159,9 +164,11 @@ async def build_agent(config: AgentConfig) -> Agent:
                                   checks=[network.service.reconciler, placement.monitor],
                                   peer=peer, cold_peer=peer,
                                   host_uuid=config.host.host_uuid or (hypervisor.facts.host_uuid if hypervisor.facts else ""),
-                                  store=store,
+                                  store=store, admission=maintenance,
                                   transfer=VolumeTransfers(storage.volumes.roots, storage.runner, storage.executor,
                                                            timeout=config.storage.command_timeout_s))
+    evacuation = HostEvacuation(maintenance, compute.migrations, inventory, runner, events=events,
+                                max_parallel=config.migration.max_outgoing)
     # Every blocking pool, for the metrics (read at scrape time).
     pools = [store.pool, hypervisor.pool, pool, compute.resumer.executor, storage.executor,
              network.service.ovs.pool, network.service.netlink_pool]
@@ -173,7 +180,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     recovered = await runner.recover(compute.recovery_handlers())
 
     servicers: dict[str, object] = {
-        "cna.v1.HostService": HostServicer(host, placement=placement.monitor),
+        "cna.v1.HostService": HostServicer(host, placement=placement.monitor, maintenance=evacuation),
         "cna.v1.OperationsService": OperationsServicer(runner),
         "cna.v1.EventService": EventServicer(events),
         "cna.v1.VmService": VmServicer(compute),

@@ -28,7 +28,8 @@ from cna_agent.compute.snapshot_ops import VmSnapshots
 from cna_agent.compute.update import VmUpdates
 from cna_agent.compute.vmops import VmOps
 from cna_agent.config import AgentConfig
-from cna_agent.contracts import ColdMigrationPeer, DiskProvider, MigrationPeer, Placer, PortProvider, VmCheck, VmLocator, VolumeTransfer
+from cna_agent.contracts import (ColdMigrationPeer, DiskProvider, HostAdmission, MigrationPeer, Placer, PortProvider, VmCheck,
+                                 VmLocator, VolumeTransfer)
 from cna_agent.host.cpulist import parse_cpulist
 from cna_agent.host.drift import PlacementMonitor
 from cna_agent.host.placement import Planner
@@ -116,12 +117,13 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                   disks: DiskProvider | None, ports: PortProvider, placer: Placer | None,
                   checks: Sequence[VmCheck] = (), peer: MigrationPeer | None = None, host_uuid: str = "",
                   store: StateStore | None = None, transfer: VolumeTransfer | None = None,
-                  cold_peer: ColdMigrationPeer | None = None) -> Compute:
+                  cold_peer: ColdMigrationPeer | None = None, admission: HostAdmission | None = None) -> Compute:
     """Compute's parts around one inventory; ``disks``/``ports``/``placer`` are the other
     subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins),
     ``checks`` their per-VM checks for compute's reconcile (network's ports, placement's pinning),
     ``transfer`` storage's volume mover for cold migration (None: no cold migration), ``peer`` and
-    ``cold_peer`` the destination agent for live and cold moves (api/peer.py's client is both)."""
+    ``cold_peer`` the destination agent for live and cold moves (api/peer.py's client is both),
+    ``admission`` the maintenance mode (creates, starts and incoming migrations ask it)."""
     ops = VmOps(hypervisor, runner, events, inventory)
     binder = Binder(inventory, LocalFileResolver(parse_image_dirs(config.compute.image_dirs)), disks, ports, placer)
     renderer = DomainRenderer(ctx, QemuRunDirs(ctx), virt_type=virt_type, host_cpus=host_cpus)
@@ -133,7 +135,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         reconciler.enqueue(uuid)  # bound below: events arrive only once compute has started
 
     monitor = DomainEventMonitor(hypervisor, events, on_change=on_change, on_definition_change=inventory.forget)
-    lifecycle = VmLifecycle(ops, binder, renderer, monitor)
+    lifecycle = VmLifecycle(ops, binder, renderer, monitor, admission=admission)
     resumer = IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
                              interval_s=config.compute.io_error_check_interval_s,
                              enabled=config.compute.io_error_resume == "auto")
@@ -141,7 +143,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     monitor.on_io_error = reconciler.enqueue
     incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                   migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
-                                  ttl_s=config.migration.prepare_ttl_s, store=store)
+                                  ttl_s=config.migration.prepare_ttl_s, store=store, admission=admission)
     compute = Compute(
         ops=ops, inventory=inventory, binder=binder, monitor=monitor, lifecycle=lifecycle, sidechannels=sidechannels,
         updates=VmUpdates(ops, binder, renderer, lifecycle),
@@ -156,7 +158,8 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                                                                          transfer, host_uuid=host_uuid)),
         incoming=incoming,
         cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
-                                   ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending())),
+                                   ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending()),
+                                   admission=admission),
     )
     if compute.cold_incoming is not None:
         incoming.busy_elsewhere = lambda: len(compute.cold_incoming.pending())  # type: ignore[union-attr]

@@ -201,6 +201,10 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "HostService/GetCapabilities": host_pb.GetCapabilitiesRequest(),
         "HostService/GetStats": host_pb.GetStatsRequest(),
         "HostService/GetPlacement": host_pb.GetPlacementRequest(vm="sweep-vm"),
+        # on towards a destination that answers nothing: the stopped VM stays, reported (undone below)
+        "HostService/SetMaintenance": host_pb.SetMaintenanceRequest(
+            enabled=True, destinations=["127.0.0.1:9"], policy=vm.MigrationPolicy(max_downtime_ms=500, completion_action="abort")),
+        "HostService/GetMaintenance": host_pb.GetMaintenanceRequest(),
         "OperationsService/GetOperation": ops_pb.GetOperationRequest(id=k["op"]),
         "OperationsService/ListOperations": ops_pb.ListOperationsRequest(page_size=5, kinds=["volume.create"]),
         "OperationsService/WatchOperation": ops_pb.WatchOperationRequest(id=k["op"]),
@@ -352,6 +356,8 @@ def _undo(ch, name: str, request: Any) -> None:
         target = [d for d in v.GetVm(vm.GetVmRequest(vm="sweep-vm"), timeout=30).spec.disks if d.volume != "ds/base.qcow2"]
         for d in target:
             ok(ch, s.DetachDisk(st.DetachDiskRequest(vm="sweep-vm", target=d.target), timeout=60))
+    elif name == "HostService/SetMaintenance":
+        ok(ch, pb.host_pb2_grpc.HostServiceStub(ch).SetMaintenance(host_pb.SetMaintenanceRequest(enabled=False), timeout=60))
     elif name in ("VmService/StartVm", "VmService/ResumeVm", "VmService/RebootVm", "VmService/PauseVm"):
         gone(lambda: v.ShutdownVm(vm.ShutdownVmRequest(vm="sweep-vm", hard=True), timeout=60))
 
