@@ -371,10 +371,29 @@ class VmMigrations:
                 raise DeadlineExceeded(f"the migration did not complete within {policy.completion_timeout_s_per_gib} s "
                                        f"per GiB of RAM; aborted, the VM stays here")
             if policy.completion_action == "post-copy":
-                await self.hv.call(lambda c: c.lookupByUUIDString(uuid).migrateStartPostCopy(0), timeout=10)
+                await self._job_call(uuid, "switch to post-copy", lambda d: d.migrateStartPostCopy(0))
             else:
-                await self.hv.call(lambda c: c.lookupByUUIDString(uuid).suspend(), timeout=10)
+                await self._job_call(uuid, "pause the guest", lambda d: d.suspend())
             log.warning("event=migration.completion_action vm=%s action=%s", uuid, policy.completion_action)
+
+    async def _job_call(self, uuid: str, what: str, call: Callable[[libvirt.virDomain], Any]) -> None:
+        """A completion action on the running job. When it fails because the job completed
+        meanwhile (the domain is gone from this host) the job's own result decides; any other
+        failure ends the migration (a monitor that believed in a post-copy that never started
+        would stop enforcing its limits)."""
+
+        def act(conn: libvirt.virConnect) -> str:
+            try:
+                call(conn.lookupByUUIDString(uuid))
+                return ""
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return ""
+                return exc.get_error_message() or str(exc)
+
+        problem = await self.hv.call(act, timeout=10)
+        if problem:
+            raise Aborted(f"could not {what} at the completion timeout: {problem}; aborted, the VM stays here")
 
     async def _set_downtime(self, uuid: str, downtime_ms: int) -> None:
         """Set the job's downtime limit. The job may have completed since its stats were read
