@@ -114,3 +114,20 @@ def resolve(roots: Mapping[str, str], volume_id: str, field: str, *, must_exist:
     if must_exist and not os.path.exists(path):
         raise NotFound(f"{field}: volume {volume_id!r} does not exist", field=field)
     return VolumeRef(ds, rel, path)
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or directory by path (O_RDONLY is enough for both on Linux): a rename or a
+    new file is durable only once its directory is synced too."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_if_there(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

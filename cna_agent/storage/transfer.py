@@ -146,21 +146,6 @@ def temp_name(path: str) -> str:
     return os.path.join(d, f".{base}{paths.TEMP_MARK}{secrets.token_hex(4)}")
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 class Receiver:
     """One incoming file: a pre-sized temporary file next to ``path``, written chunk by chunk
     (aligned, in order, inside the announced size), linked to ``path`` by commit() only when
@@ -203,14 +188,14 @@ class Receiver:
         except FileExistsError:
             raise AlreadyExists(f"{self.path} appeared on the destination during the copy", field="volume") from None
         finally:
-            _unlink(self.tmp)
-        _fsync(os.path.dirname(self.path))
+            paths.unlink_if_there(self.tmp)
+        paths.fsync_path(os.path.dirname(self.path))
 
     def discard(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        _unlink(self.tmp)
+        paths.unlink_if_there(self.tmp)
 
 
 # -- the async service (contracts.VolumeTransfer) -----------------------------------------------
@@ -275,7 +260,7 @@ class VolumeTransfers:
             try:
                 qemuimg.convert(self.runner, path, "qcow2", tmp, "qcow2", timeout=limit, on_progress=lambda _p: None)
             except BaseException:
-                _unlink(tmp)
+                paths.unlink_if_there(tmp)
                 raise
 
         await self.pool.run(run, timeout=limit + 30, what=f"flattening {path}")
@@ -358,5 +343,5 @@ class VolumeTransfers:
         return rx.written
 
     async def remove(self, path: str) -> None:
-        await self.pool.run(lambda: _unlink(path), timeout=60, what=f"removing {path}")
+        await self.pool.run(lambda: paths.unlink_if_there(path), timeout=60, what=f"removing {path}")
 

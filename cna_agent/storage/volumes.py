@@ -205,15 +205,15 @@ class VolumeManager:
         # (seen with strace, QEMU 7.2), so data and qcow2 tables can still be in the page cache.
         # Flush before the name appears, or a host crash after the operation said "done" leaves
         # a torn volume under its real name.
-        _fsync(tmp)
+        paths.fsync_path(tmp)
         # link+unlink instead of rename: fails if someone created the name meanwhile.
         try:
             os.link(tmp, ref.path)
         except FileExistsError:
             raise AlreadyExists(f"{field}: volume {ref.id!r} appeared while it was being created", field=field) from None
         finally:
-            _unlink(tmp)
-        _fsync(os.path.dirname(ref.path))  # the new name (and the temp name's removal) survive a crash too
+            paths.unlink_if_there(tmp)
+        paths.fsync_path(os.path.dirname(ref.path))  # the new name (and the temp name's removal) survive a crash too
 
     def _produce(self, ref: paths.VolumeRef, field: str, make: Callable[[str], None]) -> None:
         tmp = self._prepare_target(ref, field)
@@ -221,7 +221,7 @@ class VolumeManager:
             make(tmp)
             self._commit(tmp, ref, field)
         except BaseException:
-            _unlink(tmp)
+            paths.unlink_if_there(tmp)
             raise
 
     def sweep_temp_files(self) -> list[str]:
@@ -231,7 +231,7 @@ class VolumeManager:
             for dirpath, _, filenames in os.walk(os.path.realpath(root)):
                 for fn in filenames:
                     if paths.TEMP_MARK in fn:
-                        _unlink(os.path.join(dirpath, fn))
+                        paths.unlink_if_there(os.path.join(dirpath, fn))
                         removed.append(os.path.join(dirpath, fn))
         return removed
 
@@ -345,17 +345,3 @@ class VolumeManager:
                           virtual_size=img.virtual_size, actual_size=img.actual_size)
 
 
-def _fsync(path: str) -> None:
-    """fsync a file or directory by path (O_RDONLY is enough for both on Linux)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
