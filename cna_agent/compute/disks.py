@@ -22,6 +22,7 @@ from cna_agent.compute.render import assign_disk_targets, disk_xml
 from cna_agent.compute.spec import DiskSpec, IoQos, VmSpec, check_io_qos, validate
 from cna_agent.compute.vmops import DETACH_TIMEOUT_S, VmOps, affect, save_spec
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from cna_agent.failpoints import crash_point
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationRecord
 
@@ -51,6 +52,9 @@ class DiskOperations:
 
     async def attach(self, ref: str, disk: DiskSpec, *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:
+        earlier = await self.ops.earlier(request_id, ("vm.disk.attach",), fingerprint)
+        if earlier is not None:
+            return earlier
         uuid, spec, running = await self.ops.current(ref)
         new = spec.copy()
         new.disks.append(disk)
@@ -72,6 +76,7 @@ class DiskOperations:
             def apply(conn: libvirt.virConnect) -> None:
                 dom = conn.lookupByUUIDString(uuid)
                 dom.attachDeviceFlags(xml, affect(running))
+                crash_point("vm.disk.attach.plugged")
                 save_spec(dom, new, running)
 
             try:
@@ -86,13 +91,17 @@ class DiskOperations:
 
         try:
             return await self.ops.submit("vm.disk.attach", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                         lock_timeout=lock_timeout, wait=30.0)
+                                         lock_timeout=lock_timeout, wait=30.0,
+                                         metadata={"disk_target": disk.target, "spec_after": new.to_json()})
         except Exception:
             await self.binder.release_luns(new, [index])  # refused before it ran
             raise
 
     async def detach(self, ref: str, target: str, *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:
+        earlier = await self.ops.earlier(request_id, ("vm.disk.detach",), fingerprint)
+        if earlier is not None:
+            return earlier
         uuid, spec, running = await self.ops.current(ref)
         index = _find(spec, target)
         new = spec.copy()
@@ -116,7 +125,8 @@ class DiskOperations:
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.disk.detach", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout, wait=DETACH_TIMEOUT_S + 5)
+                                     lock_timeout=lock_timeout, wait=DETACH_TIMEOUT_S + 5,
+                                     metadata={"disk_target": target, "spec_after": new.to_json()})
 
     async def resize(self, ref: str, target: str, new_size_bytes: int, *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:

@@ -152,14 +152,9 @@ class VmMigrations:
                       fingerprint: str = "", keep_source_volumes: bool = False) -> OperationRecord:
         check_destination(destination)
         policy = policy.validated()
-        earlier = await self.ops.runner.by_request_id(request_id)
-        if earlier is not None and earlier.kind in ("vm.migrate", "vm.migrate_cold"):
-            # A retry (the first answer was lost, e.g. the agent died): the operation it opened,
-            # even when the VM has left this host meanwhile. Same checks of the request as ever.
-            async def never(op: OperationContext) -> Any:
-                raise AssertionError("a repeated request runs nothing")
-
-            return await self.ops.submit(earlier.kind, earlier.target, never, request_id=request_id, fingerprint=fingerprint)
+        earlier = await self.ops.earlier(request_id, ("vm.migrate", "vm.migrate_cold"), fingerprint)
+        if earlier is not None:  # a retry: found even when the VM has left this host meanwhile
+            return earlier
         uuid, _ = await self.ops.inventory.lookup_uuid(ref)
         spec = await self.ops.inventory.spec(uuid)
         state = await self.ops.inventory.state(uuid)

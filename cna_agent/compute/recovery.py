@@ -10,7 +10,10 @@ from typing import Any, Callable
 
 import libvirt
 
+from cna_agent.compute.disks import disk_element
 from cna_agent.compute.inventory import VmInventory
+from cna_agent.compute.spec import VmSpec
+from cna_agent.compute.vmops import save_spec
 from cna_agent.errors import CODES
 from cna_agent.hypervisor import Hypervisor
 from cna_agent.operations import RecoveryHandler
@@ -24,7 +27,8 @@ class VmRecovery:
 
     def handlers(self) -> dict[str, RecoveryHandler]:
         return {"vm.create": self.recover_create, "vm.start": self.recover_start,
-                "vm.shutdown": self.recover_shutdown, "vm.delete": self.recover_delete}
+                "vm.shutdown": self.recover_shutdown, "vm.delete": self.recover_delete,
+                "vm.disk.attach": self.recover_disk_attach, "vm.disk.detach": self.recover_disk_detach}
 
     async def _now(self, uuid: str) -> tuple[bool, bool]:
         """(defined, running) as libvirt says now."""
@@ -61,3 +65,65 @@ class VmRecovery:
 
     async def recover_delete(self, record: OperationRecord) -> Any:
         return await self._by_state(record, lambda exists, active: not exists, "the VM was deleted", result=False)
+
+
+    # -- disk hot-plug: libvirt's definition decides, the spec follows it ----------------------------
+
+    async def _disk_now(self, record: OperationRecord) -> tuple[bool, bool, bool, bool] | None:
+        """(running, in the live XML, in the persistent XML, persistent) for the record's disk
+        target, or None when the VM is not defined any more."""
+        target = record.metadata.get("disk_target", "")
+
+        def read(conn: libvirt.virConnect) -> tuple[bool, bool, bool, bool] | None:
+            try:
+                dom = conn.lookupByUUIDString(record.target)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+            running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+            live = running and disk_element(dom.XMLDesc(0), target) is not None
+            config = persistent and disk_element(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), target) is not None
+            return running, live, config, persistent
+
+        return await self.hv.call(read, timeout=30)
+
+    async def _spec_follows(self, record: OperationRecord, running: bool) -> None:
+        spec = VmSpec.from_json(record.metadata["spec_after"])
+        await self.hv.call(lambda c: save_spec(c.lookupByUUIDString(record.target), spec, running), timeout=30)
+        self.inventory.remember(record.target, spec)
+
+    async def recover_disk_attach(self, record: OperationRecord) -> Any:
+        """An attach cut short: the agent may have died between libvirt plugging the disk and the
+        spec recording it (seen: attached live and persistent, the spec without it, so a detach
+        answered NOT_FOUND). Where libvirt has the disk, the spec is completed to match."""
+        target = record.metadata.get("disk_target", "")
+        now = await self._disk_now(record) if target and "spec_after" in record.metadata else None
+        if now is None:
+            return OperationError(CODES["ABORTED"], "the agent stopped while attaching a disk and the VM (or the record "
+                                                    "of the request) is gone; nothing was redone")
+        running, live, config, persistent = now
+        if not live and not config:
+            return OperationError(CODES["ABORTED"], f"the agent stopped before {target} was attached; libvirt shows no such "
+                                                    "disk on the VM (nothing changed, nothing was redone)")
+        await self._spec_follows(record, running)
+        if (running and not live) or (persistent and not config):
+            where = "the persistent definition only" if config else "the running VM only"
+            return OperationError(CODES["ABORTED"], f"the agent stopped while attaching {target}: libvirt has it in {where}; "
+                                                    "the spec now lists it, so DetachDisk can remove it")
+        return await self.inventory.get(record.target)
+
+    async def recover_disk_detach(self, record: OperationRecord) -> Any:
+        """A detach cut short: when libvirt no longer has the disk, the spec drops it too."""
+        target = record.metadata.get("disk_target", "")
+        now = await self._disk_now(record) if target and "spec_after" in record.metadata else None
+        if now is None:
+            return OperationError(CODES["ABORTED"], "the agent stopped while detaching a disk and the VM (or the record "
+                                                    "of the request) is gone; nothing was redone")
+        running, live, config, _persistent = now
+        if live or config:
+            where = "the running VM and its definition" if live and config else "the running VM" if live else "its definition"
+            return OperationError(CODES["ABORTED"], f"the agent stopped while detaching {target}; libvirt still has it in "
+                                                    f"{where} (the spec keeps it; retry DetachDisk)")
+        await self._spec_follows(record, running)
+        return await self.inventory.get(record.target)

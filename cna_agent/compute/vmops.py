@@ -60,6 +60,20 @@ class VmOps:
         return await self.runner.submit(kind, uuid, work, request_id=request_id, fingerprint=fingerprint,
                                         lock_key=vm_lock(uuid), lock_timeout=lock_timeout, wait=wait, metadata=metadata)
 
+    async def earlier(self, request_id: str, kinds: tuple[str, ...], fingerprint: str) -> OperationRecord | None:
+        """The operation an earlier request with this id opened (its answer was lost, e.g. the
+        agent died), checked like any repeat (same kind, target, fingerprint), or None. Asked
+        before the request is validated against the VM as it is now: the first attempt may
+        have changed it (the disk is attached, the VM left), and the retry must still find it."""
+        prior = await self.runner.by_request_id(request_id)
+        if prior is None or prior.kind not in kinds:
+            return None
+
+        async def never(op: OperationContext) -> Any:
+            raise AssertionError("a repeated request runs nothing")
+
+        return await self.submit(prior.kind, prior.target, never, request_id=request_id, fingerprint=fingerprint)
+
     async def result(self, uuid: str, op: OperationContext) -> VmInfo:
         """The VM as an operation's result: read now, without naming the operation that is
         about to finish as the VM's active one."""
