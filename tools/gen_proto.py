@@ -13,8 +13,10 @@ serves to grpcurl and other clients.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,32 +31,18 @@ def generate(proto_root: Path, out_dir: Path) -> list[Path]:
     Generation happens in a temporary directory and replaces ``out_dir`` at the end, so an
     interrupted build never leaves half a package behind.
     """
-    from grpc_tools import protoc  # build-time dependency only
-
+    proto_root = proto_root.resolve()
     sources = sorted((proto_root / "cna" / "v1").glob("*.proto"))
     if not sources:
         raise SystemExit(f"no .proto files under {proto_root / 'cna' / 'v1'}")
-    include = Path(protoc.__file__).parent / "_proto"  # well-known types (google/protobuf/*)
     with tempfile.TemporaryDirectory(prefix="cna-gen-") as tmp:
         tmp_path = Path(tmp)
-        args = [
-            "grpc_tools.protoc",
-            f"-I{proto_root}",
-            f"-I{include}",
-            f"--python_out={tmp_path}",
-            f"--pyi_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}",
-            *[str(s.relative_to(proto_root)) for s in sources],
-        ]
-        # protoc resolves the relative source names against -I roots, so run from proto_root.
-        cwd = Path.cwd()
-        try:
-            import os
-
-            os.chdir(proto_root)
-            rc = protoc.main(args)
-        finally:
-            os.chdir(cwd)
+        names = [str(s.relative_to(proto_root)) for s in sources]
+        system_protoc = os.environ.get("CNA_SYSTEM_PROTOC", "")
+        if system_protoc:
+            rc = _run_system_protoc(system_protoc, proto_root, tmp_path, names)
+        else:
+            rc = _run_grpc_tools(proto_root, tmp_path, names)
         if rc != 0:
             raise SystemExit(f"protoc failed with exit code {rc}")
         written: list[Path] = []
@@ -68,6 +56,36 @@ def generate(proto_root: Path, out_dir: Path) -> list[Path]:
             shutil.rmtree(out_dir)
         shutil.copytree(tmp_path, out_dir)
     return [out_dir / "cna" / "v1" / p.name for p in written]
+
+
+def _run_grpc_tools(proto_root: Path, out: Path, names: list[str]) -> int:
+    """The pinned grpcio-tools from PyPI (developers, the wheel): gencode for its protobuf."""
+    from grpc_tools import protoc  # build-time dependency only
+
+    include = Path(protoc.__file__).parent / "_proto"  # well-known types (google/protobuf/*)
+    args = ["grpc_tools.protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={out}",
+            f"--pyi_out={out}", f"--grpc_python_out={out}", *names]
+    # protoc resolves the relative source names against -I roots, so run from proto_root.
+    cwd = Path.cwd()
+    try:
+        os.chdir(proto_root)
+        return protoc.main(args)
+    finally:
+        os.chdir(cwd)
+
+
+def _run_system_protoc(protoc: str, proto_root: Path, out: Path, names: list[str]) -> int:
+    """The distribution's protoc and grpc_python_plugin (Debian/RPM builds).
+
+    Generated code must match the protobuf *runtime* it is imported by; a distribution package
+    depends on the distribution's python3-protobuf, whose gencode comes from the same release's
+    protoc. CNA_SYSTEM_PROTOC names protoc; CNA_GRPC_PYTHON_PLUGIN the plugin (default
+    /usr/bin/grpc_python_plugin); well-known types come from /usr/include.
+    """
+    plugin = os.environ.get("CNA_GRPC_PYTHON_PLUGIN", "/usr/bin/grpc_python_plugin")
+    args = [protoc, f"-I{proto_root}", "-I/usr/include", f"--python_out={out}", f"--pyi_out={out}",
+            f"--grpc_python_out={out}", f"--plugin=protoc-gen-grpc_python={plugin}", *names]
+    return subprocess.run(args, cwd=proto_root, timeout=300, check=False).returncode
 
 
 if __name__ == "__main__":

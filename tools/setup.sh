@@ -23,6 +23,13 @@ debs=(
   openvswitch-switch nftables ethtool iputils-ping tgt open-iscsi libiscsi-bin
   gcc libc6-dev cpio gzip iproute2 openssl procps
   syslinux syslinux-common mtools dosfstools fdisk
+  # Building the distribution packages (tests/packaging, README "Packages"): debhelper/pybuild,
+  # the distribution's protoc + gRPC plugin and python3 runtime (the .deb's gencode and its
+  # import check), argparse-manpage for the man pages, lintian, and rpm for the openEuler spec.
+  dpkg-dev debhelper dh-python pybuild-plugin-pyproject fakeroot python3-all-dev python3-setuptools
+  python3-wheel python3-cffi python3-build python3-installer protobuf-compiler protobuf-compiler-grpc
+  libprotobuf-dev python3-grpcio python3-protobuf python3-libvirt python3-psutil python3-pyroute2
+  python3-openvswitch python3-yaml python3-prometheus-client python3-argparse-manpage lintian rpm git
 )
 
 if [ "$(id -u)" -ne 0 ]; then
