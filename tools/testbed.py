@@ -665,6 +665,9 @@ class Testbed:
             if not Path(target).is_dir():  # never created here: it would outlive the testbed
                 raise TestbedError(f"hosts: {target} does not exist (is libvirt installed?)")
         self._allow_userfaultfd()
+        # Each host's libvirtd finds hugetlbfs mounts only when it starts, and its namespace
+        # copies the machine's mounts when it is made: mount it first (as for the host libvirtd).
+        ensure_hugetlbfs()
         taken: set[int] = set()
         caps_from = Path("/var/cache/libvirt/qemu/capabilities")
         try:

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 #: libvirt's paused reasons after post-copy started (virDomainPausedReason).
 PAUSED_POSTCOPY = getattr(libvirt, "VIR_DOMAIN_PAUSED_POSTCOPY", 12)
 PAUSED_POSTCOPY_FAILED = getattr(libvirt, "VIR_DOMAIN_PAUSED_POSTCOPY_FAILED", 13)
+#: After a job ends, how long the domain may stay here in between (libvirt clears the job,
+#: then stops and undefines the source) before "still here" is believed.
+SETTLE_S = 5.0
 
 
 def job_state(conn: libvirt.virConnect, uuid: str) -> tuple[str, int, int, int]:
@@ -59,7 +62,25 @@ def job_state(conn: libvirt.virConnect, uuid: str) -> tuple[str, int, int, int]:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # undefined between the two calls
             return "gone", 0, 0, 0
         job, (state, reason), memory = 0, dom.state(), 0
-    return ("job" if job in (JOB_BOUNDED, JOB_UNBOUNDED) else "idle"), state, reason, memory
+    if job in (JOB_BOUNDED, JOB_UNBOUNDED):
+        return "job", state, reason, memory
+    if state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED:
+        return "gone", state, reason, memory  # it left: stopped here as migrated, being undefined
+    return "idle", state, reason, memory
+
+
+async def settled_state(hv: Any, uuid: str) -> tuple[str, int, int, int]:
+    """``job_state`` once it is stable: "idle" is re-read for up to SETTLE_S, because a job
+    that just completed leaves the domain here for a moment with no job (paused at the
+    switch-over) before libvirt stops and undefines it (seen under load: read in that moment,
+    a completed move looked failed)."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        now = await hv.call(lambda c: job_state(c, uuid), timeout=30)
+        if now[0] != "idle" or now[1] not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED) \
+                or time.monotonic() > deadline:
+            return now
+        await asyncio.sleep(0.5)
 
 
 class MigrationRecovery:
@@ -73,7 +94,7 @@ class MigrationRecovery:
         destination = md.get("destination", "")
         name = md.get("vm_name", uuid)
         policy = MigrationPolicy.from_json(md.get("policy", "{}"))
-        where, state, reason, memory_kib = await self.hv.call(lambda c: job_state(c, uuid), timeout=30)
+        where, state, reason, memory_kib = await settled_state(self.hv, uuid)
         log.warning("event=migration.recovering op=%s vm=%s stage=%s here=%s state=%d reason=%d", record.id, uuid,
                     md.get("stage", ""), where, state, reason)
         if where == "gone":
@@ -132,6 +153,8 @@ class MigrationRecovery:
                 reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
                 await self.m.failed(op.id, uuid, name, destination, reason)
                 raise
+            if last[0] != "gone":
+                last[0] = (await settled_state(self.hv, uuid))[0]
             if last[0] == "gone":
                 return await self.m.finish(op, uuid, name, destination, {})
             await self.m.failed(op.id, uuid, name, destination, "libvirt's job ended without completing")
