@@ -36,6 +36,8 @@ from cna_agent.state.journal import OperationRecord
 log = logging.getLogger(__name__)
 
 REQUEST_NS = uuidlib.UUID("0b6f3f0e-4a51-4c7e-9a53-6b1f1c2d3e4f")
+#: How often a graceful shutdown presses the power button again while it waits.
+ACPI_RETRY_S = 15.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 120.0
 
 
@@ -237,12 +239,25 @@ class VmLifecycle:
 
                 def acpi(conn: libvirt.virConnect) -> None:
                     dom = conn.lookupByUUIDString(uuid)
-                    if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                        dom.resume()  # a paused guest cannot see the power button
-                    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                    try:
+                        if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                            dom.resume()  # a paused guest cannot see the power button
+                        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                    except libvirt.libvirtError:
+                        if dom.isActive():
+                            raise
+                        # it powered off between two presses: the wait below sees it stopped
 
-                await self.hv.call(acpi, timeout=30)
-                if await self.wait_state(uuid, {st.STOPPED, st.CRASHED}, timeout):
+                # The button is pressed again every ACPI_RETRY_S until the timeout (nova's clean
+                # shutdown does the same): a guest still booting, or whose ACPI handler was not
+                # listening yet, misses a single press and would otherwise wait out the timeout.
+                deadline = time.monotonic() + timeout
+                stopped = False
+                while not stopped and time.monotonic() < deadline:
+                    await self.hv.call(acpi, timeout=30)
+                    left = deadline - time.monotonic()
+                    stopped = await self.wait_state(uuid, {st.STOPPED, st.CRASHED}, max(0.0, min(ACPI_RETRY_S, left)))
+                if stopped:
                     return await self.ops.result(uuid, op)
                 if not force:
                     raise DeadlineExceeded(f"vm {name!r} did not shut down within {timeout:.0f}s; retry with force to power it off")
