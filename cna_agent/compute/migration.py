@@ -277,6 +277,10 @@ class VmMigrations:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = plan.migrate_uri
         if policy.bandwidth_mib_s:
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = policy.bandwidth_mib_s
+            if policy.permit_post_copy:
+                # The cap is the migration network's share: it holds after the switch to
+                # post-copy too (QEMU's post-copy bandwidth is otherwise unlimited).
+                params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = policy.bandwidth_mib_s << 20
 
         def run(conn: libvirt.virConnect) -> None:
             conn.lookupByUUIDString(uuid).migrateToURI3(plan.libvirt_uri, params, flags)

@@ -47,21 +47,34 @@ SETTLE_S = 5.0
 
 
 def job_state(conn: libvirt.virConnect, uuid: str) -> tuple[str, int, int, int]:
-    """("gone" | "job" | "idle", domain state, reason, memory KiB) of ``uuid`` on this host."""
+    """("gone" | "job" | "idle", domain state, reason, memory KiB) of ``uuid`` on this host.
+
+    Any read may meet the domain being stopped and undefined by a job that just completed
+    (seen under load: jobStats failed as "not running", then state() found no domain), so
+    "no such domain" at any step means it left; another failure of the job read counts as
+    no job, and the state is read again."""
+    def gone(exc: libvirt.libvirtError) -> bool:
+        return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+
     try:
         dom = conn.lookupByUUIDString(uuid)
+        try:
+            job = int(dom.jobStats(0).get("type", 0))
+        except libvirt.libvirtError as exc:
+            if gone(exc):
+                raise
+            job = 0
+        state, reason = dom.state()
+        try:
+            memory = int(dom.info()[1])
+        except libvirt.libvirtError as exc:
+            if gone(exc):
+                raise
+            memory = 0
     except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+        if gone(exc):
             return "gone", 0, 0, 0
         raise
-    try:
-        job = int(dom.jobStats(0).get("type", 0))
-        state, reason = dom.state()
-        memory = int(dom.info()[1])
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # undefined between the two calls
-            return "gone", 0, 0, 0
-        job, (state, reason), memory = 0, dom.state(), 0
     if job in (JOB_BOUNDED, JOB_UNBOUNDED):
         return "job", state, reason, memory
     if state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED:

@@ -64,7 +64,9 @@ def test_vrm_link_uses_mutual_tls_and_refuses_strangers_both_ways(libvirt_caps_c
                           "registration over mutual TLS")
         wait_for(lambda: vrm_status(good).state == pb.agent_pb2.VRM_LINK_STATE_CONNECTED and vrm_status(good).heartbeats_sent > 0,
                    30, "heartbeats over mutual TLS")
-        assert sim.query("SELECT count(*) FROM events WHERE host_uuid = ?", (host,))[0][0] > 0
+        # the events stream runs beside the heartbeats: its first batch may land a moment later
+        wait_for(lambda: sim.query("SELECT count(*) FROM events WHERE host_uuid = ?", (host,))[0][0] > 0, 30,
+                 "events over mutual TLS")
 
         # A host whose certificate the VRM's CA did not sign is refused by the VRM.
         rogue = start_agent(base / "rogue", libvirt_caps_cache, tcp=False,

@@ -65,11 +65,15 @@ class DomainSampler:
     def sample(self, dom) -> None:
         raise NotImplementedError
 
+    def opened(self, conn) -> None:
+        """Called once with the sampler's connection before the first sample."""
+
     def _run(self) -> None:
         import libvirt
 
         conn = libvirt.open(self.uri)
         try:
+            self.opened(conn)
             while not self._stop.wait(self.interval):
                 try:
                     self.sample(conn.lookupByUUIDString(self.uuid))
@@ -80,11 +84,33 @@ class DomainSampler:
 
 
 class StateSampler(DomainSampler):
-    """The domain's (state, reason) pairs seen, e.g. paused for post-copy while it moves."""
+    """The domain's (state, reason) pairs seen, e.g. paused for post-copy while it moves, and
+    libvirt's lifecycle events for it as (event, detail): a phase shorter than the sampling
+    interval still shows as its event (virDomainEventType, e.g. suspended for post-copy)."""
 
     def __init__(self, uri: str, uuid: str, interval: float = 0.2) -> None:
         super().__init__(uri, uuid, interval)
         self.seen: set[tuple[int, int]] = set()
+        self.events: list[tuple[int, int]] = []
+        self._ready = threading.Event()
+
+    def __enter__(self):
+        from support.libvirt import start_event_loop
+
+        start_event_loop()  # before the connection opens, or it gets no events
+        super().__enter__()
+        self._ready.wait(timeout=10)
+        return self
+
+    def opened(self, conn) -> None:
+        import libvirt
+
+        def lifecycle(_conn, dom, event, detail, _opaque) -> None:
+            if dom.UUIDString() == self.uuid:
+                self.events.append((event, detail))
+
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)
+        self._ready.set()
 
     def sample(self, dom) -> None:
         self.seen.add(tuple(dom.state()))
