@@ -13,7 +13,11 @@ dropped and never runs. A call already running cannot be interrupted (a thread s
 kernel on a dead SAN stays stuck): it keeps its thread until it returns and counts as
 ``stuck`` meanwhile, so the pool stays bounded and operators can see why it is full.
 
-A caller that is cancelled drops its call the same way if it has not started yet. After
+A caller that is cancelled drops its call the same way if it has not started yet; when it is
+a cancelled operation's, a call already running is waited for (until its deadline, whatever
+further cancels come) before the cancellation goes on, so an operation's lock is not released while its work still runs
+(cancel.py; the work's cancel hooks are what make it return early). Calls run in a copy of
+the caller's context, so that work finds its operation's cancel scope. After
 :meth:`BlockingPool.shutdown` new calls get UNAVAILABLE, and so do calls still queued.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import itertools
 import logging
 import threading
@@ -28,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+from cna_agent import cancel
 from cna_agent.errors import DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -146,7 +152,7 @@ class BlockingPool:
         with self._lock:
             self._queued.add(key)
         try:
-            cf = self._pool.submit(call)
+            cf = self._pool.submit(contextvars.copy_context().run, call)
         except RuntimeError:  # shut down between the check above and here
             with self._lock:
                 self._queued.discard(key)
@@ -177,6 +183,7 @@ class BlockingPool:
         """Run ``fn()`` in the pool; DEADLINE_EXCEEDED naming ``what`` and the pool after
         ``timeout`` seconds (default: the pool's), queueing included."""
         limit = self.default_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         key, cf = self._submit(fn, limit, what)
         fut = asyncio.wrap_future(cf)
         # Nobody may be left to read an abandoned call's outcome; read it so asyncio stays quiet.
@@ -184,11 +191,31 @@ class BlockingPool:
         try:
             done, _ = await asyncio.wait((fut,), timeout=limit)
         except asyncio.CancelledError:
-            cf.cancel()  # the caller went away: a call that has not started never will
+            # The caller went away: a call that has not started never will. One that runs for
+            # a cancelled operation is outlived, or the operation's lock would be released
+            # under it (other cancels - a wait_for timing out, shutdown - do not wait).
+            scope = cancel.current()
+            if not cf.cancel() and scope is not None and scope.cancelled:
+                await self._outlive(fut, deadline, what)
             raise
         if not done:
             raise self._expired(key, cf, limit, what)
         return self._outcome(cf, key, limit, what)
+
+    async def _outlive(self, fut: "asyncio.Future[Any]", deadline: float, what: str) -> None:
+        """Wait for a running call whose caller was cancelled, until the call's deadline."""
+        if fut.done():
+            return
+        log.info("event=blocking.cancel_waits pool=%s what=%r", self.name, what)
+        while not fut.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("event=blocking.cancel_gave_up pool=%s what=%r", self.name, what)
+                return
+            try:
+                await asyncio.wait((fut,), timeout=left)
+            except asyncio.CancelledError:
+                continue  # cancelled again: still the same call to outlive
 
     def run_sync(self, fn: Callable[[], T], *, timeout: float | None = None, what: str = "blocking call") -> T:
         """:meth:`run` for synchronous callers (close paths, scripts). Blocks the calling

@@ -9,6 +9,11 @@ see it already done.
 One lock per resource key ("vm/<uuid>") serialises operations on one VM while different VMs
 proceed in parallel (DESIGN.md). A caller that cannot wait gets a ResourceBusy naming the
 operation in the way.
+
+Each operation runs in its own cancel scope (cancel.py). Only kinds submitted
+``cancellable=True`` take a CancelOperation: their scope's hooks stop the real work, a running
+blocking call is waited for, and the lock is released only when the work has ended; the rest,
+and a cancellable one past its point of no return, answer FAILED_PRECONDITION saying why.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
+from cna_agent import cancel as cancelling
+from cna_agent.cancel import CancelScope, Cancelled
 from cna_agent.errors import CODES, AgentError, ResourceBusy
 from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationError, OperationJournal, OperationRecord, RUNNING
@@ -85,6 +92,8 @@ class Reattach:
 
     work: "Work"
     lock_key: str | None = None
+    #: The re-attached work takes a CancelOperation (see OperationRunner.submit).
+    cancellable: bool = False
 
 
 class ResourceLocks:
@@ -131,6 +140,7 @@ class OperationRunner:
         self._retention_s = retention_s
         self.locks = ResourceLocks()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._scopes: dict[str, CancelScope] = {}
         self._changed = asyncio.Condition()
         self._shutting_down = False
 
@@ -146,8 +156,11 @@ class OperationRunner:
         lock_timeout: float = 0.0,
         wait: float = 0.0,
         metadata: Mapping[str, str] | None = None,
+        cancellable: bool = False,
     ) -> OperationRecord:
-        """Start ``work`` as an operation (or return the one a repeated request started)."""
+        """Start ``work`` as an operation (or return the one a repeated request started).
+        ``cancellable``: the work stops for a CancelOperation and leaves nothing behind (it
+        registers cancel hooks and marks its point of no return, cancel.py)."""
         record, created = await self._store.run(
             lambda: self._journal.begin(kind, target, request_id=request_id or None, fingerprint=fingerprint, metadata=metadata)
         )
@@ -161,9 +174,14 @@ class OperationRunner:
                 # The request was refused, not run: close its row so the id can be retried.
                 await self._finish(record.id, error=_to_operation_error(exc))
                 raise
-        task = asyncio.get_running_loop().create_task(self._run(record, work, lock_key), name=f"op-{kind}-{record.id}")
-        self._tasks[record.id] = task
+        self._start(record, work, lock_key, cancellable, f"op-{kind}-{record.id}")
         return await self._maybe_wait(record, wait)
+
+    def _start(self, record: OperationRecord, work: Work, lock_key: str | None, cancellable: bool, name: str) -> None:
+        scope = CancelScope(f"operation {record.id} ({record.kind})", cancellable=cancellable,
+                            refusal=f"{record.kind} operations cannot be cancelled once started")
+        self._scopes[record.id] = scope
+        self._tasks[record.id] = asyncio.get_running_loop().create_task(self._run(record, work, lock_key, scope), name=name)
 
     async def _maybe_wait(self, record: OperationRecord, wait: float) -> OperationRecord:
         if wait > 0 and not record.done:
@@ -172,16 +190,20 @@ class OperationRunner:
                 await asyncio.wait({task}, timeout=wait)
         return await self.get(record.id) or record
 
-    async def _run(self, record: OperationRecord, work: Work, lock_key: str | None) -> None:
+    async def _run(self, record: OperationRecord, work: Work, lock_key: str | None, scope: CancelScope) -> None:
         started = time.monotonic()
+        cancelling.enter(scope)  # this task's own context: its pool calls carry it to their threads
         try:
             await self._update(record.id, state=RUNNING)
             result = await work(OperationContext(record, self))
             response_type, response = self._encode(record.kind, result)
             await self._finish(record.id, response_type=response_type, response=response)
             log.info("event=operation.done op=%s kind=%s target=%s duration_ms=%.0f", record.id, record.kind, record.target, (time.monotonic() - started) * 1000)
+        except Cancelled:  # the work saw the cancel first (a thread's check) and stopped
+            await asyncio.shield(self._finish(record.id, cancelled=True))
+            log.info("event=operation.cancelled op=%s kind=%s", record.id, record.kind)
         except asyncio.CancelledError:
-            if self._shutting_down:
+            if self._shutting_down and not scope.cancelled:
                 # Cut short by the agent stopping: leave the row open so the next start
                 # verifies what really happened instead of recording a guess.
                 log.warning("event=operation.interrupted op=%s kind=%s", record.id, record.kind)
@@ -198,6 +220,7 @@ class OperationRunner:
             if lock_key is not None:
                 self.locks.release(lock_key)
             self._tasks.pop(record.id, None)
+            self._scopes.pop(record.id, None)
 
     async def _update(self, op_id: str, **changes: Any) -> None:
         await self._store.run(lambda: self._journal.update(op_id, **changes))
@@ -244,12 +267,24 @@ class OperationRunner:
             if record.done:
                 return
 
-    async def cancel(self, op_id: str) -> OperationRecord | None:
-        task = self._tasks.get(op_id)
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task}, timeout=30)
+    async def cancel(self, op_id: str, *, wait: float = 30.0) -> OperationRecord | None:
+        """Stop a running operation: FailedPrecondition (naming why) when its kind cannot be
+        cancelled or it is past its point of no return; otherwise its cancel hooks run, its
+        coroutine is cancelled, and this waits up to ``wait`` seconds for it to end (its lock is
+        held until then, however long its work takes to stop)."""
+        task, scope = self._tasks.get(op_id), self._scopes.get(op_id)
+        if task is None or scope is None:
+            return await self.get(op_id)
+        scope.request()
+        log.info("event=operation.cancel op=%s", op_id)
+        task.cancel()
+        await asyncio.wait({task}, timeout=wait)
         return await self.get(op_id)
+
+    def cancel_refusal(self, op_id: str) -> str:
+        """Why a cancel of running operation ``op_id`` would be refused now ("" if it would not)."""
+        scope = self._scopes.get(op_id)
+        return scope.refusal if scope is not None else ""
 
     def is_running(self, op_id: str) -> bool:
         return op_id in self._tasks
@@ -289,9 +324,7 @@ class OperationRunner:
         await self._update(record.id, metadata={"reattached": "true"})
         if how.lock_key is not None:
             await self.locks.acquire(how.lock_key, record, 0.0)
-        task = asyncio.get_running_loop().create_task(self._run(record, how.work, how.lock_key),
-                                                      name=f"op-{record.kind}-{record.id}-reattached")
-        self._tasks[record.id] = task
+        self._start(record, how.work, how.lock_key, how.cancellable, f"op-{record.kind}-{record.id}-reattached")
         log.warning("event=operation.reattached op=%s kind=%s target=%s", record.id, record.kind, record.target)
 
     async def prune(self) -> int:

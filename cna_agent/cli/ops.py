@@ -1,4 +1,4 @@
-"""cna-ctl ops list|show."""
+"""cna-ctl ops list|show|cancel."""
 
 from __future__ import annotations
 
@@ -72,6 +72,13 @@ def cmd_ops_show(client: Client, args: argparse.Namespace) -> str | None:
     return json.dumps(to_json(op), indent=2) if args.json else _op_block(op)
 
 
+def cmd_ops_cancel(client: Client, args: argparse.Namespace) -> str:
+    """Cancel a running operation and show where it got to. The agent refuses (exit 1, with its
+    reason) a kind that cannot be cancelled, or one past its point of no return."""
+    op = client.call(client.ops.CancelOperation, pb.operations_pb2.CancelOperationRequest(id=args.id))
+    return json.dumps(to_json(op), indent=2) if args.json else _op_block(op)
+
+
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     ops = sub.add_parser("ops", help="long-running operations").add_subparsers(dest="cmd", metavar="COMMAND", required=True)
     ol = ops.add_parser("list", parents=[common], help="recent operations, newest first")
@@ -83,3 +90,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     os_.add_argument("id")
     os_.add_argument("--watch", "-w", action="store_true", help="follow it with a progress bar until done")
     os_.set_defaults(func=cmd_ops_show)
+    oc = ops.add_parser("cancel", parents=[common], help="cancel a running operation (stops its work, or says why not)")
+    oc.add_argument("id")
+    oc.set_defaults(func=cmd_ops_cancel)

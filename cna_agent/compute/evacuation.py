@@ -37,7 +37,7 @@ from cna_agent.compute import state as st
 from cna_agent.compute.maintenance import (CANCELLED, MOVED, NOT_MOVED, PENDING, EvacuatedVm, EvacuationReport,
                                            MaintenanceMode, MaintenanceStatus)
 from cna_agent.compute.migration import MigrationPolicy, check_destination
-from cna_agent.errors import AgentError, CODES, InvalidArgument, ResourceBusy
+from cna_agent.errors import AgentError, CODES, FailedPrecondition, InvalidArgument, ResourceBusy
 from cna_agent.operations import OperationContext, OperationRunner
 from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationRecord, SUCCEEDED
@@ -136,7 +136,7 @@ class HostEvacuation:
             return await self._evacuate(op, dests, policy)
 
         record = await self.runner.submit("host.evacuate", "host", work, request_id=request_id, fingerprint=fingerprint,
-                                          lock_key=LOCK_KEY, wait=1.0)
+                                          lock_key=LOCK_KEY, wait=1.0, cancellable=True)
         if not record.done:
             self._evacuation = record.id
         return record
@@ -267,7 +267,10 @@ class HostEvacuation:
         except asyncio.CancelledError:
             # Cancel the VM's own migration and wait for it: libvirt's job must be over before
             # the line can say the VM stayed here.
-            final = await asyncio.shield(self.runner.cancel(record.id)) or record
+            try:
+                final = await asyncio.shield(self.runner.cancel(record.id)) or record
+            except FailedPrecondition:  # past its point of no return (post-copy, finishing): it ends by itself
+                final = await asyncio.shield(self._ended(record.id)) or record
             if final.state == SUCCEEDED:
                 self._close(e, MOVED, "")  # it switched over before the cancel reached it
             else:
@@ -278,6 +281,13 @@ class HostEvacuation:
         if final.error is not None:
             return "failed", final.error.code, final.error.message
         return "failed", CODES["CANCELLED"], f"its migration operation ended {final.state}"
+
+    async def _ended(self, op_id: str) -> OperationRecord | None:
+        """Operation ``op_id`` once it is done."""
+        final = None
+        async for final in self.runner.watch(op_id):
+            pass
+        return final
 
     @staticmethod
     def _close(e: EvacuatedVm, outcome: str, error: str, started: float | None = None) -> None:

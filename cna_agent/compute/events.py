@@ -19,6 +19,7 @@ from typing import Any, Callable
 import libvirt
 
 from cna_agent.compute import state as st
+from cna_agent.compute.ledger import VmStateLedger
 from cna_agent.hypervisor import Hypervisor
 from cna_agent.state.eventlog import EventHub
 from cna_agent.tasks import cancel_and_wait
@@ -37,9 +38,11 @@ class _Raw:
 
 class DomainEventMonitor:
     def __init__(self, hypervisor: Hypervisor, events: EventHub, *, on_change: Callable[[str, str, str, float], None] | None = None,
-                 on_definition_change: Callable[[str], None] | None = None) -> None:
+                 on_definition_change: Callable[[str], None] | None = None, ledger: VmStateLedger | None = None) -> None:
         self._hv = hypervisor
         self._events = events
+        #: Every state published is recorded, so a restart can tell what changed meanwhile.
+        self._ledger = ledger
         self._queue: asyncio.Queue[_Raw] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -171,6 +174,8 @@ class DomainEventMonitor:
             attrs = {"state": state, "reason": reason, "event": event_name, "detail": str(detail)}
             await self._events.publish("vm.lifecycle", severity=severity, message=f"{raw.name}: {event_name} -> {state} ({reason})",
                                        attributes=attrs, **common)
+            if self._ledger is not None:
+                await self._ledger.record(raw.uuid, raw.name, state, reason)
             if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
                 await self._events.publish("vm.panic", severity="error", message=f"{raw.name}: guest panicked",
                                            attributes={"state": state, "detail": str(detail), "source": "libvirt"}, **common)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import libvirt
 
 from cna_agent import __version__
+from cna_agent import cancel as cancelling
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
@@ -147,6 +148,8 @@ class VmLifecycle:
                     dom.setAutostart(1)
 
             try:
+                # From here the VM exists in libvirt: a cancel could only leave it half-made.
+                cancelling.commit(f"vm {spec.name!r} is being defined; delete it instead")
                 self._prepare_dirs(spec)
                 await self.hv.call(define, timeout=30)
             except BaseException:
@@ -162,7 +165,7 @@ class VmLifecycle:
 
         try:
             return await self.ops.submit("vm.create", spec.uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                         lock_timeout=lock_timeout, wait=30.0 if start else QUICK_WAIT_S)
+                                         lock_timeout=lock_timeout, wait=30.0 if start else QUICK_WAIT_S, cancellable=True)
         except Exception:
             await undo()  # refused before it ran (busy, request id reuse)
             raise
@@ -261,12 +264,15 @@ class VmLifecycle:
                     return await self.ops.result(uuid, op)
                 if not force:
                     raise DeadlineExceeded(f"vm {name!r} did not shut down within {timeout:.0f}s; retry with force to power it off")
+            # A cancel stops the graceful wait (a guest that got the button may still power off);
+            # the power-off itself is one call that cannot be taken back.
+            cancelling.commit(f"vm {name!r} is being powered off")
             await op.progress(80, "power-off")
             await self.destroy(uuid)
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.shutdown", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout, wait=2.0 if not hard else QUICK_WAIT_S)
+                                     lock_timeout=lock_timeout, wait=2.0 if not hard else QUICK_WAIT_S, cancellable=True)
 
     async def reboot(self, ref: str, *, hard: bool = False, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:

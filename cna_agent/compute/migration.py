@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable
 
 import libvirt
 
+from cna_agent import cancel as cancelling
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.migration_cold import ColdMigrations
@@ -174,7 +175,8 @@ class VmMigrations:
                 self._outgoing.discard(uuid)
 
         return await self.ops.submit("vm.migrate", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     metadata={"destination": destination, "policy": policy.to_json(), "vm_name": spec.name})
+                                     metadata={"destination": destination, "policy": policy.to_json(), "vm_name": spec.name},
+                                     cancellable=True)
 
     def _check_limit(self, uuid: str) -> None:
         if len(self._outgoing) >= self.max_outgoing and uuid not in self._outgoing:
@@ -200,9 +202,18 @@ class VmMigrations:
         try:
             stats = await self._drive(op, uuid, spec, plan, policy)
         except BaseException as exc:
-            reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
-            await self.failed(op.id, uuid, spec.name, destination, reason)
-            raise
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            if not (cancelled and await self.hv.call(lambda c: left_here(c, uuid), timeout=30)):
+                await self.failed(op.id, uuid, spec.name, destination, "cancelled" if cancelled else str(exc))
+                raise
+            # The cancel came as libvirt switched over: the VM moved, and saying CANCELLED
+            # would be a lie. The operation goes on to its true end.
+            log.warning("event=migration.cancel_too_late op=%s vm=%s", op.id, uuid)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            stats = {}
+        cancelling.refuse(f"{spec.name} has moved to {destination}; the migration is finishing")
         await op.note(stage="completed")
         crash_point("migration.source.completed")
         return await self.finish(op, uuid, spec.name, destination, stats, luns_of=spec)
@@ -370,6 +381,9 @@ class VmMigrations:
                 raise DeadlineExceeded(f"the migration did not complete within {policy.completion_timeout_s_per_gib} s "
                                        f"per GiB of RAM; aborted, the VM stays here")
             if policy.completion_action == "post-copy":
+                # From the switch the VM runs on the destination: an abort would lose it.
+                cancelling.commit("post-copy is in flight: the VM runs on the destination while the rest of its "
+                                  "memory is pulled; it cannot be moved back")
                 await self._job_call(uuid, "switch to post-copy", lambda d: d.migrateStartPostCopy(0))
             else:
                 await self._job_call(uuid, "pause the guest", lambda d: d.suspend())
@@ -434,3 +448,14 @@ def _completed_stats(conn: libvirt.virConnect, uuid: str, dest_uri: str) -> dict
             dest.close()
     return {k: stats[k] for k in ("time_elapsed", "downtime", "memory_transferred", "memory_iteration") if k in stats}
 
+
+def left_here(conn: libvirt.virConnect, uuid: str) -> bool:
+    """Whether domain ``uuid`` has left this host: undefined, or stopped as migrated and about
+    to be (what a completed job with UNDEFINE_SOURCE leaves)."""
+    try:
+        state, reason = conn.lookupByUUIDString(uuid).state()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return True
+        raise
+    return state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED

@@ -36,6 +36,7 @@ from typing import Any
 
 import libvirt
 
+from cna_agent import cancel as cancelling
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.lifecycle import release_lun_disks
 from cna_agent.compute.rundirs import QemuRunDirs
@@ -98,7 +99,8 @@ class ColdMigrations:
             finally:
                 outgoing.discard(uuid)
 
-        return await self.ops.submit("vm.migrate_cold", uuid, work, request_id=request_id, fingerprint=fingerprint)
+        return await self.ops.submit("vm.migrate_cold", uuid, work, request_id=request_id, fingerprint=fingerprint,
+                                     cancellable=True)
 
     async def _run(self, op: OperationContext, uuid: str, destination: str, keep: bool, bandwidth_mib_s: int) -> Any:
         # Read under the VM lock: a disk attached since the request was checked counts.
@@ -136,6 +138,8 @@ class ColdMigrations:
             if await self.ops.inventory.running(uuid):  # started behind the agent's back (virsh): it stays here
                 raise FailedPrecondition(f"vm {spec.name!r} was started outside the agent during its cold migration",
                                          field="vm")
+            # The destination defines the VM now: from here it is there, whatever a cancel says.
+            cancelling.commit(f"{spec.name} is being defined on {destination}")
             await op.progress(97, "defining on the destination")
             vm = await self.peer.finish_cold(destination, op.id)
         except BaseException as exc:

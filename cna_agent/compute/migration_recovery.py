@@ -29,6 +29,7 @@ from typing import Any
 
 import libvirt
 
+from cna_agent import cancel as cancelling
 from cna_agent.compute.inventory import vm_lock
 from cna_agent.compute.migration import (ABORT_WAIT_S, JOB_BOUNDED, JOB_UNBOUNDED, MONITOR_INTERVAL_S, MigrationPolicy,
                                          VmMigrations, _completed_stats)
@@ -122,7 +123,8 @@ class MigrationRecovery:
 
             return Reattach(finish, vm_lock(uuid))
         if where == "job":
-            return Reattach(lambda op: self._follow(op, uuid, name, destination, policy, memory_kib), vm_lock(uuid))
+            return Reattach(lambda op: self._follow(op, uuid, name, destination, policy, memory_kib), vm_lock(uuid),
+                            cancellable=True)
         if state == libvirt.VIR_DOMAIN_PAUSED and reason in (PAUSED_POSTCOPY, PAUSED_POSTCOPY_FAILED):
             return OperationError(CODES["ABORTED"], f"post-copy of {name} to {destination} did not complete while the agent "
                                                     "was down; the VM is paused here and is not resumed here (part of its "
@@ -163,12 +165,18 @@ class MigrationRecovery:
             try:
                 await self.m.monitor(op, uuid, policy, max(1.0, memory_kib / (1 << 20)), ended, wind_down)
             except BaseException as exc:
-                reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
-                await self.m.failed(op.id, uuid, name, destination, reason)
-                raise
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                if not (cancelled and (await settled_state(self.hv, uuid))[0] == "gone"):
+                    await self.m.failed(op.id, uuid, name, destination, "cancelled" if cancelled else str(exc))
+                    raise
+                task = asyncio.current_task()  # the cancel came as libvirt switched over: it moved
+                if task is not None:
+                    task.uncancel()
+                last[0] = "gone"
             if last[0] != "gone":
                 last[0] = (await settled_state(self.hv, uuid))[0]
             if last[0] == "gone":
+                cancelling.refuse(f"{name} has moved to {destination}; the migration is finishing")
                 return await self.m.finish(op, uuid, name, destination, {})
             await self.m.failed(op.id, uuid, name, destination, "libvirt's job ended without completing")
             raise Aborted(f"libvirt's migration job of {name} ended without completing while the agent was re-attached; "

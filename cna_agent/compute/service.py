@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from cna_agent.compute.migration import VmMigrations
 from cna_agent.compute.migration_cold_incoming import ColdIncoming
@@ -29,6 +29,7 @@ from cna_agent.compute.inventory import VmInfo, VmInventory
 from cna_agent.compute.io_resume import IoErrorResumer
 from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.nics import NicOperations
+from cna_agent.compute.ledger import Now, VmStateLedger
 from cna_agent.compute.reconcile import VmReconciler
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.sidechannel import Diagnostics, SideChannels
@@ -73,6 +74,8 @@ class Compute:
     incoming: IncomingMigrations
     #: Cold migration, this host as the destination (the source side hangs off migrations).
     cold_incoming: ColdIncoming | None = None
+    #: The last state seen per VM, to turn what changed while nobody watched into events.
+    ledger: VmStateLedger | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
@@ -81,9 +84,22 @@ class Compute:
     async def start(self) -> None:
         await self.monitor.start()
         if self.ops.hv.connected:
-            await self.adopt()
+            vms = await self.adopt()
+            await self.compare_states(vms, observed="at start")
             await self.incoming.restore()
             await self.release_orphan_claims()
+        # Registered after the first connection: it runs on every later one (a libvirtd restart,
+        # or libvirt down when the agent started), whose gap no event covered.
+        self.ops.hv.add_on_connect(self._reconnected)
+
+    async def _reconnected(self, _conn: Any) -> None:
+        await self.compare_states(await self.inventory.list(include_unmanaged=True), observed="after reconnect")
+
+    async def compare_states(self, vms: list[VmInfo], *, observed: str) -> int:
+        """Events for every VM whose state differs from the one last seen (ledger.py)."""
+        if self.ledger is None:
+            return 0
+        return await self.ledger.compare([Now(v.uuid, v.name, v.state, v.reason, v.managed) for v in vms], observed=observed)
 
     async def start_reconcile(self) -> None:
         """Once serving: the per-VM reconcile (start-up pass, events, timer)."""

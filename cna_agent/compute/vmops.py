@@ -56,9 +56,10 @@ class VmOps:
 
     async def submit(self, kind: str, uuid: str, work: Callable[[OperationContext], Awaitable[Any]], *, request_id: str = "",
                      fingerprint: str = "", lock_timeout: float = 0.0, wait: float = QUICK_WAIT_S,
-                     metadata: Mapping[str, str] | None = None) -> OperationRecord:
+                     metadata: Mapping[str, str] | None = None, cancellable: bool = False) -> OperationRecord:
         return await self.runner.submit(kind, uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                        lock_key=vm_lock(uuid), lock_timeout=lock_timeout, wait=wait, metadata=metadata)
+                                        lock_key=vm_lock(uuid), lock_timeout=lock_timeout, wait=wait, metadata=metadata,
+                                        cancellable=cancellable)
 
     async def earlier(self, request_id: str, kinds: tuple[str, ...], fingerprint: str) -> OperationRecord | None:
         """The operation an earlier request with this id opened (its answer was lost, e.g. the

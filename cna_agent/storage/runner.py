@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
+from cna_agent import cancel as cancelling
 from cna_agent.errors import DeadlineExceeded, FailedPrecondition
 
 #: qemu-img convert -p prints "    (12.34/100%)" followed by "\r".
@@ -69,11 +70,15 @@ class SubprocessRunner:
                                     env={**os.environ, **env} if env else None, start_new_session=True)
         except FileNotFoundError:
             raise FailedPrecondition(f"{argv[0]} is not installed on this host (needed for: {' '.join(argv)})") from None
+        unhook = cancelling.on_cancel(lambda: _signal(proc))  # a cancelled operation's command is killed
         try:
             out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill(proc)
             raise DeadlineExceeded(f"{' '.join(argv)} did not finish within {timeout:g}s (storage not answering?)") from None
+        finally:
+            unhook()
+        cancelling.check()  # killed by a cancel: say so, not "exit -9"
         result = Result(argv, proc.returncode, out, err)
         if check and proc.returncode != 0:
             raise CommandError(result)
@@ -99,6 +104,7 @@ class SubprocessRunner:
         timer = threading.Timer(timeout, expire)
         timer.daemon = True
         timer.start()
+        unhook = cancelling.on_cancel(lambda: _signal(proc))
         out = b""
         try:
             assert proc.stdout is not None
@@ -116,7 +122,9 @@ class SubprocessRunner:
             _kill(proc)
         finally:
             timer.cancel()
+            unhook()
         err_thread.join(timeout=5)
+        cancelling.check()
         stderr = b"".join(err_chunks).decode(errors="replace")
         if fired.is_set():
             raise DeadlineExceeded(f"{' '.join(argv)} did not finish within {timeout:g}s")
@@ -147,11 +155,16 @@ class SubprocessRunner:
             raise FailedPrecondition(f"writing {data.strip()!r} to {path} failed: {getattr(exc, 'strerror', None) or exc}")
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _signal(proc: subprocess.Popen) -> None:
+    """SIGKILL the command's process group (its own session), without waiting."""
     try:
         os.killpg(proc.pid, 9)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    _signal(proc)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 QUICK_WAIT_S = 5.0
 
 
+#: Operation kinds that produce a new volume through a temporary file (cancellable until it is
+#: put in place).
+MAKES_A_VOLUME = frozenset({"volume.create", "volume.clone", "volume.import", "volume.export"})
+
+
 @dataclass(frozen=True)
 class DatastoreStatus:
     name: str
@@ -295,8 +300,10 @@ class StorageService:
 
     async def _submit(self, kind: str, target: str, work: Callable[[OperationContext], Awaitable[Any]], *, request_id: str,
                       fingerprint: str, wait: float = QUICK_WAIT_S) -> OperationRecord:
+        # The kinds that make a new volume take a cancel: qemu-img is killed and the temporary
+        # file removed, up to the moment the volume is put in place (VolumeStore._commit).
         return await self.ops.submit(kind, target, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_key=f"volume/{target}", wait=wait)
+                                     lock_key=f"volume/{target}", wait=wait, cancellable=kind in MAKES_A_VOLUME)
 
     async def _volume_result(self, info: VolumeInfo) -> VolumeInfo:
         return self._with_users(info, await self._users())

@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Mapping
 
+from cna_agent import cancel as cancelling
 from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.qemu_access import make_dirs
 from cna_agent.storage import paths, qemuimg
@@ -200,6 +201,9 @@ class VolumeManager:
         return self._temp_for(ref)
 
     def _commit(self, tmp: str, ref: paths.VolumeRef, field: str, mode: int = VOLUME_MODE) -> None:
+        # The point of no return of a cancellable operation: a cancel that came during the
+        # copy stops here (the caller removes the temporary file); a later one is refused.
+        cancelling.commit(f"volume {ref.id!r} is being put in place")
         os.chmod(tmp, mode)
         # qemu-img convert's default target cache mode is "unsafe": no flush after its last write
         # (seen with strace, QEMU 7.2), so data and qcow2 tables can still be in the page cache.

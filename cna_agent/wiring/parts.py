@@ -15,6 +15,7 @@ from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.io_resume import IoErrorResumer
+from cna_agent.compute.ledger import VmStateLedger
 from cna_agent.compute.lifecycle import DomainRenderer, VmLifecycle
 from cna_agent.compute.nics import NicOperations
 from cna_agent.compute.reconcile import VmReconciler
@@ -134,7 +135,11 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         follow(uuid, state, reason, when)
         reconciler.enqueue(uuid)  # bound below: events arrive only once compute has started
 
-    monitor = DomainEventMonitor(hypervisor, events, on_change=on_change, on_definition_change=inventory.forget)
+    async def managed(uuid: str) -> bool:
+        return (await inventory.definition(uuid)).managed
+
+    ledger = VmStateLedger(store, events, managed) if store is not None else None
+    monitor = DomainEventMonitor(hypervisor, events, on_change=on_change, on_definition_change=inventory.forget, ledger=ledger)
     lifecycle = VmLifecycle(ops, binder, renderer, monitor, admission=admission)
     resumer = IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
                              interval_s=config.compute.io_error_check_interval_s,
@@ -157,6 +162,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                                 host_uuid=host_uuid, cold=ColdMigrations(ops, binder, renderer.run_dirs, cold_peer or _no_peer(),
                                                                          transfer, host_uuid=host_uuid)),
         incoming=incoming,
+        ledger=ledger,
         cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
                                    ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending()),
                                    admission=admission),

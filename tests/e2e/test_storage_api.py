@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -131,3 +133,64 @@ def test_cna_ctl_volume_and_datastore(stor):
     assert p.returncode == 1 and "INVALID_ARGUMENT: path:" in p.stderr
     p = subprocess.run([*ctl, "datastore", "list"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "ds" in p.stdout and " ok " in p.stdout, p.stdout
+
+
+def _qemu_img_convert_into(root: Path) -> list[int]:
+    """Pids of running qemu-img convert processes writing under ``root`` (read from /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and argv[:2] == [b"qemu-img", b"convert"] and any(a.startswith(str(root).encode()) for a in argv):
+            pids.append(int(pid))
+    return pids
+
+
+def test_a_cancelled_import_kills_qemu_img_and_leaves_no_file(stor):
+    """CancelOperation (through cna-ctl ops cancel) on an import whose qemu-img is stuck (SIGSTOP,
+    as on storage that stopped answering): the process is gone from /proc, no temporary or
+    final file is left in the datastore, the operation ends CANCELLED, and the same volume can
+    be imported at once (its lock was released only after the work ended)."""
+    agent, st, ops, ds, imp = stor
+    chunk = os.urandom(MiB)
+    with open(imp / "big.raw", "wb") as fh:  # non-zero data: qemu-img really copies it
+        for _ in range(384):
+            fh.write(chunk)
+    op = st.ImportVolume(S.ImportVolumeRequest(request_id="imp-cancel", source="imp/big.raw", datastore="ds",
+                                               path="vm/root.qcow2"), timeout=30)
+    deadline = time.monotonic() + 60
+    while not (pids := _qemu_img_convert_into(ds)):
+        cur = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=10)
+        assert not cur.done and time.monotonic() < deadline, f"qemu-img convert never seen running: {cur}"
+        time.sleep(0.005)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    assert any(".cna-tmp-" in f for f in _all_files(ds)), _all_files(ds)  # mid-copy, under a temporary name
+
+    out = subprocess.run([sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket), "ops", "cancel", op.id],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    done = wait(ops, op, 60)
+    assert done.state == pb.operations_pb2.OPERATION_STATE_CANCELLED and done.error.code == grpc.StatusCode.CANCELLED.value[0]
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert _all_files(ds) == []
+    with pytest.raises(grpc.RpcError) as gone:
+        st.GetVolume(S.GetVolumeRequest(id="ds/vm/root.qcow2"), timeout=10)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    # a cancel of what has ended is refused, naming its state
+    again = subprocess.run([sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket), "ops", "cancel", op.id],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "already cancelled" in again.stderr, again
+
+    v = ok(ops, st.ImportVolume(S.ImportVolumeRequest(request_id="imp-again", source="imp/big.raw", datastore="ds",
+                                                      path="vm/root.qcow2"), timeout=30), 180, into=S.Volume())
+    assert v.virtual_size_bytes == 384 * MiB and _all_files(ds) == ["vm/root.qcow2"]
+
+
+def _all_files(root: Path) -> list[str]:
+    """Every file under ``root``, dot-files (the agent's temporary names) included."""
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+                  if not f.startswith(".cna-probe"))

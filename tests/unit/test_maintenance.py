@@ -126,7 +126,7 @@ class FakeMigrations:
             finally:
                 self.active -= 1
 
-        return await self.runner.submit("vm.migrate", vm.uuid, work, lock_key=f"vm/{vm.uuid}")
+        return await self.runner.submit("vm.migrate", vm.uuid, work, lock_key=f"vm/{vm.uuid}", cancellable=True)
 
 
 def _world(tmp_path, vms, behaviour, *, max_parallel=2):

@@ -232,7 +232,7 @@ def test_every_finished_operation_has_a_response_or_an_error(tmp_path):
             await asyncio.Event().wait()
 
         done = await runner.submit("vm.delete", "vm-1", nothing, wait=5)
-        running = await runner.submit("vm.shutdown", "vm-2", forever)
+        running = await runner.submit("vm.shutdown", "vm-2", forever, cancellable=True)
         await asyncio.sleep(0.05)
         cancelled = await runner.cancel(running.id)
         orphan_ok, _ = OperationJournal(store).begin("vm.create", "vm-3")
