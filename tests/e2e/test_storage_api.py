@@ -144,7 +144,7 @@ def _qemu_img_convert_into(root: Path) -> list[int]:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and argv[:2] == [b"qemu-img", b"convert"] and any(a.startswith(str(root).encode()) for a in argv):
+        if state != "Z" and os.path.basename(argv[0]) == b"qemu-img" and argv[1:2] == [b"convert"] and any(a.startswith(str(root).encode()) for a in argv):
             pids.append(int(pid))
     return pids
 
@@ -159,15 +159,17 @@ def test_a_cancelled_import_kills_qemu_img_and_leaves_no_file(stor):
     with open(imp / "big.raw", "wb") as fh:  # non-zero data: qemu-img really copies it
         for _ in range(384):
             fh.write(chunk)
-    op = st.ImportVolume(S.ImportVolumeRequest(request_id="imp-cancel", source="imp/big.raw", datastore="ds",
-                                               path="vm/root.qcow2"), timeout=30)
+    # the agent answers a quick operation only once it is done (or after 5 s): watch meanwhile
+    call = st.ImportVolume.future(S.ImportVolumeRequest(request_id="imp-cancel", source="imp/big.raw", datastore="ds",
+                                                        path="vm/root.qcow2"), timeout=30)
     deadline = time.monotonic() + 60
     while not (pids := _qemu_img_convert_into(ds)):
-        cur = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op.id), timeout=10)
-        assert not cur.done and time.monotonic() < deadline, f"qemu-img convert never seen running: {cur}"
-        time.sleep(0.005)
+        assert not call.done() and time.monotonic() < deadline, f"qemu-img convert never seen running: {call.result()}"
+        time.sleep(0.002)
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
+    op = call.result()
+    assert not op.done, op
     assert any(".cna-tmp-" in f for f in _all_files(ds)), _all_files(ds)  # mid-copy, under a temporary name
 
     out = subprocess.run([sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket), "ops", "cancel", op.id],

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +43,10 @@ def test_a_guest_on_a_shared_lun_moves_and_writes_to_it_on_the_destination(two_h
     with lun.open("wb") as f:
         f.truncate(32 * MiB)
     agents = []
-    with tgtd_target(base / "tb", IQN, [lun]) as tb:
+    # the testbed's own directory (tgtd's pid) outlives tear_down's removal of base, or the
+    # tgtd it started could not be stopped (it was left running after CI runs)
+    tb_dir = Path(tempfile.mkdtemp(prefix="mstb", dir="/tmp"))
+    with tgtd_target(tb_dir, IQN, [lun]) as tb:
         try:
             san = (f'[storage.datastores.san]\ntype = "iscsi"\nportals = ["{tb.iscsi_portal}"]\n'
                    f'target_iqn = "{IQN}"\ninitiator = "libiscsi"\nscan_timeout_s = 10.0\n')
@@ -76,3 +82,4 @@ def test_a_guest_on_a_shared_lun_moves_and_writes_to_it_on_the_destination(two_h
                 ok(chb, vms_b.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
         finally:
             tear_down(agents, two_hosts, base)
+    shutil.rmtree(tb_dir, ignore_errors=True)
