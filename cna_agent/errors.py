@@ -71,6 +71,12 @@ class ResourceBusy(FailedPrecondition):
     """Another operation holds the resource's lock."""
 
 
+class ResourceExhausted(AgentError):
+    """The host has not enough of a resource left (reserved CPU or memory, slots)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class Unavailable(AgentError):
     code = "UNAVAILABLE"
 

@@ -25,6 +25,7 @@ from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain, nvram_path, resolve_defaults
+from cna_agent.compute.reservations import ReservationAdmission
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
 from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
@@ -76,7 +77,9 @@ class DomainRenderer:
 
 class VmLifecycle:
     def __init__(self, ops: VmOps, binder: Binder, renderer: DomainRenderer, monitor: DomainEventMonitor, *,
-                 admission: HostAdmission | None = None) -> None:
+                 admission: HostAdmission | None = None, reservations: ReservationAdmission | None = None) -> None:
+        #: CPU and memory reservations checked against the host before each power-on.
+        self.reservations = reservations
         self.ops = ops
         #: Asked before a VM begins to use this host (a new one, or a stopped one started):
         #: a host in maintenance refuses both.
@@ -173,7 +176,8 @@ class VmLifecycle:
     # -- start / stop ------------------------------------------------------------------------------
 
     async def start_domain(self, uuid: str) -> None:
-        self._prepare_dirs(await self.inventory.spec(uuid))  # the run dir is volatile (tmpfs after a host reboot)
+        spec = await self.inventory.spec(uuid)
+        self._prepare_dirs(spec)  # the run dir is volatile (tmpfs after a host reboot)
 
         def start(conn: libvirt.virConnect) -> None:
             dom = conn.lookupByUUIDString(uuid)
@@ -184,7 +188,11 @@ class VmLifecycle:
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"QEMU did not start: {exc}") from None
 
-        await self.hv.call(start, timeout=120)
+        if self.reservations is None:
+            await self.hv.call(start, timeout=120)
+            return
+        async with self.reservations.admitted(uuid, spec, f"starting vm {spec.name!r}"):
+            await self.hv.call(start, timeout=120)
 
     async def start_vm(self, ref: str, *, request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
         uuid, name = await self.inventory.lookup_uuid(ref)

@@ -34,6 +34,7 @@ from cna_agent.compute.binder import Binder
 from cna_agent.compute.inventory import VmInfo
 from cna_agent.compute.lifecycle import DomainRenderer
 from cna_agent.compute.migration_xml import destination_xml
+from cna_agent.compute.reservations import ReservationAdmission
 from cna_agent.compute.spec import VmSpec, validate
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import HostAdmission, IncomingPlan
@@ -73,8 +74,10 @@ class IncomingMigrations:
 
     def __init__(self, ops: VmOps, binder: Binder, renderer: DomainRenderer, *, libvirt_uri: str, migrate_host: str = "",
                  max_incoming: int = 2, ttl_s: int = 600, store: StateStore | None = None,
-                 admission: HostAdmission | None = None) -> None:
+                 admission: HostAdmission | None = None, reservations: ReservationAdmission | None = None) -> None:
         self.ops = ops
+        #: The VM's CPU and memory reservations must fit beside those running and arriving here.
+        self.reservations = reservations
         #: A host in maintenance takes no incoming VMs (contracts.HostAdmission).
         self.admission = admission
         self.hv = ops.hv
@@ -118,6 +121,9 @@ class IncomingMigrations:
             if blocker:
                 raise FailedPrecondition(f"this host cannot take a post-copy migration: {blocker}", field="policy.permit_post_copy")
             await self._refuse_conflicts(spec)
+            if self.reservations is not None:
+                await self.reservations.check(spec.uuid, spec, f"taking vm {spec.name!r}",
+                                              arriving=[(p.spec.name, p.spec) for p in self._pending.values()])
             await self._check_cpu(source_xml)
             bindings = await self.binder.bindings(spec)
             try:

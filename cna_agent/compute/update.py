@@ -74,6 +74,10 @@ class VmUpdates:
             if bindings is not None:
                 xml = self.renderer.render(merged, bindings)
                 await self.ops.hv.call(lambda c: c.defineXML(xml), timeout=30)
+            elif self.lifecycle.reservations is not None:
+                # A running VM that reserves more must still fit beside the others.
+                async with self.lifecycle.reservations.admitted(uuid, merged, f"updating vm {merged.name!r}"):
+                    await self._live_update(uuid, old, merged, mask)
             else:
                 await self._live_update(uuid, old, merged, mask)
             inventory.remember(uuid, merged)

@@ -22,6 +22,7 @@ from cna_agent.compute.reconcile import VmReconciler
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.render import RenderContext
 from cna_agent.compute.resolvers import LocalFileResolver, parse_image_dirs
+from cna_agent.compute.reservations import HostCapacity, ReservationAdmission, host_memory_mib
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.service import Compute, state_follower
 from cna_agent.compute.sidechannel import SideChannels
@@ -140,7 +141,10 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
 
     ledger = VmStateLedger(store, events, managed) if store is not None else None
     monitor = DomainEventMonitor(hypervisor, events, on_change=on_change, on_definition_change=inventory.forget, ledger=ledger)
-    lifecycle = VmLifecycle(ops, binder, renderer, monitor, admission=admission)
+    guest_cpus = max(1, host_cpus - len(parse_cpulist(config.host.reserved_cpus))) if config.host.reserved_cpus else host_cpus
+    reservations = ReservationAdmission(inventory, HostCapacity(cpu_mhz=guest_cpus * ctx.host_cpu_mhz,
+                                                                memory_mib=host_memory_mib()))
+    lifecycle = VmLifecycle(ops, binder, renderer, monitor, admission=admission, reservations=reservations)
     resumer = IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
                              interval_s=config.compute.io_error_check_interval_s,
                              enabled=config.compute.io_error_resume == "auto")
@@ -148,7 +152,8 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     monitor.on_io_error = reconciler.enqueue
     incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                   migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
-                                  ttl_s=config.migration.prepare_ttl_s, store=store, admission=admission)
+                                  ttl_s=config.migration.prepare_ttl_s, store=store, admission=admission,
+                                  reservations=reservations)
     compute = Compute(
         ops=ops, inventory=inventory, binder=binder, monitor=monitor, lifecycle=lifecycle, sidechannels=sidechannels,
         updates=VmUpdates(ops, binder, renderer, lifecycle),
