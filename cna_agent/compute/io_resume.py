@@ -13,6 +13,12 @@ resumed, through the normal per-VM-locked ``vm.resume`` operation. A VM that pau
 after a resume is retried with an exponential back-off so a flapping array does not make it
 bounce. ``io_error_resume = "manual"`` turns this off (the VRM or an admin resumes).
 
+Each VM may choose otherwise (``spec.storage_errors``): ``resume`` (as above), ``pause`` (never
+resumed by the agent), or ``poweroff``: resumed like ``resume`` if its storage answers within
+``poweroff_after_s`` of the pause the agent first saw, powered off after that (VDSM's "kill"
+resume behaviour, for managers whose HA restarts it on a host with working storage). The
+host's setting is only the default for VMs that say nothing.
+
 The probes run in a bounded pool of their own (BlockingPool "io-probe", 2 threads) with a deadline: a hung SAN makes a probe time
 out (the VM simply stays paused), never blocks the agent.
 """
@@ -59,6 +65,8 @@ class _Attempts:
     last_resume: float = 0.0
     #: What blocked the last check (reported once per change, not every interval).
     last_reason: str = ""
+    #: When this process first saw the VM paused by the current I/O error (the poweroff clock).
+    paused_since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -144,13 +152,17 @@ class IoErrorResumer:
     def __init__(self, hypervisor: "Hypervisor", inventory: "VmInventory", volumes: "DiskProvider",
                  resume: Callable[[str], Awaitable[Any]], events: "EventHub", *,
                  interval_s: float, enabled: bool = True, executor: BlockingPool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 power_off: Callable[[str], Awaitable[Any]] | None = None) -> None:
         self.hv = hypervisor
         self.inventory = inventory
         self.volumes = volumes
         self.resume = resume
+        #: A hard power-off as a journalled VM operation (for the "poweroff" policy).
+        self.power_off = power_off
         self.events = events
         self.interval_s = interval_s
+        #: The host's default for VMs whose spec names no action (io_error_resume = "auto").
         self.enabled = enabled
         self.executor = executor or BlockingPool("io-probe", 2, PROBE_TIMEOUT_S, hint="storage not answering?")
         self._clock = clock
@@ -163,8 +175,6 @@ class IoErrorResumer:
     async def check_vm(self, vm: VmStatus) -> list[Finding]:
         """One VM: resume it if an I/O error paused it and its failed disks answer again."""
         now = self._clock()
-        if not self.enabled:
-            return []  # io_error_resume = "manual": the VRM or an admin resumes
         if vm.state != "paused" or vm.reason != "ioerror":
             self._forget_if_settled(vm.uuid, now)
             return []
@@ -172,8 +182,8 @@ class IoErrorResumer:
         if paused is None:
             return []
         outcome = await self._consider(paused, now)
-        if outcome == "resumed":
-            return [Finding(self.name, vm.uuid, "paused by an I/O error", True, "resumed")]
+        if outcome in ("resumed", "powered off"):
+            return [Finding(self.name, vm.uuid, "paused by an I/O error", True, outcome)]
         return [Finding(self.name, vm.uuid, f"paused by an I/O error: {outcome}")] if outcome else []
 
     async def stop(self) -> None:
@@ -181,7 +191,10 @@ class IoErrorResumer:
 
     def _forget_if_settled(self, uuid: str, now: float) -> None:
         a = self._attempts.get(uuid)
-        if a is not None and now - a.last_resume > FLAP_WINDOW_S:
+        if a is None:
+            return
+        a.paused_since = 0.0  # not paused now: a later I/O error starts its own poweroff clock
+        if now - a.last_resume > FLAP_WINDOW_S:
             del self._attempts[uuid]  # stayed up: a later I/O error starts afresh
 
     async def blocked_by(self, vm: PausedVm, spec: Any) -> str:
@@ -212,7 +225,7 @@ class IoErrorResumer:
 
     async def check_once(self) -> list[str]:
         """Every VM paused by an I/O error, in one libvirt listing; the UUIDs resumed."""
-        if not self.hv.connected or not self.enabled:
+        if not self.hv.connected:
             return []
         paused = await self.hv.call(list_io_paused, timeout=30)
         now = self._clock()
@@ -227,7 +240,14 @@ class IoErrorResumer:
         cached = await self.inventory.definition(vm.uuid)
         if not cached.managed:
             return ""  # not ours: leave it alone
+        action = self.action_for(cached.spec)
+        if action == "pause":
+            return ""  # its policy (or the host's io_error_resume = "manual"): the VRM or an admin resumes
         a = self._attempts.setdefault(vm.uuid, _Attempts())
+        if not a.paused_since:
+            a.paused_since = now
+        if action == "poweroff" and now - a.paused_since >= cached.spec.storage_errors.effective_poweroff_after_s():
+            return await self._power_off(vm, a, now)
         if a.last_resume and now - a.last_resume < FLAP_WINDOW_S:
             # paused again soon after our resume: back off before the next try
             a.failures += 1
@@ -258,6 +278,29 @@ class IoErrorResumer:
             resource_kind="vm", resource_id=vm.uuid, resource_name=vm.name,
             attributes={"disks": disks, "attempt": str(a.failures + 1)})
         return "resumed"
+
+    def action_for(self, spec: Any) -> str:
+        """The VM's own storage-error action, or the host's default."""
+        action = spec.storage_errors.action if spec is not None else ""
+        return action or ("resume" if self.enabled else "pause")
+
+    async def _power_off(self, vm: PausedVm, a: _Attempts, now: float) -> str:
+        if self.power_off is None:
+            return "its policy powers it off, but this agent has no power-off path"
+        try:
+            op = await self.power_off(vm.uuid)
+        except AgentError as exc:
+            return f"power-off failed: {exc.message}"
+        if op.error is not None:
+            return f"power-off failed: {op.error.message}"
+        waited = int(now - a.paused_since)
+        self._attempts.pop(vm.uuid, None)
+        disks = ", ".join(sorted(vm.errors)) or "all disks"
+        await self.events.publish(
+            "vm.io_error_powered_off", severity="error", resource_kind="vm", resource_id=vm.uuid, resource_name=vm.name,
+            message=f"{vm.name}: paused by a storage error ({disks}) for {waited} s; powered off by its storage-error policy",
+            attributes={"disks": disks, "paused_s": str(waited), "operation_id": getattr(op, "id", "")})
+        return "powered off"
 
     def state_of(self, uuid: str) -> dict[str, Any]:
         """Back-off state (for diagnostics and tests)."""

@@ -97,6 +97,21 @@ class MemoryQos:
     shares: int = 0
 
 
+#: What the agent does with a VM a storage error paused (io_resume.py); "" = the host's default.
+STORAGE_ERROR_ACTIONS = ("resume", "pause", "poweroff")
+#: VDSM's default for its "kill" resume behaviour: 8 x the 10 s I/O timeout.
+DEFAULT_POWEROFF_AFTER_S = 80
+
+
+@dataclass
+class StorageErrorPolicy:
+    action: str = ""
+    poweroff_after_s: int = 0
+
+    def effective_poweroff_after_s(self) -> int:
+        return self.poweroff_after_s or DEFAULT_POWEROFF_AFTER_S
+
+
 @dataclass
 class IoQos:
     read_bytes_sec: int = 0
@@ -204,6 +219,7 @@ class VmSpec:
     #: (``[compute] hotplug_slots``). Each costs a QEMU device and a PCI bus number.
     hotplug_slots: int = -1
     hugepages: bool = False
+    storage_errors: StorageErrorPolicy = field(default_factory=StorageErrorPolicy)
 
     # -- serialisation (the form stored in the domain metadata) -----------------------------
 
@@ -235,6 +251,7 @@ _NESTED: dict[tuple[type, str], type] = {
     (VmSpec, "memory_qos"): MemoryQos,
     (VmSpec, "console"): ConsoleSpec,
     (VmSpec, "boot"): BootSpec,
+    (VmSpec, "storage_errors"): StorageErrorPolicy,
     (DiskSpec, "qos"): IoQos,
     (DiskSpec, "lun"): LunSource,
     (NicSpec, "inbound"): Bandwidth,
@@ -446,6 +463,13 @@ def validate(spec: VmSpec, ctx: ValidationContext) -> None:
         raise InvalidArgument("spec.cpu_qos.reservation_mhz", "reservation exceeds the limit")
     _u(spec.memory_qos.limit_mib, "spec.memory_qos.limit_mib", maximum=MAX_MEMORY_MIB)
     _u(spec.memory_qos.reservation_mib, "spec.memory_qos.reservation_mib", maximum=MAX_MEMORY_MIB)
+    if spec.storage_errors.action and spec.storage_errors.action not in STORAGE_ERROR_ACTIONS:
+        raise InvalidArgument("spec.storage_errors.action",
+                              f"{spec.storage_errors.action!r} is not one of {', '.join(STORAGE_ERROR_ACTIONS)} (or empty)")
+    if spec.storage_errors.poweroff_after_s:
+        _u(spec.storage_errors.poweroff_after_s, "spec.storage_errors.poweroff_after_s", maximum=86400)
+        if spec.storage_errors.action != "poweroff":
+            raise InvalidArgument("spec.storage_errors.poweroff_after_s", "only applies to action \"poweroff\"")
     _u(spec.memory_qos.shares, "spec.memory_qos.shares", maximum=262144)
     if spec.memory_qos.limit_mib and spec.memory_qos.limit_mib < spec.memory_mib:
         raise InvalidArgument("spec.memory_qos.limit_mib", f"{spec.memory_qos.limit_mib} MiB is below the guest's memory ({spec.memory_mib} MiB); QEMU would be OOM-killed")

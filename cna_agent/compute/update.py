@@ -25,8 +25,8 @@ from cna_agent.state.journal import OperationRecord
 #: Fields UpdateVm may change, and those it can change on a running VM (hot-plug / live tune).
 UPDATABLE = {"vcpus", "max_vcpus", "memory_mib", "max_memory_mib", "cpu_qos", "memory_qos", "description", "labels",
              "cpu_topology", "cpu_mode", "cpu_model", "balloon", "autostart", "console", "watchdog", "panic_device",
-             "guest_agent", "serial_console", "numa_cells", "boot"}
-LIVE_UPDATABLE = {"vcpus", "memory_mib", "cpu_qos", "memory_qos", "description", "labels", "autostart"}
+             "guest_agent", "serial_console", "numa_cells", "boot", "storage_errors"}
+LIVE_UPDATABLE = {"vcpus", "memory_mib", "cpu_qos", "memory_qos", "description", "labels", "autostart", "storage_errors"}
 
 
 class VmUpdates:

@@ -147,8 +147,10 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     lifecycle = VmLifecycle(ops, binder, renderer, monitor, admission=admission, reservations=reservations)
     resumer = IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
                              interval_s=config.compute.io_error_check_interval_s,
-                             enabled=config.compute.io_error_resume == "auto")
-    reconciler = VmReconciler(inventory, [*checks, *([resumer] if resumer.enabled else [])])
+                             enabled=config.compute.io_error_resume == "auto",
+                             power_off=lambda uuid: lifecycle.shutdown(uuid, hard=True))
+    # Always in the reconcile: a VM's own storage_errors policy applies whatever the host's default.
+    reconciler = VmReconciler(inventory, [*checks, resumer])
     monitor.on_io_error = reconciler.enqueue
     incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                   migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,

@@ -17,7 +17,7 @@ import libvirt
 import pytest
 
 from cna_agent.compute.io_resume import FLAP_WINDOW_S, IoErrorResumer, list_io_paused
-from cna_agent.compute.spec import DiskSpec, LunSource, VmSpec
+from cna_agent.compute.spec import DiskSpec, LunSource, StorageErrorPolicy, VmSpec
 from cna_agent.contracts import VmStatus
 from cna_agent.errors import NotFound
 
@@ -212,3 +212,59 @@ def test_the_per_vm_check_resumes_only_the_vm_it_is_given(world):
     (found,) = asyncio.run(go())
     assert (found.check, found.vm_uuid, found.repaired, found.action) == ("io-resume", "u1", True, "resumed")
     assert world.vms.resumed == ["u1"]
+
+
+def _with_policy(world, action: str, after: int = 0, *, host_auto: bool = True):
+    world.vms.specs["u1"].storage_errors = StorageErrorPolicy(action, after)
+    powered: list[str] = []
+
+    async def power_off(uuid: str):
+        powered.append(uuid)
+        for d in world.vms.conn.doms:
+            if d.uuid == uuid:
+                d.st, d.errors = (libvirt.VIR_DOMAIN_SHUTOFF, 1), {}
+        return SimpleNamespace(error=None, id="op-off")
+
+    r = IoErrorResumer(world.vms.hv, world.vms, world.resolver, world.vms.resume, world.vms.events, interval_s=5,  # type: ignore[arg-type]
+                       enabled=host_auto, clock=lambda: world.clock[0], power_off=power_off)
+    return r, powered
+
+
+def test_a_vm_whose_policy_is_pause_is_left_paused_on_an_auto_resume_host(world):
+    r, powered = _with_policy(world, "pause")
+    assert asyncio.run(r.check_once()) == [] and world.vms.resumed == [] and powered == []
+    assert world.resolver.calls == []  # not even probed
+    r.executor.shutdown()
+
+
+def test_a_vm_whose_policy_is_resume_is_resumed_on_a_manual_host(world):
+    r, _ = _with_policy(world, "resume", host_auto=False)
+    assert asyncio.run(r.check_once()) == ["u1"]
+    r.executor.shutdown()
+
+
+def test_poweroff_resumes_if_storage_returns_in_time_else_powers_off_after_its_delay(world):
+    # storage back within the delay: resumed like "resume"
+    r, powered = _with_policy(world, "poweroff", 30)
+    assert asyncio.run(r.check_once()) == ["u1"] and powered == []
+    r.executor.shutdown()
+    # paused again (flap window long past), storage stays away: powered off once 30 s have passed
+    world.dom.st, world.dom.errors = (PAUSED, IOERR), {"vda": 1}
+    world.clock[0] += FLAP_WINDOW_S + 1
+    world.resolver.missing_luns.add("iqn.x:t/1")
+    r, powered = _with_policy(world, "poweroff", 30)
+
+    async def go():
+        first = await r.check_vm(VmStatus("u1", "vm1", "paused", "ioerror"))
+        world.clock[0] += 29
+        still = await r.check_vm(VmStatus("u1", "vm1", "paused", "ioerror"))
+        world.clock[0] += 1
+        done = await r.check_vm(VmStatus("u1", "vm1", "paused", "ioerror"))
+        return first, still, done
+
+    first, still, done = asyncio.run(go())
+    r.executor.shutdown()
+    assert not first[0].repaired and not still[0].repaired and powered == ["u1"]
+    assert (done[0].repaired, done[0].action) == (True, "powered off")
+    kind, kw = world.vms.events.published[-1]
+    assert kind == "vm.io_error_powered_off" and kw["severity"] == "error" and kw["attributes"]["paused_s"] == "30"

@@ -62,3 +62,11 @@ def test_migration_policy_auto_converge_is_on_unless_turned_off() -> None:
     # an explicit false survives the wire (presence is encoded), so the VRM can turn it off
     wire = v.MigrationPolicy(auto_converge=False).SerializeToString()
     assert wire and v.MigrationPolicy.FromString(wire).HasField("auto_converge")
+
+
+def test_the_storage_error_policy_crosses_the_api_both_ways():
+    m = pb.vm_pb2.VmSpec(name="v", storage_errors=pb.vm_pb2.StorageErrorPolicy(action="poweroff", poweroff_after_s=45))
+    s = spec_from_pb(m)
+    assert (s.storage_errors.action, s.storage_errors.poweroff_after_s) == ("poweroff", 45)
+    back = spec_to_pb(s)
+    assert back.storage_errors.action == "poweroff" and back.storage_errors.poweroff_after_s == 45

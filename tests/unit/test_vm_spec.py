@@ -134,3 +134,26 @@ def test_nic_bandwidth_out_of_range_is_refused(bw, field) -> None:
     with pytest.raises(InvalidArgument) as err:
         validate(good(nics=[NicSpec(port_group="pg", inbound=bw)]), CTX)
     assert err.value.field == field
+
+
+from cna_agent.compute.spec import StorageErrorPolicy  # noqa: E402
+
+
+@pytest.mark.parametrize("policy, field", [
+    (StorageErrorPolicy("kill"), "spec.storage_errors.action"),
+    (StorageErrorPolicy("resume", 30), "spec.storage_errors.poweroff_after_s"),
+    (StorageErrorPolicy("poweroff", 86401), "spec.storage_errors.poweroff_after_s"),
+])
+def test_a_bad_storage_error_policy_names_its_field(policy, field):
+    spec = VmSpec(name="v", vcpus=1, memory_mib=64, storage_errors=policy)
+    with pytest.raises(InvalidArgument) as exc:
+        validate(spec, CTX)
+    assert exc.value.field == field
+
+
+def test_the_storage_error_policy_round_trips_through_the_stored_spec():
+    spec = VmSpec(name="v", vcpus=1, memory_mib=64, storage_errors=StorageErrorPolicy("poweroff", 120))
+    validate(spec, CTX)
+    back = VmSpec.from_json(spec.to_json())
+    assert back.storage_errors == StorageErrorPolicy("poweroff", 120) and back.storage_errors.effective_poweroff_after_s() == 120
+    assert VmSpec.from_json('{"name": "old"}').storage_errors == StorageErrorPolicy()  # a spec from an older agent
