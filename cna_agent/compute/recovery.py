@@ -28,7 +28,8 @@ class VmRecovery:
     def handlers(self) -> dict[str, RecoveryHandler]:
         return {"vm.create": self.recover_create, "vm.start": self.recover_start,
                 "vm.shutdown": self.recover_shutdown, "vm.delete": self.recover_delete,
-                "vm.disk.attach": self.recover_disk_attach, "vm.disk.detach": self.recover_disk_detach}
+                "vm.disk.attach": self.recover_disk_attach, "vm.disk.detach": self.recover_disk_detach,
+                "vm.pause": self.recover_pause, "vm.resume": self.recover_resume}
 
     async def _now(self, uuid: str) -> tuple[bool, bool]:
         """(defined, running) as libvirt says now."""
@@ -62,6 +63,25 @@ class VmRecovery:
 
     async def recover_shutdown(self, record: OperationRecord) -> Any:
         return await self._by_state(record, lambda exists, active: exists and not active, "the VM was shut down")
+
+    async def _paused(self, uuid: str) -> bool:
+        def read(conn: libvirt.virConnect) -> bool:
+            try:
+                return conn.lookupByUUIDString(uuid).state()[0] == libvirt.VIR_DOMAIN_PAUSED
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False
+                raise
+
+        return await self.hv.call(read, timeout=10)
+
+    async def recover_pause(self, record: OperationRecord) -> Any:
+        paused = await self._paused(record.target)
+        return await self._by_state(record, lambda exists, active: exists and active and paused, "the VM was paused")
+
+    async def recover_resume(self, record: OperationRecord) -> Any:
+        paused = await self._paused(record.target)
+        return await self._by_state(record, lambda exists, active: exists and active and not paused, "the VM was resumed")
 
     async def recover_delete(self, record: OperationRecord) -> Any:
         return await self._by_state(record, lambda exists, active: not exists, "the VM was deleted", result=False)

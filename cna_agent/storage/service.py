@@ -299,11 +299,12 @@ class StorageService:
         return report
 
     async def _submit(self, kind: str, target: str, work: Callable[[OperationContext], Awaitable[Any]], *, request_id: str,
-                      fingerprint: str, wait: float = QUICK_WAIT_S) -> OperationRecord:
+                      fingerprint: str, wait: float = QUICK_WAIT_S, metadata: dict[str, str] | None = None) -> OperationRecord:
         # The kinds that make a new volume take a cancel: qemu-img is killed and the temporary
         # file removed, up to the moment the volume is put in place (VolumeStore._commit).
         return await self.ops.submit(kind, target, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_key=f"volume/{target}", wait=wait, cancellable=kind in MAKES_A_VOLUME)
+                                     lock_key=f"volume/{target}", wait=wait, cancellable=kind in MAKES_A_VOLUME,
+                                     metadata=metadata)
 
     async def _volume_result(self, info: VolumeInfo) -> VolumeInfo:
         return self._with_users(info, await self._users())
@@ -338,7 +339,8 @@ class StorageService:
                                            what=f"resizing {ref.id}")
             return await self._volume_result(info)
 
-        return await self._submit("volume.resize", ref.id, work, request_id=request_id, fingerprint=fingerprint)
+        return await self._submit("volume.resize", ref.id, work, request_id=request_id, fingerprint=fingerprint,
+                                  metadata={"new_size_bytes": str(new_size)})
 
     async def delete_volume_op(self, volume_id: str, *, request_id: str = "", fingerprint: str = "") -> OperationRecord:
         ref = self._volume_ref(volume_id, "id", must_exist=True)

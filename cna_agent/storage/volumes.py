@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Mapping
 
 from cna_agent import cancel as cancelling
 from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cna_agent.failpoints import crash_point
 from cna_agent.qemu_access import make_dirs
 from cna_agent.storage import paths, qemuimg
 from cna_agent.storage.runner import CommandError, CommandRunner
@@ -227,6 +228,7 @@ class VolumeManager:
         except BaseException:
             paths.unlink_if_there(tmp)
             raise
+        crash_point("volume.placed")  # in place, not yet reported: recovery must find it complete
 
     def sweep_temp_files(self) -> list[str]:
         """Remove in-progress files a crash left behind (called at start, before any work)."""

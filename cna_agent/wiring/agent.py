@@ -117,10 +117,11 @@ async def build_agent(config: AgentConfig) -> Agent:
     from cna_agent.compute.inventory import VmInventory
     from cna_agent.compute.maintenance import MaintenanceMode
     from cna_agent.compute.render import host_limitations
-    from cna_agent.storage.transfer import VolumeTransfers
     from cna_agent.metrics import rpc_on_call
     from cna_agent.wiring import parts
     from cna_agent.wiring.telemetry import build_telemetry
+    from cna_agent.storage.recovery import VolumeRecovery
+    from cna_agent.storage.transfer import VolumeTransfers
 
     state_dir = Path(config.state.dir)
     for d in (state_dir, Path(config.state.run_dir)):
@@ -177,7 +178,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     await storage.start()
     log.info("event=storage.started datastores=%d threads=%d", len(config.storage.datastores), config.storage.executor_threads)
     await compute.start()
-    recovered = await runner.recover(compute.recovery_handlers())
+    recovered = await runner.recover({**VolumeRecovery(storage).handlers(), **compute.recovery_handlers()})
 
     servicers: dict[str, object] = {
         "cna.v1.HostService": HostServicer(host, placement=placement.monitor, maintenance=evacuation),

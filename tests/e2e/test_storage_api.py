@@ -196,3 +196,62 @@ def _all_files(root: Path) -> list[str]:
     """Every file under ``root``, dot-files (the agent's temporary names) included."""
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
                   if not f.startswith(".cna-probe"))
+
+
+def test_volume_operations_cut_short_by_a_kill_are_decided_from_the_datastore(agent_factory, tmp_path):
+    """SIGKILL of the agent (1) mid-import, with qemu-img stopped, and (2) right after a created
+    volume was put in place (crash point volume.placed): after each restart the operation is
+    closed from what the datastore holds, ABORTED with no file left, or SUCCEEDED with the
+    volume, and nothing is redone."""
+    from support.migration import restart
+
+    ds, imp = tmp_path / "ds", tmp_path / "imp"
+    ds.mkdir()
+    imp.mkdir()
+    extra = (f'[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n'
+             f'[storage.datastores.imp]\ntype = "dir"\npath = "{imp}"\n')
+    agent = agent_factory("kv", extra_config=extra, tcp=False)
+    chunk = os.urandom(MiB)
+    with open(imp / "big.raw", "wb") as fh:
+        for _ in range(384):
+            fh.write(chunk)
+    with agent.channel() as ch:
+        call = S and pb.storage_pb2_grpc.StorageServiceStub(ch).ImportVolume.future(
+            S.ImportVolumeRequest(request_id="kill-imp", source="imp/big.raw", datastore="ds", path="k/root.qcow2"), timeout=30)
+        deadline = time.monotonic() + 60
+        while not (pids := _qemu_img_convert_into(ds)):
+            assert not call.done() and time.monotonic() < deadline, "qemu-img convert never seen running"
+            time.sleep(0.002)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        op_id = call.result().id
+    agent = restart(agent)  # SIGKILL; the stopped qemu-img is left behind, as after a real crash
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    with agent.channel() as ch:
+        ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
+        done = ops.GetOperation(pb.operations_pb2.GetOperationRequest(id=op_id), timeout=10)
+        assert done.state == pb.operations_pb2.OPERATION_STATE_FAILED and done.error.code == grpc.StatusCode.ABORTED.value[0]
+        assert "was not created" in done.error.message and done.metadata["recovered"] == "true", done
+        assert _all_files(ds) == []  # the start-up sweep removed the temporary file
+    agent = restart(agent, env={"CNA_FAILPOINTS": "volume.placed"})
+    with agent.channel() as ch:
+        with pytest.raises(grpc.RpcError):  # the agent dies inside the call
+            pb.storage_pb2_grpc.StorageServiceStub(ch).CreateVolume(S.CreateVolumeRequest(
+                request_id="kill-new", datastore="ds", path="k/new.qcow2", format=S.VOLUME_FORMAT_QCOW2, size_bytes=8 * MiB),
+                timeout=30)
+    agent.proc.wait(timeout=30)
+    assert _all_files(ds) == ["k/new.qcow2"]
+    agent = restart(agent)
+    with agent.channel() as ch:
+        st = pb.storage_pb2_grpc.StorageServiceStub(ch)
+        again = st.CreateVolume(S.CreateVolumeRequest(request_id="kill-new", datastore="ds", path="k/new.qcow2",
+                                                      format=S.VOLUME_FORMAT_QCOW2, size_bytes=8 * MiB), timeout=30)
+        assert again.done and again.metadata["recovered"] == "true", again  # the first operation, closed from the datastore
+        v = S.Volume()
+        again.response.Unpack(v)
+        assert v.id == "ds/k/new.qcow2" and v.virtual_size_bytes == 8 * MiB
+    agent.stop()
