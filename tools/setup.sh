@@ -23,6 +23,7 @@ debs=(
   openvswitch-switch nftables ethtool iputils-ping tgt open-iscsi libiscsi-bin
   gcc libc6-dev cpio gzip iproute2 openssl procps
   syslinux syslinux-common mtools dosfstools fdisk
+  tmux  # cna-ctl checked in a real terminal (tests/e2e/test_cli_terminal.py)
   # Building the distribution packages (tests/packaging, README "Packages"): debhelper/pybuild,
   # the distribution's protoc + gRPC plugin and python3 runtime (the .deb's gencode and its
   # import check), argparse-manpage for the man pages, lintian, and rpm for the openEuler spec.

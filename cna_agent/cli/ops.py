@@ -9,7 +9,7 @@ import grpc
 
 from cna_agent.api import pb
 from cna_agent.cli.common import CliError, Client, fmt_time, rpc_error, to_json
-from cna_agent.cli.progress import ProgressLine
+from cna_agent.cli.progress import ProgressLine, on_interrupt
 from cna_agent.cli.table import keyvalues, table
 
 
@@ -47,18 +47,20 @@ def _op_block(o) -> str:
 
 def cmd_ops_show(client: Client, args: argparse.Namespace) -> str | None:
     if args.watch:
+        first = client.call(client.ops.GetOperation, pb.operations_pb2.GetOperationRequest(id=args.id))  # its kind, for Ctrl-C
         stream = client.ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=args.id))
         last = None
         bar = ProgressLine()
         try:
-            for op in stream:
-                last = op
-                if args.json:
-                    print(json.dumps(to_json(op)), flush=True)
-                else:
-                    p = op.progress
-                    line = bar.render(p.percent, f"{_op_state(op)} {p.stage}".strip(), p.bytes_done, p.bytes_total)
-                    print("\r" + line.ljust(60), end="", flush=True)
+            with on_interrupt(client, first):
+                for op in stream:
+                    last = op
+                    if args.json:
+                        print(json.dumps(to_json(op)), flush=True)
+                    else:
+                        p = op.progress
+                        line = bar.render(p.percent, f"{_op_state(op)} {p.stage}".strip(), p.bytes_done, p.bytes_total)
+                        print("\r" + line.ljust(60), end="", flush=True)
         except grpc.RpcError as exc:
             raise rpc_error(exc, client.socket_path) from None
         if not args.json:

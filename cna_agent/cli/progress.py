@@ -6,14 +6,19 @@ progress (percent, stage, bytes done/total), so every command follows them the s
 The bar goes to stderr so ``--json`` or a summary on stdout stays clean for scripts; when
 stderr is not a terminal it prints a plain line at each stage change or 10 % step instead of
 carriage-return redraws.
+
+Ctrl-C while following does not silently abandon the operation (it runs on in the agent): on a
+terminal the admin is asked whether to cancel it, and either way told what became of it
+(:func:`on_interrupt`); the command then exits 130, as an interrupted command does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import grpc
 
@@ -69,6 +74,50 @@ class ProgressLine:
         return " ".join(parts)
 
 
+#: The exit code of a command interrupted by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+
+def _ask_on_terminal(question: str) -> bool | None:
+    """The admin's yes/no on the controlling terminal; None when there is none to ask on."""
+    if not sys.stdin.isatty():
+        return None
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except (EOFError, KeyboardInterrupt):
+        return False
+
+
+def interrupted(client: Any, op: Any, ask: Callable[[str], bool | None] = _ask_on_terminal) -> str:
+    """What to say after Ctrl-C while following ``op``: cancelled (the agent's answer, a refusal
+    included, in its words), or left running with the command that follows it again."""
+    again = f"follow it with: cna-ctl ops show -w {op.id}"
+    answer = ask(f"\nCancel operation {op.id} ({op.kind})? It keeps running otherwise. [y/N] ")
+    if not answer:
+        return f"interrupted; operation {op.id} ({op.kind}) keeps running in the agent; {again}"
+    from cna_agent.cli.common import CliError
+
+    try:
+        cur = client.call(client.ops.CancelOperation, pb.operations_pb2.CancelOperationRequest(id=op.id), timeout=60)
+    except CliError as exc:
+        return f"operation {op.id} ({op.kind}) was not cancelled: {exc}; {again}"
+    state = pb.operations_pb2.OperationState.Name(cur.state).removeprefix("OPERATION_STATE_").lower()
+    if cur.done:
+        return f"operation {op.id} ({op.kind}) {state}"
+    return f"cancel asked; operation {op.id} ({op.kind}) is still winding down ({state}); {again}"
+
+
+@contextlib.contextmanager
+def on_interrupt(client: Any, op: Any, ask: Callable[[str], bool | None] = _ask_on_terminal) -> Iterator[None]:
+    """Around a watch of ``op``: Ctrl-C offers to cancel it, then ends the command (exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from cna_agent.cli.common import CliError
+
+        raise CliError(interrupted(client, op, ask), EXIT_INTERRUPTED) from None
+
+
 def follow(client: Any, op: Any, *, out: TextIO | None = None, tty: bool | None = None) -> Any:
     """Watch ``op`` until it is done, drawing its progress on ``out`` (stderr); returns the last
     Operation seen. The watch stream is the runner's own (each change, no polling)."""
@@ -95,9 +144,10 @@ def follow(client: Any, op: Any, *, out: TextIO | None = None, tty: bool | None 
             draw(op)
             return op
         stream: Iterable[Any] = client.ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id))
-        for cur in stream:
-            last = cur
-            draw(cur)
+        with on_interrupt(client, op):
+            for cur in stream:
+                last = cur
+                draw(cur)
     except grpc.RpcError as exc:
         from cna_agent.cli.common import rpc_error
 

@@ -17,7 +17,7 @@ import grpc
 
 from cna_agent.api import pb
 from cna_agent.cli.common import CliError, Client, rpc_error, to_json
-from cna_agent.cli.progress import ProgressLine
+from cna_agent.cli.progress import ProgressLine, on_interrupt
 from cna_agent.cli.table import human_bytes, keyvalues, table
 
 S = pb.storage_pb2
@@ -45,7 +45,8 @@ def _vol_block(v) -> str:
              ("Allocated", human_bytes(v.actual_size_bytes)), ("Backing volume", v.backing_volume or "-"),
              ("Template", "yes" if v.template else "no"), ("Used by", ", ".join(v.used_by) or "-")]
     if v.HasField("check"):
-        pairs.append(("qemu-img check", v.check.summary if v.check.supported else f"not supported ({v.check.summary})"))
+        # An import's qemu-img check ran on its source (before the conversion), not on this volume.
+        pairs.append(("Source check", v.check.summary if v.check.supported else f"none ({v.check.summary})"))
     return keyvalues(pairs)
 
 
@@ -69,9 +70,10 @@ def follow(client: Client, args: argparse.Namespace, op, response_type: Any, ren
         show(op)
     else:
         try:
-            for update in client.ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id)):
-                last = update
-                show(update)
+            with on_interrupt(client, op):
+                for update in client.ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id)):
+                    last = update
+                    show(update)
         except grpc.RpcError as exc:
             raise rpc_error(exc, client.socket_path) from None
     if tty and not args.json:
