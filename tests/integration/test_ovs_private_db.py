@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from cna_agent.api import pb
-from support.agent import start_agent
+from support.agent import remove_system_domains, start_agent
 from support.console import AgentConsole
 from support.guests import guest_spec, serial_log
 from support.operations import ok
@@ -77,6 +77,10 @@ def private_db_agent(testbed, libvirt_caps_cache, system_libvirtd):
     finally:
         for a in started:
             a.stop()
+        # The guest is left defined on the host's libvirtd (stopped): undefine it here, or its
+        # XML stays in /etc/libvirt/qemu for the next run's libvirtd to load (seen after CI runs).
+        for a in started:
+            remove_system_domains(a)
         subprocess.run(["ip", "link", "del", host], timeout=10, capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], timeout=10, capture_output=True)
         subprocess.run(["ovs-vsctl", f"--db={testbed.ovsdb_remote}", "--timeout=20", "--if-exists", "del-br", br],
