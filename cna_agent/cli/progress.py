@@ -92,7 +92,7 @@ def interrupted(client: Any, op: Any, ask: Callable[[str], bool | None] = _ask_o
     """What to say after Ctrl-C while following ``op``: cancelled (the agent's answer, a refusal
     included, in its words), or left running with the command that follows it again."""
     again = f"follow it with: cna-ctl ops show -w {op.id}"
-    answer = ask(f"\nCancel operation {op.id} ({op.kind})? It keeps running otherwise. [y/N] ")
+    answer = ask(f"\nCancel {op.kind} {op.id}? [y/N] ")  # fits 80 columns; "no" leaves it running
     if not answer:
         return f"interrupted; operation {op.id} ({op.kind}) keeps running in the agent; {again}"
     from cna_agent.cli.common import CliError

@@ -50,17 +50,20 @@ def test_ctrl_c(agent_factory, tmp_path):  # a short name: QEMU-facing paths und
         for _ in range(384):
             fh.write(chunk)
     sock = f"cnatest{os.getpid()}"
-    _tmux(sock, "new-session", "-d", "-s", "ctl", "-x", "100", "-y", "30",
+    _tmux(sock, "new-session", "-d", "-s", "ctl", "-x", "80", "-y", "30",
           sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket), "volume", "import", "imp/big.raw", "ds/t/root.qcow2")
     try:
         _tmux(sock, "set-option", "-t", "ctl", "remain-on-exit", "on")
         pids = wait_for(lambda: _converting(ds), 60, "qemu-img convert running")
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
-        screen = lambda: _tmux(sock, "capture-pane", "-p", "-t", "ctl")  # noqa: E731
+        screen = lambda: _tmux(sock, "capture-pane", "-p", "-J", "-t", "ctl")  # noqa: E731
         wait_for(lambda: "converting" in screen(), 60, "the progress line on the terminal")
         _tmux(sock, "send-keys", "-t", "ctl", "C-c")
-        wait_for(lambda: "Cancel operation" in screen() and "[y/N]" in screen(), 30, "the cancel question")
+        try:
+            wait_for(lambda: "Cancel volume.import" in screen() and "[y/N]" in screen(), 30, "the cancel question")
+        except AssertionError:
+            raise AssertionError(f"no cancel question; the terminal shows:\n{screen()}") from None
         _tmux(sock, "send-keys", "-t", "ctl", "y", "Enter")
         wait_for(lambda: _tmux(sock, "display-message", "-p", "-t", "ctl", "#{pane_dead}").strip() == "1", 60,
                  "the command to end")
