@@ -77,3 +77,5 @@ def test_ctrl_c(agent_factory, tmp_path):  # a short name: QEMU-facing paths und
         assert [f for _, _, fs in os.walk(ds) for f in fs if not f.startswith(".cna-probe")] == []
     finally:
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True, timeout=30)
+        for pid in _converting(ds):  # a stopped qemu-img a failed run left behind
+            os.kill(pid, signal.SIGKILL)

@@ -166,9 +166,30 @@ def test_a_cancelled_import_kills_qemu_img_and_leaves_no_file(stor):
     while not (pids := _qemu_img_convert_into(ds)):
         assert not call.done() and time.monotonic() < deadline, f"qemu-img convert never seen running: {call.result()}"
         time.sleep(0.002)
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    op = call.result()
+    try:
+        _stop_once_writing(pids, ds)
+        _cancel_and_check(agent, st, ops, ds, call.result(), pids)
+    finally:
+        for pid in _qemu_img_convert_into(ds):  # a stopped qemu-img a failed run left behind
+            os.kill(pid, signal.SIGKILL)
+
+
+def _stop_once_writing(pids: list[int], ds: Path, timeout: float = 30) -> None:
+    """SIGSTOP qemu-img, letting it run in short steps until its temporary target exists (it
+    may be caught before it created it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        if any(".cna-tmp-" in f for f in _all_files(ds)):
+            return
+        assert time.monotonic() < deadline, f"qemu-img made no temporary file: {_all_files(ds)}"
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+
+
+def _cancel_and_check(agent, st, ops, ds: Path, op, pids: list[int]) -> None:
     assert not op.done, op
     assert any(".cna-tmp-" in f for f in _all_files(ds)), _all_files(ds)  # mid-copy, under a temporary name
 
