@@ -75,10 +75,12 @@ def test_a_fast_dirtying_guest_converges_under_the_default_policy_and_not_with_p
                 max_downtime_ms=10, completion_timeout_s_per_gib=5)), timeout=60)
             done = wait(chb, op, timeout=180)
         assert done.state == pb.operations_pb2.OPERATION_STATE_SUCCEEDED, done.error
-        # B's libvirt said the vCPUs left for A while memory was still to come: its event for the
-        # switch (the phase itself lasts seconds at the capped bandwidth, so it is sampled too)
+        # B's libvirt said the vCPUs left for A while memory was still to come: its lifecycle
+        # event for the switch (suspended for post-copy), then stopped as migrated. Sampling the
+        # state every 0.2 s missed the phase under CI load, so the event is what is judged.
+        print(f"post-copy: states sampled on B {sorted(states.seen)}, events {states.events}")
         assert (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY) in states.events, states.events
-        assert (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY) in states.seen, (states.seen, states.events)
+        assert (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED) in states.events, states.events
         assert domain_state(hosts.a.uri, uuid) == (True, True) and domain_state(hosts.b.uri, uuid) is None
         log_a = serial_log(a, uuid)
         log_a.wait_for(r"^CNA-DIRTY \d+", timeout=60, count=log_a.count(r"^CNA-DIRTY \d+") + 1)

@@ -95,18 +95,19 @@ def test_the_lock_is_held_until_the_blocking_work_has_returned(tmp_path) -> None
     assert ran_after == []
 
 
-def _children(comm: str) -> list[int]:
-    """This process's children named ``comm``, read from /proc."""
+def _children(argv: list[str]) -> list[int]:
+    """Live children of this process running exactly ``argv``, read from /proc."""
     found = []
+    want = "\0".join(argv).encode() + b"\0"
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/comm") as fh:
-                name = fh.read().strip()
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read()
         except OSError:
             continue
-        if int(fields[1]) == os.getpid() and name == comm and fields[0] != "Z":
+        if int(fields[1]) == os.getpid() and cmdline == want and fields[0] != "Z":
             found.append(int(pid))
     return found
 
@@ -117,15 +118,17 @@ def test_a_cancelled_operations_command_is_killed(tmp_path) -> None:
     async def scenario():
         runner = _runner(tmp_path)
 
+        argv = ["sleep", f"61.{os.getpid()}"]  # this test's own command, told apart from any other child
+
         async def work(op):
-            await pool.run(lambda: SubprocessRunner().run(["sleep", "61"], timeout=60), what="sleep")
+            await pool.run(lambda: SubprocessRunner().run(argv, timeout=60), what="sleep")
 
         rec = await runner.submit("volume.clone", "ds/c", work, cancellable=True)
-        await _until(lambda: bool(_children("sleep")))
-        pids = _children("sleep")
+        await _until(lambda: bool(_children(argv)))
+        pids = _children(argv)
         t0 = time.monotonic()
         done = await runner.cancel(rec.id)
-        return done, time.monotonic() - t0, pids, _children("sleep")
+        return done, time.monotonic() - t0, pids, _children(argv)
 
     try:
         done, took, pids, left = asyncio.run(scenario())
