@@ -7,7 +7,9 @@ libvirt's event-loop thread (Hypervisor.ensure_event_loop) and only copy bytes i
 asyncio queue with ``call_soon_threadsafe``. Input is written from the hypervisor executor.
 
 A console someone else holds gives FAILED_PRECONDITION naming ``force`` (which takes the
-console over, as ``virsh console --force`` does).
+console over, as ``virsh console --force`` does). A console this agent's own last session holds
+while it is being released (the client cancelled a moment ago, and the release has not reached
+libvirt yet) is not "someone else": :class:`ConsoleSessions` waits for that release and opens.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class ConsoleSession:
         self._stream: libvirt.virStream | None = None
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        #: Set once libvirt has let go of the console (or it was never opened).
+        self.released = asyncio.Event()
 
     async def open(self, *, force: bool = False) -> None:
         def do(conn: libvirt.virConnect) -> libvirt.virStream:
@@ -130,6 +134,7 @@ class ConsoleSession:
         cancelled await must not skip the abort, or libvirt keeps the console "in use".
         """
         if self._stream is None:
+            self.released.set()
             return
         self._closed = True
         if self._closing is None:
@@ -157,4 +162,51 @@ class ConsoleSession:
         except Exception:
             log.exception("event=console.close_failed vm=%s", self.uuid)
         self._queue.put_nowait(_EOF)
+        self.released.set()
         log.info("event=console.closed vm=%s", self.uuid)
+
+
+class ConsoleSessions:
+    """The sessions this agent holds, per VM, so a new session can tell "in use by someone
+    else" from "held by our own session that is on its way out".
+
+    Why wait at all: a client that closes a session and opens the next one at once (cna-ctl run
+    twice, a VRM console proxy reconnecting) sends the cancel and the new call back to back; the
+    new call can reach libvirt before the old session's release does, and was refused as busy.
+    The wait is bounded (``grace``): a session whose client is really still there is not
+    released in that time, and the refusal stands.
+    """
+
+    def __init__(self, *, grace: float = 3.0) -> None:
+        self._held: dict[str, list[ConsoleSession]] = {}
+        self.grace = grace
+
+    async def open(self, session: ConsoleSession, *, force: bool = False) -> ConsoleSession:
+        try:
+            await session.open(force=force)
+        except FailedPrecondition:
+            ours = [s for s in self._held.get(session.uuid, []) if not s.released.is_set()]
+            if not ours:
+                raise
+            try:
+                await asyncio.wait_for(asyncio.gather(*(s.released.wait() for s in ours)), self.grace)
+            except asyncio.TimeoutError:
+                raise FailedPrecondition(f"the serial console of vm {session.name!r} is in use by another session; "
+                                         "pass force to take it over", field="force") from None
+            await session.open(force=force)
+        held = self._held.setdefault(session.uuid, [])
+        held.append(session)
+        asyncio.ensure_future(self._forget(session))
+        return session
+
+    async def _forget(self, session: ConsoleSession) -> None:
+        await session.released.wait()
+        held = self._held.get(session.uuid, [])
+        if session in held:
+            held.remove(session)
+        if not held:
+            self._held.pop(session.uuid, None)
+
+    def held(self, uuid: str) -> int:
+        """How many sessions of this agent hold the VM's console now."""
+        return sum(1 for s in self._held.get(uuid, []) if not s.released.is_set())

@@ -13,7 +13,7 @@ these, built from the same VmOps, Binder and providers.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cna_agent.compute.migration import VmMigrations
@@ -22,7 +22,7 @@ from cna_agent.compute.migration_incoming import IncomingMigrations
 from cna_agent.compute.migration_recovery import MigrationRecovery
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
-from cna_agent.compute.console import ConsoleSession
+from cna_agent.compute.console import ConsoleSession, ConsoleSessions
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.inventory import VmInfo, VmInventory
@@ -76,6 +76,8 @@ class Compute:
     cold_incoming: ColdIncoming | None = None
     #: The last state seen per VM, to turn what changed while nobody watched into events.
     ledger: VmStateLedger | None = None
+    #: The serial console sessions this agent holds (console.py).
+    consoles: ConsoleSessions = field(default_factory=ConsoleSessions)
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
@@ -143,9 +145,7 @@ class Compute:
         spec = (await self.inventory.definition(uuid)).spec
         if spec is not None and not spec.serial_console:
             raise FailedPrecondition(f"vm {name!r} has no serial console (spec.serial_console is off)", field="vm")
-        session = ConsoleSession(self.ops.hv, uuid, name)
-        await session.open(force=force)
-        return session
+        return await self.consoles.open(ConsoleSession(self.ops.hv, uuid, name), force=force)
 
     async def diagnostics(self, ref: str, *, dirty_rate_seconds: int = 0) -> Diagnostics:
         """QEMU-level facts over the side channel (query-status, vCPU threads, dirty rate,
