@@ -8,6 +8,10 @@ failpoint is the same SIGKILL, delivered at a named step, so the suite can check
 from each of them every run (FoundationDB's and TiKV's fail points do the same). Nothing
 happens unless the variable is set; it is read once, at import, so a running agent cannot be
 made to crash by anything but its own start-up environment.
+
+Besides the named steps inside a flow, the operation runner has two for every kind:
+``<kind>:started`` (journalled as running, nothing done yet) and ``<kind>:done`` (the work
+returned, its result not yet recorded): the two ends every recovery handler must tell apart.
 """
 
 from __future__ import annotations

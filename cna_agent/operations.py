@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 from cna_agent import cancel as cancelling
 from cna_agent.cancel import CancelScope, Cancelled
 from cna_agent.errors import CODES, AgentError, ResourceBusy
+from cna_agent.failpoints import crash_point
 from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationError, OperationJournal, OperationRecord, RUNNING
 from cna_agent.state.store import StateStore
@@ -195,8 +196,10 @@ class OperationRunner:
         cancelling.enter(scope)  # this task's own context: its pool calls carry it to their threads
         try:
             await self._update(record.id, state=RUNNING)
+            crash_point(f"{record.kind}:started")  # journalled, nothing done yet
             result = await work(OperationContext(record, self))
             response_type, response = self._encode(record.kind, result)
+            crash_point(f"{record.kind}:done")  # all done, not yet recorded
             await self._finish(record.id, response_type=response_type, response=response)
             log.info("event=operation.done op=%s kind=%s target=%s duration_ms=%.0f", record.id, record.kind, record.target, (time.monotonic() - started) * 1000)
         except Cancelled:  # the work saw the cancel first (a thread's check) and stopped

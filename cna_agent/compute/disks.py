@@ -157,7 +157,8 @@ class DiskOperations:
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.disk.resize", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout, wait=30.0)
+                                     lock_timeout=lock_timeout, wait=30.0,
+                                     metadata={"disk_target": target, "new_size_bytes": str(new_size_bytes)})
 
     async def set_qos(self, ref: str, target: str, qos: IoQos, *, request_id: str = "", fingerprint: str = "",
                       lock_timeout: float = 0.0) -> OperationRecord:
@@ -186,7 +187,8 @@ class DiskOperations:
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.disk.qos", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout, wait=30.0)
+                                     lock_timeout=lock_timeout, wait=30.0,
+                                     metadata={"disk_target": target, "spec_after": new.to_json(), "running": str(running)})
 
 
 def _find(spec: VmSpec, target: str) -> int:

@@ -103,7 +103,8 @@ class NicOperations:
             return plugged
 
         return await self.ops.submit("network.nic.attach", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout, wait=60.0)
+                                     lock_timeout=lock_timeout,
+                                     metadata={"nic_mac": nic.mac, "spec_after": new.to_json()}, wait=60.0)
 
     async def _located(self, ref: str, mac: str) -> tuple[str, VmSpec, bool, str]:
         """(uuid, spec, running, mac) for a NIC the VM has (in libvirt; the spec may predate it)."""
@@ -142,7 +143,8 @@ class NicOperations:
             return None
 
         return await self.ops.submit("network.nic.detach", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout, wait=60.0)
+                                     lock_timeout=lock_timeout,
+                                     metadata={"nic_mac": mac, "spec_after": new.to_json()}, wait=60.0)
 
     async def set_link(self, ref: str, mac: str, up: bool, *, request_id: str = "", fingerprint: str = "",
                        lock_timeout: float = NIC_LOCK_TIMEOUT_S) -> OperationRecord:
@@ -181,5 +183,6 @@ class NicOperations:
             return nic
 
         return await self.ops.submit("network.nic.link", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout)
+                                     lock_timeout=lock_timeout,
+                                     metadata={"nic_mac": mac, "spec_after": new.to_json(), "link": "up" if up else "down"})
 

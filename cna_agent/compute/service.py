@@ -2,7 +2,7 @@
 
 Each part has one job (inventory.py: what VMs exist; lifecycle.py: create/start/stop/delete;
 update.py: UpdateVm; disks.py and nics.py: devices on existing VMs; snapshot_ops.py;
-recovery.py: operations a crash left open; events.py: libvirt's domain events; sidechannel.py:
+recovery.py and recovery_devices.py: operations a crash left open; events.py: libvirt's domain events; sidechannel.py:
 the QMP side channel; reconcile.py: the one per-VM reconcile that runs every subsystem's check;
 io_resume.py: compute's own check, resuming VMs paused on a storage error). This module holds
 them together and does the little that needs several: start-up adoption, consoles and QEMU
@@ -32,6 +32,7 @@ from cna_agent.compute.nics import NicOperations
 from cna_agent.compute.ledger import Now, VmStateLedger
 from cna_agent.compute.reconcile import VmReconciler
 from cna_agent.compute.recovery import VmRecovery
+from cna_agent.compute.recovery_devices import DeviceRecovery
 from cna_agent.compute.sidechannel import Diagnostics, SideChannels
 from cna_agent.compute.snapshot_ops import VmSnapshots
 from cna_agent.compute.update import VmUpdates
@@ -81,7 +82,8 @@ class Compute:
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
-        return {**self.recovery.handlers(), "vm.migrate": MigrationRecovery(self.migrations).recover}
+        return {**self.recovery.handlers(), **DeviceRecovery(self.ops.hv, self.inventory).handlers(),
+                "vm.migrate": MigrationRecovery(self.migrations).recover}
 
     async def start(self) -> None:
         await self.monitor.start()

@@ -37,12 +37,15 @@ class VmSnapshots:
             return info
 
         return await self.ops.submit("vm.snapshot.create", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout)
+                                     lock_timeout=lock_timeout, metadata={"snapshot": name})
 
     async def revert(self, ref: str, name: str, *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:
         validate_name(name, "snapshot")
         uuid, _ = await self.ops.inventory.lookup_uuid(ref)
+        # Recovery tells "reverted" from "not yet" by libvirt's current snapshot changing to it.
+        tree = await self.ops.hv.call(lambda c: snaps.list_tree(c.lookupByUUIDString(uuid)), timeout=30)
+        current = next((x.name for x in tree if x.current), "")
 
         async def work(op: OperationContext) -> Any:
             await self.ops.hv.call(lambda c: snaps.revert(c.lookupByUUIDString(uuid), name), timeout=300)
@@ -52,7 +55,7 @@ class VmSnapshots:
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.snapshot.revert", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout)
+                                     lock_timeout=lock_timeout, metadata={"snapshot": name, "current_before": current})
 
     async def delete(self, ref: str, name: str, *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:
@@ -66,4 +69,4 @@ class VmSnapshots:
             return None
 
         return await self.ops.submit("vm.snapshot.delete", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout)
+                                     lock_timeout=lock_timeout, metadata={"snapshot": name})

@@ -84,7 +84,8 @@ class VmUpdates:
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.update", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout)
+                                     lock_timeout=lock_timeout,
+                                     metadata={"spec_after": merged.to_json(), "mask": ",".join(mask)})
 
     async def _live_update(self, uuid: str, old: VmSpec, new: VmSpec, mask: Sequence[str]) -> None:
         live = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG

@@ -5,12 +5,20 @@ bad request is answered at once and changes nothing). Results are plain views
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+import json
+from dataclasses import asdict
+from typing import Any, Awaitable, Callable, Mapping
 
 from cna_agent.errors import InvalidArgument
 from cna_agent.network.model import BridgeDecl, PortGroupDecl
 from cna_agent.network.service import NetworkService
 from cna_agent.operations import OperationRunner
+
+
+def declared(decl: BridgeDecl | PortGroupDecl) -> dict[str, str]:
+    """The declaration an ensure is storing, as its operation's metadata: recovery compares it
+    with what the declaration store holds after a crash (recovery.py)."""
+    return {"decl": json.dumps(asdict(decl), sort_keys=True)}
 
 
 class NetworkOperations:
@@ -19,12 +27,12 @@ class NetworkOperations:
         self.runner = runner
 
     async def _submit(self, kind: str, target: str, work: Callable[[], Awaitable[Any]], *, request_id: str,
-                      fingerprint: str, lock_key: str, wait: float = 30.0) -> Any:
+                      fingerprint: str, lock_key: str, wait: float = 30.0, metadata: Mapping[str, str] | None = None) -> Any:
         async def run(_op: Any) -> Any:
             return await work()
 
         return await self.runner.submit(kind, target, run, request_id=request_id, fingerprint=fingerprint,
-                                        lock_key=lock_key, lock_timeout=30.0, wait=wait)
+                                        lock_key=lock_key, lock_timeout=30.0, wait=wait, metadata=metadata)
 
     async def ensure_bridge(self, decl: BridgeDecl, *, request_id: str = "", fingerprint: str = "") -> Any:
         decl = await self.svc.check_bridge(decl)
@@ -34,7 +42,7 @@ class NetworkOperations:
             return await self.svc.bridge_view(done.name)
 
         return await self._submit("network.bridge.ensure", decl.name, work, request_id=request_id,
-                                  fingerprint=fingerprint, lock_key=f"net/bridge/{decl.name}")
+                                  fingerprint=fingerprint, lock_key=f"net/bridge/{decl.name}", metadata=declared(decl))
 
     async def delete_bridge(self, name: str, *, request_id: str = "", fingerprint: str = "") -> Any:
         if not name:
@@ -55,7 +63,7 @@ class NetworkOperations:
             return await self.svc.port_group_view(done.name)
 
         return await self._submit("network.port_group.ensure", pg.name, work, request_id=request_id,
-                                  fingerprint=fingerprint, lock_key=f"net/pg/{pg.name}")
+                                  fingerprint=fingerprint, lock_key=f"net/pg/{pg.name}", metadata=declared(pg))
 
     async def delete_port_group(self, name: str, *, request_id: str = "", fingerprint: str = "") -> Any:
         if not name:

@@ -120,6 +120,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     from cna_agent.metrics import rpc_on_call
     from cna_agent.wiring import parts
     from cna_agent.wiring.telemetry import build_telemetry
+    from cna_agent.network.recovery import NetworkRecovery
     from cna_agent.storage.recovery import VolumeRecovery
     from cna_agent.storage.transfer import VolumeTransfers
 
@@ -178,7 +179,8 @@ async def build_agent(config: AgentConfig) -> Agent:
     await storage.start()
     log.info("event=storage.started datastores=%d threads=%d", len(config.storage.datastores), config.storage.executor_threads)
     await compute.start()
-    recovered = await runner.recover({**VolumeRecovery(storage).handlers(), **compute.recovery_handlers()})
+    recovered = await runner.recover({**VolumeRecovery(storage).handlers(), **NetworkRecovery(network.service).handlers(),
+                                      **compute.recovery_handlers()})
 
     servicers: dict[str, object] = {
         "cna.v1.HostService": HostServicer(host, placement=placement.monitor, maintenance=evacuation),
