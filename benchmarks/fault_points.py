@@ -48,13 +48,15 @@ KIND_OF = {"vm.disk.attach.plugged": "vm.disk.attach", "volume.placed": "volume.
 class Ctx:
     """What a point sees: the agent's stubs and the files an outside observer can read."""
 
-    def __init__(self, base: Path, guest: Callable[..., Any]) -> None:
+    def __init__(self, base: Path, etc: Path, run: Path, guest: Callable[..., Any]) -> None:
         self.base = base
         self.ds = base / "ds"
         self.imp = base / "imp"
+        self.small = base / "small"
+        #: libvirt's persistent definitions and live status files (embedded root or /etc, /run).
+        self.etc, self.run = etc, run
         self.guest = guest
         self.channel: Any = None  # set by faults.py for each agent process
-        self.root = base / "agent" / "state" / "libvirt"
 
     # -- stubs -----------------------------------------------------------------------------------
 
@@ -83,11 +85,11 @@ class Ctx:
     # -- outside views ---------------------------------------------------------------------------
 
     def defined(self, name: str) -> bool:
-        return (self.root / "etc" / "qemu" / f"{name}.xml").exists()
+        return (self.etc / f"{name}.xml").exists()
 
     def persistent_xml(self, name: str) -> str:
         try:
-            return (self.root / "etc" / "qemu" / f"{name}.xml").read_text()
+            return (self.etc / f"{name}.xml").read_text()
         except FileNotFoundError:
             return ""
 
@@ -95,7 +97,7 @@ class Ctx:
         """libvirt's live status file: the domain's state ("running", "paused"), or "" when it
         does not run."""
         try:
-            text = (self.root / "run" / "qemu" / f"{name}.xml").read_text()
+            text = (self.run / f"{name}.xml").read_text()
         except FileNotFoundError:
             return ""
         m = re.search(r"<domstatus state='(\w+)'", text)

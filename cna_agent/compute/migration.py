@@ -458,4 +458,9 @@ def left_here(conn: libvirt.virConnect, uuid: str) -> bool:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return True
         raise
+    return stopped_as_migrated(state, reason)
+
+
+def stopped_as_migrated(state: int, reason: int) -> bool:
+    """libvirt's state for a source whose job completed and which is about to be undefined."""
     return state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED

@@ -32,7 +32,7 @@ import libvirt
 from cna_agent import cancel as cancelling
 from cna_agent.compute.inventory import vm_lock
 from cna_agent.compute.migration import (ABORT_WAIT_S, JOB_BOUNDED, JOB_UNBOUNDED, MONITOR_INTERVAL_S, MigrationPolicy,
-                                         VmMigrations, _completed_stats)
+                                         VmMigrations, _completed_stats, stopped_as_migrated)
 from cna_agent.errors import CODES, Aborted
 from cna_agent.operations import OperationContext, Reattach
 from cna_agent.state.journal import OperationError, OperationRecord
@@ -78,7 +78,7 @@ def job_state(conn: libvirt.virConnect, uuid: str) -> tuple[str, int, int, int]:
         raise
     if job in (JOB_BOUNDED, JOB_UNBOUNDED):
         return "job", state, reason, memory
-    if state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED:
+    if stopped_as_migrated(state, reason):
         return "gone", state, reason, memory  # it left: stopped here as migrated, being undefined
     return "idle", state, reason, memory
 

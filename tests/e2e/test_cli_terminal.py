@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from support.waiting import wait_for
+from support.procs import qemu_img_converting
 
 pytestmark = [pytest.mark.needs_root]
 MiB = 1 << 20
@@ -25,18 +26,6 @@ def _tmux(sock: str, *args: str) -> str:
     out = subprocess.run(["tmux", "-L", sock, "-f", "/dev/null", *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, (args, out.stderr)
     return out.stdout
-
-
-def _converting(root: Path) -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if os.path.basename(argv[0]) == b"qemu-img" and argv[1:2] == [b"convert"] and any(a.startswith(str(root).encode()) for a in argv):
-            pids.append(int(pid))
-    return pids
 
 
 def test_ctrl_c(agent_factory, tmp_path):  # a short name: QEMU-facing paths under tmp_path stay short
@@ -54,7 +43,7 @@ def test_ctrl_c(agent_factory, tmp_path):  # a short name: QEMU-facing paths und
           sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket), "volume", "import", "imp/big.raw", "ds/t/root.qcow2")
     try:
         _tmux(sock, "set-option", "-t", "ctl", "remain-on-exit", "on")
-        pids = wait_for(lambda: _converting(ds), 60, "qemu-img convert running")
+        pids = wait_for(lambda: qemu_img_converting(ds), 60, "qemu-img convert running")
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         screen = lambda: _tmux(sock, "capture-pane", "-p", "-J", "-t", "ctl")  # noqa: E731
@@ -77,5 +66,5 @@ def test_ctrl_c(agent_factory, tmp_path):  # a short name: QEMU-facing paths und
         assert [f for _, _, fs in os.walk(ds) for f in fs if not f.startswith(".cna-probe")] == []
     finally:
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True, timeout=30)
-        for pid in _converting(ds):  # a stopped qemu-img a failed run left behind
+        for pid in qemu_img_converting(ds):  # a stopped qemu-img a failed run left behind
             os.kill(pid, signal.SIGKILL)

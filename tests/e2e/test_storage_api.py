@@ -19,6 +19,7 @@ import pytest
 
 from cna_agent.api import pb
 from support.operations import check_ok, history, ok, wait
+from support.procs import qemu_img_converting
 
 S = pb.storage_pb2
 MiB = 1024**2
@@ -135,20 +136,6 @@ def test_cna_ctl_volume_and_datastore(stor):
     assert p.returncode == 0 and "ds" in p.stdout and " ok " in p.stdout, p.stdout
 
 
-def _qemu_img_convert_into(root: Path) -> list[int]:
-    """Pids of running qemu-img convert processes writing under ``root`` (read from /proc)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and os.path.basename(argv[0]) == b"qemu-img" and argv[1:2] == [b"convert"] and any(a.startswith(str(root).encode()) for a in argv):
-            pids.append(int(pid))
-    return pids
-
-
 def test_a_cancelled_import_kills_qemu_img_and_leaves_no_file(stor):
     """CancelOperation (through cna-ctl ops cancel) on an import whose qemu-img is stuck (SIGSTOP,
     as on storage that stopped answering): the process is gone from /proc, no temporary or
@@ -163,14 +150,14 @@ def test_a_cancelled_import_kills_qemu_img_and_leaves_no_file(stor):
     call = st.ImportVolume.future(S.ImportVolumeRequest(request_id="imp-cancel", source="imp/big.raw", datastore="ds",
                                                         path="vm/root.qcow2"), timeout=30)
     deadline = time.monotonic() + 60
-    while not (pids := _qemu_img_convert_into(ds)):
+    while not (pids := qemu_img_converting(ds)):
         assert not call.done() and time.monotonic() < deadline, f"qemu-img convert never seen running: {call.result()}"
         time.sleep(0.002)
     try:
         _stop_once_writing(pids, ds)
         _cancel_and_check(agent, st, ops, ds, call.result(), pids)
     finally:
-        for pid in _qemu_img_convert_into(ds):  # a stopped qemu-img a failed run left behind
+        for pid in qemu_img_converting(ds):  # a stopped qemu-img a failed run left behind
             os.kill(pid, signal.SIGKILL)
 
 
@@ -240,7 +227,7 @@ def test_volume_operations_cut_short_by_a_kill_are_decided_from_the_datastore(ag
         call = S and pb.storage_pb2_grpc.StorageServiceStub(ch).ImportVolume.future(
             S.ImportVolumeRequest(request_id="kill-imp", source="imp/big.raw", datastore="ds", path="k/root.qcow2"), timeout=30)
         deadline = time.monotonic() + 60
-        while not (pids := _qemu_img_convert_into(ds)):
+        while not (pids := qemu_img_converting(ds)):
             assert not call.done() and time.monotonic() < deadline, "qemu-img convert never seen running"
             time.sleep(0.002)
         for pid in pids:

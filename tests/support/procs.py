@@ -84,3 +84,19 @@ def proc_allowed(pid: int, tid: int) -> tuple[int, ...]:
 
 def proc_comm(pid: int, tid: int) -> str:
     return Path(f"/proc/{pid}/task/{tid}/comm").read_text().rstrip("\n")
+
+
+def qemu_img_converting(root: Path) -> list[int]:
+    """Pids of live (not zombie) ``qemu-img convert`` processes with an argument under ``root``
+    (a datastore), read from /proc: the cancel and kill tests stop or find the real copier."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and os.path.basename(argv[0]) == b"qemu-img" and argv[1:2] == [b"convert"] \
+                and any(a.startswith(str(root).encode()) for a in argv):
+            pids.append(int(pid))
+    return pids
