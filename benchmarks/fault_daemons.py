@@ -41,8 +41,14 @@ class FaultPoint:
     effect: Callable[[Ctx, dict[str, Any]], bool]
     #: Seconds after the request before libvirtd is killed (libvirtd points).
     delay: float = 0.0
+    #: Stop libvirtd (SIGSTOP) before the request, so the kill surely lands with the call in
+    #: flight; without it the kill lands ``delay`` into libvirt's own work.
+    frozen: bool = False
     #: The operation must fail (a datastore-full point): success would be a lie about space.
     must_fail: bool = False
+    #: Whether part of the effect is there (a create-and-start that defined but did not
+    #: start): then a failure must say what was left ("left stopped").
+    partial: Callable[[Ctx, dict[str, Any]], bool] | None = None
     quick: bool = False
 
 
@@ -58,8 +64,12 @@ def _until(fn_: Callable[[], Any], timeout: float, what: str) -> Any:
             time.sleep(0.5)
 
 
+def _libvirtd_pid() -> int:
+    return int(test_libvirt.LIBVIRTD_PIDFILE.read_text().strip())
+
+
 def _kill_libvirtd() -> int:
-    pid = int(test_libvirt.LIBVIRTD_PIDFILE.read_text().strip())
+    pid = _libvirtd_pid()
     os.kill(pid, signal.SIGKILL)
     for _ in range(100):
         if not Path(f"/proc/{pid}").exists():
@@ -105,14 +115,24 @@ def libvirtd_points() -> list[FaultPoint]:
         s["extra"] = c.new_volume("fldattach/x.qcow2")
         return s
 
+    def running(c: Ctx, s: dict[str, Any]) -> bool:  # a create-and-start's whole effect
+        return c.status(s["name"]) == "running"
+
+    def defined_only(c: Ctx, s: dict[str, Any]) -> bool:
+        return c.defined(s["name"]) and c.status(s["name"]) != "running"
+
     def listed_snapshot(c: Ctx, s: dict[str, Any]) -> bool:
         return "<name>s1</name>" in _snapshot_files(c, s["name"])
 
     return [
         FaultPoint("libvirtd-kill:vm.create", "vm.create", lambda c: {"name": "fldcreate"}, create,
-                   lambda c, s: c.defined(s["name"]), delay=0.3, quick=True),
+                   running, delay=0.3, partial=defined_only, quick=True),
+        FaultPoint("libvirtd-kill:vm.create/frozen", "vm.create", lambda c: {"name": "fldcreatef"}, create,
+                   running, delay=1.0, frozen=True, partial=defined_only),
         FaultPoint("libvirtd-kill:vm.disk.attach", "vm.disk.attach", with_extra, attach,
                    lambda c, s: "fldattach/x.qcow2" in c.persistent_xml(s["name"]), delay=0.1),
+        FaultPoint("libvirtd-kill:vm.disk.attach/frozen", "vm.disk.attach", with_extra, attach,
+                   lambda c, s: "fldattach/x.qcow2" in c.persistent_xml(s["name"]), delay=1.0, frozen=True),
         FaultPoint("libvirtd-kill:vm.snapshot.create", "vm.snapshot.create", _on_running("fldsnap", disk=True), snapshot,
                    listed_snapshot, delay=0.1),
     ]
@@ -162,11 +182,14 @@ def run_fault(node: fn.Node, ctx: Ctx, point: FaultPoint, baseline: dict[str, se
         except grpc.RpcError as exc:
             errors.append(exc.code().name)
 
+    if point.frozen:
+        os.kill(_libvirtd_pid(), signal.SIGSTOP)
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     if point.delay:
         time.sleep(point.delay)
         out["libvirtd_killed"] = _kill_libvirtd()
+        out["request_done_before_kill"] = not sender.is_alive()
     sender.join(timeout=120)
     out["rpc"] = errors[0] if errors else "OK"
     deadline = time.monotonic() + 180
@@ -180,7 +203,8 @@ def run_fault(node: fn.Node, ctx: Ctx, point: FaultPoint, baseline: dict[str, se
         time.sleep(0.5)
     effect = point.effect(ctx, state)
     out["effect"] = effect
-    if op is None and errors and not effect:
+    partly = point.partial is not None and point.partial(ctx, state)
+    if op is None and errors and not effect and not partly:
         out["state"] = f"refused ({errors[0]})"  # nothing was started, and nothing happened: the truth
     else:
         out["state"] = O.OperationState.Name(op.state) if op is not None else "-"
@@ -190,6 +214,8 @@ def run_fault(node: fn.Node, ctx: Ctx, point: FaultPoint, baseline: dict[str, se
             why = "succeeded on a datastore too small for it"
         elif not why and point.must_fail and "space" not in op.error.message.lower():
             why = f"the failure does not say the datastore is full: {op.error.message[-120:]}"
+        elif not why and partly and "left" not in op.error.message:
+            why = f"failed without saying what it left: {op.error.message[-120:]}"
         if why:
             out["untruthful"] = why
     out["cleanup"] = _until(lambda: fn.clean_up(ctx.channel, volumes), 120, "cleaning up")

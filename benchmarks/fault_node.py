@@ -4,6 +4,7 @@ directories, QEMU processes, libvirt secrets, the event log)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -59,7 +60,16 @@ class Node:
         self.agent = None
 
     def close(self) -> None:
+        """Stop the agent and take away what a run cut short by an error may have left: its
+        guests' QEMU processes, the suite's Linux bridges, the tmpfs."""
         self.stop()
+        for pid in qemu_of(self.home).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for link in Path("/sys/class/net").glob("cnaf*"):
+            subprocess.run(["ip", "link", "del", link.name], capture_output=True, timeout=30)
         subprocess.run(["umount", "-l", str(self.base / "small")], capture_output=True, timeout=30)
 
 
@@ -96,6 +106,7 @@ def inventory(node: Node) -> dict[str, set[str]]:
             "domains": ours,
             "run_dirs": {p.name for p in (node.home / "run" / "vms").glob("*")},
             "qemu": set(qemu_of(node.home)),
+            "bridges": {p.name for p in Path("/sys/class/net").glob("cnaf*")},
             "secrets": _files(secrets) if node.mode == "embedded" else set()}
 
 
@@ -126,13 +137,30 @@ def clean_up(channel: Any, baseline_volumes: set[str]) -> list[str]:
         done = wait(channel, vms.DeleteVm(vm.DeleteVmRequest(vm=v.uuid, force=True), timeout=60))
         if done.state != O.OPERATION_STATE_SUCCEEDED:
             problems.append(f"vm {v.spec.name}: delete {done.error.message}")
-    for vol in all_volumes(channel):
-        if vol.id in baseline_volumes:
-            continue
-        done = wait(channel, storage.DeleteVolume(S.DeleteVolumeRequest(id=vol.id), timeout=60))
+    net = pb.network_pb2_grpc.NetworkServiceStub(channel)
+    N = pb.network_pb2
+    for pg in net.ListPortGroups(N.ListPortGroupsRequest(), timeout=30).port_groups:
+        done = wait(channel, net.DeletePortGroup(N.DeletePortGroupRequest(name=pg.name), timeout=60))
         if done.state != O.OPERATION_STATE_SUCCEEDED:
-            problems.append(f"volume {vol.id}: delete {done.error.message}")
-    return problems
+            problems.append(f"port group {pg.name}: delete {done.error.message}")
+    for br in net.ListBridges(N.ListBridgesRequest(), timeout=30).bridges:
+        done = wait(channel, net.DeleteBridge(N.DeleteBridgeRequest(name=br.name), timeout=60))
+        if done.state != O.OPERATION_STATE_SUCCEEDED:
+            problems.append(f"bridge {br.name}: delete {done.error.message}")
+    # Overlays before what they stand on (a snapshot's overlay makes its disk a template): a
+    # volume refused while another went is tried again in the next pass.
+    left: list[str] = []
+    for _ in range(5):
+        left = []
+        for vol in all_volumes(channel):
+            if vol.id in baseline_volumes:
+                continue
+            done = wait(channel, storage.DeleteVolume(S.DeleteVolumeRequest(id=vol.id), timeout=60))
+            if done.state != O.OPERATION_STATE_SUCCEEDED:
+                left.append(f"volume {vol.id}: delete {done.error.message}")
+        if not left:
+            break
+    return problems + left
 
 
 def operation(channel: Any, kind: str, request_id: str) -> Any:

@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from cna_agent.api import pb
 
-vm, S = pb.vm_pb2, pb.storage_pb2
+vm, S, N = pb.vm_pb2, pb.storage_pb2, pb.network_pb2
 MIB = 1 << 20
+#: Linux bridges the network points declare start with this (at most 15 bytes in all).
+BRIDGE_PREFIX = "cnaf"
 
 
 @dataclass
@@ -33,8 +35,8 @@ class Point:
     #: From outside the agent: is the operation's effect there now?
     effect: Callable[["Ctx", dict[str, Any]], bool]
     quick: bool = False
-    #: Extra VM names or volume paths the point made, removed after judging.
-    made: list[str] = field(default_factory=list)
+    #: Prepare on an unarmed agent first (the preparation runs the point's own kind).
+    prepare_unarmed: bool = False
 
     @property
     def kind(self) -> str:
@@ -76,6 +78,31 @@ class Ctx:
     def new_vm(self, name: str, *, start: bool = False, disks: tuple[str, ...] = ()) -> str:
         spec = self.guest("x86_64", name, memory_mib=128, disks=[vm.DiskSpec(volume=d) for d in disks])
         return self.ok(self.vms.CreateVm(vm.CreateVmRequest(spec=spec, start=start), timeout=60), into=vm.Vm()).uuid
+
+    @property
+    def net(self) -> Any:
+        return pb.network_pb2_grpc.NetworkServiceStub(self.channel)
+
+    def new_bridge(self, name: str) -> None:
+        self.ok(self.net.EnsureBridge(N.EnsureBridgeRequest(bridge=N.Bridge(name=name, type=N.BRIDGE_TYPE_LINUX)), timeout=60))
+
+    def new_port_group(self, name: str, bridge: str) -> None:
+        self.ok(self.net.EnsurePortGroup(N.EnsurePortGroupRequest(port_group=N.PortGroup(name=name, bridge=bridge)), timeout=60))
+
+    def link_exists(self, name: str) -> bool:
+        return Path("/sys/class/net", name).exists()
+
+    def declared(self) -> dict[str, Any]:
+        """The agent's declaration store on disk (state/network/declared.json)."""
+        try:
+            return json.loads((self.base / "agent" / "state" / "network" / "declared.json").read_text())
+        except FileNotFoundError:
+            return {"bridges": [], "port_groups": []}
+
+    def port_group_declared(self, name: str, guarded: bool | None = None) -> bool:
+        """Whether the store declares port group ``name`` (with MAC anti-spoofing on or off)."""
+        return any(p["name"] == name and (guarded is None or p["mac_anti_spoofing"] == guarded)
+                   for p in self.declared()["port_groups"])
 
     def new_volume(self, path: str, size_mib: int = 16) -> str:
         req = S.CreateVolumeRequest(datastore="ds", path=path, format=pb.storage_pb2.VOLUME_FORMAT_QCOW2,
@@ -233,6 +260,47 @@ def _vol_delete(fp: str) -> Point:
                    lambda c, s: not c.volume_file(f"{s['tag']}/src.qcow2").exists(), source=True)
 
 
+def _network(fp: str, request: Callable[[Ctx, dict[str, Any]], Any], effect: Callable[[Ctx, dict[str, Any]], bool], *,
+             bridge: bool = False, port_group: bool = False) -> Point:
+    br = BRIDGE_PREFIX + re.sub(r"[^a-z0-9]+", "", fp.lower())[-6:]
+
+    def prepare(c: Ctx) -> dict[str, Any]:
+        if bridge or port_group:
+            c.new_bridge(br)
+        if port_group:
+            c.new_port_group(f"pg{br}", br)
+        return {"bridge": br, "pg": f"pg{br}"}
+
+    return Point(fp, prepare, request, effect, prepare_unarmed=port_group)
+
+
+def network_points() -> list[Point]:
+    def ensure_bridge(fp: str) -> Callable[[Ctx, dict[str, Any]], Any]:
+        return lambda c, s: c.net.EnsureBridge(N.EnsureBridgeRequest(request_id=_rid(fp), bridge=N.Bridge(
+            name=s["bridge"], type=N.BRIDGE_TYPE_LINUX)), timeout=60)
+
+    def ensure_pg(fp: str) -> Callable[[Ctx, dict[str, Any]], Any]:
+        return lambda c, s: c.net.EnsurePortGroup(N.EnsurePortGroupRequest(request_id=_rid(fp), port_group=N.PortGroup(
+            name=s["pg"], bridge=s["bridge"], mac_anti_spoofing=True)), timeout=60)
+
+    return [
+        _network("network.bridge.ensure:started", ensure_bridge("network.bridge.ensure:started"),
+                 lambda c, s: c.link_exists(s["bridge"])),
+        _network("network.bridge.ensure:done", ensure_bridge("network.bridge.ensure:done"),
+                 lambda c, s: c.link_exists(s["bridge"])),
+        _network("network.port_group.ensure:started", ensure_pg("network.port_group.ensure:started"),
+                 lambda c, s: c.port_group_declared(s["pg"], guarded=True), port_group=True),
+        _network("network.port_group.ensure:done", ensure_pg("network.port_group.ensure:done"),
+                 lambda c, s: c.port_group_declared(s["pg"], guarded=True), port_group=True),
+        _network("network.port_group.delete:done", lambda c, s: c.net.DeletePortGroup(N.DeletePortGroupRequest(
+            request_id=_rid("network.port_group.delete:done"), name=s["pg"]), timeout=60),
+            lambda c, s: not c.port_group_declared(s["pg"]), port_group=True),
+        _network("network.bridge.delete:done", lambda c, s: c.net.DeleteBridge(N.DeleteBridgeRequest(
+            request_id=_rid("network.bridge.delete:done"), name=s["bridge"]), timeout=60),
+            lambda c, s: not c.link_exists(s["bridge"]), bridge=True),
+    ]
+
+
 def matrix() -> list[Point]:
     qos = vm.IoQos(total_iops_sec=321)
     points = [
@@ -289,4 +357,4 @@ def matrix() -> list[Point]:
         request_id=_rid("volume.resize:done"), id=s["source"], new_size_bytes=32 * MIB), timeout=60),
         lambda c, s: c.virtual_size(c.volume_file(f"{s['tag']}/src.qcow2")) == 32 * MIB, source=True))
     points += [_vol_delete("volume.delete:started"), _vol_delete("volume.delete:done")]
-    return points
+    return points + network_points()

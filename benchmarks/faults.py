@@ -1,7 +1,8 @@
-"""The fault suite: the agent killed (SIGKILL) at every point of fault_points.py, then judged
-from outside after it restarts.
+"""The fault suite: the agent killed (SIGKILL) at every crash point of fault_points.py (38 across
+VM lifecycle, disks, snapshots, updates, volumes and network declarations), libvirtd killed
+mid-operation and a datastore filling up (fault_daemons.py), each judged from outside.
 
-    python -m benchmarks.faults            # the full matrix (>= 25 points)
+    python -m benchmarks.faults            # the full matrix
     python -m benchmarks.faults --quick    # the reduced one CI runs (tests/e2e/test_fault_matrix.py)
     python -m benchmarks.faults --only vm.create:done,volume.placed
 
@@ -10,7 +11,7 @@ the whole node (guests keep running, every operation ends with the truth, nothin
 behind, the event log has no holes), so one agent home lives through every kill, with a
 neighbour guest started first that must keep its QEMU process through all of them.
 
-For each point: the agent starts with that crash point armed (CNA_FAILPOINTS), prepares what
+For each crash point: the agent starts with that crash point armed (CNA_FAILPOINTS), prepares what
 the operation needs, sends the request and dies at the point; it starts again unarmed, and:
 - the operation (found by kind and request id) must be done, and SUCCEEDED exactly when its
   effect is there as seen from outside (``untruthful_operations`` otherwise);
@@ -18,7 +19,9 @@ the operation needs, sends the request and dies at the point; it starts again un
   run directory, QEMU process or libvirt secret may remain that was not there before
   (``leaked_resources``);
 - the neighbour guest's QEMU pid is unchanged and it runs (``guests_lost``).
-At the end the event log is read whole: sequences without holes or repeats, and one
+The libvirtd and datastore-full points run on a live agent, judged the same way (an operation
+refused before it was journalled must have changed nothing). At the end the event log of each
+node is read whole: sequences without holes or repeats, and one
 ``operation.done`` per operation (``event_gaps``).
 
 The last line is JSON; ``ratio`` is the median time to become ready after a kill (start-up
@@ -59,10 +62,17 @@ def run_point(node: fn.Node, ctx: Ctx, point: Point, baseline: dict[str, set[str
               neighbour: tuple[str, int]) -> dict[str, Any]:
     """One crash point: armed agent, prepare, request, death; unarmed agent, judge, clean up."""
     out: dict[str, Any] = {"point": point.failpoint, "kind": point.kind, "group": "agent-kill"}
+    state: dict[str, Any] = {}
+    if point.prepare_unarmed:
+        with node.start().channel() as ch:
+            ctx.channel = ch
+            state = point.prepare(ctx)
+        node.stop()
     agent = node.start(point.failpoint)
     with agent.channel() as ch:
         ctx.channel = ch
-        state = point.prepare(ctx)
+        if not point.prepare_unarmed:
+            state = point.prepare(ctx)
         try:
             point.request(ctx, state)
         except grpc.RpcError as exc:
@@ -96,7 +106,10 @@ def run_point(node: fn.Node, ctx: Ctx, point: Point, baseline: dict[str, set[str
 
 def _report(r: dict[str, Any]) -> None:
     bad = r.get("untruthful") or r["leaks"] or r.get("guest_lost") or not r["reached"]
-    print(f"{'FAIL' if bad else 'ok':4} {r['point']:36} {r.get('state', '-'):28} effect={r.get('effect')!s:5} "
+    rpc = f" rpc={r['rpc']}" if r.get("rpc") else ""
+    if "request_done_before_kill" in r:
+        rpc += " (answered before the kill)" if r["request_done_before_kill"] else " (in flight at the kill)"
+    print(f"{'FAIL' if bad else 'ok':4} {r['point']:40} {r.get('state', '-'):28} effect={r.get('effect')!s:5}{rpc} "
           f"{r.get('untruthful') or ''}{'; leaks ' + str(r['leaks']) if r['leaks'] else ''}"
           f"{'; ' + r['guest_lost'] if r.get('guest_lost') else ''}{'' if r['reached'] else '; crash point not reached'}"
           f"{'  (' + r['message'][-160:] + ')' if r.get('message') and not bad else ''}", flush=True)

@@ -5,13 +5,17 @@ in a single-shot benchmark or test, but it does after hundreds of create/start/a
 delete cycles. Each client thread loops on its own VMs (the busybox test guest, 96 MiB, 1 vCPU,
 TCG): create a 16 MiB qcow2 volume on a dir datastore, create+start the VM, hot-plug the volume,
 snapshot it (even rounds: running, an external overlay; odd rounds: after the power-off, an
-internal one), power off, delete the VM with its disks and whatever base volume remains.
+internal one), power off, delete the VM with its disks (the volume must be gone after it).
 
 The agent is judged from outside (/proc/PID/status VmRSS and Threads, /proc/PID/fd count every
 5 s), not from its own metrics. Per-minute medians are printed; the criterion is growth between
 the median of minute 2 and the median of the last minute, <= 5% for all three. At the end the
 leftovers are counted: QEMU processes of this agent's root, files in the datastore, per-VM run
-directories and VMs the agent still lists (all should be 0). Every error is counted by kind.
+directories and VMs the agent still lists (all should be 0). Every error is counted by kind
+(first messages kept); a failed cycle is cleaned up (VM, then volumes, overlays first) and
+counted apart, so failures do not pile up guests or files. Also reported: idle samples before
+and after the clients, RSS growth per VM created, the fd targets and thread names that changed
+between minute 2 and the end. Exit status 0 only if leveled off with no error and no leftovers.
 
     python -m benchmarks.soak [--minutes 10] [--clients 5]
 
@@ -21,9 +25,11 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -31,7 +37,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import cna_agent  # noqa: F401  (first: turns gRPC fork support off before grpc loads)
 import grpc
@@ -58,11 +64,14 @@ class Tally:
         self.ops: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.messages: dict[str, list[str]] = {}
-        self.done_at: list[float] = []  # monotonic time of each finished cycle
+        self.done_at: list[float] = []  # monotonic time of each cycle finished without an error
+        self.created_at: list[float] = []  # ... and of each VM created
 
     def ok(self, kind: str) -> None:
         with self.lock:
             self.ops[kind] += 1
+            if kind == "create_start_vm":
+                self.created_at.append(time.monotonic())
 
     def fail(self, kind: str, message: str) -> None:
         with self.lock:
@@ -82,6 +91,17 @@ def finish(ops: pb.operations_pb2_grpc.OperationsServiceStub, op: ops_pb.Operati
         for op in ops.WatchOperation(ops_pb.WatchOperationRequest(id=op.id), timeout=OP_TIMEOUT):
             pass
     return op
+
+
+def exists(tally: Tally, get: Callable[[], object]) -> bool:
+    """Whether the Get call finds its resource (NOT_FOUND: no; other errors are counted, then no)."""
+    try:
+        get()
+        return True
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            tally.fail("get", f"{exc.code().name}: {exc.details()}")
+        return False
 
 
 def client(sock: Path, idx: int, until: float, ds: str, tally: Tally) -> None:
@@ -127,57 +147,62 @@ def client(sock: Path, idx: int, until: float, ds: str, tally: Tally) -> None:
                     step("snapshot_stopped", snap)
                 step("delete_vm", lambda: vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, delete_disks=True), timeout=60))
                 uuid = ""
-                try:  # an external snapshot's base is no disk of the VM any more: delete_disks keeps it
-                    storage.GetVolume(st.GetVolumeRequest(id=vol_id), timeout=30)
-                except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.NOT_FOUND:
-                        raise
-                else:
-                    step("delete_volume", lambda: storage.DeleteVolume(st.DeleteVolumeRequest(id=vol_id), timeout=60))
+                if exists(tally, lambda: storage.GetVolume(st.GetVolumeRequest(id=vol_id), timeout=30)):
+                    tally.fail("delete_disks_left_volume", vol_id)  # the attached disk outlived delete_disks
+                    raise OpFailed("delete_vm")
                 vol_id = ""
                 with tally.lock:
                     tally.done_at.append(time.monotonic())
             except (OpFailed, grpc.RpcError) as exc:
                 if isinstance(exc, grpc.RpcError):
                     tally.fail("other_rpc", f"{exc.code().name}: {exc.details()}")
-                cleanup(vms, storage, step, ds, name, uuid)
+                cleanup(vms, storage, step, tally, ds, name, uuid)
             k += 1
 
 
 def cleanup(vms: pb.vm_pb2_grpc.VmServiceStub, storage: pb.storage_pb2_grpc.StorageServiceStub, step: Callable[..., object],
-            ds: str, name: str, uuid: str) -> None:
-    """Remove what a failed cycle left: the VM if it still exists, then its volumes, overlays first."""
+            tally: Tally, ds: str, name: str, uuid: str) -> None:
+    """Remove what a failed cycle left: the VM if it still exists, then its volumes, overlays first.
+
+    The cycle's volumes are known by name; one the agent's ListVolumes did not show is counted
+    as the error "list_volumes_missed" (and deleted all the same)."""
     try:
-        if uuid:
-            try:
-                vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=30)
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-            else:
-                step("cleanup_delete_vm", lambda: vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
-        left = [x for x in storage.ListVolumes(st.ListVolumesRequest(datastore=ds), timeout=30).volumes
-                if x.path.startswith(f"{name}/")]
-        for x in sorted(left, key=lambda x: not x.backing_volume):  # linked clones (overlays) before their bases
-            step("cleanup_delete_volume", lambda x=x: storage.DeleteVolume(st.DeleteVolumeRequest(id=x.id), timeout=60))
-    except (OpFailed, grpc.RpcError):
+        if uuid and exists(tally, lambda: vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=30)):
+            step("cleanup_delete_vm", lambda: vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
+        listed: set[str] | None = None
+        try:
+            listed = {x.id for x in storage.ListVolumes(st.ListVolumesRequest(datastore=ds), timeout=30).volumes
+                      if x.path.startswith(f"{name}/")}
+        except grpc.RpcError as exc:  # counted; the known volumes are still deleted
+            tally.fail("list_volumes", f"{exc.code().name}: {exc.details()}")
+        known = [f"{ds}/{name}/data.s1.qcow2", f"{ds}/{name}/data.qcow2"]  # the external snapshot's overlay first
+        for vid in known + sorted((listed or set()) - set(known)):
+            if exists(tally, lambda: storage.GetVolume(st.GetVolumeRequest(id=vid), timeout=30)):
+                if listed is not None and vid not in listed:
+                    tally.fail("list_volumes_missed", vid)
+                step("cleanup_delete_volume", lambda: storage.DeleteVolume(st.DeleteVolumeRequest(id=vid), timeout=60))
+    except OpFailed:
         pass
+    except grpc.RpcError as exc:
+        tally.fail("cleanup", f"{exc.code().name}: {exc.details()}")
 
 
 def find_agent_pid(base: Path) -> int:
     """Our child running ``serve --config <base>/agent.toml`` (running_agent does not expose it)."""
-    cfg = str(base / "agent.toml").encode()
+    cfg = str(base / "agent.toml")
+    return next(pid for pid, argv in processes(os.getpid()) if "serve" in argv and cfg in argv)
+
+
+def processes(parent: int | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(pid, argv) of every process readable in /proc (only ``parent``'s children if given)."""
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
         try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-            ppid = int(next(x for x in (d / "status").read_text().splitlines() if x.startswith("PPid:")).split()[1])
-        except (OSError, StopIteration, ValueError):
+            if not d.name.isdigit() or (parent is not None and
+                                        f"PPid:\t{parent}\n" not in (d / "status").read_text()):
+                continue
+            yield int(d.name), (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
             continue
-        if ppid == os.getpid() and b"serve" in argv and cfg in argv:
-            return int(d.name)
-    raise RuntimeError("agent process not found")
 
 
 def sample(pid: int) -> tuple[float, int, int]:
@@ -217,16 +242,9 @@ def db_size(base: Path) -> float:
     return sum(f.stat().st_size for f in (base / "state").glob("agent.db*")) / 1024
 
 
-def qemu_processes(base: Path) -> int:
-    n = 0
-    for d in Path("/proc").iterdir():
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0") if d.name.isdigit() else []
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and str(base).encode() in b" ".join(argv):
-            n += 1
-    return n
+def qemu_processes(base: Path) -> list[int]:
+    """Pids of QEMU processes started under ``base`` (the agent's embedded libvirt root)."""
+    return [pid for pid, argv in processes() if "qemu-system" in argv[0] and str(base) in " ".join(argv)]
 
 
 def diff(a: Counter[str], b: Counter[str]) -> dict[str, int]:
@@ -241,15 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     ds = Path(tempfile.mkdtemp(prefix="cna-soak-ds-"))
     ds.chmod(0o755)
     guests = REPO / ".cache" / "guests"
-    extra = f'[compute]\nimage_dirs = "{guests}"\n[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n[libvirt]\nvirt_type = "qemu"\n'
+    extra = (f'[compute]\nimage_dirs = "{guests}"\n[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n'
+             '[libvirt]\nvirt_type = "qemu"\n')
     tally = Tally()
     samples: list[tuple[float, float, int, int]] = []
     snaps: dict[str, tuple[Counter[str], Counter[str]]] = {}
     db_kib_m2 = 0.0
+    base: Path | None = None
     try:
         with running_agent(extra) as sock:
             base = sock.parent.parent
             pid = find_agent_pid(base)
+            before = sample(pid)  # idle, before any client: the baseline the idle "after" sample compares with
             t0 = time.monotonic()
             until = t0 + a.minutes * 60
             threads = [threading.Thread(target=client, args=(sock, i, until, "ds", tally), daemon=True) for i in range(a.clients)]
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 listed = len(pb.vm_pb2_grpc.VmServiceStub(ch).ListVms(vm.ListVmsRequest(), timeout=30).vms)
             run_vms = base / "run" / "vms"
             files = sorted(str(Path(d, f).relative_to(ds)) for d, _, fs in os.walk(ds) for f in fs if f != PROBE_FILE)
-            leftovers = {"qemu_processes": qemu_processes(base),
+            leftovers = {"qemu_processes": len(qemu_processes(base)),
                          "datastore_files": len(files),
                          "run_vm_dirs": len(list(run_vms.iterdir())) if run_vms.exists() else 0,
                          "vms_listed": listed, "clients_still_running": stuck}
@@ -280,18 +301,25 @@ def main(argv: list[str] | None = None) -> int:
             db_kib = db_size(base)
     finally:
         shutil.rmtree(ds, ignore_errors=True)
+        for qpid in qemu_processes(base) if base else []:  # guests outlive the agent by design; an interrupted soak ends them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qpid, signal.SIGKILL)
 
     per_min: dict[int, list[tuple[float, int, int]]] = {}
     for el, rss, fds, thr in samples:
         per_min.setdefault(int(el // 60) + 1, []).append((rss, fds, thr))
     medians = {m: tuple(statistics.median(s[i] for s in rows) for i in range(3)) for m, rows in sorted(per_min.items())}
     for m, (rss, fds, thr) in medians.items():
-        cycles = sum(1 for t in tally.done_at if (m - 1) * 60 <= t - t0 < m * 60)
+        created = sum(1 for t in tally.created_at if (m - 1) * 60 <= t - t0 < m * 60)
         print(f"minute {m:2d}: RSS {rss:7.1f} MiB  fds {fds:5.0f}  threads {thr:4.0f}  "
-              f"({len(per_min[m])} samples, {cycles} cycles finished)")
-    print(f"after the clients: RSS {after[0]:.1f} MiB, fds {after[1]}, threads {after[2]}; leftovers {leftovers}")
+              f"({len(per_min[m])} samples, {created} VMs created)")
+    print(f"idle before the clients: RSS {before[0]:.1f} MiB, fds {before[1]}, threads {before[2]}; "
+          f"idle after: RSS {after[0]:.1f} MiB, fds {after[1]}, threads {after[2]}; leftovers {leftovers}")
     m2, last = medians.get(2, medians[min(medians)]), medians[max(medians)]
-    result: dict = {"benchmark": "soak", "minutes": a.minutes, "clients": a.clients, "cycles": len(tally.done_at),
+    lo, hi = ((2 if 2 in medians else min(medians)) - 0.5) * 60, (max(medians) - 0.5) * 60  # the two medians' mid-minutes
+    vms_between = sum(1 for t in tally.created_at if lo <= t - t0 < hi)
+    result: dict = {"benchmark": "soak", "minutes": a.minutes, "clients": a.clients, "clean_cycles": len(tally.done_at),
+                    "vms_created": len(tally.created_at),
                     "ops": dict(sorted(tally.ops.items())), "errors": dict(sorted(tally.errors.items())),
                     "error_messages": tally.messages}
     leveled = True
@@ -299,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         growth = (last[i] - m2[i]) / m2[i] * 100
         leveled &= growth <= 5.0
         result[key] = {"minute2": round(m2[i], 1), "last": round(last[i], 1), "growth_pct": round(growth, 2),
-                       "after": round(after[i], 1)}
+                       "idle_before": round(before[i], 1), "idle_after": round(after[i], 1)}
+    if vms_between:
+        result["rss_kib_per_vm"] = round((last[0] - m2[0]) * 1024 / vms_between, 1)
     if "minute2" in snaps:
         result["fd_kinds_change"] = diff(snaps["minute2"][0], snaps["last"][0])
         result["thread_names_change"] = diff(snaps["minute2"][1], snaps["last"][1])
@@ -308,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     # not counted as leftovers: libvirt keeps one log per domain name; the agent's journal
     result["libvirt_qemu_logs"], result["state_db_kib"] = qemu_logs, {"minute2": round(db_kib_m2), "end": round(db_kib)}
     result["leveled_off"] = leveled
-    print(f"growth minute 2 -> minute {max(medians)}: RSS {result['rss_mib']['growth_pct']}%, fds {result['fds']['growth_pct']}%, "
-          f"threads {result['threads']['growth_pct']}% -> {'leveled off' if leveled else 'NOT leveled off'}")
+    g = {k: result[k]["growth_pct"] for k in ("rss_mib", "fds", "threads")}
+    print(f"growth minute 2 -> minute {max(medians)}: RSS {g['rss_mib']}%, fds {g['fds']}%, threads {g['threads']}% -> "
+          f"{'leveled off' if leveled else 'NOT leveled off'}")
     print(json.dumps(result))
     return 0 if leveled and not tally.errors and not any(leftovers.values()) else 1
 

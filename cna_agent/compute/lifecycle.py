@@ -30,7 +30,7 @@ from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
 from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
 from cna_agent.contracts import HostAdmission
-from cna_agent.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, NotFound
+from cna_agent.errors import AgentError, AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, NotFound
 from cna_agent.operations import OperationContext
 from cna_agent.qemu_access import QemuUser, make_dirs, open_way
 from cna_agent.state.journal import OperationRecord
@@ -73,6 +73,11 @@ class DomainRenderer:
             # libvirt copies the NVRAM template there and relabels the copy; QEMU opens it by path.
             open_way(nvram_path(self.ctx, spec.uuid), owned_below=os.path.dirname(state), user=qemu,
                      what="the VM's UEFI variable store", field="vm")
+
+
+def left_stopped(name: str) -> str:
+    """What a create-and-start whose start failed tells the manager about the VM it made."""
+    return f"vm {name!r} was defined and is left stopped (StartVm starts it, DeleteVm removes it)"
 
 
 class VmLifecycle:
@@ -163,12 +168,20 @@ class VmLifecycle:
                                           message=f"{spec.name} defined", operation_id=op.id)
             if start:
                 await op.progress(50, "starting")
-                await self.start_domain(spec.uuid)
+                try:
+                    await self.start_domain(spec.uuid)
+                except AgentError as exc:
+                    # The VM exists now (libvirtd may even be gone, so it could not be undefined):
+                    # say so, or a manager reading "failed" takes it for nothing made (seen with
+                    # libvirtd killed mid-create) and a retry meets ALREADY_EXISTS.
+                    exc.message = f"{exc.message}; {left_stopped(spec.name)}"
+                    raise
             return await self.ops.result(spec.uuid, op)
 
         try:
             return await self.ops.submit("vm.create", spec.uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                         lock_timeout=lock_timeout, wait=30.0 if start else QUICK_WAIT_S, cancellable=True)
+                                         lock_timeout=lock_timeout, wait=30.0 if start else QUICK_WAIT_S, cancellable=True,
+                                         metadata={"start": "true"} if start else None)
         except Exception:
             await undo()  # refused before it ran (busy, request id reuse)
             raise

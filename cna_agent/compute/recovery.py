@@ -12,6 +12,7 @@ import libvirt
 
 from cna_agent.compute.disks import disk_element
 from cna_agent.compute.inventory import VmInventory
+from cna_agent.compute.lifecycle import left_stopped
 from cna_agent.compute.spec import VmSpec
 from cna_agent.compute.vmops import save_spec
 from cna_agent.errors import CODES
@@ -55,8 +56,15 @@ class VmRecovery:
                                                 "(nothing was redone)")
 
     async def recover_create(self, record: OperationRecord) -> Any:
-        """A vm.create cut short by an agent crash succeeded iff the domain exists now."""
-        return await self._by_state(record, lambda exists, active: exists, "the VM was defined")
+        """A vm.create cut short by an agent crash succeeded iff the domain exists now (and, for
+        a create-and-start, runs: one defined but not started is said to be left stopped)."""
+        if record.metadata.get("start") != "true":
+            return await self._by_state(record, lambda exists, active: exists, "the VM was defined")
+        exists, active = await self._now(record.target)
+        if exists and not active:
+            name = (await self.inventory.definition(record.target)).name
+            return OperationError(CODES["ABORTED"], f"the agent stopped before the VM was started; {left_stopped(name)}")
+        return await self._by_state(record, lambda exists, active: exists and active, "the VM was defined and started")
 
     async def recover_start(self, record: OperationRecord) -> Any:
         return await self._by_state(record, lambda exists, active: exists and active, "the VM was started")

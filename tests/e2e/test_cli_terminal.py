@@ -58,7 +58,11 @@ def test_ctrl_c(agent_factory, tmp_path):  # a short name: QEMU-facing paths und
                  "the command to end")
         text = screen()
         assert "(volume.import) cancelled" in text, text
-        assert _tmux(sock, "display-message", "-p", "-t", "ctl", "#{pane_dead_status}").strip() == "130"
+        # pane_dead turns 1 when the pty closes; the exit status is there only once tmux has
+        # reaped the process a moment later (seen empty in CI): wait for it.
+        status = lambda: _tmux(sock, "display-message", "-p", "-t", "ctl", "#{pane_dead_status}").strip()  # noqa: E731
+        wait_for(lambda: status() != "", 30, "tmux to record the command's exit status")
+        assert status() == "130"
         deadline = time.monotonic() + 10
         while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)

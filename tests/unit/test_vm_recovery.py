@@ -27,8 +27,9 @@ def test_recovery_follows_libvirt_state() -> None:
     conn = libvirt.open("test:///default")
     dom = conn.lookupByName("test")  # the test driver's running domain
     svc = _service(conn)
-    rec = SimpleNamespace(target=dom.UUIDString())
-    gone = SimpleNamespace(target="00000000-0000-4000-8000-000000000001")
+    rec = SimpleNamespace(target=dom.UUIDString(), metadata={})
+    with_start = SimpleNamespace(target=dom.UUIDString(), metadata={"start": "true"})
+    gone = SimpleNamespace(target="00000000-0000-4000-8000-000000000001", metadata={})
 
     async def run():
         started = await svc.recover_start(rec)  # running: the start happened, and here is the VM
@@ -42,6 +43,9 @@ def test_recovery_follows_libvirt_state() -> None:
         dom.destroy()
         stopped = await svc.recover_shutdown(rec)
         assert isinstance(stopped, VmInfo) and stopped.state == "stopped"
+        # a create-and-start cut short after the define: made, not started, and said so
+        err = await svc.recover_create(with_start)
+        assert isinstance(err, OperationError) and "was defined and is left stopped" in err.message
         err = await svc.recover_start(rec)
         assert isinstance(err, OperationError) and "defined and stopped" in err.message
         # a forced delete cut short after the power-off: the partial effect is said
