@@ -166,8 +166,10 @@ class VolumeManager:
         for ref in self._walk(datastore):
             try:
                 out.append(self.info(ref))
-            except (FailedPrecondition, NotFound):
-                continue  # vanished or not an image (e.g. an upload in progress)
+            except (FailedPrecondition, NotFound, FileNotFoundError):
+                # vanished or not an image (an upload in progress; a volume deleted by another
+                # operation between the walk and the read: seen as INTERNAL in the soak)
+                continue
         return out
 
     def dependents(self, ref: paths.VolumeRef) -> list[str]:
