@@ -182,6 +182,10 @@ class DomainEventMonitor:
             if self._on_change is not None:
                 self._on_change(raw.uuid, state, reason, raw.time)
             self.changed_event(raw.uuid).set()
+            if state == "deleted":
+                # Waiters hold the Event they wait on; the map must not keep one per VM ever
+                # defined (the soak's memory growth).
+                self._changed.pop(raw.uuid, None)
         elif raw.kind == "reboot":
             await self._events.publish("vm.reboot", message=f"{raw.name}: guest rebooted", **common)
         elif raw.kind == "watchdog":

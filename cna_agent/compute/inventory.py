@@ -97,6 +97,12 @@ class VmInventory:
     def note_state(self, uuid: str, when: float) -> None:
         self._state_times[uuid] = when
 
+    def vanished(self, uuid: str) -> None:
+        """The domain is gone from libvirt: drop what is kept for it (a cached definition
+        written back by a read that raced the delete included)."""
+        self._cache.pop(uuid, None)
+        self._state_times.pop(uuid, None)
+
     def is_managed_cached(self, uuid: str) -> bool:
         c = self._cache.get(uuid)
         return c is not None and c.managed

@@ -49,8 +49,10 @@ def state_follower(inventory: VmInventory, sidechannels: SideChannels) -> Callab
 
     def follow(uuid: str, state: str, reason: str, when: float) -> None:
         inventory.note_state(uuid, when)
-        if inventory.is_managed_cached(uuid):
+        if inventory.is_managed_cached(uuid) or state == "deleted":
             sidechannels.state_changed(uuid, state)
+        if state == "deleted":
+            inventory.vanished(uuid)
 
     return follow
 

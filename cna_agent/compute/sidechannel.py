@@ -68,7 +68,9 @@ class SideChannels:
             path, name = await self._lookup(uuid)
             if not path:
                 raise Unavailable(f"vm {name!r} was defined without the agent's QMP side channel (restart it after a redefine)")
-            conn = QmpSideChannel(path, name=f"cna-{uuid[:8]}")
+            # One logger name for all: qemu.qmp makes a logger per client name, and Python's
+            # logging keeps every logger for ever (the soak saw one per VM ever started).
+            conn = QmpSideChannel(path)
             await conn.connect()
             self._names[uuid] = name
             conn.follow_events(lambda ev, data: self._on_event(uuid, ev, data))
@@ -90,8 +92,19 @@ class SideChannels:
         if state == "running":
             if uuid not in self._conns:
                 loop.create_task(self._attach_quietly(uuid), name=f"qmp-attach-{uuid}")
-        elif state in ("stopped", "crashed", "deleted"):
+        elif state in ("stopped", "crashed"):
             loop.create_task(self.detach(uuid), name=f"qmp-detach-{uuid}")
+        elif state == "deleted":
+            loop.create_task(self._forget(uuid), name=f"qmp-forget-{uuid}")
+
+    async def _forget(self, uuid: str) -> None:
+        """A VM that is gone: close its connection and drop everything kept for it."""
+        await self.detach(uuid)
+        self._names.pop(uuid, None)
+        self.panics.pop(uuid, None)
+        lock = self._locks.get(uuid)
+        if lock is not None and not lock.locked():
+            self._locks.pop(uuid, None)
 
     async def _attach_quietly(self, uuid: str) -> None:
         for delay in (0.0, 0.5, 1.0, 2.0):

@@ -275,9 +275,21 @@ class StorageService:
         return self._volume_ref(path, field, must_exist=True).path
 
     async def delete_volume(self, volume_id: str, *, field: str) -> None:
+        """DiskProvider: a VM's volume, with the overlays its external snapshots made on it.
+
+        A live snapshot puts a qcow2 overlay named ``<disk>.<snapshot>.qcow2`` on each disk
+        (compute/snapshots.py) that the VM's spec does not list; left in place it made the disk
+        a "template" that could not be deleted (seen in the soak: DeleteVm with delete_disks
+        failed after the VM was undefined). Those overlays go first, top of the chain first; a
+        linked clone of another name is someone else's and still refuses the delete."""
         ref = self._volume_ref(volume_id, field)
         if not os.path.exists(ref.path):
             return
+        stem = os.path.splitext(ref.path)[0] + "."
+        children = await self.executor.run(lambda: self.volumes.dependents(ref), what=f"overlays of {volume_id}")
+        for child in children:
+            if self._volume_ref(child, field).path.startswith(stem):
+                await self.delete_volume(child, field=field)
         await self.executor.run(lambda: self.volumes.delete(ref), what=f"deleting {volume_id}")
         await self.events.publish("volume.deleted", resource_kind="volume", resource_id=ref.id, resource_name=ref.id,
                                   message=f"volume {ref.id} deleted")
