@@ -171,6 +171,10 @@ class VmLifecycle:
                 try:
                     await self.start_domain(spec.uuid)
                 except AgentError as exc:
+                    if await self._runs_after_all(spec.uuid):
+                        log.warning("event=vm.start_answer_lost vm=%s error=%r (it runs: the start happened)",
+                                    spec.uuid, exc.message)
+                        return await self.ops.result(spec.uuid, op)
                     # The VM exists now (libvirtd may even be gone, so it could not be undefined):
                     # say so, or a manager reading "failed" takes it for nothing made (seen with
                     # libvirtd killed mid-create) and a retry meets ALREADY_EXISTS.
@@ -185,6 +189,19 @@ class VmLifecycle:
         except Exception:
             await undo()  # refused before it ran (busy, request id reuse)
             raise
+
+    async def _runs_after_all(self, uuid: str, wait_s: float = 15.0) -> bool:
+        """Whether a start whose call failed ran anyway: libvirtd can die after launching QEMU
+        and before answering, and the restarted daemon re-attaches the running guest (a create
+        reported failed while its VM ran). Asked again until libvirt answers, up to ``wait_s``."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            try:
+                return await self.inventory.state(uuid) in (st.RUNNING, st.PAUSED)
+            except (AgentError, libvirt.libvirtError):
+                if asyncio.get_running_loop().time() > deadline:
+                    return False
+                await asyncio.sleep(1.0)
 
     # -- start / stop ------------------------------------------------------------------------------
 
