@@ -40,7 +40,7 @@ from cna_agent.compute.migration import MigrationPolicy, check_destination
 from cna_agent.errors import AgentError, CODES, FailedPrecondition, InvalidArgument, ResourceBusy
 from cna_agent.operations import OperationContext, OperationRunner
 from cna_agent.state.eventlog import EventHub
-from cna_agent.state.journal import OperationRecord, SUCCEEDED
+from cna_agent.state.journal import OperationError, OperationRecord, SUCCEEDED
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,32 @@ class HostEvacuation:
 
         return await self.runner.submit("host.maintenance.exit", "host", work, request_id=request_id,
                                         fingerprint=fingerprint, wait=60.0)
+
+    # -- after a crash: decided from the persisted mode and report, and libvirt's VMs ---------------
+
+    def recovery_handlers(self) -> dict[str, Any]:
+        return {"host.evacuate": self.recover_evacuate, "host.maintenance.exit": self.recover_exit}
+
+    async def recover_evacuate(self, record: OperationRecord) -> Any:
+        """An evacuation cut short is never resumed (the VRM decides whether to drain again):
+        it ends ABORTED saying how far it got, from the report it kept (MaintenanceMode.load
+        closed its unfinished lines) and which managed VMs libvirt still shows on this host.
+        Maintenance stays as it is (on: the host took nothing new meanwhile)."""
+        report = self.mode.report if self.mode.report is not None and self.mode.report.operation_id == record.id else None
+        here = [v.name for v in await self.vms.list(include_unmanaged=False)]
+        moved = f"{report.moved} of {len(report.vms)} VMs moved" if report is not None else "no VM's move was recorded"
+        still = f"still on this host: {', '.join(sorted(here)[:20])}" + (" ..." if len(here) > 20 else "") if here \
+            else "no VM of the agent is left on this host"
+        mode = "maintenance is still on" if self.mode.state.enabled else "maintenance is off"
+        return OperationError(CODES["ABORTED"], f"the agent stopped during the evacuation: {moved}; {still}; {mode} "
+                                                "(nothing was redone; SetMaintenance on drains the rest)")
+
+    async def recover_exit(self, record: OperationRecord) -> Any:
+        """Maintenance off cut short: done exactly when the persisted mode says off."""
+        if not self.mode.state.enabled:
+            return self.status()
+        return OperationError(CODES["ABORTED"], "the agent stopped before maintenance was turned off; it is still on "
+                                                "(SetMaintenance off turns it off)")
 
     async def _announce(self, enabled: bool, destinations: tuple[str, ...]) -> None:
         if self.events is not None:

@@ -322,7 +322,10 @@ class VmLifecycle:
                 # so guests without a reboot handler still come back.
                 dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
 
-        return await self._simple(ref, "vm.reboot", do, request_id, fingerprint, lock_timeout)
+        # The metadata lets recovery judge a reboot cut short (recovery.py recover_reboot): a
+        # reset that libvirt answered has happened; a power-button press may not be honoured.
+        return await self._simple(ref, "vm.reboot", do, request_id, fingerprint, lock_timeout,
+                                  metadata={"hard": str(hard).lower()}, note_asked=True)
 
     async def pause(self, ref: str, *, request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
         return await self._simple(ref, "vm.pause", lambda d: d.suspend() if d.state()[0] == libvirt.VIR_DOMAIN_RUNNING else None,
@@ -333,8 +336,9 @@ class VmLifecycle:
                                   request_id, fingerprint, lock_timeout)
 
     async def _simple(self, ref: str, kind: str, fn: Callable[[libvirt.virDomain], Any], request_id: str, fingerprint: str,
-                      lock_timeout: float) -> OperationRecord:
-        """One libvirt call on a running VM, as an operation."""
+                      lock_timeout: float, *, metadata: dict[str, str] | None = None, note_asked: bool = False) -> OperationRecord:
+        """One libvirt call on a running VM, as an operation; ``note_asked`` records in the
+        operation that libvirt answered the call (for a kind whose effect leaves no state to read)."""
         uuid, name = await self.inventory.lookup_uuid(ref)
 
         async def work(op: OperationContext) -> Any:
@@ -345,10 +349,12 @@ class VmLifecycle:
                 fn(dom)
 
             await self.hv.call(do, timeout=30)
+            if note_asked:
+                await op.note(asked_at=f"{time.time():.3f}")
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit(kind, uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout, wait=QUICK_WAIT_S)
+                                     lock_timeout=lock_timeout, wait=QUICK_WAIT_S, metadata=metadata)
 
     # -- delete ------------------------------------------------------------------------------------
 

@@ -43,9 +43,12 @@ from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import VmSpec
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import ColdMigrationPeer, FileIdentity, ReceivePlan, VolumeTransfer
-from cna_agent.errors import FailedPrecondition, ResourceBusy, Unavailable
+from cna_agent.compute import state as st
+from cna_agent.compute.inventory import VmInfo
+from cna_agent.failpoints import crash_point
+from cna_agent.errors import CODES, FailedPrecondition, NotFound, ResourceBusy, Unavailable
 from cna_agent.operations import OperationContext
-from cna_agent.state.journal import OperationRecord
+from cna_agent.state.journal import OperationError, OperationRecord
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,8 @@ class ColdMigrations:
                 outgoing.discard(uuid)
 
         return await self.ops.submit("vm.migrate_cold", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     cancellable=True)
+                                     cancellable=True, metadata={"destination": destination, "name": spec.name,
+                                                                 "keep_source_volumes": str(keep_source_volumes).lower()})
 
     async def _run(self, op: OperationContext, uuid: str, destination: str, keep: bool, bandwidth_mib_s: int) -> Any:
         # Read under the VM lock: a disk attached since the request was checked counts.
@@ -129,6 +133,8 @@ class ColdMigrations:
             await self._tell_abort(uuid, destination, op.id, "its preparation got no answer")
             raise
         copies = [i for i in files if plans[i].copy]
+        # What recovery may delete here once the VM is known to be on the destination.
+        await op.note(own_copies=",".join(spec.disks[i].volume for i in copies if deletable_after_move(spec, i)))
         await self.ops.events.publish("vm.migration_started", resource_kind="vm", resource_id=uuid, resource_name=spec.name,
                                       message=f"{spec.name} (shut off) moving to {destination}", operation_id=op.id,
                                       attributes={"destination": destination, "cold": "true",
@@ -142,6 +148,8 @@ class ColdMigrations:
             cancelling.commit(f"{spec.name} is being defined on {destination}")
             await op.progress(97, "defining on the destination")
             vm = await self.peer.finish_cold(destination, op.id)
+            await op.note(defined_on_destination="true")
+            crash_point("vm.migrate_cold.defined")  # defined on both hosts: recovery completes the move
         except BaseException as exc:
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
             await self._tell_abort(uuid, destination, op.id, reason)
@@ -166,6 +174,76 @@ class ColdMigrations:
                                       attributes={"destination": destination, "cold": "true", "bytes_copied": str(copied),
                                                   "disks_copied": str(len(copies)), "source_volumes_removed": str(removed)})
         return vm
+
+    # -- after a crash -------------------------------------------------------------------------
+
+    async def recover(self, record: OperationRecord) -> Any:
+        """A cold migration the previous agent process left open. Nothing is copied again; what
+        this host's libvirt shows, with the two marks the flow writes (the source volumes it
+        copied, and that the destination defined the VM), decides:
+
+        * still defined here, not yet defined there: it did not move. ABORTED; the destination
+          is told (in the background) to drop what it received (its preparation lapses anyway).
+        * defined there (the mark) and still here, shut off: the commit point had passed, so
+          the move is completed: undefined here, claims released, copied volumes deleted.
+        * gone from here: it moved (the source is undefined only after the destination
+          defined it); copied volumes left behind are deleted, as the flow would have.
+        """
+        uuid, meta = record.target, record.metadata
+        destination, name = meta.get("destination", "?"), meta.get("name", uuid)
+        on_destination = meta.get("defined_on_destination") == "true"
+
+        def read(conn: libvirt.virConnect) -> tuple[bool, bool]:
+            try:
+                return True, bool(conn.lookupByUUIDString(uuid).isActive())
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False, False
+                raise
+
+        here, running = await self.hv.call(read, timeout=15)
+        if here and not on_destination:
+            asyncio.ensure_future(self._tell_abort(uuid, destination, record.id, "the source agent restarted"))
+            return OperationError(CODES["ABORTED"], f"the agent stopped during the cold migration of {name!r} to "
+                                                    f"{destination} before it was defined there; it is still defined here "
+                                                    "(the destination was told to drop what it received; nothing was redone)")
+        if here and running:
+            return OperationError(CODES["FAILED_PRECONDITION"], f"the agent stopped after {name!r} was defined on "
+                                                                f"{destination}; it is still defined here too, and runs here "
+                                                                "now: delete one of the two")
+        if here:
+            try:
+                await self._leave(uuid, await self.ops.inventory.spec(uuid))
+            except Exception as exc:
+                return OperationError(CODES["FAILED_PRECONDITION"], f"{name!r} was defined on {destination}, but "
+                                                                    f"undefining it here failed ({exc}): delete it here")
+        removed = 0
+        if meta.get("keep_source_volumes") != "true":
+            removed = await self._delete_leftovers(uuid, name, [v for v in meta.get("own_copies", "").split(",") if v])
+        await self.ops.events.publish("vm.migrated", resource_kind="vm", resource_id=uuid, resource_name=name,
+                                      message=f"{name} moved to {destination} (cold; completed after the agent restarted)",
+                                      operation_id=record.id, attributes={"destination": destination, "cold": "true",
+                                                                          "source_volumes_removed": str(removed)})
+        return VmInfo(uuid, name, True, None, state=st.STOPPED, reason=f"moved to {destination}")
+
+    async def _delete_leftovers(self, uuid: str, name: str, volumes: list[str]) -> int:
+        """The copied source volumes still here (the agent died before deleting them)."""
+        used = {u.volume for u in await self.ops.inventory.disk_users()}
+        removed = 0
+        for vol in volumes:
+            if vol in used:
+                continue
+            try:
+                await self.binder.volumes.delete_volume(vol, field="volume")
+                removed += 1
+            except NotFound:
+                pass  # deleted before the agent stopped
+            except Exception as exc:
+                await self.ops.events.publish("vm.migration_cleanup_failed", severity="warning", resource_kind="vm",
+                                              resource_id=uuid, resource_name=name,
+                                              message=f"the source copy of {vol} was not removed: {exc}",
+                                              attributes={"volume": vol})
+        return removed
 
     async def _tell_abort(self, uuid: str, destination: str, migration_id: str, reason: str) -> None:
         try:

@@ -18,19 +18,22 @@ from cna_agent.compute.vmops import save_spec
 from cna_agent.errors import CODES
 from cna_agent.hypervisor import Hypervisor
 from cna_agent.operations import RecoveryHandler
+from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationError, OperationRecord
 
 
 class VmRecovery:
-    def __init__(self, hypervisor: Hypervisor, inventory: VmInventory) -> None:
+    def __init__(self, hypervisor: Hypervisor, inventory: VmInventory, events: EventHub | None = None) -> None:
         self.hv = hypervisor
         self.inventory = inventory
+        #: The event log: a reboot leaves no state in libvirt, only its reboot event (vm.reboot).
+        self.events = events
 
     def handlers(self) -> dict[str, RecoveryHandler]:
         return {"vm.create": self.recover_create, "vm.start": self.recover_start,
                 "vm.shutdown": self.recover_shutdown, "vm.delete": self.recover_delete,
                 "vm.disk.attach": self.recover_disk_attach, "vm.disk.detach": self.recover_disk_detach,
-                "vm.pause": self.recover_pause, "vm.resume": self.recover_resume}
+                "vm.pause": self.recover_pause, "vm.resume": self.recover_resume, "vm.reboot": self.recover_reboot}
 
     async def _now(self, uuid: str) -> tuple[bool, bool]:
         """(defined, running) as libvirt says now."""
@@ -90,6 +93,32 @@ class VmRecovery:
     async def recover_resume(self, record: OperationRecord) -> Any:
         paused = await self._paused(record.target)
         return await self._by_state(record, lambda exists, active: exists and active and not paused, "the VM was resumed")
+
+    async def recover_reboot(self, record: OperationRecord) -> Any:
+        """A reboot cut short. libvirt keeps no mark of a reboot in the domain's state, so the
+        evidence is: libvirt's reboot event for the VM since the request (the event log keeps
+        it), or a hard reset that libvirt answered (QEMU resets before it answers; the
+        operation notes the answer). A power-button press that was answered may still be
+        ignored by the guest, so without the event it is not reported done."""
+        exists, active = await self._now(record.target)
+        if not active:
+            return await self._by_state(record, lambda exists, active: False, "the VM was rebooted")
+        asked = "asked_at" in record.metadata
+        if await self._reboot_seen(record) or (asked and record.metadata.get("hard") == "true"):
+            return await self.inventory.get(record.target)
+        if asked:
+            return OperationError(CODES["ABORTED"], "the agent stopped after the guest's power button was pressed; no "
+                                                    "reboot was seen before it stopped and libvirt keeps no record of one; "
+                                                    "the VM runs (RebootVm with a new request id restarts it; nothing was "
+                                                    "redone)")
+        return OperationError(CODES["ABORTED"], "the agent stopped before libvirt was seen to take the reboot; no reboot "
+                                                "was seen and the VM runs (nothing was redone)")
+
+    async def _reboot_seen(self, record: OperationRecord) -> bool:
+        if self.events is None:
+            return False
+        seen = await self.events.list(0, types=["vm.reboot"], resource_id=record.target, limit=10_000)
+        return any(e.time >= record.create_time for e in seen)
 
     async def recover_delete(self, record: OperationRecord) -> Any:
         return await self._by_state(record, lambda exists, active: not exists, "the VM was deleted", result=False)

@@ -84,8 +84,11 @@ class Compute:
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
-        return {**self.recovery.handlers(), **DeviceRecovery(self.ops.hv, self.inventory).handlers(),
-                "vm.migrate": MigrationRecovery(self.migrations).recover}
+        handlers = {**self.recovery.handlers(), **DeviceRecovery(self.ops.hv, self.inventory).handlers(),
+                    "vm.migrate": MigrationRecovery(self.migrations).recover}
+        if self.migrations.cold is not None:
+            handlers["vm.migrate_cold"] = self.migrations.cold.recover
+        return handlers
 
     async def start(self) -> None:
         await self.monitor.start()

@@ -6,7 +6,8 @@ removed every temporary file before these run. So a volume present under its nam
 and one absent was not made (nothing partial is left). A create, clone, import or export
 whose volume is there ends SUCCEEDED with the volume as it is; otherwise ABORTED saying that
 nothing was left. A delete whose file is gone succeeded; a resize succeeded when the volume is
-at least the size asked (recorded in the operation's metadata). Nothing is redone.
+at least the size asked (recorded in the operation's metadata); a datastore rescan, which only
+reads, ends ABORTED naming the datastore's health now. Nothing is redone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class VolumeRecovery:
 
     def handlers(self) -> dict[str, RecoveryHandler]:
         made = {kind: self.recover_made for kind in ("volume.create", "volume.clone", "volume.import", "volume.export")}
-        return {**made, "volume.delete": self.recover_delete, "volume.resize": self.recover_resize}
+        return {**made, "volume.delete": self.recover_delete, "volume.resize": self.recover_resize,
+                "datastore.rescan": self.recover_rescan}
 
     async def _info(self, volume_id: str) -> Any:
         """The volume as it is now, or None when it does not exist (or cannot be read)."""
@@ -62,3 +64,19 @@ class VolumeRecovery:
         size = f"{info.virtual_size} bytes" if info is not None else "gone"
         return OperationError(CODES["ABORTED"], f"the agent stopped while resizing volume {record.target!r}; it is {size} "
                                                 f"now, not the {want} bytes asked (nothing was redone)")
+
+
+    async def recover_rescan(self, record: OperationRecord) -> Any:
+        """A rescan cut short. It only reads the array (and, with the kernel initiator, asks
+        the SCSI layer to add the LUNs the array presents): nothing is half-made or to undo, but
+        whether it finished is not known, so it is not reported done; the datastore as it is
+        seen now is named, and a new RescanDatastore finishes the job."""
+        try:
+            status = await self.storage.get_datastore(record.target, with_luns=False)
+            h = status.health
+            seen = f"its health is {h.state}" + (f" ({h.reason})" if h.reason else "")
+        except AgentError as exc:
+            seen = f"it cannot be read now ({exc.message})"
+        return OperationError(CODES["ABORTED"], f"the agent stopped while rescanning datastore {record.target!r}; a rescan "
+                                                f"changes nothing to undo and {seen} (nothing was redone; RescanDatastore "
+                                                "again)")

@@ -180,7 +180,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     log.info("event=storage.started datastores=%d threads=%d", len(config.storage.datastores), config.storage.executor_threads)
     await compute.start()
     recovered = await runner.recover({**VolumeRecovery(storage).handlers(), **NetworkRecovery(network.service).handlers(),
-                                      **compute.recovery_handlers()})
+                                      **compute.recovery_handlers(), **evacuation.recovery_handlers()})
 
     servicers: dict[str, object] = {
         "cna.v1.HostService": HostServicer(host, placement=placement.monitor, maintenance=evacuation),

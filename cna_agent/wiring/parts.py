@@ -162,7 +162,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         disks=DiskOperations(ops, binder, lifecycle),
         nics=NicOperations(ops, binder, lifecycle),
         snapshots=VmSnapshots(ops),
-        recovery=VmRecovery(hypervisor, inventory),
+        recovery=VmRecovery(hypervisor, inventory, events),
         resumer=resumer,
         reconciler=reconciler,
         migrations=VmMigrations(ops, binder, renderer.run_dirs, peer or _no_peer(), max_outgoing=config.migration.max_outgoing,

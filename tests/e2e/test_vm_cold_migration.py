@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from support.console import AgentConsole, facts
 from support.guests import guest_spec, serial_log
 from support.agent import start_agent
 from support.hosts import domain_state
-from support.migration import agent_config, make_base, tear_down
+from support.migration import agent_config, make_base, restart, tear_down
 from support.operations import history, ok, wait
 
 vm = pb.vm_pb2
@@ -184,3 +185,68 @@ def test_a_cancel_mid_copy_leaves_the_vm_on_the_source_and_no_partial_file_on_th
         assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
         assert vms_a.GetVm(vm.GetVmRequest(vm=uuid), timeout=30).status.state == vm.VM_STATE_STOPPED
         assert not vms_b.ListVms(vm.ListVmsRequest(), timeout=30).vms
+
+
+def test_a_source_agent_killed_mid_move_is_decided_from_both_hosts_after_its_restart(cold_agents) -> None:
+    """SIGKILL of A's agent (1) mid-copy: after its restart the move ends ABORTED, the VM is still
+    defined on A only, B drops what it received; (2) at the crash point right after B defined the
+    VM: the commit point had passed, so the restarted agent completes the move (A undefined, A's
+    copied volume deleted) and the operation SUCCEEDED. Judged from each host's libvirt and files."""
+    a, b, hosts, base = cold_agents
+    disk = base / "a-local" / "cold3" / "root.raw"
+    disk.parent.mkdir(mode=0o711)
+    disk.write_bytes(os.urandom(24 * MiB))
+    before = hashlib.sha256(disk.read_bytes()).hexdigest()
+    current = a
+    try:
+        with current.channel() as cha:
+            vms_a = pb.vm_pb2_grpc.VmServiceStub(cha)
+            spec = guest_spec("x86_64", "cold3", disks=[vm.DiskSpec(volume="local/cold3/root.raw")])
+            uuid = ok(cha, vms_a.CreateVm(vm.CreateVmRequest(spec=spec), timeout=60), into=vm.Vm()).uuid
+            ops = pb.operations_pb2_grpc.OperationsServiceStub(cha)
+            op = _migrate(vms_a, uuid, b, request_id="cold-kill-1", policy=vm.MigrationPolicy(bandwidth_mib_s=2))
+            deadline = time.monotonic() + 60
+            while True:
+                cur = ops.GetOperation(ops_pb.GetOperationRequest(id=op.id), timeout=10)
+                assert cur.state == ops_pb.OPERATION_STATE_RUNNING and time.monotonic() < deadline, cur
+                if cur.progress.stage.startswith("copying") and cur.progress.bytes_done >= 2 * MiB:
+                    break
+                time.sleep(0.1)
+        current = restart(current)  # SIGKILL mid-copy
+        with current.channel() as cha:
+            done = wait(cha, pb.operations_pb2_grpc.OperationsServiceStub(cha).GetOperation(
+                ops_pb.GetOperationRequest(id=op.id), timeout=10), timeout=60)
+            assert done.error.code == grpc.StatusCode.ABORTED.value[0], done
+            assert "still defined here" in done.error.message and "nothing was redone" in done.error.message
+        deadline = time.monotonic() + 60  # B drops its partial copy once told (or once it lapses)
+        while _files(base / "b-local") and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _files(base / "b-local") == []
+        assert domain_state(hosts.a.uri, uuid) == (True, False) and domain_state(hosts.b.uri, uuid) is None
+        assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
+
+        # (2) armed at the point right after B defined it
+        current = restart(current, env={"CNA_FAILPOINTS": "vm.migrate_cold.defined"})
+        with current.channel() as cha:
+            try:
+                op = _migrate(pb.vm_pb2_grpc.VmServiceStub(cha), uuid, b, request_id="cold-kill-2")
+            except grpc.RpcError:
+                op = None  # the agent died before it answered
+        assert current.proc.wait(timeout=120) == -signal.SIGKILL
+        assert domain_state(hosts.b.uri, uuid) == (True, False) and domain_state(hosts.a.uri, uuid) == (True, False)
+        current = restart(current)
+        with current.channel() as cha:
+            listed = pb.operations_pb2_grpc.OperationsServiceStub(cha).ListOperations(
+                ops_pb.ListOperationsRequest(kinds=["vm.migrate_cold"]), timeout=30).operations
+            done = next(o for o in listed if o.request_id == "cold-kill-2")
+            assert done.state == ops_pb.OPERATION_STATE_SUCCEEDED, done
+            assert not pb.vm_pb2_grpc.VmServiceStub(cha).ListVms(vm.ListVmsRequest(), timeout=30).vms
+        assert domain_state(hosts.a.uri, uuid) is None and domain_state(hosts.b.uri, uuid) == (True, False)
+        assert _files(base / "a-local") == [] and _files(base / "b-local") == ["cold3/root.raw"]
+        copy = base / "b-local" / "cold3" / "root.raw"
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == before
+        with b.channel() as chb:
+            ok(chb, pb.vm_pb2_grpc.VmServiceStub(chb).DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
+    finally:
+        if current is not a:
+            current.stop()
