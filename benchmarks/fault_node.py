@@ -14,6 +14,7 @@ from typing import Any
 from cna_agent.api import pb
 from support.agent import AgentProcess, start_agent
 from support.guests import build_guest
+from support.procs import proc_argvs
 
 vm, S, O, E = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2, pb.events_pb2
 NEIGHBOUR = "fneighbour"
@@ -84,17 +85,11 @@ def qemu_of(marker: Path) -> dict[str, int]:
     """uuid -> pid of every QEMU whose argv names ``marker`` (the agent home: its serial logs
     and side-channel sockets live there)."""
     found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(str(marker).encode() in a for a in argv):
+    for pid, argv in proc_argvs():
+        if b"qemu-system" in argv[0] and any(str(marker).encode() in a for a in argv):
             for i, a in enumerate(argv):
                 if a == b"-uuid" and i + 1 < len(argv):
-                    found[argv[i + 1].decode()] = int(proc.name)
+                    found[argv[i + 1].decode()] = pid
     return found
 
 

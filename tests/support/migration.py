@@ -20,6 +20,7 @@ from pathlib import Path
 from support.agent import AgentProcess, start_agent
 from support.hosts import agent_config as hosts_agent_config
 from support.hosts import remove_domains
+from support.procs import proc_argvs
 from support.tools import REPO
 
 
@@ -47,18 +48,9 @@ def restart(agent: AgentProcess, *, env: dict | None = None, sig: int = signal.S
 def qemu_pids(uuid: str, *, incoming: bool | None = None) -> list[int]:
     """QEMU processes of guest ``uuid`` on this machine (either host); ``incoming`` True: only
     those started with -incoming (a destination's), False: only the others, None: all."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(uuid.encode() in a for a in argv):
-            if incoming is None or (b"-incoming" in argv) == incoming:
-                pids.append(int(proc.name))
-    return pids
+    return [pid for pid, argv in proc_argvs()
+            if b"qemu-system" in argv[0] and any(uuid.encode() in a for a in argv)
+            and (incoming is None or (b"-incoming" in argv) == incoming)]
 
 
 def claims(agent: AgentProcess, uuid: str) -> dict[str, int]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 from cna_agent.host.cpulist import parse_cpulist
 
@@ -86,17 +87,22 @@ def proc_comm(pid: int, tid: int) -> str:
     return Path(f"/proc/{pid}/task/{tid}/comm").read_text().rstrip("\n")
 
 
-def qemu_img_converting(root: Path) -> list[int]:
-    """Pids of live (not zombie) ``qemu-img convert`` processes with an argument under ``root``
-    (a datastore), read from /proc: the cancel and kill tests stop or find the real copier."""
-    pids = []
+def proc_argvs() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every live process, read from /proc (zombies and processes that exit
+    while being read are skipped): the one scanner the tests use to find QEMU and qemu-img."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state != "Z" and os.path.basename(argv[0]) == b"qemu-img" and argv[1:2] == [b"convert"] \
-                and any(a.startswith(str(root).encode()) for a in argv):
-            pids.append(int(pid))
-    return pids
+        if state != "Z" and argv and argv[0]:
+            yield int(pid), argv
+
+
+def qemu_img_converting(root: Path) -> list[int]:
+    """Pids of live ``qemu-img convert`` processes with an argument under ``root`` (a
+    datastore): the cancel and kill tests stop or find the real copier."""
+    return [pid for pid, argv in proc_argvs()
+            if os.path.basename(argv[0]) == b"qemu-img" and argv[1:2] == [b"convert"]
+            and any(a.startswith(str(root).encode()) for a in argv)]
