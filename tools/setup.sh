@@ -24,6 +24,7 @@ debs=(
   gcc libc6-dev cpio gzip iproute2 openssl procps
   syslinux syslinux-common mtools dosfstools fdisk
   tmux  # cna-ctl checked in a real terminal (tests/e2e/test_cli_terminal.py)
+  prometheus  # a real server scrapes the agent's endpoint, promtool lints it (tests/e2e/test_prometheus_scrape.py)
   # Building the distribution packages (tests/packaging, README "Packages"): debhelper/pybuild,
   # the distribution's protoc + gRPC plugin and python3 runtime (the .deb's gencode and its
   # import check), argparse-manpage for the man pages, lintian, and rpm for the openEuler spec.
