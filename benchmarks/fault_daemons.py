@@ -50,6 +50,19 @@ class FaultPoint:
     #: start): then a failure must say what was left ("left stopped").
     partial: Callable[[Ctx, dict[str, Any]], bool] | None = None
     quick: bool = False
+    #: Breaks something other than libvirtd ``delay`` seconds after the request (the array, the
+    #: switch database: fault_deps.py), or just before it with ``break_first`` (then ``mend``
+    #: puts it back ``delay`` seconds into the request: an outage the request runs into);
+    #: otherwise ``mend`` runs once the operation has ended. ``settle`` seconds are left for
+    #: the agent's own repair (or a late effect) before the effect is judged.
+    breaker: Callable[[Ctx, dict[str, Any]], None] | None = None
+    mend: Callable[[Ctx, dict[str, Any]], None] | None = None
+    break_first: bool = False
+    #: The statuses a refusal may carry (empty: any); an array that is down is UNAVAILABLE or
+    #: DEADLINE_EXCEEDED, never NOT_FOUND (which tells the manager its request was wrong).
+    refused_as: tuple[str, ...] = ()
+    settle: float = 0.0
+    group: str = ""
 
 
 def _until(fn_: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -171,7 +184,7 @@ def run_fault(node: fn.Node, ctx: Ctx, point: FaultPoint, baseline: dict[str, se
     """One point on the running agent: prepare, request, break (libvirtd) or not (the datastore
     fills by itself), wait for the operation to end, judge, clean up, count what is left."""
     out: dict[str, Any] = {"point": point.name, "kind": point.kind, "reached": True,
-                           "group": "libvirtd-kill" if point.delay else "datastore-full"}
+                           "group": point.group or ("libvirtd-kill" if point.delay else "datastore-full")}
     state = point.prepare(ctx)
     state["rid"] = _rid(point.name)
     errors: list[str] = []
@@ -181,16 +194,28 @@ def run_fault(node: fn.Node, ctx: Ctx, point: FaultPoint, baseline: dict[str, se
             point.request(ctx, state)
         except grpc.RpcError as exc:
             errors.append(exc.code().name)
+            out["message"] = exc.details() or ""
 
     if point.frozen:
         os.kill(_libvirtd_pid(), signal.SIGSTOP)
+    if point.breaker is not None and point.break_first:
+        point.breaker(ctx, state)
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    if point.delay:
+    mend = point.mend
+    if point.breaker is not None:
+        time.sleep(point.delay)
+        out["request_done_before_kill"] = not sender.is_alive()
+        if not point.break_first:
+            point.breaker(ctx, state)
+        elif mend is not None:
+            mend(ctx, state)
+            mend = None
+    elif point.delay:
         time.sleep(point.delay)
         out["libvirtd_killed"] = _kill_libvirtd()
         out["request_done_before_kill"] = not sender.is_alive()
-    sender.join(timeout=120)
+    sender.join(timeout=180)
     out["rpc"] = errors[0] if errors else "OK"
     deadline = time.monotonic() + 180
     op = None
@@ -201,11 +226,23 @@ def run_fault(node: fn.Node, ctx: Ctx, point: FaultPoint, baseline: dict[str, se
         if op is not None and op.done:
             break
         time.sleep(0.5)
+    if mend is not None:
+        mend(ctx, state)
     effect = point.effect(ctx, state)
+    settle = time.monotonic() + point.settle
+    if op is not None and op.state == O.OPERATION_STATE_SUCCEEDED:
+        while not effect and time.monotonic() < settle:
+            time.sleep(0.5)  # a success the agent's own repair completes (the reconcile re-tags a port)
+            effect = point.effect(ctx, state)
+    elif point.settle:
+        time.sleep(point.settle)  # a failure whose effect lands late (QEMU finishing once the array answers)
+        effect = point.effect(ctx, state)
     out["effect"] = effect
     partly = point.partial is not None and point.partial(ctx, state)
     if op is None and errors and not effect and not partly:
         out["state"] = f"refused ({errors[0]})"  # nothing was started, and nothing happened: the truth
+        if point.refused_as and errors[0] not in point.refused_as:
+            out["untruthful"] = f"refused as {errors[0]}, not {' or '.join(point.refused_as)}: {out.get('message', '')[-120:]}"
     else:
         out["state"] = O.OperationState.Name(op.state) if op is not None else "-"
         out["message"] = op.error.message if op is not None else ""

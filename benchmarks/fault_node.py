@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cna_agent.api import pb
 from support.agent import AgentProcess, start_agent
@@ -26,8 +26,12 @@ class Node:
     """One agent home; ``mode`` "embedded" (the agent's own libvirt, for agent kills) or
     "system" (the host's libvirtd, which the libvirtd points kill)."""
 
-    def __init__(self, base: Path, mode: str = "embedded") -> None:
+    def __init__(self, base: Path, mode: str = "embedded", *, extra: str = "",
+                 observers: dict[str, Callable[[], set[str]]] | None = None) -> None:
+        """``extra``: more agent config (fault_deps.py's SAN datastore and switch database);
+        ``observers``: more things to count leaks of, by name (OVS bridges, iSCSI sessions)."""
         self.base, self.mode = base, mode
+        self.observers = observers or {}
         self.home = base / "agent"
         for d in (base / "ds", base / "imp", base / "small"):
             d.mkdir(parents=True, exist_ok=True)
@@ -37,7 +41,7 @@ class Node:
         self.extra = (f'[compute]\nimage_dirs = "{guest_dir}"\n'
                       f'[storage.datastores.ds]\ntype = "dir"\npath = "{base / "ds"}"\n'
                       f'[storage.datastores.imp]\ntype = "dir"\npath = "{base / "imp"}"\n'
-                      f'[storage.datastores.small]\ntype = "dir"\npath = "{base / "small"}"\n')
+                      f'[storage.datastores.small]\ntype = "dir"\npath = "{base / "small"}"\n' + extra)
         self.agent: AgentProcess | None = None
         self.ready_after_kill: list[float] = []
         self.ready_after_stop: list[float] = []
@@ -102,7 +106,8 @@ def inventory(node: Node) -> dict[str, set[str]]:
             "run_dirs": {p.name for p in (node.home / "run" / "vms").glob("*")},
             "qemu": set(qemu_of(node.home)),
             "bridges": {p.name for p in Path("/sys/class/net").glob("cnaf*")},
-            "secrets": _files(secrets) if node.mode == "embedded" else set()}
+            "secrets": _files(secrets) if node.mode == "embedded" else set(),
+            **{name: see() for name, see in node.observers.items()}}
 
 
 def leaks(node: Node, baseline: dict[str, set[str]]) -> list[str]:

@@ -75,8 +75,10 @@ class Ctx:
 
         return ok(self.channel, op, timeout, into=into)
 
-    def new_vm(self, name: str, *, start: bool = False, disks: tuple[str, ...] = ()) -> str:
-        spec = self.guest("x86_64", name, memory_mib=128, disks=[vm.DiskSpec(volume=d) for d in disks])
+    def new_vm(self, name: str, *, start: bool = False, disks: tuple[str, ...] = (), nics: tuple[str, ...] = ()) -> str:
+        """``disks``: volume ids; ``nics``: port groups, one NIC in each."""
+        spec = self.guest("x86_64", name, memory_mib=128, disks=[vm.DiskSpec(volume=d) for d in disks],
+                          nics=[vm.NicSpec(port_group=p) for p in nics])
         return self.ok(self.vms.CreateVm(vm.CreateVmRequest(spec=spec, start=start), timeout=60), into=vm.Vm()).uuid
 
     @property

@@ -50,6 +50,7 @@ import grpc  # noqa: E402
 
 from benchmarks import fault_node as fn  # noqa: E402
 from benchmarks.fault_daemons import FaultPoint, full_points, libvirtd_points, run_fault  # noqa: E402
+from benchmarks.fault_deps import Deps, deps_points  # noqa: E402
 from benchmarks.fault_points import Ctx, Point, _rid, matrix  # noqa: E402
 from cna_agent.api import pb  # noqa: E402
 from support import libvirt as test_libvirt  # noqa: E402
@@ -180,14 +181,38 @@ def libvirtd_matrix(base: Path, points: list[FaultPoint]) -> tuple[list[dict[str
             test_libvirt.stop_libvirtd()
 
 
+def deps_matrix(base: Path, points: list[FaultPoint]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The array and switch-database points (fault_deps.py), on an embedded-libvirt node whose
+    agent has a libiscsi SAN datastore on the testbed's tgtd and the testbed's OVSDB."""
+    deps = Deps(base / "deps")
+    try:
+        node = fn.Node(base / "withdeps", extra=deps.config(),
+                       observers={"ovs_bridges": deps.bridges, "iscsi_sessions": deps.sessions})
+        ctx = Ctx(node.base, node.etc, node.run, guest_spec)
+        ctx.deps = deps  # type: ignore[attr-defined]
+        try:
+            baseline, volumes, neighbour = _begin(node, ctx)
+            results = []
+            with node.agent.channel() as ch:  # type: ignore[union-attr]
+                ctx.channel = ch
+                for point in points:
+                    results.append(run_fault(node, ctx, point, baseline, volumes, neighbour))
+                    _report(results[-1])
+            return results, _end(node, ctx, neighbour)
+        finally:
+            node.close()
+    finally:
+        deps.close()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the reduced matrix CI runs")
     ap.add_argument("--only", default="", help="comma-separated points to run (names as printed)")
     ap.add_argument("--keep", action="store_true", help="keep the agent homes (for debugging)")
     args = ap.parse_args(argv)
-    kills, full, daemons = matrix(), full_points(), libvirtd_points()
-    every: list[Any] = [*kills, *full, *daemons]
+    kills, full, daemons, deps = matrix(), full_points(), libvirtd_points(), deps_points()
+    every: list[Any] = [*kills, *full, *daemons, *deps]
     if args.quick:
         every = [p for p in every if p.quick]
     if args.only:
@@ -208,6 +233,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if chosen_daemons:
             r, e = libvirtd_matrix(base, chosen_daemons)
             results, problems = results + r, problems + e
+        chosen_deps = [p for p in deps if p in every]
+        if chosen_deps:
+            r, e = deps_matrix(base, chosen_deps)
+            results, problems = results + r, problems + e
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
@@ -219,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "faults", "quick": args.quick,
         "points": sum(1 for r in results if r["reached"]),
         **{group.replace("-", "_"): sum(1 for r in results if r["group"] == group)
-           for group in ("agent-kill", "libvirtd-kill", "datastore-full")},
+           for group in ("agent-kill", "libvirtd-kill", "datastore-full", "tgtd", "ovsdb")},
         "unreached": [r["point"] for r in results if not r["reached"]],
         "guests_lost": sum(1 for r in results if r.get("guest_lost")),
         "untruthful_operations": sum(1 for r in results if r.get("untruthful")),

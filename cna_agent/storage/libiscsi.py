@@ -22,7 +22,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cna_agent.storage import qemuimg
 from cna_agent.storage.model import DatastoreDecl
 from cna_agent.storage.runner import CommandError, CommandRunner
@@ -162,14 +162,30 @@ def list_luns(runner: CommandRunner, decl: DatastoreDecl, *, initiator_iqn: str,
             if kind == "DIRECT_ACCESS"]
 
 
+#: What libiscsi (through qemu-img) prints when no target answers at the portal, as opposed
+#: to a target that answers and refuses the LUN (a SCSI sense: "SENSE KEY:ILLEGAL_REQUEST").
+_UNREACHABLE = ("iscsi_service failed", "Connection refused", "timed out", "No route to host", "Network is unreachable")
+
+
+def unreachable(stderr: str) -> bool:
+    """Whether a libiscsi failure means the array did not answer (UNAVAILABLE, retryable)
+    rather than that the LUN is not there (NOT_FOUND): seen with tgtd killed, "iSCSI: Failed to
+    connect to LUN : iscsi_service failed with : iscsi_service_reconnect_if_loggedin"."""
+    return "SENSE KEY" not in stderr and any(m in stderr for m in _UNREACHABLE)
+
+
 def lun_size(runner: CommandRunner, decl: DatastoreDecl, lun: int, *, secret: str, timeout: float, field: str = "") -> int:
     argv = [qemuimg.QEMU_IMG, "info", "--output=json", "-f", "raw", lun_url(decl, lun)]
     try:
         data = qemuimg._json(_run(runner, decl, argv, secret=secret, timeout=timeout, field=field), " ".join(argv))
     except CommandError as exc:
         where = f"{field}: " if field else ""
+        err = exc.result.stderr.strip()
+        if unreachable(err):
+            raise Unavailable(f"{where}the iSCSI target {decl.target_iqn} of datastore {decl.name!r} does not answer "
+                              f"({err[-200:]}); retry when the array answers again", field=field) from None
         raise NotFound(f"{where}LUN {lun} of {decl.target_iqn} on datastore {decl.name!r} cannot be opened: "
-                       f"{exc.result.stderr.strip()[-300:]}", field=field) from None
+                       f"{err[-300:]}", field=field) from None
     return int(data.get("virtual-size", 0))  # only the size: "filename" carries the credentials
 
 

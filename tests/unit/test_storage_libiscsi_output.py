@@ -100,3 +100,25 @@ def test_the_probe_falls_back_to_discovery_when_another_target_blocks_the_listin
     runner.add("iscsi-ls", stdout=_listing((OTHER, ""), (OURS, "")))
     assert libiscsi.probe(runner, _decl(), initiator_iqn="", secret="s3cret", timeout=5) == (True, "")
     assert [c[:2] for c in runner.calls] == [("iscsi-ls", "-s"), ("iscsi-ls", "iscsi://127.0.0.1:3260")]
+
+
+#: qemu-img 7.2 opening a LUN (recorded on the testbed): tgtd killed; a LUN the target does not
+#: have; a target the portal does not have.
+ARRAY_DOWN = ("qemu-img: Could not open 'iscsi://127.0.0.1:3260/iqn.2026-12.test.cna:faults/1': iSCSI: Failed to "
+              "connect to LUN : iscsi_service failed with : iscsi_service_reconnect_if_loggedin. Can not reconnect right now.")
+NO_LUN = ("qemu-img: Could not open 'iscsi://127.0.0.1:3260/iqn.2026-12.test.cna:probe/5': iSCSI: Failed to connect to LUN : "
+          "SENSE KEY:ILLEGAL_REQUEST(5) ASCQ:LOGICAL_UNIT_NOT_SUPPORTED(0x2500)")
+NO_TARGET = ("qemu-img: Could not open 'iscsi://127.0.0.1:3260/iqn.2026-12.nope/1': iSCSI: Failed to connect to LUN : "
+             "Failed to log in to target. Status: Target not found(515)")
+
+
+@pytest.mark.parametrize("stderr, error", [(ARRAY_DOWN, "Unavailable"), (NO_LUN, "NotFound"), (NO_TARGET, "NotFound")])
+def test_an_array_that_does_not_answer_is_unavailable_and_a_missing_lun_not_found(stderr, error) -> None:
+    """A manager retries UNAVAILABLE; NOT_FOUND tells it the request names something wrong, which
+    an array that is down (the fault suite's tgtd-down point) does not."""
+    runner = RecordingRunner().add("qemu-img", stderr=stderr + "\n", returncode=1)
+    with pytest.raises(Exception) as err:
+        libiscsi.lun_size(runner, _decl(chap=False), 1, secret="", timeout=10, field="disk")
+    assert type(err.value).__name__ == error, err.value
+    assert err.value.field == "disk"
+    assert ("does not answer" in err.value.message) == (error == "Unavailable")
