@@ -1,6 +1,7 @@
 """The fault suite: the agent killed (SIGKILL) at every crash point of fault_points.py (38 across
 VM lifecycle, disks, snapshots, updates, volumes and network declarations), libvirtd killed
-mid-operation and a datastore filling up (fault_daemons.py), each judged from outside.
+mid-operation and a datastore filling up (fault_daemons.py), the iSCSI array (tgtd) killed or
+frozen and the switch database (ovsdb-server) restarted (fault_deps.py), each judged from outside.
 
     python -m benchmarks.faults            # the full matrix
     python -m benchmarks.faults --quick    # the reduced one CI runs (tests/e2e/test_fault_matrix.py)
