@@ -114,6 +114,10 @@ class Deps:
     def bridges(self) -> set[str]:
         return {b for b in self.vsctl("list-br").split() if b.startswith("cnaf")}
 
+    def ports(self) -> set[str]:
+        """Every port on the suite's OVS bridges but each bridge's own internal port."""
+        return {f"{br}/{p}" for br in self.bridges() for p in self.vsctl("list-ports", br).split()}
+
     def tags(self, bridge: str) -> dict[str, str]:
         return {port: self.vsctl("get", "Port", port, "tag") for port in self.vsctl("list-ports", bridge).split()}
 

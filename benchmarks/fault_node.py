@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -107,7 +108,23 @@ def inventory(node: Node) -> dict[str, set[str]]:
             "qemu": set(qemu_of(node.home)),
             "bridges": {p.name for p in Path("/sys/class/net").glob("cnaf*")},
             "secrets": _files(secrets) if node.mode == "embedded" else set(),
+            "claims": placement_claims(node.home),
             **{name: see() for name, see in node.observers.items()}}
+
+
+def placement_claims(home: Path) -> set[str]:
+    """VMs holding a placement claim (CPU/NUMA) in the agent's state database, read from the
+    SQLite file itself (read-only), not asked of the agent."""
+    db = home / "state" / "agent.db"
+    if not db.exists():
+        return set()
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return {row[0] for row in conn.execute("SELECT vm_uuid FROM placements")}
+    except sqlite3.OperationalError:  # not created yet
+        return set()
+    finally:
+        conn.close()
 
 
 def leaks(node: Node, baseline: dict[str, set[str]]) -> list[str]:

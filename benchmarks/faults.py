@@ -188,7 +188,8 @@ def deps_matrix(base: Path, points: list[FaultPoint]) -> tuple[list[dict[str, An
     deps = Deps(base / "deps")
     try:
         node = fn.Node(base / "withdeps", extra=deps.config(),
-                       observers={"ovs_bridges": deps.bridges, "iscsi_sessions": deps.sessions})
+                       observers={"ovs_bridges": deps.bridges, "ovs_ports": deps.ports,
+                                  "iscsi_sessions": deps.sessions})
         ctx = Ctx(node.base, node.etc, node.run, guest_spec)
         ctx.deps = deps  # type: ignore[attr-defined]
         try:
