@@ -88,6 +88,11 @@ class DiskProvider(Protocol):
     async def delete_volume(self, volume_id: str, *, field: str) -> None:
         """Delete a VM's volume (DeleteVm with delete_disks)."""
 
+    async def check_deletable(self, volume_id: str, *, field: str) -> None:
+        """Raise FailedPrecondition (naming ``field``) when delete_volume would refuse the
+        volume (a linked clone of another name stands on it): DeleteVm asks before it changes
+        anything, so a refused disk never leaves the VM undefined and its disks half-deleted."""
+
 
 #: What release_lun did with the host's devices for a LUN:
 #: "released"   multipath map, SCSI paths and, for a target's last LUN, the iSCSI session removed;

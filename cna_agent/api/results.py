@@ -47,7 +47,7 @@ VM, EMPTY = "cna.v1.Vm", "google.protobuf.Empty"
 OPERATION_RESPONSES: dict[str, str] = {
     **dict.fromkeys(("vm.create", "vm.update", "vm.start", "vm.shutdown", "vm.reboot", "vm.pause", "vm.resume",
                      "vm.snapshot.revert", "vm.disk.attach", "vm.disk.detach", "vm.disk.resize", "vm.disk.qos",
-                     "vm.migrate", "vm.migrate_cold"), VM),
+                     "vm.migrate", "vm.migrate_cold", "vm.restore"), VM),
     "vm.snapshot.create": "cna.v1.Snapshot",
     **dict.fromkeys(("vm.delete", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",
                      "network.port_group.delete", "network.nic.detach"), EMPTY),

@@ -9,7 +9,7 @@ from cna_agent.api.convert import operation_to_pb
 from cna_agent.api.vm_convert import STATE_NAMES, console_to_pb, migration_policy_from_pb, snapshot_to_pb, spec_from_pb, vm_to_pb
 from cna_agent.api.convert import request_fingerprint as fingerprint
 from cna_agent.compute.service import Compute
-from cna_agent.errors import InvalidArgument
+from cna_agent.errors import FailedPrecondition, InvalidArgument
 
 
 
@@ -46,7 +46,8 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
             if s not in STATE_NAMES:
                 raise InvalidArgument(f"states[{i}]", f"unknown state {s}")
             states.append(STATE_NAMES[s])
-        vms = await self._inv.list(states=states, include_unmanaged=request.include_unmanaged, status_only=request.status_only)
+        vms = await self._inv.list(states=states, include_unmanaged=request.include_unmanaged, status_only=request.status_only,
+                                   recycled=request.recycled)
         return pb.vm_pb2.ListVmsResponse(vms=[vm_to_pb(v) for v in vms])
 
     async def MigrateVm(self, request, context):
@@ -61,7 +62,13 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
 
     async def DeleteVm(self, request, context):
         return await self._op(context, self._life.delete(request.vm, delete_disks=request.delete_disks, force=request.force,
-                                                        request_id=request.request_id, fingerprint=fingerprint(request)))
+                                                        hold_s=request.hold_time_s, request_id=request.request_id,
+                                                        fingerprint=fingerprint(request)))
+
+    async def RestoreVm(self, request, context):
+        if self._c.recycle_bin is None:
+            raise FailedPrecondition("this agent has no recycle bin", field="vm")
+        return await self._action(request, context, self._c.recycle_bin.restore)
 
     async def _action(self, request, context, method):
         lock_timeout = _seconds(request.lock_timeout, "lock_timeout", 3600)
@@ -146,7 +153,8 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
 
     async def CreateSnapshot(self, request, context):
         return await self._op(context, self._snaps.create(request.vm, request.name, description=request.description,
-                                                                 quiesce=request.quiesce, request_id=request.request_id,
+                                                                 quiesce=request.quiesce, memory=request.memory,
+                                                                 request_id=request.request_id,
                                                                  fingerprint=fingerprint(request)))
 
     async def ListSnapshots(self, request, context):

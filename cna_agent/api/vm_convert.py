@@ -146,6 +146,8 @@ def vm_to_pb(info: VmInfo) -> Any:
     ))
     if info.state_time is not None:
         vm.status.state_time.CopyFrom(timestamp(info.state_time))
+    if info.recycle_expires is not None:
+        vm.status.recycle_expire_time.CopyFrom(timestamp(info.recycle_expires))
     if info.console is not None:
         vm.status.console.CopyFrom(console_to_pb(info.console))
     return vm
@@ -158,7 +160,7 @@ def snapshot_to_pb(info: Any) -> Any:
     state = {v: k for k, v in STATE_NAMES.items()}.get(info.vm_state, 0)
     return pb.vm_pb2.Snapshot(name=info.name, parent=info.parent, create_time=timestamp_pb2.Timestamp(seconds=info.create_time),
                               description=info.description, kind=info.kind, vm_state=state, current=info.current,
-                              children=list(info.children))
+                              children=list(info.children), memory=info.memory)
 
 
 def vm_from_pb(m: Any) -> VmInfo:

@@ -96,11 +96,14 @@ def _wait(client: Client, op: Any, args: argparse.Namespace) -> str:
 
 def cmd_list(client: Client, args: argparse.Namespace) -> str:
     states = [v.VmState.Value("VM_STATE_" + s.upper()) for s in args.state or []]
-    resp = client.call(client.vms.ListVms, v.ListVmsRequest(states=states, include_unmanaged=args.all, status_only=not args.json))
+    resp = client.call(client.vms.ListVms, v.ListVmsRequest(states=states, include_unmanaged=args.all, status_only=not args.json,
+                                                           recycled=args.recycled))
     if args.json:
         return json.dumps(to_json(resp), indent=2)
     if not resp.vms:
-        return "no VMs"
+        return "the recycle bin is empty" if args.recycled else "no VMs"
+    if args.recycled:
+        return table(["NAME", "UUID", "DELETED ON EXPIRY"], [[x.name, x.uuid, fmt_time(x.status.recycle_expire_time)] for x in resp.vms])
     return table(["NAME", "UUID", "STATE", "REASON", "MANAGED"],
                  [[x.name, x.uuid, _state(x.status.state), x.status.state_reason or "-", "yes" if x.managed else "no"] for x in resp.vms])
 
@@ -151,9 +154,25 @@ def cmd_reboot(client: Client, args: argparse.Namespace) -> str:
     return _wait(client, op, args)
 
 
+def hold_seconds(text: str) -> int:
+    """``--hold``: seconds, or a number with s, m, h or d ("7d")."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 3600, 90m, 12h or 7d") from None
+
+
 def cmd_delete(client: Client, args: argparse.Namespace) -> str:
     op = client.call(client.vms.DeleteVm, v.DeleteVmRequest(vm=args.vm, delete_disks=args.delete_disks, force=args.force,
-                                                             request_id=args.request_id or ""))
+                                                             hold_time_s=args.hold, request_id=args.request_id or ""))
+    return _wait(client, op, args)
+
+
+def cmd_restore(client: Client, args: argparse.Namespace) -> str:
+    op = client.call(client.vms.RestoreVm, v.VmActionRequest(vm=args.vm, request_id=args.request_id or ""))
     return _wait(client, op, args)
 
 
@@ -163,6 +182,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--state", action="append", choices=["stopped", "running", "paused", "shutting_down", "crashed", "migrating",
                                                         "suspended", "starting", "unknown"], help="only VMs in this state (repeatable)")
     p.add_argument("--all", action="store_true", help="also domains not created by the agent")
+    p.add_argument("--recycled", action="store_true", help="only the VMs in the recycle bin, with when each is deleted")
     p.set_defaults(func=cmd_list)
     p = vms.add_parser("show", aliases=["info"], parents=[common], help="one VM's spec and status")
     p.add_argument("vm", help="name or UUID")
@@ -194,6 +214,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     q = mutating("delete", "delete a VM (keeps its disks unless --delete-disks)", cmd_delete)
     q.add_argument("--delete-disks", action="store_true")
     q.add_argument("--force", action="store_true", help="power off a running VM first")
+    q.add_argument("--hold", type=hold_seconds, default=0, metavar="DURATION",
+                   help="keep it in the recycle bin this long (e.g. 7d), restorable, then delete it")
+    mutating("restore", "bring a VM back from the recycle bin (stopped)", cmd_restore)
     from cna_agent.cli.vm_console import register_console
 
     register_console(vms, common)

@@ -20,7 +20,8 @@ def _wait(client: Client, op, args: argparse.Namespace) -> str:
 
 def cmd_create(client: Client, args: argparse.Namespace) -> str:
     op = client.call(client.vms.CreateSnapshot, v.CreateSnapshotRequest(
-        vm=args.vm, name=args.name, description=args.description or "", quiesce=args.quiesce, request_id=args.request_id or ""))
+        vm=args.vm, name=args.name, description=args.description or "", quiesce=args.quiesce, memory=args.memory,
+        request_id=args.request_id or ""))
     return _wait(client, op, args)
 
 
@@ -34,7 +35,8 @@ def cmd_list(client: Client, args: argparse.Namespace) -> str:
     rows = []
     for s in resp.snapshots:
         depth[s.name] = depth.get(s.parent, -1) + 1 if s.parent else 0
-        rows.append(["  " * depth[s.name] + s.name + (" *" if s.current else ""), s.kind, fmt_time(s.create_time),
+        rows.append(["  " * depth[s.name] + s.name + (" *" if s.current else ""), s.kind + ("+memory" if s.memory else ""),
+                     fmt_time(s.create_time),
                      s.description or "-"])
     return table(["NAME (* current)", "KIND", "CREATED", "DESCRIPTION"], rows)
 
@@ -54,7 +56,8 @@ def register_snapshot(vms: argparse._SubParsersAction, common: argparse.Argument
     p = snap.add_parser("list", parents=[common], help="a VM's snapshots as a tree")
     p.add_argument("vm")
     p.set_defaults(func=cmd_list)
-    for name, func, help_ in (("create", cmd_create, "internal when stopped, external disk-only when running"),
+    for name, func, help_ in (("create", cmd_create, "internal when stopped, external disk-only when running, "
+                                                       "internal with RAM when running with --memory"),
                               ("revert", cmd_revert, "revert the VM to a snapshot"), ("delete", cmd_delete, "delete a snapshot")):
         p = snap.add_parser(name, parents=[common], help=help_)
         p.add_argument("vm")
@@ -64,4 +67,6 @@ def register_snapshot(vms: argparse._SubParsersAction, common: argparse.Argument
         if name == "create":
             p.add_argument("--description")
             p.add_argument("--quiesce", action="store_true", help="freeze guest filesystems via the guest agent (running VMs)")
+            p.add_argument("--memory", action="store_true",
+                           help="include RAM and device state (running VMs): a revert resumes the guest at that point")
         p.set_defaults(func=func)

@@ -23,6 +23,7 @@ import libvirt
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import qmp
 from cna_agent.compute import state as st
+from cna_agent.compute.recycle import RecycleMark, in_bin_message, read_mark
 from cna_agent.compute.spec import UUID_RE, VmSpec, validate_name
 from cna_agent.contracts import DiskUse, VmNic
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -57,6 +58,8 @@ class VmInfo:
     console: ConsoleInfo | None = None
     #: What this host leaves out of the spec (render.host_limitations), one sentence each.
     host_limitations: tuple[str, ...] = ()
+    #: When the VM's hold in the recycle bin ends (None: not in the bin).
+    recycle_expires: float | None = None
 
 
 @dataclass
@@ -66,6 +69,8 @@ class VmDefinition:
     name: str
     managed: bool
     spec: VmSpec | None
+    #: In the recycle bin (recycle.py): until when, and how it is then deleted.
+    recycled: RecycleMark | None = None
 
 
 def vm_lock(uuid: str) -> str:
@@ -92,7 +97,8 @@ class VmInventory:
 
     def remember(self, uuid: str, spec: VmSpec) -> None:
         """An operation just wrote this spec into the definition."""
-        self._cache[uuid] = VmDefinition(spec.name, True, spec)
+        old = self._cache.get(uuid)
+        self._cache[uuid] = VmDefinition(spec.name, True, spec, old.recycled if old else None)
 
     def note_state(self, uuid: str, when: float) -> None:
         self._state_times[uuid] = when
@@ -129,13 +135,17 @@ class VmInventory:
         if not UUID_RE.match(ref):
             validate_name(ref, "vm")
 
-    async def lookup_uuid(self, ref: str, *, require_managed: bool = True) -> tuple[str, str]:
-        """(uuid, name) of the VM named by UUID or name; NotFound / FailedPrecondition."""
+    async def lookup_uuid(self, ref: str, *, require_managed: bool = True, allow_recycled: bool = False) -> tuple[str, str]:
+        """(uuid, name) of the VM named by UUID or name; NotFound / FailedPrecondition. A VM in
+        the recycle bin is refused unless ``allow_recycled`` (RestoreVm, DeleteVm)."""
         self.check_ref(ref)
         uuid, name = await self.hv.call(lambda c: (lambda d: (d.UUIDString(), d.name()))(self.lookup(c, ref)), timeout=10)
-        if require_managed:
-            if not (await self.definition(uuid)).managed:
+        if require_managed or not allow_recycled:
+            d = await self.definition(uuid)
+            if require_managed and not d.managed:
                 raise FailedPrecondition(f"vm {name!r} was not created by cna-agent; the agent leaves it alone", field="vm")
+            if d.recycled is not None and not allow_recycled:
+                raise FailedPrecondition(in_bin_message(name, d.recycled), field="vm")
         return uuid, name
 
     async def definition(self, uuid: str) -> VmDefinition:
@@ -163,7 +173,7 @@ class VmInventory:
             spec = VmSpec.from_json(text) if text else None
         except (ET.ParseError, ValueError):
             spec = None
-        return VmDefinition(dom.name(), spec is not None, spec)
+        return VmDefinition(dom.name(), spec is not None, spec, read_mark(dom) if spec is not None else None)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -189,7 +199,8 @@ class VmInventory:
         state, reason = st.map_state(s, r)
         vm = VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=cached.spec, state=state, reason=reason,
                     state_time=self._state_times.get(uuid), cpu_time_ns=int(info[4]),
-                    host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations else ())
+                    host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations else (),
+                    recycle_expires=cached.recycled.expires_at if cached.recycled else None)
         if live_xml:
             vm.console = self._console_from_xml(live_xml, cached.spec)
             vm.qemu_pid = self._qemu_pid(name)
@@ -197,7 +208,11 @@ class VmInventory:
         vm.active_operation_id = holder.id if holder else ""
         return vm
 
-    async def list(self, *, states: Iterable[str] = (), include_unmanaged: bool = False, status_only: bool = False) -> list[VmInfo]:
+    async def list(self, *, states: Iterable[str] = (), include_unmanaged: bool = False, status_only: bool = False,
+                   recycled: bool | None = False) -> list[VmInfo]:
+        """The host's VMs; ``recycled``: False leaves out those in the recycle bin (what ListVms
+        shows), True lists only them, None lists both (disk and MAC users: a VM in the bin
+        still holds its disks and MACs)."""
         wanted = set(states)
         flags = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL | libvirt.VIR_DOMAIN_STATS_BALLOON
 
@@ -215,6 +230,8 @@ class VmInventory:
             self._cache[uuid] = cached
             if not cached.managed and not include_unmanaged:
                 continue
+            if recycled is not None and (cached.recycled is not None) != recycled:
+                continue
             state, reason = st.map_state(s, r)
             if wanted and state not in wanted:
                 continue
@@ -222,7 +239,8 @@ class VmInventory:
             vms.append(VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=None if status_only else cached.spec,
                               state=state, reason=reason, state_time=self._state_times.get(uuid), cpu_time_ns=int(cpu),
                               memory_rss_kib=int(rss), active_operation_id=holder.id if holder else "",
-                              host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations and not status_only else ()))
+                              host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations and not status_only else (),
+                              recycle_expires=cached.recycled.expires_at if cached.recycled else None))
         vms.sort(key=lambda v: v.name)
         return vms
 
@@ -270,7 +288,7 @@ class VmInventory:
 
     async def disk_users(self) -> list[DiskUse]:
         out: list[DiskUse] = []
-        for vm in await self.list():
+        for vm in await self.list(recycled=None):  # a VM in the recycle bin still holds its disks
             for disk in vm.spec.disks if vm.spec else ():
                 if disk.volume:
                     out.append(DiskUse(vm.uuid, volume=disk.volume))

@@ -26,6 +26,7 @@ from cna_agent.compute.binder import Binder
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain, nvram_path, resolve_defaults
 from cna_agent.compute.reservations import ReservationAdmission
+from cna_agent.compute.recycle import RecycleBin, check_hold, in_bin_message, read_mark
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
 from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
@@ -94,6 +95,9 @@ class VmLifecycle:
         self.binder = binder
         self.renderer = renderer
         self.monitor = monitor
+        #: Where DeleteVm with a hold puts a VM (set by the composition root: the bin deletes
+        #: through this lifecycle when a hold is up).
+        self.recycle_bin: RecycleBin | None = None
 
     def validation_context(self) -> ValidationContext:
         return self.renderer.validation(self.binder.placer is not None)
@@ -145,7 +149,11 @@ class VmLifecycle:
                         existing = self.inventory.lookup(conn, ref)
                     except NotFound:
                         continue
-                    raise AlreadyExists(f"a VM with {field.split('.')[1]} {ref!r} already exists ({existing.name()})", field=field)
+                    mark = read_mark(existing)
+                    where = f" in the recycle bin until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(mark.expires_at))}" \
+                        if mark else ""
+                    raise AlreadyExists(f"a VM with {field.split('.')[1]} {ref!r} already exists ({existing.name()}{where})",
+                                        field=field)
                 try:
                     dom = conn.defineXML(xml)
                 except libvirt.libvirtError as exc:
@@ -358,23 +366,41 @@ class VmLifecycle:
 
     # -- delete ------------------------------------------------------------------------------------
 
-    async def delete(self, ref: str, *, delete_disks: bool = False, force: bool = False, request_id: str = "",
-                     fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
-        uuid, name = await self.inventory.lookup_uuid(ref)
+    async def delete(self, ref: str, *, delete_disks: bool = False, force: bool = False, hold_s: int = 0,
+                     request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+        """DeleteVm; with ``hold_s`` the VM goes to the recycle bin instead (recycle.py) and is
+        deleted, as asked here, when the hold is up. A VM already in the bin is deleted now."""
+        check_hold(hold_s)
+        uuid, name = await self.inventory.lookup_uuid(ref, allow_recycled=True)
         spec = await self.inventory.spec(uuid)
+        in_bin = (await self.inventory.definition(uuid)).recycled
+        if hold_s and in_bin is not None:
+            raise FailedPrecondition(f"{in_bin_message(name, in_bin)}; its hold is not changed", field="hold_time_s")
+        if hold_s and self.recycle_bin is None:
+            raise FailedPrecondition("this agent has no recycle bin; delete without hold_time_s", field="hold_time_s")
         storage = self.binder.disks
         if delete_disks and storage is None and any(d.volume for d in spec.disks):
             raise FailedPrecondition("delete_disks needs the storage subsystem, which is not running on this agent; "
                                      "delete the VM keeping its disks", field="delete_disks")
 
         async def work(op: OperationContext) -> Any:
-            if await self.inventory.state(uuid) not in (st.STOPPED, st.CRASHED):
-                if not force:
-                    raise FailedPrecondition(f"vm {name!r} is running; shut it down first or pass force", field="vm")
-                await self.destroy(uuid)
+            running = await self.inventory.state(uuid) not in (st.STOPPED, st.CRASHED)
+            if running and not force:
+                raise FailedPrecondition(f"vm {name!r} is running; shut it down first or pass force", field="vm")
             # Which disks the VM holds, read from its definition under the VM lock (a disk
             # attached since the request was checked counts): after the undefine nothing says.
             current = await self.inventory.spec(uuid)
+            own = [(i, d.volume) for i, d in enumerate(current.disks) if d.volume and not d.shareable and d.device != "cdrom"]
+            if delete_disks and storage is not None:
+                # Refused before anything changes (the power-off included): after the undefine a
+                # refusal would leave the VM gone and its disks half-deleted (seen: a linked
+                # clone stood on one).
+                await self._check_disks_deletable(uuid, own, storage)
+            if running:
+                await self.destroy(uuid)
+            if hold_s and self.recycle_bin is not None:
+                await self.recycle_bin.recycle(op, uuid, name, hold_s, delete_disks)
+                return None
 
             def undefine(conn: libvirt.virConnect) -> None:
                 dom = conn.lookupByUUIDString(uuid)
@@ -386,9 +412,8 @@ class VmLifecycle:
             self.inventory.forget(uuid)
             self.renderer.run_dirs.remove(uuid)
             if delete_disks and storage is not None:
-                for i, disk in enumerate(current.disks):
-                    if disk.volume and not disk.shareable and disk.device != "cdrom":
-                        await storage.delete_volume(disk.volume, field=f"spec.disks[{i}].volume")
+                for i, volume in own:
+                    await storage.delete_volume(volume, field=f"spec.disks[{i}].volume")
             await self.binder.release_placement(uuid)
             await self.ops.events.publish("vm.deleted", resource_kind="vm", resource_id=uuid, resource_name=name,
                                           message=f"{name} deleted", attributes={"delete_disks": str(delete_disks).lower()},
@@ -401,7 +426,23 @@ class VmLifecycle:
             return None
 
         return await self.ops.submit("vm.delete", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout, wait=QUICK_WAIT_S)
+                                     lock_timeout=lock_timeout, wait=QUICK_WAIT_S,
+                                     metadata={"hold_s": str(hold_s)} if hold_s else None)
+
+    async def _check_disks_deletable(self, uuid: str, own: list[tuple[int, str]], storage: Any) -> None:
+        """Each disk DeleteVm would delete: not used by another VM here, and deletable by storage."""
+        users: dict[str, set[str]] = {}
+        for other in await self.inventory.list(recycled=None):  # a VM in the recycle bin holds its disks
+            if other.uuid != uuid and other.spec is not None:
+                for d in other.spec.disks:
+                    if d.volume:
+                        users.setdefault(d.volume, set()).add(other.name)
+        for i, volume in own:
+            field = f"spec.disks[{i}].volume"
+            if volume in users:
+                raise FailedPrecondition(f"{field}: volume {volume!r} is also a disk of VM(s) {', '.join(sorted(users[volume]))}; "
+                                         "detach it there first, or delete the VM without delete_disks", field=field)
+            await storage.check_deletable(volume, field=field)
 
 
 async def release_lun_disks(binder: Binder, spec: VmSpec, indexes: list[int]) -> None:

@@ -13,6 +13,7 @@ import libvirt
 from cna_agent.compute.disks import disk_element
 from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.lifecycle import left_stopped
+from cna_agent.compute.recycle import read_mark
 from cna_agent.compute.spec import VmSpec
 from cna_agent.compute.vmops import save_spec
 from cna_agent.errors import CODES
@@ -121,7 +122,26 @@ class VmRecovery:
         return any(e.time >= record.create_time for e in seen)
 
     async def recover_delete(self, record: OperationRecord) -> Any:
-        return await self._by_state(record, lambda exists, active: not exists, "the VM was deleted", result=False)
+        if not record.metadata.get("hold_s"):
+            return await self._by_state(record, lambda exists, active: not exists, "the VM was deleted", result=False)
+
+        # A delete into the recycle bin: done exactly when the definition carries the mark.
+        def read(conn: libvirt.virConnect) -> tuple[bool, bool, bool]:
+            try:
+                dom = conn.lookupByUUIDString(record.target)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False, False, False
+                raise
+            return True, bool(dom.isActive()), read_mark(dom) is not None
+
+        exists, active, marked = await self.hv.call(read, timeout=15)
+        self.inventory.forget(record.target)
+        if marked:
+            return None
+        shows = "running" if active else "defined and stopped" if exists else "not defined"
+        return OperationError(CODES["ABORTED"], f"the agent stopped before the VM was moved to the recycle bin; libvirt "
+                                                f"shows it {shows}, not in the bin (nothing was redone)")
 
 
     # -- disk hot-plug: libvirt's definition decides, the spec follows it ----------------------------

@@ -30,6 +30,7 @@ from cna_agent.compute.io_resume import IoErrorResumer
 from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.nics import NicOperations
 from cna_agent.compute.ledger import Now, VmStateLedger
+from cna_agent.compute.recycle import RecycleBin
 from cna_agent.compute.reconcile import VmReconciler
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.recovery_devices import DeviceRecovery
@@ -81,6 +82,8 @@ class Compute:
     ledger: VmStateLedger | None = None
     #: The serial console sessions this agent holds (console.py).
     consoles: ConsoleSessions = field(default_factory=ConsoleSessions)
+    #: VMs deleted with a hold (recycle.py): restored, or deleted when the hold is up.
+    recycle_bin: RecycleBin | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
@@ -88,6 +91,8 @@ class Compute:
                     "vm.migrate": MigrationRecovery(self.migrations).recover}
         if self.migrations.cold is not None:
             handlers["vm.migrate_cold"] = self.migrations.cold.recover
+        if self.recycle_bin is not None:
+            handlers["vm.restore"] = self.recycle_bin.recover_restore
         return handlers
 
     async def start(self) -> None:
@@ -102,7 +107,7 @@ class Compute:
         self.ops.hv.add_on_connect(self._reconnected)
 
     async def _reconnected(self, _conn: Any) -> None:
-        await self.compare_states(await self.inventory.list(include_unmanaged=True), observed="after reconnect")
+        await self.compare_states(await self.inventory.list(include_unmanaged=True, recycled=None), observed="after reconnect")
 
     async def compare_states(self, vms: list[VmInfo], *, observed: str) -> int:
         """Events for every VM whose state differs from the one last seen (ledger.py)."""
@@ -111,10 +116,15 @@ class Compute:
         return await self.ledger.compare([Now(v.uuid, v.name, v.state, v.reason, v.managed) for v in vms], observed=observed)
 
     async def start_reconcile(self) -> None:
-        """Once serving: the per-VM reconcile (start-up pass, events, timer)."""
+        """Once serving: the per-VM reconcile (start-up pass, events, timer), and the recycle
+        bin's sweep (a hold that ran out while the agent was down is handled now)."""
         await self.reconciler.start()
+        if self.recycle_bin is not None:
+            self.recycle_bin.start()
 
     async def stop(self) -> None:
+        if self.recycle_bin is not None:
+            await self.recycle_bin.stop()
         await self.reconciler.stop()
         await self.resumer.stop()
         await self.monitor.stop()
@@ -123,7 +133,7 @@ class Compute:
     async def adopt(self) -> list[VmInfo]:
         """List every domain; ours are adopted with their spec, others noted. Nothing is
         started, stopped or redefined (DESIGN.md "Restart adopts, never redoes")."""
-        vms = await self.inventory.list(include_unmanaged=True)
+        vms = await self.inventory.list(include_unmanaged=True, recycled=None)
         managed = [v for v in vms if v.managed]
         for v in managed:
             if v.state in (st.RUNNING, st.PAUSED):
@@ -139,7 +149,7 @@ class Compute:
         placer = self.binder.placer
         if placer is None:
             return 0
-        defined = {v.uuid for v in await self.inventory.list(include_unmanaged=True)} | self.incoming.arriving()
+        defined = {v.uuid for v in await self.inventory.list(include_unmanaged=True, recycled=None)} | self.incoming.arriving()
         orphans = [p.uuid for p in placer.placements() if p.uuid not in defined]
         for uuid in orphans:
             log.warning("event=placement.orphan_released vm=%s", uuid)

@@ -23,17 +23,20 @@ class VmSnapshots:
         uuid, _ = await self.ops.inventory.lookup_uuid(ref)
         return await self.ops.hv.call(lambda c: snaps.list_tree(c.lookupByUUIDString(uuid)), timeout=30)
 
-    async def create(self, ref: str, name: str, *, description: str = "", quiesce: bool = False, request_id: str = "",
-                     fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+    async def create(self, ref: str, name: str, *, description: str = "", quiesce: bool = False, memory: bool = False,
+                     request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
         validate_name(name, "name")
         snaps.validate_description(description)
         uuid, _ = await self.ops.inventory.lookup_uuid(ref)
 
         async def work(op: OperationContext) -> Any:
-            info = await self.ops.hv.call(lambda c: snaps.create(c.lookupByUUIDString(uuid), name, description, quiesce), timeout=300)
+            info = await self.ops.hv.call(lambda c: snaps.create(c.lookupByUUIDString(uuid), name, description, quiesce, memory),
+                                          timeout=300)
             self.ops.inventory.forget(uuid)  # an external snapshot changed the disk sources
-            await self.ops.events.publish("vm.snapshot.created", resource_kind="vm", resource_id=uuid, message=f"snapshot {name} ({info.kind})",
-                                          attributes={"snapshot": name, "kind": info.kind}, operation_id=op.id)
+            what = f"{info.kind}{', with memory' if info.memory else ''}"
+            await self.ops.events.publish("vm.snapshot.created", resource_kind="vm", resource_id=uuid, message=f"snapshot {name} ({what})",
+                                          attributes={"snapshot": name, "kind": info.kind, "memory": str(info.memory).lower()},
+                                          operation_id=op.id)
             return info
 
         return await self.ops.submit("vm.snapshot.create", uuid, work, request_id=request_id, fingerprint=fingerprint,

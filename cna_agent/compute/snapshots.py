@@ -7,6 +7,15 @@
   image becomes its read-only backing file. ``quiesce`` freezes guest filesystems through the
   guest agent first (libvirt's QUIESCE flag); asked without a guest agent channel it is
   refused rather than silently skipped.
+* Running VM with ``memory``: RAM and device state as well as the disks, consistent with
+  each other. On libvirt 9.0 (this host) the one path that can also be reverted is the
+  *internal* active snapshot: QEMU's savevm writes the guest's state into its qcow2 disks (the
+  guest is paused for the save; 128 MiB of TCG guest: 0.2 s here) and a revert is loadvm in a
+  restarted QEMU, the guest running on from the snapshot. So every writable disk must be a
+  qcow2 file, and a VM booting UEFI from a writable NVRAM (pflash) is refused (QEMU cannot
+  snapshot a raw pflash; libvirt >= 9.2 refuses internal snapshots with pflash firmware
+  outright). Later libvirt reverts external snapshots (below), whose memory goes to a file
+  beside the disks and which lift both limits; the agent does not use them here.
 * Revert to an external snapshot needs libvirt >= 9.9 (older ones refuse it); on older
   libvirt the agent says so with FAILED_PRECONDITION instead of rewriting chains by hand.
   Deleting an external snapshot that libvirt cannot merge keeps the overlay chain (the data
@@ -22,7 +31,7 @@ import libvirt
 
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import state as st
-from cna_agent.compute.snapshotxml import DomainSnapshot, SnapshotDisk
+from cna_agent.compute.snapshotxml import DomainSnapshot, SnapshotDisk, SnapshotMemory
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 
 MAX_DESCRIPTION = 1024
@@ -38,6 +47,8 @@ class SnapshotInfo:
     vm_state: str = st.STOPPED
     current: bool = False
     children: list[str] = field(default_factory=list)
+    #: RAM and device state are in it (a revert resumes the guest).
+    memory: bool = False
 
 
 def validate_description(text: str) -> None:
@@ -61,8 +72,10 @@ def _info(snap: libvirt.virDomainSnapshot) -> SnapshotInfo:
     kind = "external" if doc.external else "internal"
     state = doc.state or "shutoff"
     vm_state = {"running": st.RUNNING, "paused": st.PAUSED, "disk-snapshot": st.RUNNING}.get(state, st.STOPPED)
+    memory = doc.memory is not None and doc.memory.snapshot in ("internal", "external")
     return SnapshotInfo(name=snap.getName(), parent=doc.parent or "", create_time=doc.creation_time or 0,
-                        description=doc.description or "", kind=kind, vm_state=vm_state, current=bool(snap.isCurrent(0)))
+                        description=doc.description or "", kind=kind, vm_state=vm_state, current=bool(snap.isCurrent(0)),
+                        memory=memory)
 
 
 def list_tree(dom: libvirt.virDomain) -> list[SnapshotInfo]:
@@ -97,15 +110,38 @@ def _has_guest_agent(domain: dx.Domain) -> bool:
     return any(c.target_name == "org.qemu.guest_agent.0" for c in (domain.devices.channels if domain.devices else []))
 
 
-def request(domain: dx.Domain, name: str, description: str, *, running: bool) -> DomainSnapshot:
+def _memory_request(domain: dx.Domain, doc: DomainSnapshot, disks: list[tuple[str, str, str, bool]]) -> DomainSnapshot:
+    """An internal snapshot of a running VM, RAM included (QEMU savevm): what refuses one is
+    said before libvirt is asked."""
+    writable = [(t, p, fmt) for t, p, fmt, w in disks if w]
+    raw = [t for t, _p, fmt in writable if fmt != "qcow2"]
+    if raw:
+        raise FailedPrecondition(f"a memory snapshot is kept inside the VM's qcow2 disks on this host (libvirt 9.0: QEMU "
+                                 f"savevm); {', '.join(raw)} are not qcow2", field="memory")
+    if not writable:
+        raise FailedPrecondition("a memory snapshot is kept inside the VM's qcow2 disks on this host (libvirt 9.0: QEMU "
+                                 "savevm); the VM has no writable disk", field="memory")
+    if domain.os is not None and (domain.os.loader_type == "pflash" or domain.os.nvram):
+        raise FailedPrecondition("the VM boots UEFI from a writable NVRAM (pflash), which cannot hold a memory snapshot on "
+                                 "this host; take a disk-only snapshot (memory unset)", field="memory")
+    doc.memory = SnapshotMemory(snapshot="internal")
+    return doc
+
+
+def request(domain: dx.Domain, name: str, description: str, *, running: bool, memory: bool = False) -> DomainSnapshot:
     """The ``<domainsnapshot>`` :func:`create` asks libvirt for, from the domain's definition.
 
     Stopped: internal (name and description only; every writable disk must be qcow2).
+    Running with ``memory``: internal, RAM included (_memory_request).
     Running: external disk-only, each writable disk with a file or device to a new qcow2
     overlay next to it, every other disk ``snapshot='no'``.
     """
     disks = _disks(domain)
     doc = DomainSnapshot(name=name, description=description or None)
+    if memory:
+        if not running:
+            raise InvalidArgument("memory", "only applies to a running VM (a stopped VM has no RAM to save)")
+        return _memory_request(domain, doc, disks)
     if not running:
         raw = [t for t, _p, fmt, w in disks if w and fmt != "qcow2"]
         if raw:
@@ -125,7 +161,7 @@ def request(domain: dx.Domain, name: str, description: str, *, running: bool) ->
     return doc
 
 
-def create(dom: libvirt.virDomain, name: str, description: str, quiesce: bool) -> SnapshotInfo:
+def create(dom: libvirt.virDomain, name: str, description: str, quiesce: bool, memory: bool = False) -> SnapshotInfo:
     try:
         dom.snapshotLookupByName(name, 0)
         raise FailedPrecondition(f"snapshot {name!r} already exists", field="name")
@@ -135,9 +171,12 @@ def create(dom: libvirt.virDomain, name: str, description: str, quiesce: bool) -
     running = bool(dom.isActive())
     if not running and quiesce:
         raise InvalidArgument("quiesce", "only applies to a running VM (a stopped VM's disks are already quiet)")
-    doc = request(domain, name, description, running=running)
+    if memory and quiesce:
+        raise InvalidArgument("quiesce", "a memory snapshot is consistent by itself (the guest is paused while it is "
+                                         "saved); quiesce applies to disk-only snapshots")
+    doc = request(domain, name, description, running=running, memory=memory)
     flags = 0
-    if running:
+    if running and not memory:
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         if quiesce:
             if not _has_guest_agent(domain):

@@ -139,6 +139,8 @@ class ComputeConfig:
     io_error_resume: str = "auto"
     #: Seconds between checks of VMs paused by I/O errors (also checked at each I/O error event).
     io_error_check_interval_s: float = 10.0
+    #: Seconds between sweeps of the recycle bin for VMs whose hold is up (DeleteVm hold_time_s).
+    recycle_sweep_interval_s: float = 60.0
     #: Empty PCIe root ports every q35/aarch64 VM keeps for hot-plugging disks and NICs, unless
     #: its spec sets hotplug_slots (0-32). Each costs QEMU one device and a PCI bus number.
     hotplug_slots: int = 4

@@ -294,6 +294,21 @@ class StorageService:
         await self.events.publish("volume.deleted", resource_kind="volume", resource_id=ref.id, resource_name=ref.id,
                                   message=f"volume {ref.id} deleted")
 
+    async def check_deletable(self, volume_id: str, *, field: str) -> None:
+        """DiskProvider: what delete_volume would refuse, found before anything is deleted:
+        a dependent anywhere under the volume that is not one of its own snapshot overlays."""
+        ref = self._volume_ref(volume_id, field)
+        if not os.path.exists(ref.path):
+            return
+        stem = os.path.splitext(ref.path)[0] + "."
+        children = await self.executor.run(lambda: self.volumes.dependents(ref), what=f"overlays of {volume_id}")
+        foreign = [c for c in children if not self._volume_ref(c, field).path.startswith(stem)]
+        if foreign:
+            raise FailedPrecondition(f"{field}: volume {ref.id!r} is the template of linked clone(s) {', '.join(foreign[:10])}; "
+                                     "delete them first, or delete the VM without delete_disks", field=field)
+        for child in children:
+            await self.check_deletable(child, field=field)
+
     # -- operations -----------------------------------------------------------------------------------
 
     def _progress(self, op: OperationContext, stage: str, total: int) -> Callable[[float], None]:

@@ -19,6 +19,7 @@ from cna_agent.compute.ledger import VmStateLedger
 from cna_agent.compute.lifecycle import DomainRenderer, VmLifecycle
 from cna_agent.compute.nics import NicOperations
 from cna_agent.compute.reconcile import VmReconciler
+from cna_agent.compute.recycle import RecycleBin
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.render import RenderContext
 from cna_agent.compute.resolvers import LocalFileResolver, parse_image_dirs
@@ -145,6 +146,9 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     reservations = ReservationAdmission(inventory, HostCapacity(cpu_mhz=guest_cpus * ctx.host_cpu_mhz,
                                                                 memory_mib=host_memory_mib()))
     lifecycle = VmLifecycle(ops, binder, renderer, monitor, admission=admission, reservations=reservations)
+    recycle_bin = RecycleBin(ops, purge=lambda uuid, delete_disks: lifecycle.delete(uuid, delete_disks=delete_disks, force=True),
+                             release=binder.release_placement, sweep_interval_s=config.compute.recycle_sweep_interval_s)
+    lifecycle.recycle_bin = recycle_bin
     resumer = IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
                              interval_s=config.compute.io_error_check_interval_s,
                              enabled=config.compute.io_error_resume == "auto",
@@ -163,6 +167,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         nics=NicOperations(ops, binder, lifecycle),
         snapshots=VmSnapshots(ops),
         recovery=VmRecovery(hypervisor, inventory, events),
+        recycle_bin=recycle_bin,
         resumer=resumer,
         reconciler=reconciler,
         migrations=VmMigrations(ops, binder, renderer.run_dirs, peer or _no_peer(), max_outgoing=config.migration.max_outgoing,

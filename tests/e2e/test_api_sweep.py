@@ -220,6 +220,7 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "VmService/ListVms": vm.ListVmsRequest(states=[vm.VM_STATE_STOPPED]),
         "VmService/UpdateVm": vm.UpdateVmRequest(vm="sweep-vm", spec=vm.VmSpec(description="x"), update_mask=["description"]),
         "VmService/DeleteVm": vm.DeleteVmRequest(vm="sweep-vm"),
+        "VmService/RestoreVm": vm.VmActionRequest(vm="sweep-vm"),  # not in the recycle bin: refused
         "VmService/StartVm": vm.VmActionRequest(vm="sweep-vm"),
         "VmService/ShutdownVm": vm.ShutdownVmRequest(vm="sweep-vm", hard=True),
         "VmService/RebootVm": vm.RebootVmRequest(vm="sweep-vm"),

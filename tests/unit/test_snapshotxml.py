@@ -219,3 +219,25 @@ def test_snapshot_operations_on_the_test_driver(test_domain) -> None:
         snaps.create(test_domain, "q", "", True)
     assert snaps.delete(test_domain, "s3") == "deleted"
     assert sorted(s.name for s in snaps.list_tree(test_domain)) == ["s1", "s1b", "s2"]
+
+
+def test_memory_request_is_internal_with_ram_and_refuses_what_savevm_cannot_hold(tmp_path: Path) -> None:
+    qcow2_only = dx.Domain(devices=dx.Devices(disks=[
+        dx.Disk(type="file", device="disk", driver_type="qcow2", source_file="/d/r.qcow2", target_dev="vda"),
+        dx.Disk(type="file", device="cdrom", driver_type="raw", source_file="/d/seed.iso", target_dev="sda", readonly=True)]))
+    doc = snaps.request(qcow2_only, "m1", "", running=True, memory=True)
+    xml = doc.to_xml(pretty=False)
+    assert xml == '<domainsnapshot><name>m1</name><memory snapshot="internal" /></domainsnapshot>'
+    schema_check(tmp_path, doc.to_xml(), "domainsnapshot")
+    with pytest.raises(FailedPrecondition, match="vdb, vdd are not qcow2") as err:
+        snaps.request(_domain(tmp_path), "m2", "", running=True, memory=True)
+    assert err.value.field == "memory"
+    with pytest.raises(FailedPrecondition, match="no writable disk"):
+        snaps.request(dx.Domain(devices=dx.Devices(disks=[qcow2_only.devices.disks[1]])), "m3", "", running=True, memory=True)
+    uefi = dx.Domain(os=dx.Os(loader="/usr/share/OVMF/OVMF_CODE_4M.fd", loader_type="pflash", nvram="/d/VARS.fd"),
+                     devices=qcow2_only.devices)
+    with pytest.raises(FailedPrecondition, match="writable NVRAM"):
+        snaps.request(uefi, "m4", "", running=True, memory=True)
+    with pytest.raises(InvalidArgument) as bad:
+        snaps.request(qcow2_only, "m5", "", running=False, memory=True)
+    assert bad.value.field == "memory"
