@@ -136,3 +136,14 @@ def test_hold_bounds_and_mark_parsing() -> None:
     mark = recycle.RecycleMark(1.5, 2.5, True)
     assert recycle.RecycleMark.from_xml(mark.to_xml()) == mark
     assert recycle.RecycleMark.from_xml("<recycle/>") is None and recycle.RecycleMark.from_xml("<") is None
+
+
+def test_cli_hold_durations() -> None:
+    import argparse
+
+    from cna_agent.cli.vm import hold_seconds
+
+    assert [hold_seconds(t) for t in ("3600", "90m", "12h", "7d", "30s")] == [3600, 5400, 43200, 604800, 30]
+    for bad in ("", "7w", "d", "1.5.d"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            hold_seconds(bad)
