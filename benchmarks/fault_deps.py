@@ -68,6 +68,13 @@ class Deps:
         os.kill(pid, signal.SIGKILL)
         _gone(pid)
 
+    def kill_tgtd_for(self, seconds: float) -> None:
+        """An array that dies and is back ``seconds`` later (longer than the agent's 60 s
+        deadline for a hot-plug: a plug that completes late must not have been reported failed)."""
+        self.kill_tgtd()
+        self._thaw = threading.Timer(seconds, self.restart_tgtd)
+        self._thaw.start()
+
     def restart_tgtd(self) -> None:
         """Up again with the same target and LUN (tgtd keeps its targets in memory only)."""
         if not self.tb.status()["tgtd"]["answers"]:
@@ -81,7 +88,7 @@ class Deps:
         self._thaw.start()
 
     def thaw_tgtd(self) -> None:
-        """Wait for the frozen array to come back (the timer sends SIGCONT)."""
+        """Wait for the array to come back (the timer sends SIGCONT, or restarts tgtd)."""
         if self._thaw is not None:
             self._thaw.join()
             self._thaw = None
@@ -194,7 +201,8 @@ def deps_points() -> list[FaultPoint]:
         # killed a moment into the attach (LUN listing, libvirt's attach, QEMU's login: whichever
         # it is in), and down for the whole of one (restarted 3 s into it)
         FaultPoint("tgtd-kill:vm.disk.attach", "vm.disk.attach", running("fsanatt"), attach, has_lun, delay=0.03,
-                   settle=5.0, **kill),
+                   settle=5.0, **{**kill, "breaker": lambda c, s: _deps(c).kill_tgtd_for(70.0),
+                                  "mend": lambda c, s: _deps(c).thaw_tgtd()}),
         FaultPoint("tgtd-down:vm.disk.attach", "vm.disk.attach", running("fsandown"), attach, has_lun, delay=3.0,
                    settle=5.0, break_first=True, **kill),
         # frozen (SIGSTOP) before the request and for FROZEN_S: logins and reads hang, not fail

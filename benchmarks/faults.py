@@ -114,7 +114,7 @@ def _report(r: dict[str, Any]) -> None:
     print(f"{'FAIL' if bad else 'ok':4} {r['point']:40} {r.get('state', '-'):28} effect={r.get('effect')!s:5}{rpc} "
           f"{r.get('untruthful') or ''}{'; leaks ' + str(r['leaks']) if r['leaks'] else ''}"
           f"{'; ' + r['guest_lost'] if r.get('guest_lost') else ''}{'' if r['reached'] else '; crash point not reached'}"
-          f"{'  (' + r['message'][-160:] + ')' if r.get('message') and not bad else ''}", flush=True)
+          f"{'  (' + r['message'][-200:] + ')' if r.get('message') else ''}", flush=True)
 
 
 def _begin(node: fn.Node, ctx: Ctx) -> tuple[Any, set[str], tuple[str, int]]:

@@ -165,7 +165,8 @@ class BlockingPool:
         with self._lock:
             self._queued.discard(key)
 
-    def _expired(self, key: int, cf: concurrent.futures.Future[Any], limit: float, what: str) -> DeadlineExceeded:
+    def _expired(self, key: int, cf: concurrent.futures.Future[Any], limit: float, what: str, *,
+                 may_complete: bool = False) -> DeadlineExceeded:
         cf.cancel()  # dequeues it if it never started; a running thread finishes on its own
         with self._lock:
             self._deadlines_exceeded += 1
@@ -177,11 +178,19 @@ class BlockingPool:
             where = f"never started: all {self.size} threads of the {self.name} pool were busy ({busy} running)"
         log.warning("event=blocking.deadline_exceeded pool=%s what=%r timeout_s=%g running=%s", self.name, what, limit, running)
         hint = f"; {self.hint}" if self.hint else ""
-        return DeadlineExceeded(f"{what} did not finish within {limit:g}s ({where}{hint})")
+        later = "; the change it asked for may still complete" if may_complete and running else ""
+        return DeadlineExceeded(f"{what} did not finish within {limit:g}s ({where}{hint}){later}")
 
-    async def run(self, fn: Callable[[], T], *, timeout: float | None = None, what: str = "blocking call") -> T:
+    async def run(self, fn: Callable[[], T], *, timeout: float | None = None, what: str = "blocking call",
+                  outlast: float = 0.0) -> T:
         """Run ``fn()`` in the pool; DEADLINE_EXCEEDED naming ``what`` and the pool after
-        ``timeout`` seconds (default: the pool's), queueing included."""
+        ``timeout`` seconds (default: the pool's), queueing included.
+
+        ``outlast``: for a call that changes something (a device plugged, a snapshot taken),
+        which may still complete after its deadline (seen: a LUN hot-plug whose array came back
+        after 60 s completed in libvirt after the agent had reported it failed). Once started,
+        such a call is waited for that many seconds more and its real outcome returned; only
+        one still running after that is DEADLINE_EXCEEDED, saying the change may yet happen."""
         limit = self.default_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         key, cf = self._submit(fn, limit, what)
@@ -190,6 +199,12 @@ class BlockingPool:
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             done, _ = await asyncio.wait((fut,), timeout=limit)
+            if not done and outlast and self._is_running(key):
+                log.warning("event=blocking.outlasting pool=%s what=%r timeout_s=%g outlast_s=%g", self.name, what, limit, outlast)
+                deadline += outlast
+                done, _ = await asyncio.wait((fut,), timeout=outlast)
+                if not done:
+                    raise self._expired(key, cf, limit + outlast, what, may_complete=True)
         except asyncio.CancelledError:
             # The caller went away: a call that has not started never will. One that runs for
             # a cancelled operation is outlived, or the operation's lock would be released
@@ -201,6 +216,10 @@ class BlockingPool:
         if not done:
             raise self._expired(key, cf, limit, what)
         return self._outcome(cf, key, limit, what)
+
+    def _is_running(self, key: int) -> bool:
+        with self._lock:
+            return key in self._running
 
     async def _outlive(self, fut: "asyncio.Future[Any]", deadline: float, what: str) -> None:
         """Wait for a running call whose caller was cancelled, until the call's deadline."""

@@ -174,6 +174,11 @@ def _version_str(v: int) -> str:
     return f"{v // 1_000_000}.{(v // 1000) % 1000}.{v % 1000}"
 
 
+#: How long past its own deadline a libvirt call that changes a VM (a device plugged or
+#: unplugged, a snapshot taken or reverted) is still waited for: it may complete late (QEMU
+#: waiting on storage that comes back), and reporting it failed before it ended would be untrue.
+CHANGE_OUTLAST_S = 600.0
+
 class Hypervisor:
     """Owns the libvirt connection; everything else asks it to run calls."""
 
@@ -328,20 +333,22 @@ class Hypervisor:
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def call(self, fn: Callable[[libvirt.virConnect], T], *, timeout: float | None = None, what: str = "") -> T:
+    async def call(self, fn: Callable[[libvirt.virConnect], T], *, timeout: float | None = None, what: str = "",
+                   outlast: float = 0.0) -> T:
         """Run ``fn(conn)`` in the libvirt pool with a deadline (default ``call_timeout_s``).
 
         UNAVAILABLE while disconnected (the caller should retry), DEADLINE_EXCEEDED naming
         ``what`` when the call does not return in time (the thread stays busy until libvirt
         returns and counts as stuck; the pool is bounded so a wedged daemon cannot make the
-        agent spawn threads without end).
+        agent spawn threads without end). ``outlast``: see BlockingPool.run (a change that
+        may complete late is waited for, not reported failed at its deadline).
         """
         conn = self._conn
         if conn is None or not self._connected.is_set():
             raise Unavailable(f"libvirt ({self.uri}) is not connected; the agent is reconnecting")
         what = what or _describe(fn)
         try:
-            return await self.pool.run(lambda: fn(conn), timeout=timeout or None, what=what)
+            return await self.pool.run(lambda: fn(conn), timeout=timeout or None, what=what, outlast=outlast)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INTERNAL_ERROR) and not await self._still_alive():
                 self._mark_lost(str(exc))

@@ -15,6 +15,7 @@ from typing import Any
 
 import libvirt
 
+from cna_agent.hypervisor import CHANGE_OUTLAST_S
 from cna_agent.compute import domxml as dx
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.lifecycle import VmLifecycle, release_lun_disks
@@ -80,7 +81,7 @@ class DiskOperations:
                 save_spec(dom, new, running)
 
             try:
-                await self.ops.hv.call(apply, timeout=60)
+                await self.ops.hv.call(apply, timeout=60, outlast=CHANGE_OUTLAST_S)
             except BaseException as exc:
                 await self.binder.release_luns(new, [index])  # the LUN claim made for this disk
                 if isinstance(exc, libvirt.libvirtError):
@@ -148,7 +149,7 @@ class DiskOperations:
                 return capacity, dom.blockInfo(target)[0]
 
             try:
-                before, after = await self.ops.hv.call(grow, timeout=120)
+                before, after = await self.ops.hv.call(grow, timeout=120, outlast=CHANGE_OUTLAST_S)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"growing {target} failed: {exc.get_error_message()}") from None
             if after < new_size_bytes:
@@ -180,7 +181,7 @@ class DiskOperations:
                 save_spec(dom, new, running)
 
             try:
-                await self.ops.hv.call(apply, timeout=60)
+                await self.ops.hv.call(apply, timeout=60, outlast=CHANGE_OUTLAST_S)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"setting I/O limits on {target} failed: {exc.get_error_message()}") from None
             self.ops.inventory.remember(uuid, new)

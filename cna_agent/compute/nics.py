@@ -16,6 +16,7 @@ from typing import Any
 
 import libvirt
 
+from cna_agent.hypervisor import CHANGE_OUTLAST_S
 from cna_agent.compute import domxml as dx
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.lifecycle import VmLifecycle
@@ -89,7 +90,7 @@ class NicOperations:
                 save_spec(dom, new, running)
 
             try:
-                await self.ops.hv.call(apply, timeout=60)
+                await self.ops.hv.call(apply, timeout=60, outlast=CHANGE_OUTLAST_S)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"nic: libvirt refused the NIC: {exc.get_error_message()}") from None
             self.ops.inventory.remember(uuid, new)
@@ -169,7 +170,7 @@ class NicOperations:
                 save_spec(dom, new, running)
 
             try:
-                await self.ops.hv.call(update, timeout=60)
+                await self.ops.hv.call(update, timeout=60, outlast=CHANGE_OUTLAST_S)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"mac: libvirt refused the link change: {exc.get_error_message()}") from None
             self.ops.inventory.remember(uuid, new)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cna_agent.hypervisor import CHANGE_OUTLAST_S
 from cna_agent.compute import snapshots as snaps
 from cna_agent.compute.spec import validate_name
 from cna_agent.compute.vmops import VmOps
@@ -31,7 +32,7 @@ class VmSnapshots:
 
         async def work(op: OperationContext) -> Any:
             info = await self.ops.hv.call(lambda c: snaps.create(c.lookupByUUIDString(uuid), name, description, quiesce, memory),
-                                          timeout=300)
+                                          timeout=300, outlast=CHANGE_OUTLAST_S)
             self.ops.inventory.forget(uuid)  # an external snapshot changed the disk sources
             what = f"{info.kind}{', with memory' if info.memory else ''}"
             await self.ops.events.publish("vm.snapshot.created", resource_kind="vm", resource_id=uuid, message=f"snapshot {name} ({what})",
@@ -51,7 +52,8 @@ class VmSnapshots:
         current = next((x.name for x in tree if x.current), "")
 
         async def work(op: OperationContext) -> Any:
-            await self.ops.hv.call(lambda c: snaps.revert(c.lookupByUUIDString(uuid), name), timeout=300)
+            await self.ops.hv.call(lambda c: snaps.revert(c.lookupByUUIDString(uuid), name), timeout=300,
+                                   outlast=CHANGE_OUTLAST_S)
             self.ops.inventory.forget(uuid)
             await self.ops.events.publish("vm.snapshot.reverted", resource_kind="vm", resource_id=uuid, message=f"reverted to {name}",
                                           attributes={"snapshot": name}, operation_id=op.id)
@@ -66,7 +68,8 @@ class VmSnapshots:
         uuid, _ = await self.ops.inventory.lookup_uuid(ref)
 
         async def work(op: OperationContext) -> Any:
-            how = await self.ops.hv.call(lambda c: snaps.delete(c.lookupByUUIDString(uuid), name), timeout=300)
+            how = await self.ops.hv.call(lambda c: snaps.delete(c.lookupByUUIDString(uuid), name), timeout=300,
+                                         outlast=CHANGE_OUTLAST_S)
             await self.ops.events.publish("vm.snapshot.deleted", resource_kind="vm", resource_id=uuid, message=f"snapshot {name} deleted ({how})",
                                           attributes={"snapshot": name, "how": how}, operation_id=op.id)
             return None

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import libvirt
 
+from cna_agent.hypervisor import CHANGE_OUTLAST_S
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import snapshots as snaps
 from cna_agent.compute.binder import Binder
@@ -120,4 +121,4 @@ class VmUpdates:
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"live update failed (the guest may not support hot-plug): {exc}") from None
 
-        await self.ops.hv.call(apply, timeout=60)
+        await self.ops.hv.call(apply, timeout=60, outlast=CHANGE_OUTLAST_S)

@@ -21,7 +21,7 @@ from cna_agent import __version__
 from cna_agent.compute import domxml as dx
 from cna_agent.compute.inventory import VmInfo, VmInventory, vm_lock
 from cna_agent.compute.spec import VmSpec
-from cna_agent.hypervisor import Hypervisor
+from cna_agent.hypervisor import CHANGE_OUTLAST_S, Hypervisor
 from cna_agent.operations import OperationContext, OperationRunner
 from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationRecord
@@ -104,7 +104,7 @@ class VmOps:
                 dom.detachDeviceFlags(config, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
         try:
-            await self.hv.call(detach, timeout=60)
+            await self.hv.call(detach, timeout=60, outlast=CHANGE_OUTLAST_S)
         except libvirt.libvirtError as exc:
             raise refused(exc.get_error_message()) from None
         if not running:
