@@ -159,14 +159,9 @@ def kill_matrix(base: Path, points: list[Point], full: list[FaultPoint]) -> tupl
         node.close()
 
 
-def libvirtd_matrix(base: Path, points: list[FaultPoint]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The libvirtd points, on the host's libvirtd (started if it was not running, and left as
-    it was found)."""
-    was_running = test_libvirt.libvirtd_answers()
-    if not was_running:
-        test_libvirt.start_libvirtd()
-    node = fn.Node(base / "system", mode="system")
-    ctx = Ctx(node.base, node.etc, node.run, guest_spec)
+def live_matrix(node: fn.Node, ctx: Ctx, points: list[FaultPoint]) -> tuple[list[dict[str, Any]], list[str]]:
+    """``points`` on one live agent of ``node`` (nothing kills the agent), then the node's
+    event-log problems; the node is closed in any case."""
     try:
         baseline, volumes, neighbour = _begin(node, ctx)
         results = []
@@ -178,6 +173,18 @@ def libvirtd_matrix(base: Path, points: list[FaultPoint]) -> tuple[list[dict[str
         return results, _end(node, ctx, neighbour)
     finally:
         node.close()
+
+
+def libvirtd_matrix(base: Path, points: list[FaultPoint]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The libvirtd points, on the host's libvirtd (started if it was not running, and left as
+    it was found)."""
+    was_running = test_libvirt.libvirtd_answers()
+    if not was_running:
+        test_libvirt.start_libvirtd()
+    try:
+        node = fn.Node(base / "system", mode="system")
+        return live_matrix(node, Ctx(node.base, node.etc, node.run, guest_spec), points)
+    finally:
         if not was_running and test_libvirt.libvirtd_answers():
             test_libvirt.stop_libvirtd()
 
@@ -192,17 +199,7 @@ def deps_matrix(base: Path, points: list[FaultPoint]) -> tuple[list[dict[str, An
                                   "iscsi_sessions": deps.sessions})
         ctx = Ctx(node.base, node.etc, node.run, guest_spec)
         ctx.deps = deps  # type: ignore[attr-defined]
-        try:
-            baseline, volumes, neighbour = _begin(node, ctx)
-            results = []
-            with node.agent.channel() as ch:  # type: ignore[union-attr]
-                ctx.channel = ch
-                for point in points:
-                    results.append(run_fault(node, ctx, point, baseline, volumes, neighbour))
-                    _report(results[-1])
-            return results, _end(node, ctx, neighbour)
-        finally:
-            node.close()
+        return live_matrix(node, ctx, points)
     finally:
         deps.close()
 

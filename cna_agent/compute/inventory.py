@@ -73,6 +73,17 @@ class VmDefinition:
     recycled: RecycleMark | None = None
 
 
+def presence(conn: libvirt.virConnect, uuid: str) -> tuple[bool, bool]:
+    """(defined, running) of domain ``uuid`` as libvirt says now (runs in the libvirt pool):
+    what recovery decides from."""
+    try:
+        return True, bool(conn.lookupByUUIDString(uuid).isActive())
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False, False
+        raise
+
+
 def vm_lock(uuid: str) -> str:
     """The resource-lock key that serialises operations on one VM."""
     return f"vm/{uuid}"

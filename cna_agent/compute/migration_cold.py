@@ -44,7 +44,7 @@ from cna_agent.compute.spec import VmSpec
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import ColdMigrationPeer, FileIdentity, ReceivePlan, VolumeTransfer
 from cna_agent.compute import state as st
-from cna_agent.compute.inventory import VmInfo
+from cna_agent.compute.inventory import VmInfo, presence
 from cna_agent.failpoints import crash_point
 from cna_agent.errors import CODES, FailedPrecondition, NotFound, ResourceBusy, Unavailable
 from cna_agent.operations import OperationContext
@@ -193,15 +193,7 @@ class ColdMigrations:
         destination, name = meta.get("destination", "?"), meta.get("name", uuid)
         on_destination = meta.get("defined_on_destination") == "true"
 
-        def read(conn: libvirt.virConnect) -> tuple[bool, bool]:
-            try:
-                return True, bool(conn.lookupByUUIDString(uuid).isActive())
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return False, False
-                raise
-
-        here, running = await self.hv.call(read, timeout=15)
+        here, running = await self.hv.call(lambda conn: presence(conn, uuid), timeout=15)
         if here and not on_destination:
             asyncio.ensure_future(self._tell_abort(uuid, destination, record.id, "the source agent restarted"))
             return OperationError(CODES["ABORTED"], f"the agent stopped during the cold migration of {name!r} to "

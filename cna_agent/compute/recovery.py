@@ -11,7 +11,7 @@ from typing import Any, Callable
 import libvirt
 
 from cna_agent.compute.disks import disk_element
-from cna_agent.compute.inventory import VmInventory
+from cna_agent.compute.inventory import VmInventory, presence
 from cna_agent.compute.lifecycle import left_stopped
 from cna_agent.compute.recycle import read_mark
 from cna_agent.compute.spec import VmSpec
@@ -38,16 +38,7 @@ class VmRecovery:
 
     async def _now(self, uuid: str) -> tuple[bool, bool]:
         """(defined, running) as libvirt says now."""
-
-        def read(conn: libvirt.virConnect) -> tuple[bool, bool]:
-            try:
-                return True, bool(conn.lookupByUUIDString(uuid).isActive())
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return False, False
-                raise
-
-        return await self.hv.call(read, timeout=10)
+        return await self.hv.call(lambda conn: presence(conn, uuid), timeout=10)
 
     async def _by_state(self, record: OperationRecord, done: Callable[[bool, bool], bool], what: str, *,
                         result: bool = True) -> Any:

@@ -66,6 +66,17 @@ def _run(*argv: str) -> str:
     return p.stdout
 
 
+def _copying(ops, op_id: str):
+    """The move's operation once it has copied 2 MiB (it must still be running then)."""
+    deadline = time.monotonic() + 60
+    while True:
+        cur = ops.GetOperation(ops_pb.GetOperationRequest(id=op_id), timeout=10)
+        assert cur.state == ops_pb.OPERATION_STATE_RUNNING and time.monotonic() < deadline, cur
+        if cur.progress.stage.startswith("copying") and cur.progress.bytes_done >= 2 * MiB:
+            return cur
+        time.sleep(0.1)
+
+
 def _migrate(vms, uuid: str, b, **kw):
     return vms.MigrateVm(vm.MigrateVmRequest(vm=uuid, destination=f"127.0.0.1:{b.tcp_port}", **kw), timeout=60)
 
@@ -165,13 +176,7 @@ def test_a_cancel_mid_copy_leaves_the_vm_on_the_source_and_no_partial_file_on_th
         uuid = ok(cha, vms_a.CreateVm(vm.CreateVmRequest(spec=spec), timeout=60), into=vm.Vm()).uuid
         # held to 2 MiB/s, so the copy is still running when the cancel comes
         op = _migrate(vms_a, uuid, b, policy=vm.MigrationPolicy(bandwidth_mib_s=2))
-        deadline = time.monotonic() + 60
-        while True:
-            cur = ops.GetOperation(ops_pb.GetOperationRequest(id=op.id), timeout=10)
-            assert cur.state == ops_pb.OPERATION_STATE_RUNNING and time.monotonic() < deadline, cur
-            if cur.progress.stage.startswith("copying") and cur.progress.bytes_done >= 2 * MiB:
-                break
-            time.sleep(0.1)
+        cur = _copying(ops, op.id)
         assert any(".cna-tmp-" in f for f in _files(base / "b-local")), _files(base / "b-local")  # mid-copy
         ops.CancelOperation(ops_pb.CancelOperationRequest(id=op.id), timeout=30)
         done = wait(cha, cur, timeout=90)
@@ -205,13 +210,7 @@ def test_a_source_agent_killed_mid_move_is_decided_from_both_hosts_after_its_res
             uuid = ok(cha, vms_a.CreateVm(vm.CreateVmRequest(spec=spec), timeout=60), into=vm.Vm()).uuid
             ops = pb.operations_pb2_grpc.OperationsServiceStub(cha)
             op = _migrate(vms_a, uuid, b, request_id="cold-kill-1", policy=vm.MigrationPolicy(bandwidth_mib_s=2))
-            deadline = time.monotonic() + 60
-            while True:
-                cur = ops.GetOperation(ops_pb.GetOperationRequest(id=op.id), timeout=10)
-                assert cur.state == ops_pb.OPERATION_STATE_RUNNING and time.monotonic() < deadline, cur
-                if cur.progress.stage.startswith("copying") and cur.progress.bytes_done >= 2 * MiB:
-                    break
-                time.sleep(0.1)
+            _copying(ops, op.id)
         current = restart(current)  # SIGKILL mid-copy
         with current.channel() as cha:
             done = wait(cha, pb.operations_pb2_grpc.OperationsServiceStub(cha).GetOperation(
