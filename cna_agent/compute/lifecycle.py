@@ -21,6 +21,7 @@ import libvirt
 from cna_agent import __version__
 from cna_agent import cancel as cancelling
 from cna_agent.compute import domxml as dx
+from cna_agent.compute import snapshots as snaps
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.events import DomainEventMonitor
@@ -98,6 +99,28 @@ class VmLifecycle:
         #: Where DeleteVm with a hold puts a VM (set by the composition root: the bin deletes
         #: through this lifecycle when a hold is up).
         self.recycle_bin: RecycleBin | None = None
+
+    async def reclaim_placement(self, uuid: str, spec: VmSpec) -> None:
+        """A stopped VM that gave its placement up (the recycle bin) takes one again: planned
+        anew, since its old CPUs may be another VM's by now, and its definition re-rendered
+        with it. RESOURCE_EXHAUSTED (the placer's) when none fits; nothing changes then."""
+        placer = self.binder.placer
+        if placer is None or not (spec.dedicated_cpus or spec.hugepages) or placer.get(uuid) is not None:
+            return
+        tree = await self.hv.call(lambda c: snaps.list_tree(c.lookupByUUIDString(uuid)), timeout=30)
+        external = [x.name for x in tree if x.kind == "external"]
+        if external:
+            # Re-rendering would point the disks back at their base images and drop the overlays.
+            raise FailedPrecondition(f"vm has external snapshots ({', '.join(external)}), so its definition cannot be "
+                                     "rebuilt with a new CPU placement; delete them first", field="vm")
+        bindings = await self.binder.bindings(spec)
+        try:
+            xml = self.renderer.render(spec, bindings)
+            await self.hv.call(lambda c: c.defineXML(xml), timeout=30)
+        except BaseException:
+            await self.binder.release_placement(uuid)
+            raise
+        self.inventory.forget(uuid)
 
     def validation_context(self) -> ValidationContext:
         return self.renderer.validation(self.binder.placer is not None)

@@ -83,8 +83,12 @@ def read_mark(dom: libvirt.virDomain) -> RecycleMark | None:
 
 def write_mark(dom: libvirt.virDomain, mark: RecycleMark | None) -> None:
     """Set (or, with None, remove) the mark in the persistent definition."""
-    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, mark.to_xml() if mark else None,
-                    RECYCLE_KEY if mark else None, RECYCLE_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    try:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, mark.to_xml() if mark else None,
+                        RECYCLE_KEY if mark else None, RECYCLE_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    except libvirt.libvirtError as exc:
+        if mark is not None or exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            raise  # removing a mark that is already gone (a redefine dropped it) is done
 
 
 def check_hold(hold_s: int) -> None:
@@ -105,12 +109,14 @@ class RecycleBin:
     DeleteVm without hold would); ``release(uuid)`` frees the VM's placement claim."""
 
     def __init__(self, ops: "VmOps", *, purge: Callable[[str, bool], Awaitable[OperationRecord]],
-                 release: Callable[[str], Awaitable[None]], sweep_interval_s: float = 60.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 release: Callable[[str], Awaitable[None]], reclaim: Callable[[str, Any], Awaitable[None]] | None = None,
+                 sweep_interval_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         self.ops = ops
         self.hv = ops.hv
         self.purge = purge
         self.release = release
+        #: Takes the placement a restored VM needs again (the lifecycle's reclaim_placement).
+        self.reclaim = reclaim
         self.sweep_interval_s = sweep_interval_s
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
@@ -131,12 +137,16 @@ class RecycleBin:
                                       operation_id=op.id)
 
     async def restore(self, ref: str, *, request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
-        """RestoreVm: the VM comes back as it was deleted, stopped (StartVm starts it)."""
+        """RestoreVm: the VM comes back as it was deleted, stopped (StartVm starts it), with a
+        CPU placement of its own again when it needs one (planned anew: RESOURCE_EXHAUSTED,
+        and it stays in the bin, when none fits)."""
         uuid, name = await self.ops.inventory.lookup_uuid(ref, allow_recycled=True)
         if (await self.ops.inventory.definition(uuid)).recycled is None:
             raise FailedPrecondition(f"vm {name!r} is not in the recycle bin", field="vm")
 
         async def work(op: OperationContext) -> Any:
+            if self.reclaim is not None:
+                await self.reclaim(uuid, await self.ops.inventory.spec(uuid))
             await self.hv.call(lambda c: write_mark(c.lookupByUUIDString(uuid), None), timeout=30)
             self.ops.inventory.forget(uuid)
             await self.ops.events.publish("vm.restored", resource_kind="vm", resource_id=uuid, resource_name=name,
@@ -159,6 +169,7 @@ class RecycleBin:
         if mark is None:
             self.ops.inventory.forget(record.target)
             return await self.ops.inventory.get(record.target)
+        await self.release(record.target)  # a placement planned for the restore: the bin holds none
         return OperationError(CODES["ABORTED"], "the agent stopped before the VM was restored; it is still in the recycle "
                                                 "bin (nothing was redone; RestoreVm again)")
 

@@ -147,7 +147,8 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                                                                 memory_mib=host_memory_mib()))
     lifecycle = VmLifecycle(ops, binder, renderer, monitor, admission=admission, reservations=reservations)
     recycle_bin = RecycleBin(ops, purge=lambda uuid, delete_disks: lifecycle.delete(uuid, delete_disks=delete_disks, force=True),
-                             release=binder.release_placement, sweep_interval_s=config.compute.recycle_sweep_interval_s)
+                             release=binder.release_placement, reclaim=lifecycle.reclaim_placement,
+                             sweep_interval_s=config.compute.recycle_sweep_interval_s)
     lifecycle.recycle_bin = recycle_bin
     resumer = IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
                              interval_s=config.compute.io_error_check_interval_s,

@@ -86,6 +86,7 @@ def test_a_vm_deleted_with_a_hold_is_hidden_restorable_and_deleted_when_the_hold
             assert [v.uuid for v in vms.ListVms(vm.ListVmsRequest(recycled=True), timeout=30).vms] == [uuid]
             restored = ok(ch, vms.RestoreVm(vm.VmActionRequest(vm="rbin"), timeout=60), into=vm.Vm())
             assert restored.status.state == vm.VM_STATE_STOPPED and not restored.status.HasField("recycle_expire_time")
+            assert claims(current, uuid)["placements"] == 1  # its dedicated CPU is planned (and held) again
             assert RECYCLE_NS not in definition.read_text()
             assert "rbin" in [v.name for v in vms.ListVms(vm.ListVmsRequest(), timeout=30).vms]
             log = serial_log(current, uuid)
