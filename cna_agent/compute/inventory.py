@@ -98,18 +98,29 @@ class VmInventory:
         self.locks = locks
         self.console_listen = console_listen
         self._cache: dict[str, VmDefinition] = {}
+        #: Bumped by every change to the cache: a read that began before a change must not
+        #: write back what it found (it may be the definition from before the change: seen,
+        #: a VM just moved to the recycle bin listed again by a listing that raced the move).
+        self._epoch = 0
         self._state_times: dict[str, float] = {}
 
     # -- cache ---------------------------------------------------------------------------------
 
     def forget(self, uuid: str) -> None:
         """The definition changed (or went): read it again next time."""
+        self._epoch += 1
         self._cache.pop(uuid, None)
 
     def remember(self, uuid: str, spec: VmSpec) -> None:
         """An operation just wrote this spec into the definition."""
+        self._epoch += 1
         old = self._cache.get(uuid)
         self._cache[uuid] = VmDefinition(spec.name, True, spec, old.recycled if old else None)
+
+    def _keep(self, uuid: str, found: VmDefinition, since: int) -> None:
+        """Cache what a read begun at epoch ``since`` found, unless the cache changed meanwhile."""
+        if self._epoch == since:
+            self._cache[uuid] = found
 
     def note_state(self, uuid: str, when: float) -> None:
         self._state_times[uuid] = when
@@ -117,6 +128,7 @@ class VmInventory:
     def vanished(self, uuid: str) -> None:
         """The domain is gone from libvirt: drop what is kept for it (a cached definition
         written back by a read that raced the delete included)."""
+        self._epoch += 1
         self._cache.pop(uuid, None)
         self._state_times.pop(uuid, None)
 
@@ -162,8 +174,9 @@ class VmInventory:
     async def definition(self, uuid: str) -> VmDefinition:
         c = self._cache.get(uuid)
         if c is None:
+            since = self._epoch
             c = await self.hv.call(lambda conn: self.read_definition(conn.lookupByUUIDString(uuid)), timeout=15)
-            self._cache[uuid] = c
+            self._keep(uuid, c, since)
         return c
 
     async def spec(self, uuid: str) -> VmSpec:
@@ -237,8 +250,9 @@ class VmInventory:
             return out
 
         vms: list[VmInfo] = []
+        since = self._epoch
         for uuid, name, s, r, cpu, rss, cached in await self.hv.call(read, timeout=30):
-            self._cache[uuid] = cached
+            self._keep(uuid, cached, since)
             if not cached.managed and not include_unmanaged:
                 continue
             if recycled is not None and (cached.recycled is not None) != recycled:
@@ -321,8 +335,9 @@ class VmInventory:
             return out
 
         nics: list[VmNic] = []
+        since = self._epoch
         for uuid, name, active, xml, cached in await self.hv.call(read, timeout=30):
-            self._cache[uuid] = cached
+            self._keep(uuid, cached, since)
             groups = {n.mac.lower(): n.port_group for n in cached.spec.nics} if cached.spec else {}
             spec_nics = {n.mac.lower(): n for n in cached.spec.nics} if cached.spec else {}
             nics.extend(interfaces_of(uuid, name, active, xml, groups, spec_nics))

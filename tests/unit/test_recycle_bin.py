@@ -147,3 +147,31 @@ def test_cli_hold_durations() -> None:
     for bad in ("", "7w", "d", "1.5.d"):
         with pytest.raises(argparse.ArgumentTypeError):
             hold_seconds(bad)
+
+
+def test_a_listing_that_raced_a_change_does_not_cache_what_it_read(world) -> None:
+    """The read ran before the mark was written and returns after the change's forget(): what it
+    found is from before the change and must not be cached (seen: a VM just moved to the bin
+    listed again by a listing that raced the move)."""
+    uuid = world.dom.UUIDString()
+    inventory = world.inventory
+    plain_call = inventory.hv.call
+
+    async def racing_call(fn, **kw):
+        out = await plain_call(fn, **kw)
+        inventory.forget(uuid)  # the change lands while the read is in flight
+        return out
+
+    async def run():
+        inventory.hv.call = racing_call
+        try:
+            await inventory.list()
+            assert uuid not in inventory._cache
+            await inventory.definition(uuid)
+            assert uuid not in inventory._cache
+        finally:
+            inventory.hv.call = plain_call
+        await inventory.list()
+        assert uuid in inventory._cache  # no change raced this one: cached
+
+    asyncio.run(run())
