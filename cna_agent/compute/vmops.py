@@ -21,6 +21,7 @@ from cna_agent import __version__
 from cna_agent.compute import domxml as dx
 from cna_agent.compute.inventory import VmInfo, VmInventory, vm_lock
 from cna_agent.compute.spec import VmSpec
+from cna_agent.errors import Unavailable
 from cna_agent.hypervisor import CHANGE_OUTLAST_S, Hypervisor
 from cna_agent.operations import OperationContext, OperationRunner
 from cna_agent.state.eventlog import EventHub
@@ -45,6 +46,10 @@ def save_spec(dom: libvirt.virDomain, spec: VmSpec, running: bool) -> None:
     adopts the VM with the devices it really has. Runs in the libvirt executor."""
     body = dx.metadata_for_set(spec.to_json(), agent_version=__version__)
     dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, "cna", dx.CNA_NS, affect(running))
+
+
+#: How long an operation whose work is done waits for libvirt to answer the read of its result.
+RESULT_WAIT_S = 30.0
 
 
 class VmOps:
@@ -77,8 +82,21 @@ class VmOps:
 
     async def result(self, uuid: str, op: OperationContext) -> VmInfo:
         """The VM as an operation's result: read now, without naming the operation that is
-        about to finish as the VM's active one."""
-        info = await self.inventory.get(uuid)
+        about to finish as the VM's active one.
+
+        The work is done by the time this is read, so a libvirt that does not answer now (a
+        libvirtd killed right after it started the VM: seen in the fault suite, the create
+        reported failed while its guest ran) is asked again while it reconnects, up to
+        RESULT_WAIT_S, rather than failing an operation whose effect is there."""
+        deadline = asyncio.get_running_loop().time() + RESULT_WAIT_S
+        while True:
+            try:
+                info = await self.inventory.get(uuid)
+                break
+            except Unavailable:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
         if info.active_operation_id == op.id:
             info.active_operation_id = ""
         return info
