@@ -31,9 +31,9 @@ from xml.etree import ElementTree as ET
 
 import libvirt
 
-from cna_agent.errors import AgentError, FailedPrecondition, InvalidArgument
+from cna_agent.errors import CODES, AgentError, FailedPrecondition, InvalidArgument
 from cna_agent.operations import OperationContext
-from cna_agent.state.journal import OperationRecord
+from cna_agent.state.journal import OperationError, OperationRecord
 
 if TYPE_CHECKING:
     from cna_agent.compute.vmops import VmOps
@@ -158,9 +158,6 @@ class RecycleBin:
 
     async def recover_restore(self, record: OperationRecord) -> Any:
         """A restore cut short: done exactly when the VM's definition has no mark any more."""
-        from cna_agent.errors import CODES
-        from cna_agent.state.journal import OperationError
-
         try:
             mark = await self.hv.call(lambda c: read_mark(c.lookupByUUIDString(record.target)), timeout=15)
         except libvirt.libvirtError:
