@@ -39,6 +39,9 @@ class EventServicer(pb.events_pb2_grpc.EventServiceServicer):
     async def WatchEvents(self, request, context) -> AsyncIterator[pb.events_pb2.Event]:
         after = await self._hub.last_sequence() if request.from_now else request.after_sequence
         await self._check_after(after)
+        # Headers now, before any event: a client learns that its watch was accepted (and from
+        # which point) without waiting for the next event, which may be minutes away.
+        await context.send_initial_metadata((("cna-watch-after", str(after)),))
         try:
             async for event in self._hub.follow(after, types=tuple(request.types), resource_id=request.resource_id):
                 yield event_to_pb(event)

@@ -200,7 +200,7 @@ class VmMigrations:
                                       message=f"{spec.name} migrating to {destination}", operation_id=op.id,
                                       attributes={"destination": destination})
         try:
-            stats = await self._drive(op, uuid, spec, plan, policy)
+            stats = await self._drive(op, uuid, spec, plan, policy, destination)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
             if not (cancelled and await self.hv.call(lambda c: left_here(c, uuid), timeout=30)):
@@ -274,7 +274,8 @@ class VmMigrations:
 
     # -- driving and watching libvirt's job -----------------------------------------------------------
 
-    async def _drive(self, op: OperationContext, uuid: str, spec: Any, plan: IncomingPlan, policy: MigrationPolicy) -> dict:
+    async def _drive(self, op: OperationContext, uuid: str, spec: Any, plan: IncomingPlan, policy: MigrationPolicy,
+                     destination: str) -> dict:
         """Run libvirt's job in a thread and watch it here; returns the completed job's figures."""
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_ABORT_ON_ERROR)
@@ -304,10 +305,32 @@ class VmMigrations:
             return job.done()
 
         async def wind_down() -> None:
-            try:
-                await asyncio.wait_for(asyncio.shield(job), ABORT_WAIT_S)
-            except BaseException:  # the job's own error is the expected end of an aborted job
-                pass
+            deadline = time.monotonic() + ABORT_WAIT_S
+            released = False
+            while not job.done() and time.monotonic() < deadline:
+                await asyncio.wait([job], timeout=MONITOR_INTERVAL_S)
+                if job.done() or released or not await self.hv.call(lambda c: source_gave_up(c, uuid), timeout=10):
+                    continue
+                # libvirt's call now waits for the destination's clean-up, which a hung
+                # destination QEMU stalls (its libvirtd's Finish holds that domain's monitor,
+                # seen for 75 s). This QEMU has dropped its stream and the guest runs here, so
+                # nothing can switch over: the destination may drop its shell now, which ends
+                # libvirt's wait, instead of after ABORT_WAIT_S.
+                released = True
+                log.info("event=migration.release_destination_early vm=%s destination=%s", uuid, destination)
+                try:
+                    await asyncio.wait_for(self.peer.abort(destination, op.id, "the source aborted its migration job"),
+                                           TELL_RETRY_S * 10)
+                except Exception as exc:  # failed() tells it again, retried
+                    log.warning("event=migration.abort_unreached vm=%s destination=%s error=%r", uuid, destination, str(exc))
+            if job.done():
+                if not job.cancelled():
+                    job.exception()  # the abort's error is the expected end of an aborted job
+            else:
+                # libvirt's call is still in its thread: its error (the abort) comes later and
+                # is expected; read it then so it is not reported as an unhandled failure.
+                log.warning("event=migration.abort_slow vm=%s waited_s=%.0f", uuid, ABORT_WAIT_S)
+                job.add_done_callback(lambda f: f.cancelled() or f.exception())
 
         watch = await self.monitor(op, uuid, policy, ram_gib, ended, wind_down)
         try:
@@ -333,8 +356,12 @@ class VmMigrations:
             while not await ended():
                 await self._watch(op, uuid, policy, watch, ram_gib)
         except BaseException as exc:
+            t0 = time.monotonic()
             await self._abort_job(uuid, why=type(exc).__name__)
+            t1 = time.monotonic()
             await wind_down()
+            log.info("event=migration.aborted vm=%s why=%s abort_ms=%d wind_down_ms=%d", uuid, type(exc).__name__,
+                     (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
             raise
         return watch
 
@@ -447,6 +474,21 @@ def _completed_stats(conn: libvirt.virConnect, uuid: str, dest_uri: str) -> dict
         finally:
             dest.close()
     return {k: stats[k] for k in ("time_elapsed", "downtime", "memory_transferred", "memory_iteration") if k in stats}
+
+
+def source_gave_up(conn: libvirt.virConnect, uuid: str) -> bool:
+    """Whether this host's QEMU has ended its side of the migration of ``uuid`` without a
+    switch-over (libvirt's job cancelled or failed) while the guest runs here: then the
+    destination's incoming shell can never become the VM."""
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        if dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+            return False
+        kind = dom.jobStats(0).get("type", libvirt.VIR_DOMAIN_JOB_NONE)
+    except libvirt.libvirtError:
+        return False
+    log.debug("event=migration.source_job vm=%s type=%s", uuid, kind)
+    return kind in (libvirt.VIR_DOMAIN_JOB_CANCELLED, libvirt.VIR_DOMAIN_JOB_FAILED)
 
 
 def left_here(conn: libvirt.virConnect, uuid: str) -> bool:

@@ -175,6 +175,8 @@ async def build_agent(config: AgentConfig) -> Agent:
     pools = [store.pool, hypervisor.pool, pool, compute.resumer.executor, storage.executor,
              network.service.ovs.pool, network.service.netlink_pool]
     telemetry = build_telemetry(config, hypervisor, host, store, events, pools)
+    for each in pools:  # a fixed thread count from here on (see BlockingPool.prestart)
+        await asyncio.to_thread(each.prestart)
 
     await storage.start()
     log.info("event=storage.started datastores=%d threads=%d", len(config.storage.datastores), config.storage.executor_threads)

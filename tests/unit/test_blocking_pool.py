@@ -247,3 +247,20 @@ def test_netlink_pool_size_comes_from_config(tmp_path):
 def _write(path, text: str):
     path.write_text(text)
     return path
+
+
+def test_prestart_runs_every_thread_so_load_adds_none() -> None:
+    """The agent's thread count is fixed from start-up: counted from threading, by name."""
+    def mine() -> int:
+        return sum(1 for t in threading.enumerate() if t.name.startswith("cna-pre_"))
+
+    pool = BlockingPool("pre", 4, 5)
+    assert mine() == 0  # lazily, none yet
+    assert pool.prestart() == 4 and mine() == 4
+
+    async def load() -> list[int]:
+        return await asyncio.gather(*(pool.run(lambda i=i: (time.sleep(0.01), i)[1]) for i in range(40)))
+
+    assert asyncio.run(load()) == list(range(40))
+    assert mine() == 4
+    pool.shutdown()
