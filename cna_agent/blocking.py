@@ -132,15 +132,21 @@ class BlockingPool:
         count is fixed from then on: one that grows under load is a leak, not a pool filling
         (the soak saw 27 threads in minute 2 and 30 from minute 3 on without it)."""
         barrier = threading.Barrier(self.size + 1)
+        started: set[int] = set()
+
+        def hold() -> None:
+            started.add(threading.get_ident())
+            barrier.wait(timeout)
+
         for _ in range(self.size):
             # Each holds its thread until all have started: the executor, finding no idle
             # thread at each submit, starts a new one up to its size.
-            self._pool.submit(barrier.wait, timeout)
+            self._pool.submit(hold)
         try:
             barrier.wait(timeout)
         except threading.BrokenBarrierError:
-            log.warning("event=blocking.prestart_incomplete pool=%s size=%d", self.name, self.size)
-        return len(self._pool._threads)
+            log.warning("event=blocking.prestart_incomplete pool=%s size=%d started=%d", self.name, self.size, len(started))
+        return len(started)
 
     # -- calls ------------------------------------------------------------------------------
 

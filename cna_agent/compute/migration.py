@@ -54,6 +54,9 @@ ABORT_WAIT_S = 60.0
 #: restarting): FinishIncoming after the VM moved, AbortIncoming after it did not.
 TELL_DESTINATION_S = 120.0
 TELL_RETRY_S = 2.0
+#: How long the early release of a hung destination waits for its agent's answer (failed()
+#: tells it again, retried, when this one does not get through).
+RELEASE_WAIT_S = 20.0
 #: libvirt's job types (virDomainJobType) the monitor tells apart.
 JOB_NONE, JOB_BOUNDED, JOB_UNBOUNDED = 0, 1, 2
 
@@ -320,7 +323,7 @@ class VmMigrations:
                 log.info("event=migration.release_destination_early vm=%s destination=%s", uuid, destination)
                 try:
                     await asyncio.wait_for(self.peer.abort(destination, op.id, "the source aborted its migration job"),
-                                           TELL_RETRY_S * 10)
+                                           RELEASE_WAIT_S)
                 except Exception as exc:  # failed() tells it again, retried
                     log.warning("event=migration.abort_unreached vm=%s destination=%s error=%r", uuid, destination, str(exc))
             if job.done():
