@@ -93,6 +93,12 @@ class DiskProvider(Protocol):
         volume (a linked clone of another name stands on it): DeleteVm asks before it changes
         anything, so a refused disk never leaves the VM undefined and its disks half-deleted."""
 
+    async def state_area(self, datastore: str, *, field: str) -> str:
+        """An absolute directory on dir datastore ``datastore`` where compute keeps VM state
+        that is not a volume (hibernation images: compute/hibernate_store.py), made if missing;
+        hidden from volume listings. NotFound for an unknown datastore, FailedPrecondition for a
+        SAN datastore or one that is unreachable, each naming ``field``."""
+
 
 #: What release_lun did with the host's devices for a LUN:
 #: "released"   multipath map, SCSI paths and, for a target's last LUN, the iSCSI session removed;

@@ -47,9 +47,9 @@ VM, EMPTY = "cna.v1.Vm", "google.protobuf.Empty"
 OPERATION_RESPONSES: dict[str, str] = {
     **dict.fromkeys(("vm.create", "vm.update", "vm.start", "vm.shutdown", "vm.reboot", "vm.pause", "vm.resume",
                      "vm.snapshot.revert", "vm.disk.attach", "vm.disk.detach", "vm.disk.resize", "vm.disk.qos",
-                     "vm.migrate", "vm.migrate_cold", "vm.restore"), VM),
+                     "vm.migrate", "vm.migrate_cold", "vm.restore", "vm.hibernate", "vm.unhibernate"), VM),
     "vm.snapshot.create": "cna.v1.Snapshot",
-    **dict.fromkeys(("vm.delete", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",
+    **dict.fromkeys(("vm.delete", "vm.hibernate_handoff", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",
                      "network.port_group.delete", "network.nic.detach"), EMPTY),
     **dict.fromkeys(("volume.create", "volume.resize", "volume.clone", "volume.import", "volume.export"), "cna.v1.Volume"),
     "datastore.rescan": "cna.v1.Datastore",

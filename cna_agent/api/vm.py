@@ -75,6 +75,20 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
         return await self._op(context, method(request.vm, request_id=request.request_id, fingerprint=fingerprint(request),
                                               lock_timeout=lock_timeout))
 
+    async def HibernateVm(self, request, context):
+        if self._c.hibernation is None:
+            raise FailedPrecondition("this agent cannot hibernate VMs", field="vm")
+        return await self._op(context, self._c.hibernation.hibernate(
+            request.vm, request.datastore, request_id=request.request_id, fingerprint=fingerprint(request),
+            lock_timeout=_seconds(request.lock_timeout, "lock_timeout", 3600)))
+
+    async def UnhibernateVm(self, request, context):
+        if self._c.hibernation is None:
+            raise FailedPrecondition("this agent cannot resume hibernated VMs", field="vm")
+        return await self._op(context, self._c.hibernation.unhibernate(
+            request.vm, request.datastore, request_id=request.request_id, fingerprint=fingerprint(request),
+            lock_timeout=_seconds(request.lock_timeout, "lock_timeout", 3600)))
+
     async def StartVm(self, request, context):
         return await self._action(request, context, self._life.start_vm)
 

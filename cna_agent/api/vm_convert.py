@@ -36,6 +36,7 @@ STATE = {
     "stopped": v.VM_STATE_STOPPED, "running": v.VM_STATE_RUNNING, "paused": v.VM_STATE_PAUSED,
     "shutting_down": v.VM_STATE_SHUTTING_DOWN, "crashed": v.VM_STATE_CRASHED, "migrating": v.VM_STATE_MIGRATING,
     "suspended": v.VM_STATE_SUSPENDED, "starting": v.VM_STATE_STARTING, "unknown": v.VM_STATE_UNKNOWN,
+    "hibernated": v.VM_STATE_HIBERNATED,
 }
 STATE_NAMES = {num: name for name, num in STATE.items()}
 
@@ -150,6 +151,9 @@ def vm_to_pb(info: VmInfo) -> Any:
         vm.status.recycle_expire_time.CopyFrom(timestamp(info.recycle_expires))
     if info.console is not None:
         vm.status.console.CopyFrom(console_to_pb(info.console))
+    if info.hibernated is not None:
+        vm.status.hibernation.datastore = info.hibernated.datastore
+        vm.status.hibernation.saved_time.CopyFrom(timestamp(info.hibernated.saved_at))
     return vm
 
 

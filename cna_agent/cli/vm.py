@@ -180,7 +180,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     vms = sub.add_parser("vm", help="virtual machines").add_subparsers(dest="cmd", metavar="COMMAND", required=True)
     p = vms.add_parser("list", parents=[common], help="VMs on this host")
     p.add_argument("--state", action="append", choices=["stopped", "running", "paused", "shutting_down", "crashed", "migrating",
-                                                        "suspended", "starting", "unknown"], help="only VMs in this state (repeatable)")
+                                                        "suspended", "starting", "unknown", "hibernated"], help="only VMs in this state (repeatable)")
     p.add_argument("--all", action="store_true", help="also domains not created by the agent")
     p.add_argument("--recycled", action="store_true", help="only the VMs in the recycle bin, with when each is deleted")
     p.set_defaults(func=cmd_list)
@@ -226,3 +226,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     from cna_agent.cli.vm_migrate import register_migrate
 
     register_migrate(vms, common)
+    from cna_agent.cli.vm_hibernate import register_hibernate
+
+    register_hibernate(vms, common)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 from xml.etree import ElementTree as ET
@@ -23,6 +24,8 @@ import libvirt
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import qmp
 from cna_agent.compute import state as st
+from cna_agent.compute.hibernate_store import HibernateMark
+from cna_agent.compute.hibernate_store import read_mark as read_hibernate_mark
 from cna_agent.compute.recycle import RecycleMark, in_bin_message, read_mark
 from cna_agent.compute.spec import UUID_RE, VmSpec, validate_name
 from cna_agent.contracts import DiskUse, VmNic
@@ -60,6 +63,8 @@ class VmInfo:
     host_limitations: tuple[str, ...] = ()
     #: When the VM's hold in the recycle bin ends (None: not in the bin).
     recycle_expires: float | None = None
+    #: Hibernated (state HIBERNATED): where its saved state is, and since when.
+    hibernated: HibernateMark | None = None
 
 
 @dataclass
@@ -71,6 +76,9 @@ class VmDefinition:
     spec: VmSpec | None
     #: In the recycle bin (recycle.py): until when, and how it is then deleted.
     recycled: RecycleMark | None = None
+    #: Hibernated (hibernate.py): its RAM is saved on this datastore (shown as HIBERNATED
+    #: while the domain is shut off).
+    hibernated: HibernateMark | None = None
 
 
 def presence(conn: libvirt.virConnect, uuid: str) -> tuple[bool, bool]:
@@ -115,7 +123,8 @@ class VmInventory:
         """An operation just wrote this spec into the definition."""
         self._epoch += 1
         old = self._cache.get(uuid)
-        self._cache[uuid] = VmDefinition(spec.name, True, spec, old.recycled if old else None)
+        self._cache[uuid] = VmDefinition(spec.name, True, spec, old.recycled if old else None,
+                                         old.hibernated if old else None)
 
     def _keep(self, uuid: str, found: VmDefinition, since: int) -> None:
         """Cache what a read begun at epoch ``since`` found, unless the cache changed meanwhile."""
@@ -158,17 +167,22 @@ class VmInventory:
         if not UUID_RE.match(ref):
             validate_name(ref, "vm")
 
-    async def lookup_uuid(self, ref: str, *, require_managed: bool = True, allow_recycled: bool = False) -> tuple[str, str]:
+    async def lookup_uuid(self, ref: str, *, require_managed: bool = True, allow_recycled: bool = False,
+                          allow_hibernated: bool = False) -> tuple[str, str]:
         """(uuid, name) of the VM named by UUID or name; NotFound / FailedPrecondition. A VM in
-        the recycle bin is refused unless ``allow_recycled`` (RestoreVm, DeleteVm)."""
+        the recycle bin is refused unless ``allow_recycled`` (RestoreVm, DeleteVm), a hibernated
+        one unless ``allow_hibernated`` (StartVm, UnhibernateVm, DeleteVm): any other change
+        would no longer fit the saved guest."""
         self.check_ref(ref)
         uuid, name = await self.hv.call(lambda c: (lambda d: (d.UUIDString(), d.name()))(self.lookup(c, ref)), timeout=10)
-        if require_managed or not allow_recycled:
+        if require_managed or not allow_recycled or not allow_hibernated:
             d = await self.definition(uuid)
             if require_managed and not d.managed:
                 raise FailedPrecondition(f"vm {name!r} was not created by cna-agent; the agent leaves it alone", field="vm")
             if d.recycled is not None and not allow_recycled:
                 raise FailedPrecondition(in_bin_message(name, d.recycled), field="vm")
+            if d.hibernated is not None and not allow_hibernated:
+                raise FailedPrecondition(hibernated_message(name, d.hibernated), field="vm")
         return uuid, name
 
     async def definition(self, uuid: str) -> VmDefinition:
@@ -197,7 +211,9 @@ class VmInventory:
             spec = VmSpec.from_json(text) if text else None
         except (ET.ParseError, ValueError):
             spec = None
-        return VmDefinition(dom.name(), spec is not None, spec, read_mark(dom) if spec is not None else None)
+        if spec is None:
+            return VmDefinition(dom.name(), False, None)
+        return VmDefinition(dom.name(), True, spec, read_mark(dom), read_hibernate_mark(dom))
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -220,11 +236,12 @@ class VmInventory:
 
         uuid, name, (s, r), info, live_xml = await self.hv.call(read, timeout=15)
         cached = await self.definition(uuid)
-        state, reason = st.map_state(s, r)
+        state, reason = shown_state(s, r, cached)
         vm = VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=cached.spec, state=state, reason=reason,
                     state_time=self._state_times.get(uuid), cpu_time_ns=int(info[4]),
                     host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations else (),
-                    recycle_expires=cached.recycled.expires_at if cached.recycled else None)
+                    recycle_expires=cached.recycled.expires_at if cached.recycled else None,
+                    hibernated=cached.hibernated if state == st.HIBERNATED else None)
         if live_xml:
             vm.console = self._console_from_xml(live_xml, cached.spec)
             vm.qemu_pid = self._qemu_pid(name)
@@ -257,7 +274,7 @@ class VmInventory:
                 continue
             if recycled is not None and (cached.recycled is not None) != recycled:
                 continue
-            state, reason = st.map_state(s, r)
+            state, reason = shown_state(s, r, cached)
             if wanted and state not in wanted:
                 continue
             holder = self.locks.holder(vm_lock(uuid))
@@ -265,7 +282,8 @@ class VmInventory:
                               state=state, reason=reason, state_time=self._state_times.get(uuid), cpu_time_ns=int(cpu),
                               memory_rss_kib=int(rss), active_operation_id=holder.id if holder else "",
                               host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations and not status_only else (),
-                              recycle_expires=cached.recycled.expires_at if cached.recycled else None))
+                              recycle_expires=cached.recycled.expires_at if cached.recycled else None,
+                              hibernated=cached.hibernated if state == st.HIBERNATED else None))
         vms.sort(key=lambda v: v.name)
         return vms
 
@@ -366,6 +384,20 @@ class VmInventory:
         info = await self.get(vm_uuid)
         pid = int(info.qemu_pid) if str(info.qemu_pid).isdigit() else 0
         return info.name, info.state, pid
+
+
+def shown_state(state: int, reason: int, definition: VmDefinition) -> tuple[str, str]:
+    """The state the API shows: libvirt's, except a shut-off domain with a hibernate mark."""
+    shown = st.map_state(state, reason)
+    if definition.hibernated is not None and state == libvirt.VIR_DOMAIN_SHUTOFF:
+        return st.HIBERNATED, "hibernated"
+    return shown
+
+
+def hibernated_message(name: str, mark: HibernateMark) -> str:
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mark.saved_at))
+    return (f"vm {name!r} is hibernated (its RAM saved on datastore {mark.datastore!r} since {since}); StartVm or "
+            "UnhibernateVm resumes it, DeleteVm deletes it and its saved state")
 
 
 def interfaces_of(uuid: str, name: str, active: bool, xml: str, port_groups: dict[str, str],

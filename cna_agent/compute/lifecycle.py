@@ -14,7 +14,7 @@ import os
 import time
 import uuid as uuidlib
 from dataclasses import replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import libvirt
 
@@ -36,6 +36,9 @@ from cna_agent.errors import AgentError, AlreadyExists, DeadlineExceeded, Failed
 from cna_agent.operations import OperationContext
 from cna_agent.qemu_access import QemuUser, make_dirs, open_way
 from cna_agent.state.journal import OperationRecord
+
+if TYPE_CHECKING:
+    from cna_agent.compute.hibernate import VmHibernation
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,9 @@ class VmLifecycle:
         #: Where DeleteVm with a hold puts a VM (set by the composition root: the bin deletes
         #: through this lifecycle when a hold is up).
         self.recycle_bin: RecycleBin | None = None
+        #: Where StartVm of a hibernated VM goes, and whose saved state DeleteVm removes (set by
+        #: the composition root).
+        self.hibernation: "VmHibernation | None" = None
 
     async def reclaim_placement(self, uuid: str, spec: VmSpec) -> None:
         """A stopped VM that gave its placement up (the recycle bin) takes one again: planned
@@ -256,7 +262,11 @@ class VmLifecycle:
             await self.hv.call(start, timeout=120)
 
     async def start_vm(self, ref: str, *, request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
-        uuid, name = await self.inventory.lookup_uuid(ref)
+        uuid, name = await self.inventory.lookup_uuid(ref, allow_hibernated=self.hibernation is not None)
+        if self.hibernation is not None and (await self.inventory.definition(uuid)).hibernated is not None:
+            # A hibernated VM starts where it stopped (libvirt's managed save does the same).
+            return await self.hibernation.unhibernate(uuid, request_id=request_id, fingerprint=fingerprint,
+                                                      lock_timeout=lock_timeout)
         if self.admission is not None and await self.inventory.state(uuid) not in (st.RUNNING, st.PAUSED):
             self.admission.check_admission(f"starting vm {name!r}", field="vm")
 
@@ -394,11 +404,15 @@ class VmLifecycle:
         """DeleteVm; with ``hold_s`` the VM goes to the recycle bin instead (recycle.py) and is
         deleted, as asked here, when the hold is up. A VM already in the bin is deleted now."""
         check_hold(hold_s)
-        uuid, name = await self.inventory.lookup_uuid(ref, allow_recycled=True)
+        uuid, name = await self.inventory.lookup_uuid(ref, allow_recycled=True, allow_hibernated=True)
         spec = await self.inventory.spec(uuid)
-        in_bin = (await self.inventory.definition(uuid)).recycled
+        definition = await self.inventory.definition(uuid)
+        in_bin = definition.recycled
         if hold_s and in_bin is not None:
             raise FailedPrecondition(f"{in_bin_message(name, in_bin)}; its hold is not changed", field="hold_time_s")
+        if hold_s and definition.hibernated is not None:
+            raise FailedPrecondition(f"vm {name!r} is hibernated; resume it first, or delete it (and its saved state) "
+                                     "without hold_time_s", field="hold_time_s")
         if hold_s and self.recycle_bin is None:
             raise FailedPrecondition("this agent has no recycle bin; delete without hold_time_s", field="hold_time_s")
         storage = self.binder.disks
@@ -424,6 +438,9 @@ class VmLifecycle:
             if hold_s and self.recycle_bin is not None:
                 await self.recycle_bin.recycle(op, uuid, name, hold_s, delete_disks)
                 return None
+
+            if self.hibernation is not None:
+                await self.hibernation.discard_state(uuid)
 
             def undefine(conn: libvirt.virConnect) -> None:
                 dom = conn.lookupByUUIDString(uuid)

@@ -168,7 +168,7 @@ class ColdIncoming:
         self.renderer.prepare_dirs(spec, self.hv.qemu_user())
 
         def define(conn: libvirt.virConnect) -> None:
-            problem = _conflict(conn, spec)
+            problem = name_conflict(conn, spec)
             if problem:
                 raise AlreadyExists(problem, field="spec")
             try:
@@ -227,12 +227,12 @@ class ColdIncoming:
         self.renderer.run_dirs.remove(spec.uuid)
 
     async def _refuse_conflicts(self, spec: VmSpec) -> None:
-        problem = await self.hv.call(lambda c: _conflict(c, spec), timeout=15)
+        problem = await self.hv.call(lambda c: name_conflict(c, spec), timeout=15)
         if problem:
             raise AlreadyExists(problem, field="spec")
 
 
-def _conflict(conn: libvirt.virConnect, spec: VmSpec) -> str:
+def name_conflict(conn: libvirt.virConnect, spec: VmSpec) -> str:
     for ref, what in ((spec.uuid, "uuid"), (spec.name, "name")):
         try:
             dom = conn.lookupByUUIDString(ref) if what == "uuid" else conn.lookupByName(ref)

@@ -31,6 +31,7 @@ from xml.etree import ElementTree as ET
 
 import libvirt
 
+from cna_agent.compute.marks import read_config_metadata, write_config_metadata
 from cna_agent.errors import CODES, AgentError, FailedPrecondition, InvalidArgument
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationError, OperationRecord
@@ -74,21 +75,13 @@ class RecycleMark:
 
 def read_mark(dom: libvirt.virDomain) -> RecycleMark | None:
     """The domain's recycle mark (None: not in the bin). Runs in the libvirt executor."""
-    try:
-        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, RECYCLE_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-    except libvirt.libvirtError:
-        return None  # no such metadata (VIR_ERR_NO_DOMAIN_METADATA), or a transient domain
-    return RecycleMark.from_xml(text)
+    text = read_config_metadata(dom, RECYCLE_NS)
+    return RecycleMark.from_xml(text) if text is not None else None
 
 
 def write_mark(dom: libvirt.virDomain, mark: RecycleMark | None) -> None:
     """Set (or, with None, remove) the mark in the persistent definition."""
-    try:
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, mark.to_xml() if mark else None,
-                        RECYCLE_KEY if mark else None, RECYCLE_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-    except libvirt.libvirtError as exc:
-        if mark is not None or exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-            raise  # removing a mark that is already gone (a redefine dropped it) is done
+    write_config_metadata(dom, RECYCLE_NS, RECYCLE_KEY, mark.to_xml() if mark else None)
 
 
 def check_hold(hold_s: int) -> None:

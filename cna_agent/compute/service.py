@@ -25,6 +25,8 @@ from cna_agent.compute.binder import Binder
 from cna_agent.compute.console import ConsoleSession, ConsoleSessions
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
+from cna_agent.compute.hibernate import VmHibernation
+from cna_agent.compute.hibernate_handoff import HibernationHandoff
 from cna_agent.compute.inventory import VmInfo, VmInventory
 from cna_agent.compute.io_resume import IoErrorResumer
 from cna_agent.compute.lifecycle import VmLifecycle
@@ -84,6 +86,9 @@ class Compute:
     consoles: ConsoleSessions = field(default_factory=ConsoleSessions)
     #: VMs deleted with a hold (recycle.py): restored, or deleted when the hold is up.
     recycle_bin: RecycleBin | None = None
+    #: Hibernate and resume (hibernate.py), and what follows them (hibernate_handoff.py).
+    hibernation: VmHibernation | None = None
+    handoff: HibernationHandoff | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
@@ -93,6 +98,8 @@ class Compute:
             handlers["vm.migrate_cold"] = self.migrations.cold.recover
         if self.recycle_bin is not None:
             handlers["vm.restore"] = self.recycle_bin.recover_restore
+        if self.handoff is not None:
+            handlers.update(self.handoff.handlers())
         return handlers
 
     async def start(self) -> None:

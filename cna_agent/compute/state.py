@@ -12,7 +12,10 @@ import libvirt
 STOPPED, RUNNING, PAUSED, SHUTTING_DOWN, CRASHED, MIGRATING, SUSPENDED, STARTING, UNKNOWN = (
     "stopped", "running", "paused", "shutting_down", "crashed", "migrating", "suspended", "starting", "unknown",
 )
-ALL_STATES = (STOPPED, RUNNING, PAUSED, SHUTTING_DOWN, CRASHED, MIGRATING, SUSPENDED, STARTING, UNKNOWN)
+#: Not a libvirt state: a shut-off domain whose RAM is saved on a datastore (hibernate.py),
+#: known from the mark in its definition (inventory.py applies it).
+HIBERNATED = "hibernated"
+ALL_STATES = (STOPPED, RUNNING, PAUSED, SHUTTING_DOWN, CRASHED, MIGRATING, SUSPENDED, STARTING, UNKNOWN, HIBERNATED)
 
 _PAUSED_REASONS = {
     libvirt.VIR_DOMAIN_PAUSED_UNKNOWN: "unknown", libvirt.VIR_DOMAIN_PAUSED_USER: "user",

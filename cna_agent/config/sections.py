@@ -141,6 +141,9 @@ class ComputeConfig:
     io_error_check_interval_s: float = 10.0
     #: Seconds between sweeps of the recycle bin for VMs whose hold is up (DeleteVm hold_time_s).
     recycle_sweep_interval_s: float = 60.0
+    #: Seconds between checks of this host's hibernated VMs for a resume on another host (whose
+    #: definition here is then removed); also checked at start-up.
+    hibernation_check_interval_s: float = 30.0
     #: Empty PCIe root ports every q35/aarch64 VM keeps for hot-plugging disks and NICs, unless
     #: its spec sets hotplug_slots (0-32). Each costs QEMU one device and a PCI bus number.
     hotplug_slots: int = 4

@@ -192,6 +192,9 @@ def validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
         fail("compute", "io_error_check_interval_s", "must be greater than 0")
     if not 1 <= cfg.compute.recycle_sweep_interval_s <= 86400:
         fail("compute", "recycle_sweep_interval_s", f"{cfg.compute.recycle_sweep_interval_s} is not between 1 and 86400")
+    if not 1 <= cfg.compute.hibernation_check_interval_s <= 86400:
+        fail("compute", "hibernation_check_interval_s",
+             f"{cfg.compute.hibernation_check_interval_s} is not between 1 and 86400")
     if not cfg.network.ovsdb.startswith(("unix:/", "tcp:", "ssl:")):
         fail("network", "ovsdb", f"{cfg.network.ovsdb!r} is not an OVSDB remote (unix:/PATH, tcp:HOST:PORT or ssl:HOST:PORT)")
     if cfg.network.ovsdb_timeout_s <= 0:

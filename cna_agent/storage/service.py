@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: How long a quick operation is awaited before the caller gets it back still running.
 QUICK_WAIT_S = 5.0
+#: Under a dir datastore's root: what compute keeps there that is not a volume (DiskProvider.state_area).
+STATE_AREA = ".cna-state"
 
 
 #: Operation kinds that produce a new volume through a temporary file (cancellable until it is
@@ -273,6 +275,21 @@ class StorageService:
     def resolve_boot_file(self, path: str, *, field: str) -> str:
         """A direct-boot kernel/initrd named "datastore/rel/path"."""
         return self._volume_ref(path, field, must_exist=True).path
+
+    async def state_area(self, datastore: str, *, field: str) -> str:
+        """DiskProvider: ``<root>/.cna-state`` of a dir datastore (a dot directory: never
+        listed as volumes, and no volume path may name it, paths.check_new_relpath)."""
+        d = self._datastore(datastore, field)
+        if d.type != "dir":
+            raise FailedPrecondition(f"{field}: datastore {datastore!r} is a {d.type} SAN datastore; VM state is kept on "
+                                     "dir datastores", field=field)
+        health = self.monitor.get(datastore)
+        if health.state == "unreachable":
+            raise FailedPrecondition(f"{field}: datastore {datastore!r} is unreachable ({health.reason})", field=field)
+        area = os.path.join(os.path.realpath(d.path), STATE_AREA)
+        await self.executor.run(lambda: os.makedirs(area, mode=0o700, exist_ok=True), timeout=30,
+                                what=f"the state area of {datastore}")
+        return area
 
     async def delete_volume(self, volume_id: str, *, field: str) -> None:
         """DiskProvider: a VM's volume, with the overlays its external snapshots made on it.

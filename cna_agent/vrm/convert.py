@@ -10,6 +10,7 @@ _STATE = {
     "shutting_down": pb.vm_pb2.VM_STATE_SHUTTING_DOWN, "crashed": pb.vm_pb2.VM_STATE_CRASHED,
     "migrating": pb.vm_pb2.VM_STATE_MIGRATING, "suspended": pb.vm_pb2.VM_STATE_SUSPENDED,
     "starting": pb.vm_pb2.VM_STATE_STARTING, "unknown": pb.vm_pb2.VM_STATE_UNKNOWN,
+    "hibernated": pb.vm_pb2.VM_STATE_HIBERNATED,
 }
 
 

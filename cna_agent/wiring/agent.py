@@ -174,6 +174,8 @@ async def build_agent(config: AgentConfig) -> Agent:
     # Every blocking pool, for the metrics (read at scrape time).
     pools = [store.pool, hypervisor.pool, pool, compute.resumer.executor, storage.executor,
              network.service.ovs.pool, network.service.netlink_pool]
+    if compute.hibernation is not None:
+        pools.append(compute.hibernation.files)
     telemetry = build_telemetry(config, hypervisor, host, store, events, pools)
     for each in pools:  # a fixed thread count from here on (see BlockingPool.prestart)
         await asyncio.to_thread(each.prestart)

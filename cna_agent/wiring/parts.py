@@ -18,6 +18,9 @@ from cna_agent.compute.io_resume import IoErrorResumer
 from cna_agent.compute.ledger import VmStateLedger
 from cna_agent.compute.lifecycle import DomainRenderer, VmLifecycle
 from cna_agent.compute.nics import NicOperations
+from cna_agent.blocking import BlockingPool
+from cna_agent.compute.hibernate import VmHibernation
+from cna_agent.compute.hibernate_handoff import HibernationHandoff
 from cna_agent.compute.reconcile import VmReconciler
 from cna_agent.compute.recycle import RecycleBin
 from cna_agent.compute.recovery import VmRecovery
@@ -150,12 +153,16 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                              release=binder.release_placement, reclaim=lifecycle.reclaim_placement,
                              sweep_interval_s=config.compute.recycle_sweep_interval_s)
     lifecycle.recycle_bin = recycle_bin
+    hibernation = VmHibernation(ops, binder, renderer, BlockingPool("hibernate-files", 2, 60.0, hint="datastore not answering?"),
+                                host_uuid=host_uuid, admission=admission, reservations=reservations)
+    lifecycle.hibernation = hibernation
+    handoff = HibernationHandoff(hibernation, interval_s=config.compute.hibernation_check_interval_s)
     resumer = IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
                              interval_s=config.compute.io_error_check_interval_s,
                              enabled=config.compute.io_error_resume == "auto",
                              power_off=lambda uuid: lifecycle.shutdown(uuid, hard=True))
     # Always in the reconcile: a VM's own storage_errors policy applies whatever the host's default.
-    reconciler = VmReconciler(inventory, [*checks, resumer])
+    reconciler = VmReconciler(inventory, [*checks, resumer, handoff])
     monitor.on_io_error = reconciler.enqueue
     incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                   migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
@@ -169,6 +176,8 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         snapshots=VmSnapshots(ops),
         recovery=VmRecovery(hypervisor, inventory, events),
         recycle_bin=recycle_bin,
+        hibernation=hibernation,
+        handoff=handoff,
         resumer=resumer,
         reconciler=reconciler,
         migrations=VmMigrations(ops, binder, renderer.run_dirs, peer or _no_peer(), max_outgoing=config.migration.max_outgoing,

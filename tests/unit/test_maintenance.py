@@ -364,7 +364,7 @@ def test_create_and_start_of_a_stopped_vm_are_refused_and_a_running_one_is_not()
     states = {"u-off": st.STOPPED, "u-on": st.RUNNING}
     submitted = []
 
-    async def lookup_uuid(ref):
+    async def lookup_uuid(ref, **_kw):
         return ref, f"name-{ref}"
 
     async def state(uuid):

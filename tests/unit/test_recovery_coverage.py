@@ -15,6 +15,8 @@ from cna_agent.compute.evacuation import HostEvacuation
 from cna_agent.compute.migration_cold import ColdMigrations
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.recycle import RecycleBin
+from cna_agent.compute.hibernate import VmHibernation
+from cna_agent.compute.hibernate_handoff import HibernationHandoff
 from cna_agent.compute.service import Compute
 from cna_agent.network.recovery import NetworkRecovery
 from cna_agent.storage.recovery import VolumeRecovery
@@ -24,8 +26,11 @@ def _compute_handlers() -> dict:
     ops = SimpleNamespace(hv=None)
     cold = ColdMigrations(ops, None, None, None, None)  # type: ignore[arg-type]
     bin_ = RecycleBin(ops, purge=None, release=None)  # type: ignore[arg-type]
+    ops.inventory = None
+    hibernation = VmHibernation(ops, None, None, None, host_uuid="h")  # type: ignore[arg-type]
     parts = SimpleNamespace(recovery=VmRecovery(None, None), ops=ops, inventory=None,  # type: ignore[arg-type]
-                            migrations=SimpleNamespace(hv=None, cold=cold), recycle_bin=bin_)
+                            migrations=SimpleNamespace(hv=None, cold=cold), recycle_bin=bin_,
+                            handoff=HibernationHandoff(hibernation))
     return Compute.recovery_handlers(parts)  # type: ignore[arg-type]
 
 

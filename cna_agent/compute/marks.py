@@ -1,0 +1,31 @@
+"""Marks the agent keeps in a domain's persistent definition, as libvirt metadata elements.
+
+Why in the definition and not in the agent's database: a mark (in the recycle bin, hibernated)
+says what the VM *is*, and must hold for an agent restarted without its state database, or for
+another agent of the same host. Each kind of mark has its own namespace, so setting one never
+touches the others or the agent's spec (domxml.CNA_NS).
+"""
+
+from __future__ import annotations
+
+import libvirt
+
+
+def read_config_metadata(dom: libvirt.virDomain, namespace: str) -> str | None:
+    """The element in ``namespace`` of the persistent definition, or None when there is none
+    (or the domain is transient). Runs in the libvirt pool."""
+    try:
+        return dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    except libvirt.libvirtError:
+        return None  # VIR_ERR_NO_DOMAIN_METADATA, or a transient domain
+
+
+def write_config_metadata(dom: libvirt.virDomain, namespace: str, key: str, body: str | None) -> None:
+    """Set the element (``body``, without a namespace declaration: libvirt adds ``key`` as
+    its prefix) or, with None, remove it; removing one that is already gone is done."""
+    try:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, key if body is not None else None, namespace,
+                        libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    except libvirt.libvirtError as exc:
+        if body is not None or exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            raise

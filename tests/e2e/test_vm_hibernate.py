@@ -1,0 +1,153 @@
+"""Hibernate and resume between two real agents, each on its own libvirtd (two "hosts" in mount
+namespaces), both seeing datastore ``shared`` at the same path.
+
+A guest counts on its serial console. It is hibernated on A and started again on A (the counter
+goes on, no reboot), hibernated again and resumed on B through B's agent (the counter goes on
+on B's serial log from where it stopped on A). Judged from outside the agents: each host's
+libvirt (where the domain is defined and running), the QEMU processes on the machine, the
+state files on the datastore, the guests' serial logs, and A's state database.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cna_agent.api import pb
+from support.agent import start_agent
+from support.console import AgentConsole
+from support.guests import guest_spec, serial_log
+from support.hosts import domain_state
+from support.migration import agent_config, claims, make_base, qemu_pids, tear_down, wait_until
+from support.operations import ok
+
+vm = pb.vm_pb2
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (two libvirtds)"), pytest.mark.slow]
+MiB = 1 << 20
+
+
+@pytest.fixture
+def hib_agents(two_hosts, libvirt_caps_cache):
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    base = make_base("hb")
+    for d in ("a-local", "b-local", "shared"):
+        (base / d).mkdir(mode=0o711)
+
+    def config(host, local: Path) -> str:
+        datastores = (f'[storage.datastores.local]\ntype = "dir"\npath = "{local}"\n'
+                      f'[storage.datastores.shared]\ntype = "dir"\npath = "{base / "shared"}"\n')
+        # A's hand-off check every second (the default is 30 s)
+        text = agent_config(host, base / "img", datastores)
+        return text.replace("[compute]\n", "[compute]\nhibernation_check_interval_s = 1.0\n", 1)
+
+    a = start_agent(base / "a", None, extra_config=config(two_hosts.a, base / "a-local"))
+    b = start_agent(base / "b", None, extra_config=config(two_hosts.b, base / "b-local"))
+    yield a, b, two_hosts, base
+    for agent in (a, b):  # what the agents said, for a failure (pytest shows it then)
+        print(f"--- {agent.dir.name}'s log (last 6000 characters) ---\n{agent.log_text()[-6000:]}")
+    tear_down((a, b), (two_hosts.a, two_hosts.b), base)
+
+
+def _counts(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^COUNT-(\d+)\r?$", text, re.M)]
+
+
+def _states(base: Path, uuid: str) -> list[Path]:
+    """The token directories of the VM's hibernations on the shared datastore."""
+    root = base / "shared" / ".cna-state" / "hibernate" / uuid
+    return sorted(p for p in root.iterdir()) if root.is_dir() else []
+
+
+def test_a_counting_guest_hibernates_resumes_here_then_on_the_other_host_where_it_stopped(hib_agents) -> None:
+    a, b, hosts, base = hib_agents
+    disk = base / "shared" / "hib1" / "data.raw"
+    disk.parent.mkdir(mode=0o711)
+    with open(disk, "wb") as f:
+        f.truncate(8 * MiB)
+    with a.channel() as cha, b.channel() as chb:
+        vms_a, vms_b = pb.vm_pb2_grpc.VmServiceStub(cha), pb.vm_pb2_grpc.VmServiceStub(chb)
+        spec = guest_spec("x86_64", "hib1", memory_mib=128, disks=[vm.DiskSpec(volume="shared/hib1/data.raw")])
+        uuid = ok(cha, vms_a.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), into=vm.Vm()).uuid
+        log_a = serial_log(a, uuid)
+        log_a.wait_for(r"CNA-GUEST-READY", timeout=150)
+        with AgentConsole(cha, uuid) as con:
+            con.send("\n")
+            con.wait_for(r"cna# ", timeout=60, partial=True)
+            con.send("(i=0; while :; do echo COUNT-$i; i=$((i+1)); sleep 1; done) &\n")
+            con.wait_for(r"COUNT-3\r?$", timeout=60)
+
+        # bad requests change nothing: an unknown datastore, resume of a VM that is not
+        # hibernated, a resume on B that does not say where the state is
+        with pytest.raises(grpc.RpcError) as err:
+            vms_a.HibernateVm(vm.HibernateVmRequest(vm=uuid, datastore="nope"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            vms_a.UnhibernateVm(vm.UnhibernateVmRequest(vm=uuid), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not hibernated" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            vms_b.UnhibernateVm(vm.UnhibernateVmRequest(vm=uuid), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "datastore" in err.value.details()
+        assert domain_state(hosts.a.uri, uuid) == (True, True) and _states(base, uuid) == []
+
+        # 1. hibernate on A: shut off in libvirt (still defined), no QEMU, the RAM on the datastore
+        before = max(_counts(log_a.text()))
+        hib = ok(cha, vms_a.HibernateVm(vm.HibernateVmRequest(vm=uuid), timeout=60), into=vm.Vm())
+        assert hib.status.state == vm.VM_STATE_HIBERNATED and hib.status.hibernation.datastore == "shared", hib.status
+        assert domain_state(hosts.a.uri, uuid) == (True, False) and not qemu_pids(uuid)
+        (state,) = _states(base, uuid)
+        assert (state / "memory.save").stat().st_size > 1 * MiB and (state / "state.json").is_file()
+        assert (state.stat().st_mode & 0o777) == 0o700  # the guest's RAM: root only
+        saved_at = max(_counts(log_a.text()))
+        assert saved_at >= before
+        listed = {v.uuid: v for v in vms_a.ListVms(vm.ListVmsRequest(), timeout=30).vms}
+        assert listed[uuid].status.state == vm.VM_STATE_HIBERNATED
+        with pytest.raises(grpc.RpcError) as err:
+            vms_a.PauseVm(vm.VmActionRequest(vm=uuid), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "hibernated" in err.value.details()
+
+        # 2. StartVm on A resumes it here: counting on from where it stopped, no new boot
+        time.sleep(2)  # the guest's clock stood still: no count while hibernated
+        assert max(_counts(log_a.text())) == saved_at
+        boots = log_a.text().count("CNA-GUEST-READY")
+        back = ok(cha, vms_a.StartVm(vm.VmActionRequest(vm=uuid), timeout=60), into=vm.Vm())
+        assert back.status.state == vm.VM_STATE_RUNNING and not back.status.HasField("hibernation")
+        wait_until(lambda: max(_counts(log_a.text())) >= saved_at + 3, 60, "the guest counting again on A")
+        counts = _counts(log_a.text())
+        assert counts == list(range(counts[0], counts[0] + len(counts))), counts[-20:]  # no gap, no restart at 0
+        assert log_a.text().count("CNA-GUEST-READY") == boots
+        assert _states(base, uuid) == []  # resumed where it was saved: nothing left
+
+        # 3. hibernate again, resume on B (by UUID, naming the datastore)
+        ok(cha, vms_a.HibernateVm(vm.HibernateVmRequest(vm=uuid, datastore="shared"), timeout=60))
+        last_a = max(_counts(log_a.text()))
+        with pytest.raises(grpc.RpcError) as err:  # B looking on its own datastore finds nothing
+            vms_b.UnhibernateVm(vm.UnhibernateVmRequest(vm=uuid, datastore="local"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+        t0 = time.monotonic()
+        moved = ok(chb, vms_b.UnhibernateVm(vm.UnhibernateVmRequest(vm=uuid, datastore="shared"), timeout=60), into=vm.Vm())
+        resume_s = time.monotonic() - t0
+        assert moved.uuid == uuid and moved.status.state == vm.VM_STATE_RUNNING
+        assert domain_state(hosts.b.uri, uuid) == (True, True)
+        log_b = serial_log(b, uuid)
+        wait_until(lambda: len(_counts(log_b.text())) >= 3, 60, "the guest counting on B")
+        on_b = _counts(log_b.text())
+        assert on_b[0] == last_a + 1 and on_b == list(range(on_b[0], on_b[0] + len(on_b))), (last_a, on_b)
+        assert "CNA-GUEST-READY" not in log_b.text()  # no reboot on B
+        (pid,) = qemu_pids(uuid)  # one QEMU on the machine: B's
+        assert pid in hosts.b.qemu_pids().values()
+
+        # 4. A lets go: its hand-off check undefines its copy; nothing of the VM is left on A
+        wait_until(lambda: domain_state(hosts.a.uri, uuid) is None, 30, "A's definition removed")
+        assert not vms_a.ListVms(vm.ListVmsRequest(), timeout=30).vms
+        assert claims(a, uuid) == {"placements": 0, "prepared": 0}
+        wait_until(lambda: _states(base, uuid) == [], 10, "the claim removed from the datastore")
+        assert disk.is_file()  # the disk is the resumed VM's
+        print(f"resume on the other host: {resume_s:.2f} s")
+        ok(chb, vms_b.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
