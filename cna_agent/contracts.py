@@ -95,7 +95,8 @@ class DiskProvider(Protocol):
 
     async def state_area(self, datastore: str, *, field: str) -> str:
         """An absolute directory on dir datastore ``datastore`` where compute keeps VM state
-        that is not a volume (hibernation images: compute/hibernate_store.py), made if missing;
+        that is not a volume (hibernation images: compute/hibernate_store.py); not made here
+        (the caller makes it when it writes there, so a refused request leaves nothing), and
         hidden from volume listings. NotFound for an unknown datastore, FailedPrecondition for a
         SAN datastore or one that is unreachable, each naming ``field``."""
 

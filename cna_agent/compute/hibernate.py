@@ -12,7 +12,7 @@ the guest back where it stopped. How, on libvirt 9.0:
   the hibernate mark written into the definition (the VM shows as HIBERNATED) and its
   placement released. A failed save leaves the guest running here (libvirt resumes it; the
   agent resumes it if libvirt left it paused) and removes what was written.
-* **Resume**: the host that resumes claims the state (an O_EXCL file, so only one host ever
+* **Resume**: the host that resumes claims the state (a file linked into place, so only one host ever
   can), plans its own placement and bindings, splices them into the saved guest's XML
   (migration_xml.destination_xml: the guest ABI stays the saved one, the host side is this
   host's), defines the VM persistently and restores it with virDomainRestoreFlags. The guest
@@ -47,6 +47,7 @@ from cna_agent.compute.render import nvram_path
 from cna_agent.compute.spec import UUID_RE, VmSpec, validate
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import HostAdmission
+from cna_agent.failpoints import crash_point
 from cna_agent.errors import AgentError, AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted
 from cna_agent.hypervisor import CHANGE_OUTLAST_S
 from cna_agent.operations import OperationContext
@@ -137,6 +138,7 @@ class VmHibernation:
                     exc.message = f"{exc.message}; vm {name!r} runs on here"
                 raise
             save_ms = (time.monotonic() - started) * 1000
+            crash_point("vm.hibernate.saved")  # saved, not yet marked: recovery marks it
             size = await self.finish_save(uuid, spec, paths, hs.HibernateMark(datastore, token, time.time()))
             log.info("event=vm.hibernated vm=%s datastore=%s bytes=%d save_ms=%.0f", uuid, datastore, size, save_ms)
             await self.ops.events.publish("vm.hibernated", resource_kind="vm", resource_id=uuid, resource_name=name,
@@ -313,6 +315,7 @@ class VmHibernation:
         except BaseException:
             await self.undo_resume(uuid, spec, paths, record, local, defined)
             raise
+        crash_point("vm.unhibernate.restored")  # running, its image not yet removed: recovery finishes
         self.inventory.forget(uuid)
         synced = await self.sync_clock(uuid, spec)
         await self.run_file(lambda: hs.discard(paths) if record.source_host == self.host else hs.discard_image(paths),

@@ -6,7 +6,9 @@ not how to reach the host that saved the VM (which may be down); the claim file 
 state directory is the message. The saving host's per-VM reconcile (the ``hibernation`` check,
 every ``[compute] hibernation_check_interval_s``) reads it for each of its hibernated VMs and,
 once another host holds the claim, undefines its own copy (the disks stay: they are the
-resumed VM's now) and removes the claim, the last file of that hibernation.
+resumed VM's now) and removes the claim, the last file of that hibernation. The copy goes only
+once the other host's resume is complete (it removed the image): a claim alone may be dropped
+again by a resume that fails, and the VM must never end up defined nowhere.
 
 Recovery (DESIGN.md "Restart adopts, never redoes") decides from libvirt and the datastore:
 
@@ -70,6 +72,11 @@ class HibernationHandoff:
             if not has_image and holder is None:
                 return [Finding(self.name, vm.uuid, f"the saved state on datastore {mark.datastore!r} is missing")]
             return []
+        if has_image:
+            # Claimed but not resumed yet (or the resuming agent died mid-way: its recovery
+            # either completes the resume, removing the image, or drops the claim). Only a
+            # finished resume lets this copy go, so the VM is never defined nowhere.
+            return [Finding(self.name, vm.uuid, f"being resumed on host {holder.host}")]
         await self.ops.submit("vm.hibernate_handoff", vm.uuid, lambda op: self._hand_off(op, vm.uuid, vm.name, paths, holder.host),
                               wait=30.0)
         return [Finding(self.name, vm.uuid, f"resumed on host {holder.host}", repaired=True, action="undefined here")]

@@ -10,11 +10,11 @@ never addressable as a volume)::
     hibernate/<vm uuid>/<token>/memory.save   libvirt's save image (virDomainSaveFlags)
                                /state.json    SavedState: spec, persistent XML, who saved it
                                /nvram.fd      the UEFI variable store, when the VM has one
-                               /claim         created O_EXCL by the host that resumes it
+                               /claim         hard-linked into place by the host that resumes it
 
 ``token`` is new for each hibernation, so a later hibernation of the same VM never meets an
-old claim. Exactly one host resumes a state: the claim is created with O_EXCL (atomic on local
-file systems and on NFSv3+), and the host that saved it learns from the claim that its own
+old claim. Exactly one host resumes a state: the claim is hard-linked into place (atomic on
+local file systems and on NFS), and the host that saved it learns from the claim that its own
 copy is gone (hibernate.py's hand-off check). After a resume elsewhere the image and the record
 are removed and only the claim stays, until the saving host has read it.
 
@@ -169,7 +169,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 def prepare(paths: StatePaths) -> None:
     """Make the token directory (0700: the image holds the guest's RAM)."""
-    os.makedirs(os.path.dirname(paths.root), mode=0o700, exist_ok=True)
+    os.makedirs(os.path.dirname(paths.root), mode=0o700, exist_ok=True)  # .cna-state/hibernate/<uuid>
     os.mkdir(paths.root, 0o700)
 
 
@@ -207,25 +207,34 @@ def claim_holder(paths: StatePaths) -> Claim | None:
     except FileNotFoundError:
         return None
     except (ValueError, OSError):
-        return Claim("?", "", 0.0)  # half-written by a host that died: taken all the same
+        return Claim("?", "", 0.0)  # unreadable (a damaged file system?): taken all the same
 
 
 def take_claim(paths: StatePaths, host: str, operation_id: str) -> Claim:
     """Claim the state for ``host``; the holder when another host has it already (a claim of
-    this host's own, an earlier attempt of a resume, is this host's again)."""
-    body = json.dumps({"host": host, "operation_id": operation_id, "at": time.time()}).encode()
-    try:
-        fd = os.open(paths.claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        holder = claim_holder(paths)
-        return holder if holder is not None else take_claim(paths, host, operation_id)
+    this host's own, an earlier attempt of a resume, is this host's again).
+
+    The claim is written whole to a file of this host's own and then hard-linked to its name:
+    link() fails when the name exists, atomically (also on NFS, where it is the classic lock),
+    so no host ever reads a claim that is created but not yet written."""
+    claimed = Claim(host, operation_id, time.time())
+    body = json.dumps({"host": host, "operation_id": operation_id, "at": claimed.at}).encode()
+    tmp = f"{paths.claim}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, body)
         os.fsync(fd)
     finally:
         os.close(fd)
+    try:
+        os.link(tmp, paths.claim)
+    except FileExistsError:
+        holder = claim_holder(paths)
+        return holder if holder is not None else take_claim(paths, host, operation_id)
+    finally:
+        os.unlink(tmp)
     _fsync_dir(paths.root)
-    return Claim(host, operation_id, time.time())
+    return claimed
 
 
 def drop_claim(paths: StatePaths, host: str) -> None:
@@ -272,5 +281,9 @@ def resumable(area: str, uuid: str) -> list[tuple[StatePaths, SavedState]]:
 
 
 def free_bytes(path: str) -> int:
+    """Free bytes for ``path``'s file system (its nearest existing parent: the area may not
+    exist yet)."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize

@@ -286,10 +286,7 @@ class StorageService:
         health = self.monitor.get(datastore)
         if health.state == "unreachable":
             raise FailedPrecondition(f"{field}: datastore {datastore!r} is unreachable ({health.reason})", field=field)
-        area = os.path.join(os.path.realpath(d.path), STATE_AREA)
-        await self.executor.run(lambda: os.makedirs(area, mode=0o700, exist_ok=True), timeout=30,
-                                what=f"the state area of {datastore}")
-        return area
+        return os.path.join(os.path.realpath(d.path), STATE_AREA)
 
     async def delete_volume(self, volume_id: str, *, field: str) -> None:
         """DiskProvider: a VM's volume, with the overlays its external snapshots made on it.

@@ -223,6 +223,8 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "VmService/DeleteVm": vm.DeleteVmRequest(vm="sweep-vm"),
         "VmService/RestoreVm": vm.VmActionRequest(vm="sweep-vm"),  # not in the recycle bin: refused
         "VmService/StartVm": vm.VmActionRequest(vm="sweep-vm"),
+        "VmService/HibernateVm": vm.HibernateVmRequest(vm="sweep-vm", datastore="ds"),  # stopped: refused
+        "VmService/UnhibernateVm": vm.UnhibernateVmRequest(vm="sweep-vm", datastore="ds"),  # not hibernated: refused
         "VmService/ShutdownVm": vm.ShutdownVmRequest(vm="sweep-vm", hard=True),
         "VmService/RebootVm": vm.RebootVmRequest(vm="sweep-vm"),
         "VmService/PauseVm": vm.VmActionRequest(vm="sweep-vm"),

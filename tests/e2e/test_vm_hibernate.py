@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from support.agent import start_agent
 from support.console import AgentConsole
 from support.guests import guest_spec, serial_log
 from support.hosts import domain_state
-from support.migration import agent_config, claims, make_base, qemu_pids, tear_down, wait_until
+from support.migration import agent_config, claims, make_base, qemu_pids, restart, tear_down, wait_until
 from support.operations import ok
 
 vm = pb.vm_pb2
+ops_pb = pb.operations_pb2
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (two libvirtds)"), pytest.mark.slow]
 MiB = 1 << 20
 
@@ -151,3 +153,71 @@ def test_a_counting_guest_hibernates_resumes_here_then_on_the_other_host_where_i
         assert disk.is_file()  # the disk is the resumed VM's
         print(f"resume on the other host: {resume_s:.2f} s")
         ok(chb, vms_b.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
+
+
+def _finished(agent, kind: str, request_id: str):
+    """The operation of ``kind`` that request ``request_id`` opened, as the (restarted) agent reports it."""
+    with agent.channel() as ch:
+        listed = pb.operations_pb2_grpc.OperationsServiceStub(ch).ListOperations(
+            ops_pb.ListOperationsRequest(kinds=[kind]), timeout=30).operations
+    return next(o for o in listed if o.request_id == request_id)
+
+
+def _killed_during(agent, env_point: str, call) -> object:
+    """Restart ``agent`` armed at crash point ``env_point``, make ``call(channel)``, and wait
+    for the agent to die there; returns the agent restarted unarmed (its recovery has run)."""
+    armed = restart(agent, env={"CNA_FAILPOINTS": env_point})
+    with armed.channel() as ch:
+        try:
+            call(ch)
+        except grpc.RpcError:
+            pass  # the agent died before it answered
+    assert armed.proc.wait(timeout=120) == -signal.SIGKILL
+    return restart(armed)
+
+
+def test_agents_killed_mid_hibernate_and_mid_resume_finish_both_from_what_libvirt_and_the_datastore_show(hib_agents) -> None:
+    """SIGKILL of A's agent right after libvirt saved the VM (before the mark): the restarted
+    agent finds the domain shut off with a complete image and completes the hibernation. SIGKILL
+    of B's agent right after libvirt restored it there: the restarted B finds it running and
+    completes the resume; A then lets go of its copy."""
+    a, b, hosts, base = hib_agents
+    current = {"a": a, "b": b}
+    try:
+        with a.channel() as cha:
+            spec = guest_spec("x86_64", "hib2", memory_mib=128)
+            uuid = ok(cha, pb.vm_pb2_grpc.VmServiceStub(cha).CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60),
+                      into=vm.Vm()).uuid
+        log_a = serial_log(a, uuid)
+        log_a.wait_for(r"CNA-GUEST-READY", timeout=150)
+
+        current["a"] = _killed_during(a, "vm.hibernate.saved", lambda ch: pb.vm_pb2_grpc.VmServiceStub(ch).HibernateVm(
+            vm.HibernateVmRequest(vm=uuid, datastore="shared", request_id="hib-kill-1"), timeout=60))
+        done = _finished(current["a"], "vm.hibernate", "hib-kill-1")
+        assert done.state == ops_pb.OPERATION_STATE_SUCCEEDED, done
+        with current["a"].channel() as cha:
+            got = pb.vm_pb2_grpc.VmServiceStub(cha).GetVm(vm.GetVmRequest(vm=uuid), timeout=30)
+        assert got.status.state == vm.VM_STATE_HIBERNATED and got.status.hibernation.datastore == "shared"
+        assert domain_state(hosts.a.uri, uuid) == (True, False) and not qemu_pids(uuid)
+        (state,) = _states(base, uuid)
+        assert (state / "memory.save").is_file()
+
+        current["b"] = _killed_during(b, "vm.unhibernate.restored", lambda ch: pb.vm_pb2_grpc.VmServiceStub(ch).UnhibernateVm(
+            vm.UnhibernateVmRequest(vm=uuid, datastore="shared", request_id="hib-kill-2"), timeout=60))
+        done = _finished(current["b"], "vm.unhibernate", "hib-kill-2")
+        assert done.state == ops_pb.OPERATION_STATE_SUCCEEDED, done
+        assert domain_state(hosts.b.uri, uuid) == (True, True)
+        assert not (state / "memory.save").exists()  # the used image is removed; A's claim file is what is left
+        wait_until(lambda: domain_state(hosts.a.uri, uuid) is None, 30, "A's definition removed")
+        wait_until(lambda: _states(base, uuid) == [], 10, "the claim removed from the datastore")
+        log_b = serial_log(current["b"], uuid)
+        with current["b"].channel() as chb:  # the guest answers on B without having rebooted
+            with AgentConsole(chb, uuid) as con:
+                con.send("\n")
+                con.wait_for(r"cna# ", timeout=60, partial=True)
+            assert "CNA-GUEST-READY" not in log_b.text()
+            ok(chb, pb.vm_pb2_grpc.VmServiceStub(chb).DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
+    finally:
+        for name, agent in current.items():
+            if agent is not (a if name == "a" else b):
+                agent.stop()
