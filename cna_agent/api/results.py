@@ -17,6 +17,8 @@ def _table() -> dict[type, Callable[[Any], Any]]:
     from cna_agent.api.maintenance import report_to_pb, status_to_pb
     from cna_agent.api.storage import datastore_to_pb, volume_to_pb
     from cna_agent.api.vm_convert import snapshot_to_pb, vm_to_pb
+    from cna_agent.api.backup import backup_to_pb
+    from cna_agent.compute.backup import BackupInfo
     from cna_agent.compute.inventory import VmInfo
     from cna_agent.compute.maintenance import EvacuationReport, MaintenanceStatus
     from cna_agent.compute.snapshots import SnapshotInfo
@@ -27,6 +29,7 @@ def _table() -> dict[type, Callable[[Any], Any]]:
 
     return {
         VmInfo: vm_to_pb,
+        BackupInfo: backup_to_pb,
         SnapshotInfo: snapshot_to_pb,
         VolumeInfo: volume_to_pb,
         DatastoreStatus: datastore_to_pb,
@@ -49,7 +52,8 @@ OPERATION_RESPONSES: dict[str, str] = {
                      "vm.snapshot.revert", "vm.disk.attach", "vm.disk.detach", "vm.disk.resize", "vm.disk.qos",
                      "vm.migrate", "vm.migrate_cold", "vm.restore", "vm.hibernate", "vm.unhibernate"), VM),
     "vm.snapshot.create": "cna.v1.Snapshot",
-    **dict.fromkeys(("vm.delete", "vm.hibernate_handoff", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",
+    "vm.backup.start": "cna.v1.Backup",
+    **dict.fromkeys(("vm.delete", "vm.hibernate_handoff", "vm.backup.stop", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",
                      "network.port_group.delete", "network.nic.detach"), EMPTY),
     **dict.fromkeys(("volume.create", "volume.resize", "volume.clone", "volume.import", "volume.export"), "cna.v1.Volume"),
     "datastore.rescan": "cna.v1.Datastore",

@@ -48,6 +48,7 @@ class Client:
         self.vms = pb.vm_pb2_grpc.VmServiceStub(self.channel)
         self.storage = pb.storage_pb2_grpc.StorageServiceStub(self.channel)
         self.network = pb.network_pb2_grpc.NetworkServiceStub(self.channel)
+        self.backups = pb.backup_pb2_grpc.BackupServiceStub(self.channel)
 
     def call(self, method: Callable, request: Any, **kw: Any) -> Any:
         try:

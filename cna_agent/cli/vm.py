@@ -172,6 +172,12 @@ def cmd_delete(client: Client, args: argparse.Namespace) -> str:
 
 
 def cmd_restore(client: Client, args: argparse.Namespace) -> str:
+    if args.from_dir:  # from a backup directory (vm_backup.py), not from the recycle bin
+        if not args.to:
+            raise CliError("--from needs --to FILE, the new image to write", EXIT_USAGE)
+        from cna_agent.cli.vm_backup import cmd_restore_backup
+
+        return cmd_restore_backup(client, args)
     op = client.call(client.vms.RestoreVm, v.VmActionRequest(vm=args.vm, request_id=args.request_id or ""))
     return _wait(client, op, args)
 
@@ -216,7 +222,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     q.add_argument("--force", action="store_true", help="power off a running VM first")
     q.add_argument("--hold", type=hold_seconds, default=0, metavar="DURATION",
                    help="keep it in the recycle bin this long (e.g. 7d), restorable, then delete it")
-    mutating("restore", "bring a VM back from the recycle bin (stopped)", cmd_restore)
+    q = mutating("restore", "bring a VM back from the recycle bin (stopped), or --from a backup directory into a file",
+                 cmd_restore)
+    q.add_argument("--from", dest="from_dir", metavar="DIR", help="a `vm backup` directory: restore a disk from its chain")
+    q.add_argument("--to", metavar="FILE", help="with --from: the standalone qcow2 to write")
+    q.add_argument("--disk", default="", help="with --from: which disk (default: the only one)")
+    q.add_argument("--checkpoint", default="", help="with --from: as of this backup (default: the newest)")
     from cna_agent.cli.vm_console import register_console
 
     register_console(vms, common)
@@ -227,5 +238,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     register_migrate(vms, common)
     from cna_agent.cli.vm_hibernate import register_hibernate
+    from cna_agent.cli.vm_backup import register_backup
+
+    register_backup(vms, common)
 
     register_hibernate(vms, common)

@@ -21,6 +21,7 @@ from cna_agent.compute.migration_cold_incoming import ColdIncoming
 from cna_agent.compute.migration_incoming import IncomingMigrations
 from cna_agent.compute.migration_recovery import MigrationRecovery
 from cna_agent.compute import state as st
+from cna_agent.compute.backup import VmBackups
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.console import ConsoleSession, ConsoleSessions
 from cna_agent.compute.disks import DiskOperations
@@ -89,6 +90,8 @@ class Compute:
     #: Hibernate and resume (hibernate.py), and what follows them (hibernate_handoff.py).
     hibernation: VmHibernation | None = None
     handoff: HibernationHandoff | None = None
+    #: Pull-mode backups and checkpoints (backup.py).
+    backups: VmBackups | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
@@ -100,6 +103,8 @@ class Compute:
             handlers["vm.restore"] = self.recycle_bin.recover_restore
         if self.handoff is not None:
             handlers.update(self.handoff.handlers())
+        if self.backups is not None:
+            handlers.update(self.backups.handlers())
         return handlers
 
     async def start(self) -> None:

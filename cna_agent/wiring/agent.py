@@ -113,6 +113,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     from cna_agent.api.server import AgentServer
     from cna_agent.api.storage import StorageServicer
     from cna_agent.api.vm import VmServicer
+    from cna_agent.api.backup import BackupServicer
     from cna_agent.compute.evacuation import HostEvacuation
     from cna_agent.compute.inventory import VmInventory
     from cna_agent.compute.maintenance import MaintenanceMode
@@ -195,6 +196,7 @@ async def build_agent(config: AgentConfig) -> Agent:
         "cna.v1.NetworkService": NetworkServicer(network.service, network.ops, compute.nics),
         "cna.v1.AgentService": AgentServicer(telemetry.link, store),
         "cna.v1.MigrationService": MigrationServicer(compute.incoming, compute.cold_incoming),
+        "cna.v1.BackupService": BackupServicer(compute.backups),
     }
     server = AgentServer(config, servicers, on_call=rpc_on_call)
 
