@@ -244,6 +244,10 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
                            arch=sec.ARCH_X86_64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE))),
         "MigrationService/FinishIncoming": mig.FinishIncomingRequest(migration_id="sweep-mig", completed=True),
         "MigrationService/AbortIncoming": mig.AbortIncomingRequest(migration_id="sweep-mig", reason="r"),
+        "BackupService/StartBackup": pb.backup_pb2.StartBackupRequest(vm="sweep-vm", disks=["vda"]),  # stopped: refused
+        "BackupService/StopBackup": pb.backup_pb2.StopBackupRequest(vm="sweep-vm"),  # none running: nothing to do
+        "BackupService/GetBackup": pb.backup_pb2.GetBackupRequest(vm="sweep-vm"),
+        "BackupService/ListCheckpoints": pb.backup_pb2.ListCheckpointsRequest(vm="sweep-vm"),
         # an identity that is not the datastore's file at that name: refused (never overwritten),
         # so every variant meets the same world
         "MigrationService/PrepareColdIncoming": mig.PrepareColdIncomingRequest(
