@@ -22,6 +22,7 @@ another disk is refused, naming it.
 
 from __future__ import annotations
 
+import calendar
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 from xml.etree import ElementTree as ET
 
 import libvirt
@@ -83,6 +84,14 @@ class CheckpointInfo:
 
 def new_checkpoint_name(now: float | None = None) -> str:
     return time.strftime("cna-%Y%m%dT%H%M%S", time.gmtime(now or time.time())) + f"-{secrets.token_hex(2)}"
+
+
+def checkpoint_time(name: str) -> float:
+    """When a checkpoint was made: from its name when the agent named it, else now."""
+    try:
+        return calendar.timegm(time.strptime(name[4:19], "%Y%m%dT%H%M%S")) if name.startswith("cna-") else time.time()
+    except ValueError:
+        return time.time()
 
 
 def backup_xml(socket_path: str, disks: Sequence[str], others: Sequence[str], scratch_dir: str, incremental_from: str) -> str:
@@ -148,8 +157,12 @@ def _job_active(dom: libvirt.virDomain) -> bool:
 class VmBackups:
     """StartBackup / StopBackup / GetBackup / ListCheckpoints for this host's VMs."""
 
-    def __init__(self, ops: VmOps, renderer: "DomainRenderer") -> None:
+    def __init__(self, ops: VmOps, renderer: "DomainRenderer",
+                 bitmaps: Callable[[str], Awaitable[dict[str, set[str]]]] | None = None) -> None:
         self.ops = ops
+        #: Image file -> the persistent bitmaps QEMU holds on it (the side channel's query):
+        #: what a checkpoint whose libvirt metadata was lost is redefined from.
+        self.bitmaps = bitmaps
         self.hv = ops.hv
         self.inventory = ops.inventory
         self.renderer = renderer
@@ -197,16 +210,13 @@ class VmBackups:
             checkpoint = new_checkpoint_name()
             qemu, state_root = self.hv.qemu_user(), os.path.dirname(os.path.normpath(self.renderer.ctx.state_dir))
 
+            if incremental_from:
+                await self._ensure_checkpoint(uuid, name, incremental_from, chosen)
+
             def begin(conn: libvirt.virConnect) -> str:
                 dom = conn.lookupByUUIDString(uuid)
                 if _job_active(dom):
                     raise FailedPrecondition(f"a backup of vm {name!r} is already running; StopBackup ends it", field="vm")
-                if incremental_from:
-                    try:
-                        dom.checkpointLookupByName(incremental_from)
-                    except libvirt.libvirtError:
-                        raise FailedPrecondition(f"incremental_from: vm {name!r} has no checkpoint {incremental_from!r} "
-                                                 "(ListCheckpoints; a full backup makes one)", field="incremental_from") from None
                 shutil.rmtree(scratch, ignore_errors=True)  # a job that ended without StopBackup
                 os.makedirs(scratch, mode=0o700, exist_ok=True)
                 for target in chosen:  # libvirt makes the scratch files; QEMU's user must reach them
@@ -239,6 +249,58 @@ class VmBackups:
 
         return await self.ops.submit("vm.backup.start", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout, wait=30.0)
+
+    async def _ensure_checkpoint(self, uuid: str, name: str, checkpoint: str, disks: Sequence[str]) -> None:
+        """The checkpoint an incremental backup starts from, redefined in libvirt when its
+        metadata is gone (libvirt does not carry checkpoints along a migration, and a lost
+        libvirt state directory loses them) while QEMU still holds its bitmap on every disk."""
+
+        def look(conn: libvirt.virConnect) -> dict[str, str] | None:
+            dom = conn.lookupByUUIDString(uuid)
+            try:
+                dom.checkpointLookupByName(checkpoint)
+                return None
+            except libvirt.libvirtError:
+                pass
+            sources = {}
+            for d in ET.fromstring(dom.XMLDesc(0)).findall("devices/disk"):
+                target, source = d.find("target"), d.find("source")
+                if target is not None and source is not None and target.get("dev") in disks:
+                    sources[target.get("dev", "")] = source.get("file", "")
+            return sources
+
+        sources = await self.hv.call(look, timeout=30)
+        if sources is None:
+            return
+        missing = FailedPrecondition(f"incremental_from: vm {name!r} has no checkpoint {checkpoint!r} (ListCheckpoints; a "
+                                     "full backup makes one)", field="incremental_from")
+        if self.bitmaps is None:
+            raise missing
+        try:
+            held = await self.bitmaps(uuid)
+        except Exception as exc:  # no side channel: the checkpoint cannot be vouched for
+            log.warning("event=vm.checkpoint_probe_failed vm=%s error=%r", uuid, getattr(exc, "message", None) or str(exc))
+            raise missing from None
+        if not sources or any(checkpoint not in held.get(path, set()) for path in sources.values()):
+            raise missing
+        root = ET.Element("domaincheckpoint")
+        ET.SubElement(root, "name").text = checkpoint
+        ET.SubElement(root, "creationTime").text = str(int(checkpoint_time(checkpoint)))
+        els = ET.SubElement(root, "disks")
+        for target in disks:
+            ET.SubElement(els, "disk", name=target, checkpoint="bitmap", bitmap=checkpoint)
+        xml = ET.tostring(root, encoding="unicode")
+
+        def redefine(conn: libvirt.virConnect) -> None:
+            try:
+                conn.lookupByUUIDString(uuid).checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+            except libvirt.libvirtError as exc:
+                raise FailedPrecondition(f"incremental_from: checkpoint {checkpoint!r} of vm {name!r} is gone from libvirt "
+                                         f"and could not be redefined ({exc.get_error_message()}); a full backup starts a "
+                                         "new chain", field="incremental_from") from None
+
+        await self.hv.call(redefine, timeout=30)
+        log.warning("event=vm.checkpoint_redefined vm=%s checkpoint=%s disks=%s", uuid, checkpoint, ",".join(disks))
 
     async def _info(self, uuid: str, xml: str) -> BackupInfo:
         def sizes(conn: libvirt.virConnect) -> dict[str, int]:

@@ -20,6 +20,9 @@ What comes this way, and why not from libvirt:
   crash MSRs): libvirt reports "crashed" but drops most of the details.
 * ``query-cpus-fast``, ``query-iothreads``, ``query-memory-size-summary``: thread ids and
   sizes as QEMU sees them, cross-checked by placement drift checks.
+* ``query-named-block-nodes``: the persistent dirty bitmaps QEMU holds on each image, from which
+  a backup checkpoint whose libvirt metadata was lost is redefined (backup.py); libvirt has no
+  call that lists them.
 
 libvirt marks a domain using ``<qemu:commandline>`` as tainted ("custom-argv"); that is the
 documented price of the side channel and is reported, not hidden.
@@ -56,6 +59,7 @@ ALLOWED_COMMANDS: frozenset[str] = frozenset({
     "query-memory-size-summary",
     "query-balloon",
     "query-blockstats",
+    "query-named-block-nodes",
     "query-migrate",
     "query-dirty-rate",
     "calc-dirty-rate",

@@ -143,6 +143,17 @@ class SideChannels:
             await self.detach(uuid)  # broken: the next call reconnects
             raise
 
+    async def persistent_bitmaps(self, uuid: str) -> dict[str, set[str]]:
+        """Image file -> names of the persistent dirty bitmaps QEMU holds on it now (a bitmap
+        made during this QEMU's run is written into the qcow2 only when QEMU closes it, so the
+        file itself cannot say)."""
+        out: dict[str, set[str]] = {}
+        for node in await self._execute(uuid, "query-named-block-nodes", {"flat": True}):
+            names = {str(b.get("name")) for b in node.get("dirty-bitmaps") or () if b.get("persistent")}
+            if names and node.get("file"):
+                out.setdefault(str(node["file"]), set()).update(names)
+        return out
+
     async def diagnostics(self, uuid: str, dirty_rate_seconds: int = 0) -> Diagnostics:
         status = await self._execute(uuid, "query-status")
         out = Diagnostics(qemu_status=str(status.get("status", "")), qemu_running=bool(status.get("running")),

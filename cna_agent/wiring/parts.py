@@ -179,7 +179,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         recycle_bin=recycle_bin,
         hibernation=hibernation,
         handoff=handoff,
-        backups=VmBackups(ops, renderer),
+        backups=VmBackups(ops, renderer, bitmaps=sidechannels.persistent_bitmaps),
         resumer=resumer,
         reconciler=reconciler,
         migrations=VmMigrations(ops, binder, renderer.run_dirs, peer or _no_peer(), max_outgoing=config.migration.max_outgoing,

@@ -2,7 +2,8 @@
 
 A guest runs on a 64 MiB qcow2 disk filled from the host; ``cna-ctl vm backup --to DIR`` makes a
 full backup, the guest overwrites 1 MiB of its disk, ``--incremental`` backs up the change.
-Judged from outside the agent: the chain's files (qemu-img info: the incremental's backing file
+Then libvirt loses its checkpoint metadata and a third, incremental backup redefines the
+checkpoint from the bitmaps QEMU still holds. Judged from outside the agent: the chain's files (qemu-img info: the incremental's backing file
 is the full one; its allocation is about the change, not the disk), libvirt's checkpoints, that
 no export socket or scratch file is left, and ``cna-ctl vm restore --from DIR`` giving an image
 that ``qemu-img compare`` finds identical to the guest's disk at the incremental point.
@@ -11,6 +12,7 @@ that ``qemu-img compare`` finds identical to the guest's disk at the incremental
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ import pytest
 from cna_agent.api import pb
 from support.console import AgentConsole
 from support.guests import guest_spec, serial_log
+from support.migration import restart
 from support.operations import ok, wait
 from support.tools import REPO
 
@@ -107,15 +110,48 @@ def test_full_then_incremental_backup_restores_to_the_guests_disk_byte_for_byte(
         assert not list((agent.dir / "state" / "backup").glob("*/*"))
         assert not list(agent.dir.rglob(f"{uuid}.nbd"))
 
-        # the guest's disk as it is now (it wrote nothing since) equals the restored chain
-        ok(ch, vms.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, hard=True), timeout=60))
-        restored = out / "restored.qcow2"
-        done = _ctl(agent, "vm", "restore", "bk1", "--from", str(chain_dir), "--to", str(restored))
-        assert done.returncode == 0, done.stderr
-        _run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", str(restored), str(disk))
-        # and the full backup alone is the disk before the guest's write
-        before = subprocess.run(["qemu-img", "compare", "-q", str(full_file), str(disk)], capture_output=True, timeout=60)
-        assert before.returncode == 1  # differs: the 1 MiB the guest wrote
-        out_io = _run("qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x5a 0 10M", "-c", "read -P 0x5a 11M 53M", str(restored))
-        assert "Pattern verification failed" not in out_io
-        ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=uuid), timeout=60))
+    # libvirt loses its checkpoint metadata (here: its files removed while the agent is down,
+    # as a migration or a lost libvirt state directory would); QEMU still holds the bitmaps, so
+    # the next incremental redefines the checkpoint and goes on with the chain
+    agent.stop(signal.SIGKILL)
+    files = list((agent.dir / "state" / "libvirt").rglob("checkpoint/*/*.xml"))
+    assert len(files) == 2, files
+    for f in files:
+        f.unlink()
+    agent = restart(agent)
+    try:
+        with agent.channel() as ch:
+            vms, backups = pb.vm_pb2_grpc.VmServiceStub(ch), pb.backup_pb2_grpc.BackupServiceStub(ch)
+            assert not backups.ListCheckpoints(bk.ListCheckpointsRequest(vm=uuid), timeout=30).checkpoints
+            with AgentConsole(ch, uuid) as con:
+                con.send("\n")
+                con.wait_for(r"cna# ", timeout=60, partial=True)
+                rc, text = con.run("dd if=/dev/urandom of=/dev/vda bs=64k seek=600 count=4 oflag=direct conv=notrunc "
+                                   "2>/dev/null; sync; echo wrote-$((6*7))", timeout=60)
+                assert rc == 0 and "wrote-42" in text, text
+            again = _ctl(agent, "vm", "backup", "bk1", "--to", str(chain_dir), "--incremental")
+            assert again.returncode == 0, again.stderr + agent.log_text()[-3000:]
+            assert "event=vm.checkpoint_redefined" in agent.log_text()
+            third = json.loads((chain_dir / "chain.json").read_text())["backups"][2]
+            assert third["incremental_from"] == second["checkpoint"] and 256 * 1024 <= third["bytes"] <= 1 * MiB, third
+
+            # the guest's disk as it is now (it wrote nothing since) equals the restored chain
+            _restore_and_compare(ch, vms, agent, uuid, chain_dir, out, disk, full_file)
+    finally:
+        agent.stop()
+
+
+def _restore_and_compare(ch, vms, agent, uuid: str, chain_dir: Path, out: Path, disk: Path, full_file: Path) -> None:
+    """Stop the guest; the chain restored by cna-ctl equals its disk, byte for byte, and the
+    full backup alone is the disk before the guest's writes."""
+    ok(ch, vms.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, hard=True), timeout=60))
+    restored = out / "restored.qcow2"
+    done = _ctl(agent, "vm", "restore", "bk1", "--from", str(chain_dir), "--to", str(restored))
+    assert done.returncode == 0, done.stderr
+    _run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", str(restored), str(disk))
+    before = subprocess.run(["qemu-img", "compare", "-q", str(full_file), str(disk)], capture_output=True, timeout=60)
+    assert before.returncode == 1  # differs: what the guest wrote after it
+    untouched = _run("qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x5a 0 10M", "-c", "read -P 0x5a 11M 27136k",
+                     "-c", "read -P 0x5a 38656k 26880k", str(restored))
+    assert "Pattern verification failed" not in untouched, untouched
+    ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=uuid), timeout=60))
