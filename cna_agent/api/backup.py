@@ -37,7 +37,7 @@ class BackupServicer(pb.backup_pb2_grpc.BackupServiceServicer):
         if not 0 <= lock <= 3600:
             raise InvalidArgument("lock_timeout", f"{lock:g}s is not in 0..3600s")
         return operation_to_pb(await self._b.start(request.vm, incremental_from=request.incremental_from,
-                                                   disks=list(request.disks), request_id=request.request_id,
+                                                   disks=list(request.disks), quiesce=request.quiesce, request_id=request.request_id,
                                                    fingerprint=fingerprint(request), lock_timeout=lock))
 
     async def StopBackup(self, request, context):

@@ -69,7 +69,8 @@ def cmd_backup(client: Client, args: argparse.Namespace) -> str:
     since = backups[-1]["checkpoint"] if args.incremental and backups else ""
     if args.incremental and not since:
         raise CliError(f"{directory} has no full backup to be incremental from; run without --incremental first", EXIT_USAGE)
-    op = _wait_ok(client, client.call(client.backups.StartBackup, bk.StartBackupRequest(vm=args.vm, incremental_from=since)))
+    op = _wait_ok(client, client.call(client.backups.StartBackup, bk.StartBackupRequest(vm=args.vm, incremental_from=since,
+                                                                                     quiesce=args.quiesce)))
     info = bk.Backup()
     op.response.Unpack(info)
     n = len(backups) + 1
@@ -136,4 +137,6 @@ def register_backup(vms: argparse._SubParsersAction, common: argparse.ArgumentPa
     q.add_argument("vm", help="name or UUID")
     q.add_argument("--to", required=True, metavar="DIR", help="the backup directory (chain.json and the files)")
     q.add_argument("--incremental", action="store_true", help="only what changed since the newest backup in DIR")
+    q.add_argument("--quiesce", action="store_true", help="freeze the guest's file systems for the backup's point "
+                                                          "(needs qemu-guest-agent in the guest)")
     q.set_defaults(func=cmd_backup)

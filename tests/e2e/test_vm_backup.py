@@ -73,6 +73,9 @@ def test_full_then_incremental_backup_restores_to_the_guests_disk_byte_for_byte(
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "disks[0]" in err.value.details()
         refused = wait(ch, backups.StartBackup(bk.StartBackupRequest(vm=uuid, incremental_from="nope"), timeout=30))
         assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "nope" in refused.error.message
+        with pytest.raises(grpc.RpcError) as err:  # no guest agent to freeze the file systems
+            backups.StartBackup(bk.StartBackupRequest(vm=uuid, quiesce=True), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "quiesce" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
             backups.GetBackup(bk.GetBackupRequest(vm=uuid), timeout=30)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
