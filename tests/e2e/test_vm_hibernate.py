@@ -75,8 +75,10 @@ def test_a_counting_guest_hibernates_resumes_here_then_on_the_other_host_where_i
         f.truncate(8 * MiB)
     with a.channel() as cha, b.channel() as chb:
         vms_a, vms_b = pb.vm_pb2_grpc.VmServiceStub(cha), pb.vm_pb2_grpc.VmServiceStub(chb)
-        spec = guest_spec("x86_64", "hib1", memory_mib=128, disks=[vm.DiskSpec(volume="shared/hib1/data.raw")])
+        spec = guest_spec("x86_64", "hib1", memory_mib=128, dedicated_cpus=True,
+                          disks=[vm.DiskSpec(volume="shared/hib1/data.raw")])
         uuid = ok(cha, vms_a.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), into=vm.Vm()).uuid
+        assert claims(a, uuid)["placements"] == 1
         log_a = serial_log(a, uuid)
         log_a.wait_for(r"CNA-GUEST-READY", timeout=150)
         with AgentConsole(cha, uuid) as con:
@@ -103,6 +105,7 @@ def test_a_counting_guest_hibernates_resumes_here_then_on_the_other_host_where_i
         hib = ok(cha, vms_a.HibernateVm(vm.HibernateVmRequest(vm=uuid), timeout=60), into=vm.Vm())
         assert hib.status.state == vm.VM_STATE_HIBERNATED and hib.status.hibernation.datastore == "shared", hib.status
         assert domain_state(hosts.a.uri, uuid) == (True, False) and not qemu_pids(uuid)
+        assert claims(a, uuid)["placements"] == 0  # its dedicated CPU is free again
         (state,) = _states(base, uuid)
         assert (state / "memory.save").stat().st_size > 1 * MiB and (state / "state.json").is_file()
         assert (state.stat().st_mode & 0o777) == 0o700  # the guest's RAM: root only
@@ -120,6 +123,7 @@ def test_a_counting_guest_hibernates_resumes_here_then_on_the_other_host_where_i
         boots = log_a.text().count("CNA-GUEST-READY")
         back = ok(cha, vms_a.StartVm(vm.VmActionRequest(vm=uuid), timeout=60), into=vm.Vm())
         assert back.status.state == vm.VM_STATE_RUNNING and not back.status.HasField("hibernation")
+        assert claims(a, uuid)["placements"] == 1  # planned anew
         wait_until(lambda: max(_counts(log_a.text())) >= saved_at + 3, 60, "the guest counting again on A")
         counts = _counts(log_a.text())
         assert counts == list(range(counts[0], counts[0] + len(counts))), counts[-20:]  # no gap, no restart at 0
@@ -136,7 +140,7 @@ def test_a_counting_guest_hibernates_resumes_here_then_on_the_other_host_where_i
         moved = ok(chb, vms_b.UnhibernateVm(vm.UnhibernateVmRequest(vm=uuid, datastore="shared"), timeout=60), into=vm.Vm())
         resume_s = time.monotonic() - t0
         assert moved.uuid == uuid and moved.status.state == vm.VM_STATE_RUNNING
-        assert domain_state(hosts.b.uri, uuid) == (True, True)
+        assert domain_state(hosts.b.uri, uuid) == (True, True) and claims(b, uuid)["placements"] == 1
         log_b = serial_log(b, uuid)
         wait_until(lambda: len(_counts(log_b.text())) >= 3, 60, "the guest counting on B")
         on_b = _counts(log_b.text())
