@@ -15,12 +15,8 @@ from support.specs import PLACED_UUID, placed_spec
 
 from cna_agent.compute import domxml as dx
 from cna_agent.compute.spec import BootSpec
-from cna_agent.compute.render import (
-    Bindings,
-    RenderContext,
-    apply_placement,
-    build_domain,
-)
+from cna_agent.compute.render import Bindings, RenderContext, build_domain
+from cna_agent.compute.render_placement import apply_placement
 from cna_agent.contracts import GuestNumaCell, PlacementPlan
 
 UUID = PLACED_UUID

@@ -14,7 +14,8 @@ from support.specs import ARM, PLACED_UUID, X86, placed_spec
 from support.xml import schema_check
 
 from cna_agent.compute import domxml as dx
-from cna_agent.compute.render import Bindings, apply_placement, build_domain
+from cna_agent.compute.render import Bindings, build_domain
+from cna_agent.compute.render_placement import apply_placement
 from cna_agent.compute.spec import VmSpec
 from cna_agent.contracts import GuestNumaCell, PlacementPlan
 from cna_agent.errors import InvalidArgument
