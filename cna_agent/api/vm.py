@@ -111,7 +111,7 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
                                                         fingerprint=fingerprint(request), lock_timeout=lock_timeout))
 
     async def GetConsole(self, request, context):
-        return console_to_pb(await self._inv.console(request.vm))
+        return console_to_pb(await self._c.tickets.issue(request.vm, request.ticket_validity_s))
 
     async def GetVmDiagnostics(self, request, context):
         d = await self._c.diagnostics(request.vm, dirty_rate_seconds=request.dirty_rate_seconds)

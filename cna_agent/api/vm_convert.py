@@ -132,8 +132,11 @@ def spec_to_pb(s: sp.VmSpec) -> Any:
 def console_to_pb(ci: ConsoleInfo | None) -> Any:
     if ci is None:
         return None
-    return v.ConsoleInfo(type=_r(CONSOLE, ci.type) or v.CONSOLE_TYPE_NONE, host=ci.host, port=ci.port, password=ci.password,
-                         unix_socket=ci.unix_socket)
+    out = v.ConsoleInfo(type=_r(CONSOLE, ci.type) or v.CONSOLE_TYPE_NONE, host=ci.host, port=ci.port, password=ci.password,
+                        unix_socket=ci.unix_socket)
+    if ci.password_expires is not None:
+        out.password_expire_time.CopyFrom(timestamp(ci.password_expires))
+    return out
 
 
 def vm_to_pb(info: VmInfo) -> Any:

@@ -345,6 +345,7 @@ class Graphics(XmlObject):
     autoport = Prop("@autoport", "yesno")
     listen = Prop("@listen")
     passwd = Prop("@passwd")
+    passwd_valid_to = Prop("@passwdValidTo")
     keymap = Prop("@keymap")
     listens = Children(GraphicsListen, "listen")
 

@@ -41,8 +41,11 @@ class ConsoleInfo:
     type: str = "none"
     host: str = ""
     port: int = 0
+    #: Only a console ticket carries one (console_tickets.py), never the VM's listing.
     password: str = ""
     unix_socket: str = ""
+    #: When the ticket's password stops being accepted (None: no ticket).
+    password_expires: float | None = None
 
 
 @dataclass
@@ -292,7 +295,7 @@ class VmInventory:
         for g in (dom.devices.graphics if dom.devices else []):
             if g.type in ("vnc", "spice"):
                 host = g.listen or (g.listens[0].address if g.listens else "") or self.console_listen
-                return ConsoleInfo(type=g.type, host=host or "", port=g.port or 0, password=spec.console.password if spec else "")
+                return ConsoleInfo(type=g.type, host=host or "", port=g.port or 0)
         return ConsoleInfo(type="none")
 
     def _qemu_pid(self, name: str) -> str:

@@ -24,6 +24,7 @@ from cna_agent.compute import state as st
 from cna_agent.compute.backup import VmBackups
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.console import ConsoleSession, ConsoleSessions
+from cna_agent.compute.console_tickets import ConsoleTickets
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.hibernate import VmHibernation
@@ -92,6 +93,8 @@ class Compute:
     handoff: HibernationHandoff | None = None
     #: Pull-mode backups and checkpoints (backup.py).
     backups: VmBackups | None = None
+    #: Short-lived console passwords handed out by GetConsole (console_tickets.py).
+    tickets: ConsoleTickets | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
