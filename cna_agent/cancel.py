@@ -25,14 +25,16 @@ rolled back would only be a lie about it.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import threading
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 from cna_agent.errors import AgentError, FailedPrecondition
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Cancelled(AgentError):
@@ -129,6 +131,14 @@ def current() -> CancelScope | None:
 def enter(scope: CancelScope) -> contextvars.Token:
     """Make ``scope`` current in this context (the runner, at the start of an operation's task)."""
     return _current.set(scope)
+
+
+async def detached(coro: Awaitable[T]) -> T:
+    """Await ``coro`` outside any operation's scope: the clean-up of a cancelled operation (its
+    commands would otherwise be killed by the very cancel they clean up after)."""
+    ctx = contextvars.copy_context()
+    ctx.run(_current.set, None)
+    return await asyncio.get_running_loop().create_task(coro, context=ctx)  # type: ignore[arg-type]
 
 
 def check() -> None:

@@ -93,6 +93,12 @@ class DiskProvider(Protocol):
         volume (a linked clone of another name stands on it): DeleteVm asks before it changes
         anything, so a refused disk never leaves the VM undefined and its disks half-deleted."""
 
+    async def new_volume(self, volume_id: str, size: int, *, room: int, field: str) -> DiskSourceBinding:
+        """Create an empty volume "datastore/relative/path" of ``size`` bytes (its format by
+        its name) for a disk to be copied into, and bind it; ResourceExhausted when the
+        datastore has less than ``room`` bytes free, AlreadyExists when the name is taken,
+        each naming ``field``; nothing is made then."""
+
     async def state_area(self, datastore: str, *, field: str) -> str:
         """An absolute directory on dir datastore ``datastore`` where compute keeps VM state
         that is not a volume (hibernation images: compute/hibernate_store.py); not made here

@@ -50,7 +50,7 @@ VM, EMPTY = "cna.v1.Vm", "google.protobuf.Empty"
 OPERATION_RESPONSES: dict[str, str] = {
     **dict.fromkeys(("vm.create", "vm.update", "vm.start", "vm.shutdown", "vm.reboot", "vm.pause", "vm.resume",
                      "vm.snapshot.revert", "vm.disk.attach", "vm.disk.detach", "vm.disk.resize", "vm.disk.qos",
-                     "vm.migrate", "vm.migrate_cold", "vm.restore", "vm.hibernate", "vm.unhibernate"), VM),
+                     "vm.migrate", "vm.migrate_cold", "vm.restore", "vm.hibernate", "vm.unhibernate", "vm.disk.move"), VM),
     "vm.snapshot.create": "cna.v1.Snapshot",
     "vm.backup.start": "cna.v1.Backup",
     **dict.fromkeys(("vm.delete", "vm.hibernate_handoff", "vm.backup.stop", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",

@@ -14,7 +14,8 @@ from cna_agent.api.vm import fingerprint
 from cna_agent.api.vm_convert import spec_from_pb
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.spec import IoQos
-from cna_agent.errors import InvalidArgument
+from cna_agent.compute.disk_move import DiskMoves
+from cna_agent.errors import FailedPrecondition, InvalidArgument
 from cna_agent.storage.service import DatastoreStatus, StorageService
 from cna_agent.storage.volumes import VolumeInfo
 
@@ -56,9 +57,10 @@ def _format(value: int, field: str, *, allow_unspecified: bool = True) -> str:
 
 
 class StorageServicer(pb.storage_pb2_grpc.StorageServiceServicer):
-    def __init__(self, service: StorageService, disks: DiskOperations) -> None:
+    def __init__(self, service: StorageService, disks: DiskOperations, moves: "DiskMoves | None" = None) -> None:
         self._svc = service
         self._disks = disks
+        self._moves = moves
 
     async def _op(self, context: Any, make: Any) -> Any:
         return operation_to_pb(await make())
@@ -131,6 +133,14 @@ class StorageServicer(pb.storage_pb2_grpc.StorageServiceServicer):
     async def ResizeDisk(self, request, context):
         return await self._op(context, lambda: self._disks.resize(request.vm, request.target, request.new_size_bytes,
                                                                   request_id=request.request_id, fingerprint=fingerprint(request)))
+
+    async def MoveDisk(self, request, context):
+        if self._moves is None:
+            raise FailedPrecondition("this agent cannot move disks", field="vm")
+        return await self._op(context, lambda: self._moves.move(request.vm, request.target, request.destination,
+                                                                bandwidth_mib_s=request.bandwidth_mib_s,
+                                                                keep_source=request.keep_source,
+                                                                request_id=request.request_id, fingerprint=fingerprint(request)))
 
     async def SetDiskQos(self, request, context):
         q = request.qos

@@ -239,6 +239,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     register_migrate(vms, common)
     from cna_agent.cli.vm_hibernate import register_hibernate
     from cna_agent.cli.vm_backup import register_backup
+    from cna_agent.cli.vm_disk_move import register_move_disk
+
+    register_move_disk(vms, common)
 
     register_backup(vms, common)
 

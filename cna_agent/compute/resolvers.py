@@ -54,6 +54,10 @@ class LocalFileResolver:
         raise FailedPrecondition(f"{field}: releasing SAN LUN {lun_id!r} of datastore {datastore!r} needs the storage "
                                  "subsystem, which is not running on this agent", field=field)
 
+    async def new_volume(self, volume_id: str, size: int, *, room: int, field: str) -> DiskSourceBinding:
+        raise FailedPrecondition(f"{field}: new volumes need the storage subsystem, which is not running on this agent",
+                                 field=field)
+
     async def state_area(self, datastore: str, *, field: str) -> str:
         raise FailedPrecondition(f"{field}: datastore {datastore!r} cannot hold VM state: the storage subsystem is not "
                                  "running on this agent", field=field)

@@ -25,6 +25,7 @@ from cna_agent.compute.backup import VmBackups
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.console import ConsoleSession, ConsoleSessions
 from cna_agent.compute.console_tickets import ConsoleTickets
+from cna_agent.compute.disk_move import DiskMoves
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.hibernate import VmHibernation
@@ -95,6 +96,8 @@ class Compute:
     backups: VmBackups | None = None
     #: Short-lived console passwords handed out by GetConsole (console_tickets.py).
     tickets: ConsoleTickets | None = None
+    #: Live storage migration of running VMs' disks (disk_move.py).
+    disk_moves: DiskMoves | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
@@ -108,6 +111,8 @@ class Compute:
             handlers.update(self.handoff.handlers())
         if self.backups is not None:
             handlers.update(self.backups.handlers())
+        if self.disk_moves is not None:
+            handlers.update(self.disk_moves.handlers())
         return handlers
 
     async def start(self) -> None:

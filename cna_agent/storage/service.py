@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping
 
 from cna_agent.contracts import DiskSourceBinding, LunRelease, VmDisks
-from cna_agent.errors import FailedPrecondition, InvalidArgument
+from cna_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from cna_agent.operations import OperationContext, OperationRunner
 from cna_agent.qemu_access import QemuUser, open_way
 from cna_agent.state.eventlog import EventHub
@@ -275,6 +275,25 @@ class StorageService:
     def resolve_boot_file(self, path: str, *, field: str) -> str:
         """A direct-boot kernel/initrd named "datastore/rel/path"."""
         return self._volume_ref(path, field, must_exist=True).path
+
+    async def new_volume(self, volume_id: str, size: int, *, room: int, field: str) -> DiskSourceBinding:
+        """DiskProvider: an empty volume of ``size`` bytes (format by its name) that a VM's disk
+        is about to be copied into, refused before anything is made when the datastore has less
+        than ``room`` bytes free (ResourceExhausted) or the name is taken (AlreadyExists)."""
+        ds, rel = paths.split_volume_id(volume_id, field)
+        ref = self._new_ref(ds, rel, ds_field=field, path_field=field)
+        if os.path.lexists(ref.path):
+            raise AlreadyExists(f"{field}: volume {ref.id!r} already exists", field=field)
+        health = self.monitor.get(ds)
+        if health.state == "unreachable":
+            raise FailedPrecondition(f"{field}: datastore {ds!r} is unreachable ({health.reason})", field=field)
+        free = await self.executor.run(lambda: self.volumes._free_bytes(ref), timeout=10, what=f"free space of {ds}")
+        if free < room:
+            raise ResourceExhausted(f"{field}: datastore {ds!r} has {free >> 20} MiB free; the copy needs {room >> 20} MiB",
+                                    field=field)
+        await self.executor.run(lambda: self.volumes.create(ref, format_of(ref.relpath), size), timeout=120,
+                                what=f"creating {ref.id}")
+        return await self.resolve_volume(ref.id, field=field)
 
     async def state_area(self, datastore: str, *, field: str) -> str:
         """DiskProvider: ``<root>/.cna-state`` of a dir datastore (a dot directory: never

@@ -192,7 +192,7 @@ async def build_agent(config: AgentConfig) -> Agent:
         "cna.v1.OperationsService": OperationsServicer(runner),
         "cna.v1.EventService": EventServicer(events),
         "cna.v1.VmService": VmServicer(compute),
-        "cna.v1.StorageService": StorageServicer(storage, compute.disks),
+        "cna.v1.StorageService": StorageServicer(storage, compute.disks, compute.disk_moves),
         "cna.v1.NetworkService": NetworkServicer(network.service, network.ops, compute.nics),
         "cna.v1.AgentService": AgentServicer(telemetry.link, store),
         "cna.v1.MigrationService": MigrationServicer(compute.incoming, compute.cold_incoming),

@@ -21,6 +21,7 @@ from cna_agent.compute.nics import NicOperations
 from cna_agent.blocking import BlockingPool
 from cna_agent.compute.backup import VmBackups
 from cna_agent.compute.console_tickets import ConsoleTickets
+from cna_agent.compute.disk_move import DiskMoves
 from cna_agent.compute.hibernate import VmHibernation
 from cna_agent.compute.hibernate_handoff import HibernationHandoff
 from cna_agent.compute.reconcile import VmReconciler
@@ -182,6 +183,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         handoff=handoff,
         backups=VmBackups(ops, renderer, bitmaps=sidechannels.persistent_bitmaps),
         tickets=ConsoleTickets(hypervisor, inventory, events),
+        disk_moves=DiskMoves(ops, binder),
         resumer=resumer,
         reconciler=reconciler,
         migrations=VmMigrations(ops, binder, renderer.run_dirs, peer or _no_peer(), max_outgoing=config.migration.max_outgoing,

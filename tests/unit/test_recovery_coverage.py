@@ -16,6 +16,7 @@ from cna_agent.compute.migration_cold import ColdMigrations
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.recycle import RecycleBin
 from cna_agent.compute.backup import VmBackups
+from cna_agent.compute.disk_move import DiskMoves
 from cna_agent.compute.hibernate import VmHibernation
 from cna_agent.compute.hibernate_handoff import HibernationHandoff
 from cna_agent.compute.service import Compute
@@ -31,7 +32,8 @@ def _compute_handlers() -> dict:
     hibernation = VmHibernation(ops, None, None, None, host_uuid="h")  # type: ignore[arg-type]
     parts = SimpleNamespace(recovery=VmRecovery(None, None), ops=ops, inventory=None,  # type: ignore[arg-type]
                             migrations=SimpleNamespace(hv=None, cold=cold), recycle_bin=bin_,
-                            handoff=HibernationHandoff(hibernation), backups=VmBackups(ops, None))  # type: ignore[arg-type]
+                            handoff=HibernationHandoff(hibernation), backups=VmBackups(ops, None),  # type: ignore[arg-type]
+                            disk_moves=DiskMoves(ops, None))  # type: ignore[arg-type]
     return Compute.recovery_handlers(parts)  # type: ignore[arg-type]
 
 
