@@ -15,6 +15,11 @@ it); bytes are those the copy wrote. The full backup is the baseline, measured i
 medians over the rounds. Each chain is checked: the restored incremental equals the guest's
 disk read from the host (qemu-img compare, the guest paused meanwhile).
 
+Then the disk moves live to another datastore (MoveDisk, unthrottled) while the guest runs a
+write loop that prints its uptime each turn: ``storage_migration_guest_stall_ms`` is the
+longest gap between two turns during the copy and the pivot, against the longest gap over as
+long a window without a move (``storage_migration_idle_gap_ms``) in the same run.
+
     python -m benchmarks.backup [--rounds 3] [--disk-mib 1024]
 
 The last line is one JSON object.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -94,18 +100,50 @@ def change_one_percent(con: AgentConsole, disk_mib: int, round_no: int) -> None:
         raise RuntimeError(f"the guest's write failed: {out[-300:]}")
 
 
+def _ticks(text: str) -> list[float]:
+    return [float(t) for t in re.findall(r"^TICK (\d+\.\d+)\r?$", text, re.M)]
+
+
+def _longest_gap(ticks: list[float]) -> float:
+    return max((b - a for a, b in zip(ticks, ticks[1:])), default=float("nan"))
+
+
+def stall_during_move(ch: grpc.Channel, con: AgentConsole, log: SerialLog, uuid: str, seconds: float) -> tuple[float, float, float]:
+    """(longest gap in the guest's write loop while its disk moves to datastore ds2, the
+    longest over as long a window without a move, the move's seconds), in ms/ms/s. The loop
+    writes 4 KiB with O_DIRECT and prints the guest's uptime (10 ms resolution) each turn."""
+    con.send("(i=0; while :; do dd if=/dev/zero of=/dev/vda bs=4k count=1 seek=$((i%4096)) oflag=direct conv=notrunc "
+             "2>/dev/null; read u r < /proc/uptime; echo TICK $u; i=$((i+1)); done) &\n")
+    log.wait_for(r"^TICK \d+", timeout=60, count=3)
+    mark = len(log.text())
+    t0 = time.monotonic()
+    storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
+    _done(ch, storage.MoveDisk(pb.storage_pb2.MoveDiskRequest(vm=uuid, target="vda", destination="ds2/bench/moved.qcow2"),
+                               timeout=60))
+    move_s = time.monotonic() - t0
+    during = _ticks(log.text()[mark:])
+    time.sleep(0.5)
+    mark = len(log.text())
+    time.sleep(max(move_s, seconds))
+    idle = _ticks(log.text()[mark:])
+    con.send("kill %1\n")
+    return _longest_gap(during) * 1000, _longest_gap(idle) * 1000, move_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--disk-mib", type=int, default=1024)
     args = ap.parse_args()
-    ds = Path(tempfile.mkdtemp(prefix="cna-bkb-"))
+    ds, ds2 = Path(tempfile.mkdtemp(prefix="cna-bkb-")), Path(tempfile.mkdtemp(prefix="cna-bkm-"))
+    (ds2 / "bench").mkdir()
     disk = ds / "bench" / "data.qcow2"
     disk.parent.mkdir()
     _run("qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{args.disk_mib}M")
     _run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {args.disk_mib}M", str(disk))
     extra = (f'[compute]\nimage_dirs = "{REPO / ".cache" / "guests"}"\n'
-             f'[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n')
+             f'[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n'
+             f'[storage.datastores.ds2]\ntype = "dir"\npath = "{ds2}"\n')
     full_b, full_s, inc_b, inc_s = [], [], [], []
     with running_agent(extra) as sock, grpc.insecure_channel(f"unix:{sock}") as ch:
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
@@ -114,7 +152,8 @@ def main() -> None:
         _done(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=120)).response.Unpack(got)
         uuid = got.uuid
         # running_agent's run_dir is <base>/run, beside the socket
-        SerialLog(Path(sock).parent / "vms" / uuid / "serial.log").wait_for(r"CNA-GUEST-READY", timeout=300)
+        log = SerialLog(Path(sock).parent / "vms" / uuid / "serial.log")
+        log.wait_for(r"CNA-GUEST-READY", timeout=300)
         with AgentConsole(ch, uuid) as con:
             con.send("\n")
             con.wait_for(r"cna# ", timeout=60, partial=True)
@@ -135,6 +174,9 @@ def main() -> None:
                 print(f"round {r + 1}: full {full_b[-1] / MiB:.0f} MiB in {full_s[-1]:.2f} s, incremental "
                       f"{inc_b[-1] / MiB:.1f} MiB in {inc_s[-1]:.2f} s (restored chain identical)", flush=True)
                 shutil.rmtree(chain, ignore_errors=True)
+            stall_ms, idle_ms, move_s = stall_during_move(ch, con, log, uuid, 5.0)
+            print(f"live storage migration of the {args.disk_mib} MiB disk: {move_s:.2f} s; longest gap in the guest's "
+                  f"write loop {stall_ms:.0f} ms (without a move: {idle_ms:.0f} ms)", flush=True)
         _done(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=120))
     med = statistics.median
     result = {
@@ -143,9 +185,13 @@ def main() -> None:
         "full_ms": round(med(full_s) * 1000, 1), "incremental_ms": round(med(inc_s) * 1000, 1),
         "bytes_ratio": round(med(inc_b) / med(full_b), 4), "time_ratio": round(med(inc_s) / med(full_s), 4),
         "full_ms_runs": [round(s * 1000) for s in full_s], "incremental_ms_runs": [round(s * 1000) for s in inc_s],
+        "storage_migration_guest_stall_ms": round(stall_ms), "storage_migration_idle_gap_ms": round(idle_ms),
+        "storage_migration_stall_ratio": round(stall_ms / idle_ms, 2) if idle_ms else None,
+        "storage_migration_s": round(move_s, 2),
     }
     result["targets_met"] = result["bytes_ratio"] <= 0.03 and result["time_ratio"] <= 0.20
     shutil.rmtree(ds, ignore_errors=True)
+    shutil.rmtree(ds2, ignore_errors=True)
     print(json.dumps(result))
 
 
