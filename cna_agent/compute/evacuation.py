@@ -200,6 +200,11 @@ class HostEvacuation:
                 self._close(e, NOT_MOVED, "not created by cna-agent; the agent does not move it")
             elif not destinations:
                 self._close(e, NOT_MOVED, "no destination was given; the VM stays here")
+            elif v.hibernated is not None:
+                # It holds nothing here, and any host seeing its datastore resumes it
+                # (UnhibernateVm there); moving its definition would leave its state behind.
+                self._close(e, NOT_MOVED, f"hibernated on datastore {v.hibernated.datastore!r}: it holds nothing on this "
+                                          "host; resume it on another host that sees that datastore")
         await self._report(op, report)
         log.warning("event=evacuation.started op=%s vms=%d destinations=%s", op.id, len(report.vms), ",".join(destinations))
         load: dict[str, int] = {}

@@ -73,6 +73,7 @@ class FakeVm:
     state: str
     memory_mib: int = 256
     managed: bool = True
+    hibernated: object = None
 
     @property
     def spec(self):
@@ -153,7 +154,8 @@ def _by_name(report: EvacuationReport) -> dict[str, EvacuatedVm]:
 
 def test_three_vms_drain_spread_by_ram_within_the_limit_and_stopped_ones_are_reported(tmp_path) -> None:
     vms = [FakeVm("u1", "big", st.RUNNING, 1024), FakeVm("u2", "mid", st.RUNNING, 512), FakeVm("u3", "small", st.RUNNING, 256),
-           FakeVm("u4", "off", st.STOPPED, 128), FakeVm("u5", "foreign", st.RUNNING, managed=False)]
+           FakeVm("u4", "off", st.STOPPED, 128), FakeVm("u5", "foreign", st.RUNNING, managed=False),
+           FakeVm("u6", "asleep", st.HIBERNATED, 128, hibernated=SimpleNamespace(datastore="shared"))]
 
     def behaviour(vm, dest):
         if vm.state == st.STOPPED:
@@ -179,10 +181,11 @@ def test_three_vms_drain_spread_by_ram_within_the_limit_and_stopped_ones_are_rep
     assert (lines["small"].outcome, lines["small"].destination) == (MOVED, D2)
     assert lines["off"].outcome == NOT_MOVED and "not running" in lines["off"].error
     assert lines["foreign"].outcome == NOT_MOVED and "not created by cna-agent" in lines["foreign"].error
-    assert [c for c in mig.calls if c[0] in ("off", "foreign")] == [("off", D2)]  # a refusal by migrate is not retried elsewhere
+    assert lines["asleep"].outcome == NOT_MOVED and "hibernated on datastore 'shared'" in lines["asleep"].error
+    assert [c for c in mig.calls if c[0] in ("off", "foreign", "asleep")] == [("off", D2)]  # a refusal by migrate is not retried elsewhere
     assert all(lines[n].operation_id and lines[n].operation_kind == "vm.migrate" for n in ("big", "mid", "small"))
     assert mig.peak <= 2
-    assert (report.moved, report.not_moved, report.complete) == (3, 2, False)
+    assert (report.moved, report.not_moved, report.complete) == (3, 3, False)
     assert status.enabled and status.destinations == (D1, D2) and not status.evacuation_operation_id
 
 
