@@ -279,6 +279,9 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "StorageService/DetachDisk": st.DetachDiskRequest(vm="sweep-vm", target="vda"),
         "StorageService/ResizeDisk": st.ResizeDiskRequest(vm="sweep-vm", target="vda", new_size_bytes=2 << 20),
         "StorageService/SetDiskQos": st.SetDiskQosRequest(vm="sweep-vm", target="vda", qos=vm.IoQos(total_iops_sec=100)),
+        # the VM is stopped: refused (a stopped VM's disk is not moved live), nothing is created
+        "StorageService/MoveDisk": st.MoveDiskRequest(vm="sweep-vm", target="vda", destination="ds/moved.qcow2",
+                                                      bandwidth_mib_s=10),
         "NetworkService/ListBridges": net.ListBridgesRequest(),
         "NetworkService/EnsureBridge": net.EnsureBridgeRequest(bridge=net.Bridge(name="brsweep2", type=net.BRIDGE_TYPE_OVS)),
         "NetworkService/DeleteBridge": net.DeleteBridgeRequest(name="brsweep"),
