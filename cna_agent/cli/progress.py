@@ -163,3 +163,26 @@ def elapsed_s(op: Any) -> float:
     """Seconds from the operation's creation to its end (or its last update)."""
     end = op.end_time if op.HasField("end_time") else op.update_time
     return max(0.0, (end.seconds + end.nanos / 1e9) - (op.create_time.seconds + op.create_time.nanos / 1e9))
+
+
+def watched(client: Any, args: Any, op: Any, summary: Callable[[Any], str]) -> str:
+    """The tail of every long command (migrate, hibernate, move-disk): follow ``op`` with the
+    progress bar unless ``--no-wait``, then print it as JSON (``--json``), say it is still
+    running, or give ``summary(op)``; a failed operation is a CliError with that summary."""
+    import json
+
+    from cna_agent.cli.common import CliError, to_json
+
+    if args.wait:
+        op = follow(client, op)
+    if args.json:
+        out = json.dumps(to_json(op), indent=2)
+    elif not op.done:
+        out = f"{op.kind} {op.id} started (follow it with: cna-ctl ops show --watch {op.id})"
+    else:
+        out = summary(op)
+    if op.HasField("error"):
+        if args.json:
+            print(out)
+        raise CliError(summary(op))
+    return out

@@ -5,11 +5,10 @@ left) and a summary line; Ctrl-C offers to cancel (the VM then stays on the sour
 from __future__ import annotations
 
 import argparse
-import json
 
 from cna_agent.api import pb
-from cna_agent.cli.common import CliError, Client, EXIT_USAGE, to_json
-from cna_agent.cli.progress import elapsed_s, follow
+from cna_agent.cli.common import CliError, Client, EXIT_USAGE
+from cna_agent.cli.progress import elapsed_s, watched
 from cna_agent.cli.table import human_bytes
 
 
@@ -27,19 +26,7 @@ def cmd_move_disk(client: Client, args: argparse.Namespace) -> str:
     op = client.call(client.storage.MoveDisk, pb.storage_pb2.MoveDiskRequest(
         vm=args.vm, target=args.target, destination=args.to, bandwidth_mib_s=args.bandwidth_mib_s,
         keep_source=args.keep_source, request_id=args.request_id or ""))
-    if args.wait:
-        op = follow(client, op)
-    if args.json:
-        out = json.dumps(to_json(op), indent=2)
-    elif not op.done:
-        out = f"{op.kind} {op.id} started (follow it with: cna-ctl ops show --watch {op.id})"
-    else:
-        out = _summary(args, op)
-    if op.HasField("error"):
-        if args.json:
-            print(out)
-        raise CliError(_summary(args, op))
-    return out
+    return watched(client, args, op, lambda o: _summary(args, o))
 
 
 def register_move_disk(vms: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -7,11 +7,10 @@ and a summary line.
 from __future__ import annotations
 
 import argparse
-import json
 
 from cna_agent.api import pb
-from cna_agent.cli.common import CliError, Client, to_json
-from cna_agent.cli.progress import elapsed_s, follow
+from cna_agent.cli.common import Client
+from cna_agent.cli.progress import elapsed_s, watched
 
 v = pb.vm_pb2
 
@@ -31,20 +30,7 @@ def _summary(verb: str, vm: str, op) -> str:
 
 
 def _run(client: Client, args: argparse.Namespace, verb: str, call, request) -> str:
-    op = client.call(call, request)
-    if args.wait:
-        op = follow(client, op)
-    if args.json:
-        out = json.dumps(to_json(op), indent=2)
-    elif not op.done:
-        out = f"{op.kind} {op.id} started (follow it with: cna-ctl ops show --watch {op.id})"
-    else:
-        out = _summary(verb, args.vm, op)
-    if op.HasField("error"):
-        if args.json:
-            print(out)
-        raise CliError(_summary(verb, args.vm, op))
-    return out
+    return watched(client, args, client.call(call, request), lambda o: _summary(verb, args.vm, o))
 
 
 def cmd_hibernate(client: Client, args: argparse.Namespace) -> str:

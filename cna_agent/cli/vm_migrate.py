@@ -8,11 +8,10 @@ The policy flags are MigrationPolicy's fields (vm.proto); unset ones take the ag
 from __future__ import annotations
 
 import argparse
-import json
 
 from cna_agent.api import pb
-from cna_agent.cli.common import CliError, Client, EXIT_USAGE, to_json
-from cna_agent.cli.progress import elapsed_s, follow
+from cna_agent.cli.common import CliError, Client, EXIT_USAGE
+from cna_agent.cli.progress import elapsed_s, watched
 from cna_agent.cli.table import human_bytes
 
 v = pb.vm_pb2
@@ -58,19 +57,7 @@ def migrate_summary(name: str, destination: str, op) -> str:
 def cmd_migrate(client: Client, args: argparse.Namespace) -> str:
     op = client.call(client.vms.MigrateVm, v.MigrateVmRequest(vm=args.vm, destination=args.to, policy=policy_from_args(args),
                                                              request_id=args.request_id or ""))
-    if args.wait:
-        op = follow(client, op)
-    if args.json:
-        out = json.dumps(to_json(op), indent=2)
-    elif not op.done:
-        out = f"{op.kind} {op.id} started (follow it with: cna-ctl ops show --watch {op.id})"
-    else:
-        out = migrate_summary(args.vm, args.to, op)
-    if op.HasField("error"):
-        if args.json:
-            print(out)
-        raise CliError(migrate_summary(args.vm, args.to, op))
-    return out
+    return watched(client, args, op, lambda o: migrate_summary(args.vm, args.to, o))
 
 
 def register_migrate(vms: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
