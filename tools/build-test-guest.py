@@ -186,12 +186,17 @@ fact bootsrc "$(arg cna.bootsrc || echo kernel)"
 
 # --- power button ----------------------------------------------------------------------------
 power_off() { say_async "CNA-GUEST-POWEROFF"; sync; poweroff -f; }
+# The device is opened here, before the marker, and handed to the reader: evdev queues events
+# only for readers that hold it open, and a reader that opened it itself could be scheduled after
+# a press that came right after the marker (CI saw a shutdown lost that way under load).
 for ev in /sys/class/input/event*; do
   [ -e "$ev" ] || continue
   case "$(cat $ev/device/name 2>/dev/null)" in
     *"Power Button"*)
       # the power-button device only reports that key: any event is a press
-      ( dd if=/dev/input/${ev##*/} bs=24 count=1 of=/dev/null 2>/dev/null && power_off ) & ;;
+      exec 5</dev/input/${ev##*/}
+      ( dd bs=24 count=1 of=/dev/null 2>/dev/null <&5 && power_off ) &
+      exec 5<&- ;;
   esac
 done
 if [ "$ARCH" = aarch64 ]; then
