@@ -12,12 +12,31 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from cna_agent.contracts import ImageSource
 from cna_agent.errors import FailedPrecondition, InvalidArgument
 from cna_agent.storage.runner import CommandError, CommandRunner
 
 QEMU_IMG = "qemu-img"
 #: Exit status of ``qemu-img check`` for formats without a checker (raw, vpc).
 CHECK_UNSUPPORTED = 63
+#: vmdk create types that keep descriptor and data in one file.
+SELF_CONTAINED_VMDK = ("streamOptimized", "monolithicSparse")
+
+
+def source_args(src: str | ImageSource, fmt: str | None) -> list[str]:
+    """qemu-img's arguments naming an image: ``[-f FMT] PATH``, or for bytes inside a file (a
+    disk stored in an OVA) ``--image-opts`` with QEMU's raw driver windowing the file (offset,
+    size) under the format driver, so nothing is extracted first. Without ``fmt`` the format
+    is probed inside the window."""
+    if isinstance(src, str):
+        return (["-f", fmt] if fmt else []) + [src]
+    if not src.offset and not src.length:
+        return (["-f", fmt] if fmt else []) + [src.path]
+    name = src.path.replace(",", ",,")  # QemuOpts escapes a comma by doubling it
+    opts = f"file.driver=raw,file.offset={src.offset},file.file.driver=file,file.file.filename={name}"
+    if src.length:
+        opts = f"file.size={src.length}," + opts
+    return ["--image-opts", (f"driver={fmt}," if fmt else "") + opts]
 
 
 @dataclass(frozen=True)
@@ -31,7 +50,18 @@ class ImageInfo:
     #: qcow2 "data-file" (external data file): refused on import, like a backing file.
     data_file: str = ""
     corrupt: bool = False
+    #: vmdk: the create type ("streamOptimized", "monolithicSparse", "monolithicFlat", ...) and
+    #: the files its extents name (a descriptor file can name any host file).
+    create_type: str = ""
+    extents: tuple[str, ...] = ()
     raw: dict[str, Any] | None = None
+
+    @property
+    def self_contained_vmdk(self) -> bool:
+        """A vmdk whose data is in the image itself: the single-file create types. Any other
+        (monolithicFlat, twoGbMaxExtent*, vmfs, ...) is a descriptor naming extent files,
+        which on import would read whatever host file it names."""
+        return self.create_type in SELF_CONTAINED_VMDK and len(self.extents) <= 1
 
 
 @dataclass(frozen=True)
@@ -58,17 +88,16 @@ def _json(text: str, argv: str) -> dict[str, Any]:
     return data
 
 
-def info(runner: CommandRunner, path: str, *, fmt: str | None = None, timeout: float = 60.0,
+def info(runner: CommandRunner, path: str | ImageSource, *, fmt: str | None = None, timeout: float = 60.0,
          force_share: bool = True) -> ImageInfo:
     """``qemu-img info --output=json`` (``-U`` so images in use by a running VM can be read)."""
     argv = [QEMU_IMG, "info", "--output=json"]
     if force_share:
         argv.append("-U")
-    if fmt:
-        argv += ["-f", fmt]
-    argv.append(path)
+    argv += source_args(path, fmt)
     data = _json(runner.run(argv, timeout=timeout).stdout, " ".join(argv))
     specific = (data.get("format-specific") or {}).get("data") or {}
+    extents = specific.get("extents") or []
     return ImageInfo(
         format=str(data.get("format", "")),
         virtual_size=int(data.get("virtual-size", 0)),
@@ -78,13 +107,15 @@ def info(runner: CommandRunner, path: str, *, fmt: str | None = None, timeout: f
         dirty=bool(data.get("dirty-flag", False)),
         data_file=str(specific.get("data-file", "") or ""),
         corrupt=bool(specific.get("corrupt", False)),
+        create_type=str(specific.get("create-type", "") or ""),
+        extents=tuple(str(e.get("filename", "")) for e in extents if isinstance(e, dict)),
         raw=data,
     )
 
 
-def check(runner: CommandRunner, path: str, fmt: str, *, timeout: float) -> CheckReport:
+def check(runner: CommandRunner, path: str | ImageSource, fmt: str, *, timeout: float) -> CheckReport:
     """``qemu-img check --output=json`` without repair; exit 2 = corruptions, 3 = leaks."""
-    argv = [QEMU_IMG, "check", "--output=json", "-U", "-f", fmt, path]
+    argv = [QEMU_IMG, "check", "--output=json", "-U", *source_args(path, fmt)]
     result = runner.run(argv, timeout=timeout, check=False)
     if result.returncode == CHECK_UNSUPPORTED:
         return CheckReport(supported=False, summary=f"{fmt} images have no consistency checker")
@@ -133,27 +164,31 @@ def resize(runner: CommandRunner, path: str, fmt: str, size: int, *, preallocate
     runner.run(argv, timeout=timeout)
 
 
-def convert(runner: CommandRunner, src: str, src_fmt: str, dst: str, dst_fmt: str, *, timeout: float,
-            on_progress: Callable[[float], None], preallocate: bool = False, target_exists: bool = False) -> None:
-    """Copy ``src`` into ``dst`` converting formats; ``-p`` progress goes to ``on_progress``."""
-    argv = [QEMU_IMG, "convert", "-p", "-U", "-f", src_fmt, "-O", dst_fmt]
+def convert(runner: CommandRunner, src: str | ImageSource, src_fmt: str, dst: str, dst_fmt: str, *, timeout: float,
+            on_progress: Callable[[float], None], preallocate: bool = False, target_exists: bool = False,
+            subformat: str = "") -> None:
+    """Copy ``src`` into ``dst`` converting formats; ``-p`` progress goes to ``on_progress``.
+    ``subformat``: vmdk's (``streamOptimized`` for OVF packages)."""
     opts = []
     if dst_fmt == "qcow2":
         opts.append("compat=1.1")
+    if subformat and dst_fmt == "vmdk":
+        opts.append(f"subformat={subformat}")
     if preallocate and dst_fmt in ("raw", "qcow2"):
         opts.append("preallocation=" + ("falloc" if dst_fmt == "raw" else "metadata"))
+    argv = [QEMU_IMG, "convert", "-p", "-U", "-O", dst_fmt]
     if opts and not target_exists:
         argv += ["-o", ",".join(opts)]
     if target_exists:
         argv.append("-n")
-    argv += [src, dst]
+    argv += [*source_args(src, src_fmt), dst]
     try:
         runner.run_progress(argv, timeout=timeout, on_progress=on_progress)
     except CommandError as exc:
         raise FailedPrecondition(f"conversion failed: {exc.message}") from None
 
 
-def probe_format(runner: CommandRunner, path: str, field: str, *, timeout: float) -> ImageInfo:
+def probe_format(runner: CommandRunner, path: str | ImageSource, field: str, *, timeout: float) -> ImageInfo:
     """Probe an import source; unreadable or unknown images are refused naming ``field``."""
     try:
         return info(runner, path, timeout=timeout)

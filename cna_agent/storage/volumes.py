@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import stat
 import threading
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ from cna_agent.failpoints import crash_point
 from cna_agent.qemu_access import make_dirs
 from cna_agent.storage import paths, qemuimg
 from cna_agent.storage.runner import CommandError, CommandRunner
-from cna_agent.contracts import format_from_name
+from cna_agent.contracts import ImageSource, format_from_name
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 #: Largest volume: 64 TiB (qcow2 with 64 KiB clusters handles far more, but a request beyond
@@ -236,11 +237,15 @@ class VolumeManager:
         """Remove in-progress files a crash left behind (called at start, before any work)."""
         removed = []
         for root in self.roots.values():
-            for dirpath, _, filenames in os.walk(os.path.realpath(root)):
+            for dirpath, dirnames, filenames in os.walk(os.path.realpath(root)):
                 for fn in filenames:
                     if paths.TEMP_MARK in fn:
                         paths.unlink_if_there(os.path.join(dirpath, fn))
                         removed.append(os.path.join(dirpath, fn))
+                for dn in [d for d in dirnames if paths.TEMP_MARK in d]:  # an export's staging directory
+                    shutil.rmtree(os.path.join(dirpath, dn), ignore_errors=True)
+                    removed.append(os.path.join(dirpath, dn))
+                    dirnames.remove(dn)
         return removed
 
     def _free_bytes(self, ref: paths.VolumeRef) -> int:
@@ -318,25 +323,45 @@ class VolumeManager:
         check_volume_format(fmt, dst.relpath, "format", "path")
         if not os.path.isfile(src.path):
             raise NotFound(f"source: {src.id!r} does not exist", field="source")
-        probed = qemuimg.probe_format(self.runner, src.path, "source", timeout=min(self.timeout, 120))
+        use_fmt, report = self.check_importable(src.path, src_fmt, "source", src.id)
+        self._produce(dst, "path", lambda tmp: qemuimg.convert(self.runner, src.path, use_fmt, tmp, fmt,
+                                                                timeout=self.timeout, on_progress=on_progress))
+        return replace(self.info(dst), check=report)
+
+    def check_importable(self, source: str | ImageSource, src_fmt: str, field: str,
+                         name: str) -> tuple[str, qemuimg.CheckReport]:
+        """The format to read ``source`` as and its check report, or InvalidArgument naming
+        ``field`` when it is not a self-contained, clean image of an importable format."""
+        probed = qemuimg.probe_format(self.runner, source, field, timeout=min(self.timeout, 120))
         if probed.format not in IMPORT_FORMATS:
-            raise InvalidArgument("source", f"{src.id!r} is a {probed.format!r} image; importable: {', '.join(IMPORT_FORMATS)}")
+            raise InvalidArgument(field, f"{name!r} is a {probed.format!r} image; importable: {', '.join(IMPORT_FORMATS)}")
         if src_fmt and src_fmt != probed.format and src_fmt != "raw":
-            raise InvalidArgument("source_format", f"{src.id!r} is a {probed.format} image, not {src_fmt}")
+            raise InvalidArgument("source_format" if field == "source" else field,
+                                  f"{name!r} is a {probed.format} image, not {src_fmt}")
         use_fmt = src_fmt or probed.format
         if use_fmt != "raw":
             if probed.backing_filename:
-                raise InvalidArgument("source", f"{src.id!r} references a backing file ({probed.backing_filename}); "
+                raise InvalidArgument(field, f"{name!r} references a backing file ({probed.backing_filename}); "
                                       "imports must be self-contained")
             if probed.data_file:
-                raise InvalidArgument("source", f"{src.id!r} references an external data file; imports must be self-contained")
+                raise InvalidArgument(field, f"{name!r} references an external data file; imports must be self-contained")
+            if use_fmt == "vmdk" and not probed.self_contained_vmdk:
+                raise InvalidArgument(field, f"{name!r} is a {probed.create_type or 'multi-extent'} vmdk whose data is in "
+                                      f"other files ({len(probed.extents)} extent(s)); only single-file vmdks "
+                                      f"({', '.join(qemuimg.SELF_CONTAINED_VMDK)}) are imported")
             if probed.corrupt:
-                raise InvalidArgument("source", f"{src.id!r} is marked corrupt by qemu")
-        report = qemuimg.check(self.runner, src.path, use_fmt, timeout=self.timeout)
+                raise InvalidArgument(field, f"{name!r} is marked corrupt by qemu")
+        report = qemuimg.check(self.runner, source, use_fmt, timeout=self.timeout)
         if not report.clean:
-            raise InvalidArgument("source", f"{src.id!r} failed qemu-img check: {report.summary}; nothing was imported")
-        self._produce(dst, "path", lambda tmp: qemuimg.convert(self.runner, src.path, use_fmt, tmp, fmt,
-                                                                timeout=self.timeout, on_progress=on_progress))
+            raise InvalidArgument(field, f"{name!r} failed qemu-img check: {report.summary}; nothing was imported")
+        return use_fmt, report
+
+    def import_source(self, source: ImageSource, dst: paths.VolumeRef, field: str, name: str,
+                      on_progress: Progress) -> VolumeInfo:
+        """An image (possibly inside another file) converted into new volume ``dst``."""
+        use_fmt, report = self.check_importable(source, "", field, name)
+        self._produce(dst, field, lambda tmp: qemuimg.convert(self.runner, source, use_fmt, tmp, format_of(dst.relpath),
+                                                               timeout=self.timeout, on_progress=on_progress))
         return replace(self.info(dst), check=report)
 
     def export(self, src: paths.VolumeRef, dst: paths.VolumeRef, fmt: str, on_progress: Progress) -> VolumeInfo:

@@ -192,3 +192,46 @@ def test_export_to_vpc_and_sweep(vm, tmp_path):
     assert vm.sweep_temp_files() == [str(stale)]
     with pytest.raises(InvalidArgument):
         vm.export(src, vm.ref("imp", "v2.vmdk", "path"), "vhdx", lambda p: None)
+
+
+def test_import_of_a_vmdk_descriptor_naming_a_host_file_is_refused(vm, tmp_path):
+    """A monolithicFlat vmdk is a text descriptor whose extent can name any file: importing it
+    would copy that host file into a volume the caller's guest then reads."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"root:$6$secret" + bytes(4096 - 14))
+    (tmp_path / "imp" / "flat.vmdk").write_text(
+        '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+        f'RW 8 FLAT "{secret}" 0\n\nddb.virtualHWVersion = "4"\n')
+    with pytest.raises(InvalidArgument, match="monolithicFlat vmdk whose data is in other files") as exc:
+        vm.import_(vm.resolve("imp/flat.vmdk", "source"), "", vm.ref("ds", "x.qcow2", "path"), "qcow2", lambda p: None)
+    assert exc.value.field == "source"
+    assert _files(tmp_path / "ds") == []
+
+
+def test_an_image_stored_inside_another_file_imports_in_place(vm, tmp_path):
+    """The bytes of a streamOptimized vmdk at an offset of a bigger file (a disk inside an OVA)
+    convert without being extracted."""
+    from cna_agent.contracts import ImageSource
+
+    raw = tmp_path / "seed.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "4M"], check=True, timeout=30)
+    _qemu_io(str(raw), "raw", "write -P 0x5a 1M 256k")
+    vmdk = tmp_path / "d.vmdk"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(vmdk)],
+                   check=True, timeout=60)
+    box = tmp_path / "imp" / "box,with,commas.ova"
+    box.write_bytes(b"H" * 1536 + vmdk.read_bytes() + b"T" * 512)
+    src = ImageSource(str(box), 1536, vmdk.stat().st_size)
+    got = vm.import_source(src, vm.ref("ds", "in/place.qcow2", "path"), "source", "box", lambda p: None)
+    assert got.format == "qcow2" and got.virtual_size == 4 * MiB
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), got.path], capture_output=True,
+                         text=True, timeout=60)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def test_an_exports_staging_directory_is_swept(vm, tmp_path):
+    staging = tmp_path / "ds" / "out" / f".pkg{paths.TEMP_MARK}beef"
+    staging.mkdir(parents=True)
+    (staging / "pkg-disk1.vmdk").write_bytes(b"x")
+    assert str(staging) in vm.sweep_temp_files()
+    assert not staging.exists() and (tmp_path / "ds" / "out").is_dir()
