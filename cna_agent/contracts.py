@@ -107,6 +107,65 @@ class DiskProvider(Protocol):
         SAN datastore or one that is unreachable, each naming ``field``."""
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """A disk image: a whole file, or the ``length`` bytes at ``offset`` inside one (a disk
+    stored in an OVA, read in place through QEMU's raw driver rather than extracted first)."""
+
+    path: str
+    offset: int = 0
+    length: int = 0  # 0 with offset 0: the whole file
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    format: str
+    virtual_size: int
+    #: vmdk: the create type ("streamOptimized", ...).
+    subformat: str = ""
+    #: qemu-img check's word on it ("no errors", "... leaked cluster(s)", "not supported").
+    check: str = ""
+    #: Bytes of the file itself (write_image).
+    file_size: int = 0
+
+
+class ImageStore(Protocol):
+    """Files on dir datastores for appliance import and export (OVF/OVA: compute/appliance_*.py).
+    Every id is "datastore/relative/path", confined like a volume's (storage/paths.py), each
+    error naming ``field``; storage/images.py implements it."""
+
+    def existing_file(self, file_id: str, *, field: str) -> str:
+        """The absolute path of an existing regular file; NotFound otherwise."""
+
+    def new_path(self, file_id: str, *, field: str) -> str:
+        """The absolute path where a new file or directory may be made (the name policy of new
+        files, nothing there yet: AlreadyExists); nothing is made."""
+
+    async def probe(self, source: ImageSource, *, field: str) -> ImageFacts:
+        """The image's format and size, refused (InvalidArgument) unless it is importable: a
+        format qemu-img reads, self-contained (no backing file, external data file, or vmdk
+        extent naming another file) and clean under ``qemu-img check``."""
+
+    async def import_image(self, source: ImageSource, volume_id: str, *, field: str,
+                           on_progress: Any) -> ImageFacts:
+        """probe(), then the image converted into new volume ``volume_id`` (format by its name);
+        ``on_progress(percent)`` from a worker thread; cancellable (nothing is left then)."""
+
+    async def blank_volume(self, volume_id: str, size: int, *, field: str) -> None:
+        """An empty volume of ``size`` bytes (format by its name)."""
+
+    async def write_image(self, volume_id: str, dest_path: str, *, fmt: str, subformat: str = "",
+                          on_progress: Any) -> ImageFacts:
+        """Volume ``volume_id`` converted into a new file at ``dest_path`` (a path new_path gave,
+        or one inside a directory it gave): its virtual size and file size."""
+
+    async def free_bytes(self, datastore: str, *, field: str) -> int:
+        """Bytes free on the datastore's file system."""
+
+    async def remove(self, path: str) -> None:
+        """Remove a file or directory tree this interface's caller made (clean-up)."""
+
+
 #: What release_lun did with the host's devices for a LUN:
 #: "released"   multipath map, SCSI paths and, for a target's last LUN, the iSCSI session removed;
 #: "in-use"     another defined VM uses the same LUN (multi-attach): kept;

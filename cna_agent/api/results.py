@@ -18,6 +18,8 @@ def _table() -> dict[type, Callable[[Any], Any]]:
     from cna_agent.api.storage import datastore_to_pb, volume_to_pb
     from cna_agent.api.vm_convert import snapshot_to_pb, vm_to_pb
     from cna_agent.api.backup import backup_to_pb
+    from cna_agent.api.appliance import export_to_pb, import_to_pb
+    from cna_agent.compute.appliances import ApplianceExport, ApplianceImport
     from cna_agent.compute.backup import BackupInfo
     from cna_agent.compute.inventory import VmInfo
     from cna_agent.compute.maintenance import EvacuationReport, MaintenanceStatus
@@ -30,6 +32,8 @@ def _table() -> dict[type, Callable[[Any], Any]]:
     return {
         VmInfo: vm_to_pb,
         BackupInfo: backup_to_pb,
+        ApplianceImport: import_to_pb,
+        ApplianceExport: export_to_pb,
         SnapshotInfo: snapshot_to_pb,
         VolumeInfo: volume_to_pb,
         DatastoreStatus: datastore_to_pb,
@@ -53,6 +57,8 @@ OPERATION_RESPONSES: dict[str, str] = {
                      "vm.migrate", "vm.migrate_cold", "vm.restore", "vm.hibernate", "vm.unhibernate", "vm.disk.move"), VM),
     "vm.snapshot.create": "cna.v1.Snapshot",
     "vm.backup.start": "cna.v1.Backup",
+    "appliance.import": "cna.v1.ApplianceImport",
+    "appliance.export": "cna.v1.ApplianceExport",
     **dict.fromkeys(("vm.delete", "vm.hibernate_handoff", "vm.backup.stop", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",
                      "network.port_group.delete", "network.nic.detach"), EMPTY),
     **dict.fromkeys(("volume.create", "volume.resize", "volume.clone", "volume.import", "volume.export"), "cna.v1.Volume"),

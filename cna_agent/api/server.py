@@ -133,6 +133,7 @@ class AgentServer:
             "cna.v1.AgentService": pb.agent_pb2_grpc.add_AgentServiceServicer_to_server,
             "cna.v1.MigrationService": pb.migration_pb2_grpc.add_MigrationServiceServicer_to_server,
             "cna.v1.BackupService": pb.backup_pb2_grpc.add_BackupServiceServicer_to_server,
+            "cna.v1.ApplianceService": pb.appliance_pb2_grpc.add_ApplianceServiceServicer_to_server,
         }
         for name in pb.SERVICE_NAMES:
             servicer = servicers.get(name)

@@ -21,6 +21,7 @@ from cna_agent.compute.migration_cold_incoming import ColdIncoming
 from cna_agent.compute.migration_incoming import IncomingMigrations
 from cna_agent.compute.migration_recovery import MigrationRecovery
 from cna_agent.compute import state as st
+from cna_agent.compute.appliances import VmAppliances
 from cna_agent.compute.backup import VmBackups
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.console import ConsoleSession, ConsoleSessions
@@ -98,6 +99,8 @@ class Compute:
     tickets: ConsoleTickets | None = None
     #: Live storage migration of running VMs' disks (disk_move.py).
     disk_moves: DiskMoves | None = None
+    #: OVF/OVA import and export (appliances.py).
+    appliances: VmAppliances | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""

@@ -28,6 +28,7 @@ from cna_agent.state.eventlog import EventHub
 from cna_agent.state.journal import OperationRecord
 from cna_agent.storage import libiscsi, paths, qcow2hdr
 from cna_agent.storage.executor import StorageExecutor
+from cna_agent.storage.images import ImageFiles
 from cna_agent.storage.luns import LUN_RELEASE_TIMEOUT_S, LunInfo, LunManager, SecretStore
 from cna_agent.storage.model import DatastoreDecl
 from cna_agent.storage.monitor import DatastoreMonitor, Health, Probe, dir_probe
@@ -104,6 +105,8 @@ class StorageService:
             elif d.name in self.luns.san:
                 probes[d.name] = self.luns.san[d.name].probe
         self.monitor = DatastoreMonitor(probes, interval=probe_interval, timeout=probe_timeout, on_change=self._health_changed)
+        #: compute's ImageStore: the files of OVF packages (images.py).
+        self.images = ImageFiles(self.datastores, self.volumes, executor, self.monitor, command_timeout=command_timeout)
         self._background: set[asyncio.Task[Any]] = set()
         self.probe_timeout = probe_timeout
         #: The last LUN listing per SAN datastore, reported while a fresh one is slow.

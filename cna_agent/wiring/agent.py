@@ -114,6 +114,7 @@ async def build_agent(config: AgentConfig) -> Agent:
     from cna_agent.api.storage import StorageServicer
     from cna_agent.api.vm import VmServicer
     from cna_agent.api.backup import BackupServicer
+    from cna_agent.api.appliance import ApplianceServicer
     from cna_agent.compute.evacuation import HostEvacuation
     from cna_agent.compute.inventory import VmInventory
     from cna_agent.compute.maintenance import MaintenanceMode
@@ -167,7 +168,7 @@ async def build_agent(config: AgentConfig) -> Agent:
                                   checks=[network.service.reconciler, placement.monitor],
                                   peer=peer, cold_peer=peer,
                                   host_uuid=config.host.host_uuid or (hypervisor.facts.host_uuid if hypervisor.facts else ""),
-                                  store=store, admission=maintenance,
+                                  store=store, admission=maintenance, images=storage.images,
                                   transfer=VolumeTransfers(storage.volumes.roots, storage.runner, storage.executor,
                                                            timeout=config.storage.command_timeout_s))
     evacuation = HostEvacuation(maintenance, compute.migrations, inventory, runner, events=events,
@@ -177,6 +178,8 @@ async def build_agent(config: AgentConfig) -> Agent:
              network.service.ovs.pool, network.service.netlink_pool]
     if compute.hibernation is not None:
         pools.append(compute.hibernation.files)
+    if compute.appliances is not None:
+        pools.append(compute.appliances.files)
     telemetry = build_telemetry(config, hypervisor, host, store, events, pools)
     for each in pools:  # a fixed thread count from here on (see BlockingPool.prestart)
         await asyncio.to_thread(each.prestart)
@@ -197,6 +200,7 @@ async def build_agent(config: AgentConfig) -> Agent:
         "cna.v1.AgentService": AgentServicer(telemetry.link, store),
         "cna.v1.MigrationService": MigrationServicer(compute.incoming, compute.cold_incoming),
         "cna.v1.BackupService": BackupServicer(compute.backups),
+        "cna.v1.ApplianceService": ApplianceServicer(compute.appliances),
     }
     server = AgentServer(config, servicers, on_call=rpc_on_call)
 

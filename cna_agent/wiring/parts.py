@@ -19,6 +19,7 @@ from cna_agent.compute.ledger import VmStateLedger
 from cna_agent.compute.lifecycle import DomainRenderer, VmLifecycle
 from cna_agent.compute.nics import NicOperations
 from cna_agent.blocking import BlockingPool
+from cna_agent.compute.appliances import VmAppliances
 from cna_agent.compute.backup import VmBackups
 from cna_agent.compute.console_tickets import ConsoleTickets
 from cna_agent.compute.disk_move import DiskMoves
@@ -37,7 +38,7 @@ from cna_agent.compute.snapshot_ops import VmSnapshots
 from cna_agent.compute.update import VmUpdates
 from cna_agent.compute.vmops import VmOps
 from cna_agent.config import AgentConfig
-from cna_agent.contracts import (ColdMigrationPeer, DiskProvider, HostAdmission, MigrationPeer, Placer, PortProvider, VmCheck,
+from cna_agent.contracts import (ColdMigrationPeer, DiskProvider, HostAdmission, ImageStore, MigrationPeer, Placer, PortProvider, VmCheck,
                                  VmLocator, VolumeTransfer)
 from cna_agent.host.cpulist import parse_cpulist
 from cna_agent.host.drift import PlacementMonitor
@@ -126,13 +127,15 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                   disks: DiskProvider | None, ports: PortProvider, placer: Placer | None,
                   checks: Sequence[VmCheck] = (), peer: MigrationPeer | None = None, host_uuid: str = "",
                   store: StateStore | None = None, transfer: VolumeTransfer | None = None,
-                  cold_peer: ColdMigrationPeer | None = None, admission: HostAdmission | None = None) -> Compute:
+                  cold_peer: ColdMigrationPeer | None = None, admission: HostAdmission | None = None,
+                  images: ImageStore | None = None) -> Compute:
     """Compute's parts around one inventory; ``disks``/``ports``/``placer`` are the other
     subsystems (None for a subsystem this agent does not run: compute/resolvers.py's stand-ins),
     ``checks`` their per-VM checks for compute's reconcile (network's ports, placement's pinning),
     ``transfer`` storage's volume mover for cold migration (None: no cold migration), ``peer`` and
     ``cold_peer`` the destination agent for live and cold moves (api/peer.py's client is both),
-    ``admission`` the maintenance mode (creates, starts and incoming migrations ask it)."""
+    ``admission`` the maintenance mode (creates, starts and incoming migrations ask it), ``images``
+    storage's package files for OVF import and export (None: no appliances)."""
     ops = VmOps(hypervisor, runner, events, inventory)
     binder = Binder(inventory, LocalFileResolver(parse_image_dirs(config.compute.image_dirs)), disks, ports, placer)
     renderer = DomainRenderer(ctx, QemuRunDirs(ctx), virt_type=virt_type, host_cpus=host_cpus)
@@ -184,6 +187,8 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         backups=VmBackups(ops, renderer, bitmaps=sidechannels.persistent_bitmaps),
         tickets=ConsoleTickets(hypervisor, inventory, events),
         disk_moves=DiskMoves(ops, binder),
+        appliances=VmAppliances(ops, lifecycle, images,
+                                BlockingPool("appliance-files", 2, 60.0, hint="datastore not answering?")),
         resumer=resumer,
         reconciler=reconciler,
         migrations=VmMigrations(ops, binder, renderer.run_dirs, peer or _no_peer(), max_outgoing=config.migration.max_outgoing,
