@@ -140,8 +140,16 @@ class VmAppliances:
         """What ImportAppliance would make of the package, changing nothing. Networks left out
         of ``network_map`` are shown unmapped (an empty port group) rather than refused."""
         pkg, env = await self._open(source)
-        networks = sorted({n.network for n in env.system.nics if n.network} | set(env.networks))
-        mapping = {n: (network_map or {}).get(n, "-") for n in networks}
+        used = {n.network for n in env.system.nics if n.network}
+        networks = sorted(used | set(env.networks))
+        given = dict(network_map or {})
+        stray = sorted(set(given) - used)
+        if stray:
+            raise InvalidArgument("network_map", f"{', '.join(map(repr, stray[:5]))}: no NIC of the package is on it (its "
+                                                 f"NICs are on: {', '.join(sorted(used)) or 'none'})")
+        for net, pg in given.items():
+            await self.lifecycle.binder.ports.resolve_port_group(pg, field=f"network_map[{net!r}]")
+        mapping = {n: given.get(n, "-") for n in used}
         plan = self._plan(env, name="", datastore="datastore", folder="", network_map=mapping, fmt="qcow2", keep_macs=True)
         for nic in plan.spec.nics:
             if nic.port_group == "-":
@@ -171,19 +179,25 @@ class VmAppliances:
             dropped = "; ".join(f"{n.item}: {n.detail}" for n in plan.notes if n.action == "dropped")
             raise FailedPrecondition(f"strict import: the package asks for what this host does not give ({dropped})",
                                      field="source")
-        validate(spec.copy(), self.lifecycle.validation_context())
-        for i, nic in enumerate(spec.nics):
-            await self.lifecycle.binder.nic(nic, field=f"network_map[{env.system.nics[i].network!r}]")
+        free = await store.free_bytes(datastore, field="datastore")  # a dir datastore of this host, first
         try:
             await self.inventory.lookup_uuid(spec.name, require_managed=False)
         except NotFound:
             pass
         else:
             raise AlreadyExists(f"name: a VM named {spec.name!r} already exists on this host", field="name")
+        try:
+            folder_path = store.new_path(plan.disks[0].volume_id.rsplit("/", 1)[0], field="folder") if plan.disks else ""
+        except AlreadyExists:
+            folder_path = ""  # an existing directory: kept whatever happens
+        for d in plan.disks:
+            store.new_path(d.volume_id, field="name")
+        validate(spec.copy(), self.lifecycle.validation_context())
+        for i, nic in enumerate(spec.nics):
+            await self.lifecycle.binder.nic(nic, field=f"network_map[{env.system.nics[i].network!r}]")
         sources: list[ImageSource | None] = []
         need = ROOM_MARGIN
         for d in plan.disks:
-            store.new_path(d.volume_id, field="datastore")
             if d.href:
                 try:
                     m = pkg.member(d.href)
@@ -194,7 +208,6 @@ class VmAppliances:
             else:
                 sources.append(None)
                 need += 0 if fmt == "qcow2" else d.capacity
-        free = await store.free_bytes(datastore, field="datastore")
         if free < need:
             raise ResourceExhausted(f"datastore: {datastore!r} has {free >> 20} MiB free; the package's disks need about "
                                     f"{need >> 20} MiB", field="datastore")
@@ -219,7 +232,7 @@ class VmAppliances:
                 await self._convert(op, plan.disks, sources, made)
                 vm = await self._define(op, spec, start)
             except BaseException:
-                await cancelling.detached(self._remove_volumes(made))
+                await cancelling.detached(self._remove_volumes(made, folder_path))
                 raise
             await self.ops.events.publish(
                 "vm.imported", resource_kind="vm", resource_id=vm.uuid, resource_name=vm.spec.name, operation_id=op.id,
@@ -264,12 +277,19 @@ class VmAppliances:
         uuid = record.target
         return await self.ops.result(uuid, op)
 
-    async def _remove_volumes(self, volumes: list[str]) -> None:
+    async def _remove_volumes(self, volumes: list[str], folder_path: str) -> None:
+        """A failed import's volumes, and its folder when the import made it (and it is empty)."""
         for vid in volumes:
             try:
                 await self.lifecycle.binder.volumes.delete_volume(vid, field="datastore")
             except Exception as exc:  # the import's own error is what the caller gets
                 log.warning("event=appliance.cleanup_failed volume=%s error=%r", vid, getattr(exc, "message", str(exc)))
+        if folder_path:
+            try:
+                await self.files.run(lambda: os.rmdir(folder_path) if os.path.isdir(folder_path) else None, timeout=30,
+                                     what=f"removing {folder_path}")
+            except OSError:
+                pass  # not empty (something else was put there meanwhile): kept
 
     # -- export ----------------------------------------------------------------------------------------
 

@@ -192,6 +192,9 @@ def _setup(ch) -> dict[str, str]:
     op = s.CreateVolume(st.CreateVolumeRequest(datastore="ds", path="op.qcow2", format=st.VOLUME_FORMAT_QCOW2,
                                                size_bytes=1 << 20), timeout=60)
     ok(ch, op)
+    # a package of the VM, for the appliance calls to read
+    ok(ch, pb.appliance_pb2_grpc.ApplianceServiceStub(ch).ExportAppliance(
+        pb.appliance_pb2.ExportApplianceRequest(vm="sweep-vm", destination="ds/pkg/sweep.ova"), timeout=60), 120)
     return {"uuid": created.uuid, "mac": created.spec.nics[0].mac, "op": op.id}
 
 
@@ -293,6 +296,12 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "NetworkService/SetNicLink": net.SetNicLinkRequest(vm="sweep-vm", mac=k["mac"], up=True),
         "NetworkService/Reconcile": net.ReconcileRequest(repair=False),
         "AgentService/GetVrmStatus": pb.agent_pb2.GetVrmStatusRequest(),
+        "ApplianceService/InspectAppliance": pb.appliance_pb2.InspectApplianceRequest(source="ds/pkg/sweep.ova",
+                                                                                      network_map={"pgsweep": "pgsweep"}),
+        "ApplianceService/ImportAppliance": pb.appliance_pb2.ImportApplianceRequest(
+            source="ds/pkg/sweep.ova", datastore="ds", folder="imp", name="sweep-imp", network_map={"pgsweep": "pgsweep"}),
+        "ApplianceService/ExportAppliance": pb.appliance_pb2.ExportApplianceRequest(vm="sweep-vm",
+                                                                                    destination="ds/exp/out.ova"),
     }
 
 
@@ -346,7 +355,7 @@ def _message_class(desc: Any) -> Any:
     return message_factory.GetMessageClass(desc)
 
 
-def _undo(ch, name: str, request: Any) -> None:
+def _undo(ch, name: str, request: Any, ds: Path) -> None:
     """Put back what an accepted request made, so the next one meets the same world."""
     v, s = pb.vm_pb2_grpc.VmServiceStub(ch), pb.storage_pb2_grpc.StorageServiceStub(ch)
 
@@ -367,6 +376,10 @@ def _undo(ch, name: str, request: Any) -> None:
         target = [d for d in v.GetVm(vm.GetVmRequest(vm="sweep-vm"), timeout=30).spec.disks if d.volume != "ds/base.qcow2"]
         for d in target:
             ok(ch, s.DetachDisk(st.DetachDiskRequest(vm="sweep-vm", target=d.target), timeout=60))
+    elif name == "ApplianceService/ImportAppliance":
+        gone(lambda: v.DeleteVm(vm.DeleteVmRequest(vm=request.name, force=True, delete_disks=True), timeout=60))
+    elif name == "ApplianceService/ExportAppliance":
+        (ds / request.destination.split("/", 1)[1]).unlink()
     elif name == "HostService/SetMaintenance":
         ok(ch, pb.host_pb2_grpc.HostServiceStub(ch).SetMaintenance(host_pb.SetMaintenanceRequest(enabled=False), timeout=60))
     elif name in ("VmService/StartVm", "VmService/ResumeVm", "VmService/RebootVm", "VmService/PauseVm"):
@@ -405,7 +418,7 @@ def test_every_rpc_refuses_hostile_values_cleanly(world):
                     accepted_hostile += 1
                     problems.append(f"{name} {path}={value!r:.40}: accepted")
                 if succeeded:
-                    _undo(ch, name, request)
+                    _undo(ch, name, request, world.ds)
                 elif world.state() != before:
                     problems.append(f"{name} {path}={value!r:.40}: refused ({code.name}) but changed {world.state()} vs {before}")
             spent[name] = time.monotonic() - started
