@@ -49,6 +49,7 @@ class Client:
         self.storage = pb.storage_pb2_grpc.StorageServiceStub(self.channel)
         self.network = pb.network_pb2_grpc.NetworkServiceStub(self.channel)
         self.backups = pb.backup_pb2_grpc.BackupServiceStub(self.channel)
+        self.appliances = pb.appliance_pb2_grpc.ApplianceServiceStub(self.channel)
 
     def call(self, method: Callable, request: Any, **kw: Any) -> Any:
         try:

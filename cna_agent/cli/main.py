@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cna_agent.cli.vm",
     "cna_agent.cli.datastore",
     "cna_agent.cli.volume",
+    "cna_agent.cli.appliance",
     "cna_agent.cli.net",
     "cna_agent.cli.vrm",
 )

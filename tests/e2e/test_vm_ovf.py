@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -78,6 +79,13 @@ def ovf_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, Path, Path, Path
             agent.stop()
         subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _ctl(agent: AgentProcess, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket), *args],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def _refused(call, code: grpc.StatusCode, match: str) -> None:
@@ -200,9 +208,22 @@ def test_a_hand_written_ovf_with_devices_this_host_lacks_imports_with_each_repor
 
         seen = apps.InspectAppliance(ap.InspectApplianceRequest(source="imp/web/web01.ovf"), timeout=30)
         assert list(seen.networks) == ["VM Network"] and not seen.has_manifest and seen.package_kind == "ovf"
+        shown = _ctl(agent, "appliance", "inspect", "imp/web/web01.ovf")
+        print(shown)
+        assert "web01" in shown and "Sound card" in shown and "dropped" in shown and "blank" in shown, shown
+        assert max(len(line) for line in shown.splitlines()) <= 160
 
-        done = ok(ch, apps.ImportAppliance(ap.ImportApplianceRequest(**req), timeout=60), timeout=300,
-                  into=ap.ApplianceImport())
+        # the admin's import: the notes come with the summary
+        said = _ctl(agent, "appliance", "import", "imp/web/web01.ovf", "--datastore", "ds", "--network", "VM Network=pg",
+                    "--request-id", "cli-import-web01")
+        print(said)
+        assert said.startswith("web01 (") and "2 disk(s) on ds, 1 NIC(s), no manifest" in said, said
+        assert max(len(line) for line in said.splitlines()) <= 80, said
+        assert "Floppy drive 1" in said and "Network adapter 1" in said, said
+        op = next(o for o in pb.operations_pb2_grpc.OperationsServiceStub(ch).ListOperations(
+            ops_pb.ListOperationsRequest(kinds=["appliance.import"]), timeout=30).operations
+            if o.request_id == "cli-import-web01")
+        done = ok(ch, op, into=ap.ApplianceImport())
         notes = {n.item: (n.action, n.detail) for n in done.notes}
         for item in ("Sound card (other device, vmware.soundcard.hdaudio)", "Floppy drive 1", "CD/DVD drive 1",
                      "VMCI device (other device, vmware.vmci)", "USB controller (vmware.usb.ehci)"):
