@@ -41,12 +41,13 @@ from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.spec import validate
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import ImageSource, ImageStore
-from cna_agent.errors import CODE_NAMES, AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, \
+from cna_agent.errors import CODE_NAMES, CODES, AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, \
     ResourceExhausted
+from cna_agent.failpoints import crash_point
 from cna_agent.ovf import descriptor, package, writer
 from cna_agent.ovf.descriptor import DescriptorError
-from cna_agent.operations import OperationContext
-from cna_agent.state.journal import OperationRecord
+from cna_agent.operations import OperationContext, RecoveryHandler
+from cna_agent.state.journal import OperationError, OperationRecord
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,8 @@ class VmAppliances:
 
         return await self.ops.runner.submit("appliance.import", f"{datastore}/{spec.name}", work, request_id=request_id,
                                             fingerprint=fingerprint, lock_key=f"appliance/{spec.name}", wait=5.0,
-                                            cancellable=True, metadata={"source": source, "vm_name": spec.name})
+                                            cancellable=True, metadata={"source": source, "vm_name": spec.name,
+                                                                        "folder_path": folder_path})
 
     async def _convert(self, op: OperationContext, disks: list[DiskPlan], sources: list[ImageSource | None],
                        made: list[str]) -> None:
@@ -261,6 +263,8 @@ class VmAppliances:
                 report = _progress_to(op, base, span, stage)
                 await store.import_image(src, d.volume_id, field="source", on_progress=report)
             made.append(d.volume_id)
+            await op.note(volumes=",".join(made))  # what recovery removes when the agent stops before the define
+            crash_point("appliance.import.converted")
             scope = cancelling.current()
             if scope is not None:
                 scope.reopen()  # storage closed it while the volume was put in place; the next disk may be cancelled
@@ -371,6 +375,45 @@ class VmAppliances:
 
         await op.progress(88, "writing the descriptor and manifest")
         return await self.files.run(finish, timeout=6 * 3600.0, what="writing the descriptor")
+
+    # -- recovery ------------------------------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, RecoveryHandler]:
+        return {"appliance.import": self.recover_import, "appliance.export": self.recover_export}
+
+    async def recover_import(self, record: OperationRecord) -> Any:
+        """An import the agent stopped in: done if its VM was defined (CreateVm's own operation
+        and its recovery decide that), else the volumes it noted (and its folder) are removed."""
+        name = record.metadata.get("vm_name", "")
+        try:
+            uuid, _ = await self.inventory.lookup_uuid(name)
+        except (NotFound, FailedPrecondition, InvalidArgument):
+            uuid = ""
+        if uuid:
+            log.info("event=appliance.import_recovered vm=%s outcome=defined", name)
+            return ApplianceImport(vm=await self.inventory.get(uuid), notes=(), manifest_files=0)
+        volumes = [v for v in record.metadata.get("volumes", "").split(",") if v]
+        await self._remove_volumes(volumes, record.metadata.get("folder_path", ""))
+        log.warning("event=appliance.import_recovered vm=%s outcome=removed volumes=%d", name, len(volumes))
+        return OperationError(CODES["ABORTED"], f"the agent stopped before {name!r} was defined; the {len(volumes)} "
+                                                "volume(s) converted so far were removed; import the package again")
+
+    async def recover_export(self, record: OperationRecord) -> Any:
+        """An export the agent stopped in: the package is there whole (it appears by one rename or
+        link) or not at all (storage's start-up sweep removed the staging directory)."""
+        destination = record.metadata.get("destination", "")
+        try:
+            self._store().new_path(destination, field="destination")
+        except AlreadyExists:
+            path = self._store().existing_file(destination, field="destination") if destination.lower().endswith(".ova") \
+                else ""
+            size = await self.files.run(lambda: _size(path), timeout=60, what="size") if path else 0
+            return ApplianceExport(files=(destination,), bytes=size)
+        except AgentError:
+            pass
+        return OperationError(CODES["ABORTED"], f"the agent stopped before {destination} was complete; nothing of it was "
+                                                "left (the staging directory is removed at start-up); export again")
+
 
 def _progress_to(op: OperationContext, base: float, span: float, stage: str) -> Callable[[float], None]:
     """A worker thread's percent of one step, as the operation's overall percent."""

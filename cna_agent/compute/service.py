@@ -116,6 +116,8 @@ class Compute:
             handlers.update(self.backups.handlers())
         if self.disk_moves is not None:
             handlers.update(self.disk_moves.handlers())
+        if self.appliances is not None:
+            handlers.update(self.appliances.handlers())
         return handlers
 
     async def start(self) -> None:

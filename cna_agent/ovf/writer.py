@@ -19,7 +19,9 @@ RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocat
 VSSD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
 STREAM_OPTIMIZED = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
 
-for _p, _u in (("ovf", OVF_NS), ("rasd", RASD_NS), ("vssd", VSSD_NS), ("vmw", VMW_NS), ("cna", CNA_NS)):
+# ElementTree's prefixes are process-wide: these must not reuse one the domain XML needs ("cna"
+# is domxml's metadata namespace; registering it here once renamed it in every rendered domain).
+for _p, _u in (("ovf", OVF_NS), ("rasd", RASD_NS), ("vssd", VSSD_NS), ("vmw", VMW_NS), ("cnaovf", CNA_NS)):
     ET.register_namespace(_p, _u)
 
 _RASD_ORDER = ("Address", "AddressOnParent", "AllocationUnits", "AutomaticAllocation", "Connection", "Description",

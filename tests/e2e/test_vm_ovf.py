@@ -29,6 +29,7 @@ from cna_agent.api import pb
 from support.agent import AgentProcess, start_agent
 from support.console import SerialLog
 from support.guests import build_guest
+from support.migration import restart
 from support.operations import ok, wait
 
 vm, st, ap, ops_pb = pb.vm_pb2, pb.storage_pb2, pb.appliance_pb2, pb.operations_pb2
@@ -239,3 +240,33 @@ def test_a_hand_written_ovf_with_devices_this_host_lacks_imports_with_each_repor
         _qemu_img("compare", "-f", "raw", "-F", "qcow2", str(seed), str(ds / "web01" / "web01-disk1.qcow2"))
         blank = json.loads(_qemu_img("info", "--output=json", str(ds / "web01" / "web01-disk2.qcow2")).stdout)
         assert blank["virtual-size"] == 16 * MiB and blank["format"] == "qcow2"
+
+
+@pytest.mark.slow
+def test_an_import_cut_short_by_a_crash_is_closed_and_its_volumes_removed(ovf_env) -> None:
+    agent, ds, imp, _disk = ovf_env
+    pkg = imp / "web"
+    pkg.mkdir()
+    shutil.copy(DATA / "vmware-web.ovf", pkg / "web01.ovf")
+    _qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", str(pkg / "web01-disk1.vmdk"), "32M")
+    armed = restart(agent, env={"CNA_FAILPOINTS": "appliance.import.converted"})
+    again = None
+    try:
+        with armed.channel() as ch, pytest.raises(grpc.RpcError):  # the agent dies inside the call
+            pb.appliance_pb2_grpc.ApplianceServiceStub(ch).ImportAppliance(ap.ImportApplianceRequest(
+                source="imp/web/web01.ovf", datastore="ds", network_map={"VM Network": "pg"}, request_id="crash-web"),
+                timeout=60)
+        armed.proc.wait(timeout=60)  # killed itself after the first disk was converted
+        assert _files(ds) == ["web01/web01-disk1.qcow2"]
+        again = restart(armed)
+        with again.channel() as ch:
+            done = next(o for o in pb.operations_pb2_grpc.OperationsServiceStub(ch).ListOperations(
+                ops_pb.ListOperationsRequest(kinds=["appliance.import"]), timeout=30).operations
+                if o.request_id == "crash-web")
+            assert done.error.code == grpc.StatusCode.ABORTED.value[0] and done.metadata["recovered"] == "true", done
+            assert "volume(s) converted so far were removed" in done.error.message
+            assert _files(ds) == [] and not (ds / "web01").exists()
+            assert not pb.vm_pb2_grpc.VmServiceStub(ch).ListVms(vm.ListVmsRequest(), timeout=30).vms
+    finally:
+        if again is not None:
+            again.stop()

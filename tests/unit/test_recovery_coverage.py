@@ -15,6 +15,7 @@ from cna_agent.compute.evacuation import HostEvacuation
 from cna_agent.compute.migration_cold import ColdMigrations
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.recycle import RecycleBin
+from cna_agent.compute.appliances import VmAppliances
 from cna_agent.compute.backup import VmBackups
 from cna_agent.compute.disk_move import DiskMoves
 from cna_agent.compute.hibernate import VmHibernation
@@ -33,7 +34,8 @@ def _compute_handlers() -> dict:
     parts = SimpleNamespace(recovery=VmRecovery(None, None), ops=ops, inventory=None,  # type: ignore[arg-type]
                             migrations=SimpleNamespace(hv=None, cold=cold), recycle_bin=bin_,
                             handoff=HibernationHandoff(hibernation), backups=VmBackups(ops, None),  # type: ignore[arg-type]
-                            disk_moves=DiskMoves(ops, None))  # type: ignore[arg-type]
+                            disk_moves=DiskMoves(ops, None),  # type: ignore[arg-type]
+                            appliances=VmAppliances(ops, None, None, None))  # type: ignore[arg-type]
     return Compute.recovery_handlers(parts)  # type: ignore[arg-type]
 
 
