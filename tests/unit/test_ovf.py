@@ -205,3 +205,14 @@ def test_an_ova_written_here_lists_the_descriptor_first(tmp_path: Path) -> None:
     out.seek(0)
     with tarfile.open(fileobj=out) as tar:
         assert [(m.name, m.size, m.mode) for m in tar.getmembers()] == [("x.ovf", 6, 0o644), ("x-disk1.vmdk", 3000, 0o644)]
+
+
+def test_the_ovf_writer_leaves_the_domain_xml_prefixes_alone() -> None:
+    """ElementTree's prefixes are process-wide: the writer once registered "cna" for its own
+    section, and every domain rendered after it carried ns0: instead of cna: metadata."""
+    from xml.etree import ElementTree as ET
+
+    from cna_agent.compute import domxml as dx
+
+    writer.write(envelope_of(_spec(), []))
+    assert ET.tostring(ET.Element(f"{{{dx.CNA_NS}}}vm")).startswith(b"<cna:vm")
