@@ -104,6 +104,12 @@ class Binder:
 
         With ``unique_field`` (a hot-plug), a given MAC must be unused anywhere on this host:
         it is checked and refused as ALREADY_EXISTS naming that field."""
+        nics = list(nics)
+        for nic in nics:
+            if nic.mac and not unique_field:
+                nic.mac = nic.mac.lower()
+        if not unique_field and all(nic.mac for nic in nics):
+            return  # nothing to generate or check: the host's MACs are not read
         taken = await self.inventory.all_macs()
         for nic in nics:
             if nic.mac and unique_field:

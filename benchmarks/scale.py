@@ -1,0 +1,324 @@
+"""One host at density: the agent's control plane with 1,000 managed VMs, and its restart.
+
+``python -m benchmarks.scale [--vms 1000] [--running 100] [--calls 200]``
+
+Setup: the real daemon on its embedded QEMU driver (libvirt's work runs inside the agent, so
+the agent's RSS, threads and CPU count everything but QEMU), ``--vms`` tiny diskless VMs
+defined through CreateVm by 8 parallel clients, ``--running`` of them started and then paused
+through the agent (a paused TCG guest burns no CPU; 2 cores cannot run hundreds of guests
+spinning in SeaBIOS, and a paused one answers libvirt and its monitor the same way).
+
+Measured, each against its baseline where there is one:
+
+* ``list_p50_ms``/``list_p99_ms``: ListVms of all VMs (``status_only`` false: specs too), and
+  ``raw_list_ms``: the libvirt work it stands on (listAllDomains + each domain's XMLDesc, on a
+  second embedded connection to a copy-free root of the same size) for scale;
+* ``get_p99_ms``: GetVm of random VMs;
+* ``define_ms_per_vm_first``/``_rest``: CreateVm (define only) per VM for the first 100 and
+  for the rest (equal: a create does not cost more on a full host);
+* ``rss_mb``, ``threads``, ``fds`` of the agent process, with 1,000 VMs and, from the first
+  VM count, how they grow (``threads_at_100``: bounded means equal; the embedded libvirt's
+  per-running-domain threads are ``threads_libvirt_vm``);
+* ``idle_cpu_pct``: the agent's CPU over 10 s with nothing asked of it (its reconcile and stats);
+* ``event_p99_ms``, ``events_lost``: pause/resume of every running VM while 10 WatchEvents
+  clients listen, each client's receive time against the event's own timestamp;
+* ``adopt_ms``: kill -9, then process start to READY with every VM listed with its state
+  (the restarted agent's first ListVms compared with the one before the kill).
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cna_agent  # noqa: F401  (first: turns gRPC fork support off before grpc loads)
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from benchmarks._agent import percentile
+from cna_agent.api import pb
+
+v = pb.vm_pb2
+ev = pb.events_pb2
+
+
+def _spec(name: str):
+    return v.VmSpec(name=name, arch=pb.common_pb2.ARCH_X86_64, vcpus=1, memory_mib=32,
+                    console=v.ConsoleSpec(type=v.CONSOLE_TYPE_NONE), hotplug_slots=0)
+
+
+class Agent:
+    """The daemon as a process this benchmark can kill and start again on the same state."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.sock = base / "run" / "agent.sock"
+        self.cfg = base / "agent.toml"
+        self.cfg.write_text(
+            f'[grpc]\nlisten = ""\nunix_socket = "{self.sock}"\n[state]\ndir = "{base / "state"}"\n'
+            f'run_dir = "{base / "run"}"\n[log]\nlevel = "warning"\n'
+            f'[libvirt]\nvirt_type = "qemu"\nuri = "qemu:///embed?root={base / "state" / "libvirt"}"\n')
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Start it; seconds until health says SERVING."""
+        script = Path(sys.executable).with_name("cna-agent")
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "cna_agent.daemon"]
+        log = (self.base / "agent.log").open("ab")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([*cmd, "serve", "--config", str(self.cfg)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited: {(self.base / 'agent.log').read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("agent not ready in 300 s")
+            if self.sock.exists():
+                try:
+                    with grpc.insecure_channel(f"unix:{self.sock}") as ch:
+                        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                        if r.status == health_pb2.HealthCheckResponse.SERVING:
+                            return time.perf_counter() - t0
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def proc_facts(self) -> dict[str, float]:
+        """RSS, threads and fds of the agent process. ``threads_libvirt_vm`` are the embedded
+        libvirt's per-running-domain monitor threads ("vm-<name>", libvirt's own design since
+        7.x: in production they live in libvirtd), counted apart from the agent's ``threads``."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        status = Path(f"/proc/{pid}/status").read_text()
+        rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+        names = []
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                names.append(Path(f"/proc/{pid}/task/{t}/comm").read_text().strip())
+            except OSError:
+                pass
+        per_vm = sum(1 for n in names if n.startswith("vm-"))
+        return {"rss_mb": round(rss_kb / 1024, 1), "threads": len(names) - per_vm, "threads_libvirt_vm": per_vm,
+                "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+    def cpu_s(self) -> float:
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ok(ch, op) -> None:
+    if not op.done:
+        for op in pb.operations_pb2_grpc.OperationsServiceStub(ch).WatchOperation(
+                pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=300):
+            pass
+    if op.HasField("error"):
+        raise RuntimeError(f"{op.kind} failed: {op.error.message}")
+
+
+def _define(sock: Path, names: list[str], clients: int) -> float:
+    chans = [grpc.insecure_channel(f"unix:{sock}") for _ in range(clients)]
+    try:
+        def one(i_name: tuple[int, str]) -> None:
+            i, name = i_name
+            ch = chans[i % clients]
+            _ok(ch, pb.vm_pb2_grpc.VmServiceStub(ch).CreateVm(v.CreateVmRequest(spec=_spec(name)), timeout=300))
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, enumerate(names)))
+        return time.perf_counter() - t0
+    finally:
+        for c in chans:
+            c.close()
+
+
+def _timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def _listing(stub) -> dict[str, int]:
+    return {x.name: x.status.state for x in stub.ListVms(v.ListVmsRequest(), timeout=120).vms}
+
+
+def _raw_list_ms(root: str, calls: int) -> float:
+    """The libvirt work under a ListVms: listAllDomains + each domain's XMLDesc, on the agent's
+    own embedded root once the agent has stopped (two processes must not open one root)."""
+    code = (
+        "import sys, time, statistics, libvirt\n"
+        "libvirt.registerErrorHandler(lambda c, e: None, None)\n"
+        "from cna_agent.hypervisor import ensure_event_loop, prepare_embedded_root\n"
+        "ensure_event_loop()\n"
+        "prepare_embedded_root(sys.argv[1])\n"
+        "conn = libvirt.open('qemu:///embed?root=' + sys.argv[1])\n"
+        "out = []\n"
+        "for _ in range(int(sys.argv[2])):\n"
+        "    t = time.perf_counter()\n"
+        "    for d in conn.listAllDomains(0):\n"
+        "        d.XMLDesc(0)\n"
+        "    out.append((time.perf_counter() - t) * 1000)\n"
+        "print(statistics.median(out))\n")
+    r = subprocess.run([sys.executable, "-c", code, root, str(calls)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def _events(sock: Path, running: list[str], clients: int) -> tuple[float, int, int]:
+    """(p99 ms, lost, seen) for a pause+resume of every running VM with ``clients`` watchers."""
+    chans = [grpc.insecure_channel(f"unix:{sock}") for _ in range(clients)]
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    want = {(n, s) for n in running for s in ("paused", "running")}
+    got: list[set] = [set() for _ in range(clients)]
+    ready = threading.Barrier(clients + 1)
+    done = threading.Event()
+    calls = []
+
+    def watch(i: int) -> None:
+        call = pb.events_pb2_grpc.EventServiceStub(chans[i]).WatchEvents(
+            ev.WatchEventsRequest(from_now=True, types=["vm.lifecycle"]), timeout=600)
+        calls.append(call)
+        call.initial_metadata()
+        ready.wait()
+        try:
+            for e in call:
+                now = time.time()
+                key = (e.resource_name, e.attributes.get("state", ""))
+                if key in want:
+                    got[i].add(key)
+                    lat[i].append((now - (e.time.seconds + e.time.nanos / 1e9)) * 1000)
+                if len(got[i]) == len(want):
+                    break
+        except grpc.RpcError:
+            pass
+
+    threads = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+        for n in running:
+            _ok(ch, stub.ResumeVm(v.VmActionRequest(vm=n), timeout=60))
+        for n in running:
+            _ok(ch, stub.PauseVm(v.VmActionRequest(vm=n), timeout=60))
+    deadline = time.monotonic() + 60
+    for t in threads:
+        t.join(max(0.1, deadline - time.monotonic()))
+    done.set()
+    for c in calls:
+        c.cancel()
+    for c in chans:
+        c.close()
+    flat = [x for xs in lat for x in xs]
+    lost = sum(len(want - g) for g in got)
+    return (percentile(flat, 99) if flat else float("nan")), lost, len(flat)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vms", type=int, default=1000)
+    ap.add_argument("--running", type=int, default=100)
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--clients", type=int, default=10, help="WatchEvents clients")
+    args = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="cna-scale-"))
+    base.chmod(0o711)
+    agent = Agent(base)
+    out: dict[str, object] = {"vms": args.vms, "running": args.running, "driver": "embedded"}
+    try:
+        agent.start()
+        names = [f"s{i:04d}" for i in range(args.vms)]
+        first = min(100, args.vms)
+        took = _define(agent.sock, names[:first], 8)
+        out["define_ms_per_vm_first"] = round(took * 1000 / first, 1)
+        at100 = agent.proc_facts()
+        if args.vms > first:
+            took = _define(agent.sock, names[first:], 8)
+            out["define_ms_per_vm_rest"] = round(took * 1000 / (args.vms - first), 1)
+        running = names[: args.running]
+        with grpc.insecure_channel(f"unix:{agent.sock}") as ch:
+            stub = pb.vm_pb2_grpc.VmServiceStub(ch)
+            t0 = time.perf_counter()
+            for n in running:
+                _ok(ch, stub.StartVm(v.VmActionRequest(vm=n), timeout=120))
+                _ok(ch, stub.PauseVm(v.VmActionRequest(vm=n), timeout=60))
+            out["start_pause_s"] = round(time.perf_counter() - t0, 1)
+            time.sleep(5)  # the start-up of the running VMs' side channels settles
+            listing = _listing(stub)
+            assert len(listing) == args.vms, len(listing)
+            lists = _timed(lambda: stub.ListVms(v.ListVmsRequest(), timeout=120), max(20, args.calls // 10))
+            picks = [random.choice(names) for _ in range(args.calls)]
+            gets = []
+            for n in picks:
+                t = time.perf_counter()
+                stub.GetVm(v.GetVmRequest(vm=n), timeout=30)
+                gets.append((time.perf_counter() - t) * 1000)
+        out.update({"list_p50_ms": round(statistics.median(lists), 1), "list_p99_ms": round(percentile(lists, 99), 1),
+                    "get_p50_ms": round(statistics.median(gets), 2), "get_p99_ms": round(percentile(gets, 99), 2)})
+        facts = agent.proc_facts()
+        out.update(facts)
+        out.update({"rss_mb_at_100": at100["rss_mb"], "threads_at_100": at100["threads"], "fds_at_100": at100["fds"]})
+        c0 = agent.cpu_s()
+        time.sleep(10)
+        out["idle_cpu_pct"] = round((agent.cpu_s() - c0) / 10 * 100, 1)
+        p99, lost, seen = _events(agent.sock, running, args.clients)
+        out.update({"event_p99_ms": round(p99, 1), "events_lost": lost, "events_seen": seen})
+
+        with grpc.insecure_channel(f"unix:{agent.sock}") as ch:
+            before = _listing(pb.vm_pb2_grpc.VmServiceStub(ch))
+        agent.kill()
+        t0 = time.perf_counter()
+        ready_s = agent.start()
+        with grpc.insecure_channel(f"unix:{agent.sock}") as ch:
+            after = _listing(pb.vm_pb2_grpc.VmServiceStub(ch))
+        out["adopt_ms"] = round((time.perf_counter() - t0) * 1000)
+        out["adopt_ready_ms"] = round(ready_s * 1000)
+        out["adopt_listing_matches"] = after == before
+        agent.stop()
+        out["raw_list_ms"] = round(_raw_list_ms(str(base / "state" / "libvirt"), 10), 1)
+    finally:
+        agent.stop()
+        subprocess.run(["pkill", "-9", "-f", str(base)], capture_output=True, timeout=30)  # the guests outlive the agent
+        if not os.environ.get("CNA_BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
+    print(f"{args.vms} VMs ({args.running} running, paused), embedded driver:")
+    for k, val in out.items():
+        print(f"  {k}: {val}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
