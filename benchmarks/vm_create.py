@@ -10,6 +10,9 @@ measures what that costs against the bare libvirt calls it wraps (target: ratio 
 * Tiny diskless guests (no OS: only the QEMU process start counts), TCG, interleaved
   agent/libvirt so machine noise hits both; medians. Clean-up is not timed.
 * list_100_ms: median ListVms latency with 100 defined (not running) VMs.
+* parallel_ratio: ``--parallel`` (20) CreateVm+Start at once from 5 clients, wall time, over
+  the same creates done on raw libvirt from 20 threads (issue target <= 1.15); medians of
+  ``--parallel-rounds`` interleaved rounds.
 
 Usage: python -m benchmarks.vm_create [--runs N]; the last line is one JSON object.
 """
@@ -25,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
+from concurrent.futures import ThreadPoolExecutor
 
 import cna_agent  # noqa: F401  (first: turns gRPC fork support off before grpc loads; libvirt forks QEMU here)
 import grpc
@@ -62,6 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--list-calls", type=int, default=10)
+    ap.add_argument("--parallel", type=int, default=20, help="creates at once for parallel_ratio")
+    ap.add_argument("--parallel-rounds", type=int, default=3)
     args = ap.parse_args()
     raw_root = tempfile.mkdtemp(prefix="cna-bench-raw-")
     os.chmod(raw_root, 0o755)  # like a libvirt-created root: QEMU (dropped privileges) must traverse it
@@ -98,12 +104,62 @@ def main() -> None:
                 dom.undefine()
                 return ms
 
+            def agent_parallel(rnd: int) -> float:
+                """``--parallel`` CreateVm+Start at once from 5 clients (channels); wall seconds."""
+                chans = [grpc.insecure_channel(f"unix:{sock}") for _ in range(5)]
+                names = [f"pa{rnd}-{i}" for i in range(args.parallel)]
+
+                def one(i: int) -> None:
+                    c = chans[i % 5]
+                    op = pb.vm_pb2_grpc.VmServiceStub(c).CreateVm(v.CreateVmRequest(spec=tiny_pb(names[i]), start=True),
+                                                                  timeout=300)
+                    if not op.done:
+                        for op in pb.operations_pb2_grpc.OperationsServiceStub(c).WatchOperation(
+                                pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=300):
+                            pass
+                    if op.HasField("error"):
+                        raise RuntimeError(f"agent create failed: {op.error.message}")
+
+                t = time.perf_counter()
+                with ThreadPoolExecutor(args.parallel) as pool:
+                    list(pool.map(one, range(args.parallel)))
+                took = time.perf_counter() - t
+                with ThreadPoolExecutor(5) as pool:
+                    list(pool.map(lambda n: stub.DeleteVm(v.DeleteVmRequest(vm=n, force=True), timeout=300), names))
+                for c in chans:
+                    c.close()
+                return took
+
+            def libvirt_parallel(rnd: int) -> float:
+                """The same on raw libvirt: defineXML + create from ``--parallel`` threads."""
+                xmls = [build_domain(tiny_spec(f"pl{rnd}-{i}"), Bindings(), ctx).to_xml() for i in range(args.parallel)]
+                doms = []
+
+                def one(xml: str) -> None:
+                    d = conn.defineXML(xml)
+                    d.create()
+                    doms.append(d)
+
+                t = time.perf_counter()
+                with ThreadPoolExecutor(args.parallel) as pool:
+                    list(pool.map(one, xmls))
+                took = time.perf_counter() - t
+                for d in doms:
+                    d.destroy()
+                    d.undefine()
+                return took
+
             for i in range(2):  # warm-up: QEMU binary and libvirt caches on both sides
                 agent_once(1000 + i)
                 libvirt_once(1000 + i)
             for i in range(args.runs):
                 agent_ms.append(agent_once(i))
                 libvirt_ms.append(libvirt_once(i))
+
+            par_agent, par_raw = [], []
+            for rnd in range(args.parallel_rounds):  # interleaved, like the single creates
+                par_agent.append(agent_parallel(rnd))
+                par_raw.append(libvirt_parallel(rnd))
 
             for i in range(100):
                 op = stub.CreateVm(v.CreateVmRequest(spec=tiny_pb(f"list{i:03d}")), timeout=60)
@@ -123,8 +179,12 @@ def main() -> None:
     a, l, lst = statistics.median(agent_ms), statistics.median(libvirt_ms), statistics.median(list_ms)
     print(f"create+start, {args.runs} interleaved runs: agent median {a:.1f} ms, raw libvirt median {l:.1f} ms -> ratio {a / l:.2f}")
     print(f"ListVms with 100 defined VMs: median {lst:.1f} ms over {args.list_calls} calls")
+    pa, pl = statistics.median(par_agent), statistics.median(par_raw)
+    print(f"{args.parallel} create+start at once ({args.parallel_rounds} rounds): agent {pa:.2f} s (5 clients), raw libvirt "
+          f"{pl:.2f} s ({args.parallel} threads) -> parallel_ratio {pa / pl:.2f}")
     print(json.dumps({"agent_ms": round(a, 1), "libvirt_ms": round(l, 1), "ratio": round(a / l, 3), "list_100_ms": round(lst, 1),
-                      "runs": args.runs}))
+                      "runs": args.runs, "parallel": args.parallel, "parallel_agent_s": round(pa, 2),
+                      "parallel_libvirt_s": round(pl, 2), "parallel_ratio": round(pa / pl, 3)}))
 
 
 if __name__ == "__main__":
