@@ -141,6 +141,10 @@ class ImageStore(Protocol):
         """The absolute path where a new file or directory may be made (the name policy of new
         files, nothing there yet: AlreadyExists); nothing is made."""
 
+    def staging_path(self, path: str) -> str:
+        """A hidden name beside ``path`` for a package being written: removed by storage's
+        start-up sweep if the agent dies before it is put in place."""
+
     async def probe(self, source: ImageSource, *, field: str) -> ImageFacts:
         """The image's format and size, refused (InvalidArgument) unless it is importable: a
         format qemu-img reads, self-contained (no backing file, external data file, or vmdk

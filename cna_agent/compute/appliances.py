@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -51,7 +50,6 @@ from cna_agent.state.journal import OperationError, OperationRecord
 
 log = logging.getLogger(__name__)
 
-TEMP_MARK = ".cna-tmp-"  # storage/paths.TEMP_MARK: swept at start-up
 MAX_NETWORK_MAP = 64
 #: Room kept free beyond the converted disks (qcow2 metadata, the file system's own).
 ROOM_MARGIN = 64 << 20
@@ -305,9 +303,7 @@ class VmAppliances:
         export_refusal(spec)
         dest = store.new_path(destination, field="destination")
         ova = destination.lower().endswith(".ova")
-        ds = destination.split("/", 1)[0]
-        root = os.path.dirname(dest)
-        staging = os.path.join(root, f".{os.path.basename(dest)}{TEMP_MARK}{secrets.token_hex(4)}")
+        staging = store.staging_path(dest)
         notes = export_notes(spec)
         for d in spec.disks:
             if d.volume.startswith("/"):
@@ -320,7 +316,7 @@ class VmAppliances:
                                          "change under the copy)", field="vm")
             await self.files.run(lambda: os.makedirs(staging, mode=0o750), timeout=30, what=f"making {staging}")
             try:
-                files = await self._write_package(op, spec, staging, ds)
+                files = await self._write_package(op, spec, staging)
                 await op.progress(95, "putting the package in place")
                 cancelling.commit(f"the package {destination} is being put in place")
                 names = await self.files.run(lambda: _place(staging, dest, ova, spec.name, files), timeout=6 * 3600.0,
@@ -341,7 +337,7 @@ class VmAppliances:
                                      lock_timeout=lock_timeout, wait=5.0, cancellable=True,
                                      metadata={"destination": destination})
 
-    async def _write_package(self, op: OperationContext, spec: Any, staging: str, datastore: str) -> list[str]:
+    async def _write_package(self, op: OperationContext, spec: Any, staging: str) -> list[str]:
         """The disks as streamOptimized vmdks (CD-ROM images as they are), then the descriptor and
         the manifest; the file names in package order (descriptor first)."""
         store = self._store()

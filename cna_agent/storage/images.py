@@ -22,6 +22,7 @@ from cna_agent.storage import paths, qemuimg
 from cna_agent.storage.executor import StorageExecutor
 from cna_agent.storage.model import DatastoreDecl
 from cna_agent.storage.monitor import DatastoreMonitor
+from cna_agent.storage.transfer import temp_name
 from cna_agent.storage.volumes import VolumeManager, check_size, check_volume_format, format_of
 
 
@@ -60,6 +61,11 @@ class ImageFiles:
         if os.path.lexists(ref.path):
             raise AlreadyExists(f"{field}: {file_id!r} already exists", field=field)
         return ref.path
+
+    def staging_path(self, path: str) -> str:
+        """A hidden name beside ``path`` (one new_path gave) for work in progress: the name
+        storage's start-up sweep removes (transfer.temp_name, paths.TEMP_MARK)."""
+        return temp_name(path)
 
     def _volume_ref(self, volume_id: str, field: str) -> paths.VolumeRef:
         ref = self._ref(volume_id, field, new=True)
