@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Build (and cache) a real Debian 12 guest: systemd, qemu-guest-agent and cloud-init.
+
+Why: the busybox test guest (build-test-guest.py) boots in seconds but has no init system, no
+guest agent and no first-boot customization, so nothing a real OS does (systemd's ACPI shutdown,
+qemu-guest-agent's guest info and fsfreeze, cloud-init's NoCloud seed) can be observed with it.
+This image is what those tests boot; the busybox guest stays for the fast tests.
+
+How, without loop devices or mounts of the image: ``mmdebstrap`` installs the packages into a
+directory with the host's own apt sources (so the same registry is used), the few files that make
+it a test guest are written into that directory from Python, and ``mkfs.ext4 -d`` turns the
+directory into a filesystem image (whole disk, label ``cna-root``, no partition table), which is
+converted to qcow2. The distribution's cloud kernel and initramfs are copied out of the tree for
+direct kernel boot (``root=LABEL=cna-root``); a guest that must boot from its disk (Secure Boot)
+needs a partitioned image, which this builder does not make yet.
+
+Usage::
+
+    tools/build-debian-guest.py [--arch x86_64] [--out DIR] [--refresh] [--print-json]
+
+Output (default ``<repo>/.cache/guests/debian-<arch>/``, or ``$CNA_GUEST_CACHE/debian-<arch>/``):
+``disk.qcow2``, ``vmlinuz``, ``initrd.img``, ``manifest.json``. Cached by content: rebuilt only
+when a file is missing or the recipe changed (this script, the package list, the host's apt
+sources, the arch); ``--refresh`` rebuilds anyway (newer package versions in the mirror).
+
+What the guest does (the test protocol; console ttyS0):
+
+* Boots systemd to multi-user; ``cna-guest-marker.service`` then prints
+  ``CNA-GUEST-READY boot=<n> os=debian`` on the console (``n`` counts boots, kept on the disk),
+  and ``CNA-GUEST-SYSTEMD-STOP`` when systemd stops it on the way down (shutdown or reboot through
+  systemd, not a power cut).
+* A ``login:`` prompt on ttyS0; user ``root``, password ``ROOT_PASSWORD`` below (a test image:
+  the password is published here on purpose). root's shell prompt is ``cna# `` so the tests'
+  console helpers (tests/support/console.py) run commands as on the busybox guest.
+* qemu-guest-agent is started by udev when the ``org.qemu.guest_agent.0`` virtio port appears.
+* cloud-init looks only for a NoCloud seed (a drive labelled ``cidata``); without one it stays
+  disabled, so a plain boot does not pay for it.
+* No network configuration of its own: a NIC is configured by a NoCloud seed or by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+_TOOLS_DIR = str(Path(__file__).resolve().parent)
+if _TOOLS_DIR not in sys.path:
+    sys.path.insert(0, _TOOLS_DIR)
+
+from guest_build_util import run, sha256_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
+CONSOLES = {"x86_64": "ttyS0", "aarch64": "ttyAMA0"}
+KERNEL_PACKAGES = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64"}
+SUITE = "bookworm"
+#: The packages on top of mmdebstrap's minbase variant (Depends only, no Recommends).
+PACKAGES = [
+    "systemd-sysv", "udev", "dbus", "qemu-guest-agent", "cloud-init", "ifupdown", "isc-dhcp-client",
+    "iproute2", "e2fsprogs", "util-linux", "procps", "kmod",
+]
+ROOT_PASSWORD = "cna-guest"
+#: Fixed salt: the same recipe gives the same /etc/shadow (and the same cache key) every time.
+_PASSWORD_SALT = "cnaguestsalt0001"
+HOSTNAME = "cna-debian"
+LABEL = "cna-root"
+MARKER = "CNA-GUEST-READY"
+DISK_SIZE = "3G"
+HOST_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+#: Documentation, man pages and translations are left out of the image (dpkg path excludes): a
+#: smaller tree makes mkfs and every copy of the image faster, and no test reads them.
+_DPKG_EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
+                  "/usr/share/lintian/*"]
+_DPKG_KEEP = ["/usr/share/doc/*/copyright"]
+#: Units that only cost boot time on a test guest (timers that start apt, fs checks).
+_MASKED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_reap.service", "e2scrub_all.timer",
+                 "fstrim.timer", "man-db.timer", "systemd-timesyncd.service"]
+
+MARKER_SCRIPT = r"""#!/bin/sh
+# cna-agent Debian test guest: boot marker (tools/build-debian-guest.py; protocol in its docstring)
+con=/dev/console
+case "$1" in
+  start)
+    n=$(cat /var/lib/cna-guest/boot-count 2>/dev/null || echo 0)
+    n=$((n + 1))
+    mkdir -p /var/lib/cna-guest && echo "$n" > /var/lib/cna-guest/boot-count && sync
+    printf '\n@MARKER@ boot=%s os=debian\n' "$n" > $con ;;
+  stop)
+    printf '\nCNA-GUEST-SYSTEMD-STOP\n' > $con ;;
+esac
+"""
+
+MARKER_UNIT = """[Unit]
+Description=cna-agent test guest boot marker
+After=multi-user.target qemu-guest-agent.service cloud-final.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/cna-guest-marker start
+ExecStop=/usr/local/sbin/cna-guest-marker stop
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+CLOUD_CFG = """# cna-agent test guest: look only for a NoCloud seed (a drive labelled cidata). Without one,
+# ds-identify disables cloud-init for the boot instead of running every module with no data.
+datasource_list: [ NoCloud ]
+"""
+
+
+def recipe_key(arch: str) -> str:
+    """What the cached image depends on: this builder, the package list, the host's apt sources."""
+    h = hashlib.sha256()
+    h.update(Path(__file__).read_bytes())
+    h.update(json.dumps([arch, SUITE, PACKAGES, KERNEL_PACKAGES[arch]]).encode())
+    if HOST_SOURCES.is_file():
+        h.update(HOST_SOURCES.read_bytes())
+    return h.hexdigest()
+
+
+def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
+    p = root / rel.lstrip("/")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    p.chmod(mode)
+
+
+def _symlink(root: Path, rel: str, target: str) -> None:
+    p = root / rel.lstrip("/")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.is_symlink() or p.exists():
+        p.unlink()
+    p.symlink_to(target)
+
+
+def _set_root_password(root: Path) -> None:
+    """Root's password hash in the tree's /etc/shadow (SHA-512 crypt through openssl)."""
+    hashed = run(["openssl", "passwd", "-6", "-salt", _PASSWORD_SALT, ROOT_PASSWORD], timeout=30).strip()
+    shadow = root / "etc" / "shadow"
+    lines = shadow.read_text().splitlines()
+    out = [f"root:{hashed}:" + ":".join(line.split(":")[2:]) if line.startswith("root:") else line for line in lines]
+    shadow.write_text("\n".join(out) + "\n")
+
+
+def customize(root: Path, arch: str) -> None:
+    """The files that make the installed tree a test guest (the docstring's protocol)."""
+    console = CONSOLES[arch]
+    _write(root, "/etc/hostname", HOSTNAME + "\n")
+    _write(root, "/etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n::1 localhost ip6-localhost\n")
+    _write(root, "/etc/fstab", f"LABEL={LABEL} / ext4 rw,errors=remount-ro 0 1\n")
+    _set_root_password(root)
+    _write(root, "/root/.profile", "PS1='cna# '\nexport PS1\nstty cols 200 2>/dev/null\n")
+    _write(root, "/root/.bashrc", "PS1='cna# '\n")
+    _write(root, "/usr/local/sbin/cna-guest-marker", MARKER_SCRIPT.replace("@MARKER@", MARKER), 0o755)
+    _write(root, "/etc/systemd/system/cna-guest-marker.service", MARKER_UNIT)
+    _symlink(root, "/etc/systemd/system/multi-user.target.wants/cna-guest-marker.service",
+             "/etc/systemd/system/cna-guest-marker.service")
+    for unit in _MASKED_UNITS:
+        _symlink(root, f"/etc/systemd/system/{unit}", "/dev/null")
+    # The serial getty is started by systemd's getty generator from console=; say so explicitly
+    # as well, so a kernel command line without console= still gets the login prompt.
+    _symlink(root, f"/etc/systemd/system/getty.target.wants/serial-getty@{console}.service",
+             "/lib/systemd/system/serial-getty@.service")
+    _write(root, "/etc/cloud/cloud.cfg.d/90-cna-datasource.cfg", CLOUD_CFG)
+    # A short default stop timeout: a test guest that hangs on the way down should say so quickly.
+    _write(root, "/etc/systemd/system.conf.d/cna.conf", "[Manager]\nDefaultTimeoutStopSec=15s\n")
+    (root / "etc" / "machine-id").write_text("")  # systemd makes one on first boot (a unique id per VM)
+
+
+def _boot_files(root: Path) -> tuple[Path, Path, str]:
+    boot = root / "boot"
+    kernels = sorted(boot.glob("vmlinuz-*"))
+    if not kernels:
+        raise RuntimeError(f"no kernel in {boot}: is {KERNEL_PACKAGES} in the package list?")
+    kernel = kernels[-1]
+    version = kernel.name[len("vmlinuz-"):]
+    initrd = boot / f"initrd.img-{version}"
+    if not initrd.is_file():
+        raise RuntimeError(f"no initramfs {initrd} for kernel {version}")
+    return kernel, initrd, version
+
+
+def build(arch: str, out: Path, *, refresh: bool = False) -> dict:
+    """Build the image into out/ unless a valid cached build is there; return the manifest."""
+    if arch not in ARCHES:
+        raise SystemExit(f"unknown arch {arch!r}; one of {sorted(ARCHES)}")
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)  # parallel test processes build once
+        key = recipe_key(arch)
+        manifest_path = out / "manifest.json"
+        if manifest_path.is_file() and not refresh:
+            m = json.loads(manifest_path.read_text())
+            if m.get("recipe") == key and all(Path(m[k]).is_file() for k in ("disk", "kernel", "initrd")):
+                return m
+        return _build(arch, out, key)
+
+
+def _build(arch: str, out: Path, key: str) -> dict:
+    if shutil.which("mmdebstrap") is None:
+        raise RuntimeError("mmdebstrap is not installed (tools/setup.sh installs it)")
+    work = Path(tempfile.mkdtemp(prefix="debian-guest.", dir=out))
+    try:
+        root = work / "root"
+        args = ["mmdebstrap", "--mode=root", "--variant=minbase", f"--architectures={ARCHES[arch]}",
+                "--include=" + ",".join([*PACKAGES, KERNEL_PACKAGES[arch]]),
+                "--aptopt=Acquire::Retries \"3\"", "--aptopt=Acquire::Languages \"none\"",
+                *[f"--dpkgopt=path-exclude={p}" for p in _DPKG_EXCLUDES],
+                *[f"--dpkgopt=path-include={p}" for p in _DPKG_KEEP],
+                SUITE, str(root)]
+        if HOST_SOURCES.is_file():
+            args.append(str(HOST_SOURCES))
+        run(args, timeout=1200)
+        customize(root, arch)
+        kernel, initrd, version = _boot_files(root)
+        for src, name in ((kernel, "vmlinuz"), (initrd, "initrd.img")):
+            shutil.copyfile(src, work / name)
+            (work / name).chmod(0o644)
+        raw = work / "disk.raw"
+        run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-d", str(root), str(raw), DISK_SIZE], timeout=600)
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2")], timeout=600)
+        packages = run(["chroot", str(root), "dpkg-query", "-W", "-f=${Package}=${Version}\\n",
+                        "systemd", "qemu-guest-agent", "cloud-init", KERNEL_PACKAGES[arch]], timeout=60).split()
+        for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
+            os.replace(work / name, out / name)
+        manifest = {
+            "arch": arch, "os": "debian", "suite": SUITE, "kernel_version": version, "packages": packages,
+            "disk": str(out / "disk.qcow2"), "disk_format": "qcow2", "kernel": str(out / "vmlinuz"),
+            "initrd": str(out / "initrd.img"), "console": CONSOLES[arch], "marker": MARKER,
+            "cmdline": f"root=LABEL={LABEL} rw console={CONSOLES[arch]} panic=-1",
+            "hostname": HOSTNAME, "root_password": ROOT_PASSWORD, "recipe": key,
+            "disk_sha256": sha256_file(out / "disk.qcow2"),
+        }
+        tmp = out / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, out / "manifest.json")
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def default_out(arch: str) -> Path:
+    base = os.environ.get("CNA_GUEST_CACHE")
+    return (Path(base) if base else REPO / ".cache" / "guests") / f"debian-{arch}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="x86_64", choices=sorted(ARCHES))
+    ap.add_argument("--out", type=Path, help="output dir (default .cache/guests/debian-<arch>)")
+    ap.add_argument("--refresh", action="store_true", help="rebuild even when the cached image matches the recipe")
+    ap.add_argument("--print-json", action="store_true", help="print the manifest as JSON on stdout")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("build-debian-guest.py: run as root (mmdebstrap's root mode)", file=sys.stderr)
+        return 1
+    m = build(a.arch, a.out or default_out(a.arch), refresh=a.refresh)
+    print(json.dumps(m) if a.print_json else f"debian guest ({a.arch}): {m['disk']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
