@@ -334,21 +334,23 @@ class Hypervisor:
     # -- calls ------------------------------------------------------------------------------
 
     async def call(self, fn: Callable[[libvirt.virConnect], T], *, timeout: float | None = None, what: str = "",
-                   outlast: float = 0.0) -> T:
+                   outlast: float = 0.0, pool: BlockingPool | None = None) -> T:
         """Run ``fn(conn)`` in the libvirt pool with a deadline (default ``call_timeout_s``).
 
         UNAVAILABLE while disconnected (the caller should retry), DEADLINE_EXCEEDED naming
         ``what`` when the call does not return in time (the thread stays busy until libvirt
         returns and counts as stuck; the pool is bounded so a wedged daemon cannot make the
         agent spawn threads without end). ``outlast``: see BlockingPool.run (a change that
-        may complete late is waited for, not reported failed at its deadline).
+        may complete late is waited for, not reported failed at its deadline). ``pool``: run
+        in another bounded pool on the same connection (calls that wait on something slow
+        outside libvirt, such as a guest agent, so they cannot take every libvirt thread).
         """
         conn = self._conn
         if conn is None or not self._connected.is_set():
             raise Unavailable(f"libvirt ({self.uri}) is not connected; the agent is reconnecting")
         what = what or _describe(fn)
         try:
-            return await self.pool.run(lambda: fn(conn), timeout=timeout or None, what=what, outlast=outlast)
+            return await (pool or self.pool).run(lambda: fn(conn), timeout=timeout or None, what=what, outlast=outlast)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INTERNAL_ERROR) and not await self._still_alive():
                 self._mark_lost(str(exc))

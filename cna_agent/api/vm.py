@@ -6,7 +6,8 @@ from typing import Any
 
 from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
-from cna_agent.api.vm_convert import STATE_NAMES, console_to_pb, migration_policy_from_pb, snapshot_to_pb, spec_from_pb, vm_to_pb
+from cna_agent.api.vm_convert import (STATE_NAMES, console_to_pb, guest_info_to_pb, migration_policy_from_pb, snapshot_to_pb,
+                                     spec_from_pb, vm_to_pb)
 from cna_agent.api.convert import request_fingerprint as fingerprint
 from cna_agent.compute.service import Compute
 from cna_agent.errors import FailedPrecondition, InvalidArgument
@@ -120,6 +121,11 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
             dirty_rate_mib_s=d.dirty_rate_mib_s, panic_info=d.panic_info, side_channel_socket=d.socket,
             qemu_version=d.qemu_version,
             vcpu_threads=[pb.vm_pb2.VcpuThread(cpu_index=i, thread_id=t, qom_path=q) for i, t, q in d.vcpu_threads])
+
+    async def GetGuestInfo(self, request, context):
+        if self._c.guest_agents is None:
+            raise FailedPrecondition("this agent reads no guest agents")
+        return guest_info_to_pb(await self._c.guest_agents.info(request.vm, max_age_s=request.max_age_s))
 
     async def SerialConsole(self, request_iterator, context):
         """First input names the VM (and ``force``); then guest output streams out and input

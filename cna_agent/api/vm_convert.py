@@ -139,6 +139,29 @@ def console_to_pb(ci: ConsoleInfo | None) -> Any:
     return out
 
 
+#: compute.guest_agent's tools statuses -> cna.v1.ToolsStatus.
+TOOLS_STATUS = {"no_channel": v.TOOLS_STATUS_NO_CHANNEL, "not_installed": v.TOOLS_STATUS_NOT_INSTALLED,
+                "not_running": v.TOOLS_STATUS_NOT_RUNNING, "running": v.TOOLS_STATUS_RUNNING,
+                "vm_not_running": v.TOOLS_STATUS_VM_NOT_RUNNING}
+
+
+def guest_info_to_pb(info: Any) -> Any:
+    """compute.guest_agent.GuestInfo -> cna.v1.GuestInfo."""
+    out = v.GuestInfo(
+        tools_status=TOOLS_STATUS.get(info.tools_status, v.TOOLS_STATUS_UNSPECIFIED), tools_version=info.tools_version,
+        os_id=info.os_id, os_name=info.os_name, os_version=info.os_version, os_pretty_name=info.os_pretty_name,
+        kernel_release=info.kernel_release, kernel_version=info.kernel_version, machine=info.machine,
+        hostname=info.hostname, timezone=info.timezone, users=list(info.users), stale=info.stale, error=info.error,
+        interfaces=[v.GuestInterface(name=i.name, mac=i.mac, nic_index=i.nic_index,
+                                     addresses=[v.GuestAddress(type=a.type, address=a.address, prefix=a.prefix)
+                                                for a in i.addresses]) for i in info.interfaces],
+        filesystems=[v.GuestFilesystem(mountpoint=f.mountpoint, name=f.name, fstype=f.fstype, total_bytes=f.total_bytes,
+                                       used_bytes=f.used_bytes, disks=list(f.disks)) for f in info.filesystems])
+    if info.read_at is not None:
+        out.read_time.CopyFrom(timestamp(info.read_at))
+    return out
+
+
 def vm_to_pb(info: VmInfo) -> Any:
     vm = v.Vm(uuid=info.uuid, name=info.name, managed=info.managed)
     if info.spec is not None:
@@ -154,6 +177,9 @@ def vm_to_pb(info: VmInfo) -> Any:
         vm.status.recycle_expire_time.CopyFrom(timestamp(info.recycle_expires))
     if info.console is not None:
         vm.status.console.CopyFrom(console_to_pb(info.console))
+    if info.tools_status:
+        vm.status.tools_status = TOOLS_STATUS.get(info.tools_status, v.TOOLS_STATUS_UNSPECIFIED)
+        vm.status.tools_version = info.tools_version
     if info.hibernated is not None:
         vm.status.hibernation.datastore = info.hibernated.datastore
         vm.status.hibernation.saved_time.CopyFrom(timestamp(info.hibernated.saved_at))

@@ -1,4 +1,4 @@
-"""cna-ctl vm list|show|define|start|stop|reboot|pause|resume|delete (console, snapshot, migrate: own modules).
+"""cna-ctl vm list|show|define|start|stop|reboot|pause|resume|delete (console, snapshot, migrate, guest-info: own modules).
 
 ``define`` reads a VmSpec from a YAML or JSON file. Field names are the proto's
 (``memory_mib``, ``os_family``...); enum values may be the proto names (``OS_FAMILY_WINDOWS``)
@@ -120,6 +120,10 @@ def cmd_show(client: Client, args: argparse.Namespace) -> str:
              ("Disks", ", ".join(d.volume or d.lun.lun_id for d in s.disks) or "-"),
              ("NICs", ", ".join(f"{n.port_group} {n.mac}" for n in s.nics) or "-"),
              ("QEMU pid", st.qemu_pid or "-"), ("Operation", st.active_operation_id or "-")]
+    if st.tools_status:
+        from cna_agent.cli.vm_guest import tools_text
+
+        pairs.append(("Tools", tools_text(st.tools_status, st.tools_version)))
     if st.HasField("console") and st.console.port:
         pairs.append(("Console", f"{v.ConsoleType.Name(st.console.type).removeprefix('CONSOLE_TYPE_').lower()} {st.console.host}:{st.console.port}"))
     return keyvalues(pairs)
@@ -246,3 +250,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     register_backup(vms, common)
 
     register_hibernate(vms, common)
+    from cna_agent.cli.vm_guest import register_guest
+
+    register_guest(vms, common)

@@ -255,6 +255,8 @@ class Disk(XmlObject):
     readonly = Prop("readonly", "flag")
     shareable = Prop("shareable", "flag")
     serial = Prop("serial")
+    #: libvirt's device alias in a live domain (virtio-disk0): how the guest agent names disks.
+    alias = Prop("alias/@name")
 
 
 class Controller(XmlObject):
@@ -325,6 +327,8 @@ class Channel(XmlObject):
     source_path = Prop("source/@path")
     target_type = Prop("target/@type")
     target_name = Prop("target/@name")
+    #: A running domain's virtio channel: "connected" while a guest program holds the port.
+    target_state = Prop("target/@state")
 
 
 class Input(XmlObject):

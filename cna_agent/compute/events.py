@@ -1,5 +1,5 @@
 """libvirt domain events -> agent events (vm.lifecycle, vm.reboot, vm.watchdog, vm.io_error,
-vm.panic, vm.device_removed), plus wake-ups for operations waiting on a state change.
+vm.panic, vm.device_removed, vm.guest_agent), plus wake-ups for operations waiting on a state change.
 
 Callbacks run on libvirt's event thread; they copy the few facts they need (uuid, name,
 event ids) and hand them to asyncio with ``call_soon_threadsafe``. One consumer task then
@@ -53,6 +53,8 @@ class DomainEventMonitor:
         self._on_definition_change = on_definition_change
         #: Called with the VM's uuid after each vm.io_error (its reconcile runs at once).
         self.on_io_error: Callable[[str], None] | None = None
+        #: Called with (uuid, connected) when a guest agent connects to or leaves its channel.
+        self.on_agent: Callable[[str, bool], None] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -101,6 +103,7 @@ class DomainEventMonitor:
             (libvirt.VIR_DOMAIN_EVENT_ID_WATCHDOG, self._cb_watchdog),
             (libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._cb_io_error),
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._cb_device_removed),
+            (libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._cb_agent),
         ]
         for event_id, cb in reg:
             self._callback_ids.append(conn.domainEventRegisterAny(None, event_id, cb, None))
@@ -124,6 +127,9 @@ class DomainEventMonitor:
 
     def _cb_device_removed(self, _conn: Any, dom: libvirt.virDomain, alias: str, _opaque: Any) -> None:
         self._put(_Raw("device_removed", dom.UUIDString(), dom.name(), (alias,)))
+
+    def _cb_agent(self, _conn: Any, dom: libvirt.virDomain, state: int, reason: int, _opaque: Any) -> None:
+        self._put(_Raw("agent", dom.UUIDString(), dom.name(), (state, reason)))
 
     # -- consumer (asyncio) -------------------------------------------------------------------
 
@@ -199,6 +205,16 @@ class DomainEventMonitor:
             self.changed_event(raw.uuid).set()
             if self.on_io_error is not None:
                 self.on_io_error(raw.uuid)
+        elif raw.kind == "agent":
+            state, reason = raw.args
+            connected = state == libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED
+            why = {libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_REASON_CHANNEL: "channel",
+                   libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_REASON_DOMAIN_STARTED: "domain_started"}.get(reason, "unknown")
+            word = "connected" if connected else "disconnected"
+            await self._events.publish("vm.guest_agent", message=f"{raw.name}: guest agent {word}",
+                                       attributes={"state": word, "reason": why}, **common)
+            if self.on_agent is not None:
+                self.on_agent(raw.uuid, connected)
         elif raw.kind == "device_removed":
             (alias,) = raw.args
             await self._events.publish("vm.device_removed", message=f"{raw.name}: device {alias} removed",

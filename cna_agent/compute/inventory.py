@@ -68,6 +68,9 @@ class VmInfo:
     recycle_expires: float | None = None
     #: Hibernated (state HIBERNATED): where its saved state is, and since when.
     hibernated: HibernateMark | None = None
+    #: The guest agent as seen from the host (guest_agent.py's statuses) and its version; GetVm only.
+    tools_status: str = ""
+    tools_version: str = ""
 
 
 @dataclass
@@ -118,6 +121,9 @@ class VmInventory:
         #: a VM just moved to the recycle bin listed again by a listing that raced the move).
         self._epoch = 0
         self._state_times: dict[str, float] = {}
+        #: (uuid, spec, live domain) -> (tools status, version): set by the wiring to the guest
+        #: agent part's answer, which needs no call of its own (GetVm has the live XML already).
+        self.tools_view: Callable[[str, VmSpec | None, dx.Domain | None], tuple[str, str]] | None = None
         #: Each domain's MACs (live and persistent definitions) as last read, with when; dropped
         #: with its definition (forget, remember, vanished) and re-read after MAC_TTL_S, so a
         #: NIC hot-plugged behind the agent's back is seen within that time.
@@ -256,9 +262,12 @@ class VmInventory:
                     host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations else (),
                     recycle_expires=cached.recycled.expires_at if cached.recycled else None,
                     hibernated=cached.hibernated if state == st.HIBERNATED else None)
-        if live_xml:
-            vm.console = self._console_from_xml(live_xml, cached.spec)
+        live = dx.Domain.from_xml(live_xml) if live_xml else None
+        if live is not None:
+            vm.console = self._console_from(live)
             vm.qemu_pid = self._qemu_pid(name)
+        if self.tools_view is not None and cached.managed:
+            vm.tools_status, vm.tools_version = self.tools_view(uuid, cached.spec, live)
         holder = self.locks.holder(vm_lock(uuid))
         vm.active_operation_id = holder.id if holder else ""
         return vm
@@ -310,8 +319,7 @@ class VmInventory:
         vms.sort(key=lambda v: v.name)
         return vms
 
-    def _console_from_xml(self, xml: str, spec: VmSpec | None) -> ConsoleInfo:
-        dom = dx.Domain.from_xml(xml)
+    def _console_from(self, dom: dx.Domain) -> ConsoleInfo:
         for g in (dom.devices.graphics if dom.devices else []):
             if g.type in ("vnc", "spice"):
                 host = g.listen or (g.listens[0].address if g.listens else "") or self.console_listen

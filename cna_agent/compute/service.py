@@ -29,6 +29,7 @@ from cna_agent.compute.console_tickets import ConsoleTickets
 from cna_agent.compute.disk_move import DiskMoves
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
+from cna_agent.compute.guest_agent import GuestAgents
 from cna_agent.compute.hibernate import VmHibernation
 from cna_agent.compute.hibernate_handoff import HibernationHandoff
 from cna_agent.compute.inventory import VmInfo, VmInventory
@@ -101,6 +102,8 @@ class Compute:
     disk_moves: DiskMoves | None = None
     #: OVF/OVA import and export (appliances.py).
     appliances: VmAppliances | None = None
+    #: Guest info and tools status from qemu-guest-agent (guest_agent.py).
+    guest_agents: GuestAgents | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""

@@ -106,6 +106,11 @@ def _disks(domain: dx.Domain) -> list[tuple[str, str, str, bool]]:
     return out
 
 
+#: libvirt's errors for a guest agent that is not connected, not answering, or timed out.
+_AGENT_ERRORS = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, getattr(libvirt, "VIR_ERR_AGENT_COMMAND_TIMEOUT", -1),
+                 getattr(libvirt, "VIR_ERR_AGENT_UNSYNCED", -1)}
+
+
 def _has_guest_agent(domain: dx.Domain) -> bool:
     return any(c.target_name == "org.qemu.guest_agent.0" for c in (domain.devices.channels if domain.devices else []))
 
@@ -185,6 +190,13 @@ def create(dom: libvirt.virDomain, name: str, description: str, quiesce: bool, m
     try:
         snap = dom.snapshotCreateXML(doc.to_xml(pretty=False), flags)
     except libvirt.libvirtError as exc:
+        if quiesce and exc.get_error_code() in _AGENT_ERRORS:
+            # libvirt freezes through the guest agent before it snapshots, and thaws what it froze
+            # before it returns; when the agent does not answer, nothing was frozen or taken.
+            raise FailedPrecondition(f"quiesce: the guest agent of vm {domain.name!r} does not answer (is "
+                                     f"qemu-guest-agent running in the guest?), so its filesystems could not be "
+                                     f"frozen; no snapshot was taken and the VM runs on ({exc.get_error_message()})",
+                                     field="quiesce") from None
         raise FailedPrecondition(f"libvirt could not take the snapshot: {exc}") from None
     return _info(snap)
 

@@ -144,6 +144,9 @@ class ComputeConfig:
     #: Seconds between checks of this host's hibernated VMs for a resume on another host (whose
     #: definition here is then removed); also checked at start-up.
     hibernation_check_interval_s: float = 30.0
+    #: A VM's guest agent is read (GetGuestInfo, and once after it connects) at most once in
+    #: this many seconds; a caller asking more often gets the last read (compute/guest_agent.py).
+    guest_info_min_interval_s: float = 10.0
     #: Empty PCIe root ports every q35/aarch64 VM keeps for hot-plugging disks and NICs, unless
     #: its spec sets hotplug_slots (0-32). Each costs QEMU one device and a PCI bus number.
     hotplug_slots: int = 4

@@ -180,6 +180,8 @@ async def build_agent(config: AgentConfig) -> Agent:
         pools.append(compute.hibernation.files)
     if compute.appliances is not None:
         pools.append(compute.appliances.files)
+    if compute.guest_agents is not None:
+        pools.append(compute.guest_agents.pool)
     telemetry = build_telemetry(config, hypervisor, host, store, events, pools)
     for each in pools:  # a fixed thread count from here on (see BlockingPool.prestart)
         await asyncio.to_thread(each.prestart)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
+from cna_agent.compute.guest_agent import READ_DEADLINE_S, GuestAgents
 from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.io_resume import IoErrorResumer
 from cna_agent.compute.ledger import VmStateLedger
@@ -142,8 +143,14 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     sidechannels = SideChannels(events, inventory.qmp_socket)
     follow = state_follower(inventory, sidechannels)
 
+    guest_agents = GuestAgents(hypervisor, inventory, pool=BlockingPool("guest-agent", 4, READ_DEADLINE_S + 5,
+                                                                        hint="guest agent not answering?"),
+                               min_interval_s=config.compute.guest_info_min_interval_s)
+    inventory.tools_view = guest_agents.tools_status
+
     def on_change(uuid: str, state: str, reason: str, when: float) -> None:
         follow(uuid, state, reason, when)
+        guest_agents.vm_state_changed(uuid, state)
         reconciler.enqueue(uuid)  # bound below: events arrive only once compute has started
 
     async def managed(uuid: str) -> bool:
@@ -170,6 +177,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     # Always in the reconcile: a VM's own storage_errors policy applies whatever the host's default.
     reconciler = VmReconciler(inventory, [*checks, resumer, handoff])
     monitor.on_io_error = reconciler.enqueue
+    monitor.on_agent = guest_agents.agent_changed
     incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                   migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
                                   ttl_s=config.migration.prepare_ttl_s, store=store, admission=admission,
@@ -196,6 +204,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                                                                          transfer, host_uuid=host_uuid)),
         incoming=incoming,
         ledger=ledger,
+        guest_agents=guest_agents,
         cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
                                    ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending()),
                                    admission=admission),

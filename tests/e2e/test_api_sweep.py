@@ -239,6 +239,7 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "VmService/RevertSnapshot": vm.SnapshotActionRequest(vm="sweep-vm", snapshot="base-snap"),
         "VmService/DeleteSnapshot": vm.SnapshotActionRequest(vm="sweep-vm", snapshot="base-snap"),
         "VmService/GetVmDiagnostics": vm.GetVmDiagnosticsRequest(vm="sweep-vm"),
+        "VmService/GetGuestInfo": vm.GetGuestInfoRequest(vm="sweep-vm"),  # stopped: refused
         "VmService/MigrateVm": vm.MigrateVmRequest(vm="sweep-vm", destination="127.0.0.1:9",
                                                    policy=vm.MigrationPolicy(max_downtime_ms=500, completion_action="abort")),
         "MigrationService/PrepareIncoming": mig.PrepareIncomingRequest(

@@ -38,6 +38,20 @@ def build_guest(arch: str = "x86_64", *, boot_disk: bool = False) -> dict:
     return _BUILT[key]
 
 
+def build_debian_guest(arch: str = "x86_64") -> dict:
+    """tools/build-debian-guest.py's manifest (disk, kernel, initrd, cmdline, root_password, ...):
+    the real Debian guest, built the first time (run-tests.sh starts that build in the
+    background; this waits for it through the builder's lock), from its cache afterwards."""
+    key = (f"debian-{arch}", False)
+    if key not in _BUILT:
+        p = subprocess.run([sys.executable, str(TOOLS / "build-debian-guest.py"), "--arch", arch, "--print-json"],
+                           capture_output=True, text=True, timeout=1500)
+        if p.returncode != 0:
+            pytest.fail(f"build-debian-guest.py --arch {arch} failed: {p.stderr[-2000:]}")
+        _BUILT[key] = json.loads(p.stdout)
+    return _BUILT[key]
+
+
 def guest_spec(arch: str, name: str, **kw) -> pb.vm_pb2.VmSpec:
     """A VmSpec (protobuf) that direct-boots the test guest of ``arch`` with a serial console and
     VNC (password ``pw123``); ``kw`` sets or replaces further fields."""

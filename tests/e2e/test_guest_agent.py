@@ -1,0 +1,208 @@
+"""The real Debian guest (tools/build-debian-guest.py: systemd, qemu-guest-agent, cloud-init)
+through the real agent: guest info and tools status from qemu-guest-agent, a guest agent that
+hangs or is stopped, quiesced snapshots, and systemd's ACPI shutdown.
+
+One boot serves every check (a Debian boot under TCG is about 30 s). What the agent reports is
+held against what the guest itself says on its serial console (``uname -r``, ``hostname``,
+``qemu-ga --version``, qemu-ga's own journal lines for fsfreeze and thaw) and against the
+hypervisor (the live domain's channel state, the snapshot's overlay file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from cna_agent.api import pb
+
+from support.agent import AgentProcess, start_agent
+from support.console import AgentConsole, SerialLog
+from support.guests import build_debian_guest
+from support.operations import ok, wait
+from support.waiting import wait_for
+
+vm, st, ev, ops_pb = pb.vm_pb2, pb.storage_pb2, pb.events_pb2, pb.operations_pb2
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")]
+
+MAC = "52:54:00:6a:11:01"
+GUEST_IP = "192.0.2.61"
+
+
+@pytest.fixture
+def debian_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, Path, dict, str]]:
+    """An agent with a dir datastore holding a copy of the Debian image as a template, a Linux
+    bridge port group for the guest's NIC, and a short guest-info interval (2 s)."""
+    guest = build_debian_guest("x86_64")
+    base = Path(tempfile.mkdtemp(prefix="ga", dir="/tmp"))
+    ds = base / "ds"
+    (ds / "tpl").mkdir(parents=True)
+    shutil.copyfile(guest["disk"], ds / "tpl" / "debian.qcow2")
+    bridge = f"gab{base.name[-5:].lower()}"
+    extra = (f'[compute]\nimage_dirs = "{Path(guest["kernel"]).parent}"\nguest_info_min_interval_s = 2\n'
+             f'[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n'
+             f'[network]\nreconcile_interval_s = 0\n[network.bridges.{bridge}]\ntype = "linux"\n'
+             f'[network.port_groups.gapg]\nbridge = "{bridge}"\n')
+    agent = None
+    try:
+        agent = start_agent(base / "a", libvirt_caps_cache, tcp=False, extra_config=extra)
+        # the network subsystem makes the bridge just after the agent is ready
+        wait_for(lambda: Path(f"/sys/class/net/{bridge}").exists(), 60, f"bridge {bridge}")
+        yield agent, ds, guest, "gapg"
+    finally:
+        if agent is not None:
+            try:
+                with agent.channel() as ch:
+                    vms = pb.vm_pb2_grpc.VmServiceStub(ch)
+                    for v in vms.ListVms(vm.ListVmsRequest(status_only=True), timeout=30).vms:
+                        wait(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=v.uuid, force=True), timeout=60), timeout=60)
+            except (grpc.RpcError, AssertionError):
+                pass
+            agent.stop()
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _login(console: AgentConsole, password: str) -> None:
+    """Log in as root on the serial console's getty; the image's root prompt is ``cna# ``."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        console.send("\n")
+        try:
+            console.wait_for(r"login: ?$", timeout=5, partial=True)
+            break
+        except AssertionError:
+            continue
+    console.send("root\n")
+    console.wait_for(r"Password: ?$", timeout=30, partial=True)
+    console.send(password + "\n")
+    console.wait_for(r"cna# ?$", timeout=60, partial=True)
+
+
+def _guest(console: AgentConsole, command: str, timeout: float = 60) -> str:
+    rc, out = console.run(command, timeout=timeout)
+    assert rc == 0, f"{command}: rc={rc} {out}"
+    return out.strip()
+
+
+def _tools(vms, uuid: str) -> int:
+    return vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.tools_status
+
+
+def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snapshots_on_debian(debian_env) -> None:
+    agent, ds, guest, pg = debian_env
+    with agent.channel() as ch:
+        vms = pb.vm_pb2_grpc.VmServiceStub(ch)
+        storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
+        events = pb.events_pb2_grpc.EventServiceStub(ch)
+        ok(ch, storage.CloneVolume(st.CloneVolumeRequest(request_id="ga-clone", source="ds/tpl/debian.qcow2", datastore="ds",
+                                                         path="g1/root.qcow2", linked=True), timeout=30))
+        spec = vm.VmSpec(
+            name="deb-ga", vcpus=1, memory_mib=768, serial_console=True, guest_agent=True,
+            arch=pb.common_pb2.ARCH_X86_64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE),
+            boot=vm.BootSpec(kernel=guest["kernel"], initrd=guest["initrd"], cmdline=guest["cmdline"]),
+            disks=[vm.DiskSpec(volume="ds/g1/root.qcow2")], nics=[vm.NicSpec(port_group=pg, mac=MAC)])
+        created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), into=vm.Vm())
+        uuid = created.uuid
+        log = SerialLog(agent.dir / "run" / "vms" / uuid / "serial.log")
+        log.wait_for(r"CNA-GUEST-READY boot=1 os=debian", timeout=240)
+
+        # -- tools status from the host side: the channel connected, an event said so --------------
+        wait_for(lambda: _tools(vms, uuid) == vm.TOOLS_STATUS_RUNNING, 60, "tools status running")
+        seen = events.ListEvents(ev.ListEventsRequest(types=["vm.guest_agent"], resource_id=uuid, limit=100), timeout=10).events
+        assert any(e.attributes["state"] == "connected" for e in seen), seen
+
+        console = AgentConsole(ch, uuid)
+        try:
+            _login(console, guest["root_password"])
+            nic = _guest(console, "ls /sys/class/net | grep -v '^lo$' | head -n1")
+            _guest(console, f"ip link set {nic} up && ip addr add {GUEST_IP}/24 dev {nic}")
+            kernel = _guest(console, "uname -r").splitlines()[-1]
+            hostname = _guest(console, "hostname").splitlines()[-1]
+            ga_version = re.search(r"(\d+\.\d+\.\d+)", _guest(console, "qemu-ga --version")).group(1)
+
+            # -- guest info, against what the guest says -------------------------------------------
+            def fresh() -> vm.GuestInfo:
+                info = vms.GetGuestInfo(vm.GetGuestInfoRequest(vm=uuid), timeout=30)
+                return info if any(a.address == GUEST_IP for i in info.interfaces for a in i.addresses) else None
+
+            info = wait_for(fresh, 30, "guest info with the address set in the guest", interval=1)
+            assert (info.os_id, info.os_version, info.kernel_release, info.hostname) == ("debian", "12", kernel, hostname)
+            assert info.tools_status == vm.TOOLS_STATUS_RUNNING and info.tools_version == ga_version
+            assert not info.stale and info.HasField("read_time")
+            (iface,) = [i for i in info.interfaces if i.mac == MAC]
+            assert iface.nic_index == 0 and iface.name == nic
+            assert [(a.address, a.prefix) for a in iface.addresses if a.type == "ipv4"] == [(GUEST_IP, 24)]
+            root = [f for f in info.filesystems if f.mountpoint == "/"]
+            assert root and root[0].fstype == "ext4" and list(root[0].disks) == ["vda"], info.filesystems
+            assert root[0].total_bytes > 2 * 1024**3 and 0 < root[0].used_bytes < root[0].total_bytes
+            assert "root" in info.users
+            got = vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status
+            assert got.tools_status == vm.TOOLS_STATUS_RUNNING and got.tools_version == ga_version
+
+            # -- a hung guest agent delays only guest-info reads ------------------------------------
+            _guest(console, "kill -STOP $(pidof qemu-ga)")
+            time.sleep(2.5)  # past the read interval: the next read goes to the guest
+            result: dict = {}
+
+            def read_info() -> None:
+                t0 = time.monotonic()
+                result["info"] = vms.GetGuestInfo(vm.GetGuestInfoRequest(vm=uuid), timeout=60)
+                result["s"] = time.monotonic() - t0
+
+            reader = threading.Thread(target=read_info)
+            reader.start()
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            for _ in range(5):
+                vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10)
+            get_s = (time.monotonic() - t0) / 5
+            reader.join(60)
+            assert get_s < 1.0, f"GetVm took {get_s:.2f}s a call while the guest agent hung"
+            stale = result["info"]
+            assert stale.stale and stale.error and stale.hostname == hostname, stale
+            assert result["s"] < 20, result["s"]
+            _guest(console, "kill -CONT $(pidof qemu-ga)")
+
+            # -- a quiesced snapshot freezes and thaws the guest's filesystems ----------------------
+            snap = ok(ch, vms.CreateSnapshot(vm.CreateSnapshotRequest(vm=uuid, name="quiet", quiesce=True), timeout=30),
+                      timeout=120, into=vm.Snapshot())
+            assert snap.name == "quiet"
+            journal = _guest(console, "journalctl -b -u qemu-guest-agent --no-pager -o cat")
+            assert "guest-fsfreeze called" in journal, journal[-2000:]
+            assert _guest(console, "touch /root/after-thaw && echo writable").splitlines()[-1] == "writable"
+            overlays = sorted(p.name for p in (ds / "g1").iterdir())
+            assert len(overlays) == 2, overlays  # the clone and the snapshot's overlay on top
+
+            # -- with qemu-guest-agent stopped: refused clearly, the VM runs on ---------------------
+            _guest(console, "systemctl stop qemu-guest-agent")
+            wait_for(lambda: _tools(vms, uuid) == vm.TOOLS_STATUS_NOT_RUNNING, 30, "tools status not running")
+            op = vms.CreateSnapshot(vm.CreateSnapshotRequest(vm=uuid, name="quiet2", quiesce=True), timeout=30)
+            failed = wait(ch, op, timeout=120)
+            assert failed.state == ops_pb.OPERATION_STATE_FAILED
+            assert failed.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0], failed.error
+            assert "guest agent" in failed.error.message and "no snapshot was taken" in failed.error.message
+            names = [s.name for s in vms.ListSnapshots(vm.ListSnapshotsRequest(vm=uuid), timeout=10).snapshots]
+            assert names == ["quiet"]
+            assert vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.state == vm.VM_STATE_RUNNING
+            assert _guest(console, "echo alive").splitlines()[-1] == "alive"
+        finally:
+            console.close()
+
+        # -- graceful shutdown goes through systemd's ACPI path -----------------------------------
+        ok(ch, vms.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, timeout=duration_pb2.Duration(seconds=90)), timeout=30),
+           timeout=120)
+        text = log.text()
+        assert "CNA-GUEST-SYSTEMD-STOP" in text and "reboot: Power down" in text, text[-3000:]
+        assert text.index("CNA-GUEST-SYSTEMD-STOP") < text.index("reboot: Power down")
+        assert vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.state == vm.VM_STATE_STOPPED
