@@ -33,8 +33,10 @@ What the guest does (the test protocol; console ttyS0):
   the password is published here on purpose). root's shell prompt is ``cna# `` so the tests'
   console helpers (tests/support/console.py) run commands as on the busybox guest.
 * qemu-guest-agent is started by udev when the ``org.qemu.guest_agent.0`` virtio port appears.
-* cloud-init looks only for a NoCloud seed (a drive labelled ``cidata``); without one it stays
-  disabled, so a plain boot does not pay for it.
+* cloud-init looks only for a NoCloud seed (a drive labelled ``cidata``). Debian's cloud-init
+  still runs its stages when it finds none (15 s of a 29 s boot under TCG), so a boot without a
+  seed adds ``cloud-init=disabled`` to the command line (the manifest's ``cmdline_without_seed``):
+  ready in 14 s.
 * No network configuration of its own: a NIC is configured by a NoCloud seed or by hand.
 """
 
@@ -112,7 +114,7 @@ WantedBy=multi-user.target
 """
 
 CLOUD_CFG = """# cna-agent test guest: look only for a NoCloud seed (a drive labelled cidata). Without one,
-# ds-identify disables cloud-init for the boot instead of running every module with no data.
+# cloud-init finds nothing to do (boots without a seed also disable it on the command line).
 datasource_list: [ NoCloud ]
 """
 
@@ -237,6 +239,7 @@ def _build(arch: str, out: Path, key: str) -> dict:
             "disk": str(out / "disk.qcow2"), "disk_format": "qcow2", "kernel": str(out / "vmlinuz"),
             "initrd": str(out / "initrd.img"), "console": CONSOLES[arch], "marker": MARKER,
             "cmdline": f"root=LABEL={LABEL} rw console={CONSOLES[arch]} panic=-1",
+            "cmdline_without_seed": f"root=LABEL={LABEL} rw console={CONSOLES[arch]} panic=-1 cloud-init=disabled",
             "hostname": HOSTNAME, "root_password": ROOT_PASSWORD, "recipe": key,
             "disk_sha256": sha256_file(out / "disk.qcow2"),
         }

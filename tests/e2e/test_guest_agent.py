@@ -110,7 +110,7 @@ def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snaps
         spec = vm.VmSpec(
             name="deb-ga", vcpus=1, memory_mib=768, serial_console=True, guest_agent=True,
             arch=pb.common_pb2.ARCH_X86_64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE),
-            boot=vm.BootSpec(kernel=guest["kernel"], initrd=guest["initrd"], cmdline=guest["cmdline"]),
+            boot=vm.BootSpec(kernel=guest["kernel"], initrd=guest["initrd"], cmdline=guest["cmdline_without_seed"]),
             disks=[vm.DiskSpec(volume="ds/g1/root.qcow2")], nics=[vm.NicSpec(port_group=pg, mac=MAC)])
         created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), into=vm.Vm())
         uuid = created.uuid
