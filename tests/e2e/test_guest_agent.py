@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -95,6 +96,13 @@ def _guest(console: AgentConsole, command: str, timeout: float = 60) -> str:
     return out.strip()
 
 
+def _ctl(agent: AgentProcess, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def _tools(vms, uuid: str) -> int:
     return vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.tools_status
 
@@ -149,6 +157,12 @@ def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snaps
             assert "root" in info.users
             got = vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status
             assert got.tools_status == vm.TOOLS_STATUS_RUNNING and got.tools_version == ga_version
+            # what an admin sees: the same facts, in 80 columns
+            shown = _ctl(agent, "vm", "guest-info", "deb-ga")
+            assert f"running ({ga_version})" in shown and kernel in shown and f"{GUEST_IP}/24" in shown, shown
+            assert MAC in shown and re.search(r"^/\s+ext4\s+\S+\s+\d", shown, re.M), shown
+            assert max(len(line) for line in shown.splitlines()) <= 80, shown
+            assert f"running ({ga_version})" in _ctl(agent, "vm", "show", "deb-ga")
 
             # -- a hung guest agent delays only guest-info reads ------------------------------------
             _guest(console, "kill -STOP $(pidof qemu-ga)")
