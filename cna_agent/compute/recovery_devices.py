@@ -11,6 +11,7 @@ it is. Where it does not, the operation ends ABORTED saying what libvirt shows i
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Callable
 
 import libvirt
@@ -24,6 +25,8 @@ from cna_agent.errors import CODES
 from cna_agent.hypervisor import Hypervisor
 from cna_agent.operations import RecoveryHandler
 from cna_agent.state.journal import OperationError, OperationRecord
+
+log = logging.getLogger(__name__)
 
 #: What a read returns when the VM is not defined any more.
 _GONE = object()
@@ -230,10 +233,27 @@ class DeviceRecovery:
             return _aborted("the agent stopped while taking a snapshot and the VM (or the record) is gone; nothing was redone")
         found = next((s for s in tree if s.name == name), None)
         self.inventory.forget(record.target)  # an external snapshot changed the disk sources
+        if record.metadata.get("quiesce") == "true":
+            await self._thaw(record.target)
         if found is not None:
             return found
         return _aborted(f"the agent stopped before snapshot {name!r} was taken; libvirt has no such snapshot "
                         "(nothing was redone; repeat CreateSnapshot)")
+
+    async def _thaw(self, uuid: str) -> None:
+        """A quiesced snapshot cut short may have left the guest's filesystems frozen: libvirt
+        thaws inside the same call, and under the embedded driver that call died with the agent.
+        Thawing filesystems that are not frozen does nothing, so it is always asked; a guest
+        agent that does not answer is logged (the guest thaws when its agent restarts)."""
+        def thaw(conn: libvirt.virConnect) -> int:
+            dom = conn.lookupByUUIDString(uuid)
+            return dom.fsThaw() if dom.isActive() else 0
+
+        try:
+            n = await self.hv.call(thaw, timeout=15, what="thawing the guest's filesystems")
+            log.warning("event=vm.fs_thawed_after_crash vm=%s filesystems=%d", uuid, n)
+        except Exception as exc:
+            log.warning("event=vm.fs_thaw_failed vm=%s error=%r", uuid, getattr(exc, "message", None) or str(exc))
 
     async def recover_snapshot_revert(self, record: OperationRecord) -> Any:
         """Reverted iff libvirt's current snapshot became the one asked for (it was another one,

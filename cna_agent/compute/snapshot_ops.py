@@ -40,8 +40,11 @@ class VmSnapshots:
                                           operation_id=op.id)
             return info
 
+        # "quiesce" is kept so that a crash in the middle is followed by a thaw (recovery_devices.py):
+        # with the embedded driver, the process that froze the guest is the one that died.
         return await self.ops.submit("vm.snapshot.create", uuid, work, request_id=request_id, fingerprint=fingerprint,
-                                     lock_timeout=lock_timeout, metadata={"snapshot": name})
+                                     lock_timeout=lock_timeout,
+                                     metadata={"snapshot": name, **({"quiesce": "true"} if quiesce else {})})
 
     async def revert(self, ref: str, name: str, *, request_id: str = "", fingerprint: str = "",
                      lock_timeout: float = 0.0) -> OperationRecord:

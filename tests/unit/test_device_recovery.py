@@ -102,6 +102,23 @@ def test_snapshots_are_judged_by_libvirts_list_and_current_snapshot() -> None:
     asyncio.run(run())
 
 
+def test_a_quiesced_snapshot_cut_short_thaws_the_guests_filesystems() -> None:
+    """The test driver keeps a frozen count per domain: fsThaw reports how many it thawed."""
+    _conn, dom, _inventory, rec = _setup()
+    create = SimpleNamespace(target=dom.UUIDString(), metadata={"snapshot": "q1", "quiesce": "true"})
+    assert dom.fsFreeze() > 0  # what libvirt did before the agent died
+
+    async def run() -> None:
+        _aborted(await rec.recover_snapshot_create(create), "no such snapshot")
+
+    asyncio.run(run())
+    assert dom.fsThaw() == 0  # recovery thawed them already
+    plain = SimpleNamespace(target=dom.UUIDString(), metadata={"snapshot": "q1"})
+    dom.fsFreeze()
+    asyncio.run(rec.recover_snapshot_create(plain))
+    assert dom.fsThaw() > 0  # not quiesced: nothing of the guest's was touched
+
+
 def test_an_update_is_done_when_libvirts_spec_has_the_fields() -> None:
     _conn, dom, _inventory, rec = _setup()
     before, after = _spec(memory_mib=512), _spec(memory_mib=768)
