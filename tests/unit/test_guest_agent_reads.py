@@ -4,7 +4,7 @@ good read marked stale when the guest agent stops answering).
 
 libvirt's test driver has no guest agent, so the reads here go to a stand-in connection that
 answers with parameters recorded from a real Debian 12 guest (qemu-guest-agent 7.2 through
-libvirt 9.0's virDomainGetGuestInfo); tests/e2e/test_guest_agent.py reads a real one.
+libvirt 9.0's virDomainGetGuestInfo); tests/e2e/test_guest_agent.py reads a real one (the e2e module has the plain name).
 """
 
 from __future__ import annotations
