@@ -29,6 +29,7 @@ from cna_agent.compute.render import Bindings, RenderContext, assign_disk_target
 from cna_agent.compute.reservations import ReservationAdmission
 from cna_agent.compute.recycle import RecycleBin, check_hold, in_bin_message, read_mark
 from cna_agent.compute.rundirs import QemuRunDirs
+from cna_agent.compute.shutdown import graceful_stop
 from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
 from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
 from cna_agent.contracts import HostAdmission
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 REQUEST_NS = uuidlib.UUID("0b6f3f0e-4a51-4c7e-9a53-6b1f1c2d3e4f")
 #: How often a graceful shutdown presses the power button again while it waits.
-ACPI_RETRY_S = 15.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 120.0
 
 
@@ -318,28 +318,13 @@ class VmLifecycle:
                 return await self.ops.result(uuid, op)
             if not hard:
                 await op.progress(10, "acpi-shutdown")
-
-                def acpi(conn: libvirt.virConnect) -> None:
-                    dom = conn.lookupByUUIDString(uuid)
-                    try:
-                        if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                            dom.resume()  # a paused guest cannot see the power button
-                        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                    except libvirt.libvirtError:
-                        if dom.isActive():
-                            raise
-                        # it powered off between two presses: the wait below sees it stopped
-
-                # The button is pressed again every ACPI_RETRY_S until the timeout (nova's clean
-                # shutdown does the same): a guest still booting, or whose ACPI handler was not
-                # listening yet, misses a single press and would otherwise wait out the timeout.
-                deadline = time.monotonic() + timeout
-                stopped = False
-                while not stopped and time.monotonic() < deadline:
-                    await self.hv.call(acpi, timeout=30)
-                    left = deadline - time.monotonic()
-                    stopped = await self.wait_state(uuid, {st.STOPPED, st.CRASHED}, max(0.0, min(ACPI_RETRY_S, left)))
-                if stopped:
+                # ACPI presses, then the guest agent for a guest that ignores them (shutdown.py).
+                spec = (await self.inventory.definition(uuid)).spec
+                via = await graceful_stop(self.hv, uuid, timeout, guest_agent=bool(spec and spec.guest_agent),
+                                          stopped=lambda s: self.wait_state(uuid, {st.STOPPED, st.CRASHED}, s),
+                                          stage=lambda name: op.progress(50, name))
+                if via:
+                    await op.note(shutdown_via=via)  # the operation says how the guest was asked
                     return await self.ops.result(uuid, op)
                 if not force:
                     raise DeadlineExceeded(f"vm {name!r} did not shut down within {timeout:.0f}s; retry with force to power it off")

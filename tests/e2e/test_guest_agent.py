@@ -1,8 +1,9 @@
 """The real Debian guest (tools/build-debian-guest.py: systemd, qemu-guest-agent, cloud-init)
 through the real agent: guest info and tools status from qemu-guest-agent, a guest agent that
-hangs or is stopped, quiesced snapshots, and systemd's ACPI shutdown.
+hangs or is stopped, quiesced snapshots, and graceful shutdown through systemd, asked by the
+ACPI power button or, when the guest ignores it, through the guest agent.
 
-One boot serves every check (a Debian boot under TCG is about 30 s). What the agent reports is
+Two boots serve every check (a Debian boot under TCG is about 15 s). What the agent reports is
 held against what the guest itself says on its serial console (``uname -r``, ``hostname``,
 ``qemu-ga --version``, qemu-ga's own journal lines for fsfreeze and thaw) and against the
 hypervisor (the live domain's channel state, the snapshot's overlay file).
@@ -210,13 +211,37 @@ def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snaps
             assert names == ["quiet"]
             assert vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.state == vm.VM_STATE_RUNNING
             assert _guest(console, "echo alive").splitlines()[-1] == "alive"
+
+            # -- a guest that ignores the power button is stopped through its guest agent ----------
+            _guest(console, "systemctl start qemu-guest-agent && mkdir -p /etc/systemd/logind.conf.d && "
+                            "printf '[Login]\\nHandlePowerKey=ignore\\n' > /etc/systemd/logind.conf.d/cna-test.conf && "
+                            "systemctl restart systemd-logind")
+            wait_for(lambda: _tools(vms, uuid) == vm.TOOLS_STATUS_RUNNING, 30, "tools status running again")
         finally:
             console.close()
+        _stopped_by(ch, vms, uuid, log, "guest-agent", count=1)
 
         # -- graceful shutdown goes through systemd's ACPI path -----------------------------------
-        ok(ch, vms.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, timeout=duration_pb2.Duration(seconds=90)), timeout=30),
-           timeout=120)
-        text = log.text()
-        assert "CNA-GUEST-SYSTEMD-STOP" in text and "reboot: Power down" in text, text[-3000:]
-        assert text.index("CNA-GUEST-SYSTEMD-STOP") < text.index("reboot: Power down")
-        assert vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.state == vm.VM_STATE_STOPPED
+        # the drop-in stays on the disk: the next boot removes it before the button is pressed
+        ok(ch, vms.StartVm(vm.VmActionRequest(vm=uuid), timeout=30), timeout=120)
+        log.wait_for(r"CNA-GUEST-READY boot=2 os=debian", timeout=240)
+        console = AgentConsole(ch, uuid)
+        try:
+            _login(console, guest["root_password"])
+            _guest(console, "rm /etc/systemd/logind.conf.d/cna-test.conf && systemctl restart systemd-logind")
+        finally:
+            console.close()
+        _stopped_by(ch, vms, uuid, log, "acpi", count=2)
+
+
+def _stopped_by(ch, vms, uuid: str, log: SerialLog, via: str, count: int) -> None:
+    """ShutdownVm without force stops the guest through systemd (its units stopped, then the
+    kernel's power-down), asked the way ``via`` says (the operation's shutdown_via)."""
+    op = ok(ch, vms.ShutdownVm(vm.ShutdownVmRequest(vm=uuid, timeout=duration_pb2.Duration(seconds=90)), timeout=30),
+            timeout=120)
+    assert op.metadata["shutdown_via"] == via, op.metadata
+    log.wait_for(r"reboot: Power down", timeout=30, count=count)
+    text = log.text()
+    assert text.count("CNA-GUEST-SYSTEMD-STOP") == count, text[-3000:]
+    assert text.rindex("CNA-GUEST-SYSTEMD-STOP") < text.rindex("reboot: Power down")
+    assert vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.state == vm.VM_STATE_STOPPED
