@@ -14,7 +14,7 @@ import os
 import time
 import uuid as uuidlib
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import libvirt
 
@@ -105,6 +105,8 @@ class VmLifecycle:
         #: Where StartVm of a hibernated VM goes, and whose saved state DeleteVm removes (set by
         #: the composition root).
         self.hibernation: "VmHibernation | None" = None
+        #: Set the guest's clock after a resume (guest_agent.py's sync_clock), set by the wiring.
+        self.clock_sync: Callable[[str, VmSpec | None], Awaitable[bool]] | None = None
 
     async def reclaim_placement(self, uuid: str, spec: VmSpec) -> None:
         """A stopped VM that gave its placement up (the recycle bin) takes one again: planned
@@ -358,11 +360,17 @@ class VmLifecycle:
                                   request_id, fingerprint, lock_timeout)
 
     async def resume(self, ref: str, *, request_id: str = "", fingerprint: str = "", lock_timeout: float = 0.0) -> OperationRecord:
+        """Resume a paused VM, then set its guest's clock (behind by the pause) through its agent."""
+        async def after(uuid: str) -> None:
+            if self.clock_sync is not None:
+                await self.clock_sync(uuid, (await self.inventory.definition(uuid)).spec)
+
         return await self._simple(ref, "vm.resume", lambda d: d.resume() if d.state()[0] == libvirt.VIR_DOMAIN_PAUSED else None,
-                                  request_id, fingerprint, lock_timeout)
+                                  request_id, fingerprint, lock_timeout, after=after)
 
     async def _simple(self, ref: str, kind: str, fn: Callable[[libvirt.virDomain], Any], request_id: str, fingerprint: str,
-                      lock_timeout: float, *, metadata: dict[str, str] | None = None, note_asked: bool = False) -> OperationRecord:
+                      lock_timeout: float, *, metadata: dict[str, str] | None = None, note_asked: bool = False,
+                      after: Callable[[str], Awaitable[None]] | None = None) -> OperationRecord:
         """One libvirt call on a running VM, as an operation; ``note_asked`` records in the
         operation that libvirt answered the call (for a kind whose effect leaves no state to read)."""
         uuid, name = await self.inventory.lookup_uuid(ref)
@@ -377,6 +385,8 @@ class VmLifecycle:
             await self.hv.call(do, timeout=30)
             if note_asked:
                 await op.note(asked_at=f"{time.time():.3f}")
+            if after is not None:
+                await after(uuid)
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit(kind, uuid, work, request_id=request_id, fingerprint=fingerprint,

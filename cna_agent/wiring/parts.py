@@ -169,6 +169,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     hibernation = VmHibernation(ops, binder, renderer, BlockingPool("hibernate-files", 2, 60.0, hint="datastore not answering?"),
                                 host_uuid=host_uuid, admission=admission, reservations=reservations)
     lifecycle.hibernation = hibernation
+    lifecycle.clock_sync = hibernation.clock_sync = guest_agents.sync_clock
     handoff = HibernationHandoff(hibernation, interval_s=config.compute.hibernation_check_interval_s)
     resumer = IoErrorResumer(hypervisor, inventory, binder.volumes, lifecycle.resume, events,
                              interval_s=config.compute.io_error_check_interval_s,

@@ -165,6 +165,13 @@ def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snaps
             assert max(len(line) for line in shown.splitlines()) <= 80, shown
             assert f"running ({ga_version})" in _ctl(agent, "vm", "show", "deb-ga")
 
+            # -- a resume sets the guest's clock, which stood still while paused ------------------
+            ok(ch, vms.PauseVm(vm.VmActionRequest(vm=uuid), timeout=30))
+            time.sleep(8)
+            ok(ch, vms.ResumeVm(vm.VmActionRequest(vm=uuid), timeout=30))
+            guest_now = float(_guest(console, "date +%s.%N").splitlines()[-1])
+            assert abs(guest_now - time.time()) < 3, (guest_now, time.time())
+
             # -- a hung guest agent delays only guest-info reads ------------------------------------
             _guest(console, "kill -STOP $(pidof qemu-ga)")
             time.sleep(2.5)  # past the read interval: the next read goes to the guest
