@@ -59,7 +59,7 @@ OPERATION_RESPONSES: dict[str, str] = {
     "vm.backup.start": "cna.v1.Backup",
     "appliance.import": "cna.v1.ApplianceImport",
     "appliance.export": "cna.v1.ApplianceExport",
-    **dict.fromkeys(("vm.delete", "vm.hibernate_handoff", "vm.backup.stop", "vm.snapshot.delete", "volume.delete", "network.bridge.delete",
+    **dict.fromkeys(("vm.delete", "vm.hibernate_handoff", "vm.backup.stop", "vm.snapshot.delete", "vm.guest.password", "volume.delete", "network.bridge.delete",
                      "network.port_group.delete", "network.nic.detach"), EMPTY),
     **dict.fromkeys(("volume.create", "volume.resize", "volume.clone", "volume.import", "volume.export"), "cna.v1.Volume"),
     "datastore.rescan": "cna.v1.Datastore",

@@ -127,6 +127,17 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
             raise FailedPrecondition("this agent reads no guest agents")
         return guest_info_to_pb(await self._c.guest_agents.info(request.vm, max_age_s=request.max_age_s))
 
+    async def SetGuestPassword(self, request, context):
+        if self._c.guest_passwords is None:
+            raise FailedPrecondition("this agent sets no guest passwords")
+        # The fingerprint leaves the password out: the journal keeps no hash of a secret.
+        blank = type(request)()
+        blank.CopyFrom(request)
+        blank.password = ""
+        return await self._op(context, self._c.guest_passwords.set_password(
+            request.vm, request.user, request.password, crypted=request.crypted, request_id=request.request_id,
+            fingerprint=fingerprint(blank)))
+
     async def SerialConsole(self, request_iterator, context):
         """First input names the VM (and ``force``); then guest output streams out and input
         bytes are typed in, until either side closes."""

@@ -1,4 +1,5 @@
-"""cna-ctl vm guest-info: what the guest agent (qemu-guest-agent) reports from inside a guest.
+"""cna-ctl vm guest-info | set-password: what the guest agent (qemu-guest-agent) reports from
+inside a guest, and a guest user's password set through it.
 
 Why its own command: GetVm shows only the tools status (read from the host side); the OS,
 hostname, addresses and filesystems are a call into the guest, which an admin asks for
@@ -8,10 +9,12 @@ deliberately and which may come back stale when the guest agent does not answer.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import sys
 
 from cna_agent.api import pb
-from cna_agent.cli.common import Client, fmt_time, to_json
+from cna_agent.cli.common import EXIT_USAGE, CliError, Client, fmt_time, to_json
 from cna_agent.cli.table import keyvalues, table
 
 v = pb.vm_pb2
@@ -50,9 +53,38 @@ def cmd_guest_info(client: Client, args: argparse.Namespace) -> str:
     return "\n\n".join(out)
 
 
+def _read_password(crypted: bool) -> str:
+    """From the terminal (asked twice, not echoed) or, when stdin is not one, its first line: a
+    password never goes on the command line, where ps and the shell's history would show it."""
+    what = "hash" if crypted else "password"
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass(f"new {what}: ")
+    if getpass.getpass("again: ") != first:
+        raise CliError(f"the two {what}s differ; nothing was changed", EXIT_USAGE)
+    return first
+
+
+def cmd_set_password(client: Client, args: argparse.Namespace) -> str:
+    from cna_agent.cli.vm import _wait
+
+    password = _read_password(args.crypted)
+    op = client.call(client.vms.SetGuestPassword, v.SetGuestPasswordRequest(
+        vm=args.vm, user=args.user, password=password, crypted=args.crypted, request_id=args.request_id or ""))
+    out = _wait(client, op, args)
+    return out if args.json else f"password of {args.user} set in {args.vm}"
+
+
 def register_guest(vms: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = vms.add_parser("guest-info", parents=[common], help="what the guest agent reports: OS, hostname, addresses, filesystems")
     p.add_argument("vm", help="name or UUID")
     p.add_argument("--max-age", type=int, default=0, metavar="SECONDS",
                    help="accept a read this old (default: the agent's minimum interval)")
     p.set_defaults(func=cmd_guest_info)
+    p = vms.add_parser("set-password", parents=[common],
+                       help="set a guest user's password through the guest agent (read from the terminal or stdin)")
+    p.add_argument("vm", help="name or UUID")
+    p.add_argument("user", help="the account in the guest")
+    p.add_argument("--crypted", action="store_true", help="the input is a crypt(3) hash ($6$salt$hash), not a password")
+    p.add_argument("--request-id", help="idempotency key: repeating it returns the first operation")
+    p.set_defaults(func=cmd_set_password, wait=True)

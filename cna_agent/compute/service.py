@@ -30,6 +30,7 @@ from cna_agent.compute.disk_move import DiskMoves
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.guest_agent import GuestAgents
+from cna_agent.compute.guest_passwords import GuestPasswords
 from cna_agent.compute.hibernate import VmHibernation
 from cna_agent.compute.hibernate_handoff import HibernationHandoff
 from cna_agent.compute.inventory import VmInfo, VmInventory
@@ -104,6 +105,8 @@ class Compute:
     appliances: VmAppliances | None = None
     #: Guest info and tools status from qemu-guest-agent (guest_agent.py).
     guest_agents: GuestAgents | None = None
+    #: SetGuestPassword through the guest agent (guest_passwords.py).
+    guest_passwords: GuestPasswords | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
@@ -121,6 +124,8 @@ class Compute:
             handlers.update(self.disk_moves.handlers())
         if self.appliances is not None:
             handlers.update(self.appliances.handlers())
+        if self.guest_passwords is not None:
+            handlers.update(self.guest_passwords.handlers())
         return handlers
 
     async def start(self) -> None:

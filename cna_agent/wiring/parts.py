@@ -14,6 +14,7 @@ from cna_agent.compute.binder import Binder
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
 from cna_agent.compute.guest_agent import READ_DEADLINE_S, GuestAgents
+from cna_agent.compute.guest_passwords import GuestPasswords
 from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.io_resume import IoErrorResumer
 from cna_agent.compute.ledger import VmStateLedger
@@ -206,6 +207,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         incoming=incoming,
         ledger=ledger,
         guest_agents=guest_agents,
+        guest_passwords=GuestPasswords(ops, guest_agents),
         cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
                                    ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending()),
                                    admission=admission),

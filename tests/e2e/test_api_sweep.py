@@ -240,6 +240,7 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "VmService/DeleteSnapshot": vm.SnapshotActionRequest(vm="sweep-vm", snapshot="base-snap"),
         "VmService/GetVmDiagnostics": vm.GetVmDiagnosticsRequest(vm="sweep-vm"),
         "VmService/GetGuestInfo": vm.GetGuestInfoRequest(vm="sweep-vm"),  # stopped: refused
+        "VmService/SetGuestPassword": vm.SetGuestPasswordRequest(vm="sweep-vm", user="root", password="pw"),  # stopped
         "VmService/MigrateVm": vm.MigrateVmRequest(vm="sweep-vm", destination="127.0.0.1:9",
                                                    policy=vm.MigrationPolicy(max_downtime_ms=500, completion_action="abort")),
         "MigrationService/PrepareIncoming": mig.PrepareIncomingRequest(

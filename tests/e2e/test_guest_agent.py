@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="th
 
 MAC = "52:54:00:6a:11:01"
 GUEST_IP = "192.0.2.61"
+NEW_PASSWORD = "Gu3st-Pw:set by the agent"
 
 
 @pytest.fixture
@@ -97,9 +98,9 @@ def _guest(console: AgentConsole, command: str, timeout: float = 60) -> str:
     return out.strip()
 
 
-def _ctl(agent: AgentProcess, *args: str) -> str:
+def _ctl(agent: AgentProcess, *args: str, stdin: str | None = None) -> str:
     out = subprocess.run([sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket), *args],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, input=stdin)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -172,6 +173,22 @@ def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snaps
             guest_now = float(_guest(console, "date +%s.%N").splitlines()[-1])
             assert abs(guest_now - time.time()) < 3, (guest_now, time.time())
 
+            # -- a password set through the guest agent (used to log in on the second boot) --------
+            said = _ctl(agent, "vm", "set-password", "deb-ga", "root", stdin=NEW_PASSWORD + "\n")
+            assert "password of root set" in said, said
+            shadow = _guest(console, "grep '^root:' /etc/shadow")
+            assert guest["root_password"] not in shadow and "$" in shadow  # a new hash in the guest
+            refused = wait(ch, vms.SetGuestPassword(vm.SetGuestPasswordRequest(vm=uuid, user="nosuchuser", password="x1"),
+                                                    timeout=30), timeout=60)
+            assert refused.state == ops_pb.OPERATION_STATE_FAILED and refused.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            ops_seen = pb.operations_pb2_grpc.OperationsServiceStub(ch).ListOperations(
+                ops_pb.ListOperationsRequest(), timeout=10)
+            everything = [agent.log_text(), str(ops_seen),
+                          str(events.ListEvents(ev.ListEventsRequest(limit=1000), timeout=10))]
+            assert all(NEW_PASSWORD not in text for text in everything)  # the secret is nowhere but in the guest
+            assert any(e.type == "vm.guest.password_set" and e.attributes["user"] == "root"
+                       for e in events.ListEvents(ev.ListEventsRequest(types=["vm.guest."], limit=100), timeout=10).events)
+
             # -- a hung guest agent delays only guest-info reads ------------------------------------
             _guest(console, "kill -STOP $(pidof qemu-ga)")
             time.sleep(2.5)  # past the read interval: the next read goes to the guest
@@ -234,7 +251,7 @@ def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snaps
         log.wait_for(r"CNA-GUEST-READY boot=2 os=debian", timeout=240)
         console = AgentConsole(ch, uuid)
         try:
-            _login(console, guest["root_password"])
+            _login(console, NEW_PASSWORD)  # the password set through the guest agent, kept on the disk
             _guest(console, "rm /etc/systemd/logind.conf.d/cna-test.conf && systemctl restart systemd-logind")
         finally:
             console.close()

@@ -16,6 +16,7 @@ from cna_agent.compute.migration_cold import ColdMigrations
 from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.recycle import RecycleBin
 from cna_agent.compute.appliances import VmAppliances
+from cna_agent.compute.guest_passwords import GuestPasswords
 from cna_agent.compute.backup import VmBackups
 from cna_agent.compute.disk_move import DiskMoves
 from cna_agent.compute.hibernate import VmHibernation
@@ -35,7 +36,8 @@ def _compute_handlers() -> dict:
                             migrations=SimpleNamespace(hv=None, cold=cold), recycle_bin=bin_,
                             handoff=HibernationHandoff(hibernation), backups=VmBackups(ops, None),  # type: ignore[arg-type]
                             disk_moves=DiskMoves(ops, None),  # type: ignore[arg-type]
-                            appliances=VmAppliances(ops, None, None, None))  # type: ignore[arg-type]
+                            appliances=VmAppliances(ops, None, None, None),  # type: ignore[arg-type]
+                            guest_passwords=GuestPasswords(ops, None))  # type: ignore[arg-type]
     return Compute.recovery_handlers(parts)  # type: ignore[arg-type]
 
 
