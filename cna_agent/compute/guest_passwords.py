@@ -79,7 +79,7 @@ class GuestPasswords:
                                           attributes={"user": user, "crypted": str(crypted).lower()}, operation_id=op.id)
             return None
 
-        return await self.ops.submit(KIND, uuid, work, request_id=request_id, fingerprint=fingerprint,
+        return await self.ops.submit("vm.guest.password", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout, metadata={"user": user})
 
     def handlers(self) -> dict[str, RecoveryHandler]:
