@@ -1,5 +1,6 @@
 """libvirt domain events -> agent events (vm.lifecycle, vm.reboot, vm.watchdog, vm.io_error,
-vm.panic, vm.device_removed, vm.guest_agent), plus wake-ups for operations waiting on a state change.
+vm.panic, vm.device_removed, vm.guest_agent), plus wake-ups for operations waiting on a state change,
+and the graphics clients that authenticated (``on_graphics_client``: console tickets are one-time).
 
 Callbacks run on libvirt's event thread; they copy the few facts they need (uuid, name,
 event ids) and hand them to asyncio with ``call_soon_threadsafe``. One consumer task then
@@ -36,6 +37,29 @@ class _Raw:
     time: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class GraphicsClient:
+    """A VNC/SPICE client that got past authentication (libvirt's GRAPHICS event, phase
+    INITIALIZE): who, on which VM, and when the event reached the agent (``time``, time.time())."""
+    uuid: str
+    name: str
+    #: The client's address as "host:port" ("[v6]:port"), from the event's remote info.
+    remote: str
+    #: The server's auth scheme as libvirt reports it ("vnc", "none", "spice", ...).
+    auth_scheme: str
+    time: float
+
+
+def _address(addr: Any) -> str:
+    """libvirt's graphics address dict ({family, node, service}) as host:port."""
+    if not isinstance(addr, dict):
+        return ""
+    node, service = str(addr.get("node", "")), str(addr.get("service", ""))
+    if addr.get("family") == libvirt.VIR_DOMAIN_EVENT_GRAPHICS_ADDRESS_IPV6:
+        node = f"[{node}]"
+    return f"{node}:{service}" if service else node
+
+
 class DomainEventMonitor:
     def __init__(self, hypervisor: Hypervisor, events: EventHub, *, on_change: Callable[[str, str, str, float], None] | None = None,
                  on_definition_change: Callable[[str], None] | None = None, ledger: VmStateLedger | None = None) -> None:
@@ -55,6 +79,9 @@ class DomainEventMonitor:
         self.on_io_error: Callable[[str], None] | None = None
         #: Called with (uuid, connected) when a guest agent connects to or leaves its channel.
         self.on_agent: Callable[[str, bool], None] | None = None
+        #: Called on the loop when a graphics client has authenticated (console_tickets.py
+        #: burns the ticket it used); it must not block: it hands its work to a task.
+        self.on_graphics_client: Callable[[GraphicsClient], None] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -104,6 +131,7 @@ class DomainEventMonitor:
             (libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._cb_io_error),
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._cb_device_removed),
             (libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._cb_agent),
+            (libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self._cb_graphics),
         ]
         for event_id, cb in reg:
             self._callback_ids.append(conn.domainEventRegisterAny(None, event_id, cb, None))
@@ -130,6 +158,13 @@ class DomainEventMonitor:
 
     def _cb_agent(self, _conn: Any, dom: libvirt.virDomain, state: int, reason: int, _opaque: Any) -> None:
         self._put(_Raw("agent", dom.UUIDString(), dom.name(), (state, reason)))
+
+    def _cb_graphics(self, _conn: Any, dom: libvirt.virDomain, phase: int, _local: Any, remote: Any, auth_scheme: str,
+                     _subject: Any, _opaque: Any) -> None:
+        # Only INITIALIZE (the client authenticated); CONNECT and DISCONNECT say nothing a
+        # ticket needs, and a reconnecting viewer would flood the queue with them.
+        if phase == libvirt.VIR_DOMAIN_EVENT_GRAPHICS_INITIALIZE:
+            self._put(_Raw("graphics", dom.UUIDString(), dom.name(), (_address(remote), str(auth_scheme or ""))))
 
     # -- consumer (asyncio) -------------------------------------------------------------------
 
@@ -215,6 +250,10 @@ class DomainEventMonitor:
                                        attributes={"state": word, "reason": why}, **common)
             if self.on_agent is not None:
                 self.on_agent(raw.uuid, connected)
+        elif raw.kind == "graphics":
+            remote, auth_scheme = raw.args
+            if self.on_graphics_client is not None:
+                self.on_graphics_client(GraphicsClient(raw.uuid, raw.name, remote, auth_scheme, raw.time))
         elif raw.kind == "device_removed":
             (alias,) = raw.args
             await self._events.publish("vm.device_removed", message=f"{raw.name}: device {alias} removed",

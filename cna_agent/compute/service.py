@@ -161,6 +161,8 @@ class Compute:
         await self.reconciler.stop()
         await self.resumer.stop()
         await self.monitor.stop()
+        if self.tickets is not None:
+            await self.tickets.stop()
         await self.sidechannels.close()
 
     async def adopt(self) -> list[VmInfo]:

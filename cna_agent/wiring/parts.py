@@ -149,9 +149,12 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                                min_interval_s=config.compute.guest_info_min_interval_s)
     inventory.tools_view = guest_agents.tools_status
 
+    tickets = ConsoleTickets(hypervisor, inventory, events)
+
     def on_change(uuid: str, state: str, reason: str, when: float) -> None:
         follow(uuid, state, reason, when)
         guest_agents.vm_state_changed(uuid, state)
+        tickets.vm_state_changed(uuid, state)
         reconciler.enqueue(uuid)  # bound below: events arrive only once compute has started
 
     async def managed(uuid: str) -> bool:
@@ -180,6 +183,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     reconciler = VmReconciler(inventory, [*checks, resumer, handoff])
     monitor.on_io_error = reconciler.enqueue
     monitor.on_agent = guest_agents.agent_changed
+    monitor.on_graphics_client = tickets.client_authenticated  # a VNC ticket works once
     incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                   migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
                                   ttl_s=config.migration.prepare_ttl_s, store=store, admission=admission,
@@ -195,7 +199,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         hibernation=hibernation,
         handoff=handoff,
         backups=VmBackups(ops, renderer, bitmaps=sidechannels.persistent_bitmaps),
-        tickets=ConsoleTickets(hypervisor, inventory, events),
+        tickets=tickets,
         disk_moves=DiskMoves(ops, binder),
         appliances=VmAppliances(ops, lifecycle, images,
                                 BlockingPool("appliance-files", 2, 60.0, hint="datastore not answering?")),
