@@ -6,7 +6,7 @@ from typing import Any
 
 from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
-from cna_agent.api.vm_convert import (STATE_NAMES, console_to_pb, guest_info_to_pb, migration_policy_from_pb, snapshot_to_pb,
+from cna_agent.api.vm_convert import (STATE_NAMES, console_to_pb, customization_from_pb, guest_info_to_pb, migration_policy_from_pb, snapshot_to_pb,
                                      spec_from_pb, vm_to_pb)
 from cna_agent.api.convert import request_fingerprint as fingerprint
 from cna_agent.compute.service import Compute
@@ -35,8 +35,15 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
     async def CreateVm(self, request, context):
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
+        customization = customization_from_pb(request.customization) if request.HasField("customization") else None
+        # The fingerprint leaves the customization out: the journal keeps no hash of password
+        # hashes or user data.
+        blank = type(request)()
+        blank.CopyFrom(request)
+        blank.ClearField("customization")
         return await self._op(context, self._life.create(spec_from_pb(request.spec), start=request.start,
-                                                        request_id=request.request_id, fingerprint=fingerprint(request)))
+                                                        request_id=request.request_id, fingerprint=fingerprint(blank),
+                                                        customization=customization))
 
     async def GetVm(self, request, context):
         return vm_to_pb(await self._inv.get(request.vm))

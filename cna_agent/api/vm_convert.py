@@ -11,6 +11,7 @@ from typing import Any
 
 from cna_agent.api import pb
 from cna_agent.api.convert import timestamp
+from cna_agent.compute import customization as cz
 from cna_agent.compute import spec as sp
 from cna_agent.compute.inventory import ConsoleInfo, VmInfo
 
@@ -183,7 +184,28 @@ def vm_to_pb(info: VmInfo) -> Any:
     if info.hibernated is not None:
         vm.status.hibernation.datastore = info.hibernated.datastore
         vm.status.hibernation.saved_time.CopyFrom(timestamp(info.hibernated.saved_at))
+    if info.customization is not None:
+        cs = vm.status.customization
+        cs.state, cs.message = CUSTOMIZATION_STATE.get(info.customization.state, 0), info.customization.message
+        cs.start_time.CopyFrom(timestamp(info.customization.since))
+        if info.customization.finished:
+            cs.finish_time.CopyFrom(timestamp(info.customization.finished))
     return vm
+
+
+CUSTOMIZATION_STATE = {"pending": v.CUSTOMIZATION_STATE_PENDING, "done": v.CUSTOMIZATION_STATE_DONE,
+                       "failed": v.CUSTOMIZATION_STATE_FAILED}
+
+
+def customization_from_pb(m: Any) -> cz.GuestCustomization:
+    return cz.GuestCustomization(
+        hostname=m.hostname, dns_servers=list(m.dns_servers), dns_search=list(m.dns_search), user_data=m.user_data,
+        windows_unattend_xml=m.windows_unattend_xml,
+        users=[cz.GuestUser(name=u.name, password_hash=u.password_hash, ssh_authorized_keys=list(u.ssh_authorized_keys),
+                            sudo=u.sudo) for u in m.users],
+        nics=[cz.GuestNicConfig(nic_index=n.nic_index, dhcp=n.dhcp, addresses=list(n.addresses), gateway4=n.gateway4,
+                                gateway6=n.gateway6, routes=[cz.GuestRoute(to=r.to, via=r.via) for r in n.routes])
+              for n in m.nics])
 
 
 def snapshot_to_pb(info: Any) -> Any:

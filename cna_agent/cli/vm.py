@@ -42,6 +42,18 @@ def _normalise(data: Any, key: str = "") -> Any:
 
 def load_spec(path: str) -> Any:
     """A VmSpec from a YAML/JSON file; errors name the file and the problem."""
+    return load_message(path, "spec", v.VmSpec())
+
+
+def load_customization(path: str) -> Any:
+    """A GuestCustomization from a YAML/JSON file (or the ``customization`` mapping of a
+    define file holding both), for ``define --customization``."""
+    return load_message(path, "customization", v.GuestCustomization())
+
+
+def load_message(path: str, key: str, message: Any) -> Any:
+    """``message`` filled from a YAML/JSON file: the file's ``key`` mapping when it has one,
+    else the whole file."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -55,12 +67,15 @@ def load_spec(path: str) -> Any:
             data = json.loads(text)
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
         raise CliError(f"{path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {exc}", EXIT_USAGE) from None
+    kind = type(message).__name__
     if not isinstance(data, dict):
-        raise CliError(f"{path}: expected a mapping of VmSpec fields", EXIT_USAGE)
-    if "spec" in data and isinstance(data["spec"], dict):
-        data = data["spec"]
+        raise CliError(f"{path}: expected a mapping of {kind} fields", EXIT_USAGE)
+    if key in data and isinstance(data[key], dict):
+        data = data[key]
+    elif key == "spec" and "customization" in data:
+        raise CliError(f"{path}: holds a customization but no spec mapping", EXIT_USAGE)
     try:
-        return json_format.ParseDict(_normalise(data), v.VmSpec())
+        return json_format.ParseDict(_normalise(data), message)
     except json_format.ParseError as exc:
         raise CliError(f"{path}: {exc}", EXIT_USAGE) from None
 
@@ -124,6 +139,9 @@ def cmd_show(client: Client, args: argparse.Namespace) -> str:
         from cna_agent.cli.vm_guest import tools_text
 
         pairs.append(("Tools", tools_text(st.tools_status, st.tools_version)))
+    if st.HasField("customization"):
+        word = v.CustomizationState.Name(st.customization.state).removeprefix("CUSTOMIZATION_STATE_").lower()
+        pairs.append(("First boot", f"{word}" + (f" ({st.customization.message})" if st.customization.message else "")))
     if st.HasField("console") and st.console.port:
         pairs.append(("Console", f"{v.ConsoleType.Name(st.console.type).removeprefix('CONSOLE_TYPE_').lower()} {st.console.host}:{st.console.port}"))
     return keyvalues(pairs)
@@ -131,7 +149,10 @@ def cmd_show(client: Client, args: argparse.Namespace) -> str:
 
 def cmd_define(client: Client, args: argparse.Namespace) -> str:
     spec = load_spec(args.file)
-    op = client.call(client.vms.CreateVm, v.CreateVmRequest(spec=spec, start=args.start, request_id=args.request_id or ""))
+    request = v.CreateVmRequest(spec=spec, start=args.start, request_id=args.request_id or "")
+    if args.customization:
+        request.customization.CopyFrom(load_customization(args.customization))
+    op = client.call(client.vms.CreateVm, request)
     return _wait(client, op, args)
 
 
@@ -210,6 +231,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     q = mutating("define", "define a VM from a YAML/JSON VmSpec file", cmd_define, vm_arg=False)
     q.add_argument("file")
     q.add_argument("--start", action="store_true", help="start it after defining")
+    q.add_argument("--customization", metavar="FILE", help="first-boot customization (YAML/JSON GuestCustomization; "
+                                                           "may be FILE itself when it holds spec: and customization:)")
     for name in ("start", "pause", "resume"):
         q = mutating(name, f"{name} a VM", cmd_action)
         q.add_argument("--lock-timeout", type=float, default=0, help="seconds to wait when the VM is busy (default: fail at once)")

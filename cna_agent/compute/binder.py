@@ -8,6 +8,8 @@ without a subsystem the wiring passes compute/resolvers.py's stand-ins, which re
 
 from __future__ import annotations
 
+import logging
+
 import random
 from typing import Iterable
 
@@ -33,6 +35,8 @@ def generate_mac(taken: Iterable[str], rng: random.Random | None = None) -> str:
             return mac
     raise ResourceBusy("could not find a free MAC address in 52:54:00:00:00:00/24 after 1000 tries")
 
+
+log = logging.getLogger(__name__)
 
 class Binder:
     def __init__(self, inventory: VmInventory, local_files: LocalFileResolver, disks: DiskProvider | None,
@@ -125,3 +129,24 @@ class Binder:
     async def release_placement(self, uuid: str) -> None:
         if self.placer is not None:
             await self.placer.release(uuid)
+
+    async def release_lun_disks(self, spec: VmSpec, indexes: list[int]) -> None:
+        """Hand each SAN LUN disk that just left VM ``spec.uuid`` back to storage for its host cleanup.
+
+        Called once the VM change (undefine, detach) is done in libvirt, so it never raises: a
+        hung or failing SAN must not turn a finished deletion into an error. Storage reports such
+        releases itself (``lun.release_failed``) and retries them; here they are only logged.
+        """
+        seen: set[tuple[str, str]] = set()
+        for i in indexes:
+            lun = spec.disks[i].lun
+            if lun is None or (lun.datastore, lun.lun_id) in seen:
+                continue
+            seen.add((lun.datastore, lun.lun_id))
+            try:
+                outcome = await self.volumes.release_lun(lun.datastore, lun.lun_id, field=f"spec.disks[{i}].lun", vm=spec.uuid)
+            except Exception as exc:  # the VM change stands whatever storage says
+                log.warning("event=vm.lun_release_error vm=%s datastore=%s lun=%s error=%r", spec.uuid, lun.datastore,
+                            lun.lun_id, getattr(exc, "message", None) or str(exc))
+                continue
+            log.info("event=vm.lun_release vm=%s datastore=%s lun=%s outcome=%s", spec.uuid, lun.datastore, lun.lun_id, outcome)

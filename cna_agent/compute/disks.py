@@ -18,7 +18,7 @@ import libvirt
 from cna_agent.hypervisor import CHANGE_OUTLAST_S
 from cna_agent.compute import domxml as dx
 from cna_agent.compute.binder import Binder
-from cna_agent.compute.lifecycle import VmLifecycle, release_lun_disks
+from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.render import assign_disk_targets, disk_xml
 from cna_agent.compute.spec import DiskSpec, IoQos, VmSpec, check_io_qos, validate
 from cna_agent.compute.vmops import DETACH_TIMEOUT_S, VmOps, affect, save_spec
@@ -122,7 +122,7 @@ class DiskOperations:
             if spec.disks[index].lun is not None:
                 # The disk is gone from the VM (and its spec), so storage may now see no user left.
                 await op.progress(90, "releasing the LUN on the host")
-                await release_lun_disks(self.binder, spec, [index])
+                await self.binder.release_lun_disks(spec, [index])
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.disk.detach", uuid, work, request_id=request_id, fingerprint=fingerprint,

@@ -250,6 +250,7 @@ class Disk(XmlObject):
     source_hosts = Children(DiskHost, "source/host")
     target_dev = Prop("target/@dev")
     target_bus = Prop("target/@bus")
+    target_removable = Prop("target/@removable")
     iotune = Child(IoTune, "iotune")
     boot_order = Prop("boot/@order", "int")
     readonly = Prop("readonly", "flag")

@@ -28,7 +28,7 @@ KIND = "vm.guest.password"
 #: POSIX and Windows account names: letters, digits, . _ - @ $ and inner spaces, 1-64 long.
 _USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@$ -]{0,63}$")
 #: A crypt(3) hash as chpasswd -e takes it: $id$[params$]salt$hash.
-_CRYPTED_RE = re.compile(r"^\$[0-9a-z]{1,3}\$[./A-Za-z0-9$=,+-]{8,500}$")
+CRYPTED_RE = re.compile(r"^\$[0-9a-z]{1,3}\$[./A-Za-z0-9$=,+-]{8,500}$")
 MAX_PASSWORD = 256
 
 
@@ -43,7 +43,7 @@ def validate(user: str, password: str, crypted: bool) -> None:
     if any(ord(c) < 0x20 or ord(c) == 0x7f for c in password):
         raise InvalidArgument("password", "must not contain control characters (a newline would end the guest's "
                                           "user:password line)")
-    if crypted and not _CRYPTED_RE.match(password):
+    if crypted and not CRYPTED_RE.match(password):
         raise InvalidArgument("password", "with crypted, must be a crypt(3) hash such as $6$salt$hash")
 
 

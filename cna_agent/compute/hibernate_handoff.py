@@ -32,7 +32,6 @@ import libvirt
 from cna_agent.compute import hibernate_store as hs
 from cna_agent.compute import state as st
 from cna_agent.compute.hibernate import VmHibernation
-from cna_agent.compute.lifecycle import release_lun_disks
 from cna_agent.compute.spec import VmSpec
 from cna_agent.contracts import Finding, VmStatus
 from cna_agent.errors import CODES
@@ -101,7 +100,7 @@ class HibernationHandoff:
         await self.h.run_file(lambda: hs.discard(paths), "removing the hibernation claim")
         luns = [i for i, disk in enumerate(spec.disks) if disk.lun is not None] if spec else []
         if spec is not None and luns:
-            await release_lun_disks(self.h.binder, spec, luns)
+            await self.h.binder.release_lun_disks(spec, luns)
         log.info("event=vm.hibernate_handed_off vm=%s to_host=%s", uuid, other)
         await self.ops.events.publish("vm.hibernate_handed_off", resource_kind="vm", resource_id=uuid, resource_name=name,
                                       message=f"{name} was resumed on host {other}; its definition here is removed (disks kept)",

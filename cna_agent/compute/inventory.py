@@ -25,6 +25,8 @@ from cna_agent.compute import domxml as dx
 from cna_agent.compute import qmp
 from cna_agent.compute import state as st
 from cna_agent.compute.hibernate_store import HibernateMark
+from cna_agent.compute.customization_mark import CustomizationMark
+from cna_agent.compute.customization_mark import read_mark as read_customization_mark
 from cna_agent.compute.hibernate_store import read_mark as read_hibernate_mark
 from cna_agent.compute.recycle import RecycleMark, in_bin_message, read_mark
 from cna_agent.compute.spec import UUID_RE, VmSpec, validate_name
@@ -71,6 +73,8 @@ class VmInfo:
     #: The guest agent as seen from the host (guest_agent.py's statuses) and its version; GetVm only.
     tools_status: str = ""
     tools_version: str = ""
+    #: First-boot customization (first_boot.py): pending, done or failed; None: none asked.
+    customization: CustomizationMark | None = None
 
 
 @dataclass
@@ -85,6 +89,7 @@ class VmDefinition:
     #: Hibernated (hibernate.py): its RAM is saved on this datastore (shown as HIBERNATED
     #: while the domain is shut off).
     hibernated: HibernateMark | None = None
+    customization: CustomizationMark | None = None
 
 
 def presence(conn: libvirt.virConnect, uuid: str) -> tuple[bool, bool]:
@@ -143,7 +148,7 @@ class VmInventory:
         self._macs.pop(uuid, None)
         old = self._cache.get(uuid)
         self._cache[uuid] = VmDefinition(spec.name, True, spec, old.recycled if old else None,
-                                         old.hibernated if old else None)
+                                         old.hibernated if old else None, old.customization if old else None)
 
     def _keep(self, uuid: str, found: VmDefinition, since: int) -> None:
         """Cache what a read begun at epoch ``since`` found, unless the cache changed meanwhile."""
@@ -233,7 +238,7 @@ class VmInventory:
             spec = None
         if spec is None:
             return VmDefinition(dom.name(), False, None)
-        return VmDefinition(dom.name(), True, spec, read_mark(dom), read_hibernate_mark(dom))
+        return VmDefinition(dom.name(), True, spec, read_mark(dom), read_hibernate_mark(dom), read_customization_mark(dom))
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -261,7 +266,8 @@ class VmInventory:
                     state_time=self._state_times.get(uuid), cpu_time_ns=int(info[4]),
                     host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations else (),
                     recycle_expires=cached.recycled.expires_at if cached.recycled else None,
-                    hibernated=cached.hibernated if state == st.HIBERNATED else None)
+                    hibernated=cached.hibernated if state == st.HIBERNATED else None,
+                    customization=cached.customization)
         live = dx.Domain.from_xml(live_xml) if live_xml else None
         if live is not None:
             vm.console = self._console_from(live)
@@ -315,7 +321,8 @@ class VmInventory:
                               memory_rss_kib=int(rss), active_operation_id=holder.id if holder else "",
                               host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations and not status_only else (),
                               recycle_expires=cached.recycled.expires_at if cached.recycled else None,
-                              hibernated=cached.hibernated if state == st.HIBERNATED else None))
+                              hibernated=cached.hibernated if state == st.HIBERNATED else None,
+                              customization=cached.customization))
         vms.sort(key=lambda v: v.name)
         return vms
 

@@ -39,6 +39,8 @@ from cna_agent.qemu_access import QemuUser, make_dirs, open_way
 from cna_agent.state.journal import OperationRecord
 
 if TYPE_CHECKING:
+    from cna_agent.compute.customization import GuestCustomization
+    from cna_agent.compute.first_boot import FirstBoot
     from cna_agent.compute.hibernate import VmHibernation
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,8 @@ class VmLifecycle:
         #: Where StartVm of a hibernated VM goes, and whose saved state DeleteVm removes (set by
         #: the composition root).
         self.hibernation: "VmHibernation | None" = None
+        #: First-boot customization (first_boot.py), set by the wiring; None: refused.
+        self.first_boot: FirstBoot | None = None
         #: Set the guest's clock after a resume (guest_agent.py's sync_clock), set by the wiring.
         self.clock_sync: Callable[[str, VmSpec | None], Awaitable[bool]] | None = None
 
@@ -139,9 +143,13 @@ class VmLifecycle:
     # -- create ------------------------------------------------------------------------------------
 
     async def create(self, spec: VmSpec, *, start: bool = False, request_id: str = "", fingerprint: str = "",
-                     lock_timeout: float = 0.0) -> OperationRecord:
+                     lock_timeout: float = 0.0, customization: GuestCustomization | None = None) -> OperationRecord:
         spec = spec.copy()
         validate(spec, self.validation_context())
+        if customization is not None:
+            if self.first_boot is None:
+                raise FailedPrecondition("this agent does not customize guests", field="customization")
+            self.first_boot.check(customization, spec)
         if self.admission is not None:
             self.admission.check_admission("new VMs", field="spec")
         if not spec.uuid:
@@ -156,6 +164,8 @@ class VmLifecycle:
         bindings = await self.binder.bindings(spec)
 
         async def undo() -> None:
+            if customization is not None and self.first_boot is not None:
+                self.first_boot.discard(spec.uuid)
             if reserved_here:
                 await self.binder.release_placement(spec.uuid)
             await self.binder.release_luns(spec, range(len(spec.disks)))
@@ -166,7 +176,10 @@ class VmLifecycle:
             # per-disk calls (detach, resize, I/O-error resume) name disks by target.
             for disk, target in zip(spec.disks, assign_disk_targets(spec, spec.os_family or "linux")):
                 disk.target = target
-            xml = self.renderer.render(spec, bindings)
+            dom = self.renderer.build(spec, bindings)
+            if customization is not None and self.first_boot is not None:
+                self.first_boot.attach(dom, spec)  # the first-boot drive and its pending mark
+            xml = dom.to_xml()
         except BaseException:
             await undo()
             raise
@@ -198,11 +211,14 @@ class VmLifecycle:
                 # From here the VM exists in libvirt: a cancel could only leave it half-made.
                 cancelling.commit(f"vm {spec.name!r} is being defined; delete it instead")
                 self._prepare_dirs(spec)
+                if customization is not None and self.first_boot is not None:
+                    await self.first_boot.write(customization, spec, self.hv.qemu_user())
                 await self.hv.call(define, timeout=30)
             except BaseException:
                 await undo()
                 raise
-            self.inventory.remember(spec.uuid, spec)
+            # (a customized VM's definition holds a mark too: read it again)
+            self.inventory.forget(spec.uuid) if customization else self.inventory.remember(spec.uuid, spec)
             await self.ops.events.publish("vm.defined", resource_kind="vm", resource_id=spec.uuid, resource_name=spec.name,
                                           message=f"{spec.name} defined", operation_id=op.id)
             if start:
@@ -457,7 +473,7 @@ class VmLifecycle:
             if luns:
                 # Kernel iSCSI/FC LUNs leave the host unless another VM uses them; never fails the delete.
                 await op.progress(90, "releasing SAN LUNs on the host")
-                await release_lun_disks(self.binder, current, luns)
+                await self.binder.release_lun_disks(current, luns)
             return None
 
         return await self.ops.submit("vm.delete", uuid, work, request_id=request_id, fingerprint=fingerprint,
@@ -478,25 +494,3 @@ class VmLifecycle:
                 raise FailedPrecondition(f"{field}: volume {volume!r} is also a disk of VM(s) {', '.join(sorted(users[volume]))}; "
                                          "detach it there first, or delete the VM without delete_disks", field=field)
             await storage.check_deletable(volume, field=field)
-
-
-async def release_lun_disks(binder: Binder, spec: VmSpec, indexes: list[int]) -> None:
-    """Hand each SAN LUN disk that just left VM ``spec.uuid`` back to storage for its host cleanup.
-
-    Called once the VM change (undefine, detach) is done in libvirt, so it never raises: a
-    hung or failing SAN must not turn a finished deletion into an error. Storage reports such
-    releases itself (``lun.release_failed``) and retries them; here they are only logged.
-    """
-    seen: set[tuple[str, str]] = set()
-    for i in indexes:
-        lun = spec.disks[i].lun
-        if lun is None or (lun.datastore, lun.lun_id) in seen:
-            continue
-        seen.add((lun.datastore, lun.lun_id))
-        try:
-            outcome = await binder.volumes.release_lun(lun.datastore, lun.lun_id, field=f"spec.disks[{i}].lun", vm=spec.uuid)
-        except Exception as exc:  # the VM change stands whatever storage says
-            log.warning("event=vm.lun_release_error vm=%s datastore=%s lun=%s error=%r", spec.uuid, lun.datastore,
-                        lun.lun_id, getattr(exc, "message", None) or str(exc))
-            continue
-        log.info("event=vm.lun_release vm=%s datastore=%s lun=%s outcome=%s", spec.uuid, lun.datastore, lun.lun_id, outcome)

@@ -38,7 +38,6 @@ import libvirt
 
 from cna_agent import cancel as cancelling
 from cna_agent.compute.binder import Binder
-from cna_agent.compute.lifecycle import release_lun_disks
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.spec import VmSpec
 from cna_agent.compute.vmops import VmOps
@@ -296,7 +295,7 @@ class ColdMigrations:
         self.ops.inventory.forget(uuid)
         self.run_dirs.remove(uuid)
         await self.binder.release_placement(uuid)
-        await release_lun_disks(self.binder, spec, list(range(len(spec.disks))))
+        await self.binder.release_lun_disks(spec, list(range(len(spec.disks))))
 
     async def _delete_copied(self, spec: VmSpec, copies: list[int]) -> int:
         """Delete the source volumes that were copied, unless another VM here still uses one.

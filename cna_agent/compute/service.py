@@ -29,6 +29,7 @@ from cna_agent.compute.console_tickets import ConsoleTickets
 from cna_agent.compute.disk_move import DiskMoves
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
+from cna_agent.compute.first_boot import FirstBoot
 from cna_agent.compute.guest_agent import GuestAgents
 from cna_agent.compute.guest_passwords import GuestPasswords
 from cna_agent.compute.hibernate import VmHibernation
@@ -107,6 +108,8 @@ class Compute:
     guest_agents: GuestAgents | None = None
     #: SetGuestPassword through the guest agent (guest_passwords.py).
     guest_passwords: GuestPasswords | None = None
+    #: First-boot customization's drive and its removal when the guest is done (first_boot.py).
+    first_boot: FirstBoot | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
@@ -154,10 +157,14 @@ class Compute:
         await self.reconciler.start()
         if self.recycle_bin is not None:
             self.recycle_bin.start()
+        if self.first_boot is not None:
+            await self.first_boot.start()
 
     async def stop(self) -> None:
         if self.recycle_bin is not None:
             await self.recycle_bin.stop()
+        if self.first_boot is not None:
+            await self.first_boot.stop()
         await self.reconciler.stop()
         await self.resumer.stop()
         await self.monitor.stop()

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.disks import DiskOperations
 from cna_agent.compute.events import DomainEventMonitor
+from cna_agent.compute.first_boot import FirstBoot
 from cna_agent.compute.guest_agent import READ_DEADLINE_S, GuestAgents
 from cna_agent.compute.guest_passwords import GuestPasswords
 from cna_agent.compute.inventory import VmInventory
@@ -148,12 +149,14 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                                                                         hint="guest agent not answering?"),
                                min_interval_s=config.compute.guest_info_min_interval_s)
     inventory.tools_view = guest_agents.tools_status
+    first_boot = FirstBoot(hypervisor, inventory, events, pool=guest_agents.pool, state_dir=ctx.state_dir)
 
     tickets = ConsoleTickets(hypervisor, inventory, events)
 
     def on_change(uuid: str, state: str, reason: str, when: float) -> None:
         follow(uuid, state, reason, when)
         guest_agents.vm_state_changed(uuid, state)
+        first_boot.vm_state_changed(uuid, state)
         tickets.vm_state_changed(uuid, state)
         reconciler.enqueue(uuid)  # bound below: events arrive only once compute has started
 
@@ -170,6 +173,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                              release=binder.release_placement, reclaim=lifecycle.reclaim_placement,
                              sweep_interval_s=config.compute.recycle_sweep_interval_s)
     lifecycle.recycle_bin = recycle_bin
+    lifecycle.first_boot = first_boot
     hibernation = VmHibernation(ops, binder, renderer, BlockingPool("hibernate-files", 2, 60.0, hint="datastore not answering?"),
                                 host_uuid=host_uuid, admission=admission, reservations=reservations)
     lifecycle.hibernation = hibernation
@@ -182,7 +186,12 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     # Always in the reconcile: a VM's own storage_errors policy applies whatever the host's default.
     reconciler = VmReconciler(inventory, [*checks, resumer, handoff])
     monitor.on_io_error = reconciler.enqueue
-    monitor.on_agent = guest_agents.agent_changed
+
+    def on_agent(uuid: str, connected: bool) -> None:
+        guest_agents.agent_changed(uuid, connected)
+        first_boot.agent_changed(uuid, connected)  # a pending first boot is polled from now
+
+    monitor.on_agent = on_agent
     monitor.on_graphics_client = tickets.client_authenticated  # a VNC ticket works once
     incoming = IncomingMigrations(ops, binder, renderer, libvirt_uri=config.migration.libvirt_uri,
                                   migrate_host=config.migration.migrate_host, max_incoming=config.migration.max_incoming,
@@ -212,6 +221,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         ledger=ledger,
         guest_agents=guest_agents,
         guest_passwords=GuestPasswords(ops, guest_agents),
+        first_boot=first_boot,
         cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
                                    ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending()),
                                    admission=admission),

@@ -1,7 +1,9 @@
 """The real Debian guest (tools/build-debian-guest.py: systemd, qemu-guest-agent, cloud-init)
-through the real agent: guest info and tools status from qemu-guest-agent, a guest agent that
-hangs or is stopped, quiesced snapshots, and graceful shutdown through systemd, asked by the
-ACPI power button or, when the guest ignores it, through the guest agent.
+through the real agent: first-boot customization from a NoCloud drive (hostname, static IP,
+root's password hash, SSH keys, a sudo user; the drive removed once cloud-init reported done),
+guest info and tools status from qemu-guest-agent, a guest agent that hangs or is stopped,
+quiesced snapshots, a password set through the guest agent, and graceful shutdown through
+systemd, asked by the ACPI power button or, when the guest ignores it, through the guest agent.
 
 Two boots serve every check (a Debian boot under TCG is about 15 s). What the agent reports is
 held against what the guest itself says on its serial console (``uname -r``, ``hostname``,
@@ -40,6 +42,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="th
 MAC = "52:54:00:6a:11:01"
 GUEST_IP = "192.0.2.61"
 NEW_PASSWORD = "Gu3st-Pw:set by the agent"
+#: First-boot customization: what the NoCloud seed asks for, checked inside the guest.
+CUSTOM_HOSTNAME = "deb-custom"
+CUSTOM_PASSWORD = "Cust0m-Pw:from the seed"
+ROOT_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFtZ2c9dVJ8x3pQ6mR1kT7wY4uB0nL5sH2aE8fG6jC1D vrm@cna-test"
+OPS_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB7qM3nV8cX1zK4jH6gF2dS9aP0oI5uY7tR3eW1qL8mN ops@cna-test"
+
+
+def _crypt(password: str) -> str:
+    """A SHA-512 crypt(3) hash, made the way an admin would (openssl passwd -6)."""
+    out = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password + "\n", capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("$6$"), out.stderr
+    return out.stdout.strip()
+
+
+def _customization(root_hash: str) -> vm.GuestCustomization:
+    return vm.GuestCustomization(
+        hostname=f"{CUSTOM_HOSTNAME}.example.test", dns_servers=["192.0.2.53"], dns_search=["example.test"],
+        users=[vm.GuestUser(name="root", password_hash=root_hash, ssh_authorized_keys=[ROOT_KEY]),
+               vm.GuestUser(name="ops", ssh_authorized_keys=[OPS_KEY], sudo=True)],
+        nics=[vm.GuestNicConfig(nic_index=0, addresses=[f"{GUEST_IP}/24"], gateway4="192.0.2.1")])
 
 
 @pytest.fixture
@@ -105,11 +128,19 @@ def _ctl(agent: AgentProcess, *args: str, stdin: str | None = None) -> str:
     return out.stdout
 
 
+def _domain_xml(agent: AgentProcess, name: str, *, live: bool) -> str:
+    """The domain as the embedded driver keeps it: its status XML while it runs, or the
+    persistent definition."""
+    root = agent.dir / "state" / "libvirt"
+    path = root / "run" / "qemu" / f"{name}.xml" if live else root / "etc" / "qemu" / f"{name}.xml"
+    return path.read_text() if path.exists() else ""
+
+
 def _tools(vms, uuid: str) -> int:
     return vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.tools_status
 
 
-def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snapshots_on_debian(debian_env) -> None:
+def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shutdown_paths_on_debian(debian_env) -> None:
     agent, ds, guest, pg = debian_env
     with agent.channel() as ch:
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
@@ -117,28 +148,58 @@ def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snaps
         events = pb.events_pb2_grpc.EventServiceStub(ch)
         ok(ch, storage.CloneVolume(st.CloneVolumeRequest(request_id="ga-clone", source="ds/tpl/debian.qcow2", datastore="ds",
                                                          path="g1/root.qcow2", linked=True), timeout=30))
+        # cloud-init runs (the seed's command line): the first boot is customized from the drive
         spec = vm.VmSpec(
             name="deb-ga", vcpus=1, memory_mib=768, serial_console=True, guest_agent=True,
             arch=pb.common_pb2.ARCH_X86_64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE),
-            boot=vm.BootSpec(kernel=guest["kernel"], initrd=guest["initrd"], cmdline=guest["cmdline_without_seed"]),
+            boot=vm.BootSpec(kernel=guest["kernel"], initrd=guest["initrd"], cmdline=guest["cmdline"]),
             disks=[vm.DiskSpec(volume="ds/g1/root.qcow2")], nics=[vm.NicSpec(port_group=pg, mac=MAC)])
-        created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), into=vm.Vm())
+        root_hash = _crypt(CUSTOM_PASSWORD)
+        created = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True, customization=_customization(root_hash)),
+                                      timeout=60), into=vm.Vm())
         uuid = created.uuid
+        seed = agent.dir / "state" / "seeds" / f"{uuid}.img"
+        assert seed.is_file() and "cna-seed" in _domain_xml(agent, "deb-ga", live=True)
+        assert vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.customization.state == vm.CUSTOMIZATION_STATE_PENDING
         log = SerialLog(agent.dir / "run" / "vms" / uuid / "serial.log")
-        log.wait_for(r"CNA-GUEST-READY boot=1 os=debian", timeout=240)
+        log.wait_for(r"CNA-GUEST-READY boot=1 os=debian", timeout=300)
 
         # -- tools status from the host side: the channel connected, an event said so --------------
         wait_for(lambda: _tools(vms, uuid) == vm.TOOLS_STATUS_RUNNING, 60, "tools status running")
         seen = events.ListEvents(ev.ListEventsRequest(types=["vm.guest_agent"], resource_id=uuid, limit=100), timeout=10).events
         assert any(e.attributes["state"] == "connected" for e in seen), seen
 
+        # -- the guest reported its first boot done: the drive left the guest and the host ---------
+        status = wait_for(lambda: (s := vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.customization).state
+                          != vm.CUSTOMIZATION_STATE_PENDING and s, 90, "customization reported", interval=1)
+        assert status.state == vm.CUSTOMIZATION_STATE_DONE, status.message
+        assert "cloud-init finished" in status.message and status.finish_time.seconds >= status.start_time.seconds
+        assert not seed.exists()
+        wait_for(lambda: "cna-seed" not in _domain_xml(agent, "deb-ga", live=True), 30, "the drive unplugged live")
+        assert "cna-seed" not in _domain_xml(agent, "deb-ga", live=False)
+
         console = AgentConsole(ch, uuid)
         try:
-            _login(console, guest["root_password"])
-            nic = _guest(console, "ls /sys/class/net | grep -v '^lo$' | head -n1")
-            _guest(console, f"ip link set {nic} up && ip addr add {GUEST_IP}/24 dev {nic}")
+            _login(console, CUSTOM_PASSWORD)  # root's password hash from the seed
+            nic = "eth0"  # the seed's network config names the NIC it matched by MAC
             kernel = _guest(console, "uname -r").splitlines()[-1]
             hostname = _guest(console, "hostname").splitlines()[-1]
+            assert hostname == CUSTOM_HOSTNAME
+            assert f"inet {GUEST_IP}/24" in _guest(console, f"ip -4 addr show {nic}")
+            assert _guest(console, f"cat /sys/class/net/{nic}/address").splitlines()[-1] == MAC
+            assert "default via 192.0.2.1" in _guest(console, "ip route")
+            assert ROOT_KEY in _guest(console, "cat /root/.ssh/authorized_keys")
+            assert OPS_KEY in _guest(console, "cat /home/ops/.ssh/authorized_keys")
+            assert "NOPASSWD:ALL" in _guest(console, "cat /etc/sudoers.d/90-cloud-init-users")
+            # the unplugged drive is gone from the guest too: only the root disk is left
+            wait_for(lambda: _guest(console, "ls /sys/block | grep '^vd' | tr '\\n' ' '").split()[-1:] == ["vda"], 30,
+                     "the drive gone from the guest's block devices", interval=1)
+            secretless = [agent.log_text(), str(events.ListEvents(ev.ListEventsRequest(limit=1000), timeout=10)),
+                          str(pb.operations_pb2_grpc.OperationsServiceStub(ch).ListOperations(ops_pb.ListOperationsRequest(),
+                                                                                            timeout=10))]
+            assert all(root_hash not in text and CUSTOM_PASSWORD not in text for text in secretless)
+            done = events.ListEvents(ev.ListEventsRequest(types=["vm.customization."], resource_id=uuid), timeout=10).events
+            assert [e.type for e in done] == ["vm.customization.done"], done
             ga_version = re.search(r"(\d+\.\d+\.\d+)", _guest(console, "qemu-ga --version")).group(1)
 
             # -- guest info, against what the guest says -------------------------------------------
@@ -168,7 +229,7 @@ def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snaps
 
             # -- a resume sets the guest's clock, which stood still while paused ------------------
             ok(ch, vms.PauseVm(vm.VmActionRequest(vm=uuid), timeout=30))
-            time.sleep(8)
+            time.sleep(5)
             ok(ch, vms.ResumeVm(vm.VmActionRequest(vm=uuid), timeout=30))
             guest_now = float(_guest(console, "date +%s.%N").splitlines()[-1])
             assert abs(guest_now - time.time()) < 3, (guest_now, time.time())
@@ -252,6 +313,9 @@ def test_guest_agent_reports_guest_info_survives_a_hung_agent_and_quiesces_snaps
         console = AgentConsole(ch, uuid)
         try:
             _login(console, NEW_PASSWORD)  # the password set through the guest agent, kept on the disk
+            # the customization outlives its drive: cloud-init applies it once per instance
+            assert _guest(console, "hostname").splitlines()[-1] == CUSTOM_HOSTNAME
+            assert f"inet {GUEST_IP}/24" in _guest(console, "ip -4 addr show eth0")
             _guest(console, "rm /etc/systemd/logind.conf.d/cna-test.conf && systemctl restart systemd-logind")
         finally:
             console.close()

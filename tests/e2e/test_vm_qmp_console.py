@@ -138,7 +138,7 @@ def test_serial_console_types_into_the_guest_and_reads_back(vm_agent_factory, li
 
         # cna-ctl with a non-tty stdin (script use), again without --force
         exe = Path(sys.executable).with_name("cna-ctl")
-        p = subprocess.run([str(exe), "--socket", str(agent.socket), "vm", "console", "cons", "--linger", "5"],
+        p = subprocess.run([str(exe), "--socket", str(agent.socket), "vm", "console", "cons", "--linger", "3"],
                            input=f"echo ctl-{token}\n".encode(), capture_output=True, timeout=60)
         assert p.returncode == 0, p.stderr.decode()
         assert f"\nctl-{token}" in p.stdout.decode(errors="replace").replace("\r", ""), p.stdout[-500:]

@@ -22,7 +22,8 @@ from cna_agent import __version__
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
-RUNTIME_DEPS = ("python3-libvirt", "python3-grpcio", "python3-protobuf", "python3-psutil", "python3-pyroute2")
+RUNTIME_DEPS = ("python3-libvirt", "python3-grpcio", "python3-protobuf", "python3-psutil", "python3-pyroute2",
+                "dosfstools", "mtools")  # mkfs.vfat and mcopy make the first-boot customization drive
 
 pytestmark = pytest.mark.slow
 

@@ -153,9 +153,9 @@ class JobSampler(DomainSampler):
 #: the agent steps up to (300 ms x 1.5^4 = 1.5 s; x 32 MiB/s = 48 MiB < 64 MiB).
 BANDWIDTH_MIB_S = 32
 WORKING_SET_MIB = 64
-#: The plain pre-copy's completion timeout (s per GiB; a 256 MiB guest counts as 1 GiB): a dozen
-#: iterations and every downtime step fit in it.
-PLAIN_COMPLETION_S = 30
+#: The plain pre-copy's completion timeout (s per GiB; a 256 MiB guest counts as 1 GiB): about ten
+#: iterations at 2 s each (64 MiB at 32 MiB/s) and every downtime step fit in it.
+PLAIN_COMPLETION_S = 20
 
 
 @dataclass
