@@ -36,6 +36,8 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
         customization = customization_from_pb(request.customization) if request.HasField("customization") else None
+        if customization is not None and customization.empty():
+            customization = None  # an empty message is as good as none (proto3 clients send them)
         # The fingerprint leaves the customization out: the journal keeps no hash of password
         # hashes or user data.
         blank = type(request)()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import libvirt
 
 from cna_agent.compute.marks import read_config_metadata
+from cna_agent.errors import FailedPrecondition
 
 CUSTOMIZATION_NS = "https://cna-agent.org/xmlns/customization/1.0"
 CUSTOMIZATION_KEY = "cust"
@@ -54,3 +55,11 @@ class CustomizationMark:
 def read_mark(dom: libvirt.virDomain) -> CustomizationMark | None:
     text = read_config_metadata(dom, CUSTOMIZATION_NS)
     return CustomizationMark.from_xml(text) if text is not None else None
+
+
+def refuse_while_pending(mark: CustomizationMark | None, name: str, verb: str) -> None:
+    """What must not move a VM whose first boot is not done: its drive is a file of this host's
+    state directory (first_boot.py), which the other host would not have."""
+    if mark is not None and mark.state == PENDING:
+        raise FailedPrecondition(f"vm {name!r} has not finished its first-boot customization (its drive is on this "
+                                 f"host); {verb} it once GetVm shows status.customization done", field="vm")

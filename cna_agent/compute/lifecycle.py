@@ -107,6 +107,8 @@ class VmLifecycle:
         #: Where StartVm of a hibernated VM goes, and whose saved state DeleteVm removes (set by
         #: the composition root).
         self.hibernation: "VmHibernation | None" = None
+        #: ACPI presses before a graceful shutdown asks the guest agent too ([compute] config).
+        self.shutdown_agent_after_s = 20.0
         #: First-boot customization (first_boot.py), set by the wiring; None: refused.
         self.first_boot: FirstBoot | None = None
         #: Set the guest's clock after a resume (guest_agent.py's sync_clock), set by the wiring.
@@ -340,7 +342,7 @@ class VmLifecycle:
                 spec = (await self.inventory.definition(uuid)).spec
                 via = await graceful_stop(self.hv, uuid, timeout, guest_agent=bool(spec and spec.guest_agent),
                                           stopped=lambda s: self.wait_state(uuid, {st.STOPPED, st.CRASHED}, s),
-                                          stage=lambda name: op.progress(50, name))
+                                          stage=lambda name: op.progress(50, name), agent_after_s=self.shutdown_agent_after_s)
                 if via:
                     await op.note(shutdown_via=via)  # the operation says how the guest was asked
                     return await self.ops.result(uuid, op)

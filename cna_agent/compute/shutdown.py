@@ -6,8 +6,9 @@ single press (nova's clean shutdown retries for the same reason), and some guest
 good (a Linux without acpid or logind's power-key handling, a Windows server set to do nothing on
 the button, a desktop asking its user). A guest agent, when the VM has one that answers, asks the
 OS itself (qemu-ga runs ``shutdown -P``), so such a guest still stops cleanly within the timeout
-instead of being powered off. It is asked once, after GUEST_AGENT_AFTER_S of presses (or half the
-timeout when that is shorter); a guest that is already on its way down is not harmed by it.
+instead of being powered off. It is asked once, after ``[compute] shutdown_guest_agent_after_s``
+of presses (or half the timeout when that is shorter); a guest already on its way down is not
+harmed by it.
 """
 
 from __future__ import annotations
@@ -54,14 +55,15 @@ def _ask_guest_agent(conn: libvirt.virConnect, uuid: str) -> bool:
 
 async def graceful_stop(hv: Hypervisor, uuid: str, timeout: float, *, guest_agent: bool,
                         stopped: Callable[[float], Awaitable[bool]],
-                        stage: Callable[[str], Awaitable[None]] | None = None) -> str:
+                        stage: Callable[[str], Awaitable[None]] | None = None,
+                        agent_after_s: float = GUEST_AGENT_AFTER_S) -> str:
     """Ask the guest to stop until it does or ``timeout`` passes; return how it was asked last
     (VIA_ACPI or VIA_GUEST_AGENT) when it stopped, "" when it did not. ``stopped(seconds)``
     waits up to that long for the VM to be stopped; ``guest_agent``: the VM has the channel;
     ``stage(name)`` is told when the guest agent was asked ("guest-agent-shutdown")."""
     start = time.monotonic()
     deadline = start + timeout
-    agent_at = start + min(GUEST_AGENT_AFTER_S, timeout / 2)
+    agent_at = start + min(agent_after_s, timeout / 2)
     via = VIA_ACPI
     asked_agent = not guest_agent
     while time.monotonic() < deadline:

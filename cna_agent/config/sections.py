@@ -147,6 +147,9 @@ class ComputeConfig:
     #: A VM's guest agent is read (GetGuestInfo, and once after it connects) at most once in
     #: this many seconds; a caller asking more often gets the last read (compute/guest_agent.py).
     guest_info_min_interval_s: float = 10.0
+    #: A graceful ShutdownVm presses the ACPI button for this long (or half its timeout) before
+    #: it asks the VM's guest agent too, for guests that ignore the button (compute/shutdown.py).
+    shutdown_guest_agent_after_s: float = 20.0
     #: Empty PCIe root ports every q35/aarch64 VM keeps for hot-plugging disks and NICs, unless
     #: its spec sets hotplug_slots (0-32). Each costs QEMU one device and a PCI bus number.
     hotplug_slots: int = 4

@@ -195,6 +195,8 @@ def validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
     if not 1 <= cfg.compute.hibernation_check_interval_s <= 86400:
         fail("compute", "hibernation_check_interval_s",
              f"{cfg.compute.hibernation_check_interval_s} is not between 1 and 86400")
+    if not 1 <= cfg.compute.shutdown_guest_agent_after_s <= 3600:
+        fail("compute", "shutdown_guest_agent_after_s", f"{cfg.compute.shutdown_guest_agent_after_s} is not between 1 and 3600")
     if not 1 <= cfg.compute.guest_info_min_interval_s <= 3600:
         fail("compute", "guest_info_min_interval_s", f"{cfg.compute.guest_info_min_interval_s} is not between 1 and 3600")
     if not cfg.network.ovsdb.startswith(("unix:/", "tcp:", "ssl:")):

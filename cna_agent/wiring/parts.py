@@ -174,6 +174,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
                              sweep_interval_s=config.compute.recycle_sweep_interval_s)
     lifecycle.recycle_bin = recycle_bin
     lifecycle.first_boot = first_boot
+    lifecycle.shutdown_agent_after_s = config.compute.shutdown_guest_agent_after_s
     hibernation = VmHibernation(ops, binder, renderer, BlockingPool("hibernate-files", 2, 60.0, hint="datastore not answering?"),
                                 host_uuid=host_uuid, admission=admission, reservations=reservations)
     lifecycle.hibernation = hibernation

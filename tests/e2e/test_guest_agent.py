@@ -76,6 +76,7 @@ def debian_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, Path, dict, s
     shutil.copyfile(guest["disk"], ds / "tpl" / "debian.qcow2")
     bridge = f"gab{base.name[-5:].lower()}"
     extra = (f'[compute]\nimage_dirs = "{Path(guest["kernel"]).parent}"\nguest_info_min_interval_s = 2\n'
+             f'shutdown_guest_agent_after_s = 4\n'
              f'[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n'
              f'[network]\nreconcile_interval_s = 0\n[network.bridges.{bridge}]\ntype = "linux"\n'
              f'[network.port_groups.gapg]\nbridge = "{bridge}"\n')

@@ -179,3 +179,13 @@ def test_the_mark_round_trips_and_reports_are_read_as_cloud_init_and_windows_wri
     assert parse_report("linux", '{"v1": {"err')[0] == PENDING  # half written
     assert parse_report("windows", "[State]\r\nImageState=IMAGE_STATE_COMPLETE\r\n")[0] == DONE
     assert parse_report("windows", "[State]\r\nImageState=IMAGE_STATE_SPECIALIZE_RESEAL_TO_OOBE\r\n")[0] == PENDING
+
+
+def test_a_vm_whose_first_boot_is_pending_is_not_moved_off_this_host() -> None:
+    from cna_agent.compute.customization_mark import refuse_while_pending
+    from cna_agent.errors import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition, match="first-boot customization"):
+        refuse_while_pending(CustomizationMark(PENDING, "linux", 1.0), "web1", "migrate")
+    refuse_while_pending(CustomizationMark(DONE, "linux", 1.0, 2.0), "web1", "migrate")
+    refuse_while_pending(None, "web1", "migrate")

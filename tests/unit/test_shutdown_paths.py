@@ -54,13 +54,13 @@ def _run(dom: _Dom, timeout: float, guest_agent: bool) -> str:
             await asyncio.sleep(0.01)
         return dom.down
 
-    return asyncio.run(sd.graceful_stop(_Hv(dom), "u", timeout, guest_agent=guest_agent, stopped=stopped))
+    return asyncio.run(sd.graceful_stop(_Hv(dom), "u", timeout, guest_agent=guest_agent, stopped=stopped,
+                                        agent_after_s=0.5))
 
 
 @pytest.fixture(autouse=True)
 def _fast(monkeypatch):
     monkeypatch.setattr(sd, "ACPI_RETRY_S", 0.2)
-    monkeypatch.setattr(sd, "GUEST_AGENT_AFTER_S", 0.5)
 
 
 ACPI, AGENT = libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN, libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
@@ -77,7 +77,7 @@ def test_a_guest_that_ignores_the_button_is_stopped_by_its_agent_after_the_press
     assert _run(dom, 5, guest_agent=True) == sd.VIA_GUEST_AGENT
     flags = [f for _, f in dom.asked]
     assert flags[-1] == AGENT and flags.count(AGENT) == 1 and flags.count(ACPI) >= 2  # pressed, and retried
-    assert dom.asked[-1][0] >= 0.5  # the agent only after GUEST_AGENT_AFTER_S of presses
+    assert dom.asked[-1][0] >= 0.5  # the agent only after agent_after_s of presses
 
 
 def test_without_a_channel_or_an_answering_agent_the_button_is_pressed_until_the_timeout() -> None:
