@@ -36,12 +36,12 @@ from cna_agent.compute import domxml as dx
 from cna_agent.compute import seed_drive
 from cna_agent.compute import state as st
 from cna_agent.compute.guest_agent import READ_DEADLINE_S
-from cna_agent.compute.inventory import VmInventory
+from cna_agent.compute.inventory import VmInventory, presence
 from cna_agent.compute.customization_mark import (CUSTOMIZATION_KEY, CUSTOMIZATION_NS, DONE, FAILED, PENDING,
                                                   CustomizationMark, read_mark)
 from cna_agent.compute.marks import write_config_metadata
 from cna_agent.compute.spec import VmSpec
-from cna_agent.errors import FailedPrecondition, NotFound
+from cna_agent.errors import AgentError, FailedPrecondition
 from cna_agent.hypervisor import Hypervisor
 from cna_agent.qemu_access import QemuUser
 from cna_agent.state.eventlog import EventHub
@@ -93,6 +93,21 @@ def read_guest_file(dom: libvirt.virDomain, path: str) -> str | None:
             _agent(dom, "guest-file-close", handle=handle)
         except libvirt.libvirtError:
             pass
+
+
+def detach_seed(dom: libvirt.virDomain) -> None:
+    """The drive out of the persistent definition and, while the VM runs, out of the guest."""
+    disk = seed_drive.find_seed(dx.Domain.from_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+    if disk is not None:
+        dom.detachDeviceFlags(disk.to_xml(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    if dom.isActive():
+        live = seed_drive.find_seed(dx.Domain.from_xml(dom.XMLDesc(0)))
+        if live is not None:
+            try:  # virtio hot-unplug: the guest lets go of it (cloud-init has unmounted it)
+                dom.detachDeviceFlags(live.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                log.info("event=vm.customization_live_detach vm=%s error=%r (gone at the next start)",
+                         dom.UUIDString(), exc.get_error_message())
 
 
 class FirstBoot:
@@ -164,13 +179,11 @@ class FirstBoot:
             uuid = name[:-4] if name.endswith(".img") else ""
             if not uuid:
                 continue
-            try:
-                state = await self.inventory.state(uuid)
-            except NotFound:
+            defined, running = await self.hv.call(lambda c: presence(c, uuid), timeout=15)
+            if not defined:
                 log.info("event=vm.customization_orphan vm=%s (no such domain: its first-boot drive is removed)", uuid)
                 self.discard(uuid)
-                continue
-            if state in (st.RUNNING, st.PAUSED):
+            elif running:
                 self._poll(uuid)
 
     async def stop(self) -> None:
@@ -200,8 +213,8 @@ class FirstBoot:
                                           timeout=READ_DEADLINE_S * 3 + 5, what="first-boot report", pool=self.pool)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a guest agent gone away or hung: try again later
-                log.debug("event=vm.customization_poll vm=%s error=%r", uuid, exc)
+            except (libvirt.libvirtError, AgentError) as exc:  # a guest agent gone away or hung: again later
+                log.debug("event=vm.customization_poll vm=%s error=%r", uuid, getattr(exc, "message", exc))
                 text = None
             if text is not None:
                 state, message = parse_report(os_kind, text)
@@ -216,17 +229,7 @@ class FirstBoot:
 
         def apply(conn: libvirt.virConnect) -> str:
             dom = conn.lookupByUUIDString(uuid)
-            disk = seed_drive.find_seed(dx.Domain.from_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
-            if disk is not None:
-                dom.detachDeviceFlags(disk.to_xml(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-            if dom.isActive():
-                live = seed_drive.find_seed(dx.Domain.from_xml(dom.XMLDesc(0)))
-                if live is not None:
-                    try:  # virtio hot-unplug: the guest lets go of it (cloud-init has unmounted it)
-                        dom.detachDeviceFlags(live.to_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-                    except libvirt.libvirtError as exc:
-                        log.info("event=vm.customization_live_detach vm=%s error=%r (gone at the next start)",
-                                 uuid, exc.get_error_message())
+            detach_seed(dom)
             write_config_metadata(dom, CUSTOMIZATION_NS, CUSTOMIZATION_KEY, done.to_xml())
             return dom.name()
 

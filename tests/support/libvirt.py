@@ -196,7 +196,7 @@ class ConnHypervisor:
         self.conn = conn
         self.uri = uri
 
-    async def call(self, fn, *, timeout: float | None = None, what: str = "", outlast: float = 0.0):
+    async def call(self, fn, *, timeout: float | None = None, what: str = "", outlast: float = 0.0, pool=None):
         import asyncio
 
         return await asyncio.wait_for(asyncio.to_thread(fn, self.conn), timeout + outlast if timeout else None)
