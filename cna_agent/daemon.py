@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -26,6 +27,9 @@ log = logging.getLogger("cna_agent.daemon")
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
 
+
+#: The longest a stop may take (the gRPC grace and the operations' wind-down are 5 s each).
+STOP_DEADLINE_S = 20
 
 async def serve(config: AgentConfig) -> int:
     from cna_agent.api.server import StartupError, preflight
@@ -64,6 +68,10 @@ async def serve(config: AgentConfig) -> int:
     prune = loop.create_task(_housekeeping(agent), name="housekeeping")
     await stop.wait()
     log.info("event=agent.stopping")
+    # A stop that hangs (a component waiting on something that will not come) is ended here,
+    # with every thread's stack on stderr (the journal), instead of by systemd's SIGKILL at
+    # TimeoutStopSec with nothing said. The guests run on either way (KillMode=process).
+    faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
     notifier.stopping()
     watchdog.cancel()
     prune.cancel()
@@ -71,6 +79,7 @@ async def serve(config: AgentConfig) -> int:
     await agent.server.stop(grace=5)
     await agent.runner.shutdown(timeout=5)
     await agent.stop()
+    faulthandler.cancel_dump_traceback_later()
     log.info("event=agent.stopped")
     return 0
 

@@ -109,6 +109,9 @@ group = "root"
 dynamic_ownership = 0
 remember_owner = 0
 security_driver = "none"
+# swtpm (spec.tpm) as root too: its state lives under this 0700 root, out of the tss user's reach.
+swtpm_user = "root"
+swtpm_group = "root"
 # Without virtlogd, QEMU writes serial/console logs (<log file=...>) itself.
 stdio_handler = "file"
 """

@@ -87,6 +87,13 @@ def libvirt_mode(request) -> str:
 
 
 @pytest.fixture
+def system_mode(system_libvirtd) -> str:
+    """The host's libvirtd only (the production way), for a test whose embedded-driver run would
+    repeat what other tests already drive on the embedded driver (kept out for suite time)."""
+    return "system"
+
+
+@pytest.fixture
 def system_libvirtd():
     """The host's libvirtd (qemu:///system: QEMU runs as its own unprivileged user), started if
     it was not running and left as it was found (other tests' agents pick qemu:///system when

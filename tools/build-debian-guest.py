@@ -67,6 +67,7 @@ SUITE = "bookworm"
 PACKAGES = [
     "systemd-sysv", "udev", "dbus", "qemu-guest-agent", "cloud-init", "ifupdown", "isc-dhcp-client",
     "iproute2", "e2fsprogs", "util-linux", "procps", "kmod",
+    "tpm2-tools",  # the vTPM checks: NV indexes written on one boot, read on the next
 ]
 ROOT_PASSWORD = "cna-guest"
 #: Fixed salt: the same recipe gives the same /etc/shadow (and the same cache key) every time.

@@ -23,6 +23,7 @@ debs=(
   openvswitch-switch nftables ethtool iputils-ping tgt open-iscsi libiscsi-bin
   gcc libc6-dev cpio gzip iproute2 openssl procps
   syslinux syslinux-common mtools dosfstools fdisk
+  swtpm swtpm-tools  # spec.tpm: libvirt starts swtpm (swtpm_setup on a first start)
   mmdebstrap e2fsprogs  # the real Debian guest (tools/build-debian-guest.py): packages into a tree, mkfs.ext4 -d
   tmux  # cna-ctl checked in a real terminal (tests/e2e/test_cli_terminal.py)
   prometheus  # a real server scrapes the agent's endpoint, promtool lints it (tests/e2e/test_prometheus_scrape.py)

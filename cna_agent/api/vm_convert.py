@@ -68,7 +68,7 @@ def spec_from_pb(m: Any) -> sp.VmSpec:
         boot=sp.BootSpec(m.boot.kernel, m.boot.initrd, m.boot.cmdline), numa_cells=m.numa_cells, labels=dict(m.labels),
         autostart=m.autostart, dedicated_cpus=m.dedicated_cpus, hugepages=m.hugepages,
         hotplug_slots=m.hotplug_slots if m.HasField("hotplug_slots") else -1,
-        storage_errors=sp.StorageErrorPolicy(m.storage_errors.action, m.storage_errors.poweroff_after_s),
+        storage_errors=sp.StorageErrorPolicy(m.storage_errors.action, m.storage_errors.poweroff_after_s), tpm=m.tpm,
     )
     for d in m.disks:
         q = d.qos
@@ -107,6 +107,7 @@ def spec_to_pb(s: sp.VmSpec) -> Any:
         boot=v.BootSpec(kernel=s.boot.kernel, initrd=s.boot.initrd, cmdline=s.boot.cmdline), numa_cells=s.numa_cells,
         labels=s.labels, autostart=s.autostart, dedicated_cpus=s.dedicated_cpus, hugepages=s.hugepages,
         storage_errors=v.StorageErrorPolicy(action=s.storage_errors.action, poweroff_after_s=s.storage_errors.poweroff_after_s),
+        tpm=s.tpm,
     )
     if s.hotplug_slots >= 0:
         m.hotplug_slots = s.hotplug_slots

@@ -386,6 +386,13 @@ class MemoryDevice(XmlObject):
     node = Prop("target/node", "int")
 
 
+class Tpm(XmlObject):
+    TAG = "tpm"
+    model = Prop("@model")
+    backend_type = Prop("backend/@type")
+    backend_version = Prop("backend/@version")
+
+
 class Devices(XmlObject):
     TAG = "devices"
     emulator = Prop("emulator")
@@ -402,6 +409,7 @@ class Devices(XmlObject):
     memballoon = Child(MemBalloon, "memballoon")
     panics = Children(Panic, "panic")
     memories = Children(MemoryDevice, "memory")
+    tpms = Children(Tpm, "tpm")
 
 
 # -- the domain -------------------------------------------------------------------------------

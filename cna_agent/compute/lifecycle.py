@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 import uuid as uuidlib
 from dataclasses import replace
@@ -58,10 +59,12 @@ class DomainRenderer:
         self.run_dirs = run_dirs
         self.virt_type = virt_type
         self.host_cpus = host_cpus
+        #: libvirt starts swtpm (and swtpm_setup on a first start) for a VM with spec.tpm.
+        self.tpm_emulator = all(shutil.which(tool) for tool in ("swtpm", "swtpm_setup"))
 
     def validation(self, have_placer: bool) -> ValidationContext:
         return ValidationContext(host_arch=self.ctx.host_arch, virt_type=self.virt_type, host_cpus=self.host_cpus,
-                                 have_placer=have_placer)
+                                 have_placer=have_placer, tpm_emulator=self.tpm_emulator)
 
     def build(self, spec: VmSpec, bindings: Bindings) -> "dx.Domain":
         """The typed domain for this host (render() is its XML)."""
@@ -458,7 +461,8 @@ class VmLifecycle:
             def undefine(conn: libvirt.virConnect) -> None:
                 dom = conn.lookupByUUIDString(uuid)
                 flags = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                         | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+                         | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                         | libvirt.VIR_DOMAIN_UNDEFINE_TPM)  # swtpm's state goes with the VM
                 dom.undefineFlags(flags)
 
             await self.hv.call(undefine, timeout=30)

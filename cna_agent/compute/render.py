@@ -356,6 +356,10 @@ def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) 
         devs.memballoon = dx.MemBalloon(model="virtio", stats_period=10)
     else:
         devs.memballoon = dx.MemBalloon(model="none")
+    if spec.tpm:
+        # swtpm started by libvirt for the VM; CRB on x86 (q35 and pc), TIS on aarch64 virt.
+        devs.tpms.append(dx.Tpm(model="tpm-crb" if r.arch == "x86_64" else "tpm-tis", backend_type="emulator",
+                                backend_version="2.0"))
     if spec.panic_device:
         model = "hyperv" if r.os_family == "windows" and hyperv.crash_msrs_offered(r.domain_type) else "isa"
         devs.panics.append(dx.Panic(model=model))

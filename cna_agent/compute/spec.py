@@ -220,6 +220,8 @@ class VmSpec:
     hotplug_slots: int = -1
     hugepages: bool = False
     storage_errors: StorageErrorPolicy = field(default_factory=StorageErrorPolicy)
+    #: An emulated TPM 2.0 (swtpm); its state is libvirt's, kept across restarts (render.py).
+    tpm: bool = False
 
     # -- serialisation (the form stored in the domain metadata) -----------------------------
 
@@ -304,6 +306,8 @@ class ValidationContext:
     host_cpus: int = 0
     #: Whether a placement planner is available (dedicated CPUs, hugepages need one).
     have_placer: bool = False
+    #: Whether swtpm is installed (spec.tpm needs it).
+    tpm_emulator: bool = True
 
 
 def _enum(value: str, allowed: tuple[str, ...], path: str) -> None:
@@ -454,6 +458,8 @@ def validate(spec: VmSpec, ctx: ValidationContext) -> None:
         _u(spec.hotplug_slots, "spec.hotplug_slots", maximum=MAX_HOTPLUG_SLOTS)
     if spec.dedicated_cpus and not ctx.have_placer:
         raise InvalidArgument("spec.dedicated_cpus", "no placement planner is available on this host yet")
+    if spec.tpm and not ctx.tpm_emulator:
+        raise InvalidArgument("spec.tpm", "this host has no TPM emulator (install swtpm and swtpm-tools)")
 
     # QoS
     _u(spec.cpu_qos.shares, "spec.cpu_qos.shares", maximum=262144)

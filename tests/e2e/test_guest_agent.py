@@ -46,6 +46,7 @@ NEW_PASSWORD = "Gu3st-Pw:set by the agent"
 CUSTOM_HOSTNAME = "deb-custom"
 CUSTOM_PASSWORD = "Cust0m-Pw:from the seed"
 ROOT_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFtZ2c9dVJ8x3pQ6mR1kT7wY4uB0nL5sH2aE8fG6jC1D vrm@cna-test"
+TPM_NV, TPM_SECRET = "0x1500016", "cna-tpm-state-1"
 OPS_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB7qM3nV8cX1zK4jH6gF2dS9aP0oI5uY7tR3eW1qL8mN ops@cna-test"
 
 
@@ -151,7 +152,7 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
                                                          path="g1/root.qcow2", linked=True), timeout=30))
         # cloud-init runs (the seed's command line): the first boot is customized from the drive
         spec = vm.VmSpec(
-            name="deb-ga", vcpus=1, memory_mib=768, serial_console=True, guest_agent=True,
+            name="deb-ga", vcpus=1, memory_mib=768, serial_console=True, guest_agent=True, tpm=True,
             arch=pb.common_pb2.ARCH_X86_64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE),
             boot=vm.BootSpec(kernel=guest["kernel"], initrd=guest["initrd"], cmdline=guest["cmdline"]),
             disks=[vm.DiskSpec(volume="ds/g1/root.qcow2")], nics=[vm.NicSpec(port_group=pg, mac=MAC)])
@@ -192,6 +193,18 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
             assert ROOT_KEY in _guest(console, "cat /root/.ssh/authorized_keys")
             assert OPS_KEY in _guest(console, "cat /home/ops/.ssh/authorized_keys")
             assert "NOPASSWD:ALL" in _guest(console, "cat /etc/sudoers.d/90-cloud-init-users")
+            # -- the vTPM: a TPM 2.0 the guest's kernel found; an NV index written now is read on
+            #    the next boot (PCRs reset with the machine; the TPM's own state is what persists)
+            _guest(console, "test -c /dev/tpm0 && test -c /dev/tpmrm0")
+            assert _guest(console, "cat /sys/class/tpm/tpm0/tpm_version_major").splitlines()[-1] == "2"
+            assert re.search(r"<tpm model=.tpm-crb.>\s*<backend type=.emulator. version=.2\.0.",
+                             _domain_xml(agent, "deb-ga", live=True)), "libvirt runs no swtpm for the VM"
+            # swtpm's state, where libvirt keeps it for the VM (its embedded root here)
+            assert list((agent.dir / "state" / "libvirt").glob(f"**/swtpm/{uuid}/tpm2/tpm2-00.permall"))
+            _guest(console, f"tpm2_nvdefine {TPM_NV} -C o -s {len(TPM_SECRET)} -a 'ownerread|ownerwrite' && "
+                            f"printf %s {TPM_SECRET} | tpm2_nvwrite {TPM_NV} -C o -i -")
+            _guest(console, "tpm2_pcrextend 16:sha256=" + "ab" * 32)
+            assert "0x" in _guest(console, "tpm2_pcrread sha256:16")
             # the unplugged drive is gone from the guest too: only the root disk is left
             wait_for(lambda: _guest(console, "ls /sys/block | grep '^vd' | tr '\\n' ' '").split()[-1:] == ["vda"], 30,
                      "the drive gone from the guest's block devices", interval=1)
@@ -317,6 +330,8 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
             # the customization outlives its drive: cloud-init applies it once per instance
             assert _guest(console, "hostname").splitlines()[-1] == CUSTOM_HOSTNAME
             assert f"inet {GUEST_IP}/24" in _guest(console, "ip -4 addr show eth0")
+            # the TPM's state outlived the power-off: the NV index holds what the first boot wrote
+            assert _guest(console, f"tpm2_nvread {TPM_NV} -C o -s {len(TPM_SECRET)}").splitlines()[-1] == TPM_SECRET
             _guest(console, "rm /etc/systemd/logind.conf.d/cna-test.conf && systemctl restart systemd-logind")
         finally:
             console.close()

@@ -90,7 +90,8 @@ def _create_and_boot(agent: AgentProcess, ch: grpc.Channel, spec: vm.VmSpec) -> 
 
 
 @pytest.fixture
-def boot_env(libvirt_caps_cache, libvirt_mode) -> Iterator[tuple[AgentProcess, Path, Path, Path]]:
+def boot_env(libvirt_caps_cache, system_mode) -> Iterator[tuple[AgentProcess, Path, Path, Path]]:
+    libvirt_mode = system_mode
     """An agent with two dir datastores, "ds" (volumes) and "imp" (uploads), under a short /tmp
     path (QEMU's unix sockets under the embedded root must stay below 108 bytes); once on the
     embedded driver and once on the host's libvirtd, where QEMU runs unprivileged and must reach

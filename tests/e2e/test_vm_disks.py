@@ -32,7 +32,8 @@ def _disks(ch, uuid: str) -> list[str]:
 
 
 @pytest.fixture
-def disk_agent(libvirt_caps_cache, libvirt_mode):
+def disk_agent(libvirt_caps_cache, system_mode):
+    libvirt_mode = system_mode  # embedded hot-plug: test_vm_disk_faults, the migration tests
     """Once on the embedded driver, once on the host's libvirtd (QEMU unprivileged)."""
     # Short path: QEMU's socket paths under the embedded root must stay below 108 bytes.
     base = Path(tempfile.mkdtemp(prefix="cd", dir="/tmp"))

@@ -109,7 +109,8 @@ def _domain_xml(agent, mode: str, uuid: str) -> str:
         conn.close()
 
 
-def test_hugepage_guest_memory_sits_on_hugepages_and_too_few_pages_are_refused(vm_agent_factory, libvirt_mode, hugepages):
+def test_hugepage_guest_memory_sits_on_hugepages_and_too_few_pages_are_refused(vm_agent_factory, system_mode, hugepages):
+    libvirt_mode = system_mode
     agent = vm_agent_factory(mode=libvirt_mode)
     # reserved while the agent runs, as an admin would: the placer counts the kernel's pools when
     # it plans, not the topology it read at start-up

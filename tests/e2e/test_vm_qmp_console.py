@@ -35,7 +35,8 @@ def _running_guest(agent, ch, name: str) -> str:
 
 
 @pytest.mark.slow
-def test_diagnostics_over_the_side_channel_beside_libvirt(vm_agent_factory, libvirt_mode) -> None:
+def test_diagnostics_over_the_side_channel_beside_libvirt(vm_agent_factory, system_mode) -> None:
+    libvirt_mode = system_mode  # the embedded side channel serves every other embedded test
     agent = vm_agent_factory(mode=libvirt_mode)
     with agent.channel() as ch:
         stub = pb.vm_pb2_grpc.VmServiceStub(ch)

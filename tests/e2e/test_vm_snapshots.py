@@ -38,7 +38,8 @@ def pattern_ok(img: Path, pattern: int, *extra: str) -> bool:
 
 
 @pytest.mark.slow
-def test_internal_and_external_snapshots_tree_revert_delete(vm_agent_factory, libvirt_mode) -> None:
+def test_internal_and_external_snapshots_tree_revert_delete(vm_agent_factory, system_mode) -> None:
+    libvirt_mode = system_mode  # embedded snapshots: the memory-snapshot and Debian quiesce tests
     images = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
     images.chmod(0o755)  # an image directory QEMU's own user may pass (system mode)
     img = images / "data.qcow2"

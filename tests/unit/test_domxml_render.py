@@ -181,3 +181,19 @@ def test_libvirt_kib_output_parses() -> None:
     xml = "<domain type='kvm'><name>x</name><memory unit='GiB'>2</memory><currentMemory>1048576</currentMemory></domain>"
     dom = dx.Domain.from_xml(xml)
     assert dom.memory_kib == 2 * 1024 * 1024 and dom.current_memory_kib == 1024 * 1024
+
+
+def test_a_tpm_is_libvirts_swtpm_2_0_crb_on_x86_and_tis_on_aarch64_and_needs_swtpm(tmp_path: Path) -> None:
+    from cna_agent.compute.spec import ValidationContext, validate
+    from cna_agent.errors import InvalidArgument
+
+    for ctx, model in ((X86_TCG, "tpm-crb"), (ARM_KVM, "tpm-tis")):
+        spec = _base(tpm=True, disks=[DiskSpec(volume="ds/root.qcow2", boot_order=1)])
+        xml = render_xml(spec, Bindings(disks=[FILE_DISK]), ctx)
+        (tpm,) = dx.Domain.from_xml(xml).devices.tpms
+        assert (tpm.model, tpm.backend_type, tpm.backend_version) == (model, "emulator", "2.0")
+        schema_check(tmp_path, xml, "domain", f"tpm-{model}")
+    assert not build_domain(_base(), Bindings(), X86_TCG).devices.tpms
+    with pytest.raises(InvalidArgument, match="swtpm") as err:
+        validate(_base(tpm=True), ValidationContext(tpm_emulator=False))
+    assert err.value.field == "spec.tpm"
