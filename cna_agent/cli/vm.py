@@ -1,8 +1,11 @@
-"""cna-ctl vm list|show|define|start|stop|reboot|pause|resume|delete (console, snapshot, migrate, guest-info: own modules).
+"""cna-ctl vm list|show|define|start|stop|reboot|pause|resume|delete (console, snapshot, migrate,
+guest-info: own modules).
 
 ``define`` reads a VmSpec from a YAML or JSON file. Field names are the proto's
 (``memory_mib``, ``os_family``...); enum values may be the proto names (``OS_FAMILY_WINDOWS``)
-or the short forms the agent uses (``windows``, ``uefi``, ``virtio``). Mutating commands wait
+or the short forms the agent uses (``windows``, ``uefi``, ``virtio``). ``--customization``
+reads a GuestCustomization (first boot: hostname, users, keys, addresses) the same way; one file
+may hold both, under ``spec:`` and ``customization:``. Mutating commands wait
 for their operation (``--no-wait`` returns its id at once) and exit 1 when it failed.
 """
 
