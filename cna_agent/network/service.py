@@ -50,6 +50,10 @@ def _bw(decl: Bandwidth) -> Bandwidth | None:
     return decl if decl.is_set else None
 
 
+#: How long a NIC binding waits for the first apply of the declared bridges (expect_initial_apply).
+INITIAL_APPLY_WAIT_S = 30.0
+
+
 class NetworkService:
     def __init__(
         self,
@@ -67,6 +71,8 @@ class NetworkService:
         libvirt_embedded: bool = True,
     ) -> None:
         self.ovs = OvsdbClient(ovsdb, ovsdb_timeout_s)
+        #: Set once the first apply of the declared bridges has run (expect_initial_apply).
+        self._initial_apply: asyncio.Event | None = None
         self.linux = LinuxBridgeDriver()
         #: Netlink (pyroute2) and sysfs work; [network] netlink_threads, a deadline per call.
         self.netlink_pool = BlockingPool("netlink", netlink_threads, netlink_timeout_s)
@@ -228,12 +234,24 @@ class NetworkService:
         await self.publish("network.port_group.deleted", "port_group", name, [])
         return True
 
+    def expect_initial_apply(self) -> None:
+        """The daemon applies the declared bridges just after it is ready (so a slow OVSDB does
+        not hold up gRPC); until that first apply has run, a NIC binding waits for it (up to
+        INITIAL_APPLY_WAIT_S). Seen in CI: a CreateVm+start right after READY met a Linux bridge
+        not made yet, and QEMU failed on "Cannot get interface MTU ... No such device"."""
+        self._initial_apply = asyncio.Event()
+
     async def resolve_port_group(self, port_group: str, *, field: str) -> NicBinding:
         """compute's PortProvider: what libvirt must be told for a NIC in ``port_group``."""
         pg = self.port_groups.get(port_group)
         if pg is None:
             known = ", ".join(sorted(self.port_groups)) or "none declared"
             raise InvalidArgument(field, f"unknown port group {port_group!r} (declared: {known})")
+        if self._initial_apply is not None and not self._initial_apply.is_set():
+            try:
+                await asyncio.wait_for(self._initial_apply.wait(), INITIAL_APPLY_WAIT_S)
+            except asyncio.TimeoutError:
+                log.warning("event=network.initial_apply_slow port_group=%s (binding without waiting longer)", port_group)
         bridge = self.bridges[pg.bridge]
         return NicBinding(
             kind="ovs" if bridge.type == "ovs" else "linux-bridge",
@@ -312,7 +330,11 @@ class NetworkService:
         return await self.reconciler.reconcile(repair, only_port_group=only_port_group, ports=ports)
 
     async def apply_declared(self) -> None:
-        await self.reconciler.apply_declared()
+        try:
+            await self.reconciler.apply_declared()
+        finally:
+            if self._initial_apply is not None:
+                self._initial_apply.set()
 
     async def facts(self) -> dict[str, Any]:
         support = await self.blocking(probe_vlan_support)

@@ -211,7 +211,9 @@ async def build_agent(config: AgentConfig) -> Agent:
 
     async def start_network() -> None:
         # Applying at after_start keeps a slow or absent OVSDB from delaying the gRPC server:
-        # the VRM can see the host and read the drift while OVS is being fixed.
+        # the VRM can see the host and read the drift while OVS is being fixed. NIC bindings
+        # from now on wait for that first apply (a bridge it makes may not exist yet).
+        network.service.expect_initial_apply()
         network_loop.append(asyncio.get_running_loop().create_task(
             _network_loop(network.service, config.network.reconcile_interval_s), name="network-reconcile"))
 
