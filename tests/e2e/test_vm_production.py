@@ -1,6 +1,6 @@
 """What failed only outside the embedded driver as root (issue 20), booted or hot-plugged on real
-guests in both ways the agent runs QEMU (``libvirt_mode``: the embedded driver, and the host's
-libvirtd with QEMU as its unprivileged user):
+guests under the host's libvirtd with QEMU as its unprivileged user (the Windows-family boot also
+under the embedded driver, ``libvirt_mode``; the others run embedded in every other test):
 
 * a Windows-family VM under TCG: QEMU refuses Hyper-V VP_INDEX without KVM, so the domain gets
   what the hypervisor offers and GetVm says what was left out (compute/hyperv.py);
@@ -65,7 +65,8 @@ def test_a_windows_family_vm_boots_under_tcg_with_what_qemu_offers(vm_agent_fact
 
 
 @pytest.fixture
-def hotplug_agent(vm_agent_factory, libvirt_mode):
+def hotplug_agent(vm_agent_factory, system_mode):
+    libvirt_mode = system_mode
     """An agent with a dir datastore and a Linux bridge with one port group."""
     s = uuidlib.uuid4().hex[:5]
     ds = Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))
@@ -135,7 +136,8 @@ def test_a_spec_asking_for_too_many_slots_is_refused_naming_the_field(vm_agent_f
         assert not vms.ListVms(vm.ListVmsRequest(), timeout=30).vms
 
 
-def test_a_uefi_vm_boots_with_its_variable_store_in_the_agents_state_directory(vm_agent_factory, libvirt_mode) -> None:
+def test_a_uefi_vm_boots_with_its_variable_store_in_the_agents_state_directory(vm_agent_factory, system_mode) -> None:
+    libvirt_mode = system_mode  # QEMU's own user must reach the store: the case that matters
     """OVMF's per-VM variable store lives under <state_dir>/nvram, which libvirt fills from the
     template and relabels; an unprivileged QEMU must still pass the directories above it."""
     agent = vm_agent_factory(mode=libvirt_mode)
