@@ -40,6 +40,8 @@ STATE = {
     "hibernated": v.VM_STATE_HIBERNATED,
 }
 STATE_NAMES = {num: name for name, num in STATE.items()}
+CUSTOMIZATION_STATE = {"pending": v.CUSTOMIZATION_STATE_PENDING, "done": v.CUSTOMIZATION_STATE_DONE,
+                       "failed": v.CUSTOMIZATION_STATE_FAILED}
 
 
 def _e(table: dict[int, str], value: int) -> str:
@@ -192,10 +194,6 @@ def vm_to_pb(info: VmInfo) -> Any:
         if info.customization.finished:
             cs.finish_time.CopyFrom(timestamp(info.customization.finished))
     return vm
-
-
-CUSTOMIZATION_STATE = {"pending": v.CUSTOMIZATION_STATE_PENDING, "done": v.CUSTOMIZATION_STATE_DONE,
-                       "failed": v.CUSTOMIZATION_STATE_FAILED}
 
 
 def customization_from_pb(m: Any) -> cz.GuestCustomization:

@@ -318,14 +318,3 @@ def nocloud_files(c: GuestCustomization, spec: VmSpec, instance_id: str) -> dict
 def unattend_files(c: GuestCustomization) -> dict[str, bytes]:
     """Windows Setup looks for autounattend.xml at the root of removable media."""
     return {"autounattend.xml": c.windows_unattend_xml.encode()}
-
-
-def summary(c: GuestCustomization) -> dict[str, str]:
-    """What may be said about a customization in events and logs: no hash, key or user data."""
-    out = {"users": ",".join(u.name for u in c.users), "nics": str(len(c.nics)),
-           "user_data": "yes" if c.user_data else "no"}
-    if c.hostname:
-        out["hostname"] = c.hostname
-    if c.windows_unattend_xml:
-        out["unattend"] = "yes"
-    return out

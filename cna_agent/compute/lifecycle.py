@@ -151,10 +151,12 @@ class VmLifecycle:
                      lock_timeout: float = 0.0, customization: GuestCustomization | None = None) -> OperationRecord:
         spec = spec.copy()
         validate(spec, self.validation_context())
+        # Set when this create customizes the guest's first boot (first_boot.py).
+        first_boot = self.first_boot if customization is not None else None
         if customization is not None:
-            if self.first_boot is None:
+            if first_boot is None:
                 raise FailedPrecondition("this agent does not customize guests", field="customization")
-            self.first_boot.check(customization, spec)
+            first_boot.check(customization, spec)
         if self.admission is not None:
             self.admission.check_admission("new VMs", field="spec")
         if not spec.uuid:
@@ -169,8 +171,8 @@ class VmLifecycle:
         bindings = await self.binder.bindings(spec)
 
         async def undo() -> None:
-            if customization is not None and self.first_boot is not None:
-                self.first_boot.discard(spec.uuid)
+            if first_boot is not None:
+                first_boot.discard(spec.uuid)
             if reserved_here:
                 await self.binder.release_placement(spec.uuid)
             await self.binder.release_luns(spec, range(len(spec.disks)))
@@ -182,8 +184,8 @@ class VmLifecycle:
             for disk, target in zip(spec.disks, assign_disk_targets(spec, spec.os_family or "linux")):
                 disk.target = target
             dom = self.renderer.build(spec, bindings)
-            if customization is not None and self.first_boot is not None:
-                self.first_boot.attach(dom, spec)  # the first-boot drive and its pending mark
+            if first_boot is not None:
+                first_boot.attach(dom, spec)  # the first-boot drive and its pending mark
             xml = dom.to_xml()
         except BaseException:
             await undo()
@@ -216,14 +218,16 @@ class VmLifecycle:
                 # From here the VM exists in libvirt: a cancel could only leave it half-made.
                 cancelling.commit(f"vm {spec.name!r} is being defined; delete it instead")
                 self._prepare_dirs(spec)
-                if customization is not None and self.first_boot is not None:
-                    await self.first_boot.write(customization, spec, self.hv.qemu_user())
+                if first_boot is not None and customization is not None:
+                    await first_boot.write(customization, spec, self.hv.qemu_user())
                 await self.hv.call(define, timeout=30)
             except BaseException:
                 await undo()
                 raise
-            # (a customized VM's definition holds a mark too: read it again)
-            self.inventory.forget(spec.uuid) if customization else self.inventory.remember(spec.uuid, spec)
+            if first_boot is not None:
+                self.inventory.forget(spec.uuid)  # its definition holds the pending mark too: read it again
+            else:
+                self.inventory.remember(spec.uuid, spec)
             await self.ops.events.publish("vm.defined", resource_kind="vm", resource_id=spec.uuid, resource_name=spec.name,
                                           message=f"{spec.name} defined", operation_id=op.id)
             if start:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import calendar
 import os
 import time
-from xml.etree import ElementTree as ET
 
 import pytest
 
 from cna_agent.api import pb
 from support.guests import guest_spec
+from support.libvirt import live_vnc
 from support.operations import ok
 from support.vnc_client import VncAuthFailed, handshake
 from support.waiting import wait_for
@@ -26,22 +26,6 @@ from support.waiting import wait_for
 vm = pb.vm_pb2
 ev = pb.events_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
-
-
-def _live_vnc(agent, mode: str, name: str) -> ET.Element:
-    """The running domain's VNC graphics element as libvirt keeps it (passwords included): the
-    embedded driver's status XML, or qemu:///system asked directly."""
-    if mode == "system":
-        import libvirt
-
-        conn = libvirt.open("qemu:///system")
-        try:
-            xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
-        finally:
-            conn.close()
-    else:
-        xml = (agent.dir / "state" / "libvirt" / "run" / "qemu" / f"{name}.xml").read_text()
-    return next(g for g in ET.fromstring(xml).iter("graphics") if g.get("type") == "vnc")
 
 
 def _events(ch, uuid: str, kind: str) -> list:
@@ -74,7 +58,7 @@ def test_a_vnc_ticket_opens_one_session_and_none_after_its_expiry(vm_agent_facto
         used = wait_for(lambda: _events(ch, uuid, "console.ticket_used"), 10, "console.ticket_used after the first login")
         assert used[0].attributes["outcome"] == "burned" and used[0].attributes["client"].startswith("127.0.0.1:")
         # libvirt's live password is no longer the ticket, and it has expired
-        graphics = _live_vnc(agent, libvirt_mode, "ticket-vm")
+        graphics = live_vnc(agent, libvirt_mode, "ticket-vm")
         assert graphics.get("passwd") not in (ticket, "pw123", None)
         assert calendar.timegm(time.strptime(graphics.get("passwdValidTo"), "%Y-%m-%dT%H:%M:%S")) <= time.time()
 

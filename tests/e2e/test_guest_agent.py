@@ -33,6 +33,7 @@ from cna_agent.api import pb
 from support.agent import AgentProcess, start_agent
 from support.console import AgentConsole, SerialLog
 from support.guests import build_debian_guest
+from support.libvirt import domain_xml
 from support.operations import ok, wait
 from support.waiting import wait_for
 
@@ -130,14 +131,6 @@ def _ctl(agent: AgentProcess, *args: str, stdin: str | None = None) -> str:
     return out.stdout
 
 
-def _domain_xml(agent: AgentProcess, name: str, *, live: bool) -> str:
-    """The domain as the embedded driver keeps it: its status XML while it runs, or the
-    persistent definition."""
-    root = agent.dir / "state" / "libvirt"
-    path = root / "run" / "qemu" / f"{name}.xml" if live else root / "etc" / "qemu" / f"{name}.xml"
-    return path.read_text() if path.exists() else ""
-
-
 def _tools(vms, uuid: str) -> int:
     return vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.tools_status
 
@@ -161,7 +154,7 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
                                       timeout=60), into=vm.Vm())
         uuid = created.uuid
         seed = agent.dir / "state" / "seeds" / f"{uuid}.img"
-        assert seed.is_file() and "cna-seed" in _domain_xml(agent, "deb-ga", live=True)
+        assert seed.is_file() and "cna-seed" in domain_xml(agent, "embedded", "deb-ga")
         assert vms.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.customization.state == vm.CUSTOMIZATION_STATE_PENDING
         log = SerialLog(agent.dir / "run" / "vms" / uuid / "serial.log")
         log.wait_for(r"CNA-GUEST-READY boot=1 os=debian", timeout=300)
@@ -177,8 +170,8 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
         assert status.state == vm.CUSTOMIZATION_STATE_DONE, status.message
         assert "cloud-init finished" in status.message and status.finish_time.seconds >= status.start_time.seconds
         assert not seed.exists()
-        wait_for(lambda: "cna-seed" not in _domain_xml(agent, "deb-ga", live=True), 30, "the drive unplugged live")
-        assert "cna-seed" not in _domain_xml(agent, "deb-ga", live=False)
+        wait_for(lambda: "cna-seed" not in domain_xml(agent, "embedded", "deb-ga"), 30, "the drive unplugged live")
+        assert "cna-seed" not in domain_xml(agent, "embedded", "deb-ga", live=False)
 
         console = AgentConsole(ch, uuid)
         try:
@@ -198,7 +191,7 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
             _guest(console, "test -c /dev/tpm0 && test -c /dev/tpmrm0")
             assert _guest(console, "cat /sys/class/tpm/tpm0/tpm_version_major").splitlines()[-1] == "2"
             assert re.search(r"<tpm model=.tpm-crb.>\s*<backend type=.emulator. version=.2\.0.",
-                             _domain_xml(agent, "deb-ga", live=True)), "libvirt runs no swtpm for the VM"
+                             domain_xml(agent, "embedded", "deb-ga")), "libvirt runs no swtpm for the VM"
             # swtpm's state, where libvirt keeps it for the VM (its embedded root here)
             assert list((agent.dir / "state" / "libvirt").glob(f"**/swtpm/{uuid}/tpm2/tpm2-00.permall"))
             _guest(console, f"tpm2_nvdefine {TPM_NV} -C o -s {len(TPM_SECRET)} -a 'ownerread|ownerwrite' && "

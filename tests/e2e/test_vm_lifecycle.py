@@ -24,6 +24,7 @@ from google.protobuf import duration_pb2
 from cna_agent.api import pb
 from support.agent import start_agent
 from support.guests import guest_spec, serial_log
+from support.libvirt import live_vnc
 from support.operations import ok, wait
 
 vm = pb.vm_pb2
@@ -31,25 +32,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU dri
 
 def start_vm_agent(factory):
     return factory()
-
-
-def _live_graphics(agent, mode: str, name: str):
-    """The running domain's VNC graphics element as libvirt keeps it, passwords included: the
-    status XML of the embedded driver's root, or qemu:///system asked directly."""
-    from xml.etree import ElementTree as ET
-
-    if mode == "system":
-        import libvirt
-
-        conn = libvirt.open("qemu:///system")
-        try:
-            xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
-        finally:
-            conn.close()
-    else:
-        xml = (agent.dir / "state" / "libvirt" / "run" / "qemu" / f"{name}.xml").read_text()
-    root = ET.fromstring(xml)
-    return next(g for g in root.iter("graphics") if g.get("type") == "vnc")
 
 
 class EventStream:
@@ -120,7 +102,7 @@ def test_x86_64_guest_define_start_reboot_shutdown_delete(vm_agent_factory, syst
         assert t0 + 115 <= console.password_expire_time.seconds <= time.time() + 121
         again = stub.GetConsole(vm.GetConsoleRequest(vm="guest-x86"), timeout=10)
         assert again.password != console.password and again.password_expire_time.seconds <= time.time() + 61
-        graphics = _live_graphics(agent, libvirt_mode, "guest-x86")
+        graphics = live_vnc(agent, libvirt_mode, "guest-x86")
         assert graphics.get("passwd") == again.password
         assert graphics.get("passwdValidTo") == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(again.password_expire_time.seconds))
         assert not stub.GetVm(vm.GetVmRequest(vm=uuid), timeout=10).status.console.password

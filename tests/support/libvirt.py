@@ -185,6 +185,32 @@ def _stop(pidfile: Path, what: str) -> None:
         print(f"{what} took {time.monotonic() - t0:.1f} s to stop", file=sys.stderr)
 
 
+def domain_xml(agent, mode: str, name: str, *, live: bool = True) -> str:
+    """Domain ``name`` of ``agent`` as libvirt keeps it, passwords included: asked of
+    qemu:///system in "system" mode, else read from the embedded driver's files under the
+    agent's root (the status XML while it runs, the persistent definition with ``live=False``).
+    "" when libvirt has no such file (a domain that is not running, or gone)."""
+    if mode == "system":
+        import libvirt
+
+        conn = libvirt.open("qemu:///system")
+        try:
+            flags = libvirt.VIR_DOMAIN_XML_SECURE | (0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE)
+            return conn.lookupByName(name).XMLDesc(flags)
+        finally:
+            conn.close()
+    root = Path(agent.dir) / "state" / "libvirt"
+    path = root / "run" / "qemu" / f"{name}.xml" if live else root / "etc" / "qemu" / f"{name}.xml"
+    return path.read_text() if path.exists() else ""
+
+
+def live_vnc(agent, mode: str, name: str):
+    """The running domain's VNC graphics element (ElementTree), password and validity included."""
+    from xml.etree import ElementTree as ET
+
+    return next(g for g in ET.fromstring(domain_xml(agent, mode, name)).iter("graphics") if g.get("type") == "vnc")
+
+
 class ConnHypervisor:
     """The Hypervisor's calling side (``call``, ``connected``, ``uri``) over a plain libvirt
     connection, for tests that hand agent code a connection they opened themselves (libvirt's
