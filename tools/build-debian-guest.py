@@ -9,17 +9,28 @@ This image is what those tests boot; the busybox guest stays for the fast tests.
 How, without loop devices or mounts of the image: ``mmdebstrap`` installs the packages into a
 directory with the host's own apt sources (so the same registry is used), the few files that make
 it a test guest are written into that directory from Python, and ``mkfs.ext4 -d`` turns the
-directory into a filesystem image (whole disk, label ``cna-root``, no partition table), which is
-converted to qcow2. The distribution's cloud kernel and initramfs are copied out of the tree for
-direct kernel boot (``root=LABEL=cna-root``); a guest that must boot from its disk (Secure Boot)
-needs a partitioned image, which this builder does not make yet.
+directory into the root filesystem (label ``cna-root``), written at its partition's offset in a
+GPT disk image whose first partition is an EFI System Partition (FAT, made with ``mkfs.vfat
+--offset`` and filled with ``mcopy``); the raw disk is converted to qcow2. The disk boots two ways:
+
+* direct kernel boot: the distribution's cloud kernel and initramfs are copied out of the tree
+  (``root=LABEL=cna-root``), the fast path most tests use;
+* from the disk through UEFI, with Secure Boot: the ESP holds Debian's signed shim as the
+  removable-media loader (``/EFI/BOOT/BOOTX64.EFI``), Debian's signed GRUB next to it and a
+  ``grub.cfg`` that loads the (signed) cloud kernel from the root partition. OVMF with
+  Microsoft's keys enrolled trusts shim (signed by Microsoft's UEFI CA), shim trusts GRUB and the
+  kernel (signed by Debian), so the chain is the one a real Debian host boots. No fallback loader
+  (``fbx64.efi``) is installed: the firmware's boot entries are never rewritten by the guest.
+  The ``grub.cfg`` adds ``cloud-init=disabled`` unless a drive labelled ``CIDATA``/``cidata``
+  (a NoCloud seed) is attached, as the direct-boot manifest's ``cmdline_without_seed`` does.
 
 Usage::
 
     tools/build-debian-guest.py [--arch x86_64] [--out DIR] [--refresh] [--print-json]
 
 Output (default ``<repo>/.cache/guests/debian-<arch>/``, or ``$CNA_GUEST_CACHE/debian-<arch>/``):
-``disk.qcow2``, ``vmlinuz``, ``initrd.img``, ``manifest.json``. Cached by content: rebuilt only
+``disk.qcow2``, ``vmlinuz``, ``initrd.img``, ``manifest.json`` (``efi_loader``, ``esp_label`` and
+``secure_boot_chain`` say what the ESP holds). Cached by content: rebuilt only
 when a file is missing or the recipe changed (this script, the package list, the host's apt
 sources, the arch); ``--refresh`` rebuilds anyway (newer package versions in the mirror).
 
@@ -48,6 +59,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -62,6 +74,18 @@ REPO = Path(__file__).resolve().parent.parent
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 CONSOLES = {"x86_64": "ttyS0", "aarch64": "ttyAMA0"}
 KERNEL_PACKAGES = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64"}
+#: The signed boot chain from Debian's packages (shim signed by Microsoft, GRUB and the kernel by
+#: Debian) and mokutil, which reads the Secure Boot state inside the guest.
+BOOT_PACKAGES = {"x86_64": ["shim-signed", "grub-efi-amd64-signed", "mokutil"],
+                 "aarch64": ["shim-signed", "grub-efi-arm64-signed", "mokutil"]}
+#: Where those packages put the signed binaries, and their names on the ESP (shim looks for
+#: GRUB, and for MokManager, in its own directory).
+EFI_FILES = {
+    "x86_64": {"BOOTX64.EFI": "usr/lib/shim/shimx64.efi.signed", "mmx64.efi": "usr/lib/shim/mmx64.efi.signed",
+               "grubx64.efi": "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"},
+    "aarch64": {"BOOTAA64.EFI": "usr/lib/shim/shimaa64.efi.signed", "mmaa64.efi": "usr/lib/shim/mmaa64.efi.signed",
+                "grubaa64.efi": "usr/lib/grub/arm64-efi-signed/grubaa64.efi.signed"},
+}
 SUITE = "bookworm"
 #: The packages on top of mmdebstrap's minbase variant (Depends only, no Recommends).
 PACKAGES = [
@@ -75,7 +99,12 @@ _PASSWORD_SALT = "cnaguestsalt0001"
 HOSTNAME = "cna-debian"
 LABEL = "cna-root"
 MARKER = "CNA-GUEST-READY"
-DISK_SIZE = "3G"
+ESP_LABEL = "CNA-ESP"
+#: The GPT layout, in 512-byte sectors: a 64 MiB ESP at 1 MiB, the 3 GiB root partition after it,
+#: and 1 MiB at the end for the backup GPT.
+ESP_START, ESP_SECTORS = 2048, 64 * 2048
+ROOT_START, ROOT_SECTORS = 2048 + 64 * 2048, 3 * 1024 * 2048
+DISK_SECTORS = ROOT_START + ROOT_SECTORS + 2048
 HOST_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 #: Documentation, man pages and translations are left out of the image (dpkg path excludes): a
 #: smaller tree makes mkfs and every copy of the image faster, and no test reads them.
@@ -127,7 +156,7 @@ def recipe_key(arch: str) -> str:
     """What the cached image depends on: this builder, the package list, the host's apt sources."""
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
-    h.update(json.dumps([arch, SUITE, PACKAGES, KERNEL_PACKAGES[arch]]).encode())
+    h.update(json.dumps([arch, SUITE, PACKAGES, KERNEL_PACKAGES[arch], BOOT_PACKAGES[arch]]).encode())
     if HOST_SOURCES.is_file():
         h.update(HOST_SOURCES.read_bytes())
     return h.hexdigest()
@@ -195,6 +224,55 @@ def _boot_files(root: Path) -> tuple[Path, Path, str]:
     return kernel, initrd, version
 
 
+GRUB_CFG = """# cna-agent Debian test guest (tools/build-debian-guest.py): straight into the kernel
+set timeout=0
+search --no-floppy --label --set=root @LABEL@
+set cna_ci="cloud-init=disabled"
+if search --no-floppy --label --set=cna_seed CIDATA; then
+  set cna_ci=""
+elif search --no-floppy --label --set=cna_seed cidata; then
+  set cna_ci=""
+fi
+linux /boot/vmlinuz-@VERSION@ root=LABEL=@LABEL@ rw console=@CONSOLE@ panic=-1 $cna_ci
+initrd /boot/initrd.img-@VERSION@
+boot
+"""
+
+
+def _partitioned_disk(raw: Path, root: Path, esp: Path, arch: str, version: str) -> None:
+    """The GPT disk: the ESP with the signed boot chain, then the root filesystem made from the
+    tree. Everything is written into the image file at its partitions' offsets (sfdisk on the
+    file, ``mkfs.vfat --offset``, ``mcopy -i file@@offset``, ``mkfs.ext4 -E offset=``): no loop
+    device and no mount, so the builder runs in containers and on CI hosts that have neither."""
+    with raw.open("wb") as f:
+        f.truncate(DISK_SECTORS * 512)
+    table = (f'label: gpt\nstart={ESP_START}, size={ESP_SECTORS}, type=U, name="EFI System"\n'
+             f'start={ROOT_START}, size={ROOT_SECTORS}, type=L, name="{LABEL}"\n')
+    p = subprocess.run(["sfdisk", "-q", str(raw)], input=table, capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise RuntimeError(f"sfdisk failed: {p.stderr.strip()}")
+    boot = esp / "EFI" / "BOOT"
+    boot.mkdir(parents=True)
+    for name, rel in EFI_FILES[arch].items():
+        src = root / rel
+        if not src.is_file():
+            raise RuntimeError(f"{rel} is not in the tree: is {BOOT_PACKAGES[arch]} in the package list?")
+        shutil.copyfile(src, boot / name)
+    cfg = GRUB_CFG.replace("@LABEL@", LABEL).replace("@VERSION@", version).replace("@CONSOLE@", CONSOLES[arch])
+    (boot / "grub.cfg").write_text(cfg)
+    # Debian's signed GRUB has /EFI/debian as its built-in prefix and sources $prefix/grub.cfg
+    # first; the copy beside it ($cmdpath) is what it reads when that directory is missing.
+    (esp / "EFI" / "debian").mkdir()
+    (esp / "EFI" / "debian" / "grub.cfg").write_text(cfg)
+    # FAT32, as the UEFI specification asks of a system partition (one 512-byte sector per cluster
+    # gives 64 MiB enough clusters for FAT32)
+    run(["mkfs.vfat", "--offset", str(ESP_START), "-F", "32", "-s", "1", "-n", ESP_LABEL, str(raw),
+         str(ESP_SECTORS // 2)], timeout=60)
+    run(["mcopy", "-s", "-i", f"{raw}@@{ESP_START * 512}", str(esp / "EFI"), "::/"], timeout=60)
+    run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-E", f"offset={ROOT_START * 512}", "-d", str(root), str(raw),
+         f"{ROOT_SECTORS // 2}k"], timeout=600)
+
+
 def build(arch: str, out: Path, *, refresh: bool = False) -> dict:
     """Build the image into out/ unless a valid cached build is there; return the manifest."""
     if arch not in ARCHES:
@@ -218,7 +296,7 @@ def _build(arch: str, out: Path, key: str) -> dict:
     try:
         root = work / "root"
         args = ["mmdebstrap", "--mode=root", "--variant=minbase", f"--architectures={ARCHES[arch]}",
-                "--include=" + ",".join([*PACKAGES, KERNEL_PACKAGES[arch]]),
+                "--include=" + ",".join([*PACKAGES, KERNEL_PACKAGES[arch], *BOOT_PACKAGES[arch]]),
                 "--aptopt=Acquire::Retries \"3\"", "--aptopt=Acquire::Languages \"none\"",
                 *[f"--dpkgopt=path-exclude={p}" for p in _DPKG_EXCLUDES],
                 *[f"--dpkgopt=path-include={p}" for p in _DPKG_KEEP],
@@ -232,10 +310,11 @@ def _build(arch: str, out: Path, key: str) -> dict:
             shutil.copyfile(src, work / name)
             (work / name).chmod(0o644)
         raw = work / "disk.raw"
-        run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-d", str(root), str(raw), DISK_SIZE], timeout=600)
+        _partitioned_disk(raw, root, work / "esp", arch, version)
         run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2")], timeout=600)
         packages = run(["chroot", str(root), "dpkg-query", "-W", "-f=${Package}=${Version}\\n",
-                        "systemd", "qemu-guest-agent", "cloud-init", KERNEL_PACKAGES[arch]], timeout=60).split()
+                        "systemd", "qemu-guest-agent", "cloud-init", KERNEL_PACKAGES[arch], *BOOT_PACKAGES[arch]],
+                       timeout=60).split()
         for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
             os.replace(work / name, out / name)
         manifest = {
@@ -245,6 +324,8 @@ def _build(arch: str, out: Path, key: str) -> dict:
             "cmdline": f"root=LABEL={LABEL} rw console={CONSOLES[arch]} panic=-1",
             "cmdline_without_seed": f"root=LABEL={LABEL} rw console={CONSOLES[arch]} panic=-1 cloud-init=disabled",
             "hostname": HOSTNAME, "root_password": ROOT_PASSWORD, "recipe": key,
+            "esp_label": ESP_LABEL, "efi_loader": f"/EFI/BOOT/{next(iter(EFI_FILES[arch]))}",
+            "secure_boot_chain": ["shim (Microsoft UEFI CA)", "grub (Debian)", "linux (Debian)"],
             "disk_sha256": sha256_file(out / "disk.qcow2"),
         }
         tmp = out / "manifest.json.tmp"

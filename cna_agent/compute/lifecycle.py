@@ -26,6 +26,7 @@ from cna_agent.compute import snapshots as snaps
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.events import DomainEventMonitor
+from cna_agent.compute.firmware_descriptors import secure_boot_arches
 from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain, nvram_path, resolve_defaults
 from cna_agent.compute.reservations import ReservationAdmission
 from cna_agent.compute.recycle import RecycleBin, check_hold, in_bin_message, read_mark
@@ -61,10 +62,13 @@ class DomainRenderer:
         self.host_cpus = host_cpus
         #: libvirt starts swtpm (and swtpm_setup on a first start) for a VM with spec.tpm.
         self.tpm_emulator = all(shutil.which(tool) for tool in ("swtpm", "swtpm_setup"))
+        #: libvirt picks a Secure Boot VM's firmware from QEMU's descriptors; read once, as swtpm is.
+        self.secure_boot_arches = secure_boot_arches()
 
     def validation(self, have_placer: bool) -> ValidationContext:
         return ValidationContext(host_arch=self.ctx.host_arch, virt_type=self.virt_type, host_cpus=self.host_cpus,
-                                 have_placer=have_placer, tpm_emulator=self.tpm_emulator)
+                                 have_placer=have_placer, tpm_emulator=self.tpm_emulator,
+                                 secure_boot_arches=self.secure_boot_arches)
 
     def build(self, spec: VmSpec, bindings: Bindings) -> "dx.Domain":
         """The typed domain for this host (render() is its XML)."""

@@ -308,6 +308,9 @@ class ValidationContext:
     have_placer: bool = False
     #: Whether swtpm is installed (spec.tpm needs it).
     tpm_emulator: bool = True
+    #: Architectures with a Secure Boot UEFI build with enrolled keys (QEMU's firmware
+    #: descriptors); None: not known, not checked.
+    secure_boot_arches: frozenset[str] | None = None
 
 
 def _enum(value: str, allowed: tuple[str, ...], path: str) -> None:
@@ -409,6 +412,10 @@ def validate(spec: VmSpec, ctx: ValidationContext) -> None:
         raise InvalidArgument("spec.secure_boot", "secure boot needs firmware UEFI")
     if spec.secure_boot and machine != "q35" and arch == "x86_64" and not machine.startswith("pc-q35"):
         raise InvalidArgument("spec.secure_boot", "secure boot on x86_64 needs machine type q35 (SMM)")
+    if spec.secure_boot and ctx.secure_boot_arches is not None and arch not in ctx.secure_boot_arches:
+        package = "ovmf (edk2-ovmf)" if arch == "x86_64" else "qemu-efi-aarch64 (edk2-aarch64)"
+        raise InvalidArgument("spec.secure_boot", f"this host has no UEFI firmware for {arch} with Secure Boot and "
+                                                  f"enrolled keys (install {package})")
 
     # CPUs
     max_vcpus = machine_max_vcpus(arch, machine)

@@ -30,8 +30,8 @@ from google.protobuf import duration_pb2
 
 from cna_agent.api import pb
 
-from support.agent import AgentProcess, start_agent
-from support.console import AgentConsole, SerialLog
+from support.agent import AgentProcess, delete_vms_and_stop, start_agent
+from support.console import AgentConsole, SerialLog, login_root
 from support.guests import build_debian_guest
 from support.libvirt import domain_xml
 from support.operations import ok, wait
@@ -89,33 +89,9 @@ def debian_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, Path, dict, s
         wait_for(lambda: Path(f"/sys/class/net/{bridge}").exists(), 60, f"bridge {bridge}")
         yield agent, ds, guest, "gapg"
     finally:
-        if agent is not None:
-            try:
-                with agent.channel() as ch:
-                    vms = pb.vm_pb2_grpc.VmServiceStub(ch)
-                    for v in vms.ListVms(vm.ListVmsRequest(status_only=True), timeout=30).vms:
-                        wait(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=v.uuid, force=True), timeout=60), timeout=60)
-            except (grpc.RpcError, AssertionError):
-                pass
-            agent.stop()
+        delete_vms_and_stop(agent)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _login(console: AgentConsole, password: str) -> None:
-    """Log in as root on the serial console's getty; the image's root prompt is ``cna# ``."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        console.send("\n")
-        try:
-            console.wait_for(r"login: ?$", timeout=5, partial=True)
-            break
-        except AssertionError:
-            continue
-    console.send("root\n")
-    console.wait_for(r"Password: ?$", timeout=30, partial=True)
-    console.send(password + "\n")
-    console.wait_for(r"cna# ?$", timeout=60, partial=True)
 
 
 def _guest(console: AgentConsole, command: str, timeout: float = 60) -> str:
@@ -175,7 +151,7 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
 
         console = AgentConsole(ch, uuid)
         try:
-            _login(console, CUSTOM_PASSWORD)  # root's password hash from the seed
+            login_root(console, CUSTOM_PASSWORD)  # root's password hash from the seed
             nic = "eth0"  # the seed's network config names the NIC it matched by MAC
             kernel = _guest(console, "uname -r").splitlines()[-1]
             hostname = _guest(console, "hostname").splitlines()[-1]
@@ -319,7 +295,7 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
         log.wait_for(r"CNA-GUEST-READY boot=2 os=debian", timeout=240)
         console = AgentConsole(ch, uuid)
         try:
-            _login(console, NEW_PASSWORD)  # the password set through the guest agent, kept on the disk
+            login_root(console, NEW_PASSWORD)  # the password set through the guest agent, kept on the disk
             # the customization outlives its drive: cloud-init applies it once per instance
             assert _guest(console, "hostname").splitlines()[-1] == CUSTOM_HOSTNAME
             assert f"inet {GUEST_IP}/24" in _guest(console, "ip -4 addr show eth0")

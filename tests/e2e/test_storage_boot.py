@@ -24,10 +24,10 @@ import pytest
 
 from cna_agent.api import pb
 
-from support.agent import AgentProcess, start_agent
+from support.agent import AgentProcess, delete_vms_and_stop, start_agent
 from support.console import AgentConsole, SerialLog
 from support.guests import build_guest
-from support.operations import history, ok, unpack, wait
+from support.operations import history, ok, unpack
 
 vm, st, ops_pb = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
@@ -111,15 +111,7 @@ def boot_env(libvirt_caps_cache, system_mode) -> Iterator[tuple[AgentProcess, Pa
         agent = start_agent(base / "a", libvirt_caps_cache, tcp=False, extra_config=extra, mode=libvirt_mode)
         yield agent, ds, imp, _boot_disk()
     finally:
-        if agent is not None:
-            try:
-                with agent.channel() as ch:
-                    vms = pb.vm_pb2_grpc.VmServiceStub(ch)
-                    for v in vms.ListVms(vm.ListVmsRequest(status_only=True), timeout=30).vms:
-                        wait(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=v.uuid, force=True), timeout=60), timeout=60)
-            except (grpc.RpcError, AssertionError):
-                pass  # the agent is gone or stuck: its guests are killed by the autouse fixture
-            agent.stop()
+        delete_vms_and_stop(agent)
         shutil.rmtree(base, ignore_errors=True)
 
 

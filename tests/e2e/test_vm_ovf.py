@@ -26,7 +26,7 @@ import pytest
 
 from cna_agent.api import pb
 
-from support.agent import AgentProcess, start_agent
+from support.agent import AgentProcess, delete_vms_and_stop, start_agent
 from support.console import SerialLog
 from support.guests import build_guest
 from support.migration import restart
@@ -69,15 +69,7 @@ def ovf_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, Path, Path, Path
         agent = start_agent(base / "a", libvirt_caps_cache, tcp=False, extra_config=extra)
         yield agent, ds, imp, Path(build_guest("x86_64", boot_disk=True)["boot_disk"])
     finally:
-        if agent is not None:
-            try:
-                with agent.channel() as ch:
-                    vms = pb.vm_pb2_grpc.VmServiceStub(ch)
-                    for v in vms.ListVms(vm.ListVmsRequest(status_only=True), timeout=30).vms:
-                        wait(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=v.uuid, force=True), timeout=60), timeout=60)
-            except (grpc.RpcError, AssertionError):
-                pass
-            agent.stop()
+        delete_vms_and_stop(agent)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
         shutil.rmtree(base, ignore_errors=True)
 

@@ -92,6 +92,30 @@ def kill_guests_of(agent: "AgentProcess") -> int:
     return killed
 
 
+def delete_vms_and_stop(agent: "AgentProcess | None") -> None:
+    """A fixture's teardown: DeleteVm (force) of every VM the agent holds, then stop it.
+
+    Through the agent, so its own clean-up (disks, seeds, NVRAM, TPM state) runs as in
+    production; an agent that is gone or stuck is only stopped, and its guests are killed by
+    the autouse fixture that calls :func:`kill_guests_of`."""
+    if agent is None:
+        return
+    import grpc
+
+    from cna_agent.api import pb
+    from support.operations import wait
+
+    vm = pb.vm_pb2
+    try:
+        with agent.channel() as ch:
+            vms = pb.vm_pb2_grpc.VmServiceStub(ch)
+            for v in vms.ListVms(vm.ListVmsRequest(status_only=True), timeout=30).vms:
+                wait(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=v.uuid, force=True), timeout=60), timeout=60)
+    except (grpc.RpcError, AssertionError):
+        pass
+    agent.stop()
+
+
 #: The two ways the agent drives QEMU in these tests: libvirt's embedded driver inside the agent
 #: (QEMU runs as root), and the host's libvirtd (``qemu:///system``: QEMU runs as its own
 #: unprivileged user, libvirt relabels what it opens), the way production hosts run.

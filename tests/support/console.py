@@ -299,3 +299,22 @@ class Console:
     def close(self) -> None:
         self.inq.put(None)
         self.call.cancel()
+
+
+def login_root(console: _Shell, password: str, timeout: float = 120.0) -> None:
+    """Log in as root on a real guest's serial getty (the Debian guest: its root prompt is
+    ``cna# ``, so :meth:`_Shell.run` works afterwards as on the busybox guest). A newline is
+    sent until ``login:`` shows: the getty may have printed its prompt before the console opened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        console.send("\n")
+        try:
+            console.wait_for(r"login: ?$", timeout=5, partial=True)
+            break
+        except AssertionError:
+            continue
+    console.send("root\n")
+    console.wait_for(r"Password: ?$", timeout=30, partial=True)
+    console.send(password + "\n")
+    console.wait_for(r"cna# ?$", timeout=60, partial=True)
+
