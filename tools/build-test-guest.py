@@ -7,19 +7,26 @@ boots in a few seconds, prints machine-readable lines on the serial console and 
 
 Usage::
 
-    tools/build-test-guest.py [--arch x86_64|aarch64] [--out DIR] [--refresh] [--print-json] [--boot-disk]
+    tools/build-test-guest.py [--arch x86_64|aarch64] [--out DIR] [--refresh] [--print-json]
+                              [--boot-disk] [--efi-boot-disk]
 
 Output (default ``<repo>/.cache/guests/<arch>/``, or ``$CNA_GUEST_CACHE/<arch>/``, or ``--out``):
 ``vmlinuz``, ``initrd.gz``, ``manifest.json``; with ``--boot-disk`` (x86_64) also ``disk.raw``: a
 64 MiB MBR disk whose first partition (FAT16, 40 MiB) holds the same kernel and initramfs behind
 SYSLINUX, so SeaBIOS boots the guest *from the disk* (root-disk tests: a LUN, an imported vmdk, a
 linked clone) with ``cna.bootsrc=disk`` on its command line; the last 23 MiB are unpartitioned
-scratch space a test may write to (tools/guest_boot_disk.py builds it). The guest is rebuilt only
-when a file is missing or the recipe (this script, its sibling modules guest_boot_disk.py and
-guest_build_util.py, + arch) changed; ``--refresh`` also re-resolves the newest kernel package
-and rebuilds when its version changed. Only the Python standard library, ``apt-get``/``apt-cache``
-and ``dpkg-deb`` are used; foreign-architecture packages are fetched with private apt lists so the
-host's dpkg architectures are never changed.
+scratch space a test may write to (tools/guest_boot_disk.py builds it). With ``--efi-boot-disk``
+(aarch64) also ``disk-efi.raw``: a 64 MiB GPT disk whose EFI System Partition (FAT16, 62 MiB)
+holds Debian's signed GRUB as ``/EFI/BOOT/BOOTAA64.EFI`` (package grub-efi-arm64-signed, fetched
+like the kernel), a grub.cfg and the same kernel and initramfs, so AAVMF boots the guest *from
+the disk* through GRUB with ``cna.bootsrc=efi-disk`` on its command line, as TaiShan hosts boot
+their guests (tools/guest_efi_disk.py builds it; rebuilt when its inputs or that file change).
+The JSON keys are ``boot_disk`` and ``efi_boot_disk``. The guest is rebuilt only when a file is
+missing or the recipe (this script, its sibling modules guest_boot_disk.py and guest_build_util.py,
++ arch) changed; ``--refresh`` also re-resolves the newest kernel package (and GRUB's, for the
+UEFI disk) and rebuilds when its version changed. Only the Python standard library,
+``apt-get``/``apt-cache`` and ``dpkg-deb`` are used; foreign-architecture packages are fetched
+with private apt lists so the host's dpkg architectures are never changed.
 
 Guest console protocol (console: ttyS0 on x86_64, ttyAMA0 on aarch64; pass ``console=<tty>``):
 
@@ -72,6 +79,7 @@ from guest_boot_disk import (  # noqa: F401  (re-exported: the script keeps its 
     build_boot_disk,
 )
 from guest_build_util import TIMEOUT_APT, run, sha256_file  # noqa: F401  (TIMEOUT_APT: re-exported)
+from guest_efi_disk import EFI_GRUB_PACKAGE, build_efi_boot_disk
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -547,6 +555,31 @@ def build(arch: str, out: Path, refresh: bool = False, log=print) -> dict:
         return manifest
 
 
+def grub_efi_deb(arch: str, out: Path, refresh: bool = False, log=print) -> Path:
+    """The cached grub-efi-arm64-signed .deb under out/efi-debs/, downloaded the first time (or
+    again with refresh when a newer version is out) through the guest's private apt lists.
+
+    Kept apart from out/debs/, which the guest build empties when the kernel changes."""
+    deb_arch = ARCHES[arch]
+    debs = out / "efi-debs"
+    have = sorted(debs.glob(f"{EFI_GRUB_PACKAGE}_*_{deb_arch}.deb")) if debs.exists() else []
+    if have and not refresh:
+        return have[-1]
+    apt = Apt(deb_arch, out / "apt")
+    apt.update(force=refresh)
+    ver = apt.show(EFI_GRUB_PACKAGE)["Version"]
+    deb = find_deb(debs, EFI_GRUB_PACKAGE, ver, deb_arch)
+    if deb is None:
+        for p in have:
+            p.unlink()  # drop older versions
+        log(f"downloading {EFI_GRUB_PACKAGE}={ver} ({deb_arch})")
+        apt.download([f"{EFI_GRUB_PACKAGE}={ver}"], debs)
+        deb = find_deb(debs, EFI_GRUB_PACKAGE, ver, deb_arch)
+        if deb is None:
+            raise RuntimeError(f"download did not produce {EFI_GRUB_PACKAGE}={ver} in {debs}")
+    return deb
+
+
 def default_out(arch: str) -> Path:
     base = os.environ.get("CNA_GUEST_CACHE")
     return (Path(base) if base else REPO / ".cache" / "guests") / arch
@@ -560,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refresh", action="store_true", help="re-resolve the newest kernel and rebuild if it changed")
     ap.add_argument("--print-json", action="store_true", help="print kernel/initrd/arch/marker/console as JSON")
     ap.add_argument("--boot-disk", action="store_true", help="also build disk.raw, a BIOS-bootable disk (x86_64)")
+    ap.add_argument("--efi-boot-disk", action="store_true",
+                    help="also build disk-efi.raw, a UEFI-bootable disk with GRUB (aarch64)")
     a = ap.parse_args(argv)
     out = (a.out or default_out(a.arch)).resolve()
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
@@ -568,13 +603,16 @@ def main(argv: list[str] | None = None) -> int:
         info = {k: m[k] for k in ("kernel", "initrd", "arch", "marker", "console")}
         if a.boot_disk:
             info["boot_disk"] = str(build_boot_disk(a.arch, out, m, log=log))
+        if a.efi_boot_disk:
+            fetch = lambda: grub_efi_deb(a.arch, out, refresh=a.refresh, log=log)  # noqa: E731
+            info["efi_boot_disk"] = str(build_efi_boot_disk(a.arch, out, m, fetch, log=log))
     except RuntimeError as e:
         print(f"build-test-guest: {e}", file=sys.stderr)
         return 1
     if a.print_json:
         print(json.dumps(info))
     else:
-        print("\n".join(f"{k}={v}" for k, v in info.items() if k in ("kernel", "initrd", "boot_disk")))
+        print("\n".join(f"{k}={v}" for k, v in info.items() if k in ("kernel", "initrd", "boot_disk", "efi_boot_disk")))
     return 0
 
 

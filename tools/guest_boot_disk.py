@@ -9,7 +9,8 @@ from a disk instead of direct kernel boot.
 Separate from tools/build-test-guest.py because it is a different job with different tools
 (sfdisk, mkfs.vfat, mcopy, syslinux instead of apt and dpkg-deb): it only consumes the
 manifest the guest build returned (kernel, initrd, console, inputs_hash). The script imports
-it (and re-exports its names); standard library only.
+it (and re-exports its names); guest_efi_disk.py (aarch64's UEFI disk) starts from its
+fat_disk too. Standard library only.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ __all__ = [
     "SYSLINUX_CFG",
     "SYSLINUX_MBR",
     "build_boot_disk",
+    "fat_disk",
+    "need_tools",
 ]
 
 #: MBR (syslinux mbr.bin) + one bootable FAT16 partition at 1 MiB.
@@ -46,6 +49,28 @@ LABEL cna
   INITRD initrd.gz
   APPEND console={console} cna.bootsrc=disk
 """
+
+
+def need_tools(tools: tuple[str, ...]) -> None:
+    """Fail with the package hint before a disk build starts, not half-way through it."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} not found (tools/setup.sh installs syslinux mtools dosfstools fdisk)")
+
+
+def fat_disk(path: Path, size: int, table: str, start: int, sectors: int, label: str) -> str:
+    """A new sparse image of ``size`` bytes at ``path``, partitioned by sfdisk from its script
+    ``table``, with a FAT file system made in the partition at sector ``start`` (``sectors``
+    long); returns mtools' name of that file system (``path@@offset``). The BIOS and the UEFI
+    boot disk are both built this way: no loop device, no mount."""
+    path.unlink(missing_ok=True)
+    with path.open("wb") as f:
+        f.truncate(size)
+    p = subprocess.run(["sfdisk", "-q", str(path)], input=table, capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise RuntimeError(f"sfdisk failed: {p.stderr.strip()}")
+    run(["mkfs.vfat", "--offset", str(start), "-h", str(start), "-n", label, str(path), str(sectors // 2)], timeout=60)
+    return f"{path}@@{start * 512}"
 
 
 def build_boot_disk(arch: str, out: Path, manifest: dict, log=print) -> Path:
@@ -65,27 +90,17 @@ def build_boot_disk(arch: str, out: Path, manifest: dict, log=print) -> Path:
         fcntl.flock(lockf, fcntl.LOCK_EX)
         if disk.exists() and stamp.exists() and stamp.read_text().strip() == want:
             return disk
-        for tool in ("sfdisk", "mkfs.vfat", "mcopy", "syslinux"):
-            if shutil.which(tool) is None:
-                raise RuntimeError(f"{tool} not found (tools/setup.sh installs syslinux mtools dosfstools fdisk)")
+        need_tools(("sfdisk", "mkfs.vfat", "mcopy", "syslinux"))
         tmp = out / "disk.raw.new"
-        tmp.unlink(missing_ok=True)
-        with tmp.open("wb") as f:
-            f.truncate(DISK_SIZE)
         table = f"label: dos\nstart={BOOT_PART_START}, size={BOOT_PART_SECTORS}, type=6, bootable\n"
-        p = subprocess.run(["sfdisk", "-q", str(tmp)], input=table, capture_output=True, text=True, timeout=60)
-        if p.returncode != 0:
-            raise RuntimeError(f"sfdisk failed: {p.stderr.strip()}")
+        img = fat_disk(tmp, DISK_SIZE, table, BOOT_PART_START, BOOT_PART_SECTORS, "CNABOOT")
         with tmp.open("r+b") as f:  # boot code only: the partition table after byte 440 stays
             f.write(SYSLINUX_MBR.read_bytes()[:440])
-        off = BOOT_PART_START * 512
-        run(["mkfs.vfat", "--offset", str(BOOT_PART_START), "-h", str(BOOT_PART_START), "-n", "CNABOOT",
-             str(tmp), str(BOOT_PART_SECTORS // 2)], timeout=60)
         with tempfile.TemporaryDirectory(prefix="cna-disk-", dir=out) as t:
             cfg = Path(t) / "syslinux.cfg"
             cfg.write_text(SYSLINUX_CFG.format(console=manifest["console"]))
-            run(["mcopy", "-i", f"{tmp}@@{off}", manifest["kernel"], manifest["initrd"], str(cfg), "::/"], timeout=60)
-        run(["syslinux", "--offset", str(off), "--install", str(tmp)], timeout=60)
+            run(["mcopy", "-i", img, manifest["kernel"], manifest["initrd"], str(cfg), "::/"], timeout=60)
+        run(["syslinux", "--offset", str(BOOT_PART_START * 512), "--install", str(tmp)], timeout=60)
         os.replace(tmp, disk)
         stamp.write_text(want + "\n")
         log(f"built {arch} boot disk {disk}")

@@ -20,16 +20,18 @@ from cna_agent.api import pb
 from support.console import SerialLog
 from support.tools import TOOLS
 
-_BUILT: dict[tuple[str, bool], dict] = {}
+_BUILT: dict[tuple, dict] = {}
 
 
-def build_guest(arch: str = "x86_64", *, boot_disk: bool = False) -> dict:
-    """build-test-guest.py's JSON for ``arch``: {kernel, initrd, arch, marker, console}, and with
-    ``boot_disk`` also the BIOS boot disk (SYSLINUX on FAT16). Built the first time, from the
-    tool's cache afterwards; asked once per test process."""
-    key = (arch, boot_disk)
+def build_guest(arch: str = "x86_64", *, boot_disk: bool = False, efi_boot_disk: bool = False) -> dict:
+    """build-test-guest.py's JSON for ``arch``: {kernel, initrd, arch, marker, console}, with
+    ``boot_disk`` also the BIOS boot disk (SYSLINUX on FAT16, x86_64) and with ``efi_boot_disk``
+    the UEFI boot disk (GPT, Debian's signed GRUB on the ESP, aarch64). Built the first time,
+    from the tool's cache afterwards; asked once per test process."""
+    key = (arch, boot_disk, efi_boot_disk)
     if key not in _BUILT:
-        args = ["--arch", arch, *(["--boot-disk"] if boot_disk else []), "--print-json"]
+        args = ["--arch", arch, *(["--boot-disk"] if boot_disk else []),
+                *(["--efi-boot-disk"] if efi_boot_disk else []), "--print-json"]
         p = subprocess.run([sys.executable, str(TOOLS / "build-test-guest.py"), *args], capture_output=True, text=True,
                            timeout=900)
         if p.returncode != 0:
