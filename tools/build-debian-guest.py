@@ -49,6 +49,7 @@ What the guest does (the test protocol; console ttyS0):
   seed adds ``cloud-init=disabled`` to the command line (the manifest's ``cmdline_without_seed``):
   ready in 14 s.
 * No network configuration of its own: a NIC is configured by a NoCloud seed or by hand.
+* Hot-added vCPUs and memory are brought online by a udev rule, as cloud images do.
 """
 
 from __future__ import annotations
@@ -152,6 +153,12 @@ locale: false
 """
 
 
+HOTPLUG_RULES = """# cna-agent test guest: online hot-added CPUs and memory blocks
+SUBSYSTEM=="cpu", ACTION=="add", TEST=="online", ATTR{online}=="0", ATTR{online}="1"
+SUBSYSTEM=="memory", ACTION=="add", TEST=="state", ATTR{state}=="offline", ATTR{state}="online"
+"""
+
+
 def recipe_key(arch: str) -> str:
     """What the cached image depends on: this builder, the package list, the host's apt sources."""
     h = hashlib.sha256()
@@ -206,6 +213,9 @@ def customize(root: Path, arch: str) -> None:
     _symlink(root, f"/etc/systemd/system/getty.target.wants/serial-getty@{console}.service",
              "/lib/systemd/system/serial-getty@.service")
     _write(root, "/etc/cloud/cloud.cfg.d/90-cna-datasource.cfg", CLOUD_CFG)
+    # Hot-added vCPUs and DIMMs come up offline in a Debian kernel; cloud images online them with
+    # a udev rule (RHEL's 40-redhat.rules does the same), and so does this guest.
+    _write(root, "/etc/udev/rules.d/80-cna-hotplug-online.rules", HOTPLUG_RULES)
     # A short default stop timeout: a test guest that hangs on the way down should say so quickly.
     _write(root, "/etc/systemd/system.conf.d/cna.conf", "[Manager]\nDefaultTimeoutStopSec=15s\n")
     (root / "etc" / "machine-id").write_text("")  # systemd makes one on first boot (a unique id per VM)

@@ -68,7 +68,8 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
 
     async def UpdateVm(self, request, context):
         return await self._op(context, self._c.updates.update(request.vm, spec_from_pb(request.spec), list(request.update_mask),
-                                                        request_id=request.request_id, fingerprint=fingerprint(request)))
+                                                        request_id=request.request_id, fingerprint=fingerprint(request),
+                                                        allow_pending=request.allow_pending))
 
     async def DeleteVm(self, request, context):
         return await self._op(context, self._life.delete(request.vm, delete_disks=request.delete_disks, force=request.force,

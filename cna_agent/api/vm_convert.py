@@ -187,6 +187,7 @@ def vm_to_pb(info: VmInfo) -> Any:
     if info.hibernated is not None:
         vm.status.hibernation.datastore = info.hibernated.datastore
         vm.status.hibernation.saved_time.CopyFrom(timestamp(info.hibernated.saved_at))
+    vm.status.pending_changes.extend(info.pending_changes)
     if info.customization is not None:
         cs = vm.status.customization
         cs.state, cs.message = CUSTOMIZATION_STATE.get(info.customization.state, 0), info.customization.message

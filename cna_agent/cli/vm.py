@@ -145,6 +145,8 @@ def cmd_show(client: Client, args: argparse.Namespace) -> str:
     if st.HasField("customization"):
         word = v.CustomizationState.Name(st.customization.state).removeprefix("CUSTOMIZATION_STATE_").lower()
         pairs.append(("First boot", f"{word}" + (f" ({st.customization.message})" if st.customization.message else "")))
+    if st.pending_changes:
+        pairs.append(("Pending", ", ".join(st.pending_changes) + " (at the next start)"))
     if st.HasField("console") and st.console.port:
         pairs.append(("Console", f"{v.ConsoleType.Name(st.console.type).removeprefix('CONSOLE_TYPE_').lower()} {st.console.host}:{st.console.port}"))
     return keyvalues(pairs)
@@ -279,3 +281,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     from cna_agent.cli.vm_guest import register_guest
 
     register_guest(vms, common)
+    from cna_agent.cli.vm_update import register_update
+
+    register_update(vms, common)

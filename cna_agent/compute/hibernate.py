@@ -43,6 +43,7 @@ from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.migration_cold_incoming import name_conflict
 from cna_agent.compute.migration_xml import destination_xml
+from cna_agent.compute.pending_changes import refuse_while_pending
 from cna_agent.compute.render import nvram_path
 from cna_agent.compute.spec import UUID_RE, VmSpec, validate
 from cna_agent.compute.vmops import VmOps
@@ -116,6 +117,8 @@ class VmHibernation:
             if state not in (st.RUNNING, st.PAUSED):
                 raise FailedPrecondition(f"vm {name!r} is {state}; only a running or paused VM can be hibernated", field="vm")
             await self._refuse_external(uuid)
+            # the saved guest resumes as it ran; the definition's next-start changes would be lost
+            refuse_while_pending(await self.inventory.pending_changes(uuid, name), name, "hibernate")
             need = spec.memory_mib * MiB + SAVE_MARGIN_BYTES
             free = await self.run_file(lambda: hs.free_bytes(area), f"free space of {datastore}")
             if free < need:

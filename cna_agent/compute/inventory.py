@@ -27,6 +27,8 @@ from cna_agent.compute import state as st
 from cna_agent.compute.hibernate_store import HibernateMark
 from cna_agent.compute.customization_mark import CustomizationMark
 from cna_agent.compute.customization_mark import read_mark as read_customization_mark
+from cna_agent.compute.pending_changes import PendingMark, pending_fields, qemu_identity
+from cna_agent.compute.pending_changes import read_mark as read_pending_mark
 from cna_agent.compute.hibernate_store import read_mark as read_hibernate_mark
 from cna_agent.compute.recycle import RecycleMark, in_bin_message, read_mark
 from cna_agent.compute.spec import UUID_RE, VmSpec, validate_name
@@ -75,6 +77,8 @@ class VmInfo:
     tools_version: str = ""
     #: First-boot customization (first_boot.py): pending, done or failed; None: none asked.
     customization: CustomizationMark | None = None
+    #: Spec fields UpdateVm wrote for the next start that the running QEMU does not have yet.
+    pending_changes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -90,6 +94,8 @@ class VmDefinition:
     #: while the domain is shut off).
     hibernated: HibernateMark | None = None
     customization: CustomizationMark | None = None
+    #: Changes waiting for the next start (pending_changes.py), valid for one QEMU process.
+    pending: PendingMark | None = None
 
 
 def presence(conn: libvirt.virConnect, uuid: str) -> tuple[bool, bool]:
@@ -148,7 +154,8 @@ class VmInventory:
         self._macs.pop(uuid, None)
         old = self._cache.get(uuid)
         self._cache[uuid] = VmDefinition(spec.name, True, spec, old.recycled if old else None,
-                                         old.hibernated if old else None, old.customization if old else None)
+                                         old.hibernated if old else None, old.customization if old else None,
+                                         old.pending if old else None)
 
     def _keep(self, uuid: str, found: VmDefinition, since: int) -> None:
         """Cache what a read begun at epoch ``since`` found, unless the cache changed meanwhile."""
@@ -238,7 +245,8 @@ class VmInventory:
             spec = None
         if spec is None:
             return VmDefinition(dom.name(), False, None)
-        return VmDefinition(dom.name(), True, spec, read_mark(dom), read_hibernate_mark(dom), read_customization_mark(dom))
+        return VmDefinition(dom.name(), True, spec, read_mark(dom), read_hibernate_mark(dom), read_customization_mark(dom),
+                            read_pending_mark(dom))
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -272,6 +280,8 @@ class VmInventory:
         if live is not None:
             vm.console = self._console_from(live)
             vm.qemu_pid = self._qemu_pid(name)
+            if cached.pending is not None:
+                vm.pending_changes = pending_fields(cached.pending, qemu_identity(vm.qemu_pid))
         if self.tools_view is not None and cached.managed:
             vm.tools_status, vm.tools_version = self.tools_view(uuid, cached.spec, live)
         holder = self.locks.holder(vm_lock(uuid))
@@ -332,6 +342,15 @@ class VmInventory:
                 host = g.listen or (g.listens[0].address if g.listens else "") or self.console_listen
                 return ConsoleInfo(type=g.type, host=host or "", port=g.port or 0)
         return ConsoleInfo(type="none")
+
+    async def pending_changes(self, uuid: str, name: str) -> tuple[str, ...]:
+        """The fields UpdateVm left for the VM's next start that its running QEMU lacks."""
+        mark = (await self.definition(uuid)).pending
+        return pending_fields(mark, qemu_identity(self._qemu_pid(name))) if mark is not None else ()
+
+    def qemu_identity(self, name: str) -> str:
+        """pid:starttime of the VM's running QEMU ("" when it runs none)."""
+        return qemu_identity(self._qemu_pid(name))
 
     def _qemu_pid(self, name: str) -> str:
         for d in self.qemu_run_dirs():

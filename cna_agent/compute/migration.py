@@ -32,6 +32,7 @@ from cna_agent import cancel as cancelling
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.customization_mark import refuse_while_pending
+from cna_agent.compute.pending_changes import refuse_while_pending as refuse_while_changes_pending
 from cna_agent.compute.migration_cold import ColdMigrations
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.vmops import VmOps
@@ -164,6 +165,7 @@ class VmMigrations:
         spec = await self.ops.inventory.spec(uuid)
         state = await self.ops.inventory.state(uuid)
         refuse_while_pending((await self.ops.inventory.definition(uuid)).customization, spec.name, "migrate")
+        refuse_while_changes_pending(await self.ops.inventory.pending_changes(uuid, spec.name), spec.name, "migrate")
         if state == st.STOPPED and self.cold is not None:
             return await self.cold.migrate(uuid, spec, destination, self._outgoing, self.max_outgoing, request_id=request_id,
                                            fingerprint=fingerprint, keep_source_volumes=keep_source_volumes,

@@ -1,5 +1,7 @@
 """UpdateVm: change a VM's spec, live where the hypervisor can (vCPU and memory hot-plug,
-QoS, labels) and by re-rendering the whole definition from the spec while it is stopped.
+QoS, labels) and by re-rendering the whole definition from the spec while it is stopped. With
+``allow_pending`` a running VM takes both: what can change live does, and the rest is rendered
+into the persistent definition for the next start and recorded as pending (pending_changes.py).
 
 The stopped path renders every device from the spec, which is why every device change
 (disks, NICs) keeps the spec in the domain metadata current: what the spec omits, a stopped
@@ -16,7 +18,9 @@ from cna_agent.hypervisor import CHANGE_OUTLAST_S
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import snapshots as snaps
 from cna_agent.compute.binder import Binder
+from cna_agent.compute.customization_mark import PENDING as CUSTOMIZATION_PENDING
 from cna_agent.compute.lifecycle import DomainRenderer, VmLifecycle
+from cna_agent.compute.pending_changes import write_mark
 from cna_agent.compute.spec import VmSpec, validate
 from cna_agent.compute.vmops import VmOps, save_spec
 from cna_agent.errors import FailedPrecondition, InvalidArgument
@@ -38,7 +42,7 @@ class VmUpdates:
         self.lifecycle = lifecycle
 
     async def update(self, ref: str, new: VmSpec, mask: Sequence[str], *, request_id: str = "", fingerprint: str = "",
-                     lock_timeout: float = 0.0) -> OperationRecord:
+                     lock_timeout: float = 0.0, allow_pending: bool = False) -> OperationRecord:
         inventory = self.ops.inventory
         uuid, name = await inventory.lookup_uuid(ref)
         if not mask:
@@ -52,41 +56,81 @@ class VmUpdates:
             setattr(merged, path, getattr(new.copy(), path))
         validate(merged, self.lifecycle.validation_context())
         running = await inventory.running(uuid)
+        pending: list[str] = []
+        earlier: tuple[str, ...] = ()
         if running:
-            offline = [p for p in mask if p not in LIVE_UPDATABLE]
-            if offline:
-                raise FailedPrecondition(f"{', '.join(offline)} can only change while the VM is stopped", field="update_mask")
-            if merged.vcpus > merged.effective_max_vcpus or merged.vcpus != old.vcpus and merged.vcpus > old.effective_max_vcpus:
-                raise FailedPrecondition(f"vcpus {merged.vcpus} exceeds max_vcpus {old.effective_max_vcpus}; raise it while stopped", field="spec.vcpus")
-            if merged.memory_mib > old.memory_mib and not old.max_memory_mib:
-                raise FailedPrecondition("memory can only grow on a running VM defined with max_memory_mib (DIMM hot-plug)", field="spec.memory_mib")
-            if merged.memory_mib > (old.max_memory_mib or old.memory_mib):
-                raise FailedPrecondition(f"memory_mib exceeds max_memory_mib {old.max_memory_mib}", field="spec.memory_mib")
-        else:
+            pending = self._not_live(old, merged, mask, allow_pending)
+            if pending:
+                definition = await inventory.definition(uuid)
+                if definition.customization is not None and definition.customization.state == CUSTOMIZATION_PENDING:
+                    # the seed drive is in the definition but not in the spec: a re-render drops it
+                    raise FailedPrecondition(f"vm {name!r} has not finished its first-boot customization; changes for "
+                                             "the next start wait until it has", field="vm")
+                earlier = await inventory.pending_changes(uuid, name)
+        if not running or pending:
             tree = await self.ops.hv.call(lambda c: snaps.list_tree(c.lookupByUUIDString(uuid)), timeout=30)
             external = [x.name for x in tree if x.kind == "external"]
             if external:
                 # Re-rendering would point the disks back at their base images and drop the overlays.
-                raise FailedPrecondition(f"vm has external snapshots ({', '.join(external)}); delete them before a stopped update",
+                raise FailedPrecondition(f"vm has external snapshots ({', '.join(external)}); delete them before "
+                                         f"{'a stopped update' if not running else 'changes for the next start'}",
                                          field="vm")
-        bindings = None if running else await self.binder.bindings(merged)
+        bindings = None if running and not pending else await self.binder.bindings(merged)
+        live_mask = [p for p in mask if p not in pending] if running else []
 
         async def work(op: OperationContext) -> Any:
-            if bindings is not None:
+            if not running:
                 xml = self.renderer.render(merged, bindings)
                 await self.ops.hv.call(lambda c: c.defineXML(xml), timeout=30)
-            elif self.lifecycle.reservations is not None:
+                inventory.remember(uuid, merged)
+                return await self.ops.result(uuid, op)
+            if self.lifecycle.reservations is not None:
                 # A running VM that reserves more must still fit beside the others.
                 async with self.lifecycle.reservations.admitted(uuid, merged, f"updating vm {merged.name!r}"):
-                    await self._live_update(uuid, old, merged, mask)
+                    await self._live_update(uuid, old, merged, live_mask)
             else:
-                await self._live_update(uuid, old, merged, mask)
-            inventory.remember(uuid, merged)
+                await self._live_update(uuid, old, merged, live_mask)
+            if pending:
+                await self._define_for_next_start(uuid, name, merged, bindings, [*earlier, *(p for p in pending if p not in earlier)])
+                inventory.forget(uuid)
+            else:
+                inventory.remember(uuid, merged)
             return await self.ops.result(uuid, op)
 
         return await self.ops.submit("vm.update", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout,
-                                     metadata={"spec_after": merged.to_json(), "mask": ",".join(mask)})
+                                     metadata={"spec_after": merged.to_json(), "mask": ",".join(mask),
+                                               "live": ",".join(live_mask), "pending": ",".join(pending)})
+
+    @staticmethod
+    def _not_live(old: VmSpec, merged: VmSpec, mask: Sequence[str], allow_pending: bool) -> list[str]:
+        """The masked fields a running VM cannot take now: pending with ``allow_pending``,
+        FAILED_PRECONDITION (naming the field and the way out) without it."""
+        waits: list[tuple[str, str]] = [(p, f"{p} can only change while the VM is stopped") for p in mask
+                                        if p not in LIVE_UPDATABLE]
+        if "vcpus" in mask and merged.vcpus != old.vcpus and merged.vcpus > old.effective_max_vcpus:
+            waits.append(("vcpus", f"vcpus {merged.vcpus} exceeds the running VM's max_vcpus {old.effective_max_vcpus}"))
+        if "memory_mib" in mask and merged.memory_mib > old.memory_mib and not old.max_memory_mib:
+            waits.append(("memory_mib", "memory can only grow on a running VM defined with max_memory_mib (DIMM hot-plug)"))
+        elif "memory_mib" in mask and merged.memory_mib > (old.max_memory_mib or old.memory_mib):
+            waits.append(("memory_mib", f"memory_mib exceeds the running VM's max_memory_mib {old.max_memory_mib}"))
+        if waits and not allow_pending:
+            field = "update_mask" if waits[0][0] not in ("vcpus", "memory_mib") else f"spec.{waits[0][0]}"
+            raise FailedPrecondition("; ".join(w for _, w in waits) + " (allow_pending applies it at the next start)",
+                                     field=field)
+        return list(dict.fromkeys(p for p, _ in waits))
+
+    async def _define_for_next_start(self, uuid: str, name: str, merged: VmSpec, bindings: Any, fields: list[str]) -> None:
+        """The merged spec as the persistent definition (libvirt starts it next time; the running
+        QEMU keeps its live one) and the mark naming what waits, tied to the running process."""
+        xml = self.renderer.render(merged, bindings)
+        qemu = self.ops.inventory.qemu_identity(name)
+
+        def define(conn: libvirt.virConnect) -> None:
+            dom = conn.defineXML(xml)
+            write_mark(dom, fields, qemu)
+
+        await self.ops.hv.call(define, timeout=30, outlast=CHANGE_OUTLAST_S)
 
     async def _live_update(self, uuid: str, old: VmSpec, new: VmSpec, mask: Sequence[str]) -> None:
         live = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG

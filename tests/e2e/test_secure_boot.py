@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -26,9 +24,9 @@ from google.protobuf import duration_pb2
 
 from cna_agent.api import pb
 
-from support.agent import AgentProcess, delete_vms_and_stop, start_agent
+from support.agent import AgentProcess
 from support.console import AgentConsole, SerialLog, login_root
-from support.guests import build_debian_guest
+from support.debian import TEMPLATE, debian_agent, guest_sh
 from support.libvirt import domain_xml
 from support.operations import ok
 
@@ -45,31 +43,13 @@ MEASURED_PCRS = "0,4,7"
 
 @pytest.fixture
 def secure_boot_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, dict]]:
-    """An agent with a dir datastore holding the Debian image as a template."""
-    guest = build_debian_guest("x86_64")
-    base = Path(tempfile.mkdtemp(prefix="sb", dir="/tmp"))
-    ds = base / "ds"
-    (ds / "tpl").mkdir(parents=True)
-    shutil.copyfile(guest["disk"], ds / "tpl" / "debian.qcow2")
-    extra = f'[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n'
-    agent = None
-    try:
-        agent = start_agent(base / "a", libvirt_caps_cache, tcp=False, extra_config=extra)
-        yield agent, guest
-    finally:
-        delete_vms_and_stop(agent)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _guest(console: AgentConsole, command: str) -> str:
-    rc, out = console.run(command, timeout=60)
-    assert rc == 0, f"{command}: rc={rc} {out}"
-    return out.strip()
+    with debian_agent(libvirt_caps_cache, "sb") as env:
+        yield env
 
 
 def _pcrs(console: AgentConsole) -> dict[str, str]:
     """``tpm2_pcrread``'s sha256 bank, as {index: hex digest}."""
-    out = _guest(console, f"tpm2_pcrread sha256:{MEASURED_PCRS}")
+    out = guest_sh(console, f"tpm2_pcrread sha256:{MEASURED_PCRS}")
     return dict(re.findall(r"^\s*(\d+)\s*:\s*0x([0-9A-Fa-f]{64})\s*$", out, re.M))
 
 
@@ -79,7 +59,7 @@ def test_secure_boot_with_enrolled_keys_boots_the_signed_debian_chain_and_measur
     with agent.channel() as ch:
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
         storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
-        ok(ch, storage.CloneVolume(st.CloneVolumeRequest(request_id="sb-clone", source="ds/tpl/debian.qcow2", datastore="ds",
+        ok(ch, storage.CloneVolume(st.CloneVolumeRequest(request_id="sb-clone", source=TEMPLATE, datastore="ds",
                                                          path="sb/root.qcow2", linked=True), timeout=30))
         # no kernel: the firmware boots the disk's removable-media loader (shim)
         spec = vm.VmSpec(
@@ -105,11 +85,11 @@ def test_secure_boot_with_enrolled_keys_boots_the_signed_debian_chain_and_measur
         assert "Debian Secure Boot CA" in text  # the key shim handed to the kernel
         with AgentConsole(ch, uuid) as console:
             login_root(console, guest["root_password"])
-            assert "SecureBoot enabled" in _guest(console, "mokutil --sb-state")
+            assert "SecureBoot enabled" in guest_sh(console, "mokutil --sb-state")
             # od prints the variable's 4 attribute bytes, then the value
-            assert _guest(console, f"od -An -tu1 {SECURE_BOOT_VAR}").split()[-1] == "1"
-            assert "lockdown" in _guest(console, "dmesg | grep -i lockdown || true").lower()
-            _guest(console, "test -c /dev/tpm0")
+            assert guest_sh(console, f"od -An -tu1 {SECURE_BOOT_VAR}").split()[-1] == "1"
+            assert "lockdown" in guest_sh(console, "dmesg | grep -i lockdown || true").lower()
+            guest_sh(console, "test -c /dev/tpm0")
             before = _pcrs(console)
             assert sorted(before) == ["0", "4", "7"] and all(set(v) != {"0"} for v in before.values()), before
 
@@ -122,7 +102,7 @@ def test_secure_boot_with_enrolled_keys_boots_the_signed_debian_chain_and_measur
         log.wait_for(r"CNA-GUEST-READY boot=2 os=debian", timeout=240)
         with AgentConsole(ch, uuid) as console:
             login_root(console, guest["root_password"])
-            assert "SecureBoot enabled" in _guest(console, "mokutil --sb-state")
+            assert "SecureBoot enabled" in guest_sh(console, "mokutil --sb-state")
             assert _pcrs(console) == before
 
         ok(ch, vms.DeleteVm(vm.DeleteVmRequest(vm=uuid, force=True), timeout=60), timeout=120)

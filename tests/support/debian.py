@@ -1,0 +1,49 @@
+"""The real Debian guest's e2e scaffolding: an agent whose dir datastore holds the built image
+as a template (each test linked-clones it), and a shell helper for the guest's console.
+
+Why here: the Secure Boot and hot-plug tests boot the same image the same way; the guest-agent
+test adds a bridge and its own config, and keeps its fixture.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from support.agent import AgentProcess, delete_vms_and_stop, start_agent
+from support.console import AgentConsole
+from support.guests import build_debian_guest
+
+#: Where the template sits in the datastore ``ds``: CloneVolume's source.
+TEMPLATE = "ds/tpl/debian.qcow2"
+
+
+@contextmanager
+def debian_agent(caps_cache: Path | None, prefix: str, extra_config: str = "") -> Iterator[tuple[AgentProcess, dict]]:
+    """(agent, the image's manifest); every VM is deleted through the agent afterwards. The
+    image's directory is an allowed image dir (direct kernel boot); ``extra_config`` may add
+    sections other than ``[compute]``."""
+    guest = build_debian_guest("x86_64")
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    ds = base / "ds"
+    (ds / "tpl").mkdir(parents=True)
+    shutil.copyfile(guest["disk"], ds / "tpl" / "debian.qcow2")
+    agent = None
+    try:
+        agent = start_agent(base / "a", caps_cache, tcp=False,
+                            extra_config=f'[compute]\nimage_dirs = "{Path(guest["kernel"]).parent}"\n'
+                                         f'[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n' + extra_config)
+        yield agent, guest
+    finally:
+        delete_vms_and_stop(agent)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def guest_sh(console: AgentConsole, command: str, timeout: float = 60) -> str:
+    """Run ``command`` in the guest's root shell; its output, asserting exit status 0."""
+    rc, out = console.run(command, timeout=timeout)
+    assert rc == 0, f"{command}: rc={rc} {out}"
+    return out.strip()
