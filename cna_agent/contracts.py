@@ -99,6 +99,15 @@ class DiskProvider(Protocol):
         datastore has less than ``room`` bytes free, AlreadyExists when the name is taken,
         each naming ``field``; nothing is made then."""
 
+    async def clone_volume(self, source_id: str, volume_id: str, *, linked: bool, field: str) -> DiskSourceBinding:
+        """A new volume ``volume_id`` made from ``source_id`` for a VM deployed from a template:
+        a qcow2 overlay on it (``linked``) or a full copy; AlreadyExists when the name is taken,
+        each error naming ``field``; nothing is left behind on failure."""
+
+    async def protect_template(self, volume_id: str, *, field: str) -> None:
+        """Make a volume a read-only template base (what linked clones stand on): it cannot be
+        written, resized or deleted while clones use it."""
+
     async def state_area(self, datastore: str, *, field: str) -> str:
         """An absolute directory on dir datastore ``datastore`` where compute keeps VM state
         that is not a volume (hibernation images: compute/hibernate_store.py); not made here

@@ -16,7 +16,7 @@ def _table() -> dict[type, Callable[[Any], Any]]:
     from cna_agent.api.network import bridge_view_to_pb, port_group_view_to_pb, vif_to_pb
     from cna_agent.api.maintenance import report_to_pb, status_to_pb
     from cna_agent.api.storage import datastore_to_pb, volume_to_pb
-    from cna_agent.api.vm_convert import snapshot_to_pb, vm_to_pb
+    from cna_agent.api.vm_convert import deploy_to_pb, snapshot_to_pb, vm_to_pb
     from cna_agent.api.backup import backup_to_pb
     from cna_agent.api.appliance import export_to_pb, import_to_pb
     from cna_agent.compute.appliances import ApplianceExport, ApplianceImport
@@ -24,6 +24,7 @@ def _table() -> dict[type, Callable[[Any], Any]]:
     from cna_agent.compute.inventory import VmInfo
     from cna_agent.compute.maintenance import EvacuationReport, MaintenanceStatus
     from cna_agent.compute.snapshots import SnapshotInfo
+    from cna_agent.compute.templates import DeployResult
     from cna_agent.contracts import VmNic
     from cna_agent.network.declarations import BridgeView, PortGroupView
     from cna_agent.storage.service import DatastoreStatus
@@ -31,6 +32,7 @@ def _table() -> dict[type, Callable[[Any], Any]]:
 
     return {
         VmInfo: vm_to_pb,
+        DeployResult: deploy_to_pb,
         BackupInfo: backup_to_pb,
         ApplianceImport: import_to_pb,
         ApplianceExport: export_to_pb,
@@ -54,7 +56,9 @@ VM, EMPTY = "cna.v1.Vm", "google.protobuf.Empty"
 OPERATION_RESPONSES: dict[str, str] = {
     **dict.fromkeys(("vm.create", "vm.update", "vm.start", "vm.shutdown", "vm.reboot", "vm.pause", "vm.resume",
                      "vm.snapshot.revert", "vm.disk.attach", "vm.disk.detach", "vm.disk.resize", "vm.disk.qos",
-                     "vm.migrate", "vm.migrate_cold", "vm.restore", "vm.hibernate", "vm.unhibernate", "vm.disk.move"), VM),
+                     "vm.migrate", "vm.migrate_cold", "vm.restore", "vm.hibernate", "vm.unhibernate", "vm.disk.move",
+                     "vm.template"), VM),
+    "vm.deploy": "cna.v1.DeployVmResponse",
     "vm.snapshot.create": "cna.v1.Snapshot",
     "vm.backup.start": "cna.v1.Backup",
     "appliance.import": "cna.v1.ApplianceImport",

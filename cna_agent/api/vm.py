@@ -148,6 +148,26 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
             request.vm, request.user, request.password, crypted=request.crypted, request_id=request.request_id,
             fingerprint=fingerprint(blank)))
 
+    async def ConvertVmToTemplate(self, request, context):
+        return await self._op(context, self._templates().convert(request.vm, request_id=request.request_id,
+                                                                 fingerprint=fingerprint(request),
+                                                                 lock_timeout=_seconds(request.lock_timeout, "lock_timeout", 3600)))
+
+    async def DeployVm(self, request, context):
+        customizations = [customization_from_pb(c) for c in request.customizations]
+        # The fingerprint leaves the customizations out (no hash of password hashes or user data).
+        blank = type(request)()
+        blank.CopyFrom(request)
+        blank.ClearField("customizations")
+        return await self._op(context, self._templates().deploy(
+            request.template, list(request.names), linked=request.linked, datastore=request.datastore, start=request.start,
+            customizations=customizations, request_id=request.request_id, fingerprint=fingerprint(blank)))
+
+    def _templates(self) -> Any:
+        if self._c.templates is None:
+            raise FailedPrecondition("this agent has no templates (no storage subsystem)")
+        return self._c.templates
+
     async def SerialConsole(self, request_iterator, context):
         """First input names the VM (and ``force``); then guest output streams out and input
         bytes are typed in, until either side closes."""

@@ -188,6 +188,7 @@ def vm_to_pb(info: VmInfo) -> Any:
         vm.status.hibernation.datastore = info.hibernated.datastore
         vm.status.hibernation.saved_time.CopyFrom(timestamp(info.hibernated.saved_at))
     vm.status.pending_changes.extend(info.pending_changes)
+    vm.status.template = info.template
     if info.customization is not None:
         cs = vm.status.customization
         cs.state, cs.message = CUSTOMIZATION_STATE.get(info.customization.state, 0), info.customization.message
@@ -195,6 +196,12 @@ def vm_to_pb(info: VmInfo) -> Any:
         if info.customization.finished:
             cs.finish_time.CopyFrom(timestamp(info.customization.finished))
     return vm
+
+
+def deploy_to_pb(result: Any) -> Any:
+    """compute.templates.DeployResult -> cna.v1.DeployVmResponse."""
+    return v.DeployVmResponse(vms=[vm_to_pb(i) for i in result.vms],
+                              failures=[v.DeployVmFailure(name=f.name, code=f.code, message=f.message) for f in result.failures])
 
 
 def customization_from_pb(m: Any) -> cz.GuestCustomization:

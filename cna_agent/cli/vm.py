@@ -123,7 +123,8 @@ def cmd_list(client: Client, args: argparse.Namespace) -> str:
     if args.recycled:
         return table(["NAME", "UUID", "DELETED ON EXPIRY"], [[x.name, x.uuid, fmt_time(x.status.recycle_expire_time)] for x in resp.vms])
     return table(["NAME", "UUID", "STATE", "REASON", "MANAGED"],
-                 [[x.name, x.uuid, _state(x.status.state), x.status.state_reason or "-", "yes" if x.managed else "no"] for x in resp.vms])
+                 [[x.name, x.uuid, "template" if x.status.template else _state(x.status.state), x.status.state_reason or "-",
+                   "yes" if x.managed else "no"] for x in resp.vms])
 
 
 def cmd_show(client: Client, args: argparse.Namespace) -> str:
@@ -145,6 +146,8 @@ def cmd_show(client: Client, args: argparse.Namespace) -> str:
     if st.HasField("customization"):
         word = v.CustomizationState.Name(st.customization.state).removeprefix("CUSTOMIZATION_STATE_").lower()
         pairs.append(("First boot", f"{word}" + (f" ({st.customization.message})" if st.customization.message else "")))
+    if st.template:
+        pairs.append(("Template", "yes (read-only; `vm deploy` makes VMs from it)"))
     if st.pending_changes:
         pairs.append(("Pending", ", ".join(st.pending_changes) + " (at the next start)"))
     if st.HasField("console") and st.console.port:
@@ -284,3 +287,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     from cna_agent.cli.vm_update import register_update
 
     register_update(vms, common)
+    from cna_agent.cli.vm_template import register_template
+
+    register_template(vms, common)

@@ -29,6 +29,8 @@ from cna_agent.compute.customization_mark import CustomizationMark
 from cna_agent.compute.customization_mark import read_mark as read_customization_mark
 from cna_agent.compute.pending_changes import PendingMark, pending_fields, qemu_identity
 from cna_agent.compute.pending_changes import read_mark as read_pending_mark
+from cna_agent.compute.template_mark import TemplateMark, template_message
+from cna_agent.compute.template_mark import read_mark as read_template_mark
 from cna_agent.compute.hibernate_store import read_mark as read_hibernate_mark
 from cna_agent.compute.recycle import RecycleMark, in_bin_message, read_mark
 from cna_agent.compute.spec import UUID_RE, VmSpec, validate_name
@@ -79,6 +81,8 @@ class VmInfo:
     customization: CustomizationMark | None = None
     #: Spec fields UpdateVm wrote for the next start that the running QEMU does not have yet.
     pending_changes: tuple[str, ...] = ()
+    #: A template (template_mark.py): not started or changed; DeployVm's source.
+    template: bool = False
 
 
 @dataclass
@@ -96,6 +100,7 @@ class VmDefinition:
     customization: CustomizationMark | None = None
     #: Changes waiting for the next start (pending_changes.py), valid for one QEMU process.
     pending: PendingMark | None = None
+    template: TemplateMark | None = None
 
 
 def presence(conn: libvirt.virConnect, uuid: str) -> tuple[bool, bool]:
@@ -155,7 +160,7 @@ class VmInventory:
         old = self._cache.get(uuid)
         self._cache[uuid] = VmDefinition(spec.name, True, spec, old.recycled if old else None,
                                          old.hibernated if old else None, old.customization if old else None,
-                                         old.pending if old else None)
+                                         old.pending if old else None, old.template if old else None)
 
     def _keep(self, uuid: str, found: VmDefinition, since: int) -> None:
         """Cache what a read begun at epoch ``since`` found, unless the cache changed meanwhile."""
@@ -200,14 +205,15 @@ class VmInventory:
             validate_name(ref, "vm")
 
     async def lookup_uuid(self, ref: str, *, require_managed: bool = True, allow_recycled: bool = False,
-                          allow_hibernated: bool = False) -> tuple[str, str]:
+                          allow_hibernated: bool = False, allow_template: bool = False) -> tuple[str, str]:
         """(uuid, name) of the VM named by UUID or name; NotFound / FailedPrecondition. A VM in
         the recycle bin is refused unless ``allow_recycled`` (RestoreVm, DeleteVm), a hibernated
         one unless ``allow_hibernated`` (StartVm, UnhibernateVm, DeleteVm): any other change
-        would no longer fit the saved guest."""
+        would no longer fit the saved guest; a template unless ``allow_template`` (DeleteVm,
+        DeployVm): it is not started or changed."""
         self.check_ref(ref)
         uuid, name = await self.hv.call(lambda c: (lambda d: (d.UUIDString(), d.name()))(self.lookup(c, ref)), timeout=10)
-        if require_managed or not allow_recycled or not allow_hibernated:
+        if require_managed or not allow_recycled or not allow_hibernated or not allow_template:
             d = await self.definition(uuid)
             if require_managed and not d.managed:
                 raise FailedPrecondition(f"vm {name!r} was not created by cna-agent; the agent leaves it alone", field="vm")
@@ -215,6 +221,8 @@ class VmInventory:
                 raise FailedPrecondition(in_bin_message(name, d.recycled), field="vm")
             if d.hibernated is not None and not allow_hibernated:
                 raise FailedPrecondition(hibernated_message(name, d.hibernated), field="vm")
+            if d.template is not None and not allow_template:
+                raise FailedPrecondition(template_message(name), field="vm")
         return uuid, name
 
     async def definition(self, uuid: str) -> VmDefinition:
@@ -246,7 +254,7 @@ class VmInventory:
         if spec is None:
             return VmDefinition(dom.name(), False, None)
         return VmDefinition(dom.name(), True, spec, read_mark(dom), read_hibernate_mark(dom), read_customization_mark(dom),
-                            read_pending_mark(dom))
+                            read_pending_mark(dom), read_template_mark(dom))
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -275,7 +283,7 @@ class VmInventory:
                     host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations else (),
                     recycle_expires=cached.recycled.expires_at if cached.recycled else None,
                     hibernated=cached.hibernated if state == st.HIBERNATED else None,
-                    customization=cached.customization)
+                    customization=cached.customization, template=cached.template is not None)
         live = dx.Domain.from_xml(live_xml) if live_xml else None
         if live is not None:
             vm.console = self._console_from(live)
@@ -332,7 +340,7 @@ class VmInventory:
                               host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations and not status_only else (),
                               recycle_expires=cached.recycled.expires_at if cached.recycled else None,
                               hibernated=cached.hibernated if state == st.HIBERNATED else None,
-                              customization=cached.customization))
+                              customization=cached.customization, template=cached.template is not None))
         vms.sort(key=lambda v: v.name)
         return vms
 

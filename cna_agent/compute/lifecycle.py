@@ -428,7 +428,7 @@ class VmLifecycle:
         """DeleteVm; with ``hold_s`` the VM goes to the recycle bin instead (recycle.py) and is
         deleted, as asked here, when the hold is up. A VM already in the bin is deleted now."""
         check_hold(hold_s)
-        uuid, name = await self.inventory.lookup_uuid(ref, allow_recycled=True, allow_hibernated=True)
+        uuid, name = await self.inventory.lookup_uuid(ref, allow_recycled=True, allow_hibernated=True, allow_template=True)
         spec = await self.inventory.spec(uuid)
         definition = await self.inventory.definition(uuid)
         in_bin = definition.recycled

@@ -45,6 +45,7 @@ from cna_agent.compute.recovery import VmRecovery
 from cna_agent.compute.recovery_devices import DeviceRecovery
 from cna_agent.compute.sidechannel import Diagnostics, SideChannels
 from cna_agent.compute.snapshot_ops import VmSnapshots
+from cna_agent.compute.templates import VmTemplates
 from cna_agent.compute.update import VmUpdates
 from cna_agent.compute.vmops import VmOps
 from cna_agent.errors import FailedPrecondition, InvalidArgument
@@ -110,6 +111,8 @@ class Compute:
     guest_passwords: GuestPasswords | None = None
     #: First-boot customization's drive and its removal when the guest is done (first_boot.py).
     first_boot: FirstBoot | None = None
+    #: ConvertVmToTemplate and DeployVm (templates.py).
+    templates: VmTemplates | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""
@@ -129,6 +132,8 @@ class Compute:
             handlers.update(self.appliances.handlers())
         if self.guest_passwords is not None:
             handlers.update(self.guest_passwords.handlers())
+        if self.templates is not None:
+            handlers.update(self.templates.handlers())
         return handlers
 
     async def start(self) -> None:

@@ -298,6 +298,26 @@ class StorageService:
                                 what=f"creating {ref.id}")
         return await self.resolve_volume(ref.id, field=field)
 
+    async def clone_volume(self, source_id: str, volume_id: str, *, linked: bool, field: str) -> DiskSourceBinding:
+        """DiskProvider: a deployed VM's volume, cloned inside the deploy's own operation."""
+        src = self._volume_ref(source_id, field, must_exist=True)
+        ds, rel = paths.split_volume_id(volume_id, field)
+        dst = self._new_ref(ds, rel, ds_field=field, path_field=field)
+        if os.path.lexists(dst.path):
+            raise AlreadyExists(f"{field}: volume {dst.id!r} already exists", field=field)
+        await self.executor.run(lambda: self.volumes.clone(src, dst, linked=linked, fmt="qcow2" if linked else "",
+                                                           on_progress=lambda _: None),
+                                timeout=self.command_timeout, what=f"cloning {src.id}")
+        await self.events.publish("volume.created", resource_kind="volume", resource_id=dst.id, resource_name=dst.id,
+                                  message=f"volume {dst.id} {'linked-cloned' if linked else 'copied'} from {src.id}",
+                                  attributes={"source": src.id, "linked": str(linked).lower()})
+        return await self.resolve_volume(dst.id, field=field)
+
+    async def protect_template(self, volume_id: str, *, field: str) -> None:
+        """DiskProvider: the volume read-only, as a linked clone would leave it."""
+        ref = self._volume_ref(volume_id, field, must_exist=True)
+        await self.executor.run(lambda: self.volumes.protect(ref), timeout=30, what=f"protecting {ref.id}")
+
     async def state_area(self, datastore: str, *, field: str) -> str:
         """DiskProvider: ``<root>/.cna-state`` of a dir datastore (a dot directory: never
         listed as volumes, and no volume path may name it, paths.check_new_relpath)."""

@@ -292,6 +292,15 @@ class VolumeManager:
         with self._cache_lock:
             self._info_cache.pop(ref.path, None)
 
+    def protect(self, ref: paths.VolumeRef) -> VolumeInfo:
+        """Make the volume a read-only template (the mode linked clones leave their base in)."""
+        if not os.path.isfile(ref.path):
+            raise NotFound(f"volume {ref.id!r} does not exist", field="id")
+        os.chmod(ref.path, TEMPLATE_MODE)
+        with self._cache_lock:
+            self._info_cache.pop(ref.path, None)
+        return self.info(ref)
+
     def clone(self, src: paths.VolumeRef, dst: paths.VolumeRef, *, linked: bool, fmt: str, on_progress: Progress) -> VolumeInfo:
         source = self.info(src)
         if linked:

@@ -38,6 +38,7 @@ from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.service import Compute, state_follower
 from cna_agent.compute.sidechannel import SideChannels
 from cna_agent.compute.snapshot_ops import VmSnapshots
+from cna_agent.compute.templates import VmTemplates
 from cna_agent.compute.update import VmUpdates
 from cna_agent.compute.vmops import VmOps
 from cna_agent.config import AgentConfig
@@ -223,6 +224,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         guest_agents=guest_agents,
         guest_passwords=GuestPasswords(ops, guest_agents),
         first_boot=first_boot,
+        templates=VmTemplates(ops, lifecycle, binder.disks),
         cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
                                    ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending()),
                                    admission=admission),

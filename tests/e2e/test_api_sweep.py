@@ -189,6 +189,13 @@ def _setup(ch) -> dict[str, str]:
                      disks=[vm.DiskSpec(volume="ds/base.qcow2")], nics=[vm.NicSpec(port_group="pgsweep")])
     created = ok(ch, v.CreateVm(vm.CreateVmRequest(spec=spec), timeout=60), into=vm.Vm())
     ok(ch, v.CreateSnapshot(vm.CreateSnapshotRequest(vm="sweep-vm", name="base-snap"), timeout=60))
+    # a template, for DeployVm (and a ConvertVmToTemplate that is refused: it is one already)
+    ok(ch, s.CreateVolume(st.CreateVolumeRequest(datastore="ds", path="tpl.qcow2", format=st.VOLUME_FORMAT_QCOW2,
+                                                 size_bytes=1 << 20), timeout=60))
+    ok(ch, v.CreateVm(vm.CreateVmRequest(spec=vm.VmSpec(name="sweep-tpl", vcpus=1, memory_mib=64, arch=pb.common_pb2.ARCH_X86_64,
+                                                        console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE),
+                                                        disks=[vm.DiskSpec(volume="ds/tpl.qcow2")])), timeout=60))
+    ok(ch, v.ConvertVmToTemplate(vm.VmActionRequest(vm="sweep-tpl"), timeout=60))
     op = s.CreateVolume(st.CreateVolumeRequest(datastore="ds", path="op.qcow2", format=st.VOLUME_FORMAT_QCOW2,
                                                size_bytes=1 << 20), timeout=60)
     ok(ch, op)
@@ -243,6 +250,8 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "VmService/SetGuestPassword": vm.SetGuestPasswordRequest(vm="sweep-vm", user="root", password="pw"),  # stopped
         "VmService/MigrateVm": vm.MigrateVmRequest(vm="sweep-vm", destination="127.0.0.1:9",
                                                    policy=vm.MigrationPolicy(max_downtime_ms=500, completion_action="abort")),
+        "VmService/ConvertVmToTemplate": vm.VmActionRequest(vm="sweep-tpl"),  # a template already: refused
+        "VmService/DeployVm": vm.DeployVmRequest(template="sweep-tpl", names=["sweep-dep"], linked=True, datastore="ds"),
         "MigrationService/PrepareIncoming": mig.PrepareIncomingRequest(
             migration_id="sweep-mig", domain_xml="<domain type='qemu'/>",
             spec=vm.VmSpec(name="sweep-in", uuid="0b5c2f8e-3d41-4a9b-8c7e-6f5a4b3c2d99", vcpus=1, memory_mib=64,
@@ -378,6 +387,9 @@ def _undo(ch, name: str, request: Any, ds: Path) -> None:
         target = [d for d in v.GetVm(vm.GetVmRequest(vm="sweep-vm"), timeout=30).spec.disks if d.volume != "ds/base.qcow2"]
         for d in target:
             ok(ch, s.DetachDisk(st.DetachDiskRequest(vm="sweep-vm", target=d.target), timeout=60))
+    elif name == "VmService/DeployVm":
+        for made in request.names:
+            gone(lambda: v.DeleteVm(vm.DeleteVmRequest(vm=made, force=True, delete_disks=True), timeout=60))
     elif name == "ApplianceService/ImportAppliance":
         gone(lambda: v.DeleteVm(vm.DeleteVmRequest(vm=request.name, force=True, delete_disks=True), timeout=60))
     elif name == "ApplianceService/ExportAppliance":

@@ -27,8 +27,10 @@ from cna_agent.api import pb
 from support.agent import AgentProcess, delete_vms_and_stop, start_agent
 from support.console import AgentConsole, SerialLog
 from support.guests import build_guest
+from support.tools import load_tool
 from support.operations import history, ok, unpack
 
+sha256_file = load_tool("guest_build_util", "guest_build_util.py").sha256_file
 vm, st, ops_pb = pb.vm_pb2, pb.storage_pb2, pb.operations_pb2
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the embedded QEMU driver here needs root")
 
@@ -54,14 +56,6 @@ def _qemu_img(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def _img_info(path: Path, fmt: str) -> dict:
     return json.loads(_qemu_img("info", "--output=json", "-f", fmt, str(path)).stdout)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _boot_spec(name: str, volume: str) -> vm.VmSpec:
@@ -161,7 +155,7 @@ def test_linked_clone_boots_and_guest_writes_leave_the_template_untouched(boot_e
         os.fsync(fd)
     finally:
         os.close(fd)
-    tpl_sha, tpl_info = _sha256(tpl), _img_info(tpl, "qcow2")
+    tpl_sha, tpl_info = sha256_file(tpl), _img_info(tpl, "qcow2")
     with agent.channel() as ch:
         storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
@@ -206,7 +200,7 @@ def test_linked_clone_boots_and_guest_writes_leave_the_template_untouched(boot_e
         grown = storage.GetVolume(st.GetVolumeRequest(id=clone.id), timeout=30)
         assert grown.actual_size_bytes >= allocated_before + SCRATCH_COUNT * MiB, (allocated_before, grown)
         assert grown.backing_volume == "ds/tpl/base.qcow2"
-        assert _sha256(tpl) == tpl_sha and _img_info(tpl, "qcow2") == tpl_info
+        assert sha256_file(tpl) == tpl_sha and _img_info(tpl, "qcow2") == tpl_info
         _qemu_img("compare", "-f", "raw", "-F", "qcow2", str(disk), str(tpl))
 
         # deleting the VM with its disks removes the clone, never the template it is backed by
@@ -217,7 +211,7 @@ def test_linked_clone_boots_and_guest_writes_leave_the_template_untouched(boot_e
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         ids = {v.id for v in storage.ListVolumes(st.ListVolumesRequest(datastore="ds"), timeout=30).volumes}
         assert ids == {"ds/tpl/base.qcow2"}
-        assert _sha256(tpl) == tpl_sha and _img_info(tpl, "qcow2") == tpl_info
+        assert sha256_file(tpl) == tpl_sha and _img_info(tpl, "qcow2") == tpl_info
         _qemu_img("compare", "-f", "raw", "-F", "qcow2", str(disk), str(tpl))
         assert storage.GetVolume(st.GetVolumeRequest(id="ds/tpl/base.qcow2"), timeout=30).template
         assert not log.path.parent.exists()  # the VM's run directory went with it

@@ -42,6 +42,11 @@ def debian_agent(caps_cache: Path | None, prefix: str, extra_config: str = "") -
         shutil.rmtree(base, ignore_errors=True)
 
 
+def datastore_dir(agent: AgentProcess) -> Path:
+    """The host directory of :func:`debian_agent`'s datastore ``ds`` (beside the agent's dir)."""
+    return agent.dir.parent / "ds"
+
+
 def guest_sh(console: AgentConsole, command: str, timeout: float = 60) -> str:
     """Run ``command`` in the guest's root shell; its output, asserting exit status 0."""
     rc, out = console.run(command, timeout=timeout)

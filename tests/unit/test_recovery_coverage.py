@@ -22,6 +22,7 @@ from cna_agent.compute.disk_move import DiskMoves
 from cna_agent.compute.hibernate import VmHibernation
 from cna_agent.compute.hibernate_handoff import HibernationHandoff
 from cna_agent.compute.service import Compute
+from cna_agent.compute.templates import VmTemplates
 from cna_agent.network.recovery import NetworkRecovery
 from cna_agent.storage.recovery import VolumeRecovery
 
@@ -37,7 +38,8 @@ def _compute_handlers() -> dict:
                             handoff=HibernationHandoff(hibernation), backups=VmBackups(ops, None),  # type: ignore[arg-type]
                             disk_moves=DiskMoves(ops, None),  # type: ignore[arg-type]
                             appliances=VmAppliances(ops, None, None, None),  # type: ignore[arg-type]
-                            guest_passwords=GuestPasswords(ops, None))  # type: ignore[arg-type]
+                            guest_passwords=GuestPasswords(ops, None),  # type: ignore[arg-type]
+                            templates=VmTemplates(ops, None, None))  # type: ignore[arg-type]
     return Compute.recovery_handlers(parts)  # type: ignore[arg-type]
 
 
