@@ -14,8 +14,10 @@ asking. When a read fails, the last good one is returned marked stale, with the 
 
 Tools status comes from the channel's state in the live domain XML (no call into the guest):
 connected is RUNNING; disconnected is NOT_RUNNING when a guest agent was seen on this VM since
-it started (by this agent process), NOT_INSTALLED otherwise (after an agent restart, a guest
-agent that stopped before it looks not installed until it comes back).
+it started, NOT_INSTALLED otherwise. "Seen" outlives an agent restart: the first read of a
+connected guest agent writes a mark (with qemu-ga's version) into the *live* definition's
+metadata, which lives exactly as long as the QEMU process, so a restarted agent reads it back
+from the live XML GetVm already fetched, and a new boot starts without it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import asyncio
 import json
 import logging
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -168,6 +171,26 @@ class _Seen:
     refresh: asyncio.TimerHandle | None = None
 
 
+#: The live-only mark "a guest agent answered in this QEMU process" (its version in it).
+SEEN_NS = "https://cna-agent.org/xmlns/guest-agent/1.0"
+SEEN_KEY = "ga"
+
+
+def seen_mark(live: dx.Domain) -> str | None:
+    """qemu-ga's version from the live definition's mark ("" when it gave none), None without one."""
+    for el in live.metadata or ():
+        if el.tag == f"{{{SEEN_NS}}}seen":
+            return el.get("version", "")
+    return None
+
+
+def write_seen_mark(dom: libvirt.virDomain, version: str) -> None:
+    el = ET.Element("seen")  # libvirt adds the namespace and its prefix
+    el.set("version", version)
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ET.tostring(el, encoding="unicode"), SEEN_KEY, SEEN_NS,
+                    libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
 class GuestAgents:
     def __init__(self, hypervisor: Hypervisor, inventory: VmInventory, *, pool: BlockingPool,
                  min_interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -216,6 +239,11 @@ class GuestAgents:
         if state is None:
             return NO_CHANNEL, ""
         seen = self._seen.get(uuid)
+        if seen is None or not seen.ever_connected:
+            marked = seen_mark(live)  # seen by an earlier agent process, in this QEMU process
+            if marked is not None:
+                seen = self._seen.setdefault(uuid, _Seen())
+                seen.ever_connected, seen.version = True, seen.version or marked
         if state == "connected":
             if seen is None:  # connected before this agent process started: a read fills the version
                 seen = self._seen.setdefault(uuid, _Seen())
@@ -283,6 +311,11 @@ class GuestAgents:
             version = ""
             if want_version:
                 version = _agent_version(dom)
+                if seen_mark(live) is None:
+                    try:
+                        write_seen_mark(dom, version)
+                    except libvirt.libvirtError as exc:  # only a later agent process misses it
+                        log.info("event=vm.guest_agent_mark_skipped vm=%s error=%r", uuid, str(exc))
             return params, version, live
 
         try:

@@ -194,6 +194,10 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
             assert (info.os_id, info.os_version, info.kernel_release, info.hostname) == ("debian", "12", kernel, hostname)
             assert info.tools_status == vm.TOOLS_STATUS_RUNNING and info.tools_version == ga_version
             assert not info.stale and info.HasField("read_time")
+            # "seen in this QEMU process", for an agent restarted later: in the live definition
+            # only (it goes with the process), with the version
+            assert re.search(rf"<ga:seen [^>]*version=.{re.escape(ga_version)}.", domain_xml(agent, "embedded", "deb-ga"))
+            assert "ga:seen" not in domain_xml(agent, "embedded", "deb-ga", live=False)
             (iface,) = [i for i in info.interfaces if i.mac == MAC]
             assert iface.nic_index == 0 and iface.name == nic
             assert [(a.address, a.prefix) for a in iface.addresses if a.type == "ipv4"] == [(GUEST_IP, 24)]

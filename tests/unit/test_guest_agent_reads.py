@@ -69,6 +69,9 @@ class _Dom:
     def XMLDesc(self, _flags: int) -> str:  # noqa: N802 (libvirt's name)
         return LIVE.replace("@STATE@", "connected")
 
+    def setMetadata(self, _type: int, xml: str, key: str, uri: str, flags: int) -> None:  # noqa: N802
+        self.conn.marks.append((xml, key, uri, flags))
+
     def guestInfo(self, _types: int, _flags: int) -> dict:  # noqa: N802
         self.conn.reads += 1
         self.conn.release.wait(10)
@@ -80,6 +83,7 @@ class _Dom:
 class _Conn:
     def __init__(self) -> None:
         self.reads = 0
+        self.marks: list[tuple] = []
         self.fail = False
         self.release = threading.Event()
         self.release.set()
@@ -141,6 +145,9 @@ def test_reads_are_shared_rate_bounded_and_stale_with_the_error_when_the_agent_s
         assert conn.reads == 1 and a is b  # one read served both callers
         assert a.tools_status == ga.RUNNING and a.tools_version == "7.2.22" and a.interfaces[0].nic_index == 0
         assert not a.stale and a.read_at is not None
+        # the first read left its mark in the live definition only (it dies with the QEMU process)
+        assert [(k, f) for _x, k, _u, f in conn.marks] == [("ga", libvirt.VIR_DOMAIN_AFFECT_LIVE)]
+        assert "version=\"7.2.22\"" in conn.marks[0][0]
         clock[0] += 5
         assert await agents_.info("g", max_age_s=0) is a and conn.reads == 1  # younger than the interval
         clock[0] += 6
@@ -165,6 +172,20 @@ def test_tools_status_comes_from_the_live_channel_state(agents) -> None:
     assert agents_.tools_status("u2", spec, disconnected)[0] == ga.NOT_RUNNING  # seen connected before
     agents_.vm_state_changed("u2", "stopped")
     assert agents_.tools_status("u2", spec, disconnected)[0] == ga.NOT_INSTALLED  # a new boot starts from nothing
+
+
+def test_a_guest_agent_seen_by_an_earlier_agent_process_reads_not_running_from_the_live_mark(agents) -> None:
+    """The mark a read wrote into the live definition (metadata that dies with the QEMU process)
+    tells a restarted agent that the guest agent was there: stopped, not missing."""
+    from cna_agent.compute.guest_agent import SEEN_NS
+
+    agents_, _conn, _clock = agents
+    spec = VmSpec(name="g", guest_agent=True)
+    marked = LIVE.replace("@STATE@", "disconnected").replace(
+        "<devices>", f"<metadata><ga:seen xmlns:ga='{SEEN_NS}' version='7.2.22'/></metadata><devices>", 1)
+    assert "ga:seen" in marked
+    assert agents_.tools_status("u3", spec, dx.Domain.from_xml(marked)) == (ga.NOT_RUNNING, "7.2.22")
+    assert agents_.tools_status("u4", spec, dx.Domain.from_xml(LIVE.replace("@STATE@", "disconnected")))[0] == ga.NOT_INSTALLED
 
 
 def test_a_stopped_vm_or_one_without_a_channel_is_answered_without_a_read(agents) -> None:
