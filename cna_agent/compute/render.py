@@ -5,10 +5,11 @@ All per-arch and per-OS-family defaults live here, so the rest of compute never 
 * x86_64: q35 (pc allowed), SeaBIOS, or OVMF through ``<os firmware='efi'>`` with per-VM
   NVRAM under the agent's state dir; aarch64: machine virt, GICv3, AAVMF (or plain direct
   kernel boot when no firmware was asked for and a kernel is given), no x86-only devices.
-* Windows: Hyper-V enlightenments (the full set under KVM; what the hypervisor offers
-  otherwise, hyperv.py, and GetVm says what was left out), RTC in local time with the
-  hypervclock timer (KVM), SATA disks and an e1000e NIC (bootable without drivers) unless
-  ``virtio_drivers``; Linux/Euler: virtio everything.
+* OS family (guest_profiles.py, one profile per family and arch): Windows gets Hyper-V
+  enlightenments (the full set under KVM; what the hypervisor offers otherwise, hyperv.py, and
+  GetVm says what was left out), RTC in local time with the hypervclock timer (KVM), SATA disks
+  and an e1000e NIC (bootable without drivers) unless ``virtio_drivers``; Linux and Euler
+  virtio everything; Euler on aarch64 boots through UEFI even with a direct kernel.
 * CPU: host-model under KVM (host-passthrough on aarch64), a named model under TCG
   (qemu64 / cortex-a57), since TCG cannot offer the host's CPU.
 * Disks: cache=none (O_DIRECT) with io=native when the datastore supports direct I/O, else
@@ -23,11 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import hyperv, qmp
+from cna_agent.compute.guest_profiles import GuestProfile, profile_for
 from cna_agent.compute.render_placement import apply_placement
 from cna_agent.contracts import Bandwidth, DiskSourceBinding, NicBinding, PlacementPlan
 from cna_agent.compute.spec import VmSpec, default_target_prefix
@@ -86,20 +88,18 @@ class Resolved:
     os_family: str
     cpu_mode: str
     cpu_model: str
-    disk_targets: tuple[str, ...] = field(default_factory=tuple)
+    disk_targets: tuple[str, ...]
+    #: What the OS family gets on this arch (guest_profiles.py).
+    profile: GuestProfile
 
 
 def resolve_defaults(spec: VmSpec, ctx: RenderContext) -> Resolved:
     arch = spec.arch or ctx.host_arch
-    machine = spec.machine_type or ("q35" if arch == "x86_64" else "virt")
-    domain_type = ctx.virt_type if arch == ctx.host_arch else "qemu"
-    if spec.firmware:
-        firmware = spec.firmware
-    elif arch == "aarch64":
-        firmware = "" if spec.boot.kernel else "uefi"
-    else:
-        firmware = "bios"
     os_family = spec.os_family or "linux"
+    profile = profile_for(os_family, arch)
+    machine = spec.machine_type or profile.machine
+    domain_type = ctx.virt_type if arch == ctx.host_arch else "qemu"
+    firmware = spec.firmware or profile.default_firmware(direct_kernel=bool(spec.boot.kernel))
     if spec.cpu_mode and spec.cpu_mode != "custom":
         cpu_mode, cpu_model = spec.cpu_mode, ""
     elif spec.cpu_mode == "custom":
@@ -109,7 +109,7 @@ def resolve_defaults(spec: VmSpec, ctx: RenderContext) -> Resolved:
     else:
         cpu_mode, cpu_model = "custom", ("cortex-a57" if arch == "aarch64" else "qemu64")
     targets = assign_disk_targets(spec, os_family)
-    return Resolved(arch, machine, domain_type, firmware, os_family, cpu_mode, cpu_model, targets)
+    return Resolved(arch, machine, domain_type, firmware, os_family, cpu_mode, cpu_model, targets, profile)
 
 
 def host_limitations(spec: VmSpec, ctx: RenderContext) -> tuple[str, ...]:
@@ -117,17 +117,20 @@ def host_limitations(spec: VmSpec, ctx: RenderContext) -> tuple[str, ...]:
     each (GetVm reports them; derived from the same facts the builder uses, so it stays true
     across restarts without being stored)."""
     r = resolve_defaults(spec, ctx)
-    if r.os_family != "windows" or r.arch != "x86_64":
+    if not r.profile.hyperv:
         return ()
     return hyperv.limitations(r.domain_type, ctx.hyperv_features, panic_device=spec.panic_device)
 
 
-def _legacy_windows(spec: VmSpec) -> bool:
-    return spec.os_family == "windows" and not spec.virtio_drivers
+def _family(spec: VmSpec) -> GuestProfile:
+    """The family's profile where no host context is at hand (hot-plug, disk targets): what a
+    guest without virtio drivers gets is the family's on every arch, and Windows exists on
+    x86_64 only, so the arch a spec leaves to the host does not change it."""
+    return profile_for(spec.os_family, spec.arch or "x86_64")
 
 
 def disk_bus(spec: VmSpec, i: int) -> str:
-    return spec.disks[i].bus or ("sata" if _legacy_windows(spec) else "virtio")
+    return spec.disks[i].bus or _family(spec).disk_bus(spec.virtio_drivers)
 
 
 def assign_disk_targets(spec: VmSpec, os_family: str = "") -> tuple[str, ...]:
@@ -198,7 +201,6 @@ def _cells(spec: VmSpec) -> list[dx.NumaCell]:
 def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Domain:
     """The complete domain for ``spec`` (uuid and NIC MACs must already be filled in)."""
     r = resolve_defaults(spec, ctx)
-    windows = r.os_family == "windows"
     dom = dx.Domain(type=r.domain_type, name=spec.name, uuid=spec.uuid)
     if spec.description:
         dom.description = spec.description
@@ -253,12 +255,13 @@ def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Dom
         feats.apic = True
         if r.firmware == "uefi" and spec.secure_boot:
             feats.smm = True
-        if windows:
+        if r.profile.hyperv:
             on = hyperv.offered(r.domain_type, ctx.hyperv_features)
             if on:
                 feats.hyperv = dx.HyperV(mode="custom", **{f: True for f in hyperv.WANTED if f in on})
                 if "spinlocks" in on:
                     feats.hyperv.spinlock_retries = HYPERV_SPINLOCK_RETRIES
+        if r.profile.vmport_off:
             feats.vmport = False
     else:
         feats.gic_version = "3"
@@ -286,19 +289,7 @@ def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Dom
     if bindings.placement is not None:
         apply_placement(dom, bindings.placement, spec)
 
-    # clock
-    if windows:
-        timers = [dx.Timer(name="rtc", tickpolicy="catchup"), dx.Timer(name="pit", tickpolicy="delay"),
-                  dx.Timer(name="hpet", present=False)]
-        if hyperv.clock_offered(r.domain_type):
-            timers.append(dx.Timer(name="hypervclock", present=True))
-        dom.clock = dx.Clock(offset="localtime", timers=timers)
-    elif r.arch == "x86_64":
-        dom.clock = dx.Clock(offset="utc", timers=[
-            dx.Timer(name="rtc", tickpolicy="catchup"), dx.Timer(name="pit", tickpolicy="delay"), dx.Timer(name="hpet", present=False),
-        ])
-    else:
-        dom.clock = dx.Clock(offset="utc")
+    dom.clock = r.profile.clock(r.domain_type)
     dom.on_poweroff = "destroy"
     dom.on_reboot = "restart"
     dom.on_crash = "destroy"
@@ -313,7 +304,6 @@ def build_domain(spec: VmSpec, bindings: Bindings, ctx: RenderContext) -> dx.Dom
 
 
 def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) -> dx.Devices:
-    legacy = _legacy_windows(spec)
     devs = dx.Devices()
     pcie = r.machine == "q35" or r.machine.startswith("pc-q35") or r.arch == "aarch64"
 
@@ -323,7 +313,7 @@ def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) 
         devs.controllers.append(dx.Controller(type="scsi", index=0, model="virtio-scsi"))
 
     for i, nic in enumerate(spec.nics):
-        devs.interfaces.append(_interface(spec, i, bindings.nics[i], legacy))
+        devs.interfaces.append(_interface(spec, i, bindings.nics[i], r.profile))
 
     # Serial console: a pty for interactive use, also logged to a file admins and tests read.
     if spec.serial_console:
@@ -352,7 +342,7 @@ def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) 
             devs.videos.append(dx.Video(model="virtio"))
     if spec.watchdog:
         devs.watchdogs.append(dx.Watchdog(model="i6300esb", action="reset"))
-    if spec.balloon and not legacy:
+    if spec.balloon and r.profile.balloon(spec.virtio_drivers):
         devs.memballoon = dx.MemBalloon(model="virtio", stats_period=10)
     else:
         devs.memballoon = dx.MemBalloon(model="none")
@@ -361,8 +351,7 @@ def _devices(spec: VmSpec, bindings: Bindings, ctx: RenderContext, r: Resolved) 
         devs.tpms.append(dx.Tpm(model="tpm-crb" if r.arch == "x86_64" else "tpm-tis", backend_type="emulator",
                                 backend_version="2.0"))
     if spec.panic_device:
-        model = "hyperv" if r.os_family == "windows" and hyperv.crash_msrs_offered(r.domain_type) else "isa"
-        devs.panics.append(dx.Panic(model=model))
+        devs.panics.append(dx.Panic(model=r.profile.panic_model(r.domain_type)))
     if pcie:
         # libvirt puts each PCIe device into an empty root port it finds before it adds one, so
         # spare ports written as such would be taken by the VM's own devices: one port per
@@ -446,10 +435,10 @@ def disk_xml(spec: VmSpec, i: int, b: DiskSourceBinding, target: str) -> str:
 
 def interface_xml(spec: VmSpec, i: int, b: NicBinding) -> str:
     """One <interface> element for hot-plug, rendered exactly as in a full domain."""
-    return _interface(spec, i, b, _legacy_windows(spec)).to_xml(pretty=False)
+    return _interface(spec, i, b, _family(spec)).to_xml(pretty=False)
 
 
-def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interface:
+def _interface(spec: VmSpec, i: int, b: NicBinding, profile: GuestProfile) -> dx.Interface:
     n = spec.nics[i]
     if b.kind == "ovs" and b.plugged_by == "agent":
         # libvirt only makes the tap; network adds it to the bridge (VLAN, ids) itself.
@@ -465,7 +454,7 @@ def _interface(spec: VmSpec, i: int, b: NicBinding, legacy: bool) -> dx.Interfac
             iface.virtualport_type = "openvswitch"
             if n.interface_id:
                 iface.interface_id = n.interface_id
-    model = n.model or ("e1000e" if legacy else "virtio")
+    model = n.model or profile.nic_model(spec.virtio_drivers)
     iface.model = model
     if model == "virtio" and n.queues > 1:
         iface.driver_queues = n.queues

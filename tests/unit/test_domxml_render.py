@@ -102,6 +102,13 @@ PROFILES: dict[str, tuple[VmSpec, Bindings, RenderContext]] = {
               cpu_topology=CpuTopology(sockets=1, clusters=2, cores=4, threads=1),
               disks=[DiskSpec(volume="ds/euler-arm.qcow2", boot_order=1)], nics=[NicSpec(port_group="pg-web", mac="52:54:00:00:00:05")]),
         Bindings(disks=[FILE_DISK], nics=[OVS]), ARM_KVM),
+    # openEuler on Kunpeng from a direct kernel: through UEFI (AAVMF, per-VM NVRAM) with ACPI,
+    # where a Linux guest would boot without firmware (guest_profiles.py).
+    "aarch64_euler_direct_kernel_uefi": (
+        _base(arch="aarch64", os_family="euler", vcpus=4, memory_mib=2048, guest_agent=True, balloon=True,
+              boot=BootSpec(kernel="/img/Image", initrd="/img/initrd.gz", cmdline="console=ttyAMA0 root=/dev/vda"),
+              disks=[DiskSpec(volume="ds/openeuler-arm.qcow2")], nics=[NicSpec(port_group="pg-web", mac="52:54:00:00:00:06")]),
+        Bindings(disks=[FILE_DISK], nics=[OVS], kernel="/img/Image", initrd="/img/initrd.gz"), ARM_KVM),
     "aarch64_direct_boot_tcg_numa": (
         _base(arch="aarch64", vcpus=4, memory_mib=256, numa_cells=2, console=ConsoleSpec(type="none"),
               boot=BootSpec(kernel="/img/Image", initrd="/img/initrd.gz", cmdline="console=ttyAMA0")),
