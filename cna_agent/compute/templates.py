@@ -252,29 +252,55 @@ class VmTemplates:
     async def _deploy_one(self, disks: DiskProvider, template: VmSpec, spec: VmSpec, linked: bool, start: bool,
                           customization: GuestCustomization | None, request_id: str) -> VmInfo:
         cloned: list[str] = []
+        made = ""  # the uuid of the VM this deploy's create was for, once it answered
         try:
             for j, (src, disk) in enumerate(zip(template.disks, spec.disks)):
                 if disk.volume != src.volume:
                     await disks.clone_volume(src.volume, disk.volume, linked=linked, field=f"spec.disks[{j}].volume")
                     cloned.append(disk.volume)
             record = await self.lifecycle.create(spec, start=start, customization=customization, request_id=request_id)
+            made = record.target
             async for record in self.ops.runner.watch(record.id):
                 pass
             if record.error is not None:
                 raise type_for(CODE_NAMES.get(record.error.code, "INTERNAL"))(record.error.message)
             return await self.ops.inventory.get(record.target)
         except AgentError:
-            for volume in reversed(cloned):
-                try:
-                    await disks.delete_volume(volume, field="names")
-                except AgentError as exc:
-                    log.warning("event=vm.deploy_undo_failed volume=%s error=%r", volume, exc.message)
+            await self._undo(disks, made, cloned)
             raise
+
+    async def _undo(self, disks: DiskProvider, uuid: str, cloned: list[str]) -> None:
+        """Nothing of a VM that failed stays: a create that failed after its define (QEMU did not
+        start) left the VM, which is deleted with its disks; otherwise only the clones are. By
+        uuid, never by name: a name taken meanwhile is someone else's VM."""
+        try:
+            if uuid and await self.ops.hv.call(lambda c: _defined_uuid(c, uuid), timeout=30):
+                record = await self.lifecycle.delete(uuid, delete_disks=True, force=True)
+                async for record in self.ops.runner.watch(record.id):
+                    pass
+                if record.error is None:
+                    return
+                log.warning("event=vm.deploy_undo_failed vm=%s error=%r", uuid, record.error.message)
+        except AgentError as exc:
+            log.warning("event=vm.deploy_undo_failed vm=%s error=%r", uuid, exc.message)
+        for volume in reversed(cloned):
+            try:
+                await disks.delete_volume(volume, field="names")
+            except AgentError as exc:
+                log.warning("event=vm.deploy_undo_failed volume=%s error=%r", volume, exc.message)
 
 
 def _defined(conn: libvirt.virConnect, name: str) -> bool:
     try:
         conn.lookupByName(name)
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+def _defined_uuid(conn: libvirt.virConnect, uuid: str) -> bool:
+    try:
+        conn.lookupByUUIDString(uuid)
         return True
     except libvirt.libvirtError:
         return False
