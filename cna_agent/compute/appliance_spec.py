@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cna_agent.compute.spec import NIC_MODELS, CpuTopology, DiskSpec, NicSpec, VmSpec, check_mac, validate_name
+from cna_agent.compute.spec import NIC_MODELS, CpuTopology, DiskSpec, NicSpec, VmSpec
+from cna_agent.compute.spec_validation import check_mac, validate_name
 from cna_agent.errors import FailedPrecondition, InvalidArgument
 from cna_agent.ovf.descriptor import (RT_GRAPHICS, RT_PARALLEL, RT_SERIAL, RT_SOUND, RT_USB, Envelope, OvfController,
                                       OvfDisk, OvfDrive, OvfFile, OvfItem, OvfNic, OvfSystem)

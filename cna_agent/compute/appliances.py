@@ -37,7 +37,7 @@ from cna_agent.compute.appliance_spec import (DiskPlan, ExportedDisk, ImportPlan
                                               export_notes, export_refusal, plan_import)
 from cna_agent.compute.inventory import VmInfo
 from cna_agent.compute.lifecycle import VmLifecycle
-from cna_agent.compute.spec import validate
+from cna_agent.compute.spec_validation import validate
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import ImageSource, ImageStore
 from cna_agent.errors import CODE_NAMES, CODES, AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, \

@@ -16,7 +16,8 @@ from typing import Iterable
 from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.render import Bindings
 from cna_agent.compute.resolvers import LocalFileResolver
-from cna_agent.compute.spec import NicSpec, VmSpec, check_mac
+from cna_agent.compute.spec import NicSpec, VmSpec
+from cna_agent.compute.spec_validation import check_mac
 from cna_agent.contracts import DiskProvider, DiskSourceBinding, NicBinding, Placer, PortProvider
 from cna_agent.errors import AlreadyExists, ResourceBusy
 

@@ -20,7 +20,8 @@ from cna_agent.compute import domxml as dx
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.render import assign_disk_targets, disk_xml
-from cna_agent.compute.spec import DiskSpec, IoQos, VmSpec, check_io_qos, validate
+from cna_agent.compute.spec import DiskSpec, IoQos, VmSpec
+from cna_agent.compute.spec_validation import check_io_qos, validate
 from cna_agent.compute.vmops import DETACH_TIMEOUT_S, VmOps, affect, save_spec
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.failpoints import crash_point

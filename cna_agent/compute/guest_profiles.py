@@ -108,7 +108,7 @@ _WINDOWS = {
     # AHCI (SATA) and the Intel e1000e, not for virtio (virtio-win is a separate install).
     "x86_64": replace(_LINUX["x86_64"], family="windows", clock_offset="localtime", hyperv=True, vmport_off=True,
                       virtio_needs_drivers=True, driverless_disk_bus="sata", driverless_nic_model="e1000e"),
-    # Refused by spec.validate (Hyper-V is x86 only); kept so profile_for never fails on a
+    # Refused by spec_validation.validate (Hyper-V is x86 only); kept so profile_for never fails on a
     # stored spec, with nothing x86 in it.
     "aarch64": replace(_LINUX["aarch64"], family="windows", clock_offset="localtime",
                        virtio_needs_drivers=True, driverless_nic_model="e1000e"),
@@ -140,5 +140,5 @@ PROFILES: dict[str, dict[str, GuestProfile]] = {"linux": _LINUX, "windows": _WIN
 
 def profile_for(os_family: str, arch: str) -> GuestProfile:
     """The profile of ``os_family`` ("" = linux) on ``arch``; KeyError for a family or arch
-    spec.validate does not accept."""
+    spec_validation.validate does not accept."""
     return PROFILES[os_family or "linux"][arch]

@@ -45,7 +45,8 @@ from cna_agent.compute.migration_cold_incoming import name_conflict
 from cna_agent.compute.migration_xml import destination_xml
 from cna_agent.compute.pending_changes import refuse_while_pending
 from cna_agent.compute.render import nvram_path
-from cna_agent.compute.spec import UUID_RE, VmSpec, validate
+from cna_agent.compute.spec import UUID_RE, VmSpec
+from cna_agent.compute.spec_validation import validate
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import HostAdmission
 from cna_agent.failpoints import crash_point

@@ -33,7 +33,8 @@ from cna_agent.compute.template_mark import TemplateMark, template_message
 from cna_agent.compute.template_mark import read_mark as read_template_mark
 from cna_agent.compute.hibernate_store import read_mark as read_hibernate_mark
 from cna_agent.compute.recycle import RecycleMark, in_bin_message, read_mark
-from cna_agent.compute.spec import UUID_RE, VmSpec, validate_name
+from cna_agent.compute.spec import UUID_RE, VmSpec
+from cna_agent.compute.spec_validation import validate_name
 from cna_agent.contracts import DiskUse, VmNic
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from cna_agent.hypervisor import Hypervisor, embedded_root

@@ -32,7 +32,8 @@ from cna_agent.compute.reservations import ReservationAdmission
 from cna_agent.compute.recycle import RecycleBin, check_hold, in_bin_message, read_mark
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.shutdown import graceful_stop
-from cna_agent.compute.spec import ValidationContext, VmSpec, new_uuid, validate
+from cna_agent.compute.spec import VmSpec, new_uuid
+from cna_agent.compute.spec_validation import ValidationContext, validate
 from cna_agent.compute.vmops import QUICK_WAIT_S, VmOps
 from cna_agent.contracts import HostAdmission
 from cna_agent.errors import AgentError, AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, NotFound

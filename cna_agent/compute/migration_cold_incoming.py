@@ -31,7 +31,8 @@ import libvirt
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.inventory import VmInfo
 from cna_agent.compute.lifecycle import DomainRenderer
-from cna_agent.compute.spec import VmSpec, validate
+from cna_agent.compute.spec import VmSpec
+from cna_agent.compute.spec_validation import validate
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import FileIdentity, HostAdmission, ReceivePlan, TransferChunk, VolumeTransfer
 from cna_agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceBusy

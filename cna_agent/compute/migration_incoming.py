@@ -35,7 +35,8 @@ from cna_agent.compute.inventory import VmInfo
 from cna_agent.compute.lifecycle import DomainRenderer
 from cna_agent.compute.migration_xml import destination_xml
 from cna_agent.compute.reservations import ReservationAdmission
-from cna_agent.compute.spec import VmSpec, validate
+from cna_agent.compute.spec import VmSpec
+from cna_agent.compute.spec_validation import validate
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import HostAdmission, IncomingPlan
 from cna_agent.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceBusy

@@ -21,7 +21,8 @@ from cna_agent.compute import domxml as dx
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.render import interface_xml
-from cna_agent.compute.spec import NicSpec, VmSpec, check_mac, validate
+from cna_agent.compute.spec import NicSpec, VmSpec
+from cna_agent.compute.spec_validation import check_mac, validate
 from cna_agent.compute.vmops import DETACH_TIMEOUT_S, VmOps, affect, save_spec
 from cna_agent.contracts import VmNic
 from cna_agent.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable

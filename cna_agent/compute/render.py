@@ -32,7 +32,8 @@ from cna_agent.compute import hyperv, qmp
 from cna_agent.compute.guest_profiles import GuestProfile, profile_for
 from cna_agent.compute.render_placement import apply_placement
 from cna_agent.contracts import Bandwidth, DiskSourceBinding, NicBinding, PlacementPlan
-from cna_agent.compute.spec import VmSpec, default_target_prefix
+from cna_agent.compute.spec import VmSpec
+from cna_agent.compute.spec_validation import default_target_prefix
 
 log = logging.getLogger(__name__)
 

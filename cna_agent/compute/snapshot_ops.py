@@ -10,7 +10,7 @@ from typing import Any
 
 from cna_agent.hypervisor import CHANGE_OUTLAST_S
 from cna_agent.compute import snapshots as snaps
-from cna_agent.compute.spec import validate_name
+from cna_agent.compute.spec_validation import validate_name
 from cna_agent.compute.vmops import VmOps
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationRecord

@@ -31,7 +31,8 @@ from cna_agent.compute.customization import GuestCustomization
 from cna_agent.compute.customization_mark import PENDING as CUSTOMIZATION_PENDING
 from cna_agent.compute.inventory import VmInfo
 from cna_agent.compute.lifecycle import REQUEST_NS, VmLifecycle
-from cna_agent.compute.spec import VmSpec, validate, validate_name
+from cna_agent.compute.spec import VmSpec
+from cna_agent.compute.spec_validation import validate, validate_name
 from cna_agent.compute.template_mark import TemplateMark, clear_mark, write_mark
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import DiskProvider

@@ -21,7 +21,8 @@ from cna_agent.compute.binder import Binder
 from cna_agent.compute.customization_mark import PENDING as CUSTOMIZATION_PENDING
 from cna_agent.compute.lifecycle import DomainRenderer, VmLifecycle
 from cna_agent.compute.pending_changes import write_mark
-from cna_agent.compute.spec import VmSpec, validate
+from cna_agent.compute.spec import VmSpec
+from cna_agent.compute.spec_validation import validate
 from cna_agent.compute.vmops import VmOps, save_spec
 from cna_agent.errors import FailedPrecondition, InvalidArgument
 from cna_agent.operations import OperationContext

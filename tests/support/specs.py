@@ -4,7 +4,8 @@ rendering tests in unit/ and their define-on-QEMU twin in integration/ share the
 from __future__ import annotations
 
 from cna_agent.compute.render import RenderContext
-from cna_agent.compute.spec import BootSpec, ConsoleSpec, ValidationContext, VmSpec, validate
+from cna_agent.compute.spec import BootSpec, ConsoleSpec, VmSpec
+from cna_agent.compute.spec_validation import ValidationContext, validate
 
 PLACED_UUID = "0b5c2f8e-3d41-4a9b-8c7e-6f5a4b3c2d1e"
 # No QMP side channel: these domains are rendered, not run by the agent.

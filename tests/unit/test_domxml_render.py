@@ -14,9 +14,8 @@ import pytest
 from cna_agent.compute import domxml as dx
 from cna_agent.contracts import Bandwidth, DiskSourceBinding, GuestNumaCell, NicBinding, PlacementPlan
 from cna_agent.compute.render import Bindings, RenderContext, build_domain, render_xml
-from cna_agent.compute.spec import (
-    BootSpec, ConsoleSpec, CpuQos, CpuTopology, DiskSpec, IoQos, MemoryQos, NicSpec, ValidationContext, VmSpec, validate,
-)
+from cna_agent.compute.spec import BootSpec, ConsoleSpec, CpuQos, CpuTopology, DiskSpec, IoQos, MemoryQos, NicSpec, VmSpec
+from cna_agent.compute.spec_validation import ValidationContext, validate
 from support.xml import schema_check
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "domxml"
@@ -191,7 +190,7 @@ def test_libvirt_kib_output_parses() -> None:
 
 
 def test_a_tpm_is_libvirts_swtpm_2_0_crb_on_x86_and_tis_on_aarch64_and_needs_swtpm(tmp_path: Path) -> None:
-    from cna_agent.compute.spec import ValidationContext, validate
+    from cna_agent.compute.spec_validation import ValidationContext, validate
     from cna_agent.errors import InvalidArgument
 
     for ctx, model in ((X86_TCG, "tpm-crb"), (ARM_KVM, "tpm-tis")):

@@ -18,7 +18,8 @@ from support.xml import schema_check
 from cna_agent.compute import domxml as dx
 from cna_agent.compute.guest_profiles import PROFILES, profile_for
 from cna_agent.compute.render import Bindings, RenderContext, build_domain, host_limitations, interface_xml, render_xml
-from cna_agent.compute.spec import BootSpec, DiskSpec, NicSpec, ValidationContext, VmSpec, validate
+from cna_agent.compute.spec import BootSpec, DiskSpec, NicSpec, VmSpec
+from cna_agent.compute.spec_validation import ValidationContext, validate
 from cna_agent.contracts import DiskSourceBinding, NicBinding
 
 UUID = "0b7d3c1e-5a2f-4e6d-8c9b-1a2b3c4d5e6f"

@@ -22,7 +22,8 @@ from cna_agent.compute.evacuation import HostEvacuation, check_destinations, eva
 from cna_agent.compute.maintenance import (CANCELLED, MOVED, NOT_MOVED, PENDING, EvacuatedVm, EvacuationReport,
                                            MaintenanceMode)
 from cna_agent.compute.migration import MigrationPolicy
-from cna_agent.compute.spec import ValidationContext, VmSpec
+from cna_agent.compute.spec import VmSpec
+from cna_agent.compute.spec_validation import ValidationContext
 from cna_agent.errors import Aborted, FailedPrecondition, InvalidArgument, ResourceBusy, Unavailable
 from cna_agent.operations import OperationRunner
 from cna_agent.state.eventlog import EventHub, EventLog

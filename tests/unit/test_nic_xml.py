@@ -12,7 +12,8 @@ from cna_agent.compute.binder import generate_mac
 from cna_agent.compute.inventory import interfaces_of
 from cna_agent.compute.nics import _spec_field
 from cna_agent.compute.render import interface_xml
-from cna_agent.compute.spec import NicSpec, ValidationContext, VmSpec, check_mac, validate
+from cna_agent.compute.spec import NicSpec, VmSpec
+from cna_agent.compute.spec_validation import ValidationContext, check_mac, validate
 from cna_agent.contracts import Bandwidth, NicBinding
 from cna_agent.errors import InvalidArgument, ResourceBusy
 from cna_agent.network.model import BridgeDecl, PortGroupDecl, validate_bridge, validate_port_group

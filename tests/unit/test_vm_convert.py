@@ -7,7 +7,7 @@ import pytest
 
 from cna_agent.api import pb
 from cna_agent.api.vm_convert import spec_from_pb, spec_to_pb
-from cna_agent.compute.spec import ValidationContext, validate
+from cna_agent.compute.spec_validation import ValidationContext, validate
 from cna_agent.errors import InvalidArgument
 
 v = pb.vm_pb2

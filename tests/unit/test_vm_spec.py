@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cna_agent.compute.spec import BootSpec, ConsoleSpec, CpuTopology, DiskSpec, NicSpec, ValidationContext, VmSpec, validate
+from cna_agent.compute.spec import BootSpec, ConsoleSpec, CpuTopology, DiskSpec, NicSpec, VmSpec
+from cna_agent.compute.spec_validation import ValidationContext, validate
 from cna_agent.errors import InvalidArgument
 
 CTX = ValidationContext(host_arch="x86_64", virt_type="qemu", host_cpus=2)
@@ -74,7 +75,8 @@ def test_spec_json_round_trip() -> None:
 
 # -- hostile values found by the API sweep (issue 21): one validator per kind of value ------------
 
-from cna_agent.compute.spec import IoQos, LunSource, check_io_qos  # noqa: E402
+from cna_agent.compute.spec import IoQos, LunSource
+from cna_agent.compute.spec_validation import check_io_qos  # noqa: E402
 from cna_agent.contracts import Bandwidth  # noqa: E402
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from cna_agent.compute.customization import GuestCustomization
 from cna_agent.compute.inventory import VmInventory
-from cna_agent.compute.spec import DiskSpec, NicSpec, ValidationContext, VmSpec
+from cna_agent.compute.spec import DiskSpec, NicSpec, VmSpec
+from cna_agent.compute.spec_validation import ValidationContext
 from cna_agent.compute.template_mark import TemplateMark, read_mark, write_mark
 from cna_agent.compute.templates import MAX_DEPLOY, VmTemplates, clone_volume_id
 from cna_agent.compute.vmops import save_spec
