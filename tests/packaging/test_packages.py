@@ -4,8 +4,9 @@ A .deb and an RPM are only worth shipping if what they install is what the syste
 tmpfiles and config expect: the unit and scripts in the right places, the config 0600 in a
 0700 directory and kept across upgrades, dependencies on the distribution's python3-libvirt
 (never a venv), and an installed tree that imports with the distribution's python3 packages.
-Each build runs on a copy of the tree (never in the checkout) with the system's PATH, so no
-venv or pyenv interpreter leaks into the package. One build of each, checked at once.
+Both are built by ``tools/build-packages.sh OUTDIR`` (what the README tells an admin to run), on
+a copy of the tree (never in the checkout) with the system's PATH, so no venv or pyenv
+interpreter leaks into the package. One build of each, checked at once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -35,31 +35,19 @@ def _run(args: list[str], cwd: Path | None = None, timeout: float = 600, env: di
     return proc.stdout
 
 
-def _source_files() -> list[str]:
-    """The tracked and new (not ignored) files: what a release tarball holds."""
-    out = _run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO)
-    return [f for f in out.split("\0") if f and not f.startswith("cna_agent/_gen/") and (REPO / f).exists()]
-
-
-def _copy_tree(dest: Path) -> None:
-    for rel in _source_files():
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target, follow_symlinks=False)
-
-
 def _need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t, path=SYSTEM_ENV["PATH"]) is None]
     if missing:
         pytest.skip(f"packaging tools missing (tools/setup.sh installs them): {missing}")
 
 
+def _build(out: Path, which: str) -> None:
+    _run(["bash", str(REPO / "tools" / "build-packages.sh"), str(out)], timeout=1200, env={"CNA_PACKAGES": which})
+
+
 def test_debian_package(tmp_path):
     _need("dpkg-buildpackage", "dh", "lintian", "argparse-manpage", "protoc", "grpc_python_plugin")
-    src = tmp_path / "cna-agent"
-    _copy_tree(src)
-    (src / "debian").symlink_to("packaging/debian")
-    _run(["dpkg-buildpackage", "-b", "-us", "-uc"], cwd=src, timeout=900)
+    _build(tmp_path, "deb")
     (deb,) = tmp_path.glob(f"cna-agent_{__version__}_*.deb")
 
     # Files and modes, as dpkg-deb lists them: "drwx------ root/root 0 date time ./etc/cna-agent/".
@@ -121,17 +109,10 @@ def test_debian_package(tmp_path):
 
 def test_rpm_package(tmp_path):
     _need("rpmbuild", "rpm", "argparse-manpage", "protoc", "grpc_python_plugin")
-    top = tmp_path / "rpm"
-    (top / "SOURCES").mkdir(parents=True)
-    name = f"cna-agent-{__version__}"
-    with tarfile.open(top / "SOURCES" / f"{name}.tar.gz", "w:gz") as tar:
-        for rel in _source_files():
-            tar.add(REPO / rel, arcname=f"{name}/{rel}", recursive=False)
-    # --nodeps: BuildRequires name openEuler packages, which this Debian host's rpm database
-    # (empty) cannot know; the Debian equivalents are installed by tools/setup.sh.
-    _run(["rpmbuild", "-bb", "--nodeps", "--define", f"_topdir {top}", str(REPO / "packaging/rpm/cna-agent.spec")],
-         timeout=900)
-    (rpm,) = (top / "RPMS").glob(f"*/{name}-*.rpm")
+    # The script builds with --nodeps: BuildRequires name openEuler packages, which this Debian
+    # host's rpm database (empty) cannot know; the Debian equivalents are installed by tools/setup.sh.
+    _build(tmp_path, "rpm")
+    (rpm,) = tmp_path.glob(f"cna-agent-{__version__}-*.rpm")
 
     files = set(_run(["rpm", "-qlp", str(rpm)]).split())
     for path in ("/usr/bin/cna-agent", "/usr/bin/cna-ctl", "/usr/lib/systemd/system/cna-agent.service",
