@@ -16,6 +16,7 @@ if [ -x "$repo/tools/build-test-guest.py" ]; then
   for arch in x86_64 aarch64; do
     extra=()
     [ "$arch" = x86_64 ] && extra=(--boot-disk)  # root-disk tests (iSCSI LUN, vmdk import, linked clone)
+    [ "$arch" = aarch64 ] && extra=(--efi-boot-disk)  # the aarch64 guest through AAVMF from its disk
     "$py" "$repo/tools/build-test-guest.py" --arch "$arch" "${extra[@]}" || echo "run-tests: building the $arch test guest failed" >&2
   done
 fi
