@@ -99,7 +99,7 @@ class DiskProvider(Protocol):
         datastore has less than ``room`` bytes free, AlreadyExists when the name is taken,
         each naming ``field``; nothing is made then."""
 
-    async def clone_volume(self, source_id: str, volume_id: str, *, linked: bool, field: str) -> DiskSourceBinding:
+    async def clone_for_vm(self, source_id: str, volume_id: str, *, linked: bool, field: str) -> DiskSourceBinding:
         """A new volume ``volume_id`` made from ``source_id`` for a VM deployed from a template:
         a qcow2 overlay on it (``linked``) or a full copy; AlreadyExists when the name is taken,
         each error naming ``field``; nothing is left behind on failure."""

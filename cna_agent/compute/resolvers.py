@@ -58,7 +58,7 @@ class LocalFileResolver:
         raise FailedPrecondition(f"{field}: new volumes need the storage subsystem, which is not running on this agent",
                                  field=field)
 
-    async def clone_volume(self, source_id: str, volume_id: str, *, linked: bool, field: str) -> DiskSourceBinding:
+    async def clone_for_vm(self, source_id: str, volume_id: str, *, linked: bool, field: str) -> DiskSourceBinding:
         raise FailedPrecondition(f"{field}: cloning volumes needs the storage subsystem, which is not running on this agent",
                                  field=field)
 

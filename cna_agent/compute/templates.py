@@ -183,7 +183,7 @@ class VmTemplates:
             await disks.state_area(datastore, field="datastore")  # a dir datastore this host has and reaches
         taken = await self.ops.hv.call(lambda c: {n for n in names if _defined(c, n)}, timeout=30)
         if taken:
-            raise AlreadyExists(f"VM name(s) {', '.join(sorted(taken))} already in use on this host", field="names")
+            raise AlreadyExists(f"names: VM name(s) {', '.join(sorted(taken))} already in use on this host", field="names")
 
         async def work(op: OperationContext) -> Any:
             result = DeployResult()
@@ -257,7 +257,7 @@ class VmTemplates:
         try:
             for j, (src, disk) in enumerate(zip(template.disks, spec.disks)):
                 if disk.volume != src.volume:
-                    await disks.clone_volume(src.volume, disk.volume, linked=linked, field=f"spec.disks[{j}].volume")
+                    await disks.clone_for_vm(src.volume, disk.volume, linked=linked, field=f"spec.disks[{j}].volume")
                     cloned.append(disk.volume)
             record = await self.lifecycle.create(spec, start=start, customization=customization, request_id=request_id)
             made = record.target

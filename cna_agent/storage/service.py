@@ -298,7 +298,7 @@ class StorageService:
                                 what=f"creating {ref.id}")
         return await self.resolve_volume(ref.id, field=field)
 
-    async def clone_volume(self, source_id: str, volume_id: str, *, linked: bool, field: str) -> DiskSourceBinding:
+    async def clone_for_vm(self, source_id: str, volume_id: str, *, linked: bool, field: str) -> DiskSourceBinding:
         """DiskProvider: a deployed VM's volume, cloned inside the deploy's own operation."""
         src = self._volume_ref(source_id, field, must_exist=True)
         ds, rel = paths.split_volume_id(volume_id, field)

@@ -32,6 +32,7 @@ from cna_agent.api import pb
 
 from support.agent import AgentProcess, delete_vms_and_stop, start_agent
 from support.console import AgentConsole, SerialLog, login_root
+from support.debian import TEMPLATE, image_datastore
 from support.guests import build_debian_guest
 from support.libvirt import domain_xml
 from support.operations import ok, wait
@@ -74,12 +75,11 @@ def debian_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, Path, dict, s
     guest = build_debian_guest("x86_64")
     base = Path(tempfile.mkdtemp(prefix="ga", dir="/tmp"))
     ds = base / "ds"
-    (ds / "tpl").mkdir(parents=True)
-    shutil.copyfile(guest["disk"], ds / "tpl" / "debian.qcow2")
+    ds.mkdir(parents=True)
     bridge = f"gab{base.name[-5:].lower()}"
     extra = (f'[compute]\nimage_dirs = "{Path(guest["kernel"]).parent}"\nguest_info_min_interval_s = 2\n'
              f'shutdown_guest_agent_after_s = 4\n'
-             f'[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n'
+             f'[storage.datastores.ds]\ntype = "dir"\npath = "{ds}"\n' + image_datastore(guest) +
              f'[network]\nreconcile_interval_s = 0\n[network.bridges.{bridge}]\ntype = "linux"\n'
              f'[network.port_groups.gapg]\nbridge = "{bridge}"\n')
     agent = None
@@ -117,7 +117,7 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
         vms = pb.vm_pb2_grpc.VmServiceStub(ch)
         storage = pb.storage_pb2_grpc.StorageServiceStub(ch)
         events = pb.events_pb2_grpc.EventServiceStub(ch)
-        ok(ch, storage.CloneVolume(st.CloneVolumeRequest(request_id="ga-clone", source="ds/tpl/debian.qcow2", datastore="ds",
+        ok(ch, storage.CloneVolume(st.CloneVolumeRequest(request_id="ga-clone", source=TEMPLATE, datastore="ds",
                                                          path="g1/root.qcow2", linked=True), timeout=30))
         # cloud-init runs (the seed's command line): the first boot is customized from the drive
         spec = vm.VmSpec(
