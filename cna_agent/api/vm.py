@@ -154,7 +154,8 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
                                                                  lock_timeout=_seconds(request.lock_timeout, "lock_timeout", 3600)))
 
     async def DeployVm(self, request, context):
-        customizations = [customization_from_pb(c) for c in request.customizations]
+        # an empty element (proto3 clients send them) is no customization for that VM, as in CreateVm
+        customizations = [None if c.empty() else c for c in (customization_from_pb(m) for m in request.customizations)]
         # The fingerprint leaves the customizations out (no hash of password hashes or user data).
         blank = type(request)()
         blank.CopyFrom(request)

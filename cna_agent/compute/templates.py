@@ -160,7 +160,7 @@ class VmTemplates:
     # -- DeployVm ------------------------------------------------------------------------------
 
     async def deploy(self, ref: str, names: Sequence[str], *, linked: bool, datastore: str = "", start: bool = False,
-                     customizations: Sequence[GuestCustomization] = (), request_id: str = "",
+                     customizations: Sequence[GuestCustomization | None] = (), request_id: str = "",
                      fingerprint: str = "") -> OperationRecord:
         inventory = self.ops.inventory
         earlier = await self.ops.earlier(request_id, ("vm.deploy",), fingerprint)
@@ -173,7 +173,7 @@ class VmTemplates:
         except AgentError as exc:
             if exc.field != "vm":
                 raise
-            raise type(exc)(f"template: {exc.message}", field="template") from None
+            raise renamed(exc, "vm", "template") from None
         if (await inventory.definition(uuid)).template is None:
             raise FailedPrecondition(f"vm {tname!r} is not a template; ConvertVmToTemplate makes it one", field="template")
         template = await inventory.spec(uuid)
@@ -199,7 +199,7 @@ class VmTemplates:
                     result.failures.append(DeployFailure(spec.name, exc.code, exc.message))
             if not result.vms:
                 first = result.failures[0]
-                raise type_for(first.code)(f"no VM deployed from {tname!r}: " + "; ".join(
+                raise error_of(first.code, f"no VM deployed from {tname!r}: " + "; ".join(
                     f"{f.name}: {f.message}" for f in result.failures))
             await self.ops.events.publish(
                 "vm.deployed", resource_kind="vm", resource_id=uuid, resource_name=tname, operation_id=op.id,
@@ -212,7 +212,7 @@ class VmTemplates:
                                      metadata={"names": ",".join(names), "linked": str(linked).lower()})
 
     def _specs(self, template: VmSpec, names: Sequence[str], linked: bool, datastore: str,
-               customizations: Sequence[GuestCustomization], request_id: str) -> list[VmSpec]:
+               customizations: Sequence[GuestCustomization | None], request_id: str) -> list[VmSpec]:
         """Each new VM's spec, checked before anything is made: the template's with its own
         name, uuid, MACs (chosen at create) and cloned volumes."""
         if not names:
@@ -239,14 +239,17 @@ class VmTemplates:
                 if disk.volume and not disk.shareable and disk.device != "cdrom":
                     disk.volume = clone_volume_id(disk.volume, name, datastore, linked)
             validate(spec, self.lifecycle.validation_context())
-            if customizations:
+            if customizations and customizations[i] is not None:
                 if self.lifecycle.first_boot is None:
                     raise FailedPrecondition("this agent does not customize guests", field="customizations")
                 try:
                     self.lifecycle.first_boot.check(customizations[i], spec)
                 except AgentError as exc:
-                    exc.field = f"customizations[{i}].{exc.field}" if exc.field else f"customizations[{i}]"
-                    raise
+                    # customization.<x> as CreateVm names it; spec.<x> is the new VM's spec
+                    old = exc.field
+                    new = old.replace("customization", f"customizations[{i}]", 1) if old.startswith("customization") \
+                        else f"customizations[{i}]: {old}" if old else f"customizations[{i}]"
+                    raise renamed(exc, old, new) from None
             out.append(spec)
         return out
 
@@ -264,7 +267,7 @@ class VmTemplates:
             async for record in self.ops.runner.watch(record.id):
                 pass
             if record.error is not None:
-                raise type_for(CODE_NAMES.get(record.error.code, "INTERNAL"))(record.error.message)
+                raise error_of(CODE_NAMES.get(record.error.code, "INTERNAL"), record.error.message)
             return await self.ops.inventory.get(record.target)
         except AgentError:
             await self._undo(disks, made, cloned)
@@ -307,9 +310,27 @@ def _defined_uuid(conn: libvirt.virConnect, uuid: str) -> bool:
         return False
 
 
-def type_for(code: str) -> type[AgentError]:
-    """The AgentError class of a gRPC status name (a child operation's error raised again)."""
-    for cls in AgentError.__subclasses__():
-        if cls.code == code:
-            return cls
-    return AgentError
+def _make(cls: type[AgentError], message: str, fields: tuple[tuple[str, str], ...]) -> AgentError:
+    """An instance of ``cls`` with this message and fields, whatever its constructor takes."""
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.message, err.fields = message, fields
+    return err
+
+
+def _class_of(code: str) -> type[AgentError]:
+    """The error class of a gRPC status name: the general one (FailedPrecondition, not ResourceBusy)."""
+    return next((c for c in AgentError.__subclasses__() if c.code == code), AgentError)
+
+
+def error_of(code: str, message: str) -> AgentError:
+    """An AgentError of the gRPC status ``code`` (a child operation's error raised again)."""
+    return _make(_class_of(code), message, ())
+
+
+def renamed(exc: AgentError, old: str, new: str) -> AgentError:
+    """``exc`` naming field ``new`` where it named ``old`` (the field's path in this request):
+    the same class and message, the field in the message too."""
+    message = exc.message.replace(f"{old}: ", f"{new}: ", 1) if old and f"{old}: " in exc.message else f"{new}: {exc.message}"
+    fields = tuple((new if f == old else f, m) for f, m in exc.fields) or ((new, message),)
+    return _make(type(exc), message, fields)
