@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from cna_agent.logs import setup_logging
 
-    setup_logging(config.log.level, config.log.format)
+    setup_logging(config.log.level, config.log.format, config.log.target)
     os.umask(0o077)
     try:
         return asyncio.run(serve(config))

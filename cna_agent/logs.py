@@ -34,8 +34,13 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str = "info", fmt: str = "text", target: str = "auto") -> None:
+    """Lines on stderr, or (``target`` journal, or auto under systemd) journal entries with
+    their own fields (logs_journal.py)."""
+    from cna_agent.logs_journal import JournalHandler, stderr_is_journal
+
+    use_journal = target == "journal" or (target == "auto" and stderr_is_journal())
+    handler: logging.Handler = JournalHandler() if use_journal else logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -181,6 +181,9 @@ class LogConfig:
     level: str = "info"
     #: "text" (key=value per line) or "json" (one object per line).
     format: str = "text"
+    #: "auto": journald entries with fields (PRIORITY, CNA_EVENT, CNA_VM, ...) when systemd
+    #: connected stderr to the journal, else lines on stderr; "stderr" or "journal" to choose.
+    target: str = "auto"
 
 
 @dataclass(frozen=True)

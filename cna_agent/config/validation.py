@@ -149,6 +149,8 @@ def validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
         fail("log", "level", f"{cfg.log.level!r} is not one of debug, info, warning, error, critical")
     if cfg.log.format not in ("text", "json"):
         fail("log", "format", f"{cfg.log.format!r} is not one of text, json")
+    if cfg.log.target not in ("auto", "stderr", "journal"):
+        fail("log", "target", f"{cfg.log.target!r} is not one of auto, stderr, journal")
     if cfg.metrics.listen:
         try:
             host, _ = parse_host_port(cfg.metrics.listen)
