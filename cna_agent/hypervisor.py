@@ -33,6 +33,7 @@ import libvirt
 
 from cna_agent.blocking import BlockingPool
 from cna_agent.qemu_access import QemuUser
+from cna_agent.firmware_descriptors import secure_boot_arches
 from cna_agent.errors import DeadlineExceeded, Unavailable
 from cna_agent.tasks import cancel_and_wait
 
@@ -160,6 +161,8 @@ class HypervisorFacts:
     kvm_in_domcaps: bool
     machine_types: tuple[str, ...]
     firmware: tuple[str, ...]
+    #: A Secure Boot UEFI build with enrolled keys is installed for ``arch`` (firmware_descriptors.py).
+    secure_boot: bool = False
     #: uid/gid QEMU runs as (libvirt's DAC base label; None when unknown). Non-root under
     #: libvirtd/virqemud: files QEMU itself creates must be in directories it may write.
     qemu_uid: int | None = None
@@ -422,6 +425,7 @@ class Hypervisor:
             kvm_in_domcaps=kvm,
             machine_types=tuple(machines),
             firmware=tuple(firmware),
+            secure_boot="efi" in firmware and arch in secure_boot_arches(),
             qemu_uid=qemu_uid,
             qemu_gid=qemu_gid,
             hyperv_features=hyperv,

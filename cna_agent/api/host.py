@@ -83,6 +83,7 @@ def capabilities_to_pb(caps: Capabilities) -> pb.host_pb2.HostCapabilities:
             connected=caps.hypervisor_connected,
             machine_types=list(hv.machine_types) if hv else [],
             firmware=list(hv.firmware) if hv else [],
+            secure_boot=hv.secure_boot if hv else False,
         ),
         initiators=pb.host_pb2.Initiators(iscsi_iqn=caps.iscsi_iqn, fc_wwpns=list(caps.fc_wwpns)),
         nics=[

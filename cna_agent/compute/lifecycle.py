@@ -26,7 +26,7 @@ from cna_agent.compute import snapshots as snaps
 from cna_agent.compute import state as st
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.events import DomainEventMonitor
-from cna_agent.compute.firmware_descriptors import secure_boot_arches
+from cna_agent.firmware_descriptors import secure_boot_arches
 from cna_agent.compute.render import Bindings, RenderContext, assign_disk_targets, build_domain, nvram_path, resolve_defaults
 from cna_agent.compute.reservations import ReservationAdmission
 from cna_agent.compute.recycle import RecycleBin, check_hold, in_bin_message, read_mark

@@ -46,6 +46,13 @@ def test_capabilities_match_this_hosts_topology_over_unix_and_tcp(agent):
     assert caps.cpu.vendor == expected.cpu_vendor
     assert caps.hypervisor.connected and caps.hypervisor.mode == "embedded"
     assert caps.hypervisor.libvirt_version.count(".") == 2
+    # Secure Boot as QEMU's firmware descriptors on this host say (the ovmf package ships an
+    # enrolled-keys build), and libvirt's domain capabilities list UEFI
+    enrolled = any("enrolled-keys" in json.loads(f.read_text()).get("features", [])
+                   and os.path.exists(json.loads(f.read_text())["mapping"]["executable"]["filename"])
+                   and os.uname().machine in [t["architecture"] for t in json.loads(f.read_text()).get("targets", [])]
+                   for f in Path("/usr/share/qemu/firmware").glob("*.json"))
+    assert "efi" in caps.hypervisor.firmware and caps.hypervisor.secure_boot == enrolled
     assert caps.cpu.virt_type in ("kvm", "qemu")
     if caps.cpu.virt_type == "qemu":
         assert caps.cpu.kvm_unusable_reason  # TCG is never chosen without saying why

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cna_agent.compute.firmware_descriptors import DESCRIPTOR_DIRS, secure_boot_arches, uefi_builds
+from cna_agent.firmware_descriptors import DESCRIPTOR_DIRS, secure_boot_arches, uefi_builds
 from cna_agent.compute.spec import BootSpec, DiskSpec, VmSpec
 from cna_agent.compute.spec_validation import ValidationContext, validate
 from cna_agent.errors import InvalidArgument
