@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import libvirt
 
+from cna_agent.compute import snapshots as snaps
 from cna_agent.compute import state as st
 from cna_agent.compute.customization import GuestCustomization
 from cna_agent.compute.customization_mark import PENDING as CUSTOMIZATION_PENDING
@@ -103,9 +104,15 @@ class VmTemplates:
             definition = await inventory.definition(uuid)
             if definition.customization is not None and definition.customization.state == CUSTOMIZATION_PENDING:
                 raise FailedPrecondition(f"vm {name!r} has not finished its first-boot customization", field="vm")
+            tree = await self.ops.hv.call(lambda c: snaps.list_tree(c.lookupByUUIDString(uuid)), timeout=30)
+            external = [x.name for x in tree if x.kind == "external"]
+            if external:
+                # its disks' current data is in the snapshots' overlays, not in the volumes a deploy clones
+                raise FailedPrecondition(f"vm {name!r} has external snapshots ({', '.join(external)}); delete them "
+                                         "before making it a template", field="vm")
             # The mark first: a crash after it is finished by recover_convert (the volumes made
             # read-only again is harmless); a crash before it changed nothing.
-            await self.ops.hv.call(lambda c: write_mark(c.lookupByUUIDString(uuid), TemplateMark(time.time())), timeout=30)
+            await self.ops.hv.call(lambda c: _mark(c.lookupByUUIDString(uuid)), timeout=30)
             inventory.forget(uuid)
             try:
                 await self._protect(disks, volumes)
@@ -232,7 +239,6 @@ class VmTemplates:
             spec = template.copy()
             spec.name = name
             spec.uuid = str(uuidlib.uuid5(REQUEST_NS, f"{request_id}/{i}")) if request_id else ""
-            spec.autostart = False
             for nic in spec.nics:
                 nic.mac = ""
             for disk in spec.disks:
@@ -292,6 +298,13 @@ class VmTemplates:
                 await disks.delete_volume(volume, field="names")
             except AgentError as exc:
                 log.warning("event=vm.deploy_undo_failed volume=%s error=%r", volume, exc.message)
+
+
+def _mark(dom: libvirt.virDomain) -> None:
+    """The template mark, and libvirt's autostart off: libvirt would otherwise start the
+    template at the host's next boot (the spec keeps autostart as the deployed VMs' default)."""
+    write_mark(dom, TemplateMark(time.time()))
+    dom.setAutostart(0)
 
 
 def _defined(conn: libvirt.virConnect, name: str) -> bool:

@@ -44,7 +44,7 @@ def test_each_new_spec_gets_its_name_uuid_fresh_macs_and_clones_and_bad_requests
     assert (a.name, b.name) == ("web1", "web2") and a.uuid != b.uuid and gold.uuid not in (a.uuid, b.uuid)
     assert t._specs(gold, ["web1"], True, "", (), "rq")[0].uuid == a.uuid  # a retry names the same VM
     assert [d.volume for d in a.disks] == ["ds/web1/root.qcow2", "iso/boot.iso"]  # a CD-ROM is shared, not cloned
-    assert a.nics[0].mac == "" and not a.autostart and (a.vcpus, a.memory_mib) == (2, 512)
+    assert a.nics[0].mac == "" and a.autostart and (a.vcpus, a.memory_mib) == (2, 512)  # autostart: the template's
     assert gold.disks[0].volume == "ds/gold/root.qcow2"  # the template's spec is not touched
     for names, custom, field in (([], (), "names"), (["a", "a"], (), "names"), (["x"] * (MAX_DEPLOY + 1), (), "names"),
                                  (["ok", "$(id)"], (), "names[1]"), (["a", "b"], (GuestCustomization(),), "customizations")):
