@@ -19,6 +19,8 @@ import libvirt
 from cna_agent.compute import snapshots as snaps
 from cna_agent.compute.inventory import VmInventory
 from cna_agent.compute.nics import interface_element
+from cna_agent.compute.pending_changes import read_mark as read_pending_mark
+from cna_agent.compute.pending_changes import write_mark as write_pending_mark
 from cna_agent.compute.spec import VmSpec
 from cna_agent.compute.vmops import save_spec
 from cna_agent.errors import CODES
@@ -148,6 +150,12 @@ class DeviceRecovery:
             return _aborted("the agent stopped while updating the VM and the VM is gone; nothing was redone")
         stored, vcpus, memory_mib = now
         if stored is not None and all(stored.get(m) == wanted.get(m) for m in mask):
+            waiting = [f for f in record.metadata.get("waiting", "").split(",") if f]
+            if waiting:
+                # the definition for the next start was written; its mark may not have been (the
+                # process it names: a VM restarted since has them applied, and the mark is stale)
+                await self._read(record.target, lambda dom: read_pending_mark(dom) is None
+                                 and write_pending_mark(dom, waiting, record.metadata.get("qemu", "")))
             self.inventory.forget(record.target)
             return await self.inventory.get(record.target)
         self.inventory.forget(record.target)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import libvirt
 
 from cna_agent.hypervisor import CHANGE_OUTLAST_S
+from cna_agent import __version__
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import snapshots as snaps
 from cna_agent.compute.binder import Binder
@@ -78,6 +79,9 @@ class VmUpdates:
                                          field="vm")
         bindings = None if running and not pending else await self.binder.bindings(merged)
         live_mask = [p for p in mask if p not in pending] if running else []
+        # the QEMU process the pending changes do not reach (recovery writes the mark with it)
+        qemu = inventory.qemu_identity(name) if pending else ""
+        waiting = [*earlier, *(p for p in pending if p not in earlier)]
 
         async def work(op: OperationContext) -> Any:
             if not running:
@@ -88,11 +92,11 @@ class VmUpdates:
             if self.lifecycle.reservations is not None:
                 # A running VM that reserves more must still fit beside the others.
                 async with self.lifecycle.reservations.admitted(uuid, merged, f"updating vm {merged.name!r}"):
-                    await self._live_update(uuid, old, merged, live_mask)
+                    await self._live_update(uuid, old, merged, live_mask, config=not pending)
             else:
-                await self._live_update(uuid, old, merged, live_mask)
+                await self._live_update(uuid, old, merged, live_mask, config=not pending)
             if pending:
-                await self._define_for_next_start(uuid, name, merged, bindings, [*earlier, *(p for p in pending if p not in earlier)])
+                await self._define_for_next_start(uuid, merged, bindings, waiting, qemu)
                 inventory.forget(uuid)
             else:
                 inventory.remember(uuid, merged)
@@ -101,7 +105,8 @@ class VmUpdates:
         return await self.ops.submit("vm.update", uuid, work, request_id=request_id, fingerprint=fingerprint,
                                      lock_timeout=lock_timeout,
                                      metadata={"spec_after": merged.to_json(), "mask": ",".join(mask),
-                                               "live": ",".join(live_mask), "pending": ",".join(pending)})
+                                               "live": ",".join(live_mask), "pending": ",".join(pending),
+                                               "waiting": ",".join(waiting), "qemu": qemu})
 
     @staticmethod
     def _not_live(old: VmSpec, merged: VmSpec, mask: Sequence[str], allow_pending: bool) -> list[str]:
@@ -121,20 +126,25 @@ class VmUpdates:
                                      field=field)
         return list(dict.fromkeys(p for p, _ in waits))
 
-    async def _define_for_next_start(self, uuid: str, name: str, merged: VmSpec, bindings: Any, fields: list[str]) -> None:
+    async def _define_for_next_start(self, uuid: str, merged: VmSpec, bindings: Any, fields: list[str], qemu: str) -> None:
         """The merged spec as the persistent definition (libvirt starts it next time; the running
-        QEMU keeps its live one) and the mark naming what waits, tied to the running process."""
+        QEMU keeps its live one) and the mark naming what waits, tied to the running process.
+        Autostart is a flag beside the definition, not in it: set again."""
         xml = self.renderer.render(merged, bindings)
-        qemu = self.ops.inventory.qemu_identity(name)
 
         def define(conn: libvirt.virConnect) -> None:
             dom = conn.defineXML(xml)
+            dom.setAutostart(1 if merged.autostart else 0)
             write_mark(dom, fields, qemu)
 
         await self.ops.hv.call(define, timeout=30, outlast=CHANGE_OUTLAST_S)
 
-    async def _live_update(self, uuid: str, old: VmSpec, new: VmSpec, mask: Sequence[str]) -> None:
-        live = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    async def _live_update(self, uuid: str, old: VmSpec, new: VmSpec, mask: Sequence[str], *, config: bool = True) -> None:
+        """The live changes, to the persistent definition too unless ``config`` is off: then the
+        definition for the next start follows in one defineXML (with its spec and the pending
+        mark), so a crash in between leaves the old persistent spec, which recovery reads as
+        "not done"."""
+        live = libvirt.VIR_DOMAIN_AFFECT_LIVE | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0)
         host_mhz = self.renderer.ctx.host_cpu_mhz
 
         def apply(conn: libvirt.virConnect) -> None:
@@ -160,9 +170,14 @@ class VmUpdates:
                 if "memory_qos" in mask:
                     limit = new.memory_qos.limit_mib * 1024 if new.memory_qos.limit_mib else libvirt.VIR_DOMAIN_MEMORY_PARAM_UNLIMITED
                     dom.setMemoryParameters({"hard_limit": limit}, live)
-                if "autostart" in mask:
+                if "autostart" in mask and config:
                     dom.setAutostart(1 if new.autostart else 0)
-                save_spec(dom, new, True)
+                if config:
+                    save_spec(dom, new, True)
+                else:
+                    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                    dx.metadata_for_set(new.to_json(), agent_version=__version__), "cna", dx.CNA_NS,
+                                    libvirt.VIR_DOMAIN_AFFECT_LIVE)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"live update failed (the guest may not support hot-plug): {exc}") from None
 
