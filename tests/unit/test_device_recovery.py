@@ -132,3 +132,22 @@ def test_an_update_is_done_when_libvirts_spec_has_the_fields() -> None:
         assert isinstance(await rec.recover_update(record), VmInfo)
 
     asyncio.run(run())
+
+
+def test_an_update_with_changes_for_the_next_start_gets_its_pending_mark_when_the_crash_came_before_it() -> None:
+    from cna_agent.compute.pending_changes import read_mark
+    from cna_agent.compute.vmops import save_spec
+
+    _conn, dom, _inventory, rec = _setup()
+    after = _spec(max_vcpus=4)
+    record = SimpleNamespace(target=dom.UUIDString(), metadata={
+        "spec_after": after.to_json(), "mask": "max_vcpus", "pending": "max_vcpus", "waiting": "max_vcpus",
+        "qemu": "4242:777"})
+
+    async def run() -> None:
+        save_spec(dom, after, True)  # the definition for the next start was written, the mark not
+        assert isinstance(await rec.recover_update(record), VmInfo)
+        mark = read_mark(dom)
+        assert mark is not None and mark.fields == ("max_vcpus",) and mark.qemu == "4242:777"
+
+    asyncio.run(run())
