@@ -121,7 +121,7 @@ def test_customization_then_guest_agent_info_hung_agent_quiesce_password_and_shu
                                                          path="g1/root.qcow2", linked=True), timeout=30))
         # cloud-init runs (the seed's command line): the first boot is customized from the drive
         spec = vm.VmSpec(
-            name="deb-ga", vcpus=1, memory_mib=768, serial_console=True, guest_agent=True, tpm=True,
+            name="deb-ga", vcpus=2, memory_mib=768, serial_console=True, guest_agent=True, tpm=True,
             arch=pb.common_pb2.ARCH_X86_64, console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE),
             boot=vm.BootSpec(kernel=guest["kernel"], initrd=guest["initrd"], cmdline=guest["cmdline"]),
             disks=[vm.DiskSpec(volume="ds/g1/root.qcow2")], nics=[vm.NicSpec(port_group=pg, mac=MAC)])

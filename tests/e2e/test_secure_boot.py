@@ -63,7 +63,7 @@ def test_secure_boot_with_enrolled_keys_boots_the_signed_debian_chain_and_measur
                                                          path="sb/root.qcow2", linked=True), timeout=30))
         # no kernel: the firmware boots the disk's removable-media loader (shim)
         spec = vm.VmSpec(
-            name="deb-sb", vcpus=1, memory_mib=768, serial_console=True, tpm=True, machine_type="q35",
+            name="deb-sb", vcpus=2, memory_mib=768, serial_console=True, tpm=True, machine_type="q35",
             arch=pb.common_pb2.ARCH_X86_64, firmware=vm.FIRMWARE_UEFI, secure_boot=True,
             console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE), disks=[vm.DiskSpec(volume="ds/sb/root.qcow2")])
         uuid = ok(ch, vms.CreateVm(vm.CreateVmRequest(spec=spec, start=True), timeout=60), into=vm.Vm()).uuid
