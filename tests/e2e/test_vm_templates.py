@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +42,13 @@ def template_env(libvirt_caps_cache) -> Iterator[tuple[AgentProcess, dict]]:
         yield env
 
 
+def _ctl(agent: AgentProcess, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "cna_agent.cli.main", "--socket", str(agent.socket), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def _backing_chain(path: Path) -> list[str]:
     out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(path)], capture_output=True,
                          text=True, timeout=60, check=True).stdout
@@ -65,8 +73,11 @@ def test_three_vms_deployed_from_one_template_boot_with_their_own_hostnames_and_
 
         # -- the template: read-only volume, refused a start --------------------------------------
         gold = ds / "gold" / "root.qcow2"
-        made = ok(ch, vms.ConvertVmToTemplate(vm.VmActionRequest(vm="gold"), timeout=60), into=vm.Vm())
-        assert made.status.template and vms.GetVm(vm.GetVmRequest(vm="gold"), timeout=10).status.template
+        # through the admin's CLI, as `cna-ctl vm template` does it (ConvertVmToTemplate underneath)
+        said = _ctl(agent, "vm", "template", "gold")
+        assert said.startswith("gold is a template now") and "read-only" in said, said
+        assert vms.GetVm(vm.GetVmRequest(vm="gold"), timeout=10).status.template
+        assert any(line.split()[:1] == ["gold"] and "template" in line.split() for line in _ctl(agent, "vm", "list").splitlines())
         assert stat.S_IMODE(gold.stat().st_mode) == 0o444
         with pytest.raises(grpc.RpcError) as err:
             vms.StartVm(vm.VmActionRequest(vm="gold"), timeout=30)
