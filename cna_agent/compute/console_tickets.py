@@ -158,6 +158,9 @@ class ConsoleTickets:
             log.exception("event=console.ticket_burn_failed vm=%s", client.uuid)
             return
         if outcome == NO_TICKET:
+            # the spec's static password (or none): nothing to burn, but an access worth a line
+            log.info("event=console.client_authenticated vm=%s client=%s auth=%s outcome=no_ticket", client.uuid,
+                     client.remote or "-", client.auth_scheme or "-")
             return
         words = {BURNED: "it no longer works",
                  RACED: "it was already burned: this client authenticated before the burn took effect",
