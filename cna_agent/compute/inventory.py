@@ -355,7 +355,7 @@ class VmInventory:
     async def pending_changes(self, uuid: str, name: str) -> tuple[str, ...]:
         """The fields UpdateVm left for the VM's next start that its running QEMU lacks."""
         mark = (await self.definition(uuid)).pending
-        return pending_fields(mark, qemu_identity(self._qemu_pid(name))) if mark is not None else ()
+        return pending_fields(mark, self.qemu_identity(name)) if mark is not None else ()
 
     def qemu_identity(self, name: str) -> str:
         """pid:starttime of the VM's running QEMU ("" when it runs none)."""

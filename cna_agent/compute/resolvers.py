@@ -58,14 +58,6 @@ class LocalFileResolver:
         raise FailedPrecondition(f"{field}: new volumes need the storage subsystem, which is not running on this agent",
                                  field=field)
 
-    async def clone_for_vm(self, source_id: str, volume_id: str, *, linked: bool, field: str) -> DiskSourceBinding:
-        raise FailedPrecondition(f"{field}: cloning volumes needs the storage subsystem, which is not running on this agent",
-                                 field=field)
-
-    async def protect_template(self, volume_id: str, *, field: str) -> None:
-        raise FailedPrecondition(f"{field}: templates need the storage subsystem, which is not running on this agent",
-                                 field=field)
-
     async def state_area(self, datastore: str, *, field: str) -> str:
         raise FailedPrecondition(f"{field}: datastore {datastore!r} cannot hold VM state: the storage subsystem is not "
                                  "running on this agent", field=field)

@@ -30,7 +30,7 @@ from cna_agent.compute import snapshots as snaps
 from cna_agent.compute import state as st
 from cna_agent.compute.customization import GuestCustomization
 from cna_agent.compute.customization_mark import PENDING as CUSTOMIZATION_PENDING
-from cna_agent.compute.inventory import VmInfo
+from cna_agent.compute.inventory import VmInfo, presence
 from cna_agent.compute.lifecycle import REQUEST_NS, VmLifecycle
 from cna_agent.compute.spec import VmSpec
 from cna_agent.compute.spec_validation import validate, validate_name
@@ -284,7 +284,7 @@ class VmTemplates:
         start) left the VM, which is deleted with its disks; otherwise only the clones are. By
         uuid, never by name: a name taken meanwhile is someone else's VM."""
         try:
-            if uuid and await self.ops.hv.call(lambda c: _defined_uuid(c, uuid), timeout=30):
+            if uuid and (await self.ops.hv.call(lambda c: presence(c, uuid), timeout=30))[0]:
                 record = await self.lifecycle.delete(uuid, delete_disks=True, force=True)
                 async for record in self.ops.runner.watch(record.id):
                     pass
@@ -310,14 +310,6 @@ def _mark(dom: libvirt.virDomain) -> None:
 def _defined(conn: libvirt.virConnect, name: str) -> bool:
     try:
         conn.lookupByName(name)
-        return True
-    except libvirt.libvirtError:
-        return False
-
-
-def _defined_uuid(conn: libvirt.virConnect, uuid: str) -> bool:
-    try:
-        conn.lookupByUUIDString(uuid)
         return True
     except libvirt.libvirtError:
         return False

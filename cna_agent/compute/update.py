@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import libvirt
 
 from cna_agent.hypervisor import CHANGE_OUTLAST_S
-from cna_agent import __version__
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import snapshots as snaps
 from cna_agent.compute.binder import Binder
@@ -172,12 +171,7 @@ class VmUpdates:
                     dom.setMemoryParameters({"hard_limit": limit}, live)
                 if "autostart" in mask and config:
                     dom.setAutostart(1 if new.autostart else 0)
-                if config:
-                    save_spec(dom, new, True)
-                else:
-                    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                                    dx.metadata_for_set(new.to_json(), agent_version=__version__), "cna", dx.CNA_NS,
-                                    libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                save_spec(dom, new, True, config=config)
             except libvirt.libvirtError as exc:
                 raise FailedPrecondition(f"live update failed (the guest may not support hot-plug): {exc}") from None
 

@@ -41,11 +41,13 @@ def affect(running: bool) -> int:
     return libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if running else 0)
 
 
-def save_spec(dom: libvirt.virDomain, spec: VmSpec, running: bool) -> None:
+def save_spec(dom: libvirt.virDomain, spec: VmSpec, running: bool, *, config: bool = True) -> None:
     """Write the agent's spec into the domain metadata (live too when it runs), so a restart
-    adopts the VM with the devices it really has. Runs in the libvirt executor."""
+    adopts the VM with the devices it really has; ``config`` off writes the live one only (the
+    persistent one follows in a defineXML of its own). Runs in the libvirt executor."""
     body = dx.metadata_for_set(spec.to_json(), agent_version=__version__)
-    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, "cna", dx.CNA_NS, affect(running))
+    flags = affect(running) if config else libvirt.VIR_DOMAIN_AFFECT_LIVE
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, "cna", dx.CNA_NS, flags)
 
 
 #: How long an operation whose work is done waits for libvirt to answer the read of its result.

@@ -305,12 +305,7 @@ class StorageService:
         dst = self._new_ref(ds, rel, ds_field=field, path_field=field)
         if os.path.lexists(dst.path):
             raise AlreadyExists(f"{field}: volume {dst.id!r} already exists", field=field)
-        await self.executor.run(lambda: self.volumes.clone(src, dst, linked=linked, fmt="qcow2" if linked else "",
-                                                           on_progress=lambda _: None),
-                                timeout=self.command_timeout, what=f"cloning {src.id}")
-        await self.events.publish("volume.created", resource_kind="volume", resource_id=dst.id, resource_name=dst.id,
-                                  message=f"volume {dst.id} {'linked-cloned' if linked else 'copied'} from {src.id}",
-                                  attributes={"source": src.id, "linked": str(linked).lower()})
+        await self._clone(src, dst, linked=linked, fmt="qcow2" if linked else "", on_progress=lambda _: None)
         return await self.resolve_volume(dst.id, field=field)
 
     async def protect_template(self, volume_id: str, *, field: str) -> None:
@@ -447,14 +442,21 @@ class StorageService:
             if not linked and (await self._users()).get(src.id):
                 log.info("event=volume.clone_in_use source=%s", src.id)  # qemu-img -U copies a crash-consistent view
             report = self._progress(op, "linking" if linked else "copying", src_info.virtual_size)
-            info = await self.executor.run(lambda: self.volumes.clone(src, dst, linked=linked, fmt=fmt, on_progress=report),
-                                           timeout=self.command_timeout, what=f"cloning {src.id}")
-            await self.events.publish("volume.created", resource_kind="volume", resource_id=dst.id, resource_name=dst.id,
-                                      message=f"volume {dst.id} {'linked-cloned' if linked else 'copied'} from {src.id}",
-                                      attributes={"source": src.id, "linked": str(linked).lower()}, operation_id=op.id)
-            return await self._volume_result(info)
+            return await self._volume_result(await self._clone(src, dst, linked=linked, fmt=fmt, on_progress=report,
+                                                               operation_id=op.id))
 
         return await self._submit("volume.clone", dst.id, work, request_id=request_id, fingerprint=fingerprint)
+
+    async def _clone(self, src: paths.VolumeRef, dst: paths.VolumeRef, *, linked: bool, fmt: str,
+                     on_progress: Callable[[float], None], operation_id: str = "") -> VolumeInfo:
+        """The one clone path (CloneVolume, and a deploy's clones): the copy or overlay, then
+        the volume.created event."""
+        info = await self.executor.run(lambda: self.volumes.clone(src, dst, linked=linked, fmt=fmt, on_progress=on_progress),
+                                       timeout=self.command_timeout, what=f"cloning {src.id}")
+        await self.events.publish("volume.created", resource_kind="volume", resource_id=dst.id, resource_name=dst.id,
+                                  message=f"volume {dst.id} {'linked-cloned' if linked else 'copied'} from {src.id}",
+                                  attributes={"source": src.id, "linked": str(linked).lower()}, operation_id=operation_id)
+        return info
 
     async def import_volume(self, source: str, source_format: str, datastore: str, path: str, fmt: str = "", *,
                             request_id: str = "", fingerprint: str = "") -> OperationRecord:
