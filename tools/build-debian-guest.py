@@ -27,6 +27,13 @@ GPT disk image whose first partition is an EFI System Partition (FAT, made with 
 Usage::
 
     tools/build-debian-guest.py [--arch x86_64] [--out DIR] [--refresh] [--print-json]
+    tools/build-debian-guest.py --node-deb dist/cna-agent_VERSION_amd64.deb [...]
+
+``--node-deb`` builds the *node* flavour instead (``debian-node-<arch>/``): the same guest with
+the agent's .deb installed by apt, with the distribution packages it depends on, and QEMU, so
+that a test can run the agent under the guest's real systemd (PID 1, journald, the watchdog)
+with a nested TCG guest of its own. dpkg runs the package's maintainer scripts in the tree, so
+the unit is enabled exactly as on an installed host and starts at boot.
 
 Output (default ``<repo>/.cache/guests/debian-<arch>/``, or ``$CNA_GUEST_CACHE/debian-<arch>/``):
 ``disk.qcow2``, ``vmlinuz``, ``initrd.img``, ``manifest.json`` (``efi_loader``, ``esp_label`` and
@@ -94,6 +101,9 @@ PACKAGES = [
     "iproute2", "e2fsprogs", "util-linux", "procps", "kmod",
     "tpm2-tools",  # the vTPM checks: NV indexes written on one boot, read on the next
 ]
+#: The node flavour's additions: the agent's Recommends that its test needs (QEMU for a guest
+#: under the embedded driver; the Depends come with the .deb itself).
+NODE_PACKAGES = {"x86_64": ["qemu-system-x86"], "aarch64": ["qemu-system-arm"]}
 ROOT_PASSWORD = "cna-guest"
 #: Fixed salt: the same recipe gives the same /etc/shadow (and the same cache key) every time.
 _PASSWORD_SALT = "cnaguestsalt0001"
@@ -159,11 +169,15 @@ SUBSYSTEM=="memory", ACTION=="add", TEST=="state", ATTR{state}=="offline", ATTR{
 """
 
 
-def recipe_key(arch: str) -> str:
-    """What the cached image depends on: this builder, the package list, the host's apt sources."""
+def recipe_key(arch: str, node_deb: Path | None = None) -> str:
+    """What the cached image depends on: this builder, the package list, the host's apt sources
+    (and for the node flavour the .deb's content)."""
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
     h.update(json.dumps([arch, SUITE, PACKAGES, KERNEL_PACKAGES[arch], BOOT_PACKAGES[arch]]).encode())
+    if node_deb is not None:
+        h.update(json.dumps(NODE_PACKAGES[arch]).encode())
+        h.update(sha256_file(node_deb).encode())
     if HOST_SOURCES.is_file():
         h.update(HOST_SOURCES.read_bytes())
     return h.hexdigest()
@@ -283,23 +297,27 @@ def _partitioned_disk(raw: Path, root: Path, esp: Path, arch: str, version: str)
          f"{ROOT_SECTORS // 2}k"], timeout=600)
 
 
-def build(arch: str, out: Path, *, refresh: bool = False) -> dict:
+def build(arch: str, out: Path, *, refresh: bool = False, node_deb: Path | None = None) -> dict:
     """Build the image into out/ unless a valid cached build is there; return the manifest."""
     if arch not in ARCHES:
         raise SystemExit(f"unknown arch {arch!r}; one of {sorted(ARCHES)}")
+    if node_deb is not None:
+        node_deb = node_deb.resolve()
+        if not node_deb.is_file():
+            raise SystemExit(f"--node-deb {node_deb}: no such file")
     out.mkdir(parents=True, exist_ok=True)
     with (out / ".lock").open("w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)  # parallel test processes build once
-        key = recipe_key(arch)
+        key = recipe_key(arch, node_deb)
         manifest_path = out / "manifest.json"
         if manifest_path.is_file() and not refresh:
             m = json.loads(manifest_path.read_text())
             if m.get("recipe") == key and all(Path(m[k]).is_file() for k in ("disk", "kernel", "initrd")):
                 return m
-        return _build(arch, out, key)
+        return _build(arch, out, key, node_deb)
 
 
-def _build(arch: str, out: Path, key: str) -> dict:
+def _build(arch: str, out: Path, key: str, node_deb: Path | None = None) -> dict:
     if shutil.which("mmdebstrap") is None:
         raise RuntimeError("mmdebstrap is not installed (tools/setup.sh installs it)")
     work = Path(tempfile.mkdtemp(prefix="debian-guest.", dir=out))
@@ -311,6 +329,11 @@ def _build(arch: str, out: Path, key: str) -> dict:
                 *[f"--dpkgopt=path-exclude={p}" for p in _DPKG_EXCLUDES],
                 *[f"--dpkgopt=path-include={p}" for p in _DPKG_KEEP],
                 SUITE, str(root)]
+        if node_deb is not None:
+            # A path as its own --include: apt installs the file and resolves its Depends. apt
+            # hands dpkg (in the chroot) the path verbatim; mmdebstrap's hook makes it exist there.
+            args[3:3] = ["--include=" + ",".join(NODE_PACKAGES[arch]), f"--include={node_deb}",
+                         "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount"]
         if HOST_SOURCES.is_file():
             args.append(str(HOST_SOURCES))
         run(args, timeout=1200)
@@ -323,7 +346,8 @@ def _build(arch: str, out: Path, key: str) -> dict:
         _partitioned_disk(raw, root, work / "esp", arch, version)
         run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2")], timeout=600)
         packages = run(["chroot", str(root), "dpkg-query", "-W", "-f=${Package}=${Version}\\n",
-                        "systemd", "qemu-guest-agent", "cloud-init", KERNEL_PACKAGES[arch], *BOOT_PACKAGES[arch]],
+                        "systemd", "qemu-guest-agent", "cloud-init", KERNEL_PACKAGES[arch], *BOOT_PACKAGES[arch],
+                        *(["cna-agent", "libvirt0", *NODE_PACKAGES[arch]] if node_deb is not None else [])],
                        timeout=60).split()
         for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
             os.replace(work / name, out / name)
@@ -337,6 +361,7 @@ def _build(arch: str, out: Path, key: str) -> dict:
             "esp_label": ESP_LABEL, "efi_loader": f"/EFI/BOOT/{next(iter(EFI_FILES[arch]))}",
             "secure_boot_chain": ["shim (Microsoft UEFI CA)", "grub (Debian)", "linux (Debian)"],
             "disk_sha256": sha256_file(out / "disk.qcow2"),
+            "flavour": "node" if node_deb is not None else "guest",
         }
         tmp = out / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -346,9 +371,9 @@ def _build(arch: str, out: Path, key: str) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def default_out(arch: str) -> Path:
+def default_out(arch: str, node: bool = False) -> Path:
     base = os.environ.get("CNA_GUEST_CACHE")
-    return (Path(base) if base else REPO / ".cache" / "guests") / f"debian-{arch}"
+    return (Path(base) if base else REPO / ".cache" / "guests") / (f"debian-node-{arch}" if node else f"debian-{arch}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,11 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="output dir (default .cache/guests/debian-<arch>)")
     ap.add_argument("--refresh", action="store_true", help="rebuild even when the cached image matches the recipe")
     ap.add_argument("--print-json", action="store_true", help="print the manifest as JSON on stdout")
+    ap.add_argument("--node-deb", type=Path, help="build the node flavour with this cna-agent .deb installed "
+                                                   "(default out: .cache/guests/debian-node-<arch>)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("build-debian-guest.py: run as root (mmdebstrap's root mode)", file=sys.stderr)
         return 1
-    m = build(a.arch, a.out or default_out(a.arch), refresh=a.refresh)
+    m = build(a.arch, a.out or default_out(a.arch, a.node_deb is not None), refresh=a.refresh, node_deb=a.node_deb)
     print(json.dumps(m) if a.print_json else f"debian guest ({a.arch}): {m['disk']}")
     return 0
 

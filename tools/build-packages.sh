@@ -24,10 +24,20 @@ trap 'rm -rf "$work"' EXIT
 (cd "$repo" && git ls-files -co --exclude-standard -z) | tr '\0' '\n' \
   | grep -v '^cna_agent/_gen/' | while IFS= read -r f; do [ -e "$repo/$f" ] && printf '%s\n' "$f"; done > "$work/files"
 
+# The pure-Python dependencies the distributions lack (packaging/vendor.txt), as the exact wheels
+# it names (hash-checked); both packages unpack them into /usr/lib/cna-agent/vendor. Only the
+# download uses the repository's venv (tools/setup.sh makes it): nothing of it is packaged.
+pip=("$repo/.venv/bin/python" -m pip)
+[ -x "$repo/.venv/bin/python" ] || pip=(python3 -m pip)
+timeout 300 "${pip[@]}" download --quiet --no-deps --only-binary=:all: --require-hashes \
+  -r "$repo/packaging/vendor.txt" -d "$work/vendor-wheels" \
+  || { echo "build-packages.sh: could not download the wheels in packaging/vendor.txt" >&2; exit 1; }
+
 if [[ " $which " == *" deb "* ]]; then
   src="$work/deb/cna-agent"
   mkdir -p "$src"
   (cd "$repo" && tar -cf - -T "$work/files") | tar -xf - -C "$src"
+  cp -r "$work/vendor-wheels" "$src/vendor-wheels"
   ln -s packaging/debian "$src/debian"  # dpkg-buildpackage wants ./debian
   (cd "$src" && timeout 900 dpkg-buildpackage -b -us -uc) > "$work/deb.log" 2>&1 \
     || { tail -50 "$work/deb.log" >&2; echo "build-packages.sh: dpkg-buildpackage failed" >&2; exit 1; }
@@ -39,7 +49,10 @@ fi
 if [[ " $which " == *" rpm "* ]]; then
   top="$work/rpm"
   mkdir -p "$top/SOURCES"
-  (cd "$repo" && tar -czf "$top/SOURCES/cna-agent-$version.tar.gz" --transform "s,^,cna-agent-$version/," -T "$work/files")
+  cp -r "$work/vendor-wheels" "$work/rpm-vendor-wheels"
+  (cd "$repo" && tar -cf "$top/SOURCES/cna-agent-$version.tar" --transform "s,^,cna-agent-$version/," -T "$work/files")
+  (cd "$work" && tar -rf "$top/SOURCES/cna-agent-$version.tar" --transform "s,^rpm-vendor-wheels,cna-agent-$version/vendor-wheels," rpm-vendor-wheels)
+  gzip -n "$top/SOURCES/cna-agent-$version.tar"
   timeout 900 rpmbuild -bb --nodeps --define "_topdir $top" "$repo/packaging/rpm/cna-agent.spec" > "$work/rpm.log" 2>&1 \
     || { tail -50 "$work/rpm.log" >&2; echo "build-packages.sh: rpmbuild failed" >&2; exit 1; }
   cp "$top"/RPMS/*/cna-agent-"$version"-*.rpm "$out"/

@@ -30,11 +30,12 @@ def image_datastore(guest: dict) -> str:
 
 
 @contextmanager
-def debian_agent(caps_cache: Path | None, prefix: str, extra_config: str = "") -> Iterator[tuple[AgentProcess, dict]]:
+def debian_agent(caps_cache: Path | None, prefix: str, extra_config: str = "",
+                 guest: dict | None = None) -> Iterator[tuple[AgentProcess, dict]]:
     """(agent, the image's manifest); every VM is deleted through the agent afterwards. The
     image's directory is an allowed image dir (direct kernel boot); ``extra_config`` may add
-    sections other than ``[compute]``."""
-    guest = build_debian_guest("x86_64")
+    sections other than ``[compute]``; ``guest`` is another flavour's manifest (the node image)."""
+    guest = guest or build_debian_guest("x86_64")
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     ds = base / "ds"
     ds.mkdir(parents=True)

@@ -54,6 +54,20 @@ def build_debian_guest(arch: str = "x86_64") -> dict:
     return _BUILT[key]
 
 
+def build_debian_node(deb: Path, arch: str = "x86_64") -> dict:
+    """The node flavour of the Debian guest (``build-debian-guest.py --node-deb``): the agent's
+    .deb installed with its dependencies and QEMU, for tests of the package under the guest's own
+    systemd. Cached by the .deb's content; built in the foreground (a minute, mostly downloads)."""
+    key = (f"debian-node-{arch}", str(deb))
+    if key not in _BUILT:
+        p = subprocess.run([sys.executable, str(TOOLS / "build-debian-guest.py"), "--arch", arch, "--node-deb", str(deb),
+                            "--print-json"], capture_output=True, text=True, timeout=1500)
+        if p.returncode != 0:
+            pytest.fail(f"build-debian-guest.py --node-deb {deb} failed: {p.stderr[-2000:]}")
+        _BUILT[key] = json.loads(p.stdout)
+    return _BUILT[key]
+
+
 def guest_spec(arch: str, name: str, **kw) -> pb.vm_pb2.VmSpec:
     """A VmSpec (protobuf) that direct-boots the test guest of ``arch`` with a serial console and
     VNC (password ``pw123``); ``kw`` sets or replaces further fields."""

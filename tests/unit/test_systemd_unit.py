@@ -144,6 +144,9 @@ def test_notify_and_watchdog(unit: dict[str, list[tuple[str, str]]]) -> None:
     assert 10 <= watchdog <= 120
     assert single(unit, "Service", "Restart") == "on-failure"
     assert _seconds(single(unit, "Service", "RestartSec")) > 0
+    # A configuration error (cna_agent.daemon.EXIT_CONFIG) fails the unit instead of looping.
+    from cna_agent.daemon import EXIT_CONFIG, EXIT_STARTUP
+    assert single(unit, "Service", "RestartPreventExitStatus") == str(EXIT_CONFIG) != str(EXIT_STARTUP)
     assert _seconds(single(unit, "Service", "TimeoutStopSec")) > 0
 
 
