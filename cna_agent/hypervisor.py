@@ -128,14 +128,45 @@ def embedded_root(uri: str) -> str | None:
     return roots[0] if roots else None
 
 
-def prepare_embedded_root(root: str) -> None:
-    """Create the embedded root (0700) and seed its qemu.conf unless one exists."""
+#: Appended to the seeded qemu.conf where a child forked by the agent cannot enter a mount
+#: namespace (cna_agent/host/forkprobe.py says why). libvirt then builds no per-guest /dev;
+#: the guest's cgroup device list still limits which devices QEMU may open.
+NAMESPACES_OFF = """\
+# No per-guest mount namespace: {reason}.
+# libvirt could not create a guest's device nodes (/dev/kvm, block devices) in its private /dev,
+# and every such guest failed to start with "Unable to enter mount namespace". Delete these
+# lines once the agent's gRPC runtime is upgraded (the agent probes again on a fresh root).
+namespaces = []
+"""
+
+
+def prepare_embedded_root(root: str, probe: Callable[[], Any] | None = None) -> None:
+    """Create the embedded root (0700) and seed its qemu.conf unless the admin has one.
+
+    The seed is written again only while the file is exactly the agent's earlier seed (an
+    upgrade from a version without the namespace probe); any edit makes the file the admin's.
+    ``probe`` returns a :class:`~cna_agent.host.forkprobe.ForkVerdict` (tests pass their own).
+    """
     etc = os.path.join(root, "etc")
     os.makedirs(etc, mode=0o700, exist_ok=True)
     conf = os.path.join(etc, "qemu.conf")
-    if not os.path.exists(conf):
-        with open(conf, "w", encoding="utf-8") as fh:
-            fh.write(EMBEDDED_QEMU_CONF)
+    try:
+        with open(conf, encoding="utf-8") as fh:
+            if fh.read() != EMBEDDED_QEMU_CONF:
+                return
+    except FileNotFoundError:
+        pass
+    if probe is None:
+        from cna_agent.host.forkprobe import probe_forked_setns as probe
+    verdict = probe()
+    text = EMBEDDED_QEMU_CONF
+    if not verdict.can_setns:
+        log.warning("event=embedded.namespaces_off root=%s reason=%r", root, verdict.reason)
+        text += NAMESPACES_OFF.format(reason=verdict.reason)
+    tmp = conf + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, conf)
 
 
 def choose_uri(configured: str, state_dir: str) -> str:
@@ -241,7 +272,8 @@ class Hypervisor:
     async def _connect_once(self) -> None:
         root = embedded_root(self.uri)
         if root is not None:
-            prepare_embedded_root(root)
+            # Off the loop: seeding runs the fork probe (a child interpreter, ~0.1 s).
+            await self.pool.run(lambda: prepare_embedded_root(root), timeout=60, what="preparing the embedded root")
         # Opening (an embedded driver starts up) and the first capabilities (libvirt probes
         # every QEMU binary) may take longer than an ordinary call: a generous deadline.
         limit = max(self._call_timeout, CONNECT_TIMEOUT_S)

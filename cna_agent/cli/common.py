@@ -21,8 +21,15 @@ class CliError(Exception):
         self.code = code
 
 
+#: The keyword that prints fields left at their default: protobuf 5.26 renamed it, and the
+#: packages run on the distribution's protobuf (Debian 12: 3.21, which knows only the old name).
+_DEFAULTS_KW = ("always_print_fields_with_no_presence"
+                if "always_print_fields_with_no_presence" in json_format.MessageToDict.__code__.co_varnames
+                else "including_default_value_fields")
+
+
 def to_json(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return json_format.MessageToDict(message, preserving_proto_field_name=True, **{_DEFAULTS_KW: True})
 
 
 def fmt_time(ts) -> str:

@@ -53,6 +53,15 @@ REQUEST_NS = uuidlib.UUID("0b6f3f0e-4a51-4c7e-9a53-6b1f1c2d3e4f")
 DEFAULT_SHUTDOWN_TIMEOUT_S = 120.0
 
 
+def _start_hint(message: str) -> str:
+    """What an admin can do about a start failure libvirt words for its own developers."""
+    if "Unable to enter mount namespace" in message:
+        return ("; libvirt's per-guest mount namespace cannot be used from this process (a forked child has"
+                " threads: cna_agent/host/forkprobe.py): set 'namespaces = []' in the embedded root's"
+                " etc/qemu.conf and restart the agent")
+    return ""
+
+
 class DomainRenderer:
     """The domain builder with this host's facts, and the directories a definition needs."""
 
@@ -285,7 +294,7 @@ class VmLifecycle:
             try:
                 dom.create()
             except libvirt.libvirtError as exc:
-                raise FailedPrecondition(f"QEMU did not start: {exc}") from None
+                raise FailedPrecondition(f"QEMU did not start: {exc}{_start_hint(str(exc))}") from None
 
         if self.reservations is None:
             await self.hv.call(start, timeout=120)

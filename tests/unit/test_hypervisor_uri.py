@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+
+import pytest
 
 from cna_agent import hypervisor
 from cna_agent.hypervisor import Hypervisor, choose_uri
@@ -53,3 +56,36 @@ def test_embedded_root_gets_a_qemu_conf_once(tmp_path):
     conf.write_text("# the admin's own\n")
     prepare_embedded_root(root)
     assert conf.read_text() == "# the admin's own\n"
+
+
+def test_the_seed_turns_namespaces_off_where_a_forked_child_cannot_enter_one(tmp_path):
+    """Debian 12's grpcio 1.51 restarts its thread pool in every forked child: libvirt's setns()
+    into the guest's mount namespace then fails (forkprobe.py). The seed says so and why."""
+    from cna_agent.host.forkprobe import ForkVerdict
+    from cna_agent.hypervisor import EMBEDDED_QEMU_CONF, prepare_embedded_root
+
+    conf = tmp_path / "lv" / "etc" / "qemu.conf"
+    prepare_embedded_root(str(tmp_path / "lv"), probe=lambda: ForkVerdict(True, "fine"))
+    assert conf.read_text() == EMBEDDED_QEMU_CONF  # libvirt's default (namespaces on) stays
+
+    # An unmodified earlier seed is the agent's to rewrite (an upgrade); the probe decides.
+    prepare_embedded_root(str(tmp_path / "lv"), probe=lambda: ForkVerdict(False, "a forked child has 4 threads"))
+    text = conf.read_text()
+    assert text.startswith(EMBEDDED_QEMU_CONF) and text.rstrip().endswith("namespaces = []")
+    assert "a forked child has 4 threads" in text
+    # Now it differs from the plain seed: never probed or rewritten again.
+    prepare_embedded_root(str(tmp_path / "lv"), probe=lambda: (_ for _ in ()).throw(AssertionError("probed")))
+    assert conf.read_text() == text
+
+
+def test_the_fork_probe_on_this_machine_sees_a_single_threaded_child():
+    """The agent's grpc with GRPC_ENABLE_FORK_SUPPORT=0 (cna_agent/__init__.py): a child forked
+    next to a running gRPC aio server has one thread and enters a mount namespace, so the
+    embedded driver keeps its per-guest /dev here. A grpc upgrade that breaks this fails here."""
+    from cna_agent.host.forkprobe import probe_forked_setns
+
+    if os.geteuid() != 0:
+        pytest.skip("setns() into a mount namespace needs CAP_SYS_ADMIN")
+    verdict = probe_forked_setns()
+    assert verdict.grpc_version, verdict  # the probe ran, it did not fall back
+    assert (verdict.can_setns, verdict.threads_in_child) == (True, 1), verdict
