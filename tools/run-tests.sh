@@ -24,15 +24,34 @@ fi
 # The real Debian guest (tools/build-debian-guest.py, about 45 s, mostly downloads) is built in
 # the background while the first tests run; the tests that boot it wait for it through the
 # builder's own lock and cache.
+# After it, the same job builds this tree's .deb and the node image with it installed (about
+# 90 s) for tests/e2e/test_systemd_node_guest.py, which waits for $CNA_NODE_DEB_DIR/done and
+# builds them itself when that says the build failed. The directory is this run's: a .deb left
+# by an earlier run is never mistaken for this tree's.
 debian_pid=
+node_dir=
 if [ -x "$repo/tools/build-debian-guest.py" ]; then
   mkdir -p "$repo/.cache"
-  "$py" "$repo/tools/build-debian-guest.py" --arch x86_64 > "$repo/.cache/build-debian-guest.log" 2>&1 &
+  if command -v dpkg-buildpackage >/dev/null 2>&1; then
+    node_dir="$(mktemp -d /tmp/cna-node-deb.XXXXXX)"
+    export CNA_NODE_DEB_DIR="$node_dir"
+  fi
+  (
+    "$py" "$repo/tools/build-debian-guest.py" --arch x86_64 > "$repo/.cache/build-debian-guest.log" 2>&1
+    if [ -n "$node_dir" ]; then
+      log="$repo/.cache/build-debian-node.log"
+      env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 HOME="${HOME:-/root}" CNA_PACKAGES=deb \
+        bash "$repo/tools/build-packages.sh" "$node_dir/out" > "$log" 2>&1 \
+        && "$py" "$repo/tools/build-debian-guest.py" --arch x86_64 --node-deb "$node_dir"/out/cna-agent_*.deb >> "$log" 2>&1
+      echo $? > "$node_dir/done"
+    fi
+  ) &
   debian_pid=$!
 fi
 
 "$repo/.venv/bin/pytest" -p no:cacheprovider "$@"
 rc=$?
 [ -n "$debian_pid" ] && wait "$debian_pid" 2>/dev/null
+[ -n "$node_dir" ] && rm -rf "$node_dir"
 # pytest exits 5 when it collected nothing: that is a failure of the suite, not a pass.
 exit $rc

@@ -58,12 +58,27 @@ def node_deb(tmp_path_factory) -> Path:
     missing = [t for t in needed if shutil.which(t, path=SYSTEM_ENV["PATH"]) is None]
     if missing:
         pytest.skip(f"packaging tools missing (tools/setup.sh installs them): {missing}")
+    prebuilt = _prebuilt_deb()
+    if prebuilt is not None:
+        return prebuilt
     out = tmp_path_factory.mktemp("node-deb")
     proc = subprocess.run(["bash", str(TOOLS / "build-packages.sh"), str(out)], capture_output=True, text=True,
                           timeout=1200, env={**SYSTEM_ENV, "CNA_PACKAGES": "deb"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (deb,) = out.glob(f"cna-agent_{__version__}_*.deb")
     return deb
+
+
+def _prebuilt_deb() -> Path | None:
+    """The .deb tools/run-tests.sh built from this tree in the background (node image warmed
+    too), once its job says done; None without one or when that build failed."""
+    run_dir = os.environ.get("CNA_NODE_DEB_DIR")
+    if not run_dir:
+        return None
+    done = Path(run_dir) / "done"
+    wait_for(done.exists, 900, "run-tests.sh's background .deb and node image build", interval=2)
+    debs = sorted((Path(run_dir) / "out").glob(f"cna-agent_{__version__}_*.deb"))
+    return debs[0] if done.read_text().strip() == "0" and len(debs) == 1 else None
 
 
 @pytest.fixture

@@ -48,7 +48,9 @@ def test_a_fast_dirtying_guest_converges_under_the_default_policy_and_not_with_p
         code, message = r.plain_error
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "did not complete" in message, r.plain_error
         assert r.plain["iterations"] >= 6 and r.plain["throttle_pct"] == 0, r.plain
-        assert r.plain["max_downtime_ms"] >= 1000 and r.plain["dirty_mib_s"] >= 0.75 * BANDWIDTH_MIB_S, r.plain
+        # Stepped from the policy's 300 ms at least twice (x1.5 per stalled iteration): how many
+        # steps fit before the timeout depends on the machine's load (CI19: 675 ms, 10 iterations).
+        assert r.plain["max_downtime_ms"] >= 675 and r.plain["dirty_mib_s"] >= 0.75 * BANDWIDTH_MIB_S, r.plain
         assert r.after_plain == ((True, True), None), r.after_plain  # (A, B): running on A, nothing on B
         assert r.dirtying_on_source
 
