@@ -39,7 +39,7 @@ from cna_agent.compute.guest_agent import READ_DEADLINE_S
 from cna_agent.compute.inventory import VmInventory, presence
 from cna_agent.compute.customization_mark import (CUSTOMIZATION_KEY, CUSTOMIZATION_NS, DONE, FAILED, PENDING,
                                                   CustomizationMark, read_mark)
-from cna_agent.compute.marks import write_config_metadata
+from cna_agent.compute.marks import write_metadata
 from cna_agent.compute.spec import VmSpec
 from cna_agent.errors import AgentError, FailedPrecondition
 from cna_agent.hypervisor import Hypervisor
@@ -230,7 +230,7 @@ class FirstBoot:
         def apply(conn: libvirt.virConnect) -> str:
             dom = conn.lookupByUUIDString(uuid)
             detach_seed(dom)
-            write_config_metadata(dom, CUSTOMIZATION_NS, CUSTOMIZATION_KEY, done.to_xml())
+            write_metadata(dom, CUSTOMIZATION_NS, CUSTOMIZATION_KEY, done.to_xml())
             return dom.name()
 
         name = await self.hv.call(apply, timeout=30)

@@ -36,6 +36,7 @@ from cna_agent.blocking import BlockingPool
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import state as st
 from cna_agent.compute.inventory import VmInventory
+from cna_agent.compute.marks import write_metadata
 from cna_agent.compute.spec import VmSpec
 from cna_agent.errors import FailedPrecondition
 from cna_agent.hypervisor import Hypervisor
@@ -187,8 +188,7 @@ def seen_mark(live: dx.Domain) -> str | None:
 def write_seen_mark(dom: libvirt.virDomain, version: str) -> None:
     el = ET.Element("seen")  # libvirt adds the namespace and its prefix
     el.set("version", version)
-    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ET.tostring(el, encoding="unicode"), SEEN_KEY, SEEN_NS,
-                    libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    write_metadata(dom, SEEN_NS, SEEN_KEY, ET.tostring(el, encoding="unicode"), live=True)
 
 
 class GuestAgents:

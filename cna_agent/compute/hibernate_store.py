@@ -33,7 +33,7 @@ from xml.etree import ElementTree as ET
 
 import libvirt
 
-from cna_agent.compute.marks import read_config_metadata, write_config_metadata
+from cna_agent.compute.marks import read_config_metadata, write_metadata
 from cna_agent.errors import FailedPrecondition, NotFound
 
 HIBERNATE_NS = "https://cna-agent.org/xmlns/hibernate/1.0"
@@ -73,7 +73,7 @@ def read_mark(dom: libvirt.virDomain) -> HibernateMark | None:
 
 
 def write_mark(dom: libvirt.virDomain, mark: HibernateMark | None) -> None:
-    write_config_metadata(dom, HIBERNATE_NS, HIBERNATE_KEY, mark.to_xml() if mark else None)
+    write_metadata(dom, HIBERNATE_NS, HIBERNATE_KEY, mark.to_xml() if mark else None)
 
 
 def new_token() -> str:

@@ -20,12 +20,16 @@ def read_config_metadata(dom: libvirt.virDomain, namespace: str) -> str | None:
         return None  # VIR_ERR_NO_DOMAIN_METADATA, or a transient domain
 
 
-def write_config_metadata(dom: libvirt.virDomain, namespace: str, key: str, body: str | None) -> None:
+def write_metadata(dom: libvirt.virDomain, namespace: str, key: str, body: str | None, *,
+                          live: bool = False) -> None:
     """Set the element (``body``, without a namespace declaration: libvirt adds ``key`` as
-    its prefix) or, with None, remove it; removing one that is already gone is done."""
+    its prefix) or, with None, remove it; removing one that is already gone is done.
+
+    ``live``: in the running domain's definition instead, for a mark about this QEMU process
+    that must go with it (guest_agent.py's "qemu-ga answered here")."""
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if live else libvirt.VIR_DOMAIN_AFFECT_CONFIG
     try:
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, key if body is not None else None, namespace,
-                        libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, body, key if body is not None else None, namespace, flags)
     except libvirt.libvirtError as exc:
         if body is not None or exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
             raise

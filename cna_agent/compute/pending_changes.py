@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from cna_agent.compute.marks import read_config_metadata, write_config_metadata
+from cna_agent.compute.marks import read_config_metadata, write_metadata
 from cna_agent.errors import FailedPrecondition
 
 PENDING_NS = "https://cna-agent.org/xmlns/pending/1.0"
@@ -72,7 +72,7 @@ def read_mark(dom: libvirt.virDomain) -> PendingMark | None:
 
 def write_mark(dom: libvirt.virDomain, fields: list[str], qemu: str) -> None:
     """Record ``fields`` as pending for the running process ``qemu`` (libvirt pool)."""
-    write_config_metadata(dom, PENDING_NS, PENDING_KEY, PendingMark(tuple(fields), qemu, time.time()).to_xml())
+    write_metadata(dom, PENDING_NS, PENDING_KEY, PendingMark(tuple(fields), qemu, time.time()).to_xml())
 
 
 def pending_fields(mark: PendingMark | None, qemu: str) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ from xml.etree import ElementTree as ET
 
 import libvirt
 
-from cna_agent.compute.marks import read_config_metadata, write_config_metadata
+from cna_agent.compute.marks import read_config_metadata, write_metadata
 from cna_agent.errors import CODES, AgentError, FailedPrecondition, InvalidArgument
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationError, OperationRecord
@@ -81,7 +81,7 @@ def read_mark(dom: libvirt.virDomain) -> RecycleMark | None:
 
 def write_mark(dom: libvirt.virDomain, mark: RecycleMark | None) -> None:
     """Set (or, with None, remove) the mark in the persistent definition."""
-    write_config_metadata(dom, RECYCLE_NS, RECYCLE_KEY, mark.to_xml() if mark else None)
+    write_metadata(dom, RECYCLE_NS, RECYCLE_KEY, mark.to_xml() if mark else None)
 
 
 def check_hold(hold_s: int) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from cna_agent.compute.marks import read_config_metadata, write_config_metadata
+from cna_agent.compute.marks import read_config_metadata, write_metadata
 
 TEMPLATE_NS = "https://cna-agent.org/xmlns/template/1.0"
 TEMPLATE_KEY = "tmpl"
@@ -39,11 +39,11 @@ def read_mark(dom: libvirt.virDomain) -> TemplateMark | None:
 
 
 def write_mark(dom: libvirt.virDomain, mark: TemplateMark) -> None:
-    write_config_metadata(dom, TEMPLATE_NS, TEMPLATE_KEY, mark.to_xml())
+    write_metadata(dom, TEMPLATE_NS, TEMPLATE_KEY, mark.to_xml())
 
 
 def clear_mark(dom: libvirt.virDomain) -> None:
-    write_config_metadata(dom, TEMPLATE_NS, TEMPLATE_KEY, None)
+    write_metadata(dom, TEMPLATE_NS, TEMPLATE_KEY, None)
 
 
 def template_message(name: str) -> str:

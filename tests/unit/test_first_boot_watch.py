@@ -21,7 +21,7 @@ from cna_agent.compute import first_boot as fb
 from cna_agent.compute import seed_drive
 from cna_agent.compute.customization_mark import CustomizationMark, read_mark
 from cna_agent.compute.inventory import VmInventory
-from cna_agent.compute.marks import write_config_metadata
+from cna_agent.compute.marks import write_metadata
 from cna_agent.compute.spec import VmSpec
 from cna_agent.compute.vmops import save_spec
 from cna_agent.operations import OperationRunner
@@ -48,7 +48,7 @@ def world(tmp_path):
                          f"</domain>")
     uuid = dom.UUIDString()
     save_spec(dom, VmSpec(name=name, uuid=uuid, guest_agent=True), False)
-    write_config_metadata(dom, fb.CUSTOMIZATION_NS, fb.CUSTOMIZATION_KEY, CustomizationMark(fb.PENDING, "linux", 100.0).to_xml())
+    write_metadata(dom, fb.CUSTOMIZATION_NS, fb.CUSTOMIZATION_KEY, CustomizationMark(fb.PENDING, "linux", 100.0).to_xml())
     seed = Path(seed_drive.seed_path(str(state), uuid))
     seed.write_bytes(b"fat image")
     store = StateStore(tmp_path / "agent.db")
