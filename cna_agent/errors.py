@@ -99,3 +99,26 @@ class Aborted(AgentError):
 
 class Internal(AgentError):
     code = "INTERNAL"
+
+
+def make_error(cls: type[AgentError], message: str, fields: tuple[tuple[str, str], ...] = ()) -> AgentError:
+    """An instance of ``cls`` with exactly this message and fields, whatever its constructor
+    takes (InvalidArgument prefixes its field): for an error raised again in another context."""
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.message, err.fields = message, fields
+    return err
+
+
+def error_for(code: str | int, message: str) -> AgentError:
+    """The error of gRPC status ``code`` (name or number): an awaited operation's error raised
+    again by the operation that waited for it. The general class (FailedPrecondition, not
+    ResourceBusy); a code no class has gives a plain AgentError of that code."""
+    name = CODE_NAMES.get(code, "INTERNAL") if isinstance(code, int) else code
+    cls = next((c for c in AgentError.__subclasses__() if c.code == name), None)
+    if cls is not None:
+        return make_error(cls, message)
+    err = make_error(AgentError, message)
+    if name in CODES:
+        err.code = name  # an instance attribute: the class's INTERNAL stays for every other
+    return err

@@ -40,8 +40,8 @@ from cna_agent.compute.lifecycle import VmLifecycle
 from cna_agent.compute.spec_validation import validate
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import ImageSource, ImageStore
-from cna_agent.errors import CODE_NAMES, CODES, AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, \
-    ResourceExhausted
+from cna_agent.errors import CODES, AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, \
+    ResourceExhausted, error_for
 from cna_agent.failpoints import crash_point
 from cna_agent.ovf import descriptor, package, writer
 from cna_agent.ovf.descriptor import DescriptorError
@@ -81,14 +81,6 @@ class Inspection:
 
 def _descriptor_error(exc: DescriptorError) -> InvalidArgument:
     return InvalidArgument("source", str(exc))
-
-
-class _Failed(AgentError):
-    """An awaited operation's error, raised again with its own code."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = CODE_NAMES.get(code, "INTERNAL")
 
 
 class VmAppliances:
@@ -275,7 +267,7 @@ class VmAppliances:
         async for final in self.ops.runner.watch(record.id):
             record = final
         if record.error is not None:
-            raise _Failed(record.error.code, f"the VM was not defined: {record.error.message}")
+            raise error_for(record.error.code, f"the VM was not defined: {record.error.message}")
         uuid = record.target
         return await self.ops.result(uuid, op)
 

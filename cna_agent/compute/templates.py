@@ -37,7 +37,7 @@ from cna_agent.compute.spec_validation import validate, validate_name
 from cna_agent.compute.template_mark import TemplateMark, clear_mark, write_mark
 from cna_agent.compute.vmops import VmOps
 from cna_agent.contracts import DiskProvider
-from cna_agent.errors import CODE_NAMES, CODES, AgentError, AlreadyExists, FailedPrecondition, InvalidArgument
+from cna_agent.errors import CODES, AgentError, AlreadyExists, FailedPrecondition, InvalidArgument, error_for, make_error
 from cna_agent.operations import OperationContext
 from cna_agent.state.journal import OperationError, OperationRecord
 
@@ -206,7 +206,7 @@ class VmTemplates:
                     result.failures.append(DeployFailure(spec.name, exc.code, exc.message))
             if not result.vms:
                 first = result.failures[0]
-                raise error_of(first.code, f"no VM deployed from {tname!r}: " + "; ".join(
+                raise error_for(first.code, f"no VM deployed from {tname!r}: " + "; ".join(
                     f"{f.name}: {f.message}" for f in result.failures))
             await self.ops.events.publish(
                 "vm.deployed", resource_kind="vm", resource_id=uuid, resource_name=tname, operation_id=op.id,
@@ -273,7 +273,7 @@ class VmTemplates:
             async for record in self.ops.runner.watch(record.id):
                 pass
             if record.error is not None:
-                raise error_of(CODE_NAMES.get(record.error.code, "INTERNAL"), record.error.message)
+                raise error_for(record.error.code, record.error.message)
             return await self.ops.inventory.get(record.target)
         except AgentError:
             await self._undo(disks, made, cloned)
@@ -315,27 +315,9 @@ def _defined(conn: libvirt.virConnect, name: str) -> bool:
         return False
 
 
-def _make(cls: type[AgentError], message: str, fields: tuple[tuple[str, str], ...]) -> AgentError:
-    """An instance of ``cls`` with this message and fields, whatever its constructor takes."""
-    err = cls.__new__(cls)
-    Exception.__init__(err, message)
-    err.message, err.fields = message, fields
-    return err
-
-
-def _class_of(code: str) -> type[AgentError]:
-    """The error class of a gRPC status name: the general one (FailedPrecondition, not ResourceBusy)."""
-    return next((c for c in AgentError.__subclasses__() if c.code == code), AgentError)
-
-
-def error_of(code: str, message: str) -> AgentError:
-    """An AgentError of the gRPC status ``code`` (a child operation's error raised again)."""
-    return _make(_class_of(code), message, ())
-
-
 def renamed(exc: AgentError, old: str, new: str) -> AgentError:
     """``exc`` naming field ``new`` where it named ``old`` (the field's path in this request):
     the same class and message, the field in the message too."""
     message = exc.message.replace(f"{old}: ", f"{new}: ", 1) if old and f"{old}: " in exc.message else f"{new}: {exc.message}"
     fields = tuple((new if f == old else f, m) for f, m in exc.fields) or ((new, message),)
-    return _make(type(exc), message, fields)
+    return make_error(type(exc), message, fields)

@@ -85,15 +85,21 @@ def test_a_template_is_refused_where_a_vm_would_change_and_reported_as_one() -> 
 
 
 def test_errors_raised_again_keep_their_class_and_name_the_deploy_request_field() -> None:
-    from cna_agent.compute.templates import error_of, renamed
-    from cna_agent.errors import NotFound, ResourceExhausted
+    from cna_agent.compute.templates import renamed
+    from cna_agent.errors import NotFound, ResourceExhausted, error_for
 
     err = renamed(InvalidArgument("vm", "must not contain NUL"), "vm", "template")
     assert isinstance(err, InvalidArgument) and err.field == "template" and err.message == "template: must not contain NUL"
     err = renamed(FailedPrecondition("needs the guest agent", field="spec.guest_agent"), "spec.guest_agent",
                   "customizations[1]: spec.guest_agent")
     assert isinstance(err, FailedPrecondition) and err.field == "customizations[1]: spec.guest_agent"
-    assert isinstance(error_of("RESOURCE_EXHAUSTED", "full"), ResourceExhausted)
-    assert isinstance(error_of("NOT_FOUND", "gone"), NotFound) and error_of("NOT_FOUND", "gone").code_number == 5
-    assert error_of("NO_SUCH_CODE", "x").code == "INTERNAL"
-    assert type(error_of("FAILED_PRECONDITION", "x")) is FailedPrecondition
+    assert isinstance(error_for("RESOURCE_EXHAUSTED", "full"), ResourceExhausted)
+    assert isinstance(error_for("NOT_FOUND", "gone"), NotFound) and error_for("NOT_FOUND", "gone").code_number == 5
+    assert error_for("NO_SUCH_CODE", "x").code == "INTERNAL"
+    assert type(error_for("FAILED_PRECONDITION", "x")) is FailedPrecondition
+    # A journalled error carries the number (an awaited child operation's, as appliances reads it).
+    assert type(error_for(9, "x")) is FailedPrecondition and error_for(9, "x").message == "x"
+    assert error_for(99, "x").code == "INTERNAL"
+    assert type(error_for(10, "stopped")).__name__ == "Aborted"
+    lost = error_for(15, "the image is truncated")  # no class of its own: the code is kept all the same
+    assert (type(lost).__name__, lost.code, lost.code_number) == ("AgentError", "DATA_LOSS", 15)
