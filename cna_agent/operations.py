@@ -254,6 +254,15 @@ class OperationRunner:
     async def list(self, **filters: Any) -> list[OperationRecord]:
         return await self._store.run(lambda: self._journal.list(**filters))
 
+    async def finished(self, op_id: str, started: OperationRecord | None = None) -> OperationRecord | None:
+        """Operation ``op_id``'s record once it is done, for an operation that awaits another
+        (a deploy's create, an evacuation's migration); ``started`` (its record as submitted)
+        when the journal no longer has it, else None."""
+        final = started
+        async for final in self.watch(op_id):
+            pass
+        return final
+
     async def watch(self, op_id: str) -> AsyncIterator[OperationRecord]:
         """Yield the operation now and after each change, ending once it is done."""
         last_update: float | None = None

@@ -264,8 +264,7 @@ class VmAppliances:
         await op.progress(92, "defining the VM")
         cancelling.commit(f"vm {spec.name!r} is being defined from the package")
         record = await self.lifecycle.create(spec, start=start, request_id=f"{op.id}/create")
-        async for final in self.ops.runner.watch(record.id):
-            record = final
+        record = await self.ops.runner.finished(record.id, record)
         if record.error is not None:
             raise error_for(record.error.code, f"the VM was not defined: {record.error.message}")
         uuid = record.target

@@ -292,16 +292,14 @@ class HostEvacuation:
                 return "refused", exc.code_number, exc.message
         e.operation_id, e.operation_kind = record.id, record.kind
         try:
-            final = record
-            async for final in self.runner.watch(record.id):
-                pass
+            final = await self.runner.finished(record.id, record)
         except asyncio.CancelledError:
             # Cancel the VM's own migration and wait for it: libvirt's job must be over before
             # the line can say the VM stayed here.
             try:
                 final = await asyncio.shield(self.runner.cancel(record.id)) or record
             except FailedPrecondition:  # past its point of no return (post-copy, finishing): it ends by itself
-                final = await asyncio.shield(self._ended(record.id)) or record
+                final = await asyncio.shield(self.runner.finished(record.id, record))
             if final.state == SUCCEEDED:
                 self._close(e, MOVED, "")  # it switched over before the cancel reached it
             else:
@@ -312,13 +310,6 @@ class HostEvacuation:
         if final.error is not None:
             return "failed", final.error.code, final.error.message
         return "failed", CODES["CANCELLED"], f"its migration operation ended {final.state}"
-
-    async def _ended(self, op_id: str) -> OperationRecord | None:
-        """Operation ``op_id`` once it is done."""
-        final = None
-        async for final in self.runner.watch(op_id):
-            pass
-        return final
 
     @staticmethod
     def _close(e: EvacuatedVm, outcome: str, error: str, started: float | None = None) -> None:

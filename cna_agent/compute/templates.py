@@ -270,8 +270,7 @@ class VmTemplates:
                     cloned.append(disk.volume)
             record = await self.lifecycle.create(spec, start=start, customization=customization, request_id=request_id)
             made = record.target
-            async for record in self.ops.runner.watch(record.id):
-                pass
+            record = await self.ops.runner.finished(record.id, record)
             if record.error is not None:
                 raise error_for(record.error.code, record.error.message)
             return await self.ops.inventory.get(record.target)
@@ -286,8 +285,7 @@ class VmTemplates:
         try:
             if uuid and (await self.ops.hv.call(lambda c: presence(c, uuid), timeout=30))[0]:
                 record = await self.lifecycle.delete(uuid, delete_disks=True, force=True)
-                async for record in self.ops.runner.watch(record.id):
-                    pass
+                record = await self.ops.runner.finished(record.id, record)
                 if record.error is None:
                     return
                 log.warning("event=vm.deploy_undo_failed vm=%s error=%r", uuid, record.error.message)
