@@ -67,7 +67,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -76,7 +75,8 @@ _TOOLS_DIR = str(Path(__file__).resolve().parent)
 if _TOOLS_DIR not in sys.path:
     sys.path.insert(0, _TOOLS_DIR)
 
-from guest_build_util import run, sha256_file  # noqa: E402
+import guest_build_util  # noqa: E402
+from guest_build_util import fat_disk, run, sha256_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -174,6 +174,7 @@ def recipe_key(arch: str, node_deb: Path | None = None) -> str:
     (and for the node flavour the .deb's content)."""
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
+    h.update(Path(guest_build_util.__file__).read_bytes())  # its disk making
     h.update(json.dumps([arch, SUITE, PACKAGES, KERNEL_PACKAGES[arch], BOOT_PACKAGES[arch]]).encode())
     if node_deb is not None:
         h.update(json.dumps(NODE_PACKAGES[arch]).encode())
@@ -268,13 +269,11 @@ def _partitioned_disk(raw: Path, root: Path, esp: Path, arch: str, version: str)
     tree. Everything is written into the image file at its partitions' offsets (sfdisk on the
     file, ``mkfs.vfat --offset``, ``mcopy -i file@@offset``, ``mkfs.ext4 -E offset=``): no loop
     device and no mount, so the builder runs in containers and on CI hosts that have neither."""
-    with raw.open("wb") as f:
-        f.truncate(DISK_SECTORS * 512)
     table = (f'label: gpt\nstart={ESP_START}, size={ESP_SECTORS}, type=U, name="EFI System"\n'
              f'start={ROOT_START}, size={ROOT_SECTORS}, type=L, name="{LABEL}"\n')
-    p = subprocess.run(["sfdisk", "-q", str(raw)], input=table, capture_output=True, text=True, timeout=60)
-    if p.returncode != 0:
-        raise RuntimeError(f"sfdisk failed: {p.stderr.strip()}")
+    # FAT32, as the UEFI specification asks of a system partition (one 512-byte sector per cluster
+    # gives 64 MiB enough clusters for FAT32)
+    esp_fs = fat_disk(raw, DISK_SECTORS * 512, table, ESP_START, ESP_SECTORS, ESP_LABEL, ("-F", "32", "-s", "1"))
     boot = esp / "EFI" / "BOOT"
     boot.mkdir(parents=True)
     for name, rel in EFI_FILES[arch].items():
@@ -288,11 +287,7 @@ def _partitioned_disk(raw: Path, root: Path, esp: Path, arch: str, version: str)
     # first; the copy beside it ($cmdpath) is what it reads when that directory is missing.
     (esp / "EFI" / "debian").mkdir()
     (esp / "EFI" / "debian" / "grub.cfg").write_text(cfg)
-    # FAT32, as the UEFI specification asks of a system partition (one 512-byte sector per cluster
-    # gives 64 MiB enough clusters for FAT32)
-    run(["mkfs.vfat", "--offset", str(ESP_START), "-F", "32", "-s", "1", "-n", ESP_LABEL, str(raw),
-         str(ESP_SECTORS // 2)], timeout=60)
-    run(["mcopy", "-s", "-i", f"{raw}@@{ESP_START * 512}", str(esp / "EFI"), "::/"], timeout=60)
+    run(["mcopy", "-s", "-i", esp_fs, str(esp / "EFI"), "::/"], timeout=60)
     run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-E", f"offset={ROOT_START * 512}", "-d", str(root), str(raw),
          f"{ROOT_SECTORS // 2}k"], timeout=600)
 

@@ -19,11 +19,10 @@ import fcntl
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
-from guest_build_util import run, sha256_file
+from guest_build_util import fat_disk, run, sha256_file
 
 __all__ = [
     "BOOT_PART_SECTORS",
@@ -56,21 +55,6 @@ def need_tools(tools: tuple[str, ...]) -> None:
     for tool in tools:
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} not found (tools/setup.sh installs syslinux mtools dosfstools fdisk)")
-
-
-def fat_disk(path: Path, size: int, table: str, start: int, sectors: int, label: str) -> str:
-    """A new sparse image of ``size`` bytes at ``path``, partitioned by sfdisk from its script
-    ``table``, with a FAT file system made in the partition at sector ``start`` (``sectors``
-    long); returns mtools' name of that file system (``path@@offset``). The BIOS and the UEFI
-    boot disk are both built this way: no loop device, no mount."""
-    path.unlink(missing_ok=True)
-    with path.open("wb") as f:
-        f.truncate(size)
-    p = subprocess.run(["sfdisk", "-q", str(path)], input=table, capture_output=True, text=True, timeout=60)
-    if p.returncode != 0:
-        raise RuntimeError(f"sfdisk failed: {p.stderr.strip()}")
-    run(["mkfs.vfat", "--offset", str(start), "-h", str(start), "-n", label, str(path), str(sectors // 2)], timeout=60)
-    return f"{path}@@{start * 512}"
 
 
 def build_boot_disk(arch: str, out: Path, manifest: dict, log=print) -> Path:
