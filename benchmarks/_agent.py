@@ -36,6 +36,10 @@ def running_agent(extra_config: str = "", *, tcp: bool = False) -> Iterator[Path
         cfg.write_text(text)
     script = Path(sys.executable).with_name("cna-agent")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "cna_agent.daemon"]
+    if os.environ.get("CNA_BENCH_PROFILE"):
+        # Where the agent's own time goes: cProfile of its event-loop thread (libvirt's work runs
+        # in pool threads and is not in it), written when the agent stops.
+        cmd = [sys.executable, "-m", "cProfile", "-o", os.environ["CNA_BENCH_PROFILE"], "-m", "cna_agent.daemon"]
     log = (base / "agent.log").open("wb")
     proc = subprocess.Popen([*cmd, "serve", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
     try:
