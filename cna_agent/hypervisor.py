@@ -135,17 +135,21 @@ NAMESPACES_OFF = """\
 # No per-guest mount namespace: {reason}.
 # libvirt could not create a guest's device nodes (/dev/kvm, block devices) in its private /dev,
 # and every such guest failed to start with "Unable to enter mount namespace". Delete these
-# lines once the agent's gRPC runtime is upgraded (the agent probes again on a fresh root).
+# lines once the agent's gRPC runtime is upgraded (the agent probes again at its next start).
 namespaces = []
 """
+#: Appended where the probe passed: the verdict is on record, and the file is no longer the plain
+#: seed, so later starts do not probe again.
+NAMESPACES_ON = "# Per-guest mount namespaces (libvirt's default) kept: {reason}.\n"
 
 
 def prepare_embedded_root(root: str, probe: Callable[[], Any] | None = None) -> None:
     """Create the embedded root (0700) and seed its qemu.conf unless the admin has one.
 
-    The seed is written again only while the file is exactly the agent's earlier seed (an
-    upgrade from a version without the namespace probe); any edit makes the file the admin's.
-    ``probe`` returns a :class:`~cna_agent.host.forkprobe.ForkVerdict` (tests pass their own).
+    The probe's verdict is appended either way, so it runs once per root. The seed is written
+    again only while the file is exactly the plain seed (an upgrade from a version without the
+    probe, or an admin who deleted the verdict's lines); any other edit makes the file the
+    admin's. ``probe`` returns a :class:`~cna_agent.host.forkprobe.ForkVerdict` (tests pass their own).
     """
     etc = os.path.join(root, "etc")
     os.makedirs(etc, mode=0o700, exist_ok=True)
@@ -159,10 +163,11 @@ def prepare_embedded_root(root: str, probe: Callable[[], Any] | None = None) -> 
     if probe is None:
         from cna_agent.host.forkprobe import probe_forked_setns as probe
     verdict = probe()
-    text = EMBEDDED_QEMU_CONF
-    if not verdict.can_setns:
+    if verdict.can_setns:
+        text = EMBEDDED_QEMU_CONF + NAMESPACES_ON.format(reason=verdict.reason)
+    else:
         log.warning("event=embedded.namespaces_off root=%s reason=%r", root, verdict.reason)
-        text += NAMESPACES_OFF.format(reason=verdict.reason)
+        text = EMBEDDED_QEMU_CONF + NAMESPACES_OFF.format(reason=verdict.reason)
     tmp = conf + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)

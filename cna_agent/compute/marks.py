@@ -21,7 +21,7 @@ def read_config_metadata(dom: libvirt.virDomain, namespace: str) -> str | None:
 
 
 def write_metadata(dom: libvirt.virDomain, namespace: str, key: str, body: str | None, *,
-                          live: bool = False) -> None:
+                   live: bool = False) -> None:
     """Set the element (``body``, without a namespace declaration: libvirt adds ``key`` as
     its prefix) or, with None, remove it; removing one that is already gone is done.
 

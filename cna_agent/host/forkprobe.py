@@ -69,10 +69,10 @@ class ForkVerdict:
 def probe_forked_setns(timeout: float = 30.0) -> ForkVerdict:
     """Run the probe in a child interpreter (never in the agent: forking the agent itself is
     what is being judged, and its gRPC server does not exist yet when the root is seeded)."""
-    env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": os.environ.get("GRPC_ENABLE_FORK_SUPPORT", "0")}
+    # The child inherits the agent's environment, GRPC_ENABLE_FORK_SUPPORT=0 included (set by
+    # cna_agent/__init__.py, which every import of this module has run).
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return ForkVerdict(True, f"fork probe did not run: {exc}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

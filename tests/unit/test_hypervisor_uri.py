@@ -64,17 +64,26 @@ def test_the_seed_turns_namespaces_off_where_a_forked_child_cannot_enter_one(tmp
     from cna_agent.host.forkprobe import ForkVerdict
     from cna_agent.hypervisor import EMBEDDED_QEMU_CONF, prepare_embedded_root
 
+    def never() -> ForkVerdict:
+        raise AssertionError("probed again")
+
     conf = tmp_path / "lv" / "etc" / "qemu.conf"
     prepare_embedded_root(str(tmp_path / "lv"), probe=lambda: ForkVerdict(True, "fine"))
-    assert conf.read_text() == EMBEDDED_QEMU_CONF  # libvirt's default (namespaces on) stays
+    text = conf.read_text()
+    # libvirt's default (namespaces on) stays, and the verdict is on record
+    assert text.startswith(EMBEDDED_QEMU_CONF) and "namespaces = " not in text and text.endswith("kept: fine.\n"), text
+    # ...so the next start does not probe again (once per root, not once per start)
+    prepare_embedded_root(str(tmp_path / "lv"), probe=never)
+    assert conf.read_text() == text
 
-    # An unmodified earlier seed is the agent's to rewrite (an upgrade); the probe decides.
+    # An unmodified earlier seed (a version without the probe) is the agent's to rewrite; the probe decides.
+    conf.write_text(EMBEDDED_QEMU_CONF)
     prepare_embedded_root(str(tmp_path / "lv"), probe=lambda: ForkVerdict(False, "a forked child has 4 threads"))
     text = conf.read_text()
     assert text.startswith(EMBEDDED_QEMU_CONF) and text.rstrip().endswith("namespaces = []")
     assert "a forked child has 4 threads" in text
     # Now it differs from the plain seed: never probed or rewritten again.
-    prepare_embedded_root(str(tmp_path / "lv"), probe=lambda: (_ for _ in ()).throw(AssertionError("probed")))
+    prepare_embedded_root(str(tmp_path / "lv"), probe=never)
     assert conf.read_text() == text
 
 
