@@ -370,6 +370,8 @@ class MemBalloon(XmlObject):
     TAG = "memballoon"
     model = Prop("@model")
     stats_period = Prop("stats/@period", "int")
+    #: libvirt's alias in a live domain (balloon0): the QOM path of its guest-stats.
+    alias = Prop("alias/@name")
 
 
 class Panic(XmlObject):

@@ -145,17 +145,26 @@ class VmInventory:
         #: with its definition (forget, remember, vanished) and re-read after MAC_TTL_S, so a
         #: NIC hot-plugged behind the agent's back is seen within that time.
         self._macs: dict[str, tuple[float, frozenset[str]]] = {}
+        #: Called with a VM's uuid whenever its definition changed or went (what else keeps
+        #: facts read from it, e.g. the stats collector's device layout, drops them).
+        self.definition_listeners: list[Callable[[str], None]] = []
 
     # -- cache ---------------------------------------------------------------------------------
 
+    def _changed(self, uuid: str) -> None:
+        for listener in self.definition_listeners:
+            listener(uuid)
+
     def forget(self, uuid: str) -> None:
         """The definition changed (or went): read it again next time."""
+        self._changed(uuid)
         self._epoch += 1
         self._cache.pop(uuid, None)
         self._macs.pop(uuid, None)
 
     def remember(self, uuid: str, spec: VmSpec) -> None:
         """An operation just wrote this spec into the definition."""
+        self._changed(uuid)
         self._epoch += 1
         self._macs.pop(uuid, None)
         old = self._cache.get(uuid)
@@ -174,6 +183,7 @@ class VmInventory:
     def vanished(self, uuid: str) -> None:
         """The domain is gone from libvirt: drop what is kept for it (a cached definition
         written back by a read that raced the delete included)."""
+        self._changed(uuid)
         self._epoch += 1
         self._cache.pop(uuid, None)
         self._state_times.pop(uuid, None)

@@ -20,6 +20,9 @@ What comes this way, and why not from libvirt:
   crash MSRs): libvirt reports "crashed" but drops most of the details.
 * ``query-cpus-fast``, ``query-iothreads``, ``query-memory-size-summary``: thread ids and
   sizes as QEMU sees them, cross-checked by placement drift checks.
+* ``query-blockstats`` and ``qom-get`` of the balloon's ``guest-stats``: the per-disk and
+  guest-memory figures of the stats sampler (vm_counters.py), without a libvirt job and its
+  second monitor round trip (query-named-block-nodes) per VM.
 * ``query-named-block-nodes``: the persistent dirty bitmaps QEMU holds on each image, from which
   a backup checkpoint whose libvirt metadata was lost is redefined (backup.py); libvirt has no
   call that lists them.
@@ -58,6 +61,7 @@ ALLOWED_COMMANDS: frozenset[str] = frozenset({
     "query-iothreads",
     "query-memory-size-summary",
     "query-balloon",
+    "qom-get",
     "query-blockstats",
     "query-named-block-nodes",
     "query-migrate",

@@ -46,6 +46,7 @@ from cna_agent.compute.recovery_devices import DeviceRecovery
 from cna_agent.compute.sidechannel import Diagnostics, SideChannels
 from cna_agent.compute.snapshot_ops import VmSnapshots
 from cna_agent.compute.templates import VmTemplates
+from cna_agent.compute.vm_counters import VmCounters
 from cna_agent.compute.update import VmUpdates
 from cna_agent.compute.vmops import VmOps
 from cna_agent.errors import FailedPrecondition, InvalidArgument
@@ -113,6 +114,8 @@ class Compute:
     first_boot: FirstBoot | None = None
     #: ConvertVmToTemplate and DeployVm (templates.py).
     templates: VmTemplates | None = None
+    #: Running VMs' counters for the stats sampler, each from its cheapest source (vm_counters.py).
+    counters: VmCounters | None = None
 
     def recovery_handlers(self) -> dict[str, RecoveryHandler]:
         """How each operation kind a crash left open is decided (the runner calls them once)."""

@@ -143,6 +143,11 @@ class SideChannels:
             await self.detach(uuid)  # broken: the next call reconnects
             raise
 
+    async def query(self, uuid: str, command: str, args: dict[str, Any] | None = None) -> Any:
+        """One allowlisted command on the VM's side channel (the stats collector's block and
+        guest-memory reads, vm_counters.py)."""
+        return await self._execute(uuid, command, args)
+
     async def persistent_bitmaps(self, uuid: str) -> dict[str, set[str]]:
         """Image file -> names of the persistent dirty bitmaps QEMU holds on it now (a bitmap
         made during this QEMU's run is written into the qcow2 only when QEMU closes it, so the

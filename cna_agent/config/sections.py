@@ -205,6 +205,11 @@ class StatsConfig:
     interval_s: float = 10.0
     #: Comma-separated bulk stats groups (libvirt's names, as in ``virsh domstats --<group>``).
     vm_stats: str = ",".join(VM_STATS_GROUPS)
+    #: Where VM figures come from: "host" = each from its cheapest correct source (/proc for
+    #: CPU, vCPUs, RSS and NICs; the agent's QMP side channel for disks and guest memory, only
+    #: from guests that ran), libvirt's calls for VMs that cannot be read so; "libvirt" = one
+    #: virConnectGetAllDomainStats for everything (a monitor round trip per VM and group).
+    vm_sources: str = "host"
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,8 @@ def validate(cfg: AgentConfig, origins: Mapping[tuple[str, str], str]) -> None:
     for group in groups:
         if group not in VM_STATS_GROUPS:
             fail("stats", "vm_stats", f"{group!r} is not one of {', '.join(VM_STATS_GROUPS)}")
+    if cfg.stats.vm_sources not in ("host", "libvirt"):
+        fail("stats", "vm_sources", f"{cfg.stats.vm_sources!r} is not one of host, libvirt")
     validate_vrm(cfg.vrm, fail)
     if cfg.host.reserved_cpus:
         from cna_agent.host.cpulist import parse_cpulist

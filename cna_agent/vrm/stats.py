@@ -1,11 +1,15 @@
-"""VM statistics that scale: ONE bulk libvirt call per interval for every VM.
+"""VM statistics that scale: one sample of every VM per interval, never a call per VM and metric.
 
 Asking libvirt per VM and per metric (dom.info, dom.blockStats per disk, dom.interfaceStats
 per NIC, dom.vcpus...) costs a round trip and a QEMU monitor query each, so a host with
 hundreds of guests spends its time polling (VDSM's sampling threads learned this).
 ``virConnectGetAllDomainStats`` returns the requested groups for all domains in one call, and
 with ``..._STATS_NOWAIT`` a VM whose monitor is busy (a migration, a hung storage job) is
-answered from what libvirt already has instead of stalling the whole sample.
+answered from what libvirt already has instead of stalling the whole sample. Even so, that
+call costs QEMU a monitor round trip per VM and group; compute's VmCounters (the default
+``collect``) takes each figure from its cheapest correct source instead (/proc for CPU, vCPU,
+RSS and NICs, one QMP read for disks only from guests that ran) and keeps libvirt's bulk call
+for the domains it cannot read that way.
 
 Counters are cumulative; rates (CPU percent of one host CPU, disk and NIC bytes per second)
 are the difference between this sample and the previous one over the elapsed monotonic time.
@@ -211,6 +215,10 @@ def bulk_call(conn: Any, flags: int) -> list[tuple[str, str, dict[str, Any]]]:
     return [(dom.UUIDString(), dom.name(), stats) for dom, stats in records]
 
 
+#: (groups, their libvirt flags) -> one (uuid, name, libvirt-style flat stats) per domain.
+Collect = Callable[[Sequence[str], int], Awaitable[Sequence[tuple[str, str, Mapping[str, Any]]]]]
+
+
 class StatsSampler:
     """Samples all VMs every ``interval_s`` and keeps the latest snapshot for its readers.
 
@@ -220,8 +228,11 @@ class StatsSampler:
 
     def __init__(self, call: Callable[[Callable[[Any], Any]], Awaitable[Any]], *, interval_s: float,
                  groups: Sequence[str], host_stats: Callable[[], Awaitable[Any]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, collect: Collect | None = None) -> None:
         self._call = call
+        #: Where the records come from: compute's VmCounters (each figure from its cheapest
+        #: source), or None for libvirt's bulk call alone ([stats] vm_sources = "libvirt").
+        self._collect = collect
         self._host_stats = host_stats
         #: The host's latest psutil sample (cna_agent.host.service.Stats), sampled with the VMs.
         self.latest_host: Any = None
@@ -242,7 +253,10 @@ class StatsSampler:
         flags = self._flags
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        records = await self._call(lambda conn: bulk_call(conn, flags))
+        if self._collect is not None:
+            records = await self._collect(self.groups, flags)
+        else:
+            records = await self._call(lambda conn: bulk_call(conn, flags))
         call_s = time.perf_counter() - t0
         now = self._clock()
         dt = 0.0 if self._prev_mono is None else now - self._prev_mono

@@ -37,6 +37,7 @@ from cna_agent.compute.reservations import HostCapacity, ReservationAdmission, h
 from cna_agent.compute.rundirs import QemuRunDirs
 from cna_agent.compute.service import Compute, state_follower
 from cna_agent.compute.sidechannel import SideChannels
+from cna_agent.compute.vm_counters import VmCounters
 from cna_agent.compute.snapshot_ops import VmSnapshots
 from cna_agent.compute.templates import VmTemplates
 from cna_agent.compute.update import VmUpdates
@@ -144,6 +145,8 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
     binder = Binder(inventory, LocalFileResolver(parse_image_dirs(config.compute.image_dirs)), disks, ports, placer)
     renderer = DomainRenderer(ctx, QemuRunDirs(ctx), virt_type=virt_type, host_cpus=host_cpus)
     sidechannels = SideChannels(events, inventory.qmp_socket)
+    counters = VmCounters(lambda fn: hypervisor.call(fn, timeout=30, what="stats"), sidechannels.query)
+    inventory.definition_listeners.append(counters.forget)
     follow = state_follower(inventory, sidechannels)
 
     guest_agents = GuestAgents(hypervisor, inventory, pool=BlockingPool("guest-agent", 4, READ_DEADLINE_S + 5,
@@ -225,6 +228,7 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         guest_passwords=GuestPasswords(ops, guest_agents),
         first_boot=first_boot,
         templates=VmTemplates(ops, lifecycle, binder.disks),
+        counters=counters,
         cold_incoming=ColdIncoming(ops, binder, renderer, transfer, max_incoming=config.migration.max_incoming,
                                    ttl_s=config.migration.prepare_ttl_s, busy_elsewhere=lambda: len(incoming.pending()),
                                    admission=admission),

@@ -20,7 +20,7 @@ from cna_agent.hypervisor import Hypervisor
 from cna_agent.state.eventlog import EventHub
 from cna_agent.state.store import StateStore
 from cna_agent.vrm.link import VrmLink
-from cna_agent.vrm.stats import StatsSampler
+from cna_agent.vrm.stats import Collect, StatsSampler
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class Telemetry:
 
 
 def build_telemetry(config: AgentConfig, hypervisor: Hypervisor, host: HostService, store: StateStore,
-                    events: EventHub, pools: list[BlockingPool]) -> Telemetry:
+                    events: EventHub, pools: list[BlockingPool], collect: Collect | None = None) -> Telemetry:
+    """``collect``: compute's VM counters (VmCounters.collect); None, or ``[stats] vm_sources =
+    "libvirt"``, samples with libvirt's bulk call alone."""
     from cna_agent import __version__
     from cna_agent.api import pb
     from cna_agent.api.host import capabilities_to_pb, stats_to_pb
@@ -61,7 +63,8 @@ def build_telemetry(config: AgentConfig, hypervisor: Hypervisor, host: HostServi
 
     timeout = min(config.libvirt.call_timeout_s, max(5.0, config.stats.interval_s * 3))
     sampler = StatsSampler(lambda fn: hypervisor.call(fn, timeout=timeout), interval_s=config.stats.interval_s,
-                           groups=parse_groups(config.stats.vm_stats), host_stats=host.stats)
+                           groups=parse_groups(config.stats.vm_stats), host_stats=host.stats,
+                           collect=collect if config.stats.vm_sources == "host" else None)
 
     async def register_request() -> Any:
         caps = await host.capabilities()
