@@ -23,8 +23,9 @@ monitor command, ``query-status`` costs the same), and only from a guest whose v
 the last read: a guest's disk counters move only by requests its vCPUs issued and by their
 completions, which raise an interrupt its vCPUs then run to take; a paused guest drained its
 requests when it stopped. A running guest's timer ticks make its vCPUs run each interval, so
-every running guest is asked each sample; a paused or halted one costs no monitor round trip.
-``MAX_QUIET_S`` bounds the time any guest goes unasked.
+every running guest's disks are asked each sample (its memory report at most every
+``GUEST_MEMORY_MIN_S``); a paused or halted one costs no monitor round trip. ``MAX_QUIET_S``
+bounds the time any guest goes unasked.
 
 A VM whose counters cannot be read this way (no side channel: defined outside the agent; a
 NIC without a kernel device, e.g. vhost-user; a disk without an alias) is sampled by libvirt's
@@ -51,6 +52,10 @@ Record = tuple[str, str, dict[str, Any]]
 
 #: Longest a running guest goes without a monitor read, whatever its vCPUs did.
 MAX_QUIET_S = 300.0
+#: Shortest time between two reads of a guest's own memory report: the guest refreshes it
+#: every stats period (10 s as rendered) and it serves placement and charts, not alarms, so
+#: a running guest costs one monitor round trip a sample (its disks), not two.
+GUEST_MEMORY_MIN_S = 60.0
 #: A monitor answer later than this is left for the next sample (the sample does not wait).
 QUERY_DEADLINE_S = 2.0
 #: Monitor queries in flight at once (a sample of 1,000 guests does not open 1,000 at once).
@@ -344,7 +349,9 @@ class VmCounters:
         cpu = layout.vcpu_ns
         if "block" in groups and layout.disks and (self.query_all or cpu != layout.block_cpu or now - layout.block_at > MAX_QUIET_S):
             due.append(self._query(uuid, layout, "block", cpu, now))
-        if "balloon" in groups and layout.balloon_qom and (self.query_all or cpu != layout.memory_cpu or now - layout.memory_at > MAX_QUIET_S):
+        memory_age = now - layout.memory_at
+        if "balloon" in groups and layout.balloon_qom and (
+                self.query_all or (cpu != layout.memory_cpu and memory_age >= GUEST_MEMORY_MIN_S) or memory_age > MAX_QUIET_S):
             due.append(self._query(uuid, layout, "memory", cpu, now))
         return due
 
