@@ -24,6 +24,7 @@ import libvirt
 from cna_agent.compute import domxml as dx
 from cna_agent.compute import qmp
 from cna_agent.compute import state as st
+from cna_agent.compute.marks import DefinitionMetadata
 from cna_agent.compute.hibernate_store import HibernateMark
 from cna_agent.compute.customization_mark import CustomizationMark
 from cna_agent.compute.customization_mark import read_mark as read_customization_mark
@@ -253,19 +254,23 @@ class VmInventory:
 
     @staticmethod
     def read_definition(dom: libvirt.virDomain) -> VmDefinition:
+        """The spec and marks, from one read of the persistent definition (marks.DefinitionMetadata)."""
         try:
-            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, dx.CNA_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0)
-        except libvirt.libvirtError:
+            defn = DefinitionMetadata.read(dom)
+        except ET.ParseError:
             return VmDefinition(dom.name(), False, None)
+        meta = defn.element(dx.CNA_NS)
+        if meta is None:
+            return VmDefinition(defn.name(), False, None)
         try:
             text = dx.spec_json_from_metadata_xml(meta)
             spec = VmSpec.from_json(text) if text else None
         except (ET.ParseError, ValueError):
             spec = None
         if spec is None:
-            return VmDefinition(dom.name(), False, None)
-        return VmDefinition(dom.name(), True, spec, read_mark(dom), read_hibernate_mark(dom), read_customization_mark(dom),
-                            read_pending_mark(dom), read_template_mark(dom))
+            return VmDefinition(defn.name(), False, None)
+        return VmDefinition(defn.name(), True, spec, read_mark(defn), read_hibernate_mark(defn), read_customization_mark(defn),
+                            read_pending_mark(defn), read_template_mark(defn))
 
     # -- reads ---------------------------------------------------------------------------------
 
