@@ -20,9 +20,11 @@ What comes this way, and why not from libvirt:
   crash MSRs): libvirt reports "crashed" but drops most of the details.
 * ``query-cpus-fast``, ``query-iothreads``, ``query-memory-size-summary``: thread ids and
   sizes as QEMU sees them, cross-checked by placement drift checks.
-* ``query-blockstats`` and ``qom-get`` of the balloon's ``guest-stats``: the per-disk and
-  guest-memory figures of the stats sampler (vm_counters.py), without a libvirt job and its
-  second monitor round trip (query-named-block-nodes) per VM.
+* ``query-blockstats``, ``query-block`` (disk sizes) and ``qom-get`` of the balloon's
+  ``guest-stats``: the per-disk and guest-memory figures of the stats sampler
+  (vm_counters.py), without a libvirt job and its second monitor round trip
+  (query-named-block-nodes) per VM, and with the side channel's deadline instead of a libvirt
+  thread held by a QEMU that does not answer.
 * ``query-named-block-nodes``: the persistent dirty bitmaps QEMU holds on each image, from which
   a backup checkpoint whose libvirt metadata was lost is redefined (backup.py); libvirt has no
   call that lists them.
@@ -63,6 +65,7 @@ ALLOWED_COMMANDS: frozenset[str] = frozenset({
     "query-balloon",
     "qom-get",
     "query-blockstats",
+    "query-block",
     "query-named-block-nodes",
     "query-migrate",
     "query-dirty-rate",

@@ -146,6 +146,18 @@ def blockstats_by_alias(reply: Sequence[Mapping[str, Any]]) -> dict[str, dict[st
     return out
 
 
+def capacity_by_alias(reply: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """query-block -> device alias -> the image's virtual size (a drive with no medium has none)."""
+    out: dict[str, int] = {}
+    for entry in reply:
+        qdev = str(entry.get("qdev") or "")
+        parts = qdev.split("/")
+        image = (entry.get("inserted") or {}).get("image") or {}
+        if qdev.startswith("/machine/peripheral/") and len(parts) > 3 and "virtual-size" in image:
+            out[parts[3]] = int(image["virtual-size"])
+    return out
+
+
 def guest_memory_keys(reply: Mapping[str, Any]) -> dict[str, int]:
     """qom-get guest-stats -> libvirt's balloon.* names (KiB); a figure the guest never sent is left out."""
     stats = reply.get("stats") or {}
@@ -269,24 +281,15 @@ class VmCounters:
             await asyncio.gather(*(self._build(dom, uuid, dom_id, now) for dom, uuid, dom_id in wanted))
 
     async def _build(self, dom: Any, uuid: str, dom_id: int, now: float) -> None:
-        def definition(_conn: Any) -> tuple[str, dict[str, int]]:
-            import libvirt
-
-            xml = dom.XMLDesc(0)
-            capacity: dict[str, int] = {}
-            for disk in (dx.Domain.from_xml(xml).devices or dx.Devices()).disks:
-                if disk.target_dev:
-                    try:
-                        capacity[disk.target_dev] = int(dom.blockInfo(disk.target_dev)[0])
-                    except libvirt.libvirtError:
-                        pass  # an empty CD-ROM drive
-            return xml, capacity
-
         async with self._limit:
             try:
-                xml, capacity = await self._call(definition)
-                layout, why = layout_from_xml(xml, dom_id, capacity)
+                xml = await self._call(lambda _conn: dom.XMLDesc(0))
+                layout, why = layout_from_xml(xml, dom_id, {})
                 if layout is not None:
+                    # Sizes from QEMU on the side channel, not virDomainGetBlockInfo: a QEMU stuck
+                    # on dead storage must cost a deadline here, not a libvirt thread.
+                    sizes = capacity_by_alias(await self._execute(uuid, "query-block", None))
+                    layout.capacity = {dev: sizes[alias] for dev, alias, _ in layout.disks if alias in sizes}
                     cpus = await self._execute(uuid, "query-cpus-fast", None)
                     layout.vcpu_tids = tuple(int(c["thread-id"]) for c in sorted(cpus, key=lambda c: int(c.get("cpu-index", 0))))
                     layout.pid = self._thread_group(layout.vcpu_tids[0]) if layout.vcpu_tids else 0

@@ -73,3 +73,12 @@ def test_devices_without_a_cheap_source_send_the_vm_to_libvirt():
     no_stats = LIVE.replace("<stats period='10'/>", "")
     layout, _ = layout_from_xml(no_stats, 7, {})
     assert layout is not None and layout.balloon_qom == ""  # no guest report to read
+
+
+def test_capacity_from_query_block():
+    from cna_agent.compute.vm_counters import capacity_by_alias
+
+    reply = [{"device": "", "qdev": "/machine/peripheral/virtio-disk0/virtio-backend",
+              "inserted": {"image": {"virtual-size": 8 << 20, "actual-size": 200704, "format": "qcow2"}}},
+             {"device": "", "qdev": "/machine/peripheral/sata0-0-0", "tray_open": False}]  # a CD-ROM with no medium
+    assert capacity_by_alias(reply) == {"virtio-disk0": 8 << 20}
