@@ -14,8 +14,9 @@ thread's schedstat: what the monitor work costs QEMU; paused guests burn nothing
 * ``bulk``: the agent's collector (compute/vm_counters.py) as it samples each interval: /proc
   for CPU, vCPUs, RSS and NICs, the QMP side channel only for guests whose vCPUs ran (none,
   here: they are paused);
-* ``all_busy``: the same collector told to ask every guest's monitor (disks and guest memory),
-  which is what a host of running guests costs;
+* ``all_busy``: the same collector taking every guest for one whose vCPUs ran (what a host of
+  running guests costs: each guest's disks asked every sample, its memory report once a
+  minute);
 * ``libvirt_bulk``: ``virConnectGetAllDomainStats`` for the six groups (what the sampler did
   before, and still does with ``[stats] vm_sources = "libvirt"``);
 * ``per_domain`` (the baseline): listAllDomains, then per VM dom.info, dom.vcpus,
@@ -113,8 +114,8 @@ counters = VmCounters(lambda fn: asyncio.to_thread(fn, conn), execute)
 def libvirt_bulk():
     return [r for r in bulk_call(conn, flags) if r[0] in devices]
 
-def host(query_all=False):
-    counters.query_all = query_all
+def host(ran=False):
+    counters.assume_ran = ran
     return [r for r in loop.run_until_complete(counters.collect(groups, flags)) if r[0] in devices]
 
 def per_domain():
