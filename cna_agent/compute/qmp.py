@@ -132,12 +132,32 @@ def commandline_args(path: str | os.PathLike[str]) -> list[str]:
     ]
 
 
+class _Client(QMPClient):
+    """qemu.qmp's client, minus its eager message formatting.
+
+    qemu.qmp logs every message as ``logger.debug("<-- %s", str(msg))``: the pretty-printed
+    JSON (``json.dumps(indent=2)``, Python's slow encoder) is built whether or not debug is on.
+    The stats collector sends a query to every running guest each sample; that formatting was
+    most of the agent's CPU per command. Formatted here only when the logger would print it.
+    """
+
+    def _cb_outbound(self, msg: Any) -> Any:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", str(msg))
+        return msg
+
+    def _cb_inbound(self, msg: Any) -> Any:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", str(msg))
+        return msg
+
+
 class QmpSideChannel:
     """A connection to one guest's side-channel monitor."""
 
     def __init__(self, path: str | os.PathLike[str], *, name: str = "cna-qmp", timeout: float = 10.0) -> None:
         self.path = str(path)
-        self._client = QMPClient(name)
+        self._client = _Client(name)
         self._timeout = timeout
         self._event_task: asyncio.Task[None] | None = None
 
