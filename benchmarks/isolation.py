@@ -51,7 +51,7 @@ def _measure(sock: Path, healthy: list[str], clients: int, rounds: int, tag: str
     """Each client in turn: GetVm, ListVms, create+start+delete, pause+resume; ms each; at
     least ``rounds`` rounds and at least ``min_s`` seconds."""
     t_end = time.monotonic() + min_s
-    out: dict[str, list[float]] = {"get": [], "list": [], "create_start": [], "pause_resume": []}
+    out: dict[str, list] = {"get": [], "list": [], "create_start": [], "pause_resume": [], "errors": []}
     lock = threading.Lock()
 
     def client(c: int) -> None:
@@ -60,27 +60,35 @@ def _measure(sock: Path, healthy: list[str], clients: int, rounds: int, tag: str
             r = 0
             while r < rounds or time.monotonic() < t_end:
                 r += 1
-                mine = healthy[(c + r) % len(healthy)]
-                t = time.perf_counter()
-                stub.GetVm(v.GetVmRequest(vm=mine), timeout=60)
-                got = (time.perf_counter() - t) * 1000
-                t = time.perf_counter()
-                stub.ListVms(v.ListVmsRequest(status_only=True), timeout=60)
-                listed = (time.perf_counter() - t) * 1000
-                name = f"iso-{tag}-{c}-{r}"
-                t = time.perf_counter()
-                _ok(ch, stub.CreateVm(v.CreateVmRequest(spec=_spec(name), start=True), timeout=120))
-                created = (time.perf_counter() - t) * 1000
-                _ok(ch, stub.DeleteVm(v.DeleteVmRequest(vm=name, force=True), timeout=120))
-                t = time.perf_counter()
-                _ok(ch, stub.PauseVm(v.VmActionRequest(vm=mine), timeout=60))
-                _ok(ch, stub.ResumeVm(v.VmActionRequest(vm=mine), timeout=60))
-                paused = (time.perf_counter() - t) * 1000
-                with lock:
-                    out["get"].append(got)
-                    out["list"].append(listed)
-                    out["create_start"].append(created)
-                    out["pause_resume"].append(paused)
+                try:
+                    one_round(stub, ch, c, r)
+                except (grpc.RpcError, RuntimeError) as exc:  # a healthy VM's call failed: the point of the test
+                    detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+                    with lock:
+                        out["errors"].append(detail[:200])
+
+    def one_round(stub, ch, c: int, r: int) -> None:
+        mine = healthy[c % len(healthy)]
+        t = time.perf_counter()
+        stub.GetVm(v.GetVmRequest(vm=mine), timeout=60)
+        got = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        stub.ListVms(v.ListVmsRequest(status_only=True), timeout=60)
+        listed = (time.perf_counter() - t) * 1000
+        name = f"iso-{tag}-{c}-{r}"
+        t = time.perf_counter()
+        _ok(ch, stub.CreateVm(v.CreateVmRequest(spec=_spec(name), start=True), timeout=120))
+        created = (time.perf_counter() - t) * 1000
+        _ok(ch, stub.DeleteVm(v.DeleteVmRequest(vm=name, force=True), timeout=120))
+        t = time.perf_counter()
+        _ok(ch, stub.PauseVm(v.VmActionRequest(vm=mine), timeout=60))
+        _ok(ch, stub.ResumeVm(v.VmActionRequest(vm=mine), timeout=60))
+        paused = (time.perf_counter() - t) * 1000
+        with lock:
+            out["get"].append(got)
+            out["list"].append(listed)
+            out["create_start"].append(created)
+            out["pause_resume"].append(paused)
 
     # One healthy VM per client for pause/resume: two clients never pause the same VM at once.
     with ThreadPoolExecutor(clients) as pool:
@@ -132,7 +140,8 @@ def _wait_op(ops, op, timeout: float) -> None:
 
 
 def _summary(m: dict[str, list[float]]) -> dict[str, float]:
-    return {"get_p99_ms": percentile(m["get"], 99), "list_p99_ms": percentile(m["list"], 99),
+    return {"get_p99_ms": percentile(m["get"], 99), "list_p50_ms": statistics.median(m["list"]),
+            "list_p99_ms": percentile(m["list"], 99),
             "create_start_ms": statistics.median(m["create_start"]), "pause_resume_ms": statistics.median(m["pause_resume"])}
 
 
@@ -178,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.kill(victim_pid, signal.SIGCONT)
                 hammer.join(timeout=90)
         merged = {k: {m: [x for run in runs for x in run[m]] for m in runs[0]} for k, runs in phases.items()}
+        errors = {k: m.pop("errors") for k, m in merged.items()}
         base_s, hung_s = _summary(merged["base"]), _summary(merged["hung"])
         outcome: dict[str, dict[str, object]] = {}
         for what, result, ms in hung_log:
@@ -191,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key:18s} base {base_s[key]:8.1f}  hung {hung_s[key]:8.1f}  ratio {hung_s[key] / max(base_s[key], 1e-6):.2f}")
         for what, row in outcome.items():
             print(f"  hung VM {what}: {row}")
+        for k, e in errors.items():
+            print(f"  healthy VMs' failed calls, {k}: {len(e)} {sorted(set(e))[:3]}")
         result = {"vms": args.vms, "clients": args.clients,
                   **{f"base_{k}": round(val, 1) for k, val in base_s.items()},
                   **{f"hung_{k}": round(val, 1) for k, val in hung_s.items()},
                   **{f"{k.rsplit('_', 1)[0]}_ratio": round(hung_s[k] / max(base_s[k], 1e-6), 2) for k in base_s},
-                  "hung_vm_calls": outcome}
+                  "hung_vm_calls": outcome,
+                  "healthy_errors": {k: len(e) for k, e in errors.items()},
+                  "healthy_error_samples": {k: sorted(set(e))[:3] for k, e in errors.items()}}
         print(json.dumps(result))
         return 0
     finally:
@@ -208,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.stats import kill_guests
 
         kill_guests(str(base))
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("CNA_BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

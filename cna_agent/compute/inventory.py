@@ -257,6 +257,10 @@ class VmInventory:
         """The spec and marks, from one read of the persistent definition (marks.DefinitionMetadata)."""
         try:
             defn = DefinitionMetadata.read(dom)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise  # gone meanwhile: the caller skips it (a listing) or reports it
+            return VmDefinition(dom.name(), False, None)
         except ET.ParseError:
             return VmDefinition(dom.name(), False, None)
         meta = defn.element(dx.CNA_NS)
@@ -318,24 +322,31 @@ class VmInventory:
         shows), True lists only them, None lists both (disk and MAC users: a VM in the bin
         still holds its disks and MACs)."""
         wanted = set(states)
-        # Not VIR_DOMAIN_STATS_CPU_TOTAL: it reads each running domain's cgroup files, 0.7 ms a
-        # domain (74 ms of a 1,000-VM listing with 100 running, benchmarks.scale), where
-        # virDomainGetInfo's cpuTime (QEMU's /proc stat) costs 0.013 ms.
-        flags = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_BALLOON
+        # STATE only: every other group but interface needs each domain's QEMU monitor, and
+        # one QEMU stuck on dead storage then held every listing's libvirt thread until the
+        # pool ran dry (benchmarks.isolation: ListVms p99 30 s while one VM hung). Not
+        # CPU_TOTAL either: it reads each running domain's cgroup files, 0.7 ms a domain,
+        # where virDomainGetInfo's cpuTime (QEMU's /proc stat) costs 0.013 ms; RSS comes
+        # from /proc as well (what libvirt's balloon.rss reads too).
+        flags = libvirt.VIR_DOMAIN_STATS_STATE
 
         def read(conn: libvirt.virConnect) -> list[tuple[str, str, int, int, int, int, VmDefinition]]:
             out = []
             for dom, stats in conn.getAllDomainStats(flags, 0):
                 uuid = dom.UUIDString()
-                cached = self._cache.get(uuid) or self.read_definition(dom)
+                try:
+                    cached = self._cache.get(uuid) or self.read_definition(dom)
+                except libvirt.libvirtError:
+                    continue  # undefined since the listing began (read_definition raised NO_DOMAIN)
                 s = stats.get("state.state", 0)
-                cpu = 0
+                cpu = rss = 0
                 if s not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED, libvirt.VIR_DOMAIN_NOSTATE):
                     try:
                         cpu = dom.info()[4]
                     except libvirt.libvirtError:
                         pass  # it stopped meanwhile
-                out.append((uuid, dom.name(), s, stats.get("state.reason", 0), cpu, stats.get("balloon.rss", 0), cached))
+                    rss = self._qemu_rss_kib(dom.name())
+                out.append((uuid, dom.name(), s, stats.get("state.reason", 0), cpu, rss, cached))
             return out
 
         vms: list[VmInfo] = []
@@ -384,6 +395,17 @@ class VmInventory:
             except OSError:
                 continue
         return ""
+
+    def _qemu_rss_kib(self, name: str) -> int:
+        """The running guest's QEMU resident set from /proc (0 when it cannot be read)."""
+        pid = self._qemu_pid(name)
+        if not pid.isdigit():
+            return 0
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as fh:
+                return int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def qemu_run_dirs(self) -> list[str]:
         """Where libvirt keeps its QEMU pid files for this connection."""

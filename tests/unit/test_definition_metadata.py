@@ -33,3 +33,38 @@ def test_one_read_equals_the_per_namespace_calls():
         assert (d.name, d.managed, d.spec) == ("meta-one-read", False, None)
     finally:
         dom.undefine()
+
+
+class _ListingRace:
+    """A connection whose listing still holds a domain that was undefined after libvirt
+    listed it (a DeleteVm finishing while ListVms reads definitions)."""
+
+    def __init__(self, conn, stale) -> None:
+        self._conn = conn
+        self._stale = stale
+
+    def getAllDomainStats(self, flags, _flags2):
+        assert flags == libvirt.VIR_DOMAIN_STATS_STATE, "the listing must not ask a group that needs QEMU's monitor"
+        return [(self._stale, {"state.state": libvirt.VIR_DOMAIN_SHUTOFF, "state.reason": 0})] + \
+            self._conn.getAllDomainStats(flags, 0)
+
+
+def test_a_listing_skips_a_domain_undefined_meanwhile():
+    import asyncio
+
+    from cna_agent.operations import ResourceLocks
+    from support.libvirt import ConnHypervisor
+
+    conn = libvirt.open("test:///default")
+    libvirt.registerErrorHandler(lambda c, e: None, None)
+    gone = conn.defineXML(XML.format(name="meta-gone"))
+    gone.undefine()
+    try:
+        VmInventory.read_definition(gone)
+        raise AssertionError("a vanished domain must not read as an unmanaged one")
+    except libvirt.libvirtError as exc:
+        assert exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+    inventory = VmInventory(ConnHypervisor(_ListingRace(conn, gone)), ResourceLocks())  # type: ignore[arg-type]
+    listed = asyncio.run(inventory.list(include_unmanaged=True))
+    assert "meta-gone" not in [vm.name for vm in listed]
+    assert "test" in [vm.name for vm in listed]  # the test driver's own domain is still there
