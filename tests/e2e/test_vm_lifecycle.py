@@ -112,6 +112,11 @@ def test_x86_64_guest_define_start_reboot_shutdown_delete(vm_agent_factory, syst
         assert again.password not in agent.log_text()
         listed = stub.ListVms(vm.ListVmsRequest(states=[vm.VM_STATE_RUNNING]), timeout=10)
         assert [v.name for v in listed.vms] == ["guest-x86"]
+        # The listing's RSS is QEMU's own, as the kernel counts it (the listing reads /proc,
+        # not libvirt's monitor-bound balloon group).
+        with open(f"/proc/{got.status.qemu_pid}/statm") as fh:
+            rss_kib = int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+        assert 0.8 * rss_kib <= listed.vms[0].status.memory_rss_kib <= 1.2 * rss_kib, (listed.vms[0].status.memory_rss_kib, rss_kib)
         assert not stub.ListVms(vm.ListVmsRequest(states=[vm.VM_STATE_PAUSED]), timeout=10).vms
 
         # pause / resume
