@@ -105,9 +105,8 @@ def _hammer(sock: Path, victim: str, stop: threading.Event, log: list[tuple[str,
     its state change, its diagnostics (side channel) and its state, each with a deadline."""
     with grpc.insecure_channel(f"unix:{sock}") as ch:
         stub = v_stub(ch)
-        ops = pb.operations_pb2_grpc.OperationsServiceStub(ch)
         calls = {"GetVmDiagnostics": lambda: stub.GetVmDiagnostics(v.GetVmDiagnosticsRequest(vm=victim), timeout=30),
-                 "PauseVm": lambda: _wait_op(ops, stub.PauseVm(v.VmActionRequest(vm=victim), timeout=30), 90),
+                 "PauseVm": lambda: _ok(ch, stub.PauseVm(v.VmActionRequest(vm=victim), timeout=30), timeout=90),
                  "GetVm": lambda: stub.GetVm(v.GetVmRequest(vm=victim), timeout=30)}
 
         def repeat(what: str) -> None:
@@ -129,14 +128,6 @@ def _hammer(sock: Path, victim: str, stop: threading.Event, log: list[tuple[str,
             t.start()
         for t in threads:
             t.join()
-
-
-def _wait_op(ops, op, timeout: float) -> None:
-    if not op.done:
-        for op in ops.WatchOperation(pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=timeout):
-            pass
-    if op.HasField("error"):
-        raise RuntimeError(op.error.message)
 
 
 def _summary(m: dict[str, list[float]]) -> dict[str, float]:

@@ -146,10 +146,10 @@ class Agent:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _ok(ch, op) -> None:
+def _ok(ch, op, timeout: float = 300) -> None:
     if not op.done:
         for op in pb.operations_pb2_grpc.OperationsServiceStub(ch).WatchOperation(
-                pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=300):
+                pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=timeout):
             pass
     if op.HasField("error"):
         raise RuntimeError(f"{op.kind} failed: {op.error.message}")

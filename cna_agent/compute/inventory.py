@@ -25,6 +25,7 @@ from cna_agent.compute import domxml as dx
 from cna_agent.compute import qmp
 from cna_agent.compute import state as st
 from cna_agent.compute.marks import DefinitionMetadata
+from cna_agent.compute.vm_counters import read_stat
 from cna_agent.compute.hibernate_store import HibernateMark
 from cna_agent.compute.customization_mark import CustomizationMark
 from cna_agent.compute.customization_mark import read_mark as read_customization_mark
@@ -402,8 +403,7 @@ class VmInventory:
         if not pid.isdigit():
             return 0
         try:
-            with open(f"/proc/{pid}/statm", "rb") as fh:
-                return int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+            return read_stat("/proc", int(pid))[3]
         except (OSError, ValueError, IndexError):
             return 0
 

@@ -36,7 +36,7 @@ class DefinitionMetadata:
     def from_xml(cls, xml: str) -> "DefinitionMetadata":
         root = ET.fromstring(xml)
         elements: dict[str, str] = {}
-        for child in root.find("metadata") if root.find("metadata") is not None else ():
+        for child in root.iterfind("metadata/*"):
             if child.tag.startswith("{"):
                 elements.setdefault(child.tag[1:].split("}", 1)[0], ET.tostring(child, encoding="unicode"))
         return cls(root.findtext("name") or "", elements)

@@ -84,10 +84,10 @@ class Layout:
     vcpus_maximum: int
     nics: tuple[tuple[str, bool], ...]  # (kernel device, counters swapped to the guest's view)
     disks: tuple[tuple[str, str, str], ...]  # (target dev, qdev alias, source path)
-    capacity: dict[str, int]
     balloon_current_kib: int
     balloon_maximum_kib: int
     balloon_qom: str  # "" = no virtio balloon with a stats period
+    capacity: dict[str, int] = field(default_factory=dict)  # target dev -> virtual size (query-block)
     block: dict[str, dict[str, int]] = field(default_factory=dict)
     guest_memory: dict[str, int] = field(default_factory=dict)
     #: vCPU nanoseconds run (all vCPUs) at this sample, at the last block / guest-memory
@@ -131,15 +131,20 @@ def nic_keys(i: int, dev: str, counters: Sequence[int], swapped: bool) -> dict[s
             p + "tx.bytes": tx[0], p + "tx.pkts": tx[1], p + "tx.errs": tx[2], p + "tx.drop": tx[3]}
 
 
+def _alias(entry: Mapping[str, Any]) -> str:
+    """The libvirt device alias of a query-block/query-blockstats entry ("virtio-disk0", from
+    qdev /machine/peripheral/<alias>/...; the drive id for a device without a qdev path)."""
+    qdev = str(entry.get("qdev") or "")
+    parts = qdev.split("/")
+    return parts[3] if qdev.startswith("/machine/peripheral/") and len(parts) > 3 else str(entry.get("device") or "")
+
+
 def blockstats_by_alias(reply: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
-    """query-blockstats -> device alias ("virtio-disk0", from qdev /machine/peripheral/<alias>/...) -> counters."""
+    """query-blockstats -> device alias -> counters."""
     out: dict[str, dict[str, int]] = {}
     for entry in reply:
-        qdev = str(entry.get("qdev") or "")
-        parts = qdev.split("/")
-        alias = parts[3] if qdev.startswith("/machine/peripheral/") and len(parts) > 3 else str(entry.get("device") or "")
         s = entry.get("stats") or {}
-        out[alias] = {"rd.reqs": int(s.get("rd_operations", 0)), "rd.bytes": int(s.get("rd_bytes", 0)),
+        out[_alias(entry)] = {"rd.reqs": int(s.get("rd_operations", 0)), "rd.bytes": int(s.get("rd_bytes", 0)),
                       "rd.times": int(s.get("rd_total_time_ns", 0)), "wr.reqs": int(s.get("wr_operations", 0)),
                       "wr.bytes": int(s.get("wr_bytes", 0)), "wr.times": int(s.get("wr_total_time_ns", 0)),
                       "fl.reqs": int(s.get("flush_operations", 0)), "fl.times": int(s.get("flush_total_time_ns", 0))}
@@ -150,11 +155,9 @@ def capacity_by_alias(reply: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """query-block -> device alias -> the image's virtual size (a drive with no medium has none)."""
     out: dict[str, int] = {}
     for entry in reply:
-        qdev = str(entry.get("qdev") or "")
-        parts = qdev.split("/")
         image = (entry.get("inserted") or {}).get("image") or {}
-        if qdev.startswith("/machine/peripheral/") and len(parts) > 3 and "virtual-size" in image:
-            out[parts[3]] = int(image["virtual-size"])
+        if "virtual-size" in image:
+            out[_alias(entry)] = int(image["virtual-size"])
     return out
 
 
@@ -172,8 +175,8 @@ def guest_memory_keys(reply: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
-def layout_from_xml(xml: str, domain_id: int, capacity: dict[str, int]) -> tuple[Layout | None, str]:
-    """(layout without the process, "") or (None, why it has to be sampled through libvirt)."""
+def layout_from_xml(xml: str, domain_id: int) -> tuple[Layout | None, str]:
+    """(layout without the process and disk sizes, "") or (None, why it has to be sampled through libvirt)."""
     dom = dx.Domain.from_xml(xml)
     devs = dom.devices or dx.Devices()
     nics = []
@@ -191,7 +194,7 @@ def layout_from_xml(xml: str, domain_id: int, capacity: dict[str, int]) -> tuple
     if balloon is not None and balloon.model == "virtio" and (balloon.stats_period or 0) > 0:
         qom = f"/machine/peripheral/{balloon.alias or 'balloon0'}"
     return Layout(domain_id=domain_id, pid=0, starttime=b"", vcpu_tids=(), vcpus_maximum=int(dom.vcpu or 0),
-                  nics=tuple(nics), disks=tuple(disks), capacity=capacity,
+                  nics=tuple(nics), disks=tuple(disks),
                   balloon_current_kib=int(dom.current_memory_kib or dom.memory_kib or 0),
                   balloon_maximum_kib=int(dom.memory_kib or 0), balloon_qom=qom), ""
 
@@ -214,9 +217,9 @@ class VmCounters:
         self.assume_ran = assume_ran
         self._layouts: dict[str, Layout] = {}
         self._fallback: dict[str, tuple[int, float, str]] = {}  # uuid -> (domain id, since, why)
-        self._inflight: set[str] = set()
+        self._inflight: set[tuple[str, str]] = set()  # (uuid, "block" | "memory") asked, not answered
         self._limit = asyncio.Semaphore(MAX_CONCURRENT)
-        #: Monitor commands sent, and VMs sampled through libvirt, since start (metrics).
+        #: Monitor commands sent, and VMs sampled through libvirt, since start (tests, benchmarks).
         self.queries = 0
         self.fallbacks = 0
 
@@ -250,8 +253,13 @@ class VmCounters:
             if dom_id <= 0:
                 continue
             layout = self._layouts.get(uuid)
-            if layout is None or not self._host_figures(layout, record, netdev, groups):
-                self._layouts.pop(uuid, None)
+            if layout is not None and not self._host_figures(layout, record, netdev, groups):
+                # A NIC not in /proc/net/dev, a QEMU that is not the one read: through libvirt,
+                # and not rebuilt every sample (the layout is read again with a new domain id).
+                del self._layouts[uuid]
+                self._fallback[uuid] = (dom_id, now, "the host's figures do not match the definition")
+                layout = None
+            if layout is None:
                 slow.append((dom, index))
                 continue
             queries.extend(self._due_queries(uuid, layout, groups, now))
@@ -285,7 +293,7 @@ class VmCounters:
         async with self._limit:
             try:
                 xml = await self._call(lambda _conn: dom.XMLDesc(0))
-                layout, why = layout_from_xml(xml, dom_id, {})
+                layout, why = layout_from_xml(xml, dom_id)
                 if layout is not None:
                     # Sizes from QEMU on the side channel, not virDomainGetBlockInfo: a QEMU stuck
                     # on dead storage must cost a deadline here, not a libvirt thread.
@@ -347,21 +355,22 @@ class VmCounters:
         return True
 
     def _due_queries(self, uuid: str, layout: Layout, groups: Sequence[str], now: float) -> list[Awaitable[None]]:
-        if uuid in self._inflight:
-            return []  # the last sample's query has not come back: do not pile up behind a stuck monitor
+        # A query the last sample sent that has not come back is not sent again: nothing piles
+        # up behind a stuck monitor.
         due: list[Awaitable[None]] = []
         cpu = layout.vcpu_ns
         ran = self.assume_ran
-        if "block" in groups and layout.disks and (ran or cpu != layout.block_cpu or now - layout.block_at > MAX_QUIET_S):
+        if "block" in groups and layout.disks and (uuid, "block") not in self._inflight and (
+                ran or cpu != layout.block_cpu or now - layout.block_at > MAX_QUIET_S):
             due.append(self._query(uuid, layout, "block", cpu, now))
         memory_age = now - layout.memory_at
-        if "balloon" in groups and layout.balloon_qom and (
+        if "balloon" in groups and layout.balloon_qom and (uuid, "memory") not in self._inflight and (
                 ((ran or cpu != layout.memory_cpu) and memory_age >= GUEST_MEMORY_MIN_S) or memory_age > MAX_QUIET_S):
             due.append(self._query(uuid, layout, "memory", cpu, now))
         return due
 
     async def _query(self, uuid: str, layout: Layout, what: str, cpu: int, now: float) -> None:
-        self._inflight.add(uuid)
+        self._inflight.add((uuid, what))
         try:
             async with self._limit:
                 self.queries += 1
@@ -377,7 +386,7 @@ class VmCounters:
         except Exception as exc:
             log.debug("event=stats.query_failed vm=%s what=%s error=%r", uuid, what, str(exc))
         finally:
-            self._inflight.discard(uuid)
+            self._inflight.discard((uuid, what))
 
     def _monitor_figures(self, layout: Layout, record: dict[str, Any], groups: Sequence[str]) -> None:
         if "balloon" in groups:

@@ -57,7 +57,7 @@ LIVE = """<domain type='kvm' id='7'><name>v</name><uuid>00000000-0000-0000-0000-
 
 
 def test_layout_from_the_live_definition():
-    layout, why = layout_from_xml(LIVE, 7, {"vda": 1 << 30})
+    layout, why = layout_from_xml(LIVE, 7)
     assert why == "" and layout is not None
     assert layout.nics == (("vnet3", True), ("macvtap1", False))
     assert layout.disks == (("vda", "virtio-disk0", "/ds/a.qcow2"), ("sda", "sata0-0-0", ""))
@@ -68,10 +68,10 @@ def test_layout_from_the_live_definition():
 def test_devices_without_a_cheap_source_send_the_vm_to_libvirt():
     vhost = LIVE.replace("<interface type='bridge'><source bridge='br0'/><target dev='vnet3'/>",
                          "<interface type='vhostuser'><source type='unix' path='/run/vu.sock' mode='server'/>")
-    layout, why = layout_from_xml(vhost, 7, {})
+    layout, why = layout_from_xml(vhost, 7)
     assert layout is None and "vhostuser" in why
     no_stats = LIVE.replace("<stats period='10'/>", "")
-    layout, _ = layout_from_xml(no_stats, 7, {})
+    layout, _ = layout_from_xml(no_stats, 7)
     assert layout is not None and layout.balloon_qom == ""  # no guest report to read
 
 
