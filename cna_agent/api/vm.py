@@ -7,7 +7,7 @@ from typing import Any
 from cna_agent.api import pb
 from cna_agent.api.convert import operation_to_pb
 from cna_agent.api.vm_convert import (STATE_NAMES, console_to_pb, customization_from_pb, guest_info_to_pb, migration_policy_from_pb, snapshot_to_pb,
-                                     spec_from_pb, vm_to_pb)
+                                     spec_from_pb, vm_to_pb, SpecMessages)
 from cna_agent.api.convert import request_fingerprint as fingerprint
 from cna_agent.compute.service import Compute
 from cna_agent.errors import FailedPrecondition, InvalidArgument
@@ -28,6 +28,7 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
         self._life = compute.lifecycle
         self._inv = compute.inventory
         self._snaps = compute.snapshots
+        self._spec_msgs = SpecMessages()
 
     async def _op(self, context: Any, coro: Any) -> Any:
         return operation_to_pb(await coro)
@@ -58,7 +59,11 @@ class VmServicer(pb.vm_pb2_grpc.VmServiceServicer):
             states.append(STATE_NAMES[s])
         vms = await self._inv.list(states=states, include_unmanaged=request.include_unmanaged, status_only=request.status_only,
                                    recycled=request.recycled)
-        return pb.vm_pb2.ListVmsResponse(vms=[vm_to_pb(v) for v in vms])
+        msgs = self._spec_msgs
+        out = pb.vm_pb2.ListVmsResponse(vms=[vm_to_pb(v, msgs.of(v.uuid, v.spec) if v.spec is not None else None) for v in vms])
+        if not states and not request.recycled:
+            msgs.keep_only({v.uuid for v in vms})
+        return out
 
     async def MigrateVm(self, request, context):
         return await self._op(context, self._c.migrations.migrate(request.vm, request.destination,

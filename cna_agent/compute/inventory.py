@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 from xml.etree import ElementTree as ET
 
@@ -104,6 +104,9 @@ class VmDefinition:
     #: Changes waiting for the next start (pending_changes.py), valid for one QEMU process.
     pending: PendingMark | None = None
     template: TemplateMark | None = None
+    #: What this host leaves out of the spec, worked out on first use (it depends on the spec
+    #: and the host only, and a listing of 1,000 VMs spent 5 ms a call working it out again).
+    limitations: tuple[str, ...] | None = field(default=None, compare=False)
 
 
 def presence(conn: libvirt.virConnect, uuid: str) -> tuple[bool, bool]:
@@ -150,6 +153,7 @@ class VmInventory:
         #: Called with a VM's uuid whenever its definition changed or went (what else keeps
         #: facts read from it, e.g. the stats collector's device layout, drops them).
         self.definition_listeners: list[Callable[[str], None]] = []
+        self._run_dirs: list[str] | None = None
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -190,6 +194,13 @@ class VmInventory:
         self._cache.pop(uuid, None)
         self._state_times.pop(uuid, None)
         self._macs.pop(uuid, None)
+
+    def _limits(self, d: VmDefinition) -> tuple[str, ...]:
+        if d.spec is None or self._limitations is None:
+            return ()
+        if d.limitations is None:
+            d.limitations = self._limitations(d.spec)
+        return d.limitations
 
     def is_managed_cached(self, uuid: str) -> bool:
         c = self._cache.get(uuid)
@@ -301,7 +312,7 @@ class VmInventory:
         state, reason = shown_state(s, r, cached)
         vm = VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=cached.spec, state=state, reason=reason,
                     state_time=self._state_times.get(uuid), cpu_time_ns=int(info[4]),
-                    host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations else (),
+                    host_limitations=self._limits(cached),
                     recycle_expires=cached.recycled.expires_at if cached.recycled else None,
                     hibernated=cached.hibernated if state == st.HIBERNATED else None,
                     customization=cached.customization, template=cached.template is not None)
@@ -326,9 +337,10 @@ class VmInventory:
         # STATE only: every other group but interface needs each domain's QEMU monitor, and
         # one QEMU stuck on dead storage then held every listing's libvirt thread until the
         # pool ran dry (benchmarks.isolation: ListVms p99 30 s while one VM hung). Not
-        # CPU_TOTAL either: it reads each running domain's cgroup files, 0.7 ms a domain,
-        # where virDomainGetInfo's cpuTime (QEMU's /proc stat) costs 0.013 ms; RSS comes
-        # from /proc as well (what libvirt's balloon.rss reads too).
+        # CPU_TOTAL either: it reads each running domain's cgroup files, 0.7 ms a domain.
+        # CPU time and RSS come from one read of QEMU's /proc/<pid>/stat, which is where
+        # virDomainGetInfo's cpuTime and libvirt's balloon.rss come from too (and against
+        # a libvirtd, a GetInfo per VM was a round trip per VM).
         flags = libvirt.VIR_DOMAIN_STATS_STATE
 
         def read(conn: libvirt.virConnect) -> list[tuple[str, str, int, int, int, int, VmDefinition]]:
@@ -340,14 +352,11 @@ class VmInventory:
                 except libvirt.libvirtError:
                     continue  # undefined since the listing began (read_definition raised NO_DOMAIN)
                 s = stats.get("state.state", 0)
+                name = dom.name()
                 cpu = rss = 0
                 if s not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED, libvirt.VIR_DOMAIN_NOSTATE):
-                    try:
-                        cpu = dom.info()[4]
-                    except libvirt.libvirtError:
-                        pass  # it stopped meanwhile
-                    rss = self._qemu_rss_kib(dom.name())
-                out.append((uuid, dom.name(), s, stats.get("state.reason", 0), cpu, rss, cached))
+                    cpu, rss = self._qemu_usage(name)
+                out.append((uuid, name, s, stats.get("state.reason", 0), cpu, rss, cached))
             return out
 
         vms: list[VmInfo] = []
@@ -365,7 +374,7 @@ class VmInventory:
             vms.append(VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=None if status_only else cached.spec,
                               state=state, reason=reason, state_time=self._state_times.get(uuid), cpu_time_ns=int(cpu),
                               memory_rss_kib=int(rss), active_operation_id=holder.id if holder else "",
-                              host_limitations=self._limitations(cached.spec) if cached.spec and self._limitations and not status_only else (),
+                              host_limitations=() if status_only else self._limits(cached),
                               recycle_expires=cached.recycled.expires_at if cached.recycled else None,
                               hibernated=cached.hibernated if state == st.HIBERNATED else None,
                               customization=cached.customization, template=cached.template is not None))
@@ -397,22 +406,24 @@ class VmInventory:
                 continue
         return ""
 
-    def _qemu_rss_kib(self, name: str) -> int:
-        """The running guest's QEMU resident set from /proc (0 when it cannot be read)."""
+    def _qemu_usage(self, name: str) -> tuple[int, int]:
+        """(CPU ns, resident KiB) of the running guest's QEMU from /proc (0, 0 when it cannot
+        be read: it stopped meanwhile)."""
         pid = self._qemu_pid(name)
         if not pid.isdigit():
-            return 0
+            return 0, 0
         try:
-            return read_stat("/proc", int(pid))[3]
+            _, user, system, rss = read_stat("/proc", int(pid))
         except (OSError, ValueError, IndexError):
-            return 0
+            return 0, 0
+        return user + system, rss
 
     def qemu_run_dirs(self) -> list[str]:
-        """Where libvirt keeps its QEMU pid files for this connection."""
-        root = embedded_root(self.hv.uri)
-        if root is not None:
-            return [os.path.join(root, "run", "qemu")]
-        return ["/run/libvirt/qemu", "/var/run/libvirt/qemu"]
+        """Where libvirt keeps its QEMU pid files for this connection (fixed by its URI)."""
+        if self._run_dirs is None:
+            root = embedded_root(self.hv.uri)
+            self._run_dirs = [os.path.join(root, "run", "qemu")] if root is not None else ["/run/libvirt/qemu", "/var/run/libvirt/qemu"]
+        return self._run_dirs
 
     async def qmp_socket(self, uuid: str) -> tuple[str, str]:
         """(side-channel socket path from the live domain's <qemu:commandline>, name)."""

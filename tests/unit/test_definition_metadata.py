@@ -68,3 +68,33 @@ def test_a_listing_skips_a_domain_undefined_meanwhile():
     listed = asyncio.run(inventory.list(include_unmanaged=True))
     assert "meta-gone" not in [vm.name for vm in listed]
     assert "test" in [vm.name for vm in listed]  # the test driver's own domain is still there
+
+
+def test_a_listing_works_out_host_limitations_once_per_definition():
+    """host_limitations depends on the spec and the host only: a listing of 1,000 VMs asks the
+    builder once per definition, and again after the definition changed."""
+    import asyncio
+
+    from cna_agent.compute.spec import VmSpec
+    from cna_agent.operations import ResourceLocks
+    from support.libvirt import ConnHypervisor
+
+    conn = libvirt.open("test:///default")
+    libvirt.registerErrorHandler(lambda c, e: None, None)
+    asked: list[str] = []
+
+    def limitations(spec: VmSpec) -> tuple[str, ...]:
+        asked.append(spec.name)
+        return (f"hyperv: left out of {spec.name}",)
+
+    inventory = VmInventory(ConnHypervisor(conn), ResourceLocks(), limitations=limitations)  # type: ignore[arg-type]
+    uuid = conn.lookupByName("test").UUIDString()
+    inventory.remember(uuid, VmSpec(name="test", vcpus=1, memory_mib=64))
+    for _ in range(3):
+        (vm,) = [v for v in asyncio.run(inventory.list()) if v.uuid == uuid]
+        assert vm.host_limitations == ("hyperv: left out of test",)
+    assert asked == ["test"]
+    assert asyncio.run(inventory.list(status_only=True))[0].host_limitations == ()
+    inventory.remember(uuid, VmSpec(name="test", vcpus=2, memory_mib=64))
+    asyncio.run(inventory.list())
+    assert asked == ["test", "test"]

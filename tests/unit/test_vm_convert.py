@@ -70,3 +70,25 @@ def test_the_storage_error_policy_crosses_the_api_both_ways():
     assert (s.storage_errors.action, s.storage_errors.poweroff_after_s) == ("poweroff", 45)
     back = spec_to_pb(s)
     assert back.storage_errors.action == "poweroff" and back.storage_errors.poweroff_after_s == 45
+
+
+def test_spec_messages_convert_each_spec_object_once():
+    """ListVms keeps each VM's converted spec while the inventory hands out the same spec
+    object; a changed definition (a new object) is converted again, a deleted VM dropped."""
+    from cna_agent.api.vm_convert import SpecMessages, vm_to_pb
+    from cna_agent.compute.inventory import VmInfo
+
+    spec = spec_from_pb(full_pb())
+    msgs = SpecMessages()
+    first = msgs.of(spec.uuid, spec)
+    assert msgs.of(spec.uuid, spec) is first
+    info = VmInfo(uuid=spec.uuid, name=spec.name, managed=True, spec=spec, state="running", reason="")
+    assert vm_to_pb(info, first) == vm_to_pb(info)  # the kept message says what a fresh conversion says
+
+    changed = spec_from_pb(full_pb())
+    changed.memory_mib = 2048
+    again = msgs.of(spec.uuid, changed)
+    assert again is not first and again.memory_mib == 2048
+
+    msgs.keep_only(set())
+    assert msgs.of(spec.uuid, changed) is not again  # dropped, converted anew
