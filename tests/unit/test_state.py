@@ -129,6 +129,52 @@ def test_follow_resumes_and_sees_live_events_without_loss(store):
     assert seen == list(range(2, 54))
 
 
+
+def test_caught_up_watchers_read_memory_and_lose_nothing_across_gaps(store):
+    """Ten filtered watchers follow 300 publishes from memory (no store read per event), then
+    150 concurrent ones, and an event another writer put straight into the log (a gap in the hub's memory)
+    still reaches them, from the store, in sequence order."""
+    async def scenario():
+        log = EventLog(store)
+        hub = EventHub(store, log)
+        reads = 0
+        plain_list = log.list
+
+        def counted(*a, **kw):
+            nonlocal reads
+            reads += 1
+            return plain_list(*a, **kw)
+
+        log.list = counted  # type: ignore[method-assign]
+        start = await hub.last_sequence()
+        seen: list[list[int]] = [[] for _ in range(10)]
+        wanted = 150 + 1 + 150  # the vm.* publishes and the one written behind the hub's back
+
+        async def watcher(i: int) -> None:
+            async for e in hub.follow(after=start, types=["vm."]):
+                assert e.type.startswith("vm.")
+                seen[i].append(e.sequence)
+                if len(seen[i]) == wanted:
+                    return
+
+        tasks = [asyncio.create_task(watcher(i)) for i in range(10)]
+        await asyncio.sleep(0.05)
+        for i in range(300):  # one at a time, the watchers woken after each
+            await hub.publish("vm.lifecycle" if i % 2 else "host.other")
+            await asyncio.sleep(0)
+        behind = await store.run(lambda: log.append("vm.behind"))
+        await asyncio.gather(*(hub.publish("vm.lifecycle") for _ in range(150)))
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return seen, reads, behind.sequence
+
+    seen, reads, behind = asyncio.run(scenario())
+    expected = [x for x in seen[0]]
+    assert behind in expected
+    assert expected == sorted(expected) and len(set(expected)) == 301
+    assert all(s == expected for s in seen)
+    assert reads < 100, f"{reads} store reads for 10 watchers and 451 events"
+
+
 def test_runner_idempotent_locked_and_recovering(tmp_path):
     async def scenario():
         store = StateStore(tmp_path / "r.db")
