@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
-import gc
 import logging
 import os
 import signal
@@ -56,11 +55,6 @@ async def serve(config: AgentConfig) -> int:
     listen = ", ".join(filter(None, [config.grpc.listen and f"tcp {config.grpc.listen}", config.grpc.unix_socket and f"unix {config.grpc.unix_socket}"]))
     log.info("event=agent.ready version=%s listen=%r tls=%s", __version__, listen, config.tls.enabled)
     notifier.ready(status=f"serving on {listen}")
-    # What start-up built (modules, protobuf descriptors, the adopted VMs' definitions) lives
-    # as long as the process: moved out of the collector's reach, a full collection no longer
-    # walks it (in a ListVms of 1,000 VMs one in thirty calls met a full collection).
-    gc.collect()
-    gc.freeze()
 
     async def healthy() -> bool:
         # The ping proves the event loop and the state database both still answer.

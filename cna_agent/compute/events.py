@@ -3,9 +3,9 @@ vm.panic, vm.device_removed, vm.guest_agent), plus wake-ups for operations waiti
 and the graphics clients that authenticated (``on_graphics_client``: console tickets are one-time).
 
 Callbacks run on libvirt's event thread; they copy the few facts they need (uuid, name,
-event ids) and hand them to asyncio with ``call_soon_threadsafe``. A consumer task (one of
-LANES; a VM's events always go to the same one, in order) then asks libvirt for the domain's
-*current* state and reason, so the published state is what libvirt says now, not a guess from the event (a reboot is STOPPED then STARTED). Callbacks
+event ids) and hand them to asyncio with ``call_soon_threadsafe``. One consumer task then
+asks libvirt for the domain's *current* state and reason, so the published state is what
+libvirt says now, not a guess from the event (a reboot is STOPPED then STARTED). Callbacks
 are registered again after every reconnect (Hypervisor.add_on_connect).
 """
 
@@ -26,10 +26,6 @@ from cna_agent.state.eventlog import EventHub
 from cna_agent.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-
-#: Consumers working at once, each on its own VMs (half the libvirt pool: a burst of events
-#: must leave threads to the operations that caused it).
-LANES = 8
 
 
 @dataclass
@@ -71,12 +67,9 @@ class DomainEventMonitor:
         self._events = events
         #: Every state published is recorded, so a restart can tell what changed meanwhile.
         self._ledger = ledger
-        #: One queue per lane; a VM's events always go down the same lane (in order), other
-        #: VMs' in parallel: one consumer reading state for every VM in turn fell seconds
-        #: behind a burst (benchmarks.scale: p99 5.4 s from callback to watcher at 40 events/s).
-        self._queues: list[asyncio.Queue[_Raw]] = [asyncio.Queue() for _ in range(LANES)]
+        self._queue: asyncio.Queue[_Raw] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
         self._callback_ids: list[int] = []
         self._conn: libvirt.virConnect | None = None
         self._changed: dict[str, asyncio.Event] = {}
@@ -92,14 +85,13 @@ class DomainEventMonitor:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._tasks = [self._loop.create_task(self._consume(q), name=f"vm-events-{i}") for i, q in enumerate(self._queues)]
+        self._task = self._loop.create_task(self._consume(), name="vm-events")
         self._hv.add_on_connect(self._register)
         if self._hv.connected:
             await self._hv.call(lambda conn: self._register_sync(conn), timeout=10)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            await cancel_and_wait(task)
+        await cancel_and_wait(self._task)
         conn, ids = self._conn, list(self._callback_ids)
         self._callback_ids.clear()
         if conn is not None and self._hv.connected:
@@ -147,7 +139,7 @@ class DomainEventMonitor:
 
     def _put(self, raw: _Raw) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._queues[hash(raw.uuid) % LANES].put_nowait, raw)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, raw)
 
     def _cb_lifecycle(self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any) -> None:
         self._put(_Raw("lifecycle", dom.UUIDString(), dom.name(), (event, detail)))
@@ -176,9 +168,9 @@ class DomainEventMonitor:
 
     # -- consumer (asyncio) -------------------------------------------------------------------
 
-    async def _consume(self, queue: asyncio.Queue[_Raw]) -> None:
+    async def _consume(self) -> None:
         while True:
-            raw = await queue.get()
+            raw = await self._queue.get()
             try:
                 await self._handle(raw)
             except asyncio.CancelledError:

@@ -21,7 +21,6 @@ pass with nothing changed publishes nothing.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -75,16 +74,9 @@ class VmStateLedger:
         self.events = events
         self._managed = managed
         self._seen: dict[str, Seen] | None = None
-        #: The event monitor records from several lanes at once: one first load, not two
-        #: that overwrite each other's additions.
-        self._loading = asyncio.Lock()
 
     async def _load(self) -> dict[str, Seen]:
-        if self._seen is not None:
-            return self._seen
-        async with self._loading:
-            if self._seen is not None:
-                return self._seen
+        if self._seen is None:
             rows = await self.store.run(self.store.query, "SELECT key, value FROM kv WHERE key LIKE ?", (KEY_PREFIX + "%",))
             seen: dict[str, Seen] = {}
             for row in rows:
