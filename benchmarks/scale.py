@@ -21,7 +21,8 @@ Measured, each against its baseline where there is one:
   per-running-domain threads are ``threads_libvirt_vm``);
 * ``idle_cpu_pct``: the agent's CPU over 10 s with nothing asked of it (its reconcile and stats);
 * ``event_p99_ms``, ``events_lost``, ``event_rate_per_s``: resume/pause of every running VM (20 callers at once) while 10 WatchEvents
-  clients listen, each client's receive time against the event's own timestamp;
+  clients listen, each client's receive time against the event's own timestamp (when libvirt's
+  callback ran in the agent);
 * ``adopt_ms``: kill -9, then process start to READY with every VM listed with its state
   (the restarted agent's first ListVms compared with the one before the kill).
 

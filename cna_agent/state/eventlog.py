@@ -7,11 +7,11 @@ the log after the last sequence they saw and sleep on :class:`EventHub` until so
 appended. That makes "resume from sequence N" and "live" the same code path.
 
 The hub also keeps the newest events it published in memory, and a watcher that is caught up
-reads them from there: with 10 watchers each re-reading the store after every event, on the
-store's one thread behind the operations' journal writes, an event took 1.2 s (p99) to reach
-them at 27 events a second (benchmarks.scale). The store stays the record: a watcher whose
-next event is not in memory (it resumes from further back, or another writer's event left a
-gap) reads the store, as before.
+reads them from there: otherwise every watcher re-reads the store after every event, all on
+the store's one thread behind the operations' journal writes (10 watchers: 2,188 store reads
+for 451 events). The store stays the record: a watcher whose next event is not in memory (it
+resumes from further back, is behind pruning, or another writer's event left a gap) reads
+the store, as before.
 """
 
 from __future__ import annotations
@@ -163,8 +163,9 @@ def _row_to_event(row) -> EventRecord:
 
 
 def _matches(record: EventRecord, types: tuple[str, ...], resource_id: str) -> bool:
-    """EventLog.list's filter, in memory: a type prefix ending in "." matches any type under
-    it, any other names a type and its sub-types."""
+    """EventLog.list's SQL filter, in memory (test_state pins the two to the same answers): a
+    type prefix ending in "." matches any type under it, any other names a type and its
+    sub-types."""
     if resource_id and record.resource_id != resource_id:
         return False
     prefixes = [t for t in types if t]

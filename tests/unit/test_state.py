@@ -175,6 +175,37 @@ def test_caught_up_watchers_read_memory_and_lose_nothing_across_gaps(store):
     assert reads < 100, f"{reads} store reads for 10 watchers and 451 events"
 
 
+
+def test_memory_filter_answers_what_the_store_filter_answers(store):
+    """A caught-up watcher filters in memory, a resuming one in SQL: for the same filters both
+    must give the same events (prefixes with and without the dot, a type that only shares a
+    prefix, a resource id)."""
+    async def scenario():
+        hub = EventHub(store, EventLog(store))
+        start = await hub.last_sequence()
+        kinds = ["vm.lifecycle", "vm.lifecycle.extra", "vm.io_error", "vmx.other", "host.net", "vm"]
+        for i in range(60):
+            await hub.publish(kinds[i % len(kinds)], resource_id=f"r{i % 3}")
+        out = {}
+        for types, rid in [(["vm."], ""), (["vm.lifecycle"], ""), (["vm"], ""), (["host.", "vm.io_error"], "r1"), ([], "r2")]:
+            from_store = [e.sequence for e in hub.log.list(start, types=types, resource_id=rid, limit=1000)]
+            followed: list[int] = []
+
+            async def follow() -> None:
+                async for e in hub.follow(after=start, types=types, resource_id=rid):
+                    followed.append(e.sequence)
+                    if len(followed) == len(from_store):
+                        return
+
+            await asyncio.wait_for(follow(), 5)
+            out[(tuple(types), rid)] = (from_store, followed)
+        return out
+
+    for key, (from_store, followed) in asyncio.run(scenario()).items():
+        assert from_store, key
+        assert followed == from_store, key
+
+
 def test_runner_idempotent_locked_and_recovering(tmp_path):
     async def scenario():
         store = StateStore(tmp_path / "r.db")
