@@ -92,21 +92,31 @@ class VmStateLedger:
 
     async def record(self, uuid: str, name: str, state: str, reason: str) -> None:
         """The state just published for ``uuid`` (a ``deleted`` state forgets the VM)."""
+        await self.record_many([(uuid, name, state, reason)])
+
+    async def record_many(self, states: Iterable[tuple[str, str, str, str]]) -> None:
+        """The (uuid, name, state, reason) states just published, in order (a VM's last one
+        counts), written in one transaction: the event monitor records a burst at once."""
         seen = await self._load()
-        if state == "deleted":
-            await self.forget(uuid)
-            return
-        try:
-            if not await self._managed(uuid):
-                return
-        except Exception:  # gone meanwhile, or libvirt away: the next compare catches up
-            return
-        now = Seen(name, state, reason, time.time())
-        old = seen.get(uuid)
-        if old is not None and (old.name, old.state, old.reason) == (now.name, now.state, now.reason):
-            return
-        seen[uuid] = now
-        await self.store.run(self.store.set_value, KEY_PREFIX + uuid, now.to_json())
+        writes: dict[str, str | None] = {}
+        for uuid, name, state, reason in states:
+            if state == "deleted":
+                if seen.pop(uuid, None) is not None or uuid in writes:
+                    writes[uuid] = None
+                continue
+            try:
+                if not await self._managed(uuid):
+                    continue
+            except Exception:  # gone meanwhile, or libvirt away: the next compare catches up
+                continue
+            now = Seen(name, state, reason, time.time())
+            old = seen.get(uuid)
+            if old is not None and (old.name, old.state, old.reason) == (now.name, now.state, now.reason):
+                continue
+            seen[uuid] = now
+            writes[uuid] = now.to_json()
+        if writes:
+            await self.store.run(self.store.transaction, lambda conn: _write(conn, list(writes.items())))
 
     async def forget(self, uuid: str) -> None:
         seen = await self._load()

@@ -90,19 +90,42 @@ class EventLog:
         operation_id: str = "",
         when: float | None = None,
     ) -> EventRecord:
+        record = self._insert(self._store.execute, type, severity=severity, resource_kind=resource_kind,
+                              resource_id=resource_id, resource_name=resource_name, message=message,
+                              attributes=attributes, operation_id=operation_id, when=when)
+        if record.sequence % 1000 == 0:
+            self.prune()
+        return record
+
+    def append_many(self, events: Iterable[tuple[str, Mapping[str, object]]]) -> list[EventRecord]:
+        """Append (type, fields as for :meth:`append`) events in one transaction: a burst of
+        lifecycle events costs one commit, not one per event. All or none are appended (a bad
+        severity in any refuses the lot)."""
+        items = list(events)
+        for _type, fields in items:
+            if fields.get("severity", "info") not in SEVERITIES:
+                raise ValueError(f"severity {fields.get('severity')!r} is not one of {SEVERITIES}")
+        records = self._store.transaction(
+            lambda conn: [self._insert(conn.execute, t, **fields) for t, fields in items])  # type: ignore[arg-type]
+        if records and records[-1].sequence // 1000 != (records[0].sequence - 1) // 1000:
+            self.prune()  # the batch passed a multiple of 1,000, where append prunes
+        return records
+
+    @staticmethod
+    def _insert(execute, type: str, *, severity: str = "info", resource_kind: str = "", resource_id: str = "",
+                resource_name: str = "", message: str = "", attributes: Mapping[str, object] | None = None,
+                operation_id: str = "", when: float | None = None) -> EventRecord:
         if severity not in SEVERITIES:
             raise ValueError(f"severity {severity!r} is not one of {SEVERITIES}")
         attrs = {str(k): str(v) for k, v in (attributes or {}).items()}
         now = time.time() if when is None else when
-        cur = self._store.execute(
+        cur = execute(
             "INSERT INTO events(time, type, severity, resource_kind, resource_id, resource_name,"
             " message, attributes, operation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (now, type, severity, resource_kind, resource_id, resource_name, message, json.dumps(attrs), operation_id),
         )
-        seq = int(cur.lastrowid)
-        if seq % 1000 == 0:
-            self.prune()
-        return EventRecord(seq, now, type, severity, resource_kind, resource_id, resource_name, message, attrs, operation_id)
+        return EventRecord(int(cur.lastrowid), now, type, severity, resource_kind, resource_id, resource_name, message,
+                           attrs, operation_id)
 
     def list(
         self,
@@ -191,16 +214,29 @@ class EventHub:
 
     async def publish(self, type: str, **fields: object) -> EventRecord:
         record = await self._store.run(lambda: self.log.append(type, **fields))  # type: ignore[arg-type]
+        await self._remember([record])
+        return record
+
+    async def publish_many(self, events: list[tuple[str, dict[str, object]]]) -> list[EventRecord]:
+        """Publish (type, fields) events in one store transaction, in this order (the event
+        monitor's batch: one commit and one wake-up of the watchers per burst)."""
+        if not events:
+            return []
+        records = await self._store.run(lambda: self.log.append_many(events))
+        await self._remember(records)
+        return records
+
+    async def _remember(self, records: list[EventRecord]) -> None:
         recent = self._recent
-        if recent and record.sequence < recent[-1].sequence:  # two publishes resumed out of order
-            bisect.insort(recent, record, key=lambda r: r.sequence)
-        else:
-            recent.append(record)
+        for record in records:
+            if recent and record.sequence < recent[-1].sequence:  # two publishes resumed out of order
+                bisect.insort(recent, record, key=lambda r: r.sequence)
+            else:
+                recent.append(record)
         if len(recent) > 2 * self.RECENT:
             del recent[: len(recent) - self.RECENT]
         async with self._changed:
             self._changed.notify_all()
-        return record
 
     def _tail(self, last: int, types: tuple[str, ...], resource_id: str, batch: int) -> tuple[list[EventRecord], int] | None:
         """(matching events after ``last``, the sequence read up to) from memory, or None when

@@ -93,6 +93,26 @@ def test_event_sequences_increase_and_are_never_reused(tmp_path):
     s2.close()
 
 
+def test_a_batch_of_events_is_one_commit_all_or_none_and_still_pruned(tmp_path):
+    s = StateStore(tmp_path / "b.db")
+    log = EventLog(s, retention=500)
+    first = log.append("agent.started").sequence
+    batch = log.append_many([("vm.lifecycle", {"resource_id": f"vm{i}", "attributes": {"i": i}, "when": 5.0 + i})
+                             for i in range(10)])
+    assert [r.sequence for r in batch] == list(range(first + 1, first + 11))
+    assert [(e.resource_id, e.attributes["i"], e.time) for e in log.list(after=first)] == [
+        (f"vm{i}", str(i), 5.0 + i) for i in range(10)]
+    with pytest.raises(ValueError):  # one bad event refuses the lot
+        log.append_many([("vm.lifecycle", {}), ("vm.lifecycle", {"severity": "fatal"})])
+    assert log.last_sequence() == first + 10
+    with pytest.raises(TypeError):  # a wrong field, after the first insert: rolled back
+        log.append_many([("vm.lifecycle", {}), ("vm.lifecycle", {"colour": "red"})])
+    assert log.last_sequence() == first + 10
+    log.append_many([("vm.lifecycle", {})] * 1200)  # passes 1,000: pruned as append would
+    assert log.oldest_sequence() > first and log.pruned_through > 0
+    s.close()
+
+
 def test_event_filters(store):
     log = EventLog(store)
     log.append("vm.lifecycle", resource_id="a")
