@@ -28,6 +28,16 @@ Measured, each against its baseline where there is one:
 * ``adopt_ms``: kill -9, then process start to READY with every VM listed with its state
   (the restarted agent's first ListVms compared with the one before the kill).
 
+With ``--with`` (default ``create,stats,isolation``) the figures the issue measures in their
+own benchmarks are run after these, each in its own process once this agent has stopped, and
+their last lines are merged into this one: ``benchmarks.vm_create`` (one create against raw
+libvirt, ``create_ratio``; 20 in parallel from 5 clients, ``parallel_ratio``),
+``benchmarks.stats --driver embedded --vms STATS_VMS`` (CPU per sample counted in every
+process: ``bulk_cpu_ms``, ``per_domain_cpu_ms``, ... as it names them) and
+``benchmarks.isolation`` (one VM's hung QEMU and the others' calls: ``isolation_*_ratio``). A
+part that fails is reported as ``<part>_error`` and the rest still count. ``--with ""`` runs
+this benchmark alone.
+
 The last line is one JSON object.
 """
 
@@ -277,13 +287,56 @@ def _events(sock: Path, running: list[str], clients: int) -> tuple[float, int, i
     return (percentile(flat, 99) if flat else float("nan")), lost, len(flat), len(want) / burst_s
 
 
+#: name -> (module, arguments, how its keys are named in the merged line)
+PARTS: dict[str, tuple[str, list[str], str]] = {
+    "create": ("benchmarks.vm_create", [], "create_"),
+    "stats": ("benchmarks.stats", ["--driver", "embedded"], ""),
+    "isolation": ("benchmarks.isolation", [], "isolation_"),
+}
+
+
+def _part(name: str, stats_vms: int) -> dict[str, object]:
+    """Run one of PARTS; its JSON line with the keys named for the merged line."""
+    module, argv, prefix = PARTS[name]
+    if name == "stats":
+        argv = [*argv, "--vms", str(stats_vms)]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=1200,
+                           cwd=str(Path(__file__).resolve().parents[1]))
+    except subprocess.TimeoutExpired:
+        return {f"{name}_error": "did not finish in 1,200 s"}
+    took = {f"{name}_wall_s": round(time.perf_counter() - t0, 1)}
+    try:
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {**took, f"{name}_error": f"exit {r.returncode}: {r.stderr[-300:]}"}
+    named = {}
+    for k, val in got.items():
+        if name == "create":
+            k = k if k.startswith("parallel") else f"create_{k}"
+        elif name == "stats":
+            k = f"stats_{k}" if k in ("vms", "driver") else k
+        else:
+            k = prefix + k
+        named[k] = val
+    return {**named, **took}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vms", type=int, default=1000)
     ap.add_argument("--running", type=int, default=100)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--clients", type=int, default=10, help="WatchEvents clients")
+    ap.add_argument("--with", dest="parts", default="create,stats,isolation",
+                    help=f"other benchmarks to run after and merge into the JSON line (of {','.join(PARTS)}; '' for none)")
+    ap.add_argument("--stats-vms", type=int, default=200, help="paused guests for benchmarks.stats")
     args = ap.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        ap.error(f"--with: unknown part(s) {unknown}; known: {list(PARTS)}")
     base = Path(tempfile.mkdtemp(prefix="cna-scale-"))
     base.chmod(0o711)
     agent = Agent(base)
@@ -349,6 +402,8 @@ def main() -> None:
         subprocess.run(["pkill", "-9", "-f", str(base)], capture_output=True, timeout=30)  # the guests outlive the agent
         if not os.environ.get("CNA_BENCH_KEEP"):
             shutil.rmtree(base, ignore_errors=True)
+    for name in parts:
+        out.update(_part(name, args.stats_vms))
     print(f"{args.vms} VMs ({args.running} running, paused), embedded driver:")
     for k, val in out.items():
         print(f"  {k}: {val}")

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import libvirt
 
+from cna_agent.blocking import BlockingPool
 from cna_agent.compute import state as st
 from cna_agent.compute.ledger import VmStateLedger
 from cna_agent.hypervisor import Hypervisor
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Events handled together at most (what the callbacks queued while the last batch ran).
 BATCH_MAX = 512
+#: Deadline of one batch's state read.
+EVENT_READ_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -67,8 +70,13 @@ def _address(addr: Any) -> str:
 
 class DomainEventMonitor:
     def __init__(self, hypervisor: Hypervisor, events: EventHub, *, on_change: Callable[[str, str, str, float], None] | None = None,
-                 on_definition_change: Callable[[str], None] | None = None, ledger: VmStateLedger | None = None) -> None:
+                 on_definition_change: Callable[[str], None] | None = None, ledger: VmStateLedger | None = None,
+                 pool: BlockingPool | None = None) -> None:
         self._hv = hypervisor
+        #: Where the state reads after events run: a thread of their own on the same
+        #: connection, so they do not queue behind the operations that cause the events (20
+        #: PauseVm/ResumeVm on 500 VMs: a read waited 58 ms at p90 in the shared pool).
+        self.pool = pool
         self._events = events
         #: Every state published is recorded, so a restart can tell what changed meanwhile.
         self._ledger = ledger
@@ -222,7 +230,8 @@ class DomainEventMonitor:
                 except libvirt.libvirtError as exc:
                     out[uuid] = None if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN else exc
             return out
-        got = await self._hv.call(query, timeout=10, what=f"state of {len(uuids)} domains after their events")
+        got = await self._hv.call(query, timeout=EVENT_READ_TIMEOUT_S, what=f"state of {len(uuids)} domains after their events",
+                                  pool=self.pool)
         return {u: (v if v is None or isinstance(v, Exception) else st.map_state(*v)) for u, v in got.items()}
 
     async def _lifecycle(self, raws: list[_Raw]) -> None:

@@ -182,6 +182,8 @@ async def build_agent(config: AgentConfig) -> Agent:
         pools.append(compute.appliances.files)
     if compute.guest_agents is not None:
         pools.append(compute.guest_agents.pool)
+    if compute.monitor.pool is not None:
+        pools.append(compute.monitor.pool)
     telemetry = build_telemetry(config, hypervisor, host, store, events, pools,
                                 collect=compute.counters.collect if compute.counters is not None else None)
     for each in pools:  # a fixed thread count from here on (see BlockingPool.prestart)

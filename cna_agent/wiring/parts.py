@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from cna_agent.compute.binder import Binder
 from cna_agent.compute.disks import DiskOperations
-from cna_agent.compute.events import DomainEventMonitor
+from cna_agent.compute.events import EVENT_READ_TIMEOUT_S, DomainEventMonitor
 from cna_agent.compute.first_boot import FirstBoot
 from cna_agent.compute.guest_agent import READ_DEADLINE_S, GuestAgents
 from cna_agent.compute.guest_passwords import GuestPasswords
@@ -168,7 +168,8 @@ def build_compute(config: AgentConfig, hypervisor: Hypervisor, runner: Operation
         return (await inventory.definition(uuid)).managed
 
     ledger = VmStateLedger(store, events, managed) if store is not None else None
-    monitor = DomainEventMonitor(hypervisor, events, on_change=on_change, on_definition_change=inventory.forget, ledger=ledger)
+    monitor = DomainEventMonitor(hypervisor, events, on_change=on_change, on_definition_change=inventory.forget, ledger=ledger,
+                                 pool=BlockingPool("libvirt-events", 1, EVENT_READ_TIMEOUT_S))
     guest_cpus = max(1, host_cpus - len(parse_cpulist(config.host.reserved_cpus))) if config.host.reserved_cpus else host_cpus
     reservations = ReservationAdmission(inventory, HostCapacity(cpu_mhz=guest_cpus * ctx.host_cpu_mhz,
                                                                 memory_mib=host_memory_mib()))

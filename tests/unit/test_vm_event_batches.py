@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import libvirt
@@ -106,3 +107,39 @@ def test_a_burst_is_handled_as_batches_in_libvirts_order(tmp_path):
     # Batched: the 40 lifecycle events took two state reads and two commits (one per run), not 40
     assert commits == [30, 10], commits
     assert calls == 2, calls
+
+
+def test_events_are_read_and_published_while_every_libvirt_thread_is_busy(tmp_path):
+    """The state reads after events run in the monitor's own pool: with the libvirt pool's only
+    thread held by a call that does not return (an operation waiting on a slow QEMU), a
+    domain's pause still reaches the event log."""
+    from cna_agent.blocking import BlockingPool
+
+    node = tmp_path / "node.xml"
+    node.write_text("<node/>")
+    store = StateStore(tmp_path / "agent.db")
+
+    async def scenario():
+        hv = Hypervisor(f"test://{node}", executor_threads=1)
+        await hv.start()
+        log = EventLog(store)
+        monitor = DomainEventMonitor(hv, EventHub(store, log), pool=BlockingPool("libvirt-events", 1, 10.0))
+        await monitor.start()
+        dom = hv._conn.defineXML(DOMAIN.format(name="held"))
+        dom.create()
+        await _until(lambda: any(e.attributes.get("event") == "started" for e in log.list(types=["vm.lifecycle"])))
+        release = threading.Event()
+        held = asyncio.create_task(hv.call(lambda _c: release.wait(20), timeout=30, what="a held call"))
+        await asyncio.sleep(0.1)
+        assert hv.pool.stats().busy == 1
+        dom.suspend()
+        try:
+            await _until(lambda: any(e.attributes.get("state") == "paused" for e in log.list(types=["vm.lifecycle"])), 5)
+        finally:
+            release.set()
+            await held
+        await monitor.stop()
+        await hv.stop()
+
+    asyncio.run(scenario())
+    store.close()
