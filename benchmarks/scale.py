@@ -57,6 +57,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import cna_agent  # noqa: F401  (first: turns gRPC fork support off before grpc loads)
 import grpc
@@ -287,17 +288,18 @@ def _events(sock: Path, running: list[str], clients: int) -> tuple[float, int, i
     return (percentile(flat, 99) if flat else float("nan")), lost, len(flat), len(want) / burst_s
 
 
-#: name -> (module, arguments, how its keys are named in the merged line)
-PARTS: dict[str, tuple[str, list[str], str]] = {
-    "create": ("benchmarks.vm_create", [], "create_"),
-    "stats": ("benchmarks.stats", ["--driver", "embedded"], ""),
-    "isolation": ("benchmarks.isolation", [], "isolation_"),
+#: name -> (module, arguments, its key's name in the merged line): the issue's own names
+#: (parallel_ratio, bulk_cpu_ms, ...) are kept, the rest say which part measured them.
+PARTS: dict[str, tuple[str, list[str], Callable[[str], str]]] = {
+    "create": ("benchmarks.vm_create", [], lambda k: k if k.startswith("parallel") else f"create_{k}"),
+    "stats": ("benchmarks.stats", ["--driver", "embedded"], lambda k: f"stats_{k}" if k in ("vms", "driver") else k),
+    "isolation": ("benchmarks.isolation", [], lambda k: f"isolation_{k}"),
 }
 
 
 def _part(name: str, stats_vms: int) -> dict[str, object]:
     """Run one of PARTS; its JSON line with the keys named for the merged line."""
-    module, argv, prefix = PARTS[name]
+    module, argv, key = PARTS[name]
     if name == "stats":
         argv = [*argv, "--vms", str(stats_vms)]
     t0 = time.perf_counter()
@@ -311,16 +313,7 @@ def _part(name: str, stats_vms: int) -> dict[str, object]:
         got = json.loads(r.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         return {**took, f"{name}_error": f"exit {r.returncode}: {r.stderr[-300:]}"}
-    named = {}
-    for k, val in got.items():
-        if name == "create":
-            k = k if k.startswith("parallel") else f"create_{k}"
-        elif name == "stats":
-            k = f"stats_{k}" if k in ("vms", "driver") else k
-        else:
-            k = prefix + k
-        named[k] = val
-    return {**named, **took}
+    return {**{key(k): val for k, val in got.items()}, **took}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ are registered again after every reconnect (Hypervisor.add_on_connect).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -194,22 +195,15 @@ class DomainEventMonitor:
         commit, one ledger commit), the rest one by one. One event at a time kept a burst
         waiting: at 100 VMs paused and resumed by 20 callers, each event spent ~5 ms in its
         own state read, publish and ledger write, and the 40th in the queue waited 200 ms."""
-        i = 0
-        while i < len(batch):
-            j = i
-            while j < len(batch) and batch[j].kind == "lifecycle":
-                j += 1
-            run = batch[i:j] if j > i else [batch[i]]
-            try:
-                if j > i:
-                    await self._lifecycle(run)
-                else:
-                    await self._handle(run[0])
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("event=vm_events.handle_failed kind=%s uuid=%s events=%d", run[0].kind, run[0].uuid, len(run))
-            i += len(run)
+        for lifecycle, group in itertools.groupby(batch, key=lambda raw: raw.kind == "lifecycle"):
+            runs = [list(group)] if lifecycle else [[raw] for raw in group]
+            for run in runs:
+                try:
+                    await (self._lifecycle(run) if lifecycle else self._handle(run[0]))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("event=vm_events.handle_failed kind=%s uuid=%s events=%d", run[0].kind, run[0].uuid, len(run))
 
     async def _current_states(self, uuids: set[str]) -> dict[str, tuple[str, str] | None | Exception]:
         """Each domain's (state, reason) now, in one libvirt call: None for a domain that is
@@ -284,9 +278,7 @@ class DomainEventMonitor:
     async def _handle(self, raw: _Raw) -> None:
         """One event of a kind other than lifecycle."""
         common = dict(resource_kind="vm", resource_id=raw.uuid, resource_name=raw.name, when=raw.time)
-        if raw.kind == "lifecycle":
-            await self._lifecycle([raw])
-        elif raw.kind == "reboot":
+        if raw.kind == "reboot":
             await self._events.publish("vm.reboot", message=f"{raw.name}: guest rebooted", **common)
         elif raw.kind == "watchdog":
             (action,) = raw.args

@@ -101,7 +101,7 @@ class VmStateLedger:
         writes: dict[str, str | None] = {}
         for uuid, name, state, reason in states:
             if state == "deleted":
-                if seen.pop(uuid, None) is not None or uuid in writes:
+                if seen.pop(uuid, None) is not None:  # also when recorded earlier in this batch
                     writes[uuid] = None
                 continue
             try:
@@ -117,11 +117,6 @@ class VmStateLedger:
             writes[uuid] = now.to_json()
         if writes:
             await self.store.run(self.store.transaction, lambda conn: _write(conn, list(writes.items())))
-
-    async def forget(self, uuid: str) -> None:
-        seen = await self._load()
-        if seen.pop(uuid, None) is not None:
-            await self.store.run(self.store.execute, "DELETE FROM kv WHERE key = ?", (KEY_PREFIX + uuid,))
 
     async def compare(self, vms: Iterable[Now], *, observed: str) -> int:
         """Publish what changed since each VM was last seen (``observed``: "at start" or "after
