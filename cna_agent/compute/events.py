@@ -44,6 +44,9 @@ class _Raw:
     name: str
     args: tuple[Any, ...] = ()
     time: float = field(default_factory=time.time)
+    #: The domain as the callback got it (lifecycle events): the batch's state read asks
+    #: libvirt about these objects in one call, without a lookup per domain.
+    dom: Any = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,17 @@ class GraphicsClient:
     #: The server's auth scheme as libvirt reports it ("vnc", "none", "spice", ...).
     auth_scheme: str
     time: float
+
+
+def _job(dom: libvirt.virDomain, state: int, reason: int) -> int:
+    """The domain's job type when it is paused for an unknown reason (a migration's or a
+    snapshot's pause tells that apart from a guest paused on I/O), else 0."""
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_UNKNOWN:
+        try:
+            return dom.jobInfo()[0]
+        except libvirt.libvirtError:
+            pass
+    return 0
 
 
 def _address(addr: Any) -> str:
@@ -156,7 +170,7 @@ class DomainEventMonitor:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, raw)
 
     def _cb_lifecycle(self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any) -> None:
-        self._put(_Raw("lifecycle", dom.UUIDString(), dom.name(), (event, detail)))
+        self._put(_Raw("lifecycle", dom.UUIDString(), dom.name(), (event, detail), dom=dom))
 
     def _cb_reboot(self, _conn: Any, dom: libvirt.virDomain, _opaque: Any) -> None:
         self._put(_Raw("reboot", dom.UUIDString(), dom.name()))
@@ -205,26 +219,42 @@ class DomainEventMonitor:
                 except Exception:
                     log.exception("event=vm_events.handle_failed kind=%s uuid=%s events=%d", run[0].kind, run[0].uuid, len(run))
 
-    async def _current_states(self, uuids: set[str]) -> dict[str, tuple[str, str] | None | Exception]:
-        """Each domain's (state, reason) now, in one libvirt call: None for a domain that is
-        gone, the error for one libvirt would not read (that VM's events are not published)."""
+    async def _current_states(self, doms: dict[str, Any]) -> dict[str, tuple[str, str] | None | Exception]:
+        """Each domain's (state, reason) now, for uuid -> the domain object its event came with:
+        None for a domain that is gone, the error for one libvirt would not read (that VM's
+        events are not published). One libvirt call for the batch (virDomainListGetStats,
+        state group: no QEMU job, no monitor) on the objects of this connection; a lookup and
+        read per domain for an object of an older connection (the agent reconnected since
+        its event: libvirt would answer from the object's own connection) or when that call
+        fails, so one bad domain cannot cost the others their events. Per domain, a lookup and a state read were two
+        remote calls: 1,000 events a second from a libvirtd outran the reader's one thread."""
+        def one(conn: libvirt.virConnect, uuid: str) -> tuple[int, int, int] | None | Exception:
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                s, r = dom.state()
+                return s, r, _job(dom, s, r)
+            except libvirt.libvirtError as exc:
+                return None if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN else exc
+
         def query(conn: libvirt.virConnect) -> dict[str, tuple[int, int, int] | None | Exception]:
+            known = [d for d in doms.values() if d is not None and d.connect() is conn]
+            try:
+                got = {d.UUIDString(): (d, rec) for d, rec in conn.domainListGetStats(known, libvirt.VIR_DOMAIN_STATS_STATE)} if known else {}
+            except libvirt.libvirtError as exc:
+                log.info("event=vm_events.bulk_state_failed domains=%d error=%r", len(known), exc)
+                return {uuid: one(conn, uuid) for uuid in doms}
             out: dict[str, tuple[int, int, int] | None | Exception] = {}
-            for uuid in uuids:
-                try:
-                    dom = conn.lookupByUUIDString(uuid)
-                    s, r = dom.state()
-                    job = 0
-                    if s == libvirt.VIR_DOMAIN_PAUSED and r == libvirt.VIR_DOMAIN_PAUSED_UNKNOWN:
-                        try:
-                            job = dom.jobInfo()[0]
-                        except libvirt.libvirtError:
-                            pass
-                    out[uuid] = (s, r, job)
-                except libvirt.libvirtError as exc:
-                    out[uuid] = None if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN else exc
+            for uuid, dom in doms.items():
+                if dom is None or dom.connect() is not conn:
+                    out[uuid] = one(conn, uuid)
+                elif uuid not in got:
+                    out[uuid] = None  # libvirt skips a domain that no longer exists
+                else:
+                    d, rec = got[uuid]
+                    s, r = int(rec.get("state.state", 0)), int(rec.get("state.reason", 0))
+                    out[uuid] = (s, r, _job(d, s, r))
             return out
-        got = await self._hv.call(query, timeout=EVENT_READ_TIMEOUT_S, what=f"state of {len(uuids)} domains after their events",
+        got = await self._hv.call(query, timeout=EVENT_READ_TIMEOUT_S, what=f"state of {len(doms)} domains after their events",
                                   pool=self.pool)
         return {u: (v if v is None or isinstance(v, Exception) else st.map_state(*v)) for u, v in got.items()}
 
@@ -236,7 +266,7 @@ class DomainEventMonitor:
         for raw in raws:
             if raw.args[0] in (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED) and self._on_definition_change:
                 self._on_definition_change(raw.uuid)
-        states = await self._current_states({raw.uuid for raw in raws})
+        states = await self._current_states({raw.uuid: raw.dom for raw in raws})
         events: list[tuple[str, dict[str, Any]]] = []
         decided: list[tuple[_Raw, str, str]] = []
         for raw in raws:

@@ -57,6 +57,9 @@ class SideChannels:
         self._conns: dict[str, QmpSideChannel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._names: dict[str, str] = {}
+        #: VMs whose running definition has no side channel (defined by an older agent, or a
+        #: hypervisor without QEMU): not looked up again on each resume until they stop.
+        self._without: set[str] = set()
         self.panics: dict[str, dict[str, str]] = {}
 
     async def attach(self, uuid: str) -> QmpSideChannel:
@@ -67,6 +70,7 @@ class SideChannels:
                 return conn
             path, name = await self._lookup(uuid)
             if not path:
+                self._without.add(uuid)
                 raise Unavailable(f"vm {name!r} was defined without the agent's QMP side channel (restart it after a redefine)")
             # One logger name for all: qemu.qmp makes a logger per client name, and Python's
             # logging keeps every logger for ever (the soak saw one per VM ever started).
@@ -90,9 +94,10 @@ class SideChannels:
         """Lifecycle hook (called on the event loop): follow running guests, drop stopped ones."""
         loop = asyncio.get_running_loop()
         if state == "running":
-            if uuid not in self._conns:
+            if uuid not in self._conns and uuid not in self._without:
                 loop.create_task(self._attach_quietly(uuid), name=f"qmp-attach-{uuid}")
         elif state in ("stopped", "crashed"):
+            self._without.discard(uuid)  # its next run may be of a definition that has one
             loop.create_task(self.detach(uuid), name=f"qmp-detach-{uuid}")
         elif state == "deleted":
             loop.create_task(self._forget(uuid), name=f"qmp-forget-{uuid}")
@@ -101,6 +106,7 @@ class SideChannels:
         """A VM that is gone: close its connection and drop everything kept for it."""
         await self.detach(uuid)
         self._names.pop(uuid, None)
+        self._without.discard(uuid)
         self.panics.pop(uuid, None)
         lock = self._locks.get(uuid)
         if lock is not None and not lock.locked():
@@ -113,6 +119,9 @@ class SideChannels:
                 await self.attach(uuid)
                 return
             except AgentError as exc:
+                if uuid in self._without:  # no side channel in this run's definition: waiting will not make one
+                    log.info("event=qmp.no_side_channel vm=%s", uuid)
+                    return
                 last = exc
             except Exception as exc:  # libvirt errors: the domain went away meanwhile
                 last = exc  # type: ignore[assignment]

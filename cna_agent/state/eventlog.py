@@ -268,14 +268,23 @@ class EventHub:
         self, after: int = 0, *, types: Iterable[str] = (), resource_id: str = "", batch: int = 500
     ) -> AsyncIterator[EventRecord]:
         """Yield stored events after ``after``, then new ones as they are appended, forever."""
+        async for events in self.follow_batches(after, types=types, resource_id=resource_id, batch=batch):
+            for event in events:
+                yield event
+
+    async def follow_batches(
+        self, after: int = 0, *, types: Iterable[str] = (), resource_id: str = "", batch: int = 500
+    ) -> AsyncIterator[list[EventRecord]]:
+        """:meth:`follow` a list at a time: whatever matches and is ready (up to ``batch``),
+        never an empty list; the next list continues after the last event of this one."""
         types = tuple(types)
         last = after
         while not self._closed:
             tail = self._tail(last, types, resource_id, batch)
             if tail is not None:
                 events, upto = tail
-                for event in events:
-                    yield event
+                if events:
+                    yield events
                 if upto > last:
                     last = upto
                     continue
@@ -294,9 +303,8 @@ class EventHub:
                 if not events:
                     await self._changed.wait()
                     continue
-            for event in events:
-                last = event.sequence
-                yield event
+            last = events[-1].sequence
+            yield events
 
     async def close(self) -> None:
         self._closed = True

@@ -141,7 +141,8 @@ def _strict(name: str, path: str, value: Any) -> bool:
 
 
 #: Calls that filter or page: an odd filter value matches nothing, which is a harmless answer.
-LISTINGS = {"OperationsService/ListOperations", "EventService/ListEvents", "EventService/WatchEvents", "VmService/ListVms",
+LISTINGS = {"OperationsService/ListOperations", "EventService/ListEvents", "EventService/WatchEvents",
+            "EventService/WatchEventBatches", "VmService/ListVms",
             "NetworkService/ListPortGroups"}
 
 
@@ -222,6 +223,7 @@ def _bases(k: dict[str, str]) -> dict[str, Any]:
         "OperationsService/CancelOperation": ops_pb.CancelOperationRequest(id=k["op"]),
         "EventService/ListEvents": ev.ListEventsRequest(after_sequence=1, limit=5, types=["vm."]),
         "EventService/WatchEvents": ev.WatchEventsRequest(after_sequence=1, types=["vm."]),
+        "EventService/WatchEventBatches": ev.WatchEventsRequest(after_sequence=1, types=["vm."]),
         "VmService/CreateVm": vm.CreateVmRequest(spec=vm.VmSpec(name="sweep-new", vcpus=1, memory_mib=64,
                                                                 description="d", arch=sec.ARCH_X86_64,
                                                                 console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE),
@@ -471,6 +473,7 @@ def test_operations_events_and_request_ids_keep_the_contract(world, libvirt_caps
         # A resume point beyond the newest event: OUT_OF_RANGE at once (it used to wait forever).
         newest = e.ListEvents(ev.ListEventsRequest(limit=1), timeout=10).last_sequence
         for call in (lambda: next(e.WatchEvents(ev.WatchEventsRequest(after_sequence=newest + 5), timeout=10)),
+                     lambda: next(e.WatchEventBatches(ev.WatchEventsRequest(after_sequence=newest + 5), timeout=10)),
                      lambda: e.ListEvents(ev.ListEventsRequest(after_sequence=newest + 5), timeout=10)):
             err = _error(call)
             assert err.code() == grpc.StatusCode.OUT_OF_RANGE and "after_sequence" in err.details()

@@ -143,3 +143,56 @@ def test_events_are_read_and_published_while_every_libvirt_thread_is_busy(tmp_pa
 
     asyncio.run(scenario())
     store.close()
+
+
+def test_a_batch_state_read_is_one_libvirt_call_and_survives_a_gone_domain_and_a_dead_connection(tmp_path):
+    """The batch's state read asks libvirt once for all its domains (virDomainListGetStats on
+    the objects the callbacks got): a domain undefined since its event reads as gone; domain
+    objects of another connection (the agent reconnected since the events came) are not
+    asked (libvirt would answer from that connection): each such domain is looked up on the
+    live one. Judged against libvirt's own dom.state()."""
+    node = tmp_path / "node.xml"
+    node.write_text("<node/>")
+    store = StateStore(tmp_path / "agent.db")
+
+    async def scenario():
+        hv = Hypervisor(f"test://{node}")
+        await hv.start()
+        monitor = DomainEventMonitor(hv, EventHub(store, EventLog(store)))
+        conn = hv._conn
+        doms = [conn.defineXML(DOMAIN.format(name=f"r{i}")) for i in range(3)]
+        for d in doms:
+            d.create()
+        doms[1].suspend()
+        gone = conn.defineXML(DOMAIN.format(name="gone"))
+        gone_uuid = gone.UUIDString()
+        gone.undefine()
+        calls = 0
+        real_call = hv.call
+
+        async def counted(fn, **kw):
+            nonlocal calls
+            calls += 1
+            return await real_call(fn, **kw)
+
+        hv.call = counted  # type: ignore[method-assign]
+        bulk = await monitor._current_states({**{d.UUIDString(): d for d in doms}, gone_uuid: gone})
+        one_call = calls
+        # The same domains' objects from a connection closed before the read (a test:///FILE
+        # connection has private state: they are defined on it with the same UUIDs)
+        other = libvirt.open(f"test://{node}")
+        stale = {d.UUIDString(): other.defineXML(d.XMLDesc(0)) for d in doms}
+        other.close()
+        fallback = await monitor._current_states(stale)
+        truth = {d.UUIDString(): d.state()[0] for d in doms}
+        await hv.stop()
+        return bulk, one_call, fallback, truth, gone_uuid
+
+    bulk, one_call, fallback, truth, gone_uuid = asyncio.run(scenario())
+    store.close()
+    word = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_RUNNING: "running"}
+    assert one_call == 1
+    assert bulk[gone_uuid] is None
+    for got in (bulk, fallback):
+        assert {u: got[u][0] for u in truth} == {u: word[s] for u, s in truth.items()}
+    assert sorted(word[s] for s in truth.values()) == ["paused", "running", "running"]
