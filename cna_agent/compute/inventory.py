@@ -297,6 +297,19 @@ class VmInventory:
         s, r = await self.hv.call(lambda c: c.lookupByUUIDString(uuid).state(), timeout=10)
         return st.map_state(s, r)[0]
 
+    async def status(self, uuid: str) -> VmInfo:
+        """Name, state and whether the agent manages it, without the spec or the live XML:
+        what one VM's reconcile needs, on each of its events (get() also reads and parses the
+        live definition: at 1,000 events a second, a parse per event on the event loop)."""
+        def read(conn: libvirt.virConnect) -> tuple[str, tuple[int, int]]:
+            dom = self.lookup(conn, uuid)
+            return dom.name(), tuple(dom.state())  # type: ignore[return-value]
+
+        name, (s, r) = await self.hv.call(read, timeout=10)
+        cached = await self.definition(uuid)
+        state, reason = shown_state(s, r, cached)
+        return VmInfo(uuid=uuid, name=name, managed=cached.managed, spec=None, state=state, reason=reason)
+
     async def running(self, uuid: str) -> bool:
         return await self.state(uuid) not in (st.STOPPED, st.CRASHED)
 

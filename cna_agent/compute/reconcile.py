@@ -47,7 +47,7 @@ class VmReconciler:
     async def reconcile(self, vm_uuid: str, checks: Sequence[VmCheck] | None = None) -> list[Finding]:
         """Run the checks (all by default) for one VM, with its state read now."""
         try:
-            info = await self.inventory.get(vm_uuid)
+            info = await self.inventory.status(vm_uuid)
         except NotFound:
             return []  # gone meanwhile (an event about a deleted VM)
         if not info.managed:
