@@ -16,7 +16,9 @@ Measured, each against its baseline where there is one:
 * ``get_p99_ms``: GetVm of random VMs;
 * ``define_ms_per_vm_first``/``_rest``: CreateVm (define only) per VM for the first 100 and
   for the rest (equal: a create does not cost more on a full host);
-* ``rss_mb``, ``threads``, ``fds`` of the agent process, with 1,000 VMs and, from the first
+* ``rss_mb``, ``threads``, ``fds`` of the agent process (``raw_libvirt_rss_mb``: a process
+  holding only the embedded libvirt on the same root, its running QEMUs included: the part
+  of ``rss_mb`` that is libvirt's), with 1,000 VMs and, from the first
   VM count, how they grow (``threads_at_100``: bounded means equal; the embedded libvirt's
   per-running-domain threads are ``threads_libvirt_vm``);
 * ``idle_cpu_pct``: the agent's CPU over 60 s with nothing asked of it (its reconcile and stats):
@@ -207,9 +209,12 @@ def _listing(stub) -> dict[str, int]:
     return {x.name: x.status.state for x in stub.ListVms(v.ListVmsRequest(), timeout=120).vms}
 
 
-def _raw_list_ms(root: str, calls: int) -> float:
-    """The libvirt work under a ListVms: listAllDomains + each domain's XMLDesc, on the agent's
-    own embedded root once the agent has stopped (two processes must not open one root)."""
+def _raw_list(root: str, calls: int) -> tuple[float, float]:
+    """(ms, MiB): the libvirt work under a ListVms (listAllDomains + each domain's XMLDesc, the
+    median of ``calls``), and the RSS of a process holding nothing but that libvirt: the
+    agent's own embedded root, opened once the agent has stopped (two processes must not open
+    one root), so its libvirt re-attaches to the same running QEMUs the agent had: the part
+    of the agent's RSS that is the embedded libvirt's."""
     code = (
         "import sys, time, statistics, libvirt\n"
         "libvirt.registerErrorHandler(lambda c, e: None, None)\n"
@@ -223,11 +228,13 @@ def _raw_list_ms(root: str, calls: int) -> float:
         "    for d in conn.listAllDomains(0):\n"
         "        d.XMLDesc(0)\n"
         "    out.append((time.perf_counter() - t) * 1000)\n"
-        "print(statistics.median(out))\n")
+        "rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS:')][0].split()[1]\n"
+        "print(statistics.median(out), int(rss) / 1024)\n")
     r = subprocess.run([sys.executable, "-c", code, root, str(calls)], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"raw listing exited {r.returncode}: {r.stderr[-2000:]}")
-    return float(r.stdout.strip().splitlines()[-1])
+    ms, mib = r.stdout.strip().splitlines()[-1].split()
+    return float(ms), float(mib)
 
 
 def _events(sock: Path, running: list[str], clients: int) -> tuple[float, int, int, float]:
@@ -294,11 +301,13 @@ def _events(sock: Path, running: list[str], clients: int) -> tuple[float, int, i
 
 
 #: name -> (module, arguments, its key's name in the merged line): the issue's own names
-#: (parallel_ratio, bulk_cpu_ms, ...) are kept, the rest say which part measured them.
+#: (parallel_ratio, bulk_cpu_ms, ...) are kept, the rest say which part measured them. Fewer
+#: rounds of vm_create (9 interleaved pairs, not 15) and stats (5, not 7) than on their own,
+#: so that the whole line stays under 15 minutes on 2 cores (16.5 with their defaults).
 PARTS: dict[str, tuple[str, list[str], Callable[[str], str]]] = {
     "events": ("benchmarks.event_rate", [], lambda k: k if k.startswith(("event", "batches_", "vrm_")) else f"events_{k}"),
-    "create": ("benchmarks.vm_create", [], lambda k: k if k.startswith("parallel") else f"create_{k}"),
-    "stats": ("benchmarks.stats", ["--driver", "embedded"], lambda k: f"stats_{k}" if k in ("vms", "driver") else k),
+    "create": ("benchmarks.vm_create", ["--runs", "9"], lambda k: k if k.startswith("parallel") else f"create_{k}"),
+    "stats": ("benchmarks.stats", ["--driver", "embedded", "--rounds", "5"], lambda k: f"stats_{k}" if k in ("vms", "driver") else k),
     "isolation": ("benchmarks.isolation", [], lambda k: f"isolation_{k}"),
 }
 
@@ -393,7 +402,8 @@ def main() -> None:
         out["adopt_phases_ms"] = agent.phases
         agent.stop()
         try:
-            out["raw_list_ms"] = round(_raw_list_ms(str(base / "state" / "libvirt"), 10), 1)
+            ms, mib = _raw_list(str(base / "state" / "libvirt"), 10)
+            out["raw_list_ms"], out["raw_libvirt_rss_mb"] = round(ms, 1), round(mib, 1)
         except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:  # the figures above still count
             out["raw_list_error"] = str(exc)[:300]
     finally:

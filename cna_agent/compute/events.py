@@ -222,12 +222,15 @@ class DomainEventMonitor:
     async def _current_states(self, doms: dict[str, Any]) -> dict[str, tuple[str, str] | None | Exception]:
         """Each domain's (state, reason) now, for uuid -> the domain object its event came with:
         None for a domain that is gone, the error for one libvirt would not read (that VM's
-        events are not published). One libvirt call for the batch (virDomainListGetStats,
-        state group: no QEMU job, no monitor) on the objects of this connection; a lookup and
-        read per domain for an object of an older connection (the agent reconnected since
-        its event: libvirt would answer from the object's own connection) or when that call
-        fails, so one bad domain cannot cost the others their events. Per domain, a lookup and a state read were two
-        remote calls: 1,000 events a second from a libvirtd outran the reader's one thread."""
+        events are not published).
+
+        One libvirt call for the batch (virDomainListGetStats, state group: no QEMU job, no
+        monitor) on the objects of this connection. A lookup and read per domain only for an
+        object of an older connection (the agent reconnected since its event: libvirt would
+        answer from the object's own connection) or when that call fails, so one bad domain
+        cannot cost the others their events. Per domain, a lookup and a state read are two
+        remote calls: 1,000 events a second from a libvirtd outran the reader's one thread.
+        """
         def one(conn: libvirt.virConnect, uuid: str) -> tuple[int, int, int] | None | Exception:
             try:
                 dom = conn.lookupByUUIDString(uuid)

@@ -224,3 +224,47 @@ run_dir = "{tmp_path}/run"
     assert out.returncode != 0
     lines = _error_lines(out.stderr)
     assert len(lines) == 1 and "grpc.listen" in lines[0] and "in use" in lines[0], out.stderr
+
+
+def test_events_tail_follow_prints_the_stored_then_the_live_events(agent):
+    """``cna-ctl events tail -f`` (WatchEventBatches underneath): the stored events first,
+    then one the agent publishes while it follows (a VM defined over the API), each once and
+    in sequence order, read from the command's own output."""
+    import queue
+    import threading
+
+    follow = subprocess.Popen([*CTL, "--socket", str(agent.socket), "events", "tail", "-f", "--json", "--after", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in follow.stdout], daemon=True).start()  # type: ignore[union-attr]
+
+    def until(pred, timeout: float = 30.0) -> list[dict]:
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                seen.append(json.loads(lines.get(timeout=0.5)))
+            except queue.Empty:
+                continue
+            if pred(seen[-1]):
+                return seen
+        raise AssertionError(f"not printed in {timeout} s; saw {[e['type'] for e in seen]}")
+
+    try:
+        stored = until(lambda e: e["type"] == "agent.started")
+        name = f"tail-{uuid.uuid4().hex[:6]}"
+        vm = pb.vm_pb2
+        with agent.channel() as ch:
+            op = pb.vm_pb2_grpc.VmServiceStub(ch).CreateVm(vm.CreateVmRequest(spec=vm.VmSpec(
+                name=name, arch=pb.common_pb2.ARCH_X86_64, vcpus=1, memory_mib=32,
+                console=vm.ConsoleSpec(type=vm.CONSOLE_TYPE_NONE), hotplug_slots=0)), timeout=60)
+            for op in pb.operations_pb2_grpc.OperationsServiceStub(ch).WatchOperation(
+                    pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=60):
+                pass
+            assert not op.HasField("error"), op.error
+        live = until(lambda e: e.get("resource_name") == name)
+    finally:
+        follow.send_signal(signal.SIGINT)
+        follow.wait(timeout=10)
+    sequences = [int(e["sequence"]) for e in stored + live]
+    assert sequences == sorted(set(sequences)), sequences
+    assert follow.returncode in (0, 130, -signal.SIGINT), follow.stderr.read()  # type: ignore[union-attr]
