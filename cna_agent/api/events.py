@@ -11,9 +11,9 @@ from cna_agent.state.eventlog import EventHub, EventRecord, ResumePointTooOld
 
 
 class EventServicer(pb.events_pb2_grpc.EventServiceServicer):
-    #: Event messages kept for the watchers that have yet to send them (twice the hub's
-    #: in-memory tail: a watcher that is further behind reads the store anyway).
-    CONVERTED_MAX = 2 * EventHub.RECENT
+    #: Event messages kept for the watchers that have yet to send them (as many as the hub
+    #: keeps at least: a watcher further behind than that reads the store anyway).
+    CONVERTED_MAX = EventHub.RECENT
 
     def __init__(self, hub: EventHub) -> None:
         self._hub = hub
