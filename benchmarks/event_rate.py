@@ -49,8 +49,10 @@ sys.path.insert(0, str(REPO / "tests"))  # the test support: the testbed's names
 import cna_agent  # noqa: E402,F401  (first: turns gRPC fork support off before grpc loads)
 import grpc  # noqa: E402
 
-from benchmarks._agent import percentile, running_agent  # noqa: E402
+from benchmarks._agent import cpu_seconds, percentile, running_agent  # noqa: E402
+from benchmarks.scale import _ok, _spec  # noqa: E402
 from cna_agent.api import pb  # noqa: E402
+from support.agent import free_port  # noqa: E402
 from support.hosts import testbed_module  # noqa: E402
 
 v = pb.vm_pb2
@@ -71,26 +73,6 @@ def _peer_pid(sock: Path) -> int:
         s.close()
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ok(ch, op, timeout: float = 120) -> None:
-    if not op.done:
-        for op in pb.operations_pb2_grpc.OperationsServiceStub(ch).WatchOperation(
-                pb.operations_pb2.WatchOperationRequest(id=op.id), timeout=timeout):
-            pass
-    if op.HasField("error"):
-        raise RuntimeError(f"{op.kind} failed: {op.error.message}")
-
-
 def _make_vms(sock: Path, names: list[str], clients: int = 8) -> None:
     chans = [grpc.insecure_channel(f"unix:{sock}") for _ in range(clients)]
 
@@ -98,10 +80,8 @@ def _make_vms(sock: Path, names: list[str], clients: int = 8) -> None:
         i, name = i_name
         ch = chans[i % clients]
         stub = pb.vm_pb2_grpc.VmServiceStub(ch)
-        spec = v.VmSpec(name=name, arch=pb.common_pb2.ARCH_X86_64, vcpus=1, memory_mib=32,
-                        console=v.ConsoleSpec(type=v.CONSOLE_TYPE_NONE), hotplug_slots=0)
-        _ok(ch, stub.CreateVm(v.CreateVmRequest(spec=spec), timeout=120))
-        _ok(ch, stub.StartVm(v.VmActionRequest(vm=name), timeout=120))
+        _ok(ch, stub.CreateVm(v.CreateVmRequest(spec=_spec(name)), timeout=120), timeout=120)
+        _ok(ch, stub.StartVm(v.VmActionRequest(vm=name), timeout=120), timeout=120)
 
     try:
         with ThreadPoolExecutor(clients) as pool:
@@ -172,14 +152,14 @@ def _burst(rpc: str, sock: Path, uri: str, names_file: Path, names: list[str], p
                 raise RuntimeError("a watcher did not open its stream")
         since = time.time()
         pids = {**pids, "watchers": [w.pid for w in watchers]}
-        cpu0 = {k: sum(map(_cpu_s, ps)) for k, ps in pids.items()}
+        cpu0 = {k: sum(map(cpu_seconds, ps)) for k, ps in pids.items()}
         w0 = time.perf_counter()
         src = subprocess.run([sys.executable, "-m", "benchmarks._event_load", "source", "--uri", uri,
                               "--names", str(names_file), "--rate", str(args.rate), "--seconds", str(args.seconds),
                               "--out", str(tag / "calls.json")], cwd=str(REPO), capture_output=True, text=True,
                              timeout=args.seconds * 10 + 120)
         wall = time.perf_counter() - w0
-        cpu = {k: sum(map(_cpu_s, ps)) - cpu0[k] for k, ps in pids.items()}
+        cpu = {k: sum(map(cpu_seconds, ps)) - cpu0[k] for k, ps in pids.items()}
         if src.returncode != 0:
             raise RuntimeError(f"the event source exited {src.returncode}: {src.stderr[-2000:]}")
         made = json.loads((tag / "calls.json").read_text())
@@ -238,7 +218,7 @@ def main() -> None:
     try:
         host = tb.hosts_up({"a": {}})["a"]
         uri = f"test+tcp://127.0.0.1:{host.tcp_port}/default"
-        vport = _free_port()
+        vport = free_port()
         vrm_db = base / "vrm.db"
         vrm = subprocess.Popen([sys.executable, str(VRM_SIM), "serve", "--listen", f"127.0.0.1:{vport}", "--db", str(vrm_db)],
                                stdout=(base / "vrm-sim.log").open("wb"), stderr=subprocess.STDOUT)
@@ -251,9 +231,9 @@ def main() -> None:
             _make_vms(sock, names)
             out["create_start_s"] = round(time.perf_counter() - t0, 1)
             time.sleep(3)  # the start events and the first VRM batches settle
-            cpu0 = _cpu_s(agent_pid)
+            cpu0 = cpu_seconds(agent_pid)
             time.sleep(IDLE_S)
-            out["cpu_pct_agent_idle"] = round((_cpu_s(agent_pid) - cpu0) / IDLE_S * 100, 1)
+            out["cpu_pct_agent_idle"] = round((cpu_seconds(agent_pid) - cpu0) / IDLE_S * 100, 1)
             names_file = base / "names"
             names_file.write_text("\n".join(names))
             pids = {"agent": [agent_pid], "libvirtd": [host.libvirtd_pid], "vrm_sim": [vrm.pid]}

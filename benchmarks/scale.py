@@ -70,7 +70,7 @@ import cna_agent  # noqa: F401  (first: turns gRPC fork support off before grpc 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks._agent import percentile
+from benchmarks._agent import cpu_seconds, percentile
 from cna_agent.api import pb
 
 v = pb.vm_pb2
@@ -166,8 +166,7 @@ class Agent:
 
     def cpu_s(self) -> float:
         assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
 
 def _ok(ch, op, timeout: float = 300) -> None:
